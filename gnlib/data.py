@@ -1,0 +1,275 @@
+"""Corpora → byte tokens → deterministic train/val split → seeded (B, T) language-model batches.
+
+Sources (``load_corpus(source)``):
+
+* ``"default"``: the running Python's own documentation (``pydoc_data.topics``, one document per
+  topic, topics first) followed by its standard-library ``.py`` files (one document per file, sorted by
+  path; tests, IDLE, lib2to3, turtledemo and installed packages left out), read at run time.
+* ``"text:<path or glob>"``: local text files, one document per file, read with ``datasets``.
+* ``"hf:<name>[:<config>]"``: a Hugging Face dataset's ``train`` split, streamed (online only).
+
+Documents are taken in order until ``max_bytes`` (the last one truncated to fit). The corpus text is the
+documents joined by ``DOCUMENT_SEPARATOR`` (the NUL byte, which never occurs in ordinary text, so every
+document boundary is one unambiguous token); ``meta["sha256"]`` hashes that exact text. Documents, not
+tokens, are split into train and val by a seeded permutation, so no document lies in both.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import os
+import platform
+import socket
+import sysconfig
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+
+from gnlib.runtime import check_choice, resolve_device
+
+DOCUMENT_SEPARATOR = "\x00"
+DEFAULT_MAX_BYTES = 4_000_000
+SOURCE_FORMS = ["default", "text:<path or glob>", "hf:<name>[:<config>]"]
+SPLITS = ["train", "val"]
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary of 256 ids, no training, lossless on valid text."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids (the UTF-8 bytes) of ``text``."""
+        return list(text.encode("utf-8"))
+
+    def encode_tensor(self, text: str) -> Tensor:
+        """Token ids of ``text`` as a LongTensor of shape (n_bytes,), without a Python list in between."""
+        data = bytearray(text.encode("utf-8"))
+        return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        """Text of the byte ids ``ids``; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
+        ids = ids.tolist() if isinstance(ids, Tensor) else ids
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class BatchSampler:
+    """Random windows of one token stream as (inputs, targets), each (B, T), drawn with its own generator.
+
+    A window is ``seq_len + 1`` consecutive tokens starting uniformly in the stream; inputs are its first
+    T tokens and targets its last T, so ``targets[:, t] = inputs[:, t + 1]`` for t < T − 1.
+    """
+
+    def __init__(self, tokens: Tensor, batch_size: int, seq_len: int, seed: int, device: str | torch.device = "cpu"):
+        """Validate the shape request against ``tokens`` (LongTensor (N,)) and seed a CPU generator."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        if not isinstance(seq_len, int) or not 1 <= seq_len <= len(tokens) - 1:
+            raise ValueError(f"seq_len={seq_len!r} must be an integer in [1, {len(tokens) - 1}] for a split of "
+                             f"{len(tokens)} tokens (a window holds seq_len + 1 tokens)")
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.device = resolve_device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        """The next batch: (inputs, targets), LongTensors of shape (batch_size, seq_len) on ``device``."""
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator)
+        windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].to(self.device)
+        return windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict:
+        """The generator state: restoring it replays the same batches from this point on."""
+        return {"generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream saved by :meth:`state_dict`."""
+        self.generator.set_state(state["generator_state"])
+
+
+@dataclass
+class Corpus:
+    """Token streams of a split corpus.
+
+    Attributes:
+        train: LongTensor (N_train,), the training documents' tokens joined by the separator token.
+        val: LongTensor (N_val,), the same for the validation documents.
+        tokenizer: object with ``vocab_size``, ``encode`` and ``decode``.
+        meta: provenance: source, counts, size, sha256, Python version, tokenizer, split settings.
+    """
+
+    train: Tensor
+    val: Tensor
+    tokenizer: ByteTokenizer
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model's embedding and head must cover."""
+        return self.tokenizer.vocab_size
+
+    def sampler(self, split: str, batch_size: int, seq_len: int, seed: int,
+                device: str | torch.device = "cpu") -> BatchSampler:
+        """A seeded batch source over ``split`` ("train" or "val"); see :class:`BatchSampler`."""
+        check_choice("split", split, SPLITS)
+        return BatchSampler(getattr(self, split), batch_size, seq_len, seed, device)
+
+    def fixed_batches(self, split: str, batch_size: int, seq_len: int, n_batches: int, seed: int = 0,
+                      device: str | torch.device = "cpu") -> list[tuple[Tensor, Tensor]]:
+        """The first ``n_batches`` batches of a sampler seeded with ``seed``: the same list on every call."""
+        if not isinstance(n_batches, int) or n_batches < 1:
+            raise ValueError(f"n_batches={n_batches!r} must be an integer >= 1")
+        sampler = self.sampler(split, batch_size, seq_len, seed, device)
+        return [sampler() for _ in range(n_batches)]
+
+
+def split_indices(n_documents: int, val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
+    """Sorted document indices of (train, val): a seeded permutation's first ``round(val_fraction·n)`` are val.
+
+    Val and train each get at least one document; the two lists are disjoint and cover ``range(n)``.
+    """
+    _check_val_fraction(val_fraction)
+    if n_documents < 2:
+        raise ValueError(f"a train/val split needs at least 2 documents, got {n_documents}; "
+                         "split the text into several files or raise max_bytes")
+    n_val = min(max(1, round(val_fraction * n_documents)), n_documents - 1)
+    order = torch.randperm(n_documents, generator=torch.Generator().manual_seed(split_seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def load_documents(source: str = "default", *, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                   text_field: str = "text") -> list[str]:
+    """Documents of ``source`` in order, taken until their joined text reaches ``max_bytes`` (None: all).
+
+    Raises:
+        ValueError: unknown source form, bad ``max_bytes``, a dataset without ``text_field``.
+        FileNotFoundError: a ``text:`` path or glob matching no file.
+        ConnectionError: an ``hf:`` source while the Hugging Face hub is unreachable.
+    """
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+        raise ValueError(f"max_bytes={max_bytes!r} must be an integer >= 1 or None (no cap)")
+    if source == "default":
+        return list(_default_documents(max_bytes))
+    if source.startswith("text:"):
+        return _text_documents(source[len("text:"):], max_bytes)
+    if source.startswith("hf:"):
+        return _hf_documents(source, max_bytes, text_field)
+    raise ValueError(f"source={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
+
+
+def load_corpus(source: str = "default", *, val_fraction: float = 0.1, split_seed: int = 0,
+                max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text") -> Corpus:
+    """Load ``source`` (see the module docstring), split its documents, and tokenize with bytes."""
+    _check_val_fraction(val_fraction)
+    documents = load_documents(source, max_bytes=max_bytes, text_field=text_field)
+    train_idx, val_idx = split_indices(len(documents), val_fraction, split_seed)
+    text = DOCUMENT_SEPARATOR.join(documents).encode("utf-8")
+    tokenizer = ByteTokenizer()
+    train, val = (tokenizer.encode_tensor(DOCUMENT_SEPARATOR.join(documents[i] for i in idx))
+                  for idx in (train_idx, val_idx))
+    meta = {
+        "source": source, "n_documents": len(documents), "n_train_docs": len(train_idx),
+        "n_val_docs": len(val_idx), "size_bytes": len(text), "max_bytes": max_bytes,
+        "sha256": hashlib.sha256(text).hexdigest(), "python_version": platform.python_version(),
+        "tokenizer": tokenizer.name, "val_fraction": val_fraction, "split_seed": split_seed,
+        "n_train_tokens": len(train), "n_val_tokens": len(val),
+    }
+    return Corpus(train, val, tokenizer, meta)
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    """Raise ``ValueError`` unless 0 < ``val_fraction`` < 1."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction!r} must lie strictly between 0 and 1")
+
+
+def _take(documents: Iterable[str], max_bytes: int | None) -> list[str]:
+    """Non-blank documents in order until the joined text would pass ``max_bytes``; the last is truncated."""
+    taken: list[str] = []
+    used = 0
+    for doc in documents:
+        if not doc.strip():
+            continue
+        cost = len(doc.encode("utf-8")) + (1 if taken else 0)
+        if max_bytes is not None and used + cost > max_bytes:
+            room = max_bytes - used - (1 if taken else 0)
+            tail = doc.encode("utf-8")[:max(room, 0)].decode("utf-8", errors="ignore")
+            if tail.strip():
+                taken.append(tail)
+            break
+        taken.append(doc)
+        used += cost
+    return taken
+
+
+def _stdlib_paths() -> list[Path]:
+    """The standard library's ``.py`` files, sorted by path relative to its root, excluded folders pruned."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
+        paths += [Path(folder, f) for f in files if f.endswith(".py")]
+    return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
+
+
+@functools.lru_cache(maxsize=8)
+def _default_documents(max_bytes: int | None) -> tuple[str, ...]:
+    """Documentation topics (sorted by name), then standard-library sources; cached per ``max_bytes``."""
+    from pydoc_data.topics import topics
+
+    sources = (p.read_bytes().decode("utf-8", errors="replace") for p in _stdlib_paths())
+    return tuple(_take(itertools.chain((topics[k] for k in sorted(topics)), sources), max_bytes))
+
+
+def _text_documents(pattern: str, max_bytes: int | None) -> list[str]:
+    """One document per file matching ``pattern`` (sorted paths), read by ``datasets``' text builder."""
+    files = sorted(p for p in glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not files:
+        raise FileNotFoundError(f"source='text:{pattern}': no file matches {pattern!r}; "
+                                "name a file or a glob such as 'text:data/my_corpus/*.txt'")
+    import datasets
+
+    ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=True)
+    return _take((row["text"] for row in ds), max_bytes)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or a TCP connection to the hub's host fails within ``timeout`` s."""
+    if any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in _OFFLINE_VARS):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hf_documents(source: str, max_bytes: int | None, text_field: str) -> list[str]:
+    """Stream the ``train`` split of ``hf:<name>[:<config>]``, taking ``text_field`` of each row."""
+    name, _, config = source[len("hf:"):].partition(":")
+    hint = "use a local file instead, e.g. source='text:/path/to/*.txt'"
+    if not _hub_reachable():
+        raise ConnectionError(f"source={source!r}: the Hugging Face hub is unreachable (offline or "
+                              f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set); {hint}")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        rows = iter(ds)
+        first = next(rows)
+    except Exception as err:  # datasets raises many types (hub, config, network); report them as one
+        raise ValueError(f"source={source!r}: datasets could not load it ({type(err).__name__}: {err}); "
+                         f"{hint}") from err
+    if text_field not in first:
+        raise ValueError(f"text_field={text_field!r} is not a column of {source!r}; allowed values: {list(first)}")
+    return _take((row[text_field] for row in itertools.chain([first], rows)), max_bytes)

@@ -1,0 +1,87 @@
+"""Keep the notebooks in git small and checkable: only ``# NBVAL_CHECK_OUTPUT`` cells keep outputs.
+
+``python -m gnlib.nbtools refresh notebooks/00_quickstart.ipynb`` executes a notebook with its default
+parameters (papermill), then strips every output except those of cells marked ``# NBVAL_CHECK_OUTPUT``,
+which ``pytest --nbval-lax`` compares on every test run. ``python -m gnlib.nbtools check notebooks/*.ipynb``
+exits non-zero when a notebook carries outputs it should not (or lacks the ones nbval needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+
+
+def is_checked(cell: nbformat.NotebookNode) -> bool:
+    """Whether nbval compares this cell's output."""
+    return cell.cell_type == "code" and CHECK_MARK in cell.source
+
+
+def strip(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Remove outputs, execution counts and run metadata, except outputs of checked cells."""
+    for cell in notebook.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        if not is_checked(cell):
+            cell.outputs = []
+            cell.execution_count = None
+        else:
+            cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
+    notebook.metadata.pop("papermill", None)
+    return notebook
+
+
+def problems(notebook: nbformat.NotebookNode) -> list[str]:
+    """Reasons ``notebook`` is not in its stored form (empty list when it is)."""
+    found = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        if is_checked(cell) and not cell.outputs:
+            found.append(f"cell {index} is marked {CHECK_MARK} but has no stored output")
+        if not is_checked(cell) and cell.outputs:
+            found.append(f"cell {index} has outputs but is not marked {CHECK_MARK}")
+    if not any("parameters" in cell.metadata.get("tags", []) for cell in notebook.cells):
+        found.append("no cell is tagged 'parameters'")
+    return found
+
+
+def refresh(path: str | Path, kernel: str = "python3") -> None:
+    """Execute ``path`` with its defaults (cwd: the current directory), strip it and write it back."""
+    import papermill
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        executed = Path(tmp) / path.name
+        papermill.execute_notebook(str(path), str(executed), kernel_name=kernel, cwd=str(Path.cwd()), progress_bar=False)
+        notebook = strip(nbformat.read(executed, as_version=4))
+    nbformat.write(notebook, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``refresh`` or ``check`` one or more notebooks."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.nbtools", description=__doc__)
+    parser.add_argument("command", choices=["refresh", "check"])
+    parser.add_argument("notebooks", nargs="+")
+    args = parser.parse_args(argv)
+    status = 0
+    for name in args.notebooks:
+        if args.command == "refresh":
+            refresh(name)
+            print(f"refreshed {name}")
+        for reason in problems(nbformat.read(name, as_version=4)):
+            print(f"{name}: {reason}", file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""The training loop: any optimizer object, a batch source, evaluation, early stop, History, resume.
+
+Two kinds of optimizer are driven (``train`` imports none of them):
+
+1. a ``torch.optim``-like optimizer: each step draws ``accumulation`` micro-batches, back-propagates
+   their mean loss and calls ``optimizer.step()``;
+2. an optimizer with ``draws_batches = True`` (the Gauss-Newton optimizers): it was built with its own
+   batch source and each ``optimizer.step()`` returns a flat dict of diagnostics recorded in History.
+
+An optimizer may also offer ``eval_parameters() -> dict | None`` (e.g. an EMA of its iterates); the
+validation loss is then computed with those parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gnlib.losses import CrossEntropy
+from gnlib.runtime import atomic_torch_save, atomic_write_json, atomic_write_text
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY_JSONL = "history.jsonl"
+HISTORY_CSV = "history.csv"
+METADATA = "metadata.json"
+
+
+@dataclass
+class History:
+    """What a run did, one row per outer step (row 0 is the evaluation before the first step).
+
+    Attributes:
+        rows: dicts with at least ``step``, ``tokens`` (training tokens seen so far), ``wall_time``
+            (seconds since the run started, summed across resumes), ``train_loss``, ``val_loss`` (None
+            where not evaluated), ``lr`` and the optimizer's diagnostics.
+        status: ``"running"``, ``"completed"`` (all steps done), ``"reached_target"`` or ``"diverged"``.
+        metadata: free-form run description (corpus hash, model config, optimizer settings, seed, ...).
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "running"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The rows as a DataFrame (one column per key ever recorded)."""
+        return pd.DataFrame(self.rows)
+
+    def evaluations(self) -> pd.DataFrame:
+        """Rows where the validation loss was measured: columns ``step``, ``tokens``, ``val_loss``."""
+        frame = self.to_frame()
+        return frame.loc[frame["val_loss"].notna(), ["step", "tokens", "wall_time", "val_loss"]].reset_index(drop=True)
+
+    @property
+    def final_val_loss(self) -> float | None:
+        """The last measured validation loss."""
+        values = [r["val_loss"] for r in self.rows if r.get("val_loss") is not None]
+        return values[-1] if values else None
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write ``history.jsonl``, ``history.csv`` and ``metadata.json`` (with the status) atomically."""
+        run_dir = Path(run_dir)
+        atomic_write_text(run_dir / HISTORY_JSONL, "".join(json.dumps(r, default=_json_default) + "\n" for r in self.rows))
+        atomic_write_text(run_dir / HISTORY_CSV, self.to_frame().to_csv(index=False))
+        atomic_write_json(run_dir / METADATA, {**self.metadata, "status": self.status})
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "History":
+        """Read a History written by :meth:`save`."""
+        run_dir = Path(run_dir)
+        rows = [json.loads(line) for line in (run_dir / HISTORY_JSONL).read_text().splitlines() if line]
+        metadata = json.loads((run_dir / METADATA).read_text())
+        status = metadata.pop("status", "completed")
+        return cls(rows=rows, status=status, metadata=metadata)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return str(value)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, params: dict[str, Tensor] | None = None) -> float:
+    """Mean of ``loss_fn`` over ``batches`` (each batch weighted equally), without gradients."""
+    if not batches:
+        raise ValueError("evaluation needs at least one validation batch")
+    total = 0.0
+    for inputs, targets in batches:
+        logits = model(inputs) if params is None else functional_call(model, params, (inputs,))
+        total += float(loss_fn(logits, targets))
+    return total / len(batches)
+
+
+def _fingerprint(metadata: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train(
+    model: nn.Module,
+    optimizer: Any,
+    train_batches: Callable[[], Batch],
+    val_batches: Sequence[Batch],
+    *,
+    steps: int,
+    accumulation: int = 1,
+    eval_every: int = 10,
+    target_loss: float | None = None,
+    schedule: Callable[[int], float] | None = None,
+    loss_fn: LossFn | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+    max_grad_norm: float | None = None,
+) -> History:
+    """Train ``model`` with ``optimizer`` for up to ``steps`` outer steps.
+
+    Args:
+        model: the model; it is updated in place.
+        optimizer: a torch-like optimizer over ``model``'s parameters, or one with ``draws_batches = True``.
+        train_batches: zero-argument callable returning the next ``(inputs, targets)`` batch; if it has
+            ``state_dict``/``load_state_dict`` (``gnlib.data.BatchSampler``), its state is checkpointed.
+        val_batches: the fixed validation set.
+        steps: number of outer steps (``>= 1``).
+        accumulation: micro-batches per step for torch-like optimizers (token batch = accumulation·B·T).
+        eval_every: evaluate every this many steps (and at step 0 and the last step).
+        target_loss: stop once the validation loss is at or below this value.
+        schedule: LR multiplier ``schedule(step)``; each group's ``lr`` becomes ``initial_lr * schedule``.
+        loss_fn: ``loss_fn(logits, targets)``; default token-mean cross-entropy.
+        run_dir: where History, metadata and checkpoints go; ``None`` keeps everything in memory.
+        checkpoint_every: write a resumable checkpoint every this many steps (0: only at the end).
+            A run started on a ``run_dir`` that holds a checkpoint with the same ``metadata`` resumes
+            from it (and returns at once if that run had finished); different metadata starts afresh.
+        metadata: description of the run, saved with it and used to recognise a resumable checkpoint.
+        progress: print one line per evaluation.
+        max_grad_norm: clip the accumulated gradient to this norm (torch-like optimizers only).
+
+    Returns:
+        The run's :class:`History`.
+    """
+    for name, value, low in (("steps", steps, 1), ("accumulation", accumulation, 1), ("eval_every", eval_every, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every!r}")
+    loss_fn = loss_fn or CrossEntropy().value
+    draws_batches = getattr(optimizer, "draws_batches", False)
+    metadata = dict(metadata or {})
+    fingerprint = _fingerprint(metadata)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    for group in [] if draws_batches else optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+
+    history = History(metadata={**metadata, "fingerprint": fingerprint})
+    elapsed_before = 0.0
+    if run_dir is not None and (run_dir / CHECKPOINT).exists():
+        state = torch.load(run_dir / CHECKPOINT, weights_only=True)
+        if state["fingerprint"] == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if hasattr(train_batches, "load_state_dict"):
+                train_batches.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng"])
+            history.rows = json.loads(state["rows"])
+            history.status = state["status"]
+            elapsed_before = history.rows[-1]["wall_time"]
+            if history.status != "running":
+                return history
+        elif progress:
+            print(f"{run_dir}: existing checkpoint has other settings; starting a new run")
+
+    def checkpoint() -> None:
+        if run_dir is None:
+            return
+        history.save(run_dir)
+        atomic_torch_save(
+            {
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": train_batches.state_dict() if hasattr(train_batches, "state_dict") else {},
+                "rng": torch.get_rng_state(),
+                "rows": json.dumps(history.rows, default=_json_default),
+                "status": history.status,
+            },
+            run_dir / CHECKPOINT,
+        )
+
+    def validation_loss() -> float:
+        eval_params = getattr(optimizer, "eval_parameters", None)
+        return evaluate(model, val_batches, loss_fn, eval_params() if callable(eval_params) else None)
+
+    start = time.perf_counter() - elapsed_before
+    if not history.rows:
+        history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, "val_loss": validation_loss()})
+    first_step = history.rows[-1]["step"] + 1
+    for step in range(first_step, steps + 1):
+        row: dict[str, Any] = {"step": step}
+        if draws_batches:
+            diagnostics = dict(optimizer.step())
+            tokens = int(diagnostics.pop("tokens", 0))
+            row["train_loss"] = diagnostics.pop("loss", None)
+            row.update(diagnostics)
+        else:
+            multiplier = schedule(step - 1) if schedule is not None else 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * multiplier
+            optimizer.zero_grad(set_to_none=True)
+            total, tokens = 0.0, 0
+            for _ in range(accumulation):
+                inputs, targets = train_batches()
+                loss = loss_fn(model(inputs), targets)
+                (loss / accumulation).backward()
+                total += float(loss.detach())
+                tokens += targets.numel()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            row["train_loss"] = total / accumulation
+            row["lr"] = optimizer.param_groups[0]["lr"]
+        row["tokens"] = history.rows[-1]["tokens"] + tokens
+        last = step == steps
+        row["val_loss"] = validation_loss() if (step % eval_every == 0 or last) else None
+        row["wall_time"] = time.perf_counter() - start
+        history.rows.append(row)
+
+        if row["train_loss"] is not None and not math.isfinite(row["train_loss"]):
+            history.status = "diverged"
+        elif target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= target_loss:
+            history.status = "reached_target"
+        elif last:
+            history.status = "completed"
+        if progress and (row["val_loss"] is not None or history.status != "running"):
+            print(
+                f"step {step}/{steps}  train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}"
+                f"  {row['wall_time']:.1f}s  {history.status}"
+            )
+        if history.status != "running":
+            break
+        if checkpoint_every and step % checkpoint_every == 0:
+            checkpoint()
+    checkpoint()
+    return history
