@@ -1,0 +1,523 @@
+"""Run one notebook over a parameter grid with papermill: ``python -m gnlib.sweep GRID.yaml``.
+
+Usage::
+
+    python -m gnlib.sweep GRID.yaml [--jobs N] [--output-root outputs] [--dry-run] [--retry-failed]
+
+Grid file (YAML mapping; no other top-level keys are accepted)::
+
+    name: lr_sweep                    # sweep folder: <output-root>/lr_sweep/ (default: the grid file's stem)
+    notebook: notebooks/train.ipynb   # relative to the working directory, else to the grid file's folder
+    parameters: {steps: 200}          # fixed values given to every run
+    grid:                             # param -> non-empty list; runs = cartesian product, the last key varying fastest
+      optimizer: [gn, adamw]
+      lr: [1e-3, 3e-3]                # exponents without a dot are read as floats, unlike plain YAML 1.1
+    seeds: [0, 1]                     # shorthand for a last grid key ``seed``
+    timeout: 600                      # seconds per cell (optional)
+
+Every key in ``parameters`` and ``grid`` must be declared in the notebook's ``parameters`` cell
+(``papermill.inspect_notebook``); values must match simple annotations (``int``, ``float``, ``bool``, ``str``).
+Bad grids raise ``ValueError`` naming the key before any run folder is created (the CLI exits with code 2).
+
+Sweepable notebook convention: the parameters cell declares ``output_dir: str = "..."``; the sweep passes
+each run's folder (an absolute path) there, and the notebook writes ``results.json`` into it: a flat JSON
+object of outcomes (``{"final_loss": 3.1, "steps_to_target": 120}``), written atomically at the end.
+Runs execute with kernel ``python3`` and the working directory (``cwd``, default: the current directory,
+normally the repository root) as their cwd, so relative paths in notebooks resolve from there.
+
+Layout of ``<output-root>/<name>/``: ``sweep.json`` (the checked spec and the run ids in grid order),
+``results.csv`` (one row per run folder: run_id, status, error, seconds, parameters, outcomes) and one
+folder per run, named by :func:`run_id`, holding ``params.json``, ``notebook.ipynb`` (executed),
+``log.txt`` (papermill's log and the kernel's stderr), what the notebook wrote, and ``status.json``
+(``{"status": "ok" | "failed", "error": ...}``), written atomically last: it is the completion marker.
+
+Re-running a sweep skips runs whose status is ``ok`` and, unless ``retry_failed``, ``failed``; a folder
+without ``status.json`` (a run that was killed) is deleted and executed again from scratch. A finished run
+whose ``params.json`` differs from the grid's (fixed parameters were edited) stops the sweep with a
+``ValueError``: pick a new ``name`` instead. Folders of runs that a later grid no longer lists stay, and stay in
+``results.csv``. The CLI exits 0 when every run is ``ok``, 1 otherwise, 2 on bad input, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import papermill
+import yaml
+from papermill.exceptions import PapermillExecutionError
+
+from gnlib.runtime import atomic_write_json, atomic_write_text
+
+GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout")
+KERNEL = "python3"
+OUTPUT_PARAMETER = "output_dir"
+PARAMS_FILE, STATUS_FILE, LOG_FILE, NOTEBOOK_FILE = "params.json", "status.json", "log.txt", "notebook.ipynb"
+RESULTS_FILE, TABLE_FILE, MANIFEST_FILE = "results.json", "results.csv", "sweep.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+_MAX_ID = 96
+_ANNOTATIONS = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+class _GridLoader(yaml.SafeLoader):
+    """YAML loader for grid files: ``1e-3`` is a float and dates stay strings (as papermill reads them)."""
+
+
+_GridLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_GridLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_grid(path: str | Path, *, cwd: str | Path | None = None) -> dict:
+    """Read and check a grid file; see the module docstring for its keys.
+
+    Args:
+        path: YAML grid file.
+        cwd: folder that ``notebook`` is first resolved against (default: the current directory); the grid
+            file's folder is tried next.
+
+    Returns:
+        The checked spec: ``name``, ``notebook`` (absolute path), ``parameters``, ``grid`` (``seeds`` folded
+        in as the last key ``seed``) and ``timeout`` (seconds or None).
+
+    Raises:
+        ValueError: malformed file, naming the offending key.
+    """
+    path = Path(path)
+    try:
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_GridLoader)
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"grid file {str(path)!r} cannot be read: {err}") from err
+    if isinstance(spec, Mapping):
+        spec = {"name": path.stem, **spec}
+    return _check_spec(spec, search=[Path(cwd or os.getcwd()), path.parent])
+
+
+def expand_grid(spec: Mapping) -> list[dict]:
+    """Parameters of every run: the fixed ``parameters`` updated by each point of the cartesian ``grid``.
+
+    The product follows the grid's key order with the last key varying fastest (``seeds`` come last).
+    Pure: the notebook is neither opened nor checked.
+
+    Raises:
+        ValueError: malformed spec, naming the offending key.
+    """
+    spec = _check_structure(spec)
+    grid = spec["grid"]
+    return [{**spec["parameters"], **dict(zip(grid, point))} for point in itertools.product(*grid.values())]
+
+
+def run_id(values: Mapping[str, Any]) -> str:
+    """Folder name of a run from its grid values (in grid order), e.g. ``"optimizer=gn,lr=0.001,seed=0"``.
+
+    Values print as ``str`` (floats as ``repr``, lists and dicts as JSON). When that text has characters
+    outside ``[A-Za-z0-9._=,+-]`` or exceeds 96 characters, they become ``_`` and ``~`` plus 8 hex digits of
+    a hash of the values is appended, so ids stay filesystem-safe and distinct. An empty grid gives ``"default"``.
+    """
+    if not values:
+        return "default"
+    readable = ",".join(f"{key}={_format(value)}" for key, value in values.items())
+    safe = _UNSAFE.sub("_", readable)
+    if safe == readable and len(safe) <= _MAX_ID and not safe.startswith("."):
+        return safe
+    digest = hashlib.sha1(json.dumps(dict(values), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{safe[: _MAX_ID - 9]}~{digest}"
+
+
+def run_sweep(
+    grid: str | Path | Mapping,
+    jobs: int = 1,
+    output_root: str | Path = "outputs",
+    *,
+    cwd: str | Path | None = None,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+    verbose: bool = True,
+) -> pd.DataFrame:
+    """Execute every pending run of a sweep with papermill and aggregate the results.
+
+    Args:
+        grid: grid file path, or a spec mapping (its ``notebook`` relative to ``cwd``).
+        jobs: runs executed at once, each in its own worker process and kernel.
+        output_root: parent of the sweep folder; relative paths are relative to ``cwd``.
+        cwd: working directory of every run (default: the current directory).
+        retry_failed: execute runs recorded as ``failed`` again.
+        dry_run: only report what would run; nothing is written.
+        verbose: print a header, one line per finished run and the table's path.
+
+    Returns:
+        The aggregated table (see :func:`aggregate`), also written to ``results.csv``; with ``dry_run``, the
+        plan instead: run_id, state (``new``, ``incomplete``, ``ok``, ``failed``), will_run and the parameters.
+
+    Raises:
+        ValueError: malformed grid, unknown or mistyped notebook parameter, bad ``jobs``, or finished runs
+            made with other parameters; all raised before any run starts.
+    """
+    cwd = Path(cwd or os.getcwd()).resolve()
+    if isinstance(grid, (str, Path)):
+        spec = load_grid(grid, cwd=cwd)
+    else:
+        spec = _check_spec(grid, search=[cwd])
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r}: must be a positive integer")
+    runs = [(run_id({key: params[key] for key in spec["grid"]}), params) for params in expand_grid(spec)]
+    repeated = [rid for rid, count in collections.Counter(rid for rid, _ in runs).items() if count > 1]
+    if repeated:
+        raise ValueError(f"grid: values that print alike give the same run id {repeated[0]!r}; make them distinct")
+    _check_notebook_parameters(spec)
+    sweep_dir = cwd / output_root / spec["name"]
+    states = {rid: _state(sweep_dir / rid, params) for rid, params in runs}
+    pending = [(rid, params) for rid, params in runs if _should_run(states[rid], retry_failed)]
+    if dry_run:
+        if verbose:
+            for rid, params in runs:
+                print(f"{'run ' if _should_run(states[rid], retry_failed) else 'skip'} {rid} ({states[rid]})")
+        return pd.DataFrame(
+            [
+                {"run_id": rid, "state": states[rid], "will_run": _should_run(states[rid], retry_failed), **params}
+                for rid, params in runs
+            ]
+        )
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sweep_dir / MANIFEST_FILE, {**spec, "runs": [rid for rid, _ in runs]})
+    if verbose:
+        done = sum(states[rid] == "ok" for rid, _ in runs)
+        print(
+            f"sweep {spec['name']}: {len(runs)} runs, {done} already ok, running {len(pending)} "
+            f"with {jobs} job(s) -> {sweep_dir}",
+            flush=True,
+        )
+    tasks = [(str(sweep_dir / rid), spec["notebook"], params, str(cwd), spec["timeout"]) for rid, params in pending]
+    _execute(tasks, jobs, verbose)
+    table = aggregate(sweep_dir)
+    atomic_write_text(sweep_dir / TABLE_FILE, table.to_csv(index=False))
+    if verbose:
+        counts = table["status"].value_counts().to_dict()
+        print(f"results: {sweep_dir / TABLE_FILE} ({', '.join(f'{n} {s}' for s, n in counts.items())})", flush=True)
+    return table
+
+
+def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
+    """Table of every run folder (one holding ``params.json``) under ``sweep_dir``, re-read from disk.
+
+    Columns: run_id, status (``ok``, ``failed``, or ``incomplete`` without ``status.json``), error, seconds,
+    the parameters (fixed ones, then grid keys), then the outcomes of ``results.json`` (ok runs only; a name
+    already taken gets the prefix ``result_``). Lists and dicts are stored as JSON text. Rows follow
+    ``sweep.json``'s grid order, then folders it does not list, by name.
+    """
+    sweep_dir = Path(sweep_dir)
+    manifest = sweep_dir / MANIFEST_FILE
+    order = _read_json(manifest)["runs"] if manifest.is_file() else []
+    rank = {rid: i for i, rid in enumerate(order)}
+    folders = [p for p in sweep_dir.iterdir() if (p / PARAMS_FILE).is_file()] if sweep_dir.is_dir() else []
+    folders.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
+    return pd.DataFrame(
+        [_row(p) for p in folders], columns=None if folders else ["run_id", "status", "error", "seconds"]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit code (0 all ok, 1 some run not ok, 2 bad input, 130 Ctrl-C)."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.sweep", description="Run a notebook over a parameter grid.")
+    parser.add_argument("grid", help="YAML grid file")
+    parser.add_argument("--jobs", type=int, default=1, help="runs executed at once (default 1)")
+    parser.add_argument("--output-root", default="outputs", help="parent of the sweep folder (default outputs)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would run, write nothing")
+    parser.add_argument("--retry-failed", action="store_true", help="execute failed runs again")
+    args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: stop workers
+    try:
+        table = run_sweep(args.grid, args.jobs, args.output_root, retry_failed=args.retry_failed, dry_run=args.dry_run)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: unfinished runs keep no status.json and run again next time", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if args.dry_run or (table["status"] == "ok").all() else 1
+
+
+def _check_spec(spec: Any, search: list[Path]) -> dict:
+    """Check the structure and resolve ``notebook`` against the folders in ``search``, first match wins."""
+    spec = _check_structure(spec)
+    candidates = (
+        [Path(spec["notebook"])]
+        if Path(spec["notebook"]).is_absolute()
+        else [base / spec["notebook"] for base in search]
+    )
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        raise ValueError(f"notebook={spec['notebook']!r}: no such file; looked for {[str(p) for p in candidates]}")
+    return {**spec, "notebook": str(found[0].resolve())}
+
+
+def _check_structure(spec: Any) -> dict:
+    """Validate a spec's keys and value types (no file access); fold ``seeds`` into the grid."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"grid spec must be a mapping with keys {list(GRID_KEYS)}, got {type(spec).__name__}")
+    unknown = [key for key in spec if key not in GRID_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in grid spec; allowed keys: {list(GRID_KEYS)}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"name={name!r}: must be a folder name of letters, digits, '.', '_', '-' "
+            "(no path separators), not starting with '.'"
+        )
+    notebook = spec.get("notebook")
+    if not isinstance(notebook, str) or not notebook:
+        raise ValueError(f"notebook={notebook!r}: the grid spec needs the path of the notebook to run")
+    parameters = _check_mapping("parameters", spec.get("parameters") or {})
+    grid = dict(_check_mapping("grid", spec.get("grid") or {}))
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        if "seed" in grid or "seed" in parameters:
+            raise ValueError("seeds: 'seed' is already set in grid or parameters; give it once")
+        grid["seed"] = seeds
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"grid key {key!r}: values must be a non-empty list, got {values!r}")
+        for value in values:
+            _check_json(f"grid key {key!r}", value)
+        grid[key] = list(values)
+    for key, value in parameters.items():
+        _check_json(f"parameter {key!r}", value)
+    for key in [*parameters, *grid]:
+        if key == OUTPUT_PARAMETER:
+            raise ValueError(f"{key!r} is set by the sweep (each run's folder); remove it from parameters and grid")
+        if key in parameters and key in grid:
+            raise ValueError(f"parameter {key!r} is both fixed in parameters and varied in grid; give it once")
+    timeout = spec.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds per cell, or omitted")
+    return {"name": name, "notebook": notebook, "parameters": dict(parameters), "grid": grid, "timeout": timeout}
+
+
+def _check_mapping(key: str, value: Any) -> Mapping:
+    """``value`` must be a mapping from strings."""
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{key}: must be a mapping from parameter names, got {value!r}")
+    return value
+
+
+def _check_json(what: str, value: Any) -> None:
+    """Parameter values travel as JSON (params.json) and YAML (papermill): refuse anything else."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: value {value!r} is not plain data (numbers, strings, bools, lists, dicts)") from err
+
+
+def _check_notebook_parameters(spec: dict) -> None:
+    """Every swept key must be a parameter of the notebook, with a value matching a simple annotation."""
+    notebook = spec["notebook"]
+    try:
+        declared = papermill.inspect_notebook(notebook)
+    except Exception as err:  # papermill reports unreadable notebooks with assorted exception types
+        raise ValueError(f"notebook={notebook!r}: cannot read its parameters cell: {err}") from err
+    if OUTPUT_PARAMETER not in declared:
+        raise ValueError(
+            f"notebook={notebook!r}: its parameters cell declares no {OUTPUT_PARAMETER!r}; a sweepable "
+            f"notebook declares `{OUTPUT_PARAMETER}: str` and writes {RESULTS_FILE} there"
+        )
+    allowed = sorted(set(declared) - {OUTPUT_PARAMETER})
+    values = {key: [value] for key, value in spec["parameters"].items()} | spec["grid"]
+    for key, candidates in values.items():
+        if key not in declared:
+            raise ValueError(f"parameter {key!r} is not in the parameters cell of {notebook}; allowed: {allowed}")
+        annotation = declared[key]["inferred_type_name"]
+        expected = _ANNOTATIONS.get(annotation)
+        for value in candidates if expected else []:
+            if not isinstance(value, expected) or (isinstance(value, bool) and annotation != "bool"):
+                raise ValueError(f"parameter {key!r}: value {value!r} does not match its annotation {annotation}")
+
+
+def _format(value: Any) -> str:
+    """Text of one grid value inside a run id."""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (str, int)) or value is None:
+        return str(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _state(run_dir: Path, params: dict) -> str:
+    """``new``, ``incomplete`` (no status), ``ok`` or ``failed``; refuse finished runs made with other params."""
+    if not run_dir.exists():
+        return "new"
+    status_file = run_dir / STATUS_FILE
+    if not status_file.is_file():
+        return "incomplete"
+    recorded = _read_json(run_dir / PARAMS_FILE)
+    expected = json.loads(json.dumps(params))
+    if recorded != expected:
+        changed = sorted(k for k in recorded.keys() | expected.keys() if recorded.get(k) != expected.get(k))
+        raise ValueError(
+            f"run {run_dir} was made with other values of {changed}; give the sweep a new name or delete that folder"
+        )
+    return _read_json(status_file)["status"]
+
+
+def _should_run(state: str, retry_failed: bool) -> bool:
+    """New and killed runs always execute, failed ones only on request."""
+    return state in ("new", "incomplete") or (retry_failed and state == "failed")
+
+
+def _execute(tasks: list[tuple], jobs: int, verbose: bool) -> None:
+    """Run ``tasks`` in ``jobs`` worker processes, printing ``[k/n] run-id status seconds`` as each ends.
+
+    Workers are forked where possible, so papermill is imported once. On any exception here (Ctrl-C, SIGTERM
+    through :func:`main`) the pool is terminated: interrupted runs keep no status and are redone next time.
+    """
+    if not tasks:
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with context.Pool(min(jobs, len(tasks)), initializer=_init_worker) as pool:
+        for k, status in enumerate(pool.imap_unordered(_run_one, tasks), start=1):
+            if verbose:
+                error = f": {status['error'][:200]}" if status["error"] else ""
+                print(
+                    f"[{k}/{len(tasks)}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}",
+                    flush=True,
+                )
+
+
+def _init_worker() -> None:
+    """Worker setup: the parent handles Ctrl-C and SIGTERM; papermill logs only to each run's log.txt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logger = logging.getLogger("papermill")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _run_one(task: tuple) -> dict:
+    """Execute one run from scratch in its folder; write params.json first and status.json last."""
+    run_dir, notebook, params, cwd, timeout = task
+    run_dir = Path(run_dir)
+    if run_dir.exists():  # what a killed or failed attempt left
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    atomic_write_text(run_dir / PARAMS_FILE, json.dumps(params, indent=2) + "\n")  # spec order: table columns
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    with open(run_dir / LOG_FILE, "w", encoding="utf-8", buffering=1) as log:
+        error = _execute_notebook(notebook, run_dir, params, cwd, timeout, log)
+    status = {
+        "run_id": run_dir.name,
+        "status": "failed" if error else "ok",
+        "error": error,
+        "seconds": round(time.perf_counter() - clock, 3),
+        "started": started.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+    }
+    atomic_write_json(run_dir / STATUS_FILE, status)
+    return status
+
+
+def _execute_notebook(notebook: str, run_dir: Path, params: dict, cwd: str, timeout: float | None, log) -> str | None:
+    """Papermill execution logging to ``log``, which also takes file descriptors 1 and 2 (the kernel's output).
+
+    Returns:
+        None on success, else the error message (``"RuntimeError: ..."``); the traceback goes to the log.
+    """
+    handler = logging.StreamHandler(log)
+    logging.getLogger("papermill").addHandler(handler)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        papermill.execute_notebook(
+            notebook,
+            str(run_dir / NOTEBOOK_FILE),
+            parameters={**params, OUTPUT_PARAMETER: str(run_dir)},
+            kernel_name=KERNEL,
+            cwd=cwd,
+            progress_bar=False,
+            log_output=True,
+            execution_timeout=timeout,
+        )
+        return _check_results(run_dir / RESULTS_FILE)
+    except Exception as err:  # any failure of the notebook or its kernel fails this run, not the sweep
+        traceback.print_exc(file=log)
+        if isinstance(err, PapermillExecutionError):
+            return f"{err.ename}: {err.evalue}"
+        return f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        logging.getLogger("papermill").removeHandler(handler)
+
+
+def _check_results(path: Path) -> str | None:
+    """A present ``results.json`` must be a JSON object; its absence is allowed (no outcomes)."""
+    if not path.is_file():
+        return None
+    try:
+        outcomes = _read_json(path)
+    except ValueError as err:
+        return f"{RESULTS_FILE} is not valid JSON: {err}"
+    return None if isinstance(outcomes, dict) else f"{RESULTS_FILE} must be a JSON object of outcomes"
+
+
+def _row(run_dir: Path) -> dict:
+    """One table row from a run folder."""
+    status = _read_json(run_dir / STATUS_FILE) if (run_dir / STATUS_FILE).is_file() else {"status": "incomplete"}
+    row = {
+        "run_id": run_dir.name,
+        "status": status["status"],
+        "error": status.get("error"),
+        "seconds": status.get("seconds"),
+    }
+    row.update({key: _cell(value) for key, value in _read_json(run_dir / PARAMS_FILE).items()})
+    results = run_dir / RESULTS_FILE
+    if status["status"] == "ok" and results.is_file():
+        for key, value in _read_json(results).items():
+            row[f"result_{key}" if key in row else key] = _cell(value)
+    return row
+
+
+def _cell(value: Any) -> Any:
+    """Scalars as they are; lists and dicts as JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def _read_json(path: Path) -> Any:
+    """Parsed content of a UTF-8 JSON file."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

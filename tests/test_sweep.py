@@ -1,0 +1,239 @@
+"""Tests of gnlib.sweep: grid checks are pure; a few real papermill runs of tests/fixtures/sweep_probe.ipynb."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from gnlib.sweep import aggregate, expand_grid, load_grid, main, run_id, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = "tests/fixtures/sweep_probe.ipynb"
+
+
+def spec(**overrides):
+    """A grid spec over the probe notebook, its path relative to the repository root."""
+    return {"name": "probe", "notebook": PROBE, **overrides}
+
+
+def mtimes(sweep_dir):
+    """Modification times of every file inside the run folders."""
+    return {path: path.stat().st_mtime_ns for path in sweep_dir.glob("*/*")}
+
+
+def test_expand_grid_is_the_ordered_product_over_fixed_parameters():
+    """Runs follow the grid's key order, the last key (seeds) varying fastest, fixed parameters in each."""
+    runs = expand_grid(spec(parameters={"sleep": 0.0}, grid={"x": [1, 2], "fail": [False, True]}, seeds=[0, 1]))
+    assert len(runs) == 8
+    assert runs[0] == {"sleep": 0.0, "x": 1, "fail": False, "seed": 0}
+    assert runs[1] == {"sleep": 0.0, "x": 1, "fail": False, "seed": 1}
+    assert runs[2] == {"sleep": 0.0, "x": 1, "fail": True, "seed": 0}
+    assert runs[-1] == {"sleep": 0.0, "x": 2, "fail": True, "seed": 1}
+    assert len({json.dumps(run, sort_keys=True) for run in runs}) == 8
+    assert expand_grid(spec(parameters={"x": 3})) == [{"x": 3}]
+
+
+def test_run_ids_are_readable_filesystem_safe_and_distinct():
+    """Plain values read as key=value; odd or long ones are sanitized and told apart by a hash."""
+    assert run_id({"optimizer": "gn", "batch": 8, "lr": 0.001, "seed": 0}) == "optimizer=gn,batch=8,lr=0.001,seed=0"
+    assert run_id({"lr": 1e-05, "layers": [1, 2]}) == run_id({"lr": 1e-05, "layers": [1, 2]})
+    assert run_id({}) == "default"
+    odd = [run_id({"path": value}) for value in ["a/b", "a_b", "a b", "..", "x" * 200, "y" * 200]]
+    assert len(set(odd)) == len(odd)
+    for rid in odd:
+        assert re.fullmatch(r"[A-Za-z0-9._=,+~-]+", rid) and len(rid) <= 96, rid
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (["x"], "mapping"),
+        ({"name": "probe"}, "notebook"),
+        (spec(grid={"x": 3}), "'x'"),
+        (spec(grid={"x": []}), "'x'"),
+        (spec(grdi={"x": [1]}), "'grdi'"),
+        (spec(name="a/b"), "name"),
+        (spec(name=".."), "name"),
+        (spec(parameters=[1, 2]), "parameters"),
+        (spec(parameters={"x": 1}, grid={"x": [2]}), "'x'"),
+        (spec(grid={"output_dir": ["elsewhere"]}), "'output_dir'"),
+        (spec(grid={"seed": [0]}, seeds=[1]), "seeds"),
+        (spec(timeout=0), "timeout"),
+        (spec(parameters={"x": {1, 2}}), "'x'"),
+    ],
+)
+def test_malformed_specs_are_refused_naming_the_key(bad, key):
+    """Each structural mistake raises ValueError whose message names the offending key."""
+    with pytest.raises(ValueError, match=re.escape(key)):
+        expand_grid(bad)
+
+
+def test_load_grid_reads_exponents_as_floats_and_resolves_the_notebook(tmp_path):
+    """YAML 1e-3 is a float; the notebook is looked up under cwd first, then next to the grid file."""
+    grid = tmp_path / "lr_grid.yaml"
+    shutil.copy(REPO / PROBE, tmp_path / "local.ipynb")
+    grid.write_text("notebook: local.ipynb\ngrid:\n  sleep: [1e-3, 2.5E+1]\n  x: [1, 2]\nseeds: [3]\ntimeout: 60\n")
+    loaded = load_grid(grid, cwd=REPO)
+    assert loaded == {
+        "name": "lr_grid",
+        "notebook": str((tmp_path / "local.ipynb").resolve()),  # not under cwd: found next to the grid file
+        "parameters": {},
+        "grid": {"sleep": [0.001, 25.0], "x": [1, 2], "seed": [3]},
+        "timeout": 60,
+    }
+    (tmp_path / PROBE).parent.mkdir(parents=True)
+    shutil.copy(REPO / PROBE, tmp_path / PROBE)
+    grid.write_text(f"name: first\nnotebook: {PROBE}\n")
+    assert load_grid(grid, cwd=REPO)["notebook"] == str(REPO / PROBE)  # cwd wins over the grid file's folder
+    grid.write_text("notebook: missing.ipynb\n")
+    with pytest.raises(ValueError, match="notebook"):
+        load_grid(grid, cwd=REPO)
+    grid.write_text("- notebook\n- grid\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_grid(grid, cwd=REPO)
+
+
+@pytest.mark.parametrize(
+    "grid, key",
+    [
+        ({"z": [1]}, "'z'"),
+        ({"x": ["three"]}, "'x'"),
+        ({"x": [True]}, "'x'"),
+        ({"sleep": [1, "a"]}, "'sleep'"),
+        ({"x": [1, "1"]}, "same run id"),
+    ],
+)
+def test_notebook_parameters_are_checked_before_any_run(tmp_path, grid, key):
+    """Unknown names, mistyped values and colliding run ids are refused before a folder exists."""
+    with pytest.raises(ValueError, match=re.escape(key)):
+        run_sweep(spec(grid=grid), output_root=tmp_path, cwd=REPO, verbose=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_notebook_without_output_dir_is_not_sweepable(tmp_path):
+    """A notebook must declare output_dir to be swept."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_code_cell("x: int = 1  # value", metadata={"tags": ["parameters"]})]
+    nbformat.write(notebook, tmp_path / "plain.ipynb")
+    with pytest.raises(ValueError, match="output_dir"):
+        run_sweep(spec(notebook="plain.ipynb"), output_root=tmp_path / "out", cwd=tmp_path, verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_unknown_parameter_with_exit_code_2(tmp_path, capsys):
+    """The CLI reports bad input on stderr with exit code 2 and creates nothing."""
+    grid = tmp_path / "bad.yaml"
+    grid.write_text(f"notebook: {REPO / PROBE}\ngrid:\n  lr: [0.1, 0.2]\n")
+    assert main([str(grid), "--output-root", str(tmp_path / "out")]) == 2
+    assert "'lr'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_finished_runs_made_with_other_parameters_are_refused(tmp_path):
+    """The table reads ok and incomplete folders; a finished run with other fixed values stops a re-run."""
+    run_dir = tmp_path / "probe" / "x=2"
+    run_dir.mkdir(parents=True)
+    (run_dir / "params.json").write_text(json.dumps({"sleep": 0.0, "x": 2}))
+    (run_dir / "status.json").write_text(json.dumps({"status": "ok", "error": None, "seconds": 1.0}))
+    (run_dir / "results.json").write_text(json.dumps({"y": 4, "x": "clash"}))
+    (tmp_path / "probe" / "x=3").mkdir()
+    (tmp_path / "probe" / "x=3" / "params.json").write_text(json.dumps({"sleep": 0.0, "x": 3}))
+    table = aggregate(tmp_path / "probe")
+    done, killed = table.to_dict("records")
+    assert (done["run_id"], done["status"], done["x"], done["y"], done["result_x"]) == ("x=2", "ok", 2, 4, "clash")
+    assert (killed["run_id"], killed["status"], killed["x"]) == ("x=3", "incomplete", 3)
+    assert pd.isna(killed["y"]) and pd.isna(killed["result_x"])
+    with pytest.raises(ValueError, match="sleep"):
+        run_sweep(spec(parameters={"sleep": 1.0}, grid={"x": [2, 3]}), output_root=tmp_path, cwd=REPO, verbose=False)
+
+
+def test_sweep_records_failures_skips_finished_runs_and_retries_failed(tmp_path):
+    """Two jobs in parallel; failures recorded; re-runs skip finished runs; --retry-failed redoes failed ones."""
+    grid = spec(parameters={"sleep": 0.5}, grid={"x": [2, 3], "fail": [False, True]})
+    sweep_dir = tmp_path / "probe"
+    table = run_sweep(grid, jobs=2, output_root=tmp_path, cwd=REPO, verbose=False)
+
+    assert list(table.run_id) == ["x=2,fail=False", "x=2,fail=True", "x=3,fail=False", "x=3,fail=True"]
+    assert list(table.status) == ["ok", "failed", "ok", "failed"]
+    ok, failed = table[table.status == "ok"], table[table.status == "failed"]
+    assert list(ok.y) == [4, 9]
+    assert list(failed.error) == [f"RuntimeError: probe failure requested for x={x}" for x in (2, 3)]
+    for rid in table.run_id:
+        assert {"notebook.ipynb", "params.json", "log.txt", "status.json"} <= {
+            p.name for p in (sweep_dir / rid).iterdir()
+        }
+    assert "probe failure requested" in (sweep_dir / "x=3,fail=True" / "log.txt").read_text()
+    pd.testing.assert_frame_equal(pd.read_csv(sweep_dir / "results.csv"), aggregate(sweep_dir))
+    pd.testing.assert_frame_equal(aggregate(sweep_dir), table)
+
+    spans = [json.loads((sweep_dir / rid / "status.json").read_text()) for rid in table.run_id]
+    spans = [(datetime.fromisoformat(s["started"]), datetime.fromisoformat(s["finished"])) for s in spans]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :]), (
+        "--jobs 2 ran serially"
+    )
+
+    before = mtimes(sweep_dir)
+    plan = run_sweep(grid, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
+    assert list(plan.state) == ["ok", "failed", "ok", "failed"] and not plan.will_run.any()
+    pd.testing.assert_frame_equal(run_sweep(grid, jobs=2, output_root=tmp_path, cwd=REPO, verbose=False), table)
+    assert mtimes(sweep_dir) == before
+
+    retried = run_sweep(grid, jobs=2, output_root=tmp_path, cwd=REPO, retry_failed=True, verbose=False)
+    assert list(retried.status) == ["ok", "failed", "ok", "failed"]
+    after = mtimes(sweep_dir)
+    for rid in table.run_id:
+        status = sweep_dir / rid / "status.json"
+        assert (after[status] == before[status]) == rid.endswith("fail=False"), rid
+
+
+def test_cell_timeout_fails_the_run(tmp_path):
+    """A cell running past the timeout fails the run with a timeout message."""
+    table = run_sweep(spec(grid={"sleep": [30.0]}, timeout=1), output_root=tmp_path, cwd=REPO, verbose=False)
+    assert list(table.status) == ["failed"]
+    assert "timed out" in table.error[0]
+
+
+def test_killed_sweep_resumes_without_losing_or_duplicating_runs(tmp_path):
+    """Kill the CLI mid-run; the re-run keeps the finished run and redoes the killed one from scratch."""
+    grid = tmp_path / "killed.yaml"
+    grid.write_text(f"notebook: {REPO / PROBE}\ngrid:\n  sleep: [0.0, 3.0]\n")
+    sweep_dir = tmp_path / "out" / "killed"
+    slow = sweep_dir / "sleep=3.0"
+    with open(tmp_path / "cli.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gnlib.sweep", str(grid), "--output-root", str(tmp_path / "out")],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not ((slow / "log.txt").is_file() and "Executing Cell 4" in (slow / "log.txt").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "cli.log").read_text()
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fast_status = sweep_dir / "sleep=0.0" / "status.json"
+    assert json.loads(fast_status.read_text())["status"] == "ok"
+    assert not (slow / "status.json").exists()
+    (slow / "stale.txt").write_text("left by the killed run")
+    fast_mtime = fast_status.stat().st_mtime_ns
+
+    table = run_sweep(grid, output_root=tmp_path / "out", cwd=REPO, verbose=False)
+    assert list(table.run_id) == ["sleep=0.0", "sleep=3.0"] and list(table.status) == ["ok", "ok"]
+    assert fast_status.stat().st_mtime_ns == fast_mtime
+    assert not (slow / "stale.txt").exists() and json.loads((slow / "results.json").read_text()) == {"y": 1}
+    assert list(pd.read_csv(sweep_dir / "results.csv").run_id) == ["sleep=0.0", "sleep=3.0"]
