@@ -1,0 +1,548 @@
+"""Curvature of a model's loss: Jacobian products, GGN and Hessian products, the Gauss-Newton inner step.
+
+Notation (see DESIGN.md). A model ``f`` maps parameters θ and inputs x to outputs (logits) z = f(θ; x) of
+shape (..., V); a :class:`~gnlib.losses.Loss` ℓ(z, y) averages over positions. At θ:
+J = ∂z/∂θ (Jacobian), g_z = ∇_z ℓ, H_z = ∇²_z ℓ (given by the loss in closed form),
+G = Jᵀ H_z J (generalized Gauss-Newton, PSD for convex ℓ) and H = ∇²_θ ℓ(f(θ)) (true Hessian).
+
+Every function takes ``model`` (any ``nn.Module`` usable with ``torch.func.functional_call``), ``params``
+(a params dict in ``named_parameters()`` order, :mod:`gnlib.params`) and ``batch = (inputs, targets)``.
+The model's own parameter values are never used: every named parameter must be in ``params``.
+Parameter-space vectors are params dicts. A vector may name a *subset* of the parameters (in the same
+order): products are then taken in those parameters only, the others held fixed at ``params``, e.g.
+``ggn_vp`` with a subset ``v`` returns G_bb v_b for the diagonal block b of those parameters.
+Output-space vectors have the shape of z.
+
+Costs on the hot path, in units of a plain forward pass F (a gradient step is about 3F):
+- :func:`gn_inner_step`, :func:`ggn_vp`: one forward carrying a tangent (``torch.autograd.forward_ad``
+  dual numbers, primal and tangent in one pass, which records the reverse graph of the primal only) and
+  one backward through the primal graph: Jᵀu = ``autograd.grad(z, θ, u)``.
+- :func:`linearize` caches the linearization of one batch for repeated products (CG, Lanczos).
+
+Dense matrices (:func:`dense_jacobian`, :func:`dense_ggn`, :func:`dense_hessian`) are float64, their
+parameter axis follows :func:`gnlib.params.flatten` and the Jacobian's output axis is ``z.reshape(-1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+import torch.autograd.forward_ad as fwad
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gnlib.losses import CrossEntropy, Loss
+from gnlib.params import Params, check_like, flatten, numel, unflatten
+from gnlib.runtime import check_choice
+
+Batch = tuple[Tensor, Tensor]
+
+OBJECTIVES = ("gn", "prox_linear", "loss")
+DEFAULT_LOSS = CrossEntropy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """``params`` must have exactly the model's parameter names and shapes, in ``named_parameters()`` order."""
+    check_like(params, dict(model.named_parameters()), "params")
+
+
+def _check_vector(v: Mapping[str, Tensor], params: Mapping[str, Tensor], what: str) -> None:
+    """``v`` names a subset of ``params`` (in its order) with matching shapes, dtype and device."""
+    if not isinstance(v, Mapping) or not v:
+        raise ValueError(f"{what} must be a non-empty dict of named tensors, got {type(v).__name__}")
+    names = [name for name in params if name in v]
+    check_like(v, {name: params[name] for name in names}, what)
+    for name, t in v.items():
+        p = params[name]
+        if t.dtype != p.dtype or t.device != p.device:
+            raise ValueError(
+                f"{what}[{name!r}] is {t.dtype} on {t.device}, expected {p.dtype} on {p.device} like the parameters"
+            )
+
+
+def _check_output(u: Tensor, z: Tensor, what: str) -> None:
+    if not isinstance(u, Tensor) or u.shape != z.shape:
+        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"{what} has shape {shape}, expected the output shape {tuple(z.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the two passes every product is made of
+
+
+def _forward(
+    model: nn.Module, params: Params, inputs: Tensor, tangent: Mapping[str, Tensor] | None, wrt: Sequence[str]
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """One forward pass at ``params``, recording the reverse graph to the parameters named in ``wrt``.
+
+    With a ``tangent`` (a params dict naming a subset of ``wrt``), the pass carries dual numbers and also
+    returns J·tangent. Saved activations keep only their primal part, so the tangents are freed as the
+    pass goes and the backward costs what a plain backward costs.
+
+    Returns:
+        ``(z, Jt or None, leaves)``: outputs with a graph to ``leaves`` (the ``wrt`` tensors, in order).
+    """
+    leaves = [params[name].detach().requires_grad_() for name in wrt]
+    call = {name: t.detach() for name, t in params.items()}
+    call.update(zip(wrt, leaves))
+    if tangent is None:
+        return functional_call(model, call, (inputs,)), None, leaves
+    with fwad.dual_level(), torch.autograd.graph.saved_tensors_hooks(_primal_only, _identity):
+        for name, t in tangent.items():
+            call[name] = fwad.make_dual(call[name], t.detach())
+        z, jt = fwad.unpack_dual(functional_call(model, call, (inputs,)))
+        if jt is None:  # the outputs do not depend on the tangent's parameters
+            jt = torch.zeros_like(z)
+    return z, jt, leaves
+
+
+def _primal_only(t: Tensor) -> Tensor:
+    return fwad.unpack_dual(t).primal
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _backward(z: Tensor, leaves: list[Tensor], u: Tensor, names: Sequence[str], retain: bool = False) -> Params:
+    """Jᵀu as a params dict over ``names`` (the leaves' names)."""
+    grads = torch.autograd.grad(z, leaves, grad_outputs=u, retain_graph=retain, allow_unused=True)
+    return {name: torch.zeros_like(leaf) if g is None else g for name, leaf, g in zip(names, leaves, grads)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# one-shot products
+
+
+def logits(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
+    """z = f(θ; x) without a graph."""
+    _check_params(model, params)
+    with torch.no_grad():
+        return functional_call(model, dict(params), (inputs,))
+
+
+def gradient(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, loss: Loss = DEFAULT_LOSS
+) -> tuple[Tensor, Params]:
+    """(ℓ(f(θ)), ∇_θ ℓ) on ``batch``: one forward and one backward (Jᵀ g_z)."""
+    _check_params(model, params)
+    inputs, targets = batch
+    z, _, leaves = _forward(model, dict(params), inputs, None, list(params))
+    value, g = loss.value_and_grad(z.detach(), targets)
+    return value, _backward(z, leaves, g, list(params))
+
+
+def jvp(model: nn.Module, params: Mapping[str, Tensor], batch: Batch, v: Mapping[str, Tensor]) -> Tensor:
+    """J v, shape of z (one forward carrying the tangent ``v``; no graph is recorded)."""
+    _check_params(model, params)
+    _check_vector(v, params, "v")
+    with torch.no_grad():
+        return _forward(model, dict(params), batch[0], v, [])[1]
+
+
+def vjp(model: nn.Module, params: Mapping[str, Tensor], batch: Batch, u: Tensor, wrt: Sequence[str] | None = None) -> Params:
+    """Jᵀ u for an output-space ``u`` (shape of z), as a params dict over ``wrt`` (default: all parameters)."""
+    _check_params(model, params)
+    wrt = _check_wrt(params, wrt)
+    z, _, leaves = _forward(model, dict(params), batch[0], None, wrt)
+    _check_output(u, z, "u")
+    return _backward(z, leaves, u.detach(), wrt)
+
+
+def ggn_vp(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, v: Mapping[str, Tensor], loss: Loss = DEFAULT_LOSS
+) -> Params:
+    """G v = Jᵀ H_z J v: one tangent-carrying forward and one backward (over the names of ``v``)."""
+    _check_params(model, params)
+    _check_vector(v, params, "v")
+    inputs, targets = batch
+    z, jv, leaves = _forward(model, dict(params), inputs, v, list(v))
+    return _backward(z, leaves, loss.hvp(z.detach(), targets, jv), list(v))
+
+
+def hvp(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, v: Mapping[str, Tensor], loss: Loss = DEFAULT_LOSS
+) -> Params:
+    """H v with the true Hessian of ℓ(f(θ)), forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``)."""
+    _check_params(model, params)
+    _check_vector(v, params, "v")
+    loss_fn = _loss_of(model, params, batch, loss, list(v))
+    sub = {name: params[name].detach() for name in v}
+    return torch.func.jvp(torch.func.grad(loss_fn), (sub,), ({k: t.detach() for k, t in v.items()},))[1]
+
+
+def _loss_of(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, loss: Loss, wrt: Sequence[str]
+) -> Callable[[Params], Tensor]:
+    """θ_wrt ↦ ℓ(f(θ)) with the other parameters fixed at ``params``."""
+    fixed = {name: t.detach() for name, t in params.items() if name not in wrt}
+    inputs, targets = batch
+
+    def loss_fn(sub: Params) -> Tensor:
+        return loss.value(functional_call(model, {**fixed, **sub}, (inputs,)), targets)
+
+    return loss_fn
+
+
+def _check_wrt(params: Mapping[str, Tensor], wrt: Sequence[str] | None) -> list[str]:
+    """Names of ``wrt`` (default all) validated against ``params`` and put in parameter order."""
+    if wrt is None:
+        return list(params)
+    unknown = [name for name in wrt if name not in params]
+    if unknown or not wrt:
+        raise ValueError(f"wrt={list(wrt)!r} must be a non-empty list of parameter names; unknown: {unknown}")
+    return [name for name in params if name in set(wrt)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Gauss-Newton inner step
+
+
+def gn_inner_step(
+    model: nn.Module,
+    anchor: Mapping[str, Tensor],
+    delta: Mapping[str, Tensor],
+    batch: Batch,
+    loss: Loss = DEFAULT_LOSS,
+    objective: str = "gn",
+) -> tuple[Tensor, Params]:
+    """Value and Δ-gradient of the inner objective at the step Δ = ``delta`` from the anchor θ_t.
+
+    With z_t = f(θ_t), J at θ_t, g_z and H_z at z_t:
+
+    - ``"gn"``: q(Δ) = ℓ(z_t) + g_zᵀJΔ + ½(JΔ)ᵀH_z(JΔ), gradient Jᵀ(g_z + H_z JΔ);
+    - ``"prox_linear"``: ℓ(z_t + JΔ), gradient Jᵀ∇ℓ(z_t + JΔ);
+    - ``"loss"``: the true loss ℓ(f(θ_t + Δ)) and its gradient (the reference; one plain gradient step).
+
+    The first two cost one forward at θ_t carrying the tangent Δ (giving z_t and JΔ), the output-space
+    vector u from the loss in closed form, and one backward Jᵀu through the primal graph.
+    ``delta`` may name a subset of the parameters (layerwise GN: the model is linearized in those only).
+
+    Returns:
+        ``(value, gradient)``: a scalar tensor and a params dict over the names of ``delta``.
+
+    Raises:
+        ValueError: unknown ``objective``, or ``anchor``/``delta`` not matching the model's parameters.
+    """
+    check_choice("objective", objective, OBJECTIVES)
+    _check_params(model, anchor)
+    _check_vector(delta, anchor, "delta")
+    inputs, targets = batch
+    names = list(delta)
+    if objective == "loss":
+        point = dict(anchor)
+        point.update({name: anchor[name].detach() + d.detach() for name, d in delta.items()})
+        z, _, leaves = _forward(model, point, inputs, None, names)
+        value, u = loss.value_and_grad(z.detach(), targets)
+    else:
+        z, jd, leaves = _forward(model, dict(anchor), inputs, delta, names)
+        with torch.no_grad():
+            if objective == "gn":
+                value, u = loss.quadratic(z.detach(), targets, jd)
+            else:
+                value, u = loss.value_and_grad(z.detach() + jd, targets)
+    return value, _backward(z, leaves, u, names)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cached linearization
+
+
+class Linearization:
+    """The model linearized at θ on one batch, for many products on that batch (CG, Lanczos, spectra).
+
+    Built by :func:`linearize`. Holds z = f(θ), the reverse graph of that forward (for Jᵀu) and a traced
+    Jacobian-vector product (``torch.func.linearize``: derivative factors computed once, so J v replays
+    only the tangent arithmetic). Products are over the parameters named in ``wrt``.
+
+    Attributes:
+        z: outputs at θ, shape (..., V), detached.
+        value: loss ℓ(z) (scalar tensor).
+        wrt: names of the parameters the products act on.
+    """
+
+    def __init__(self, model: nn.Module, params: Params, batch: Batch, loss: Loss, wrt: list[str]) -> None:
+        """See :func:`linearize`."""
+        inputs, self.targets = batch
+        self.loss = loss
+        self.wrt = wrt
+        self.like = {name: params[name].detach() for name in wrt}
+        fixed = {name: t.detach() for name, t in params.items() if name not in wrt}
+        z, _, self._leaves = _forward(model, params, inputs, None, wrt)
+        self._z_graph = z
+        self.z = z.detach()
+        self.value, self._g = loss.value_and_grad(self.z, self.targets)
+        _, self._jvp = torch.func.linearize(lambda sub: functional_call(model, {**fixed, **sub}, (inputs,)), self.like)
+        self._gradient: Params | None = None
+
+    def jvp(self, v: Mapping[str, Tensor]) -> Tensor:
+        """J v, shape of z; ``v`` is a params dict over ``wrt``."""
+        check_like(v, self.like, "v")
+        with torch.no_grad():
+            return self._jvp(dict(v))
+
+    def vjp(self, u: Tensor) -> Params:
+        """Jᵀ u for ``u`` of the shape of z, as a params dict over ``wrt``."""
+        _check_output(u, self.z, "u")
+        return _backward(self._z_graph, self._leaves, u.detach(), self.wrt, retain=True)
+
+    def loss_hvp(self, dz: Tensor) -> Tensor:
+        """H_z dz in output space."""
+        return self.loss.hvp(self.z, self.targets, dz)
+
+    def ggn_vp(self, v: Mapping[str, Tensor]) -> Params:
+        """G v = Jᵀ H_z J v."""
+        return self.vjp(self.loss_hvp(self.jvp(v)))
+
+    @property
+    def gradient(self) -> Params:
+        """∇_θ ℓ = Jᵀ g_z over ``wrt`` (computed on first use, then cached)."""
+        if self._gradient is None:
+            self._gradient = self.vjp(self._g)
+        return self._gradient
+
+
+def linearize(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    loss: Loss = DEFAULT_LOSS,
+    wrt: Sequence[str] | None = None,
+) -> Linearization:
+    """Linearize the model at ``params`` on ``batch`` for repeated J, Jᵀ and G products.
+
+    Args:
+        wrt: parameter names the products act on (default: all); the others are held fixed.
+    """
+    _check_params(model, params)
+    return Linearization(model, dict(params), batch, loss, _check_wrt(params, wrt))
+
+
+# ---------------------------------------------------------------------------------------------------
+# operators
+
+
+class CurvatureOperator:
+    """A symmetric (n, n) curvature matrix applied matrix-free, n = number of parameters in ``wrt``.
+
+    Operator protocol (INTERFACES.md): ``.shape``, ``.dtype``, ``.device``; ``op @ x`` for a flat tensor x
+    of shape (n,) or (n, k) (same shape back; columns are applied one by one) or a params dict over
+    ``wrt`` (params dict back); ``.to_scipy()``; ``.block(names)`` for the diagonal block of a subset.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        batch: Batch,
+        loss: Loss = DEFAULT_LOSS,
+        wrt: Sequence[str] | None = None,
+    ) -> None:
+        """Operator of ``model`` at ``params`` on ``batch`` over the parameters ``wrt`` (default: all)."""
+        _check_params(model, params)
+        self.model, self.batch, self.loss = model, batch, loss
+        self.params = {name: t.detach() for name, t in params.items()}
+        self.wrt = _check_wrt(params, wrt)
+        self.like = {name: self.params[name] for name in self.wrt}
+        n = numel(self.like)
+        self.shape = (n, n)
+        first = next(iter(self.like.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+    def _apply(self, v: Params) -> Params:
+        raise NotImplementedError
+
+    def __matmul__(self, x: Tensor | Mapping[str, Tensor]) -> Tensor | Params:
+        """Product with a params dict over ``wrt`` or a flat tensor of shape (n,) or (n, k)."""
+        if isinstance(x, Mapping):
+            _check_vector(x, self.like, "x")
+            check_like(x, self.like, "x")
+            return self._apply(dict(x))
+        n = self.shape[0]
+        if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != n:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x has shape {shape}, expected ({n},) or ({n}, k) to match the operator")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"x is {x.dtype} on {x.device}, expected {self.dtype} on {self.device}")
+        if x.dim() == 2:
+            return torch.stack([self @ column for column in x.unbind(1)], dim=1)
+        return flatten(self._apply(unflatten(x, self.like)))
+
+    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
+        """SciPy ``LinearOperator`` (float64 NumPy in and out), e.g. for ``scipy.sparse.linalg.eigsh``."""
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x), device=self.device).to(self.dtype)
+            return (self @ t).detach().cpu().to(torch.float64).numpy()
+
+        return scipy.sparse.linalg.LinearOperator(
+            self.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np.float64
+        )
+
+    def block(self, names: Sequence[str]) -> CurvatureOperator:
+        """The diagonal block of the parameters ``names`` (others held fixed), as an operator of the same kind."""
+        unknown = [name for name in names if name not in self.wrt]
+        if unknown:
+            raise ValueError(f"names {unknown} are not among this operator's parameters {self.wrt}")
+        return type(self)(self.model, self.params, self.batch, self.loss, names)
+
+
+class GGNOperator(CurvatureOperator):
+    """G = Jᵀ H_z J on one batch, from a cached :class:`Linearization` (built once, reused by every product)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        batch: Batch,
+        loss: Loss = DEFAULT_LOSS,
+        wrt: Sequence[str] | None = None,
+    ) -> None:
+        """See :class:`CurvatureOperator`."""
+        super().__init__(model, params, batch, loss, wrt)
+        self.linearization = Linearization(model, self.params, batch, loss, self.wrt)
+
+    def _apply(self, v: Params) -> Params:
+        return self.linearization.ggn_vp(v)
+
+
+class HessianOperator(CurvatureOperator):
+    """The true Hessian ∇²_θ ℓ(f(θ)) on one batch; each product is one forward-over-reverse pass (:func:`hvp`)."""
+
+    def _apply(self, v: Params) -> Params:
+        return hvp(self.model, self.params, self.batch, v, self.loss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dense matrices for tiny models
+
+
+def _dense_setup(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, wrt: Sequence[str] | None, max_params: int, what: str
+) -> tuple[nn.Module, Params, Batch, list[str], int]:
+    """Validate sizes and move everything to float64 (a float64 copy of the model if needed)."""
+    _check_params(model, params)
+    wrt = _check_wrt(params, wrt)
+    n = sum(params[name].numel() for name in wrt)
+    if n > max_params:
+        raise ValueError(
+            f"{what}: {n} parameters exceed max_params={max_params} (a dense {n}×{n} float64 matrix takes "
+            f"{n * n * 8 / 2**30:.2f} GiB); use GGNOperator / HessianOperator products, a smaller model, "
+            f"a subset wrt=..., or raise max_params"
+        )
+    tensors = list(params.values()) + list(model.buffers())
+    if any(t.is_floating_point() and t.dtype != torch.float64 for t in tensors):
+        model = copy.deepcopy(model).to(torch.float64)
+    params = {name: t.detach().to(torch.float64) for name, t in params.items()}
+    batch = tuple(t.to(torch.float64) if t.is_floating_point() else t for t in batch)
+    return model, params, batch, wrt, n
+
+
+def _eye_columns(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def dense_jacobian(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    wrt: Sequence[str] | None = None,
+    *,
+    max_params: int = 5000,
+    max_bytes: int = 2**30,
+    chunk_size: int = 256,
+) -> Tensor:
+    """Dense J, float64, shape (z.numel(), n): row i is output ``z.reshape(-1)[i]``, columns in flat order.
+
+    Built column by column from vectorized JVPs (``torch.func.vmap`` of ``torch.func.jvp``).
+
+    Raises:
+        ValueError: more than ``max_params`` parameters or a matrix over ``max_bytes``.
+    """
+    model, params, batch, wrt, n = _dense_setup(model, params, batch, wrt, max_params, "dense_jacobian")
+    return _jacobian(model, params, batch[0], wrt, max_bytes, chunk_size)
+
+
+def _jacobian(model: nn.Module, params: Params, inputs: Tensor, wrt: list[str], max_bytes: int, chunk_size: int) -> Tensor:
+    like = {name: params[name] for name in wrt}
+    fixed = {name: t for name, t in params.items() if name not in wrt}
+    n = numel(like)
+    z = functional_call(model, params, (inputs,))
+    if z.numel() * n * 8 > max_bytes:
+        raise ValueError(
+            f"dense_jacobian: a {z.numel()}×{n} float64 matrix takes {z.numel() * n * 8 / 2**30:.2f} GiB > "
+            f"max_bytes={max_bytes}; use a smaller batch or model"
+        )
+    flat = flatten(like)
+
+    def outputs(theta: Tensor) -> Tensor:
+        return functional_call(model, {**fixed, **unflatten(theta, like)}, (inputs,)).reshape(-1)
+
+    def column(e: Tensor) -> Tensor:
+        return torch.func.jvp(outputs, (flat,), (e,))[1]
+
+    return torch.func.vmap(column, chunk_size=chunk_size)(_eye_columns(n, flat)).T
+
+
+def dense_ggn(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    loss: Loss = DEFAULT_LOSS,
+    wrt: Sequence[str] | None = None,
+    *,
+    max_params: int = 5000,
+    max_bytes: int = 2**30,
+    chunk_size: int = 256,
+) -> Tensor:
+    """Dense G = Jᵀ H_z J, float64, (n, n) in flat order; H_z applied by the loss to each column of J.
+
+    Raises:
+        ValueError: more than ``max_params`` parameters or a Jacobian over ``max_bytes``.
+    """
+    model, params, batch, wrt, n = _dense_setup(model, params, batch, wrt, max_params, "dense_ggn")
+    inputs, targets = batch
+    jac = _jacobian(model, params, inputs, wrt, max_bytes, chunk_size)
+    z = functional_call(model, params, (inputs,)).detach()
+    columns = jac.T.reshape(n, *z.shape)
+    h_columns = torch.func.vmap(lambda c: loss.hvp(z, targets, c), chunk_size=chunk_size)(columns)
+    return columns.reshape(n, -1) @ h_columns.reshape(n, -1).T
+
+
+def dense_hessian(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    loss: Loss = DEFAULT_LOSS,
+    wrt: Sequence[str] | None = None,
+    *,
+    max_params: int = 5000,
+    chunk_size: int = 256,
+) -> Tensor:
+    """Dense Hessian ∇²_θ ℓ(f(θ)), float64, (n, n) in flat order (vectorized forward-over-reverse).
+
+    Raises:
+        ValueError: more than ``max_params`` parameters.
+    """
+    model, params, batch, wrt, n = _dense_setup(model, params, batch, wrt, max_params, "dense_hessian")
+    like = {name: params[name] for name in wrt}
+    loss_fn = _loss_of(model, params, batch, loss, wrt)
+    flat = flatten(like)
+
+    def flat_loss(theta: Tensor) -> Tensor:
+        return loss_fn(unflatten(theta, like))
+
+    def row(e: Tensor) -> Tensor:
+        return torch.func.jvp(torch.func.grad(flat_loss), (flat,), (e,))[1]
+
+    return torch.func.vmap(row, chunk_size=chunk_size)(_eye_columns(n, flat))
+

@@ -1,0 +1,130 @@
+"""Losses that own their curvature in output (logit) space.
+
+Each loss maps model outputs ``z`` and targets ``y`` to a scalar and knows, in closed form, its gradient
+``g = ∇_z ℓ(z)`` and the product of its Hessian ``H_z = ∇²_z ℓ(z)`` with a vector in output space. The
+curvature code (:mod:`gnlib.curvature`) composes these with Jacobian products of the model, so it never
+needs to know which loss it is working with (the idea of kfac-jax's loss objects).
+
+Shapes: ``z`` is ``(..., V)`` (any number of leading dims: tokens, rows), ``y`` is ``(...)`` class ids
+(:class:`CrossEntropy`) or ``(..., V)`` regression targets (:class:`MSE`). Output-space vectors ``v``
+and the returned gradients and products have the shape of ``z``. ``n`` below is the number of leading
+positions, ``z.numel() // V`` (tokens for a language model, rows for regression).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Loss(ABC):
+    """A mean-over-positions loss with analytic output-space gradient and Hessian-vector product."""
+
+    @abstractmethod
+    def value(self, z: Tensor, y: Tensor) -> Tensor:
+        """ℓ(z): a scalar tensor, differentiable with autograd (forward and reverse mode)."""
+
+    @abstractmethod
+    def value_and_grad(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(ℓ(z), ∇_z ℓ(z)) computed together, without autograd; the gradient has the shape of ``z``."""
+
+    @abstractmethod
+    def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """H_z v with H_z = ∇²_z ℓ(z); ``v`` and the result have the shape of ``z``."""
+
+    def grad(self, z: Tensor, y: Tensor) -> Tensor:
+        """∇_z ℓ(z), shape of ``z``."""
+        return self.value_and_grad(z, y)[1]
+
+    def quadratic(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
+        """Second-order Taylor model of ℓ around ``z`` at the step ``dz``, and its gradient in ``dz``.
+
+        Returns:
+            ``(ℓ(z) + gᵀdz + ½ dzᵀ H_z dz, g + H_z dz)`` with ``g = ∇_z ℓ(z)``; the second has the shape
+            of ``z``. This is the Gauss-Newton model when ``dz = JΔ``.
+        """
+        value, g = self.value_and_grad(z, y)
+        h_dz = self.hvp(z, y, dz)
+        q = value + (g * dz).sum() + 0.5 * (dz * h_dz).sum()
+        return q, g + h_dz
+
+
+def _n_positions(z: Tensor) -> int:
+    return z.numel() // z.shape[-1]
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy averaged over all positions (tokens).
+
+    ℓ(z) = (1/n) Σ_i [logsumexp(z_i) − z_{i, y_i}] over the ``n`` leading positions of ``z`` (..., V)
+    with integer targets ``y`` (...). Per position, with ``p_i = softmax(z_i)``:
+    gradient ``(p_i − e_{y_i}) / n`` and Hessian ``(diag(p_i) − p_i p_iᵀ) / n``, applied to ``v_i`` as
+    ``(p_i ⊙ v_i − p_i (p_iᵀ v_i)) / n`` — no V×V matrix is formed. The Hessian is PSD and does not
+    depend on the targets.
+    """
+
+    def value(self, z: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy (scalar)."""
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+
+    def value_and_grad(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy and ``(softmax(z) − onehot(y)) / n`` from one log-softmax."""
+        value, p, y = self._value_and_probs(z, y)
+        n = _n_positions(z)
+        return value, _add_at_targets_(p.div_(n), y, -1.0 / n)
+
+    def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """``(p ⊙ v − p (pᵀv)) / n`` per position, ``p = softmax(z)``."""
+        return self._hvp(torch.softmax(z, dim=-1), v, _n_positions(z))
+
+    def quadratic(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
+        """See :meth:`Loss.quadratic`; one softmax shared by the value, gradient and Hessian product."""
+        value, p, y = self._value_and_probs(z, y)
+        n = _n_positions(z)
+        h_dz = self._hvp(p, dz, n)
+        u = _add_at_targets_((p / n).add_(h_dz), y, -1.0 / n)
+        # uᵀdz = gᵀdz + dzᵀH dz, so q = ℓ + uᵀdz − ½ dzᵀH dz.
+        return value + (u * dz).sum() - 0.5 * (dz * h_dz).sum(), u
+
+    @staticmethod
+    def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean cross-entropy, softmax(z), y with a trailing unit dim for gather/scatter)."""
+        log_p = torch.log_softmax(z, dim=-1)
+        y = y.unsqueeze(-1)
+        return -log_p.gather(-1, y).sum() / _n_positions(z), log_p.exp_(), y
+
+    @staticmethod
+    def _hvp(p: Tensor, v: Tensor, n: int) -> Tensor:
+        pv = p * v
+        return (pv - p * pv.sum(-1, keepdim=True)).div_(n)
+
+
+def _add_at_targets_(t: Tensor, y: Tensor, value: float) -> Tensor:
+    """Add ``value`` in place at the target entries ``t[..., y]`` (``y`` has a trailing unit dim)."""
+    return t.scatter_add_(-1, y, torch.full(y.shape, value, dtype=t.dtype, device=t.device))
+
+
+class MSE(Loss):
+    """Half squared error, summed over the last dim and averaged over positions (rows).
+
+    ℓ(z) = (1/n) Σ_i ½‖z_i − y_i‖² for ``z`` and ``y`` of shape (..., V), ``n`` leading positions.
+    Gradient ``(z − y) / n``; Hessian ``I / n`` (so the GGN is JᵀJ / n, the Gauss-Newton matrix of
+    least squares).
+    """
+
+    def value(self, z: Tensor, y: Tensor) -> Tensor:
+        """Mean over rows of ½‖z − y‖² (scalar)."""
+        return 0.5 * (z - y).square().sum() / _n_positions(z)
+
+    def value_and_grad(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Loss and ``(z − y) / n``."""
+        r = z - y
+        n = _n_positions(z)
+        return 0.5 * r.square().sum() / n, r / n
+
+    def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """``v / n``."""
+        return v / _n_positions(z)

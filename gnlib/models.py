@@ -1,0 +1,335 @@
+"""LLaMA-style decoder-only transformer, its presets, and toy models for teaching.
+
+The transformer maps tokens (B, T) to logits (B, T, V):
+token embedding → L × [RMSNorm → causal self-attention with rotary position embeddings (RoPE) → residual;
+RMSNorm → SwiGLU MLP → residual] → final RMSNorm → linear head. No biases anywhere.
+
+Attention is written out with batched matmuls instead of ``F.scaled_dot_product_attention``: the fused
+CPU kernel has no forward-mode derivative, and every Gauss-Newton product needs a Jacobian-vector
+product (``torch.func.jvp`` or ``torch.autograd.forward_ad``) through the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gnlib.runtime import check_choice, resolve_device
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and initialization of a :class:`Transformer`.
+
+    Attributes:
+        vocab_size: number of token ids V (set it from the tokenizer).
+        d_model: width d of the residual stream.
+        n_layers: number of transformer blocks L.
+        n_heads: attention heads H; the head dimension d/H must be even (RoPE rotates pairs).
+        d_ff: hidden width of the SwiGLU MLP.
+        max_seq_len: longest sequence the model accepts (length of the RoPE tables and causal mask).
+        tie_embeddings: the head reuses ``embed.weight`` (V, d) instead of its own ``head.weight``.
+        norm_eps: ε in RMSNorm, x / sqrt(mean(x²) + ε) · g.
+        rope_base: base b of the rotary frequencies b^(-2i/d_head), i = 0 .. d_head/2 - 1.
+        init_std: σ of the normal initialization of weight matrices.
+    """
+
+    vocab_size: int = 256
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        """Validate the shape so that errors name the field instead of surfacing inside a matmul."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("norm_eps", "rope_base", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head dimension d_model / n_heads = {self.head_dim} must be even for rotary embeddings; "
+                f"change d_model={self.d_model} or n_heads={self.n_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Width d/H of one attention head."""
+        return self.d_model // self.n_heads
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters of the model (tied embeddings counted once), without building it."""
+        d = self.d_model
+        block = 4 * d * d + 3 * d * self.d_ff + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * block + d + head
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU presets: "tiny" trains in about a minute on two cores, "small" is a larger CPU model.
+    "tiny": ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=128),
+    "small": ModelConfig(d_model=192, n_layers=4, n_heads=6, d_ff=768, max_seq_len=256),
+    # The study's shapes (its vocabulary is T5's 32k: pass vocab_size from the tokenizer).
+    "paper45m": ModelConfig(d_model=512, n_layers=4, n_heads=8, d_ff=2048, max_seq_len=1024),
+    "paper150m": ModelConfig(d_model=768, n_layers=12, n_heads=16, d_ff=3072, max_seq_len=1024),
+}
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+    """The config of ``preset`` with some fields replaced, e.g. ``model_config("tiny", vocab_size=512)``.
+
+    Raises:
+        ValueError: unknown preset, unknown field name, or an invalid resulting shape.
+    """
+    check_choice("preset", preset, PRESETS)
+    return _replace(PRESETS[preset], overrides)
+
+
+def _replace(config: ModelConfig, overrides: dict) -> ModelConfig:
+    """``config`` with ``overrides`` applied, rejecting names that are not fields of ModelConfig."""
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in overrides:
+        if key not in fields:
+            raise ValueError(f"{key!r} is not a ModelConfig field; allowed overrides: {fields}")
+    return dataclasses.replace(config, **overrides)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x², last axis) + ε) · g, with a learned gain g of shape (d,)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        """Create the gain ``weight``, ones."""
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize x (..., d) over its last axis."""
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
+    """Rotary tables (cos, sin), each (max_seq_len, d_head), in float64, laid out for :func:`apply_rope`.
+
+    Position t rotates the pair (x_i, x_{i+h}), h = d_head/2, by the angle t · b^(-i/h):
+    cos = [cos θ, cos θ], sin = [-sin θ, sin θ] along the last axis.
+    """
+    half = config.head_dim // 2
+    freq = config.rope_base ** (-torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), freq)
+    return angles.cos().repeat(1, 2), torch.cat((-angles.sin(), angles.sin()), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x_i, x_{i+h}) of x (B, H, T, d_head): x·cos + roll(x, h)·sin with (T, d_head) tables.
+
+    The result is (x_i cos θ_i − x_{i+h} sin θ_i, x_{i+h} cos θ_i + x_i sin θ_i). Few whole-tensor ops on
+    purpose: under forward-mode AD every op that mixes a dual tensor with a constant has a fixed overhead.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE on queries and keys.
+
+    softmax(q kᵀ / sqrt(d_head) + M) v per head, M = -inf above the diagonal, heads concatenated, then wo.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        """Create wq, wk, wv, wo, each (d, d)."""
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, d), RoPE tables cos and sin (T, d_head), additive causal mask (T, T) → (B, T, d)."""
+        B, T, d = x.shape
+        q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        scale = q.shape[-1] ** -0.5  # folded into the (small, constant) tables of q
+        q = apply_rope(q, cos * scale, sin * scale)
+        k = apply_rope(k, cos, sin)
+        weights = torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1)  # (B, H, T, T)
+        return self.wo((weights @ v).transpose(1, 2).reshape(B, T, d))
+
+
+class SwiGLU(nn.Module):
+    """w_down(silu(w_gate x) ⊙ w_up x), hidden width d_ff."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        """Create w_gate, w_up (d_ff, d) and w_down (d, d_ff)."""
+        super().__init__()
+        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., d) → (..., d)."""
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        """Create attn_norm, attn, mlp_norm, mlp."""
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, d) → (B, T, d)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """LLaMA-style decoder: tokens (B, T) → logits (B, T, vocab_size).
+
+    Parameter names: ``embed.weight``; ``blocks.{i}.attn_norm.weight``, ``blocks.{i}.attn.w{q,k,v,o}.weight``,
+    ``blocks.{i}.mlp_norm.weight``, ``blocks.{i}.mlp.w_{gate,up,down}.weight``; ``norm.weight``;
+    ``head.weight`` (absent when ``tie_embeddings``: the head then uses ``embed.weight``).
+
+    The RoPE tables and the additive causal mask are non-persistent buffers: they follow
+    ``.to(device, dtype)`` and stay out of ``state_dict``. They are computed in float64 and rounded to the
+    construction dtype, so pass ``dtype`` at construction (``build_model(..., dtype=torch.float64)``) for
+    tables exact in float64 rather than float32 values cast up.
+    """
+
+    def __init__(self, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype | None = None) -> None:
+        """Build the model on the CPU, initialized from ``seed`` (see :meth:`_init_weights`), in ``dtype``
+        (default: torch's default dtype)."""
+        super().__init__()
+        self.config = config
+        with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG: leave it untouched
+            self.embed = nn.Embedding(config.vocab_size, config.d_model)
+            self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+            self.norm = RMSNorm(config.d_model, config.norm_eps)
+            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._init_weights(seed)
+        cos, sin = rope_tables(config)
+        mask = torch.full((config.max_seq_len, config.max_seq_len), -math.inf, dtype=torch.float64).triu(1)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("causal_mask", mask, persistent=False)
+        self.to(torch.get_default_dtype() if dtype is None else dtype)  # float64 tables rounded once, to dtype
+
+    @torch.no_grad()
+    def _init_weights(self, seed: int) -> None:
+        """Draw every weight matrix from N(0, σ²), σ = init_std, in ``named_parameters()`` order from a local
+        generator seeded with ``seed``; the residual output projections ``attn.wo`` and ``mlp.w_down`` use
+        σ/sqrt(2L) as in GPT-2; norm gains are ones.
+
+        Runs on the CPU before the cast to the model's dtype, so a seed gives the same weights on every device
+        and in every dtype (up to rounding).
+        """
+        generator = torch.Generator().manual_seed(seed)
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, residual_std if name.endswith(("wo.weight", "w_down.weight")) else std, generator=generator)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits (B, T, V) for token ids (B, T), T ≤ max_seq_len; position t sees tokens 0..t only.
+
+        Raises:
+            ValueError: ``tokens`` is not 2-D or longer than ``max_seq_len``.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}")
+        T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"tokens has seq_len={T} > max_seq_len={self.config.max_seq_len} of this model")
+        cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], self.causal_mask[:T, :T]
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.head(self.norm(x))
+
+
+def build_model(
+    preset_or_config: str | ModelConfig,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Transformer:
+    """A :class:`Transformer` from a preset name or a config, optionally overriding config fields.
+
+    Example: ``build_model("tiny", vocab_size=corpus.vocab_size, seed=1, dtype=torch.float64)``.
+
+    Raises:
+        ValueError: unknown preset or override, invalid shape, unavailable device, or non-floating dtype.
+    """
+    config = model_config(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    config = _replace(config, overrides)
+    device = resolve_device(device)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} must be a floating-point torch.dtype, e.g. torch.float32 or torch.float64")
+    return Transformer(config, seed=seed, dtype=dtype).to(device)
+
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
+
+
+def linear_model(d_in: int, d_out: int, bias: bool = True, *, seed: int = 0) -> nn.Linear:
+    """z = W x + b on inputs (N, d_in): linear or (with cross-entropy) logistic regression.
+
+    PyTorch's default initialization, drawn from ``seed`` without touching the global RNG.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(d_in, d_out, bias=bias)
+
+
+def mlp(sizes: list[int], activation: str = "tanh", *, seed: int = 0) -> nn.Sequential:
+    """Multilayer perceptron sizes[0] → sizes[1] → … → sizes[-1] with ``activation`` between linear layers.
+
+    Linear layers sit at indices 0, 2, 4, … of the Sequential; no activation after the last one.
+
+    Raises:
+        ValueError: fewer than two sizes, or an unknown ``activation`` (allowed: tanh, relu, gelu, silu, sigmoid).
+    """
+    check_choice("activation", activation, _ACTIVATIONS)
+    if len(sizes) < 2:
+        raise ValueError(f"sizes={sizes!r} must list at least an input and an output width")
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            if i:
+                layers.append(_ACTIVATIONS[activation]())
+            layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters of ``model``, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,202 @@
+"""Baseline optimizers by name, with validated hyperparameters and the Muon/AdamW parameter split.
+
+``make_optimizer(name, model, **hyperparameters)`` returns an object the train loop drives like any
+torch optimizer: every param group has ``"lr"`` and ``"initial_lr"`` (the train loop sets
+``group["lr"] = group["initial_lr"] * schedule(step)``), plus ``step``, ``zero_grad``, ``state_dict``
+and ``load_state_dict``. Defaults (``DEFAULTS``) and their sources:
+
+* ``"adamw"``: ``torch.optim.AdamW``; lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight_decay 0.1 (the
+  usual LLM setting), applied to every tensor.
+* ``"muon"``: ``torch.optim.Muon`` on the hidden matrices, ``torch.optim.AdamW`` on the rest (see
+  :func:`split_params`), as one :class:`~gnlib.optim.composite.CompositeOptimizer` whose groups are
+  tagged ``"muon"`` / ``"adamw"``. Muon follows the reference (Keller Jordan's Muon) rather than
+  torch's defaults: lr 0.02, momentum 0.95 with Nesterov, 5 Newton-Schulz steps with coefficients
+  (3.4445, -4.7750, 2.0315), shape scaling ``adjust_lr_fn="original"`` (lr * max(1, rows/cols)^0.5),
+  weight_decay 0 (torch's default is 0.1). The AdamW part: ``adamw_lr`` 3e-3, ``adamw_betas``
+  (0.9, 0.95), ``adamw_eps`` 1e-8, ``adamw_weight_decay`` 0. ``adamw_params`` names the 2-D tensors
+  that go to AdamW (default: ``embed.weight`` and ``head.weight`` where present).
+* ``"soap"``: :class:`~gnlib.optim.soap.SOAP` with the reference defaults (lr 3e-3, betas
+  (0.95, 0.95), shampoo_beta 0.95, eps 1e-8, weight_decay 0.01, precondition_frequency 10,
+  max_precond_dim 10000); 1-D tensors get AdamW inside SOAP.
+* ``"sgd"``: ``torch.optim.SGD``; lr 0.1, momentum 0.9, nesterov False, weight_decay 0 (for teaching).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gnlib.optim.composite import CompositeOptimizer
+from gnlib.optim.soap import SOAP
+from gnlib.runtime import check_choice
+
+NamedTensors = Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
+
+#: Names the study routes to AdamW under Muon: the embedding and the output head.
+EMBEDDING_AND_HEAD = ("embed.weight", "head.weight")
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+    "muon": dict(
+        lr=0.02,
+        momentum=0.95,
+        nesterov=True,
+        weight_decay=0.0,
+        ns_steps=5,
+        adjust_lr_fn="original",
+        adamw_lr=3e-3,
+        adamw_betas=(0.9, 0.95),
+        adamw_eps=1e-8,
+        adamw_weight_decay=0.0,
+        adamw_params=None,
+    ),
+    "soap": {
+        name: p.default
+        for name, p in inspect.signature(SOAP.__init__).parameters.items()
+        if name not in ("self", "params")
+    },
+    "sgd": dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0),
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_betas(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in v)
+
+
+# Hyperparameter (without its "adamw_" prefix) -> (test, allowed values). SOAP checks its own.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "betas": (_is_betas, "a pair (beta1, beta2), each in [0, 1)"),
+    "eps": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "nesterov": (lambda v: isinstance(v, bool), "True or False"),
+    "ns_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 100, "an integer in [1, 99]"),
+    "adjust_lr_fn": (lambda v: v in ("original", "match_rms_adamw"), "'original' or 'match_rms_adamw'"),
+    "params": (
+        lambda v: v is None or (not isinstance(v, str) and all(isinstance(n, str) for n in v)),
+        "None or a list of tensor names",
+    ),
+}
+
+
+def _check_hyperparameters(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``given`` into the defaults of optimizer ``name``; raise ``ValueError`` on anything invalid."""
+    allowed = DEFAULTS[name]
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"optimizer {name!r} got unknown hyperparameter(s) {unknown}; allowed: {sorted(allowed)}")
+    hp = {**allowed, **given}
+    if name != "soap":
+        for key, value in hp.items():
+            test, description = _RULES[key.removeprefix("adamw_")]
+            if not test(value):
+                raise ValueError(f"optimizer {name!r}: {key}={value!r} is invalid; allowed: {description}")
+    if name == "sgd" and hp["nesterov"] and hp["momentum"] == 0:
+        raise ValueError("optimizer 'sgd': nesterov=True needs momentum > 0; allowed momentum: a number in (0, 1)")
+    return hp
+
+
+def _named(model: nn.Module | NamedTensors) -> dict[str, Tensor]:
+    if isinstance(model, nn.Module):
+        return dict(model.named_parameters())
+    named = dict(model.items() if isinstance(model, Mapping) else model)
+    if not all(isinstance(t, Tensor) for t in named.values()):
+        raise ValueError("model must be an nn.Module, a dict name -> tensor, or (name, tensor) pairs")
+    return named
+
+
+def split_params(named_params: NamedTensors, adamw_names: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """Split tensor names into hidden matrices (for Muon) and the rest (for AdamW).
+
+    Matrices are the 2-D tensors not named in ``adamw_names``; everything else (embeddings, head,
+    norm gains, biases, any non-2-D tensor) is "other". Works on any named tensors, module
+    parameters or plain leaf tensors (e.g. the inner variables of a Gauss-Newton solver).
+
+    Args:
+        named_params: dict name -> tensor, or ``(name, tensor)`` pairs (e.g. ``model.named_parameters()``).
+        adamw_names: 2-D tensors to keep out of Muon. ``None``: whichever of ``embed.weight`` and
+            ``head.weight`` exist (the transformer's embedding and output head).
+
+    Returns:
+        ``(matrix_names, other_names)``, each in the input order.
+
+    Raises:
+        ValueError: ``adamw_names`` names a tensor that does not exist.
+    """
+    named = _named(named_params)
+    if adamw_names is None:
+        keep_out = {n for n in EMBEDDING_AND_HEAD if n in named}
+    else:
+        keep_out = set(adamw_names)
+        missing = sorted(keep_out - set(named))
+        if missing:
+            raise ValueError(f"adamw_params={missing} are not tensor names; allowed values: {list(named)}")
+    matrices = [n for n, t in named.items() if t.dim() == 2 and n not in keep_out]
+    others = [n for n in named if n not in set(matrices)]
+    return matrices, others
+
+
+def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters: Any):
+    """Build baseline optimizer ``name`` over the parameters of ``model``.
+
+    Args:
+        name: ``"adamw"``, ``"muon"``, ``"soap"`` or ``"sgd"``.
+        model: an ``nn.Module`` (its ``named_parameters()``), or named tensors (dict or pairs).
+        **hyperparameters: overrides of ``DEFAULTS[name]`` (see the module docstring).
+
+    Returns:
+        A torch optimizer (adamw, soap, sgd) or a :class:`CompositeOptimizer` (muon), with
+        ``group["initial_lr"] = group["lr"]`` set on every param group.
+
+    Raises:
+        ValueError: unknown ``name``, unknown hyperparameter, or an invalid value; raised before any
+            state is allocated.
+    """
+    check_choice("name", name, list(DEFAULTS))
+    hp = _check_hyperparameters(name, hyperparameters)
+    named = _named(model)
+    if name == "adamw":
+        opt = torch.optim.AdamW(list(named.items()), **hp)
+    elif name == "sgd":
+        opt = torch.optim.SGD(list(named.items()), **hp)
+    elif name == "soap":
+        opt = SOAP(list(named.items()), **hp)
+    else:
+        opt = _muon_with_adamw(named, hp)
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    return opt
+
+
+def _muon_with_adamw(named: dict[str, Tensor], hp: dict[str, Any]) -> CompositeOptimizer:
+    """Muon on the hidden matrices and AdamW on the rest, as one composite optimizer."""
+    matrices, others = split_params(named, hp["adamw_params"])
+    inner: dict[str, torch.optim.Optimizer] = {}
+    if matrices:
+        inner["muon"] = torch.optim.Muon(
+            [(n, named[n]) for n in matrices],
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            nesterov=hp["nesterov"],
+            weight_decay=hp["weight_decay"],
+            ns_steps=hp["ns_steps"],
+            adjust_lr_fn=hp["adjust_lr_fn"],
+        )
+    if others:
+        inner["adamw"] = torch.optim.AdamW(
+            [(n, named[n]) for n in others],
+            lr=hp["adamw_lr"],
+            betas=hp["adamw_betas"],
+            eps=hp["adamw_eps"],
+            weight_decay=hp["adamw_weight_decay"],
+        )
+    return CompositeOptimizer(inner)

@@ -1,0 +1,275 @@
+r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (Vyas et al. 2024, arXiv 2409.11321).
+
+For a matrix parameter :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G_t`:
+
+.. math::
+
+    L_t = \beta_s L_{t-1} + (1-\beta_s)\,G_t G_t^\top, \qquad
+    R_t = \beta_s R_{t-1} + (1-\beta_s)\,G_t^\top G_t,
+
+with eigenbases :math:`Q_L, Q_R` (columns ordered by decreasing eigenvalue). Each update runs Adam on
+the rotated gradient :math:`\tilde G = Q_L^\top G Q_R` and rotates the step back:
+
+.. math::
+
+    \tilde M &\leftarrow \beta_1 \tilde M + (1-\beta_1)\tilde G, \qquad
+    \tilde V \leftarrow \beta_2 \tilde V + (1-\beta_2)\tilde G^{\odot 2},\
+    W &\leftarrow (1-\eta\lambda)\,W - \eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\;
+        Q_L \frac{\tilde M}{\sqrt{\tilde V}+\epsilon} Q_R^\top .
+
+Conventions, following the reference implementation (github.com/nikhilvyas/SOAP, version after
+December 2024) unless noted:
+
+* The **first moment lives in the eigenbasis** (:math:`\tilde M`) and is rotated into the new basis
+  whenever the basis is refreshed (:math:`\tilde M \leftarrow Q_{new}^\top Q_{old} \tilde M \cdots`), so
+  :math:`Q_L \tilde M Q_R^\top` always equals the ordinary EMA of gradients. (Before December 2024 the
+  reference kept it in the original basis and projected it at every step.) The second moment
+  :math:`\tilde V` is not rotated; at a refresh its rows/columns are only permuted to follow the
+  reordered eigenvectors.
+* The first call only accumulates the factors and computes the first bases by ``eigh``; it makes no
+  update (so the current gradient is never used in its own projection). Updates are counted from 1
+  after that: bias correction uses this count ``t``, with the reference's placement of
+  :math:`\epsilon` (added to :math:`\sqrt{\tilde V}` before the :math:`\sqrt{1-\beta_2^t}` factor).
+* The factors are updated with :math:`G_t` after the step; every ``precondition_frequency`` updates
+  the bases are refreshed by one power-iteration step and a QR decomposition:
+  :math:`Q \leftarrow \mathrm{qr}(F\,Q_{\pi})`, where :math:`\pi` sorts the columns by their Rayleigh
+  quotients :math:`\mathrm{diag}(Q^\top F Q)`, descending.
+* A side longer than ``max_precond_dim`` keeps the identity as its basis (no factor is stored);
+  1-D and 0-D parameters (norm gains) have no preconditioned side, so they get plain AdamW with the
+  same hyperparameters (the reference's ``precondition_1d=False``). ``max_precond_dim=0`` turns SOAP
+  into AdamW with a skipped first step.
+* Difference from the reference: decoupled weight decay is applied before the step, as in
+  ``torch.optim.AdamW`` (the reference multiplies after it; the two differ by
+  :math:`O(\eta^2\lambda)`), and ``shampoo_beta`` is its own hyperparameter (the reference falls back
+  to :math:`\beta_2`, 0.95 by default, when it is unset).
+* An ``eigh`` that fails on a badly conditioned factor is retried in float64 with a small diagonal
+  jitter; if that fails too, or a factor is not finite, the previous basis (identity at first) is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Bases = dict[int, Tensor]
+
+
+def _check_number(name: str, value: float, allowed: str, inside: Callable[[float], bool]) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (is_number and inside(value)):
+        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _eigenvectors(matrix: Tensor) -> Tensor | None:
+    """Eigenvectors (ascending eigenvalues) of a symmetric matrix, or ``None`` if ``eigh`` fails or gives non-finite."""
+    try:
+        _, q = torch.linalg.eigh(matrix)
+    except RuntimeError:  # torch.linalg.LinAlgError: the algorithm did not converge
+        return None
+    return q if torch.isfinite(q).all() else None
+
+
+def eigenbasis(factor: Tensor, fallback: Tensor | None = None) -> Tensor:
+    """Eigenvectors of a symmetric PSD ``factor`` (n, n), as columns in decreasing eigenvalue order.
+
+    ``torch.linalg.eigh`` is tried in the factor's dtype, then (on an error or a non-finite result) in
+    float64 with a jitter of ``1e-10 * mean(diag(factor))`` on the diagonal.
+
+    Args:
+        factor: symmetric matrix (n, n).
+        fallback: basis (n, n) returned when the factor is not finite or both attempts fail;
+            the identity when ``None``.
+
+    Returns:
+        Orthogonal matrix (n, n) in the factor's dtype.
+    """
+    n = factor.shape[0]
+    if not torch.isfinite(factor).all():
+        q = None
+    else:
+        q = _eigenvectors(factor)
+        if q is None:
+            f64 = factor.double()
+            jitter = 1e-10 * f64.diagonal().mean().clamp_min(1e-30)
+            q = _eigenvectors(f64 + jitter * torch.eye(n, dtype=f64.dtype, device=f64.device))
+            q = None if q is None else q.to(factor.dtype)
+    if q is None:
+        return fallback if fallback is not None else torch.eye(n, dtype=factor.dtype, device=factor.device)
+    return q.flip(-1)
+
+
+def power_qr(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """One power-iteration step with QR re-orthogonalization: the cheap eigenbasis refresh.
+
+    Sorts the columns of ``basis`` by their Rayleigh quotients ``diag(basisᵀ factor basis)``
+    (descending, permutation ``order``), then returns ``Q`` from ``qr(factor @ basis[:, order])``.
+    Repeated on a fixed factor this is orthogonal (subspace) iteration and converges to its eigenbasis.
+    A non-finite result keeps ``basis`` (with the identity permutation).
+
+    Args:
+        factor: symmetric PSD matrix (n, n).
+        basis: orthogonal matrix (n, n), the current estimate of the eigenvectors.
+
+    Returns:
+        ``(Q, order)``: new orthogonal basis (n, n) and the permutation (n,) applied to the old columns.
+    """
+    rayleigh = torch.einsum("ij,ij->j", basis, factor @ basis)
+    order = torch.argsort(rayleigh, descending=True)
+    q = torch.linalg.qr(factor @ basis[:, order]).Q
+    if not torch.isfinite(q).all():
+        return basis, torch.arange(basis.shape[1], device=basis.device)
+    return q, order
+
+
+def project(x: Tensor, bases: Bases, back: bool = False) -> Tensor:
+    """Rotate ``x`` into the eigenbasis (``Q_Lᵀ x Q_R``) or, with ``back=True``, out of it (``Q_L x Q_Rᵀ``).
+
+    Args:
+        x: tensor of the parameter's shape.
+        bases: dimension -> orthogonal matrix for each preconditioned side (0: left, 1: right);
+            missing sides are the identity.
+        back: rotate back to the parameter's coordinates.
+    """
+    if 0 in bases:
+        x = (bases[0] if back else bases[0].T) @ x
+    if 1 in bases:
+        x = x @ (bases[1].T if back else bases[1])
+    return x
+
+
+def _outer(grad: Tensor, dim: int) -> Tensor:
+    """``G Gᵀ`` (dim 0, shape (m, m)) or ``Gᵀ G`` (dim 1, shape (n, n)) for a gradient ``G`` (m, n)."""
+    return grad @ grad.T if dim == 0 else grad.T @ grad
+
+
+class SOAP(torch.optim.Optimizer):
+    r"""SOAP optimizer for 0-D, 1-D and 2-D parameters; see the module docstring for the math.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param-group dicts.
+        lr: learning rate :math:`\eta` (>= 0).
+        betas: Adam's :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        shampoo_beta: EMA coefficient :math:`\beta_s` of the Kronecker factors, in [0, 1).
+        eps: added to :math:`\sqrt{\tilde V}` (>= 0).
+        weight_decay: decoupled weight decay :math:`\lambda` (>= 0).
+        precondition_frequency: updates between eigenbasis refreshes (integer >= 1).
+        max_precond_dim: sides longer than this are not preconditioned (integer >= 0).
+
+    Raises:
+        ValueError: a hyperparameter out of range, or a parameter with more than 2 dimensions.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float = 0.95,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+    ) -> None:
+        """Validate the hyperparameters and the parameter shapes."""
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas={betas!r} is invalid; allowed: a pair (beta1, beta2), each in [0, 1)")
+        for name, value in (("betas[0]", betas[0]), ("betas[1]", betas[1]), ("shampoo_beta", shampoo_beta)):
+            _check_number(name, value, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            _check_number(name, value, "a finite number >= 0", lambda v: v >= 0)
+        for name, value, low in (
+            ("precondition_frequency", precondition_frequency, 1),
+            ("max_precond_dim", max_precond_dim, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() > 2:
+                    raise ValueError(f"SOAP supports parameters with at most 2 dimensions, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update every parameter that has a gradient; the first call per parameter only initializes.
+
+        Args:
+            closure: optional function that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                grad = p.grad.to(torch.promote_types(p.dtype, torch.float32))
+                if not state:
+                    self._initialize(state, grad, group)
+                else:
+                    self._update(p, grad, state, group)
+        return loss
+
+    @staticmethod
+    def _sides(grad: Tensor, max_precond_dim: int) -> list[int]:
+        if grad.dim() != 2:
+            return []
+        return [d for d in (0, 1) if grad.shape[d] <= max_precond_dim]
+
+    @staticmethod
+    def _bases(state: dict) -> Bases:
+        return {d: state[f"basis_{d}"] for d in (0, 1) if f"basis_{d}" in state}
+
+    def _initialize(self, state: dict, grad: Tensor, group: dict) -> None:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+        for d in self._sides(grad, group["max_precond_dim"]):
+            factor = torch.zeros(grad.shape[d], grad.shape[d], dtype=grad.dtype, device=grad.device)
+            state[f"factor_{d}"] = factor.lerp_(_outer(grad, d), 1.0 - group["shampoo_beta"])
+            state[f"basis_{d}"] = eigenbasis(factor)
+
+    def _update(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        bases = self._bases(state)
+        rotated = project(grad, bases)
+        state["step"] += 1
+        t = state["step"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(rotated, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
+        direction = project(exp_avg / (exp_avg_sq.sqrt() + group["eps"]), bases, back=True)
+        step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        p.mul_(1.0 - lr * group["weight_decay"])
+        p.add_(direction.to(p.dtype), alpha=-step_size)
+        for d in bases:
+            state[f"factor_{d}"].lerp_(_outer(grad, d), 1.0 - group["shampoo_beta"])
+        if bases and t % group["precondition_frequency"] == 0:
+            self._refresh(state, bases)
+
+    def _refresh(self, state: dict, bases: Bases) -> None:
+        """Power-QR refresh of every basis; rotate the first moment, permute the second."""
+        exp_avg = project(state["exp_avg"], bases, back=True)
+        for d in bases:
+            q, order = power_qr(state[f"factor_{d}"], bases[d])
+            state[f"basis_{d}"] = q
+            state["exp_avg_sq"] = state["exp_avg_sq"].index_select(d, order)
+        state["exp_avg"] = project(exp_avg, self._bases(state))

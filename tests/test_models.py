@@ -1,0 +1,281 @@
+"""Tests for gnlib.models: shapes, presets, causality, tied weights, forward-mode AD, determinism, errors."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+from gnlib.models import (
+    PRESETS,
+    ModelConfig,
+    RMSNorm,
+    apply_rope,
+    build_model,
+    count_parameters,
+    linear_model,
+    mlp,
+    model_config,
+    rope_tables,
+)
+from gnlib.params import params_of
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# A model small enough for float64 finite differences, with a large init so that it is far from linear.
+MICRO = dict(vocab_size=11, d_model=8, n_layers=2, n_heads=2, d_ff=12, max_seq_len=6, init_std=0.5)
+
+
+def tokens(batch: int, seq_len: int, vocab: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def expected_names(n_layers: int, tied: bool) -> list[str]:
+    names = ["embed.weight"]
+    for i in range(n_layers):
+        names += [f"blocks.{i}.attn_norm.weight"]
+        names += [f"blocks.{i}.attn.{w}.weight" for w in ("wq", "wk", "wv", "wo")]
+        names += [f"blocks.{i}.mlp_norm.weight"]
+        names += [f"blocks.{i}.mlp.{w}.weight" for w in ("w_gate", "w_up", "w_down")]
+    return names + ["norm.weight"] + ([] if tied else ["head.weight"])
+
+
+def random_tangent(params: dict, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) for n, p in params.items()}
+
+
+# ---------------------------------------------------------------- configs and presets
+
+
+def test_preset_shapes_match_the_study():
+    assert dataclasses.astuple(model_config("paper45m"))[1:6] == (512, 4, 8, 2048, 1024)
+    assert dataclasses.astuple(model_config("paper150m"))[1:6] == (768, 12, 16, 3072, 1024)
+    assert set(PRESETS) == {"tiny", "small", "paper45m", "paper150m"}
+
+
+@pytest.mark.parametrize(("preset", "low", "high"), [("tiny", 1e5, 3e5), ("small", 1e6, 3e6)])
+def test_cpu_preset_parameter_counts(preset, low, high):
+    model = build_model(preset)
+    assert low <= count_parameters(model) <= high
+    assert count_parameters(model) == model.config.n_params
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_count_formula_matches_built_models(tie):
+    for config in (ModelConfig(**MICRO, tie_embeddings=tie), model_config("paper45m", vocab_size=300, tie_embeddings=tie)):
+        assert build_model(config).config.n_params == count_parameters(build_model(config))
+    # paper150m by hand: per block 4·768² + 3·768·3072 + 2·768; embedding and head 768·V each; final norm 768
+    block = 4 * 768**2 + 3 * 768 * 3072 + 2 * 768
+    V = 32100
+    assert model_config("paper150m", vocab_size=V, tie_embeddings=tie).n_params == (
+        12 * block + 768 + V * 768 * (1 if tie else 2)
+    )
+
+
+def test_model_config_overrides_and_errors():
+    assert model_config("tiny", vocab_size=512).vocab_size == 512
+    assert PRESETS["tiny"].vocab_size == 256  # presets are not mutated
+    with pytest.raises(ValueError, match="preset.*tiny"):
+        model_config("huge")
+    with pytest.raises(ValueError, match="d_modle.*d_model"):
+        model_config("tiny", d_modle=32)
+    with pytest.raises(ValueError, match="n_heads"):
+        model_config("tiny", n_heads=3)
+    with pytest.raises(ValueError, match="even"):
+        model_config("tiny", d_model=60, n_heads=4)  # head dim 15
+    with pytest.raises(ValueError, match="n_layers"):
+        model_config("tiny", n_layers=0)
+    with pytest.raises(ValueError, match="d_modle"):
+        build_model("tiny", d_modle=32)
+    with pytest.raises(ValueError, match="dtype"):
+        build_model("tiny", dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- architecture
+
+
+def test_output_shape_and_parameter_names():
+    model = build_model("tiny", vocab_size=50)
+    assert model(tokens(3, 17, 50)).shape == (3, 17, 50)
+    assert [n for n, _ in model.named_parameters()] == expected_names(2, tied=False)
+    assert all(p.dim() == 2 or n.endswith("norm.weight") for n, p in model.named_parameters())  # no biases
+    assert list(model.state_dict()) == expected_names(2, tied=False)  # RoPE tables and mask are not saved
+
+
+def test_sequence_errors():
+    model = build_model("tiny")
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        model(tokens(1, 129, 256))
+    with pytest.raises(ValueError, match="shape"):
+        model(tokens(1, 8, 256)[0])
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = build_model("tiny", tie_embeddings=True)
+    assert model.head.weight is model.embed.weight
+    assert [n for n, _ in model.named_parameters()] == expected_names(2, tied=True)
+    assert list(params_of(model)) == expected_names(2, tied=True)
+    x = tokens(2, 5, 256)
+    h = model.norm(model.blocks[1](model.blocks[0](model.embed(x), *tables(model, 5)), *tables(model, 5)))
+    torch.testing.assert_close(model(x), h @ model.embed.weight.T)
+
+
+def tables(model, T):
+    return model.rope_cos[:T], model.rope_sin[:T], model.causal_mask[:T, :T]
+
+
+def test_causality():
+    model = build_model(ModelConfig(**MICRO), dtype=torch.float64)
+    x = tokens(2, 6, 11)
+    y = x.clone()
+    y[:, 3:] = (y[:, 3:] + 1) % 11
+    zx, zy = model(x), model(y)
+    torch.testing.assert_close(zx[:, :3], zy[:, :3], rtol=0, atol=0)
+    assert (zx[:, 3:] - zy[:, 3:]).abs().amax(-1).min() > 1e-6
+
+
+def test_rms_norm_math():
+    norm = RMSNorm(5, eps=0.0)
+    with torch.no_grad():
+        norm.weight.fill_(2.0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(norm.double()(x), 2 * x / x.pow(2).mean(-1, keepdim=True).sqrt())
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    config = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=8, max_seq_len=12)
+    cos, sin = rope_tables(config)
+    q, k = torch.randn(2, 8, dtype=torch.float64)
+    rotated = lambda v, t: apply_rope(v.expand(1, 1, 1, 8), cos[t : t + 1], sin[t : t + 1]).flatten()  # noqa: E731
+    score = lambda m, n: rotated(q, m) @ rotated(k, n)  # noqa: E731
+    torch.testing.assert_close(score(5, 2), score(9, 6))
+    torch.testing.assert_close(rotated(q, 7).norm(), q.norm())
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+# ---------------------------------------------------------------- functional use and forward-mode AD
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_functional_call_uses_the_params_dict(tie):
+    model = build_model(ModelConfig(**MICRO, tie_embeddings=tie), dtype=torch.float64)
+    x = tokens(2, 6, 11)
+    params = params_of(model)
+    torch.testing.assert_close(functional_call(model, params, (x,)), model(x), rtol=0, atol=0)
+    moved = {n: p + 0.1 * t for (n, p), t in zip(params.items(), random_tangent(params).values())}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(moved[n])  # tied: moving embed.weight moves the head too
+    torch.testing.assert_close(functional_call(build_model(model.config, dtype=torch.float64), moved, (x,)), model(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_jvp_matches_central_finite_difference(tie, device):
+    model = build_model(ModelConfig(**MICRO, tie_embeddings=tie), dtype=torch.float64, device=device)
+    x = tokens(3, 6, 11, device=device)
+    params = params_of(model)
+    v = random_tangent(params)
+    f = lambda p: functional_call(model, p, (x,))  # noqa: E731
+    _, jv_func = jvp(f, (params,), (v,))
+    with fwAD.dual_level():
+        _, jv_dual = fwAD.unpack_dual(f({n: fwAD.make_dual(p, v[n]) for n, p in params.items()}))
+    eps = 1e-6  # truncation error O(eps²) and rounding O(1e-16 / eps) both stay near 1e-8 relative
+    fd = (f({n: p + eps * v[n] for n, p in params.items()}) - f({n: p - eps * v[n] for n, p in params.items()})) / (
+        2 * eps
+    )
+    scale = jv_func.abs().max().item()
+    assert scale > 1.0  # a tangent that moves the logits, so the comparison is meaningful
+    torch.testing.assert_close(jv_func, fd, rtol=1e-6, atol=1e-8 * scale)
+    torch.testing.assert_close(jv_dual, fd, rtol=1e-6, atol=1e-8 * scale)
+    torch.testing.assert_close(jv_dual, jv_func, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_through_a_dual_forward_gives_the_plain_gradient(device):
+    """The GN hot path: one dual forward that also records the reverse graph, then one backward."""
+    model = build_model("tiny", vocab_size=11, device=device, dtype=torch.float64)
+    x, y = tokens(2, 16, 11, device=device), tokens(2, 16, 11, seed=1, device=device)
+    params = params_of(model, requires_grad=True)
+    v = random_tangent(params)
+    with fwAD.dual_level():
+        z, jv = fwAD.unpack_dual(functional_call(model, {n: fwAD.make_dual(p, v[n]) for n, p in params.items()}, (x,)))
+    grads = torch.autograd.grad(F.cross_entropy(z.flatten(0, 1), y.flatten()), list(params.values()))
+    plain = torch.autograd.grad(F.cross_entropy(model(x).flatten(0, 1), y.flatten()), list(model.parameters()))
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(jv, jvp(lambda p: functional_call(model, p, (x,)), (params,), (v,))[1])
+
+
+# ---------------------------------------------------------------- determinism, dtype, training
+
+
+def test_seed_determinism_and_global_rng_untouched():
+    state = torch.get_rng_state()
+    a, b, c = build_model("tiny", seed=3), build_model("tiny", seed=3), build_model("tiny", seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q)
+        assert n.endswith("norm.weight") or not torch.equal(p, r)
+
+
+def test_initialization_statistics():
+    model = build_model("small")
+    std = model.config.init_std
+    assert model.embed.weight.std().item() == pytest.approx(std, rel=0.02)
+    assert model.blocks[0].mlp.w_down.weight.std().item() == pytest.approx(std / 8**0.5, rel=0.02)
+    assert torch.equal(model.norm.weight, torch.ones(192))
+
+
+def test_float64_model():
+    m32, m64 = build_model("tiny"), build_model("tiny", dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in [*m64.parameters(), m64.rope_cos, m64.rope_sin, m64.causal_mask])
+    for p, q in zip(m32.parameters(), m64.parameters()):
+        assert torch.equal(p.double(), q)  # same draws in both dtypes
+    x = tokens(2, 32, 256)
+    z64 = m64(x)
+    assert z64.dtype == torch.float64
+    torch.testing.assert_close(m32(x), z64.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m32.double().rope_cos, m64.rope_cos, rtol=1e-7, atol=0)  # buffers follow .to()
+
+
+def test_tiny_model_fits_a_fixed_batch():
+    model = build_model("tiny", vocab_size=32)
+    x = tokens(2, 16, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(32.0)).item(), abs=0.1)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------- toy models
+
+
+def test_toy_models():
+    lin = linear_model(3, 2)
+    assert lin(torch.randn(5, 3)).shape == (5, 2) and count_parameters(lin) == 8
+    assert linear_model(3, 2, bias=False).bias is None
+    net = mlp([4, 7, 7, 3], activation="relu")
+    assert net(torch.randn(5, 4)).shape == (5, 3)
+    assert count_parameters(net) == 4 * 7 + 7 + 7 * 7 + 7 + 7 * 3 + 3
+    assert [type(m).__name__ for m in net] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    state = torch.get_rng_state()
+    assert torch.equal(mlp([4, 3], seed=5)[0].weight, mlp([4, 3], seed=5)[0].weight)
+    assert not torch.equal(mlp([4, 3], seed=5)[0].weight, mlp([4, 3], seed=6)[0].weight)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_toy_model_errors():
+    with pytest.raises(ValueError, match="activation.*tanh"):
+        mlp([2, 3], activation="swish")
+    with pytest.raises(ValueError, match="sizes"):
+        mlp([2])

@@ -1,0 +1,198 @@
+"""Lanczos, Hutchinson and stochastic Lanczos quadrature against exact float64 eigendecompositions."""
+
+import math
+
+import pytest
+import torch
+
+from gnlib import spectra
+from gnlib.blocks import BlockDiagonalOperator, block_diagonal
+
+
+def matrix_with_spectrum(eigenvalues, seed: int = 0) -> torch.Tensor:
+    """Q diag(eigenvalues) Qᵀ with a seeded random orthogonal Q (float64)."""
+    n = len(eigenvalues)
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    return (q * values) @ q.T
+
+
+@pytest.fixture(scope="module")
+def psd_matrix():
+    """200×200 PSD matrix: five separated top eigenvalues over a bulk in [0, 10]."""
+    bulk = torch.linspace(0, 10, 195, dtype=torch.float64)
+    return matrix_with_spectrum(torch.cat([torch.tensor([100.0, 80.0, 60.0, 40.0, 25.0], dtype=torch.float64), bulk]))
+
+
+class Wrapped:
+    """A bare operator: only .shape, .dtype, .device and @ (no indexing, no tensor methods)."""
+
+    def __init__(self, matrix):
+        """Wrap a dense matrix and count products."""
+        self._matrix = matrix
+        self.shape, self.dtype, self.device = matrix.shape, matrix.dtype, matrix.device
+        self.products = 0
+
+    def __matmul__(self, x):
+        """Matrix product (counted)."""
+        self.products += 1
+        return self._matrix @ x
+
+
+def test_lanczos_top_eigenvalues_match_eigvalsh(psd_matrix):
+    values, vectors = spectra.lanczos(psd_matrix, 5)
+    exact = torch.linalg.eigvalsh(psd_matrix).flip(0)[:5]
+    torch.testing.assert_close(values, exact, rtol=1e-8, atol=0)
+    assert vectors.shape == (200, 5)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(psd_matrix @ vectors, vectors * values, rtol=0, atol=1e-6)
+
+
+def test_top_eigenpairs_on_bare_operator_uses_n_iter_products(psd_matrix):
+    op = Wrapped(psd_matrix)
+    values, _ = spectra.top_eigenpairs(op, 3, n_iter=50, seed=1)
+    assert op.products == 50
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(psd_matrix).flip(0)[:3], rtol=1e-8, atol=0)
+
+
+def test_lanczos_which_smallest_and_magnitude():
+    eigenvalues = torch.tensor([-30.0, -3.0, 1.0, 2.0, 20.0] + [0.5] * 35, dtype=torch.float64)
+    matrix = matrix_with_spectrum(eigenvalues, seed=3)
+    largest, _ = spectra.lanczos(matrix, 2, n_iter=40)
+    smallest, vectors = spectra.lanczos(matrix, 2, n_iter=40, which="smallest")
+    magnitude, _ = spectra.lanczos(matrix, 3, n_iter=40, which="magnitude")
+    torch.testing.assert_close(largest, torch.tensor([20.0, 2.0], dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(smallest, torch.tensor([-3.0, -30.0], dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(magnitude, torch.tensor([-30.0, 20.0, -3.0], dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(matrix @ vectors, vectors * smallest, rtol=0, atol=1e-8)
+
+
+def test_lanczos_restarts_when_the_krylov_space_closes():
+    # two distinct eigenvalues: any start vector spans an invariant space of dimension 2
+    matrix = matrix_with_spectrum([5.0, 5.0, 5.0] + [1.0] * 17, seed=4)
+    values, vectors = spectra.lanczos(matrix, 3, n_iter=8)
+    torch.testing.assert_close(values, torch.full((3,), 5.0, dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(matrix @ vectors, 5 * vectors, rtol=0, atol=1e-10)
+
+
+def test_lanczos_is_deterministic_and_keeps_dtype(psd_matrix):
+    first = spectra.lanczos(psd_matrix, 2, seed=7)
+    second = spectra.lanczos(psd_matrix, 2, seed=7)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    values, vectors = spectra.lanczos(psd_matrix.float(), 2)
+    assert values.dtype == torch.float32 and vectors.dtype == torch.float32
+    torch.testing.assert_close(values.double(), torch.linalg.eigvalsh(psd_matrix).flip(0)[:2], rtol=1e-5, atol=0)
+
+
+def test_lanczos_on_block_diagonal_operator():
+    like = {"a": torch.zeros(6, 5), "b": torch.zeros(30)}
+    matrix = matrix_with_spectrum(torch.linspace(-1, 10, 60, dtype=torch.float64), seed=5)
+    partition = {"a": ["a"], "b": ["b"]}
+    values, _ = spectra.lanczos(BlockDiagonalOperator(matrix, partition, like), 2, n_iter=60)
+    exact = torch.linalg.eigvalsh(block_diagonal(matrix, partition, like)).flip(0)[:2]
+    torch.testing.assert_close(values, exact, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k": 0}, r"k=0 must satisfy 1 <= k <= n=200"),
+        ({"k": 201}, r"k=201"),
+        ({"k": 5, "n_iter": 4}, r"n_iter=4 must satisfy k=5 <= n_iter <= n=200"),
+        ({"k": 5, "n_iter": 201}, r"n_iter=201"),
+        ({"k": 5, "which": "top"}, r"which='top'.*'largest', 'smallest', 'magnitude'"),
+    ],
+)
+def test_lanczos_bad_arguments(psd_matrix, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        spectra.lanczos(psd_matrix, **kwargs)
+
+
+def test_lanczos_rejects_non_square():
+    with pytest.raises(ValueError, match=r"square.*\(3, 4\)"):
+        spectra.lanczos(torch.zeros(3, 4), 1)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_within_three_standard_errors(psd_matrix, distribution):
+    estimate, error = spectra.hutchinson_trace(psd_matrix, 300, seed=0, distribution=distribution)
+    exact = torch.trace(psd_matrix).item()
+    assert error > 0
+    assert abs(estimate - exact) < 3 * error
+    # the standard error is an honest scale: not orders of magnitude above the actual spread
+    assert error < 0.1 * exact
+
+
+def test_hutchinson_is_exact_for_diagonal_matrices_with_rademacher_probes():
+    diagonal = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    estimate, error = spectra.hutchinson_trace(diagonal, 5)
+    assert estimate == pytest.approx(55.0, abs=1e-12) and error == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hutchinson_chunking_and_seed(psd_matrix):
+    one = spectra.hutchinson_trace(psd_matrix, 20, seed=3, chunk=1)
+    many = spectra.hutchinson_trace(psd_matrix, 20, seed=3, chunk=16)
+    assert one[0] == pytest.approx(many[0], rel=1e-12) and one[1] == pytest.approx(many[1], rel=1e-10)
+    assert spectra.hutchinson_trace(psd_matrix, 20, seed=4)[0] != one[0]
+    assert math.isnan(spectra.hutchinson_trace(psd_matrix, 1)[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_samples": 0}, r"n_samples=0 must be >= 1"),
+        ({"n_samples": 4, "chunk": 0}, r"chunk=0"),
+        ({"n_samples": 4, "distribution": "normal"}, r"distribution='normal'.*'rademacher', 'gaussian'"),
+    ],
+)
+def test_hutchinson_bad_arguments(psd_matrix, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        spectra.hutchinson_trace(psd_matrix, **kwargs)
+
+
+def test_slq_density_integrates_to_one_and_has_the_trace_as_mean(psd_matrix):
+    n = psd_matrix.shape[0]
+    result = spectra.spectral_density(psd_matrix, n_probes=30, n_iter=30, seed=2)
+    assert result.grid.shape == result.density.shape == (1000,)
+    assert torch.trapezoid(result.density, result.grid).item() == pytest.approx(1.0, abs=1e-6)
+    assert result.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert (result.weights >= 0).all()
+    mean = (result.weights * result.nodes).sum().item()
+    # Lanczos quadrature integrates x exactly: its mean is the Hutchinson estimate with the same probes
+    estimate, error = spectra.hutchinson_trace(psd_matrix, 30, seed=2)
+    assert mean == pytest.approx(estimate / n, rel=1e-10)
+    assert abs(mean - torch.trace(psd_matrix).item() / n) < 3 * error / n
+    assert torch.trapezoid(result.grid * result.density, result.grid).item() == pytest.approx(mean, rel=1e-6)
+
+
+def test_slq_with_full_krylov_space_recovers_the_spectrum():
+    eigenvalues = torch.linspace(-2, 5, 40, dtype=torch.float64)
+    result = spectra.spectral_density(matrix_with_spectrum(eigenvalues, seed=6), n_probes=1, n_iter=40)
+    torch.testing.assert_close(result.nodes.sort().values, eigenvalues, rtol=0, atol=1e-10)
+
+
+def test_slq_stops_early_on_a_closed_krylov_space_and_uses_given_grid():
+    matrix = matrix_with_spectrum([3.0] * 5 + [1.0] * 15, seed=7)
+    grid = torch.linspace(0, 4, 401, dtype=torch.float64)
+    result = spectra.spectral_density(matrix, n_probes=4, n_iter=10, grid=grid, sigma=0.05)
+    assert result.nodes.shape == (8,)  # two Ritz values per probe
+    torch.testing.assert_close(result.nodes.reshape(4, 2), torch.tensor([[1.0, 3.0]] * 4, dtype=torch.float64))
+    assert torch.equal(result.grid, grid) and result.sigma == 0.05
+    mass_at_3 = result.weights[result.nodes > 2].sum().item()
+    assert mass_at_3 == pytest.approx(5 / 20, abs=0.15)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_probes": 0, "n_iter": 5}, r"n_probes=0 must be >= 1"),
+        ({"n_probes": 2, "n_iter": 0}, r"n_iter=0 must satisfy 1 <= n_iter <= n=200"),
+        ({"n_probes": 2, "n_iter": 201}, r"n_iter=201"),
+        ({"n_probes": 2, "n_iter": 5, "sigma": 0.0}, r"sigma=0.0 must be > 0"),
+    ],
+)
+def test_spectral_density_bad_arguments(psd_matrix, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        spectra.spectral_density(psd_matrix, **kwargs)

@@ -1,0 +1,152 @@
+"""The training loop: learning, early stop, bad input, History files, kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gnlib.data import load_corpus
+from gnlib.models import build_model
+from gnlib.train import CHECKPOINT, History, evaluate, train
+
+MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
+
+
+def setup(seed: int = 0):
+    corpus = load_corpus()
+    model = build_model("tiny", seed=seed, **MODEL)
+    batches = corpus.sampler("train", 8, 32, seed=seed)
+    val = corpus.fixed_batches("val", 8, 32, 4)
+    return model, batches, val
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
+
+
+def test_loss_decreases_on_embedded_corpus():
+    model, batches, val = setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = train(model, optimizer, batches, val, steps=40, eval_every=20, progress=False)
+    losses = history.evaluations()["val_loss"].tolist()
+    assert len(losses) == 3 and losses[-1] < losses[0] - 1.0
+    assert history.status == "completed"
+    assert [r["tokens"] for r in history.rows][:3] == [0, 8 * 32, 2 * 8 * 32]
+
+
+def test_accumulation_equals_one_big_batch():
+    model, batches, val = setup()
+    parts = [batches(), batches()]
+    whole = (torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]))
+    results = []
+    for source, accumulation in ((iter(parts).__next__, 2), (iter([whole]).__next__, 1)):
+        model = build_model("tiny", seed=0, **MODEL).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        history = train(model, optimizer, source, val, steps=1, accumulation=accumulation, progress=False)
+        results.append((history.rows[-1]["tokens"], history.rows[-1]["train_loss"], model.embed.weight.detach()))
+    assert results[0][0] == results[1][0] == 2 * 8 * 32
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-12)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-12, atol=1e-14)
+
+
+def test_target_loss_stops_early_and_evaluate_matches_history():
+    model, batches, val = setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = train(model, optimizer, batches, val, steps=200, eval_every=5, target_loss=4.5, progress=False)
+    assert history.status == "reached_target"
+    assert history.rows[-1]["val_loss"] <= 4.5 < history.rows[-2 if history.rows[-2]["val_loss"] else 0]["val_loss"]
+    assert history.rows[-1]["step"] < 200
+    def cross_entropy(logits, targets):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+    assert evaluate(model, val, cross_entropy) == pytest.approx(history.rows[-1]["val_loss"], rel=1e-6)
+
+
+def test_divergence_is_recorded():
+    model, batches, val = setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e6)
+    history = train(model, optimizer, batches, val, steps=30, progress=False)
+    assert history.status == "diverged" and history.rows[-1]["step"] < 30
+
+
+@pytest.mark.parametrize("kwargs, match", [({"steps": 0}, "steps"), ({"steps": 5, "accumulation": 0}, "accumulation")])
+def test_bad_arguments(kwargs, match):
+    model, batches, val = setup()
+    with pytest.raises(ValueError, match=match):
+        train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, val, **kwargs)
+
+
+def test_history_files_round_trip(tmp_path):
+    model, batches, val = setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = train(model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False)
+    loaded = History.load(tmp_path)
+    assert loaded.rows == json.loads(json.dumps(history.rows)) and loaded.status == "completed"
+    assert loaded.metadata["x"] == 1
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("step,")
+    # a finished run with the same settings is returned from disk, not retrained
+    again = train(model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False)
+    assert again.rows == loaded.rows
+
+
+RUNNER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from gnlib.data import load_corpus
+    from gnlib.models import build_model
+    from gnlib.train import train
+
+    run_dir, slow = sys.argv[1], float(sys.argv[2])
+    corpus = load_corpus()
+    model = build_model("tiny", seed=0, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    batches = corpus.sampler("train", 8, 32, seed=0)
+    val = corpus.fixed_batches("val", 8, 32, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    inner = batches.__call__
+
+    class Slow:
+        def __call__(self):
+            time.sleep(slow)
+            return inner()
+        state_dict = batches.state_dict
+        load_state_dict = batches.load_state_dict
+
+    train(model, optimizer, Slow(), val, steps=12, eval_every=3, run_dir=run_dir, checkpoint_every=2,
+          metadata={"test": "resume"}, progress=False)
+    """
+)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(straight), "0"], check=True, env=env)
+
+    process = subprocess.Popen([sys.executable, str(script), str(killed), "0.25"], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (killed / CHECKPOINT).exists() and len(History.load(killed).rows) >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = History.load(killed)
+    assert partial.status == "running" and 5 <= len(partial.rows) < 13
+
+    subprocess.run([sys.executable, str(script), str(killed), "0"], check=True, env=env)
+    resumed, reference = History.load(killed), History.load(straight)
+    assert resumed.status == reference.status == "completed"
+    assert without_time(resumed.rows) == without_time(reference.rows)
+    assert torch.equal(
+        torch.load(killed / CHECKPOINT, weights_only=True)["model"]["embed.weight"],
+        torch.load(straight / CHECKPOINT, weights_only=True)["model"]["embed.weight"],
+    )
