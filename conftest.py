@@ -1,0 +1,17 @@
+"""Test-session settings shared by unit tests, papermill notebook tests and nbval.
+
+The suite runs in two worker processes (pytest-xdist, one file per worker at a time); each worker and
+every notebook kernel it starts uses one thread, so the two never oversubscribe a 2-core machine.
+"""
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
