@@ -88,3 +88,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def output_path(path: str | Path) -> Path:
+    """Where a notebook's relative ``output_dir`` goes: the repository's ``outputs/``, wherever it runs.
+
+    JupyterLab and nbval start kernels in ``notebooks/``, papermill usually in the repository root; a
+    relative path given inside ``notebooks/`` of a checkout (a folder next to ``gnlib/``) is resolved
+    from the repository root, so every way of running a notebook writes to the same place. Absolute
+    paths are returned unchanged.
+    """
+    path = Path(path)
+    cwd = Path.cwd()
+    if not path.is_absolute() and cwd.name == "notebooks" and (cwd.parent / "gnlib").is_dir():
+        return cwd.parent / path
+    return path
