@@ -162,7 +162,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, d), RoPE tables cos and sin (T, d_head), additive causal mask (T, T) → (B, T, d)."""
+        """Attend over x (B, T, d) with RoPE tables cos, sin (T, d_head) and additive causal mask (T, T)."""
         B, T, d = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         scale = q.shape[-1] ** -0.5  # folded into the (small, constant) tables of q
@@ -183,7 +183,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., d) → (..., d)."""
+        """Map x (..., d) to (..., d)."""
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -199,7 +199,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, d) → (B, T, d)."""
+        """Map x (B, T, d) to (B, T, d)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -218,8 +218,7 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype | None = None) -> None:
-        """Build the model on the CPU, initialized from ``seed`` (see :meth:`_init_weights`), in ``dtype``
-        (default: torch's default dtype)."""
+        """Build the model on the CPU in ``dtype`` (default: torch's), initialized from ``seed``."""
         super().__init__()
         self.config = config
         with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG: leave it untouched
@@ -239,10 +238,10 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, seed: int) -> None:
-        """Draw every weight matrix from N(0, σ²), σ = init_std, in ``named_parameters()`` order from a local
-        generator seeded with ``seed``; the residual output projections ``attn.wo`` and ``mlp.w_down`` use
-        σ/sqrt(2L) as in GPT-2; norm gains are ones.
+        """Fill the parameters from a local generator seeded with ``seed`` (the global RNG is untouched).
 
+        Weight matrices are drawn from N(0, σ²), σ = init_std, in ``named_parameters()`` order; the residual
+        output projections ``attn.wo`` and ``mlp.w_down`` use σ/sqrt(2L) as in GPT-2; norm gains are ones.
         Runs on the CPU before the cast to the model's dtype, so a seed gives the same weights on every device
         and in every dtype (up to rounding).
         """
@@ -252,8 +251,10 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
+            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                p.normal_(0.0, residual_std, generator=generator)
             else:
-                p.normal_(0.0, residual_std if name.endswith(("wo.weight", "w_down.weight")) else std, generator=generator)
+                p.normal_(0.0, std, generator=generator)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits (B, T, V) for token ids (B, T), T ≤ max_seq_len; position t sees tokens 0..t only.
@@ -300,7 +301,7 @@ _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.Si
 
 
 def linear_model(d_in: int, d_out: int, bias: bool = True, *, seed: int = 0) -> nn.Linear:
-    """z = W x + b on inputs (N, d_in): linear or (with cross-entropy) logistic regression.
+    """Affine map z = W x + b on inputs (N, d_in): linear or (with cross-entropy) logistic regression.
 
     PyTorch's default initialization, drawn from ``seed`` without touching the global RNG.
     """

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vjp
 
 from gnlib.models import (
     PRESETS,
@@ -65,8 +65,9 @@ def test_cpu_preset_parameter_counts(preset, low, high):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_parameter_count_formula_matches_built_models(tie):
-    for config in (ModelConfig(**MICRO, tie_embeddings=tie), model_config("paper45m", vocab_size=300, tie_embeddings=tie)):
-        assert build_model(config).config.n_params == count_parameters(build_model(config))
+    paper45m = model_config("paper45m", vocab_size=300, tie_embeddings=tie)
+    for config in (ModelConfig(**MICRO, tie_embeddings=tie), paper45m):
+        assert config.n_params == count_parameters(build_model(config))
     # paper150m by hand: per block 4·768² + 3·768·3072 + 2·768; embedding and head 768·V each; final norm 768
     block = 4 * 768**2 + 3 * 768 * 3072 + 2 * 768
     V = 32100
@@ -145,6 +146,15 @@ def test_rms_norm_math():
     torch.testing.assert_close(norm.double()(x), 2 * x / x.pow(2).mean(-1, keepdim=True).sqrt())
 
 
+def test_rope_is_a_complex_rotation_of_each_pair():
+    config = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=8, max_seq_len=12, rope_base=100.0)
+    cos, sin = rope_tables(config)
+    x = torch.randn(2, 3, 12, 8, dtype=torch.float64)
+    theta = torch.arange(12, dtype=torch.float64)[:, None] * 100.0 ** (-torch.arange(4) / 4)  # (T, h)
+    z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones_like(theta), theta)
+    torch.testing.assert_close(apply_rope(x, cos, sin), torch.cat((z.real, z.imag), dim=-1))
+
+
 def test_rope_scores_depend_on_relative_position_only():
     config = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=8, max_seq_len=12)
     cos, sin = rope_tables(config)
@@ -208,6 +218,24 @@ def test_backward_through_a_dual_forward_gives_the_plain_gradient(device):
     for a, b in zip(grads, plain):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(jv, jvp(lambda p: functional_call(model, p, (x,)), (params,), (v,))[1])
+
+
+def test_reverse_mode_is_the_adjoint_and_second_order_modes_agree():
+    """<u, J v> = <Jᵀ u, v>; Hessian-vector products forward-over-reverse = reverse-over-reverse."""
+    model = build_model(ModelConfig(**MICRO, tie_embeddings=True), dtype=torch.float64)
+    x, y = tokens(2, 6, 11), tokens(2, 6, 11, seed=1)
+    params = params_of(model)
+    v = random_tangent(params)
+    f = lambda p: functional_call(model, p, (x,))  # noqa: E731
+    z, jv = jvp(f, (params,), (v,))
+    u = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (jtu,) = vjp(f, params)[1](u)
+    torch.testing.assert_close((u * jv).sum(), sum((jtu[n] * v[n]).sum() for n in params))
+    grad = torch.func.grad(lambda p: F.cross_entropy(f(p).flatten(0, 1), y.flatten()))
+    hv_forward = jvp(grad, (params,), (v,))[1]
+    (hv_reverse,) = vjp(grad, params)[1](v)
+    for n in params:
+        torch.testing.assert_close(hv_forward[n], hv_reverse[n])
 
 
 # ---------------------------------------------------------------- determinism, dtype, training
