@@ -13,11 +13,18 @@ order): products are then taken in those parameters only, the others held fixed 
 ``ggn_vp`` with a subset ``v`` returns G_bb v_b for the diagonal block b of those parameters.
 Output-space vectors have the shape of z.
 
-Costs on the hot path, in units of a plain forward pass F (a gradient step is about 3F):
-- :func:`gn_inner_step`, :func:`ggn_vp`: one forward carrying a tangent (``torch.autograd.forward_ad``
-  dual numbers, primal and tangent in one pass, which records the reverse graph of the primal only) and
-  one backward through the primal graph: Jᵀu = ``autograd.grad(z, θ, u)``.
-- :func:`linearize` caches the linearization of one batch for repeated products (CG, Lanczos).
+Implementations (F = one forward pass; a gradient step is about 3F, matmul flops counted):
+
+- :func:`gn_inner_step`, :func:`ggn_vp`, :func:`jvp`: one forward carrying dual numbers
+  (``torch.autograd.forward_ad``: z and J·Δ in one pass, about 3F since the tangent of a product
+  W·x is dW·x + W·dx) that records the reverse graph of the primal, then one backward
+  Jᵀu = ``autograd.grad(z, θ, u)`` (2F) with u from the loss in closed form: 5F, 1.67x a gradient
+  step in matmul flops; elementwise tangent arithmetic comes on top.
+- :func:`linearize` (:class:`GGNOperator`): one forward and one backward that records its own graph,
+  then each G·v costs two backward passes without any forward (about 4F).
+- :func:`hvp` (:class:`HessianOperator`): reverse-over-reverse, ∂⟨∇ℓ, v⟩/∂θ through the recorded
+  graph of the gradient.
+- ``python -m gnlib.bench`` measures these against a gradient step.
 
 Dense matrices (:func:`dense_jacobian`, :func:`dense_ggn`, :func:`dense_hessian`) are float64, their
 parameter axis follows :func:`gnlib.params.flatten` and the Jacobian's output axis is ``z.reshape(-1)``.
@@ -27,7 +34,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import scipy.sparse.linalg
@@ -59,7 +65,12 @@ def _check_vector(v: Mapping[str, Tensor], params: Mapping[str, Tensor], what: s
     """``v`` names a subset of ``params`` (in its order) with matching shapes, dtype and device."""
     if not isinstance(v, Mapping) or not v:
         raise ValueError(f"{what} must be a non-empty dict of named tensors, got {type(v).__name__}")
+    unexpected = [name for name in v if name not in params]
+    if unexpected:
+        raise ValueError(f"{what} does not match the parameters: unexpected {unexpected}; allowed: {list(params)}")
     names = [name for name in params if name in v]
+    if list(v) != names:
+        raise ValueError(f"{what} must list its names in the parameters' order: {names}")
     check_like(v, {name: params[name] for name in names}, what)
     for name, t in v.items():
         p = params[name]
@@ -75,41 +86,68 @@ def _check_output(u: Tensor, z: Tensor, what: str) -> None:
         raise ValueError(f"{what} has shape {shape}, expected the output shape {tuple(z.shape)}")
 
 
+def _check_wrt(params: Mapping[str, Tensor], wrt: Sequence[str] | None) -> list[str]:
+    """Names of ``wrt`` (default all) validated against ``params`` and put in parameter order."""
+    if wrt is None:
+        return list(params)
+    unknown = [name for name in wrt if name not in params]
+    if unknown or not wrt:
+        raise ValueError(f"wrt={list(wrt)!r} must be a non-empty list of parameter names; unknown: {unknown}")
+    return [name for name in params if name in set(wrt)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # the two passes every product is made of
 
 
 def _forward(
-    model: nn.Module, params: Params, inputs: Tensor, tangent: Mapping[str, Tensor] | None, wrt: Sequence[str]
+    model: nn.Module, params: Params, inputs: Tensor, wrt: Sequence[str], tangent: Mapping[str, Tensor] | None = None
 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
     """One forward pass at ``params``, recording the reverse graph to the parameters named in ``wrt``.
 
-    With a ``tangent`` (a params dict naming a subset of ``wrt``), the pass carries dual numbers and also
-    returns J·tangent. Saved activations keep only their primal part, so the tangents are freed as the
-    pass goes and the backward costs what a plain backward costs.
+    With a ``tangent`` (a params dict over exactly the names ``wrt``), the pass carries dual numbers
+    (``torch.autograd.forward_ad``) and also returns J·tangent, at the cost of one forward carrying a
+    tangent. Two details keep that cost down:
+
+    - floating buffers (RoPE tables, masks) get explicit zero tangents: an operand without a tangent
+      would get a symbolic zero tangent, whose arithmetic PyTorch routes through slow Python reference
+      implementations (about 2x on the whole pass);
+    - autograd records the tangent arithmetic too (it depends on the parameters), although only the
+      primal graph is ever differentiated. A saved-tensor hook keeps, for the backward, the primal of a
+      dual tensor and drops what only the tangent graph saves (tensors that require grad but carry no
+      tangent: with leaves = tangent names, a primal activation that depends on a leaf is dual). This
+      halves the peak memory (measured: from 3.4x to 1.9x that of a gradient step) and the tangent
+      graph, never run, is freed with J·tangent at the end of the pass.
 
     Returns:
-        ``(z, Jt or None, leaves)``: outputs with a graph to ``leaves`` (the ``wrt`` tensors, in order).
+        ``(z, Jt or None, leaves)``: outputs with a reverse graph to ``leaves`` (the ``wrt`` tensors, in
+        order) and, with a tangent, J·tangent (detached, shape of z).
     """
     leaves = [params[name].detach().requires_grad_() for name in wrt]
     call = {name: t.detach() for name, t in params.items()}
     call.update(zip(wrt, leaves))
     if tangent is None:
         return functional_call(model, call, (inputs,)), None, leaves
-    with fwad.dual_level(), torch.autograd.graph.saved_tensors_hooks(_primal_only, _identity):
-        for name, t in tangent.items():
-            call[name] = fwad.make_dual(call[name], t.detach())
+    with fwad.dual_level(), torch.autograd.graph.saved_tensors_hooks(_pack_primal, _unpack):
+        for name in wrt:
+            call[name] = fwad.make_dual(call[name], tangent[name].detach())
+        for name, t in model.named_buffers():
+            if t.is_floating_point():
+                call[name] = fwad.make_dual(t, torch.zeros_like(t))
         z, jt = fwad.unpack_dual(functional_call(model, call, (inputs,)))
-        if jt is None:  # the outputs do not depend on the tangent's parameters
-            jt = torch.zeros_like(z)
+        jt = torch.zeros_like(z) if jt is None else jt.detach()  # detach: frees the tangent graph
     return z, jt, leaves
 
 
-def _primal_only(t: Tensor) -> Tensor:
-    return fwad.unpack_dual(t).primal
+def _pack_primal(t: Tensor) -> Tensor | None:
+    """Saved-tensor hook of :func:`_forward`: primal of a dual tensor; None for tangent-graph-only tensors."""
+    primal, tangent = fwad.unpack_dual(t)
+    if tangent is not None:
+        return primal.detach()
+    return None if t.requires_grad else t
 
 
-def _identity(t: Tensor) -> Tensor:
+def _unpack(t: Tensor | None) -> Tensor | None:
     return t
 
 
@@ -124,7 +162,7 @@ def _backward(z: Tensor, leaves: list[Tensor], u: Tensor, names: Sequence[str], 
 
 
 def logits(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
-    """z = f(θ; x) without a graph."""
+    """Outputs z = f(θ; x) (logits), without a graph."""
     _check_params(model, params)
     with torch.no_grad():
         return functional_call(model, dict(params), (inputs,))
@@ -136,7 +174,7 @@ def gradient(
     """(ℓ(f(θ)), ∇_θ ℓ) on ``batch``: one forward and one backward (Jᵀ g_z)."""
     _check_params(model, params)
     inputs, targets = batch
-    z, _, leaves = _forward(model, dict(params), inputs, None, list(params))
+    z, _, leaves = _forward(model, dict(params), inputs, list(params))
     value, g = loss.value_and_grad(z.detach(), targets)
     return value, _backward(z, leaves, g, list(params))
 
@@ -146,14 +184,16 @@ def jvp(model: nn.Module, params: Mapping[str, Tensor], batch: Batch, v: Mapping
     _check_params(model, params)
     _check_vector(v, params, "v")
     with torch.no_grad():
-        return _forward(model, dict(params), batch[0], v, [])[1]
+        return _forward(model, dict(params), batch[0], list(v), v)[1]
 
 
-def vjp(model: nn.Module, params: Mapping[str, Tensor], batch: Batch, u: Tensor, wrt: Sequence[str] | None = None) -> Params:
+def vjp(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, u: Tensor, wrt: Sequence[str] | None = None
+) -> Params:
     """Jᵀ u for an output-space ``u`` (shape of z), as a params dict over ``wrt`` (default: all parameters)."""
     _check_params(model, params)
     wrt = _check_wrt(params, wrt)
-    z, _, leaves = _forward(model, dict(params), batch[0], None, wrt)
+    z, _, leaves = _forward(model, dict(params), batch[0], wrt)
     _check_output(u, z, "u")
     return _backward(z, leaves, u.detach(), wrt)
 
@@ -165,42 +205,22 @@ def ggn_vp(
     _check_params(model, params)
     _check_vector(v, params, "v")
     inputs, targets = batch
-    z, jv, leaves = _forward(model, dict(params), inputs, v, list(v))
+    z, jv, leaves = _forward(model, dict(params), inputs, list(v), v)
     return _backward(z, leaves, loss.hvp(z.detach(), targets, jv), list(v))
 
 
 def hvp(
     model: nn.Module, params: Mapping[str, Tensor], batch: Batch, v: Mapping[str, Tensor], loss: Loss = DEFAULT_LOSS
 ) -> Params:
-    """H v with the true Hessian of ℓ(f(θ)), forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``)."""
+    """H v with the true Hessian of ℓ(f(θ)) (over the names of ``v``).
+
+    Reverse-over-reverse: a backward that records its own graph gives ∇ℓ as a function of θ, then one
+    more backward gives ∂⟨∇ℓ, v⟩/∂θ = H v. On the CPU this measured faster than forward-over-reverse
+    (``torch.func.jvp`` of ``torch.func.grad``, which :func:`dense_hessian` uses).
+    """
     _check_params(model, params)
     _check_vector(v, params, "v")
-    loss_fn = _loss_of(model, params, batch, loss, list(v))
-    sub = {name: params[name].detach() for name in v}
-    return torch.func.jvp(torch.func.grad(loss_fn), (sub,), ({k: t.detach() for k, t in v.items()},))[1]
-
-
-def _loss_of(
-    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, loss: Loss, wrt: Sequence[str]
-) -> Callable[[Params], Tensor]:
-    """θ_wrt ↦ ℓ(f(θ)) with the other parameters fixed at ``params``."""
-    fixed = {name: t.detach() for name, t in params.items() if name not in wrt}
-    inputs, targets = batch
-
-    def loss_fn(sub: Params) -> Tensor:
-        return loss.value(functional_call(model, {**fixed, **sub}, (inputs,)), targets)
-
-    return loss_fn
-
-
-def _check_wrt(params: Mapping[str, Tensor], wrt: Sequence[str] | None) -> list[str]:
-    """Names of ``wrt`` (default all) validated against ``params`` and put in parameter order."""
-    if wrt is None:
-        return list(params)
-    unknown = [name for name in wrt if name not in params]
-    if unknown or not wrt:
-        raise ValueError(f"wrt={list(wrt)!r} must be a non-empty list of parameter names; unknown: {unknown}")
-    return [name for name in params if name in set(wrt)]
+    return _GradientGraph(model, dict(params), batch, loss, list(v)).hvp(v, retain=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,10 +261,10 @@ def gn_inner_step(
     if objective == "loss":
         point = dict(anchor)
         point.update({name: anchor[name].detach() + d.detach() for name, d in delta.items()})
-        z, _, leaves = _forward(model, point, inputs, None, names)
+        z, _, leaves = _forward(model, point, inputs, names)
         value, u = loss.value_and_grad(z.detach(), targets)
     else:
-        z, jd, leaves = _forward(model, dict(anchor), inputs, delta, names)
+        z, jd, leaves = _forward(model, dict(anchor), inputs, names, delta)
         with torch.no_grad():
             if objective == "gn":
                 value, u = loss.quadratic(z.detach(), targets, jd)
@@ -260,9 +280,11 @@ def gn_inner_step(
 class Linearization:
     """The model linearized at θ on one batch, for many products on that batch (CG, Lanczos, spectra).
 
-    Built by :func:`linearize`. Holds z = f(θ), the reverse graph of that forward (for Jᵀu) and a traced
-    Jacobian-vector product (``torch.func.linearize``: derivative factors computed once, so J v replays
-    only the tangent arithmetic). Products are over the parameters named in ``wrt``.
+    Built by :func:`linearize` from one forward (keeping its reverse graph, which gives Jᵀu) and one
+    backward that records its own graph: Jᵀw as a function of an output-space w. Since Jᵀw is linear
+    in w, differentiating ⟨Jᵀw, v⟩ in w gives J v (the "double-backward" JVP). Neither product
+    repeats the forward, so ``ggn_vp`` costs two backward passes; both graphs stay in memory (about
+    2.5x the activations of a gradient step). Products are over the parameters named in ``wrt``.
 
     Attributes:
         z: outputs at θ, shape (..., V), detached.
@@ -276,19 +298,19 @@ class Linearization:
         self.loss = loss
         self.wrt = wrt
         self.like = {name: params[name].detach() for name in wrt}
-        fixed = {name: t.detach() for name, t in params.items() if name not in wrt}
-        z, _, self._leaves = _forward(model, params, inputs, None, wrt)
-        self._z_graph = z
-        self.z = z.detach()
+        self._z_graph, _, self._leaves = _forward(model, params, inputs, wrt)
+        self.z = self._z_graph.detach()
         self.value, self._g = loss.value_and_grad(self.z, self.targets)
-        _, self._jvp = torch.func.linearize(lambda sub: functional_call(model, {**fixed, **sub}, (inputs,)), self.like)
+        self._w = torch.zeros_like(self.z, requires_grad=True)
+        jt_w = torch.autograd.grad(self._z_graph, self._leaves, self._w, create_graph=True, allow_unused=True)
+        self._jt_w = dict(zip(wrt, jt_w))
         self._gradient: Params | None = None
 
     def jvp(self, v: Mapping[str, Tensor]) -> Tensor:
         """J v, shape of z; ``v`` is a params dict over ``wrt``."""
+        _check_vector(v, self.like, "v")
         check_like(v, self.like, "v")
-        with torch.no_grad():
-            return self._jvp(dict(v))
+        return _grad_of_sum(self._jt_w, v, [self._w], retain=True)[0]
 
     def vjp(self, u: Tensor) -> Params:
         """Jᵀ u for ``u`` of the shape of z, as a params dict over ``wrt``."""
@@ -311,6 +333,35 @@ class Linearization:
         return self._gradient
 
 
+class _GradientGraph:
+    """∇ℓ(θ) on one batch with its graph recorded, for (repeated) Hessian-vector products."""
+
+    def __init__(self, model: nn.Module, params: Params, batch: Batch, loss: Loss, wrt: list[str]) -> None:
+        inputs, targets = batch
+        z, _, self.leaves = _forward(model, params, inputs, wrt)
+        self.value = loss.value(z, targets)
+        grads = torch.autograd.grad(self.value, self.leaves, create_graph=True, allow_unused=True)
+        self.grads = dict(zip(wrt, grads))
+        self.wrt = wrt
+
+    def hvp(self, v: Mapping[str, Tensor], retain: bool = True) -> Params:
+        """H v = ∂⟨∇ℓ, v⟩/∂θ over ``wrt``."""
+        return dict(zip(self.wrt, _grad_of_sum(self.grads, v, self.leaves, retain)))
+
+
+def _grad_of_sum(
+    outputs: Mapping[str, Tensor | None], v: Mapping[str, Tensor], inputs: list[Tensor], retain: bool
+) -> list[Tensor]:
+    """∂/∂inputs of Σ_name ⟨outputs[name], v[name]⟩, zeros where nothing depends on an input."""
+    pairs = [(outputs[name], v[name].detach()) for name in v if outputs[name] is not None]
+    pairs = [(out, cot) for out, cot in pairs if out.requires_grad]
+    grads = [None] * len(inputs)
+    if pairs:
+        outs, cots = zip(*pairs)
+        grads = torch.autograd.grad(outs, inputs, cots, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
 def linearize(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -321,6 +372,10 @@ def linearize(
     """Linearize the model at ``params`` on ``batch`` for repeated J, Jᵀ and G products.
 
     Args:
+        model: any module usable with ``torch.func.functional_call``.
+        params: params dict of all the model's parameters (the linearization point θ).
+        batch: ``(inputs, targets)``.
+        loss: loss whose output-space Hessian H_z enters G.
         wrt: parameter names the products act on (default: all); the others are held fixed.
     """
     _check_params(model, params)
@@ -397,7 +452,7 @@ class CurvatureOperator:
 
 
 class GGNOperator(CurvatureOperator):
-    """G = Jᵀ H_z J on one batch, from a cached :class:`Linearization` (built once, reused by every product)."""
+    """G = Jᵀ H_z J on one batch, from a :class:`Linearization` built once and reused by every product."""
 
     def __init__(
         self,
@@ -416,10 +471,22 @@ class GGNOperator(CurvatureOperator):
 
 
 class HessianOperator(CurvatureOperator):
-    """The true Hessian ∇²_θ ℓ(f(θ)) on one batch; each product is one forward-over-reverse pass (:func:`hvp`)."""
+    """The true Hessian ∇²_θ ℓ(f(θ)) on one batch; the gradient's graph is built once, each product is one backward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        batch: Batch,
+        loss: Loss = DEFAULT_LOSS,
+        wrt: Sequence[str] | None = None,
+    ) -> None:
+        """See :class:`CurvatureOperator`."""
+        super().__init__(model, params, batch, loss, wrt)
+        self._graph = _GradientGraph(model, self.params, batch, loss, self.wrt)
 
     def _apply(self, v: Params) -> Params:
-        return hvp(self.model, self.params, self.batch, v, self.loss)
+        return self._graph.hvp(v)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -472,7 +539,9 @@ def dense_jacobian(
     return _jacobian(model, params, batch[0], wrt, max_bytes, chunk_size)
 
 
-def _jacobian(model: nn.Module, params: Params, inputs: Tensor, wrt: list[str], max_bytes: int, chunk_size: int) -> Tensor:
+def _jacobian(
+    model: nn.Module, params: Params, inputs: Tensor, wrt: list[str], max_bytes: int, chunk_size: int
+) -> Tensor:
     like = {name: params[name] for name in wrt}
     fixed = {name: t for name, t in params.items() if name not in wrt}
     n = numel(like)
@@ -518,6 +587,19 @@ def dense_ggn(
     return columns.reshape(n, -1) @ h_columns.reshape(n, -1).T
 
 
+def _loss_of(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Batch, loss: Loss, wrt: Sequence[str]
+) -> Callable[[Params], Tensor]:
+    """θ_wrt ↦ ℓ(f(θ)) with the other parameters fixed at ``params``."""
+    fixed = {name: t.detach() for name, t in params.items() if name not in wrt}
+    inputs, targets = batch
+
+    def loss_fn(sub: Params) -> Tensor:
+        return loss.value(functional_call(model, {**fixed, **sub}, (inputs,)), targets)
+
+    return loss_fn
+
+
 def dense_hessian(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -545,4 +627,3 @@ def dense_hessian(
         return torch.func.jvp(torch.func.grad(flat_loss), (flat,), (e,))[1]
 
     return torch.func.vmap(row, chunk_size=chunk_size)(_eye_columns(n, flat))
-

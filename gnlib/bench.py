@@ -1,0 +1,210 @@
+"""Cost of the curvature products relative to a plain gradient step: ``python -m gnlib.bench``.
+
+In one process, on one model and one batch, each measurement runs once as warmup, then all of them run
+round-robin ``repeats`` times (so load on the machine hits them alike) and the median time of each is
+divided by the median time of the gradient step:
+
+- ``grad``: ``loss(model(x)).backward``-style step, forward + backward (the denominator);
+- ``gn_inner_step``: :func:`gnlib.curvature.gn_inner_step`, value and gradient of the GN quadratic from
+  scratch on the batch (forward carrying the tangent Δ, then one backward);
+- ``ggn_vp_cached``: ``Linearization.ggn_vp`` on a linearization built once outside the timing;
+- ``hvp``: true Hessian-vector product (forward-over-reverse);
+- ``ggn_vp_torch_func``: the naive composition ``torch.func.jvp`` + ``torch.func.vjp`` (reference);
+- ``linearize``: building the cached linearization (forward with graph + tracing the JVP), for scale.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On
+the CPU, the allocations and frees the CPU allocator reports to ``torch.profiler`` (``profile_memory``)
+are replayed in time order and the peak of the running sum (bytes allocated during the call and not yet
+freed) is taken. ``peak_mem_ratio`` = peak of ``gn_inner_step`` / peak of ``grad``.
+
+Example: ``python -m gnlib.bench --preset small --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.func import functional_call
+
+from gnlib import curvature
+from gnlib.losses import CrossEntropy
+from gnlib.models import PRESETS, build_model, count_parameters
+from gnlib.params import params_of
+from gnlib.runtime import check_choice, resolve_device
+
+MEASUREMENTS = ("grad", "gn_inner_step", "ggn_vp_cached", "hvp", "ggn_vp_torch_func", "linearize")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before (see the module docstring)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"),
+        key=lambda e: e.start_ns(),
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def run_benchmark(
+    preset: str = "tiny",
+    device: str = "cpu",
+    batch: int = 16,
+    seq_len: int | None = None,
+    repeats: int = 10,
+    seed: int = 0,
+    threads: int | None = None,
+    **model_overrides,
+) -> dict:
+    """Time every measurement of the module docstring and return the summary (the ``--json`` object).
+
+    Args:
+        preset: model preset of :mod:`gnlib.models`.
+        device: ``"cpu"`` or ``"cuda"``.
+        batch: sequences per batch.
+        seq_len: tokens per sequence (default: the preset's ``max_seq_len``).
+        repeats: timed rounds after the warmup round.
+        seed: seed of the model and the batch.
+        threads: ``torch.set_num_threads`` for the run (default: leave torch's setting).
+        **model_overrides: config fields to replace, e.g. ``n_layers=1`` for a quick run.
+
+    Returns:
+        Dict with ``preset``, ``device``, ``params``, ``batch``, ``seq_len``, ``repeats``, ``threads``,
+        ``load_average`` (1-minute load of the machine when the run ended: timings on a busy machine are
+        noisy), ``grad_ms``, ``ms`` (median ms per measurement), ``ratio`` (median / median of ``grad``,
+        every measurement but ``grad``), ``cpu_ms`` and ``cpu_ratio`` (the same with the process's CPU
+        time, steadier than wall time when other processes compete for the cores; with several threads
+        it also counts their waiting), ``peak_mem_bytes`` (``grad``, ``gn_inner_step``),
+        ``peak_mem_ratio`` and ``memory_measure`` (what the peak means on this device).
+    """
+    check_choice("preset", preset, PRESETS)
+    dev = resolve_device(device)
+    if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"repeats={repeats}, batch={batch} and threads={threads} must be positive")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = build_model(preset, seed=seed, device=dev, **model_overrides)
+    seq_len = model.config.max_seq_len if seq_len is None else seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} must be in [1, {model.config.max_seq_len}] for preset {preset!r}")
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(model.config.vocab_size, (batch, seq_len + 1), generator=generator).to(dev)
+    data = (tokens[:, :-1], tokens[:, 1:])
+    loss = CrossEntropy()
+    params = params_of(model)
+    v = {name: torch.randn(p.shape, generator=generator).to(dev, p.dtype) * 1e-3 for name, p in params.items()}
+    lin = curvature.linearize(model, params, data, loss)
+    weights = list(model.parameters())
+
+    def grad_step() -> object:
+        return torch.autograd.grad(loss.value(model(data[0]), data[1]), weights)
+
+    def ggn_vp_torch_func() -> object:
+        def f(p: dict) -> torch.Tensor:
+            return functional_call(model, p, (data[0],))
+
+        z, jv = torch.func.jvp(f, (params,), (v,))
+        _, vjp_fn = torch.func.vjp(f, params)
+        return vjp_fn(loss.hvp(z, data[1], jv))
+
+    fns: dict[str, Callable[[], object]] = {
+        "grad": grad_step,
+        "gn_inner_step": lambda: curvature.gn_inner_step(model, params, v, data, loss),
+        "ggn_vp_cached": lambda: lin.ggn_vp(v),
+        "hvp": lambda: curvature.hvp(model, params, data, v, loss),
+        "ggn_vp_torch_func": ggn_vp_torch_func,
+        "linearize": lambda: curvature.linearize(model, params, data, loss),
+    }
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            _sync(dev)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            _sync(dev)
+            if round_:  # round 0 is the warmup
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
+    cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
+    peak = {name: peak_memory(fns[name], dev) for name in ("grad", "gn_inner_step")}
+    return {
+        "preset": preset,
+        "device": str(dev),
+        "params": count_parameters(model),
+        "batch": batch,
+        "seq_len": seq_len,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+        "grad_ms": ms["grad"],
+        "ms": ms,
+        "ratio": {name: ms[name] / ms["grad"] for name in fns if name != "grad"},
+        "cpu_ms": cpu_ms,
+        "cpu_ratio": {name: cpu_ms[name] / cpu_ms["grad"] for name in fns if name != "grad"},
+        "peak_mem_bytes": peak,
+        "peak_mem_ratio": peak["gn_inner_step"] / peak["grad"],
+        "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
+    }
+
+
+def format_table(result: dict) -> str:
+    """Human-readable table of a :func:`run_benchmark` result."""
+    lines = [
+        f"preset={result['preset']} device={result['device']} params={result['params']:,} "
+        f"batch={result['batch']}x{result['seq_len']} repeats={result['repeats']} threads={result['threads']} "
+        f"load={result['load_average']:.1f}",
+        f"{'measurement':<20} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11}",
+    ]
+    for name, ms in result["ms"].items():
+        cpu_ratio = result["cpu_ms"][name] / result["cpu_ms"]["grad"]
+        lines.append(f"{name:<20} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f}")
+    peak = result["peak_mem_bytes"]
+    lines.append(
+        f"peak memory ({result['memory_measure']}): grad {peak['grad'] / 2**20:.1f} MiB, "
+        f"gn_inner_step {peak['gn_inner_step'] / 2**20:.1f} MiB, ratio {result['peak_mem_ratio']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point; see ``python -m gnlib.bench --help``."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds after one warmup round")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    result = run_benchmark(args.preset, args.device, args.batch, args.seq_len, args.repeats, args.seed, args.threads)
+    print(json.dumps(result) if args.json else format_table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,635 @@
+r"""Gauss-Newton optimizers that draw their own batches, with cost accounting per step.
+
+Full or layerwise GN, quadratic or prox-linear inner objective, first-order inner solver or Hessian-free
+CG, line search, warm start and EMA.
+
+One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol, STUDY.md):
+
+1. **Inner problem.** For each block b of the partition (one block ``"full"`` for full GN) a step Δ_b is
+   found for the objective, linearized at θ_t in the block's parameters only (the others frozen at θ_t):
+
+   - ``objective="gn"``: q(Δ) = ℓ(z_t) + g_zᵀJΔ + ½(JΔ)ᵀH_z(JΔ); ``"prox_linear"``: ℓ(z_t + JΔ);
+   - plus the proximal penalty P(Δ) = λ_prox · Σ_tensors mean(Δ²) (the study's λ·mean((θ−θ_t)²) per
+     tensor, summed over tensors; gradient 2λ_prox Δ / numel of the tensor).
+
+   *First-order solvers* (``"muon"``, ``"adamw"``, ``"sgd"``): N inner steps, each on a fresh batch shared
+   by all blocks (Jacobi: every block anchored at θ_t): value and gradient from
+   :func:`gnlib.curvature.gn_inner_step` (+ P), gradient clipped to global norm ``grad_clip`` per block,
+   decoupled weight decay on the inner iterate θ̂ = θ_t + Δ (as the reference's inner AdamW decays its
+   parameters: Δ ← Δ − lr·wd·(θ_t + Δ)), then the block's inner optimizer steps Δ. ``"muon"`` is Muon on
+   the hidden matrices and AdamW on the rest (:func:`~gnlib.optim.factory.split_params`). The inner LR
+   follows ``inner_schedule`` within the loop (``"cosine"``: (1 + cos(πk/N))/2, k = 0..N−1) from the
+   block's peak ``param_groups[b]["lr"]``, constant across outer steps.
+
+   *CG* (``solver="cg"``, Hessian-free, Martens 2010): the N batches are concatenated into one batch, the
+   model is linearized once on it (:func:`gnlib.curvature.linearize`) and CG solves (G_bb + λI)x = −g_b
+   from 0.95× the block's previous solution, keeping iterates at ⌈1.3^j⌉; the step is backtracked over
+   them on the true loss of that batch (:mod:`gnlib.optim.hessian_free`). Δ_b = lr_b · x_b, lr_b the
+   block's ``param_groups`` ``"lr"`` (a step scale, default 1). λ follows the Levenberg-Marquardt rule
+   from ρ of the step taken (below).
+
+2. **Direction** d = the merged block steps Δ̂ (one vector over all parameters).
+3. **Line search** on ``line_search_batches`` fresh batches: the true loss L(α) at θ_t + αd for every α of
+   the grid and at α = 0; θ_{t+1} = θ_t + α*d with α* = argmin, *rejected* (parameters unchanged) unless
+   L(α*) < L(0). ``line_search=None`` takes α = 1 without the test. The same batches give the model's
+   prediction: one forward carrying the tangent d gives z_t and Jd, so the GN model
+   m(α) = ℓ(z_t) + α g_zᵀJd + ½α²(Jd)ᵀH_z(Jd) (prox-linear: ℓ(z_t + αJd)) costs no extra pass per α.
+4. **Warm start** (``warm_start=True``): the next inner loop starts from the pre-line-search iterate,
+   Δ ← θ̂ − θ_{t+1} = (1 − α*)Δ̂, with the inner optimizers' state kept. A rejected step, or
+   ``warm_start=False``, restarts cold (Δ = 0, fresh inner optimizer state).
+5. **Safety**: a non-finite value anywhere (inner value or gradient, CG product, direction, line-search
+   loss) rejects the step with ``reason="nonfinite"``; the model never receives it. The first-order
+   solvers then halve every block's peak LR (``param_groups[b]["lr"]``, persistently); CG raises λ (ρ is
+   undefined) and forgets its warm start.
+6. **EMA** (``ema=β``): ema ← β·ema + (1 − β)·θ_{t+1} after every outer step (initialized at θ_0, no bias
+   correction, like the reference); :meth:`GaussNewton.eval_parameters` returns it for evaluation.
+
+Diagnostics returned by :meth:`GaussNewton.step` (flat; the same keys every step; None where a value
+does not apply): ``loss`` (true training loss on the line-search batches at the accepted point, L(0)
+when rejected), ``loss_before`` (L(0)), ``q_start``/``q_end`` (inner objective incl. P at the first /
+last inner step, each on its own batch and before that step's update; CG: ℓ(z_t) and ℓ(z_t) + φ(x) of the
+chosen damped-quadratic solution; layerwise: ℓ(z_t) plus the sum over blocks of each block's own change
+q_b − ℓ(z_t)), ``alpha`` (α applied; 0 when rejected), ``predicted_reduction``/``actual_reduction``
+(m(0) − m(α), L(0) − L(α) at the best α of the grid, from the *full* model even for layerwise), ``rho``
+(their ratio), ``damping`` (λ used by this step's CG solve), ``delta_norm`` (‖α·d‖, the parameter change
+applied), ``direction_norm`` (‖d‖), ``rejected`` (0/1), ``reason`` (None, ``"nonfinite"`` or
+``"no_decrease"``), ``inner_lr`` (peak LR of the first block this step), ``cg_iterations`` (summed over
+blocks), the pass counters ``forward_passes``, ``tangent_passes``, ``backward_passes``, ``tokens`` (every
+training token drawn: inner + line search) and ``grad_equivalents``.
+
+**Cost accounting.** A pass over one batch drawn from ``batches`` counts 1 (the CG batch of N
+concatenated batches counts N per pass). A forward carrying a tangent counts one forward and one tangent.
+Per batch: inner step = (1 forward, 1 tangent, 1 backward) per block; line search = 1 forward + 1 tangent
+(α = 0 with the model prediction) and 1 forward per α; layerwise q_start/q_end add 1 forward each;
+CG: linearization = 2 forwards (graph + traced JVP), gradient = 1 backward, product = 1 tangent + 1
+backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes so that a
+plain gradient step (1 forward + 1 backward) costs 1: :data:`PASS_COSTS` = forward 1/3, tangent 1/3,
+backward 2/3, i.e. the FLOP model (backward ≈ 2 forwards, tangent ≈ 1 forward); an inner step then costs
+4/3. Pass measured ratios (``python -m gnlib.bench``) as ``pass_costs`` to weigh by time instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gnlib import curvature
+from gnlib.blocks import resolve_partition
+from gnlib.losses import CrossEntropy, Loss
+from gnlib.optim.factory import make_optimizer
+from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
+from gnlib.optim.schedules import constant, cosine_decay
+from gnlib.params import Params, flatten, unflatten
+from gnlib.runtime import check_choice
+
+Batch = tuple[Tensor, Tensor]
+
+OBJECTIVES = ("gn", "prox_linear")
+SOLVERS = ("muon", "adamw", "sgd", "cg")
+INNER_SCHEDULES = ("cosine", "constant")
+#: The study's line-search grid: α ∈ {1, 2^-1/2, 1/2, 2^-3/2, 1/4} (α = 0, rejecting, is always tried).
+LINE_SEARCH = (1.0, 2**-0.5, 0.5, 2**-1.5, 0.25)
+#: Cost of one pass over one batch in gradient-step equivalents (gradient step = forward + backward = 1).
+PASS_COSTS = {"forward": 1 / 3, "tangent": 1 / 3, "backward": 2 / 3}
+#: Inner-solver settings that differ from :data:`gnlib.optim.factory.DEFAULTS`: the study's betas.
+SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": {"betas": (0.9, 0.999)},
+    "muon": {"adamw_betas": (0.9, 0.999)},
+    "sgd": {},
+}
+DEFAULT_INNER_LR = {"muon": 0.01, "adamw": 0.01, "sgd": 0.01, "cg": 1.0}
+DEFAULT_DAMPING = 1.0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(parameter: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{parameter}={value!r} is invalid; allowed values: {allowed}")
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@dataclass
+class _Cost:
+    """Passes over source-sized batches and tokens drawn during one outer step."""
+
+    forward: int = 0
+    tangent: int = 0
+    backward: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Block:
+    """One block's inner state.
+
+    Its parameter names, the step Δ_b (leaf tensors), its inner optimizer (first-order solvers) or its
+    last CG solution (flat, for the 0.95× warm start).
+    """
+
+    names: list[str]
+    delta: Params
+    optimizer: Any = None
+    cg_x: Tensor | None = None
+
+
+@dataclass
+class _Direction:
+    """What the inner solve of one outer step produced (``direction`` None: a non-finite value)."""
+
+    direction: Params | None
+    q_start: float | None = None
+    q_end: float | None = None
+    cg_iterations: int | None = None
+
+
+class GaussNewton:
+    """Gauss-Newton optimizer that draws its own batches; see the module docstring for the method.
+
+    Args:
+        model: the model; its parameters are updated in place by :meth:`step`.
+        batches: zero-argument callable returning the next ``(inputs, targets)`` training batch.
+        objective: ``"gn"`` (quadratic model) or ``"prox_linear"`` (loss of the linearized model).
+        blocks: ``None`` / ``"full"`` (full GN), ``"per_layer"`` (the study's layerwise partition),
+            ``"per_tensor"``, ``"halves"`` or a partition dict (:func:`gnlib.blocks.resolve_partition`).
+        solver: ``"muon"``, ``"adamw"``, ``"sgd"`` (first-order inner solvers) or ``"cg"`` (Hessian-free).
+        inner_steps: N, inner steps (first-order) or batches concatenated for CG, per outer step.
+        inner_lr: peak inner LR (first-order; default 0.01) or CG step scale (default 1.0); the initial
+            ``"lr"`` of every param group.
+        inner_schedule: ``"cosine"`` (decay to 0 within each inner loop) or ``"constant"``.
+        warm_start: start each inner loop from the previous pre-line-search iterate and inner state.
+        prox: λ_prox of the proximal penalty λ_prox·Σ_tensors mean(Δ²) (first-order solvers).
+        weight_decay: decoupled weight decay of the inner iterate θ_t + Δ (first-order solvers).
+        grad_clip: clip each block's inner gradient to this global norm (first-order solvers); None disables.
+        line_search: grid of step sizes α > 0, or None for α = 1 without a test.
+        line_search_batches: fresh batches on which the line search evaluates the true loss.
+        ema: β of an EMA of the outer iterates for :meth:`eval_parameters`, or None.
+        damping: initial λ for ``solver="cg"`` (default 1.0); not used by the other solvers.
+        cg_iters: CG iteration cap per block.
+        cg_tol: CG stops at relative residual ‖r‖/‖g‖ ≤ cg_tol.
+        cg_progress_tol: ε of Martens's relative-progress stopping rule (0 disables).
+        cg_backtrack: backtrack over the kept CG iterates on the true loss of the CG batch.
+        solver_options: extra hyperparameters of the inner optimizer (:func:`gnlib.optim.make_optimizer`
+            of the solver, e.g. ``{"momentum": 0.0}`` for sgd, ``{"adamw_lr": 3e-3}`` for muon); the
+            solver's ``lr`` and ``weight_decay`` are set by ``inner_lr`` and ``weight_decay``.
+        pass_costs: weights of forward / tangent / backward passes in gradient-step equivalents
+            (default :data:`PASS_COSTS`).
+        loss: the training loss (default :class:`~gnlib.losses.CrossEntropy`).
+
+    Raises:
+        ValueError: any invalid option, naming the parameter and its allowed values, before any work.
+    """
+
+    draws_batches = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Callable[[], Batch],
+        *,
+        objective: str = "gn",
+        blocks: str | Mapping[str, list[str]] | None = None,
+        solver: str = "muon",
+        inner_steps: int = 8,
+        inner_lr: float | None = None,
+        inner_schedule: str = "cosine",
+        warm_start: bool = True,
+        prox: float = 0.0,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        line_search: Sequence[float] | None = LINE_SEARCH,
+        line_search_batches: int = 2,
+        ema: float | None = None,
+        damping: float | None = None,
+        cg_iters: int = 50,
+        cg_tol: float = 1e-4,
+        cg_progress_tol: float = 5e-4,
+        cg_backtrack: bool = True,
+        solver_options: Mapping[str, Any] | None = None,
+        pass_costs: Mapping[str, float] | None = None,
+        loss: Loss | None = None,
+    ) -> None:
+        """Validate every option (see the class docstring), resolve the partition, build the inner states."""
+        _require("model", model, isinstance(model, nn.Module) and any(True for _ in model.parameters()),
+                 "an nn.Module with parameters")
+        _require("batches", batches, callable(batches), "a zero-argument callable returning (inputs, targets)")
+        check_choice("objective", objective, OBJECTIVES)
+        check_choice("solver", solver, SOLVERS)
+        check_choice("inner_schedule", inner_schedule, INNER_SCHEDULES)
+        _require("inner_steps", inner_steps, _is_int(inner_steps, 1), "an integer >= 1")
+        inner_lr = DEFAULT_INNER_LR[solver] if inner_lr is None else inner_lr
+        _require("inner_lr", inner_lr, _is_number(inner_lr) and inner_lr > 0, "a finite number > 0")
+        _require("warm_start", warm_start, isinstance(warm_start, bool), "True or False")
+        for name, value in (("prox", prox), ("weight_decay", weight_decay), ("cg_tol", cg_tol),
+                            ("cg_progress_tol", cg_progress_tol)):
+            _require(name, value, _is_number(value) and value >= 0, "a finite number >= 0")
+        _require("grad_clip", grad_clip, grad_clip is None or (_is_number(grad_clip) and grad_clip > 0),
+                 "None or a finite number > 0")
+        if line_search is not None:
+            ok = (isinstance(line_search, Sequence) and not isinstance(line_search, str) and len(line_search) > 0
+                  and all(_is_number(a) and a > 0 for a in line_search) and len(set(line_search)) == len(line_search))
+            _require("line_search", line_search, ok,
+                     "None or a non-empty sequence of distinct finite step sizes > 0 (α = 0 is always tried)")
+        _require("line_search_batches", line_search_batches, _is_int(line_search_batches, 1), "an integer >= 1")
+        _require("ema", ema, ema is None or (_is_number(ema) and 0 < ema < 1), "None or a number in (0, 1)")
+        _require("damping", damping,
+                 damping is None or (solver == "cg" and _is_number(damping) and damping >= 0),
+                 "None, or a finite number >= 0 with solver='cg' (first-order solvers use prox instead)")
+        _require("cg_iters", cg_iters, _is_int(cg_iters, 1), "an integer >= 1")
+        _require("cg_backtrack", cg_backtrack, isinstance(cg_backtrack, bool), "True or False")
+        if solver == "cg" and (prox or weight_decay):
+            raise ValueError(f"prox={prox!r} and weight_decay={weight_decay!r} apply to the first-order solvers; "
+                             "allowed values with solver='cg': 0 (CG is regularized by damping)")
+        if solver == "cg" and objective != "gn":
+            raise ValueError(f"objective={objective!r} is invalid with solver='cg' (CG solves the quadratic); "
+                             "allowed values: 'gn', or a first-order solver for 'prox_linear'")
+        costs = dict(PASS_COSTS if pass_costs is None else pass_costs)
+        ok = set(costs) == set(PASS_COSTS) and all(_is_number(c) and c >= 0 for c in costs.values())
+        _require("pass_costs", pass_costs, ok, f"None or a dict with keys {sorted(PASS_COSTS)}, values >= 0")
+        solver_options = dict(solver_options or {})
+        fixed = sorted({"lr", "weight_decay", "adamw_weight_decay"} & set(solver_options))
+        _require("solver_options", solver_options, not fixed and not (solver == "cg" and solver_options),
+                 "a dict of the inner optimizer's other hyperparameters (inner_lr and weight_decay set "
+                 "lr and weight decay; none for solver='cg')")
+        loss = CrossEntropy() if loss is None else loss
+        _require("loss", loss, isinstance(loss, Loss), "a gnlib.losses.Loss")
+        partition = resolve_partition(blocks, model)
+
+        self.model, self.batches, self.loss = model, batches, loss
+        self.objective, self.solver, self.inner_steps = objective, solver, inner_steps
+        self.inner_schedule, self.warm_start = inner_schedule, warm_start
+        self.prox, self.weight_decay, self.grad_clip = float(prox), float(weight_decay), grad_clip
+        self.line_search = None if line_search is None else tuple(float(a) for a in line_search)
+        self.line_search_batches = line_search_batches
+        self.ema_decay = ema
+        self.damping = (DEFAULT_DAMPING if damping is None else float(damping)) if solver == "cg" else None
+        self.cg_iters, self.cg_tol, self.cg_progress_tol = cg_iters, cg_tol, cg_progress_tol
+        self.cg_backtrack = cg_backtrack
+        self.solver_options = solver_options
+        self.pass_costs = costs
+        self.steps = 0
+
+        named = dict(model.named_parameters())
+        self.param_groups: list[dict[str, Any]] = [
+            {"params": [named[n] for n in names], "block": block, "lr": float(inner_lr), "initial_lr": float(inner_lr)}
+            for block, names in partition.items()
+        ]
+        self._blocks: dict[str, _Block] = {}
+        for block, names in partition.items():
+            delta = {n: torch.zeros_like(named[n]).requires_grad_() for n in named if n in set(names)}
+            self._blocks[block] = _Block(names=list(delta), delta=delta)
+            self._reset_inner(self._blocks[block], inner_lr)
+        self.ema = None if ema is None else {n: p.detach().clone() for n, p in named.items()}
+
+    # ------------------------------------------------------------------------------------ public API
+
+    def step(self) -> dict[str, Any]:
+        """One outer step (module docstring); draws its batches from ``batches``; returns diagnostics."""
+        cost = _Cost()
+        anchor = {n: p.detach() for n, p in self.model.named_parameters()}
+        damping = self.damping
+        solved = self._solve_cg(anchor, cost) if self.solver == "cg" else self._solve_first_order(anchor, cost)
+        ls_batches = [self._draw(cost) for _ in range(self.line_search_batches)]
+        search = self._line_search(anchor, solved.direction, ls_batches, cost)
+
+        accepted = search["reason"] is None
+        if accepted:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    p.add_(solved.direction[name], alpha=search["alpha"])
+        self._after_step(search)
+        self.steps += 1
+        cw = self.pass_costs
+        return {
+            "loss": search["loss"],
+            "loss_before": search["loss_before"],
+            "q_start": solved.q_start,
+            "q_end": solved.q_end,
+            "alpha": search["alpha"] if accepted else 0.0,
+            "predicted_reduction": search["predicted_reduction"],
+            "actual_reduction": search["actual_reduction"],
+            "rho": search["rho"],
+            "damping": damping,
+            "delta_norm": search["direction_norm"] * search["alpha"] if accepted else 0.0,
+            "direction_norm": search["direction_norm"],
+            "rejected": 0 if accepted else 1,
+            "reason": search["reason"],
+            "inner_lr": search["inner_lr"],
+            "cg_iterations": solved.cg_iterations,
+            "forward_passes": cost.forward,
+            "tangent_passes": cost.tangent,
+            "backward_passes": cost.backward,
+            "tokens": cost.tokens,
+            "grad_equivalents": (cw["forward"] * cost.forward + cw["tangent"] * cost.tangent
+                                 + cw["backward"] * cost.backward),
+        }
+
+    def eval_parameters(self) -> Params | None:
+        """The EMA of the outer iterates (a params dict) when ``ema`` is set, else None (use the model)."""
+        return None if self.ema is None else dict(self.ema)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`step` carries across outer steps, as tensors and primitive containers.
+
+        Keys: ``steps``, ``param_groups`` (block, lr, initial_lr), ``blocks`` (per block: ``delta`` (the
+        warm-start point Δ), ``optimizer`` (inner optimizer state, first-order solvers), ``cg_x``),
+        ``ema``, ``damping``. Loadable with ``torch.load(..., weights_only=True)``. The model's parameters
+        (the anchor) are saved by the caller with the model.
+        """
+        return {
+            "steps": self.steps,
+            "param_groups": [{k: g[k] for k in ("block", "lr", "initial_lr")} for g in self.param_groups],
+            "blocks": {
+                name: {
+                    "delta": {n: t.detach().clone() for n, t in b.delta.items()},
+                    "optimizer": None if b.optimizer is None else b.optimizer.state_dict(),
+                    "cg_x": None if b.cg_x is None else b.cg_x.clone(),
+                }
+                for name, b in self._blocks.items()
+            },
+            "ema": None if self.ema is None else {n: t.clone() for n, t in self.ema.items()},
+            "damping": self.damping,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, so that stepping continues identically.
+
+        Raises:
+            ValueError: the saved blocks, parameter names or solver kind differ from this optimizer's
+                (checked before anything is changed).
+        """
+        saved = [g["block"] for g in state["param_groups"]]
+        if saved != list(self._blocks) or list(state["blocks"]) != list(self._blocks):
+            raise ValueError(f"state_dict has blocks {saved}, expected {list(self._blocks)}")
+        for name, block in self._blocks.items():
+            entry = state["blocks"][name]
+            if list(entry["delta"]) != block.names:
+                raise ValueError(f"state_dict block {name!r} holds {list(entry['delta'])}, expected {block.names}")
+            if (entry["optimizer"] is None) != (self.solver == "cg"):
+                raise ValueError(f"state_dict block {name!r} comes from another solver than solver={self.solver!r}")
+        for (name, block), group, saved_group in zip(self._blocks.items(), self.param_groups, state["param_groups"]):
+            group["lr"], group["initial_lr"] = float(saved_group["lr"]), float(saved_group["initial_lr"])
+            entry = state["blocks"][name]
+            with torch.no_grad():
+                for n, t in block.delta.items():
+                    t.copy_(entry["delta"][n])
+            self._reset_inner(block, group["initial_lr"], keep_delta=True)
+            if block.optimizer is not None:
+                block.optimizer.load_state_dict(entry["optimizer"])
+            block.cg_x = None if entry["cg_x"] is None else entry["cg_x"].to(next(iter(block.delta.values())).device)
+        self.ema = None if state["ema"] is None else {n: t.clone() for n, t in state["ema"].items()}
+        self.damping = state["damping"]
+        self.steps = int(state["steps"])
+
+    def __repr__(self) -> str:
+        """Main settings."""
+        return (f"GaussNewton(objective={self.objective!r}, solver={self.solver!r}, blocks={list(self._blocks)}, "
+                f"inner_steps={self.inner_steps}, lr={[g['lr'] for g in self.param_groups]})")
+
+    # ------------------------------------------------------------------------------------ inner solves
+
+    def _draw(self, cost: _Cost) -> Batch:
+        batch = self.batches()
+        cost.tokens += batch[1].numel()
+        return batch
+
+    def _reset_inner(self, block: _Block, lr: float, keep_delta: bool = False) -> None:
+        """Cold start of a block: Δ = 0 (unless ``keep_delta``), a fresh inner optimizer, no CG memory.
+
+        The inner optimizer is built at the nominal LR ``lr`` (the group's ``initial_lr``); each of its
+        groups records ``lr_ratio`` (its LR / ``lr``, e.g. ``adamw_lr / lr`` under Muon), and every inner
+        step sets its LR to ratio × the block's current peak × the inner schedule.
+        """
+        if not keep_delta:
+            with torch.no_grad():
+                for t in block.delta.values():
+                    t.zero_()
+        block.cg_x = None
+        if self.solver == "cg":
+            return
+        hp = {**SOLVER_DEFAULTS[self.solver], **self.solver_options, "lr": lr, "weight_decay": 0.0}
+        if self.solver == "muon":
+            hp = {"adamw_lr": lr, **hp, "adamw_weight_decay": 0.0}
+        block.optimizer = make_optimizer(self.solver, block.delta, **hp)
+        for group in block.optimizer.param_groups:
+            group["lr_ratio"] = group["lr"] / lr
+
+    def _prox(self, delta: Params) -> tuple[Tensor, Params]:
+        """P(Δ) = λ Σ_tensors mean(Δ²) and its gradient 2λΔ/numel."""
+        value = sum(t.detach().square().mean() for t in delta.values()) * self.prox
+        return value, {n: t.detach() * (2 * self.prox / t.numel()) for n, t in delta.items()}
+
+    def _anchor_loss(self, anchor: Params, batch: Batch, cost: _Cost, weight: int = 1) -> float:
+        cost.forward += weight
+        return float(self.loss.value(curvature.logits(self.model, anchor, batch[0]), batch[1]))
+
+    def _solve_first_order(self, anchor: Params, cost: _Cost) -> _Direction:
+        """N inner steps of every block's first-order solver on shared fresh batches (Jacobi)."""
+        schedule = cosine_decay(self.inner_steps) if self.inner_schedule == "cosine" else constant()
+        layerwise = len(self._blocks) > 1
+        q: dict[int, float] = {}
+        for k in range(self.inner_steps):
+            batch = self._draw(cost)
+            multiplier = schedule(k)
+            values = []
+            for block, group in zip(self._blocks.values(), self.param_groups):
+                value, grad = curvature.gn_inner_step(self.model, anchor, block.delta, batch, self.loss, self.objective)
+                cost.forward, cost.tangent, cost.backward = cost.forward + 1, cost.tangent + 1, cost.backward + 1
+                if self.prox:
+                    penalty, prox_grad = self._prox(block.delta)
+                    value = value + penalty
+                    grad = {n: g + prox_grad[n] for n, g in grad.items()}
+                if not _finite(value, *grad.values()):
+                    return _Direction(None)
+                values.append(float(value))
+                self._inner_update(block, grad, anchor, group["lr"] * multiplier)
+            if k in (0, self.inner_steps - 1):
+                if layerwise:
+                    base = self._anchor_loss(anchor, batch, cost)
+                    q[k] = base + sum(v - base for v in values)
+                else:
+                    q[k] = values[0]
+        direction = {n: t.detach().clone() for b in self._blocks.values() for n, t in b.delta.items()}
+        return _Direction(self._in_model_order(direction), q[0], q[self.inner_steps - 1])
+
+    def _inner_update(self, block: _Block, grad: Params, anchor: Params, lr: float) -> None:
+        """Clip, decay θ_t + Δ, and step the block's inner optimizer at peak-scheduled ``lr``."""
+        if self.grad_clip is not None:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad.values()]))
+            scale = min(1.0, self.grad_clip / (float(norm) + 1e-12))
+            grad = {n: g * scale for n, g in grad.items()} if scale < 1.0 else grad
+        names = {id(t): n for n, t in block.delta.items()}
+        with torch.no_grad():
+            for group in block.optimizer.param_groups:
+                group["lr"] = lr * group["lr_ratio"]
+                if self.weight_decay:
+                    for t in group["params"]:
+                        t.sub_(anchor[names[id(t)]] + t, alpha=group["lr"] * self.weight_decay)
+        for n, t in block.delta.items():
+            t.grad = grad[n].detach()
+        block.optimizer.step()
+        block.optimizer.zero_grad(set_to_none=True)
+
+    def _solve_cg(self, anchor: Params, cost: _Cost) -> _Direction:
+        """Hessian-free: per block, CG on (G_bb + λI)x = −g_b on the N concatenated batches, backtracked."""
+        parts = [self._draw(cost) for _ in range(self.inner_steps)]
+        batch = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        weight = self.inner_steps
+        direction: Params = {}
+        change, iterations, base = 0.0, 0, None
+        for block, group in zip(self._blocks.values(), self.param_groups):
+            lin = curvature.linearize(self.model, anchor, batch, self.loss, wrt=block.names)
+            gradient = flatten(lin.gradient)
+            cost.forward += 2 * weight
+            cost.backward += weight
+            base = float(lin.value)
+            if not _finite(lin.value, gradient):
+                return _Direction(None)
+
+            def apply(x: Tensor, lin=lin) -> Tensor:
+                cost.tangent += weight
+                cost.backward += weight
+                return flatten(lin.ggn_vp(unflatten(x, lin.like))) + self.damping * x
+
+            start = 0.95 * block.cg_x if self.warm_start and block.cg_x is not None else None
+            result = conjugate_gradient(apply, -gradient, start, max_iters=self.cg_iters, tol=self.cg_tol,
+                                        progress_tol=self.cg_progress_tol)
+            iterations += result.iterations
+            if not result.finite:
+                return _Direction(None)
+            block.cg_x = result.x
+            chosen = result.iterates[-1]
+            if self.cg_backtrack and len(result.iterates) > 1:
+
+                def loss_at(x: Tensor, like=lin.like) -> float:
+                    point = {**anchor, **{n: anchor[n] + s for n, s in unflatten(x, like).items()}}
+                    return self._anchor_loss(point, batch, cost, weight)
+
+                chosen, _ = backtrack(result.iterates, loss_at)
+            change += chosen.phi
+            direction.update({n: s * group["lr"] for n, s in unflatten(chosen.x, lin.like).items()})
+        return _Direction(self._in_model_order(direction), base, base + change, iterations)
+
+    def _in_model_order(self, direction: Params) -> Params:
+        return {n: direction[n] for n, _ in self.model.named_parameters()}
+
+    # ------------------------------------------------------------------------------------ line search
+
+    def _line_search(
+        self, anchor: Params, direction: Params | None, batches: list[Batch], cost: _Cost
+    ) -> dict[str, Any]:
+        """True loss along θ_t + αd and the model's prediction, on ``batches``; picks α or rejects."""
+        out = {"loss_before": None, "alpha": 0.0, "predicted_reduction": None, "actual_reduction": None,
+               "rho": None, "direction_norm": None, "inner_lr": self.param_groups[0]["lr"], "reason": "nonfinite"}
+        if direction is None or not _finite(*direction.values()):
+            values = [self._anchor_loss(anchor, b, cost) for b in batches]
+            out["loss"] = out["loss_before"] = sum(values) / len(values)
+            return out
+        out["direction_norm"] = float(torch.linalg.vector_norm(flatten(direction)))
+        grid = self.line_search or (1.0,)
+        before, model_at = 0.0, {a: 0.0 for a in grid}
+        losses = {a: 0.0 for a in grid}
+        for inputs, targets in batches:
+            z, jd = torch.func.jvp(lambda p: functional_call(self.model, p, (inputs,)), (anchor,), (direction,))
+            cost.forward, cost.tangent = cost.forward + 1, cost.tangent + 1
+            with torch.no_grad():
+                value = self.loss.value(z, targets)
+                before += float(value) / len(batches)
+                for a in grid:
+                    if self.objective == "gn":
+                        m = self.loss.quadratic(z, targets, a * jd)[0]
+                    else:
+                        m = self.loss.value(z + a * jd, targets)
+                    model_at[a] += float(m) / len(batches)
+                    point = {n: anchor[n] + a * direction[n] for n in anchor}
+                    value = self.loss.value(functional_call(self.model, point, (inputs,)), targets)
+                    losses[a] += float(value) / len(batches)
+                    cost.forward += 1
+        out["loss"] = out["loss_before"] = before
+        if not all(math.isfinite(v) for v in (before, *losses.values(), *model_at.values())):
+            return out
+        best = min(grid, key=lambda a: losses[a])
+        predicted, actual = before - model_at[best], before - losses[best]
+        out.update(alpha=best, predicted_reduction=predicted, actual_reduction=actual,
+                   rho=actual / predicted if predicted != 0 else None)
+        if self.line_search is not None and not losses[best] < before:
+            out["reason"] = "no_decrease"
+            return out
+        out["reason"], out["loss"] = None, losses[best]
+        return out
+
+    def _after_step(self, search: dict[str, Any]) -> None:
+        """Warm start, restarts, LR halving / damping update and the EMA, after the parameters moved."""
+        accepted = search["reason"] is None
+        if self.solver == "cg":
+            self.damping = lm_damping(self.damping, search["rho"])
+        elif search["reason"] == "nonfinite":
+            for group in self.param_groups:
+                group["lr"] *= 0.5
+        for block, group in zip(self._blocks.values(), self.param_groups):
+            if search["reason"] == "nonfinite" or (self.solver != "cg" and (not accepted or not self.warm_start)):
+                self._reset_inner(block, group["initial_lr"])
+            elif self.solver != "cg":
+                with torch.no_grad():
+                    for t in block.delta.values():
+                        t.mul_(1.0 - search["alpha"])
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    self.ema[n].lerp_(p.detach(), 1.0 - self.ema_decay)
+
+
+#: Named variants for ``gnlib.experiments``: name → the GaussNewton options that define it.
+GN_VARIANTS: dict[str, dict[str, Any]] = {
+    "gn": {},
+    "gn_prox": {"objective": "prox_linear"},
+    "gn_layerwise": {"blocks": "per_layer"},
+    "gn_cg": {"solver": "cg"},
+}
+
+
+def make_gauss_newton(
+    name: str, model: nn.Module, batches: Callable[[], Batch], lr: float, **hyperparameters: Any
+) -> GaussNewton:
+    """Build the Gauss-Newton variant ``name`` of :data:`GN_VARIANTS`.
+
+    Args:
+        name: ``"gn"`` (full GN), ``"gn_prox"`` (prox-linear), ``"gn_layerwise"`` (layerwise GN, the study's
+            per-layer partition) or ``"gn_cg"`` (Hessian-free CG).
+        model: the model to train.
+        batches: the training batch source.
+        lr: ``inner_lr``: the inner solver's peak LR; for ``"gn_cg"`` the scale of the CG step (1 = the
+            damped Gauss-Newton step; the line search then shortens it).
+        **hyperparameters: further :class:`GaussNewton` options (not those the variant fixes).
+
+    Raises:
+        ValueError: unknown ``name``, unknown option, an option the variant fixes, or an invalid value.
+    """
+    check_choice("name", name, GN_VARIANTS)
+    fixed = GN_VARIANTS[name]
+    own = ("self", "model", "batches", "inner_lr")
+    allowed = [p for p in inspect.signature(GaussNewton.__init__).parameters if p not in own]
+    unknown = sorted(set(hyperparameters) - set(allowed))
+    if unknown:
+        raise ValueError(f"Gauss-Newton variant {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
+    clash = sorted(k for k in set(fixed) & set(hyperparameters) if hyperparameters[k] != fixed[k])
+    if clash:
+        raise ValueError(f"variant {name!r} fixes {clash} to {[fixed[k] for k in clash]}; pick another variant "
+                         f"of {list(GN_VARIANTS)} or use GaussNewton directly")
+    return GaussNewton(model, batches, inner_lr=lr, **{**fixed, **hyperparameters})

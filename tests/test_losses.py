@@ -1,0 +1,97 @@
+"""Losses: values against torch's own, gradients and Hessian products against torch.func references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gnlib.losses import MSE, CrossEntropy
+
+
+def _ce_case(shape=(2, 3), vocab=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, vocab, generator=g, dtype=torch.float64)
+    y = torch.randint(vocab, shape, generator=g)
+    return z, y, g
+
+
+def _mse_case(rows=(4,), width=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*rows, width, generator=g, dtype=torch.float64)
+    y = torch.randn(*rows, width, generator=g, dtype=torch.float64)
+    return z, y, g
+
+
+def _dense_hessian(loss, z, y):
+    flat = z.reshape(-1)
+    return torch.func.hessian(lambda f: loss.value(f.reshape(z.shape), y))(flat)
+
+
+def test_cross_entropy_value_is_token_mean():
+    z, y, _ = _ce_case(shape=(2, 3))
+    expected = F.cross_entropy(z.reshape(-1, 5), y.reshape(-1), reduction="none").mean()
+    torch.testing.assert_close(CrossEntropy().value(z, y), expected)
+    torch.testing.assert_close(CrossEntropy().value_and_grad(z, y)[0], expected)
+
+
+def test_mse_value_is_row_mean_of_half_squared_norm():
+    z, y, _ = _mse_case(rows=(2, 3))
+    expected = torch.stack([0.5 * (z[i, j] - y[i, j]).square().sum() for i in range(2) for j in range(3)]).mean()
+    torch.testing.assert_close(MSE().value(z, y), expected)
+
+
+@pytest.mark.parametrize("loss, case", [(CrossEntropy(), _ce_case), (MSE(), _mse_case)])
+def test_grad_matches_autograd(loss, case):
+    z, y, _ = case()
+    expected = torch.func.grad(lambda t: loss.value(t, y))(z)
+    torch.testing.assert_close(loss.grad(z, y), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss.value_and_grad(z, y)[1], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss, case", [(CrossEntropy(), _ce_case), (MSE(), _mse_case)])
+def test_hvp_matches_dense_hessian(loss, case):
+    z, y, g = case()
+    hessian = _dense_hessian(loss, z, y)
+    for _ in range(3):
+        v = torch.randn(z.shape, generator=g, dtype=z.dtype)
+        torch.testing.assert_close(loss.hvp(z, y, v).reshape(-1), hessian @ v.reshape(-1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss, case", [(CrossEntropy(), _ce_case), (MSE(), _mse_case)])
+def test_quadratic_is_second_order_taylor_model(loss, case):
+    z, y, g = case()
+    dz = torch.randn(z.shape, generator=g, dtype=z.dtype)
+    hessian = _dense_hessian(loss, z, y)
+    grad = torch.func.grad(lambda t: loss.value(t, y))(z).reshape(-1)
+
+    def taylor(d):
+        d = d.reshape(-1)
+        return loss.value(z, y) + grad @ d + 0.5 * d @ hessian @ d
+
+    value, u = loss.quadratic(z, y, dz)
+    torch.testing.assert_close(value, taylor(dz), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u, torch.func.grad(taylor)(dz), rtol=1e-10, atol=1e-12)
+
+
+def test_cross_entropy_hessian_is_psd_with_constant_null_space():
+    z, y, _ = _ce_case(shape=(3,))
+    hessian = _dense_hessian(CrossEntropy(), z, y)
+    assert torch.linalg.eigvalsh(hessian).min() > -1e-12
+    ones = torch.ones_like(z)
+    torch.testing.assert_close(CrossEntropy().hvp(z, y, ones), torch.zeros_like(z), atol=1e-14, rtol=0)
+
+
+def test_cross_entropy_hvp_is_per_token_and_analytic_for_a_large_vocabulary():
+    # A V×V Hessian per token would need 4 * 50000² * 8 bytes = 80 GB here.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 50_000, generator=g)
+    y = torch.randint(50_000, (4,), generator=g)
+    v = torch.randn(4, 50_000, generator=g)
+    out = CrossEntropy().hvp(z, y, v)
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(out[1], (p[1] * v[1] - p[1] * (p[1] @ v[1])) / 4)
+
+
+def test_mse_hessian_is_identity_over_rows():
+    z, y, g = _mse_case(rows=(5,))
+    v = torch.randn(z.shape, generator=g, dtype=z.dtype)
+    torch.testing.assert_close(MSE().hvp(z, y, v), v / 5)
