@@ -7,13 +7,19 @@ they work with any backend and are never shown twice; the caller saves them or d
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Iterator
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
+import torch
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 
 @contextmanager
@@ -62,3 +68,330 @@ def loss_curves(
         if title:
             ax.set_title(title)
     return fig
+
+
+Matrix = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
+
+
+def _array(values: object) -> np.ndarray:
+    """A float NumPy array from a tensor, array or nested sequence."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(values, dtype=float)
+
+
+def _grid(count: int, ncols: int | None, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout figure with ``count`` panels, ``ncols`` per row (default: all in one row)."""
+    ncols = min(count, ncols or count)
+    nrows = -(-count // ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def heatmap(
+    panels: Mapping[str, Matrix] | Matrix,
+    row_labels: Sequence[str] | Mapping[str, Sequence[str] | None] | None,
+    col_labels: Sequence[str] | Mapping[str, Sequence[str] | None] | None = None,
+    *,
+    log: bool = False,
+    shared_scale: bool = True,
+    annotate: bool | None = None,
+    highlight: tuple[int, int] | Mapping[str, tuple[int, int]] | None = None,
+    limits: tuple[float, float] | None = None,
+    colorbar_label: str = "",
+    cmap: str = "viridis",
+    ncols: int | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One heatmap per panel (e.g. block norms of G at each checkpoint), rows and columns labelled.
+
+    Args:
+        panels: panel title → (r, c) matrix, or one matrix (a single untitled panel).
+        row_labels: r labels shared by all panels, or panel title → labels; None: no tick labels.
+        col_labels: c labels in the same form (default: ``row_labels`` when the panels are square).
+        log: logarithmic colour scale; entries ≤ 0 (and nan) are left blank.
+        shared_scale: one colour scale for all panels (so panels compare); else one per panel.
+        annotate: write each value in its cell (default: when the matrix has at most 12 rows and columns).
+        highlight: (row, column) of a cell to outline in every panel, or panel title → cell.
+        limits: fixed (low, high) of the colour scale (e.g. (−1, 1) for cosines), instead of the data's.
+        colorbar_label: label of the colour bar(s).
+        cmap: matplotlib colour map.
+        ncols: panels per row (default: all in one row).
+        title: figure title.
+
+    Raises:
+        ValueError: a matrix that is not 2-D, or labels whose count does not match it.
+    """
+    if not isinstance(panels, Mapping):
+        panels = {"": panels}
+    arrays = {name: _array(m) for name, m in panels.items()}
+
+    def labels_of(labels: object, name: str) -> Sequence[str] | None:
+        return labels.get(name) if isinstance(labels, Mapping) else labels
+
+    ticks = {}
+    for name, a in arrays.items():
+        rows = labels_of(row_labels, name)
+        cols = (
+            labels_of(col_labels, name)
+            if col_labels is not None
+            else (rows if a.ndim == 2 and a.shape[0] == a.shape[1] else None)
+        )
+        if (
+            a.ndim != 2
+            or (rows is not None and len(rows) != a.shape[0])
+            or (cols is not None and len(cols) != a.shape[1])
+        ):
+            expected = (len(rows) if rows is not None else "r", len(cols) if cols is not None else "c")
+            raise ValueError(
+                f"panel {name!r} has shape {a.shape}, expected a matrix of shape {expected} from the labels"
+            )
+        ticks[name] = (rows, cols)
+    visible = {name: a[np.isfinite(a) & ((a > 0) if log else True)] for name, a in arrays.items()}
+    pooled = np.concatenate([v for v in visible.values()]) if visible else np.zeros(0)
+    longest = max(max(len(t[0] or ()), len(t[1] or ())) for t in ticks.values())
+    panel = (4.2, 3.6) if longest <= 12 else (2.2 + 0.22 * longest, 1.6 + 0.22 * longest)
+    with style():
+        fig, axes = _grid(len(arrays), ncols, panel)
+        for ax, (name, a) in zip(axes, arrays.items()):
+            rows, cols = ticks[name]
+            pool = pooled if shared_scale else visible[name]
+            lo, hi = (pool.min(), pool.max()) if pool.size else ((1e-12, 1.0) if log else (0.0, 1.0))
+            lo, hi = limits if limits is not None else (lo, hi)
+            norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)) if log else Normalize(vmin=lo, vmax=hi)
+            shown = np.ma.masked_where(~np.isfinite(a) | ((a <= 0) if log else False), a)
+            image = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+            ax.grid(False)
+            if cols is not None:
+                ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+            if rows is not None:
+                ax.set_yticks(range(len(rows)), rows, fontsize=7)
+            if annotate if annotate is not None else max(a.shape) <= 12:
+                for (i, j), value in np.ndenumerate(a):
+                    if np.isfinite(value) and (value > 0 or not log):
+                        red, green, blue, _ = image.cmap(norm(value))
+                        shade = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+                        ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6, color=shade)
+            cell = highlight.get(name) if isinstance(highlight, Mapping) else highlight
+            if cell is not None:
+                i, j = cell
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            if name:
+                ax.set_title(name, fontsize=9)
+            fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.85)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def spectrum(
+    eigenvalues: Mapping[str, Sequence[float] | np.ndarray | torch.Tensor],
+    *,
+    log: bool = False,
+    title: str | None = None,
+    ylabel: str = "eigenvalue",
+) -> Figure:
+    """Eigenvalues against their rank (1 = largest), one marked line per series (e.g. dense vs Lanczos).
+
+    Args:
+        eigenvalues: series name → eigenvalues (any order; plotted sorted descending).
+        log: logarithmic vertical axis (only positive values are shown).
+        title: axes title.
+        ylabel: vertical axis label.
+    """
+    with style():
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        markers = "os^Dv<>"
+        for k, (name, values) in enumerate(eigenvalues.items()):
+            v = np.sort(_array(values).ravel())[::-1]
+            if log:
+                v = v[v > 0]
+            ax.plot(
+                np.arange(1, len(v) + 1), v, marker=markers[k % len(markers)], markersize=4, linewidth=1, label=name
+            )
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("rank")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def density(
+    curves: Mapping[
+        str, tuple[Sequence[float] | np.ndarray | torch.Tensor, Sequence[float] | np.ndarray | torch.Tensor]
+    ],
+    *,
+    log: bool = True,
+    floor: float = 1e-8,
+    xlabel: str = "eigenvalue",
+    title: str | None = None,
+) -> Figure:
+    """Spectral densities (e.g. from stochastic Lanczos quadrature), one line per curve.
+
+    Args:
+        curves: name → (grid, density) of equal lengths.
+        log: logarithmic vertical axis, values below ``floor`` clipped to it (the spike at 0 of a GGN
+            and its small tails then share one axis).
+        floor: clip level of the log axis.
+        xlabel: horizontal axis label.
+        title: axes title.
+
+    Raises:
+        ValueError: a grid and density of different lengths.
+    """
+    with style():
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for name, (grid, values) in curves.items():
+            x, y = _array(grid).ravel(), _array(values).ravel()
+            if x.shape != y.shape:
+                raise ValueError(f"curve {name!r}: grid has {x.size} points, density {y.size}")
+            ax.plot(x, np.maximum(y, floor) if log else y, linewidth=1.2, label=name)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend()
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def contour_trajectories(
+    x: Sequence[float] | np.ndarray | torch.Tensor,
+    y: Sequence[float] | np.ndarray | torch.Tensor,
+    values: Matrix,
+    trajectories: Mapping[str, Matrix],
+    *,
+    levels: int = 30,
+    log: bool = True,
+    shade: Matrix | None = None,
+    shade_label: str = "",
+    xlabel: str = "x",
+    ylabel: str = "y",
+    title: str | None = None,
+) -> Figure:
+    """Contours of a function of two parameters with optimizer paths drawn over them.
+
+    Args:
+        x: (nx,) grid of the first parameter.
+        y: (ny,) grid of the second parameter.
+        values: (ny, nx) function values, ``values[j, i]`` at ``(x[i], y[j])``.
+        trajectories: name → (k, 2) iterates; start marked by a circle, end by a cross. Iterates outside
+            the grid are drawn but the view stays on the grid.
+        levels: number of contour levels.
+        log: levels spaced logarithmically (values must be positive).
+        shade: optional (ny, nx) boolean mask to shade (e.g. where the Hessian is indefinite).
+        shade_label: legend entry of the shaded region.
+        xlabel: label of the first parameter's axis.
+        ylabel: label of the second parameter's axis.
+        title: axes title.
+
+    Raises:
+        ValueError: ``values`` (or ``shade``) not of shape (ny, nx), or a trajectory not (k, 2).
+    """
+    gx, gy, z = _array(x).ravel(), _array(y).ravel(), _array(values)
+    if z.shape != (gy.size, gx.size):
+        raise ValueError(f"values has shape {z.shape}, expected (len(y), len(x)) = {(gy.size, gx.size)}")
+    paths = {name: _array(t) for name, t in trajectories.items()}
+    for name, t in paths.items():
+        if t.ndim != 2 or t.shape[1] != 2:
+            raise ValueError(f"trajectory {name!r} has shape {t.shape}, expected (k, 2)")
+    with style():
+        fig = Figure(figsize=(6.5, 5), layout="constrained")
+        ax = fig.subplots()
+        if log:
+            positive = z[z > 0]
+            bounds = np.geomspace(positive.min(), positive.max(), levels)
+            contour = ax.contour(
+                gx, gy, np.maximum(z, positive.min()), levels=bounds, norm=LogNorm(), cmap="viridis", linewidths=0.8
+            )
+        else:
+            contour = ax.contour(gx, gy, z, levels=levels, cmap="viridis", linewidths=0.8)
+        colorbar = fig.colorbar(contour, ax=ax, label="loss", format="%.3g")
+        colorbar.set_ticks(contour.levels[:: max(1, len(contour.levels) // 6)])
+        if shade is not None:
+            mask = _array(shade)
+            if mask.shape != z.shape:
+                raise ValueError(f"shade has shape {mask.shape}, expected {z.shape}")
+            ax.contourf(gx, gy, mask, levels=[0.5, 1.5], colors=["0.6"], alpha=0.3)
+            ax.fill([], [], color="0.6", alpha=0.3, label=shade_label)
+        for name, t in paths.items():
+            (line,) = ax.plot(
+                t[:, 0], t[:, 1], marker=".", markersize=4, linewidth=1.2, label=f"{name} ({len(t) - 1} steps)"
+            )
+            ax.plot(t[0, 0], t[0, 1], "o", color=line.get_color(), markersize=6)
+            ax.plot(t[-1, 0], t[-1, 1], "x", color=line.get_color(), markersize=8, markeredgewidth=2)
+        ax.set_xlim(gx.min(), gx.max())
+        ax.set_ylim(gy.min(), gy.max())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8, loc="best")
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def bars(
+    frame: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    hue: str | None = None,
+    reference: float | None = None,
+    ylim: tuple[float, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Grouped bar chart of ``y`` per ``x`` category, one colour per ``hue`` value, values written on the bars.
+
+    ``hue`` values are treated as categories (numbers too, e.g. training steps).
+
+    Args:
+        frame: long-format table with columns ``x``, ``y`` (and ``hue``).
+        x: category column (order of first appearance).
+        y: value column.
+        hue: column that splits the bars of a category.
+        reference: draw a horizontal line at this value (e.g. 1 for a ratio).
+        ylim: vertical axis limits.
+        title: axes title.
+
+    Raises:
+        ValueError: ``frame`` lacks a named column.
+    """
+    missing = [c for c in (x, y, hue) if c is not None and c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks column(s) {missing}; it has {list(frame.columns)}")
+    data = frame.assign(**{hue: frame[hue].astype(str)}) if hue is not None else frame  # categorical colours
+    with style():
+        fig = Figure(
+            figsize=(max(6.0, 0.6 * frame[x].nunique() * max(1, frame[hue].nunique() if hue else 1) ** 0.5), 4),
+            layout="constrained",
+        )
+        ax = fig.subplots()
+        sns.barplot(data=data, x=x, y=y, hue=hue, ax=ax, errorbar=None)
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.2f", fontsize=6, padding=1)
+        if reference is not None:
+            ax.axhline(reference, color="0.4", linestyle="--", linewidth=1)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(y.replace("_", " "))
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def to_png(figure: Figure, dpi: int = 100) -> bytes:
+    """The figure rendered as PNG bytes (for widgets and files)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

@@ -1,0 +1,209 @@
+"""Interactive explorers for JupyterLab: ipywidgets controls over pure, tested functions.
+
+An :class:`Explorer` is a row of controls above a figure. Every change of a control calls
+``render(**values)``, a pure function from the controls' values to a matplotlib Figure (built from
+:mod:`gnlib.blocks`, :mod:`gnlib.spectra`, :mod:`gnlib.plots`, ...), and shows it as a PNG image, so the
+explorer needs no plotting backend and no browser: tests set a control's ``value`` and look at
+``explorer.figure``. A ``ValueError`` raised by ``render`` is shown as a message instead of breaking the
+callback. Notebooks build explorers after their static figures; executed headlessly (papermill) the
+widgets are created and rendered once, and nothing waits for a front end.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import ipywidgets as widgets
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from gnlib.blocks import NORMALIZATIONS, block_norms, block_view
+from gnlib.plots import heatmap, to_png
+
+
+class Explorer(widgets.VBox):
+    """Controls above a figure; the figure is ``render(**values)`` for the controls' current values.
+
+    Attributes:
+        controls: name → widget; ``values`` maps the same names to the widgets' values.
+        figure: the last rendered Figure (None if the last render raised ``ValueError``).
+        image: the ``ipywidgets.Image`` showing it.
+        message: an ``ipywidgets.HTML`` holding the last render error ("" when none).
+        renders: number of renders so far.
+
+    Args:
+        render: pure function of keyword arguments named like ``controls``, returning a Figure.
+        controls: name → ipywidgets value widget (Dropdown, Checkbox, FloatLogSlider, ...).
+        dpi: resolution of the displayed PNG.
+    """
+
+    def __init__(self, render: Callable[..., Figure], controls: Mapping[str, widgets.ValueWidget], *, dpi: int = 80):
+        """Lay out the controls, observe them, and render once."""
+        if not controls:
+            raise ValueError("controls must name at least one widget")
+        self.render = render
+        self.controls = dict(controls)
+        self.dpi = dpi
+        self.figure: Figure | None = None
+        self.renders = 0
+        self.image = widgets.Image(format="png")
+        self.message = widgets.HTML()
+        self._held = 0
+        self._shown: dict[str, Any] | None = None
+        super().__init__(
+            [
+                widgets.HBox(list(self.controls.values()), layout=widgets.Layout(flex_flow="row wrap")),
+                self.message,
+                self.image,
+            ]
+        )
+        for control in self.controls.values():
+            control.observe(self._changed, names="value")
+        self.refresh()
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Control name → current value."""
+        return {name: control.value for name, control in self.controls.items()}
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Change several controls without a render per change; one render follows if the values changed."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            self._changed({})
+
+    def _changed(self, change: dict) -> None:
+        """Observer of every control: render unless held or already showing these values."""
+        if not self._held and self.values != self._shown:
+            self.refresh()
+
+    def refresh(self) -> Figure | None:
+        """Render the current values and show the figure (or the ``ValueError`` message)."""
+        self.renders += 1
+        self._shown = self.values
+        try:
+            figure = self.render(**self._shown)
+        except ValueError as err:
+            self.figure = None
+            self.message.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return None
+        self.figure = figure
+        self.message.value = ""
+        self.image.value = to_png(figure, self.dpi)
+        return figure
+
+
+def curvature_view(
+    matrix: Tensor,
+    params_like: nn.Module | Mapping[str, Tensor],
+    partition: Mapping[str, list[str]],
+    *,
+    normalize: str = "diag",
+    log: bool = True,
+    row_block: str | None = None,
+    col_block: str | None = None,
+    name: str = "G",
+) -> Figure:
+    """Block norms of a dense curvature matrix beside the entries of one block pair.
+
+    Left: ‖C_bc‖_F for every block pair (:func:`gnlib.blocks.block_norms` with ``normalize``), the
+    pair (``row_block``, ``col_block``) outlined. Right: |C_bc| entry by entry
+    (:func:`gnlib.blocks.block_view`).
+
+    Args:
+        matrix: (n, n) dense matrix in the flat order of ``params_like``.
+        params_like: model or params dict.
+        partition: blocks (e.g. ``per_layer`` or ``per_tensor``).
+        normalize: ``"none"``, ``"size"`` or ``"diag"``.
+        log: logarithmic colour scales.
+        row_block: row block of the pair to show (default: the first block).
+        col_block: column block of the pair (default: the first block).
+        name: symbol of the matrix in the titles.
+
+    Raises:
+        ValueError: bad ``normalize``, unknown block names, or a matrix that does not match.
+    """
+    blocks = list(partition)
+    row_block = blocks[0] if row_block is None else row_block
+    col_block = blocks[0] if col_block is None else col_block
+    pair = block_view(matrix, partition, params_like, row_block, col_block).abs()
+    norms = block_norms(matrix, partition, params_like, normalize)
+    left = f"‖{name}_bc‖ (normalize={normalize})"
+    right = f"|{name}[{row_block}, {col_block}]|"
+    return heatmap(
+        {left: norms, right: pair},
+        {left: blocks, right: None},
+        log=log,
+        shared_scale=False,
+        annotate=False if len(blocks) > 12 else None,
+        highlight={left: (blocks.index(row_block), blocks.index(col_block))},
+    )
+
+
+def curvature_explorer(
+    matrices: Mapping[str, Mapping[str, Tensor]],
+    params_like: nn.Module | Mapping[str, Tensor],
+    partitions: Mapping[str, Mapping[str, list[str]]],
+    *,
+    normalize: str = "diag",
+    log: bool = True,
+) -> Explorer:
+    """Explore dense curvature matrices across checkpoints: :func:`curvature_view` under controls.
+
+    Controls: ``checkpoint`` and ``matrix`` (the keys of ``matrices`` and of its values, e.g.
+    ``{"step 0": {"GGN": G, "Hessian": H, "H - G": H - G}}``), ``partition`` (keys of ``partitions``),
+    ``normalize``, ``log`` and the block pair ``row_block``/``col_block``, whose options follow the
+    partition.
+
+    Raises:
+        ValueError: empty ``matrices`` or ``partitions``, or checkpoints with different matrix names.
+    """
+    if not matrices or not partitions:
+        raise ValueError("matrices and partitions must each name at least one entry")
+    kinds = list(next(iter(matrices.values())))
+    uneven = [c for c, m in matrices.items() if list(m) != kinds]
+    if uneven:
+        raise ValueError(f"checkpoints {uneven} do not hold the matrices {kinds} of the first one")
+    first = list(next(iter(partitions.values())))
+    controls = {
+        "checkpoint": widgets.Dropdown(options=list(matrices), description="checkpoint"),
+        "matrix": widgets.Dropdown(options=kinds, description="matrix"),
+        "partition": widgets.Dropdown(options=list(partitions), description="partition"),
+        "normalize": widgets.Dropdown(options=NORMALIZATIONS, value=normalize, description="normalize"),
+        "log": widgets.Checkbox(value=log, description="log scale"),
+        "row_block": widgets.Dropdown(options=first, description="row block"),
+        "col_block": widgets.Dropdown(options=first, description="col block"),
+    }
+
+    def follow_partition(change: dict) -> None:
+        names = list(partitions[change["new"]])
+        with explorer.hold():
+            for key in ("row_block", "col_block"):
+                controls[key].options = names
+                controls[key].value = names[0]
+
+    controls["partition"].observe(follow_partition, names="value")
+
+    def render(
+        checkpoint: str, matrix: str, partition: str, normalize: str, log: bool, row_block: str, col_block: str
+    ) -> Figure:
+        return curvature_view(
+            matrices[checkpoint][matrix],
+            params_like,
+            partitions[partition],
+            normalize=normalize,
+            log=log,
+            row_block=row_block,
+            col_block=col_block,
+            name=f"{matrix} at {checkpoint}",
+        )
+
+    explorer = Explorer(render, controls)
+    return explorer
