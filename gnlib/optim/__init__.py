@@ -1,7 +1,8 @@
-"""Optimizers: baselines (AdamW, Muon with AdamW, SOAP, SGD), their composite wrapper, LR schedules."""
+"""Optimizers: Gauss-Newton (full, prox-linear, layerwise, Hessian-free), baselines, LR schedules."""
 
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.factory import DEFAULTS, make_optimizer, split_params
+from gnlib.optim.gauss_newton import GN_VARIANTS, LINE_SEARCH, PASS_COSTS, GaussNewton, make_gauss_newton
 from gnlib.optim.schedules import (
     constant,
     cosine_decay,
@@ -13,6 +14,11 @@ from gnlib.optim.soap import SOAP
 
 __all__ = [
     "DEFAULTS",
+    "GN_VARIANTS",
+    "LINE_SEARCH",
+    "PASS_COSTS",
+    "GaussNewton",
+    "make_gauss_newton",
     "SOAP",
     "CompositeOptimizer",
     "constant",
