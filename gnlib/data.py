@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from gnlib import distributed
 from gnlib.runtime import check_choice, resolve_device
 
 DOCUMENT_SEPARATOR = "\x00"
@@ -68,12 +69,26 @@ class BatchSampler:
 
     A window is ``seq_len + 1`` consecutive tokens starting uniformly in the stream; inputs are its first
     T tokens and targets its last T, so ``targets[:, t] = inputs[:, t + 1]`` for t < T − 1.
+
+    Data-parallel runs: shard ``(r, K)`` makes each call draw the K·B windows of a sampler at batch
+    K·B (the same generator calls) and return windows [r·B, (r+1)·B), so K shards together see exactly
+    the batches of one sampler at batch K·B. The default shard is this process's
+    ``(gnlib.distributed.rank(), gnlib.distributed.world_size())``, i.e. ``(0, 1)`` outside torchrun.
     """
 
-    def __init__(self, tokens: Tensor, batch_size: int, seq_len: int, seed: int, device: str | torch.device = "cpu"):
-        """Validate the shape request against ``tokens`` (LongTensor (N,)) and seed a CPU generator."""
+    def __init__(self, tokens: Tensor, batch_size: int, seq_len: int, seed: int, device: str | torch.device = "cpu",
+                 *, shard: tuple[int, int] | None = None):
+        """Validate the shape request against ``tokens`` (LongTensor (N,)) and seed a CPU generator.
+
+        ``batch_size`` is the per-shard batch B; ``shard`` is ``(rank, world_size)`` (default: the
+        process group's).
+        """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
+        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
+        self.rank, self.world_size = rank, world
         if not isinstance(seq_len, int) or not 1 <= seq_len <= len(tokens) - 1:
             raise ValueError(f"seq_len={seq_len!r} must be an integer in [1, {len(tokens) - 1}] for a split of "
                              f"{len(tokens)} tokens (a window holds seq_len + 1 tokens)")
@@ -83,7 +98,8 @@ class BatchSampler:
 
     def __call__(self) -> tuple[Tensor, Tensor]:
         """The next batch: (inputs, targets), LongTensors of shape (batch_size, seq_len) on ``device``."""
-        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.world_size * self.batch_size,),
+                               generator=self.generator)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].to(self.device)
         return windows[:, :-1], windows[:, 1:]
 
@@ -119,13 +135,16 @@ class Corpus:
 
     def sampler(self, split: str, batch_size: int, seq_len: int, seed: int,
                 device: str | torch.device = "cpu") -> BatchSampler:
-        """A seeded batch source over ``split`` ("train" or "val"); see :class:`BatchSampler`."""
+        """A seeded batch source over ``split`` ("train" or "val"), this process's shard; see :class:`BatchSampler`."""
         check_choice("split", split, SPLITS)
         return BatchSampler(getattr(self, split), batch_size, seq_len, seed, device)
 
     def fixed_batches(self, split: str, batch_size: int, seq_len: int, n_batches: int, seed: int = 0,
                       device: str | torch.device = "cpu") -> list[tuple[Tensor, Tensor]]:
-        """The first ``n_batches`` batches of a sampler seeded with ``seed``: the same list on every call."""
+        """The first ``n_batches`` batches of a sampler seeded with ``seed``: the same list on every call.
+
+        Under torchrun each process gets its shard of every batch (:class:`BatchSampler`).
+        """
         if not isinstance(n_batches, int) or n_batches < 1:
             raise ValueError(f"n_batches={n_batches!r} must be an integer >= 1")
         sampler = self.sampler(split, batch_size, seq_len, seed, device)

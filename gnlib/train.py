@@ -9,6 +9,14 @@ Two kinds of optimizer are driven (``train`` imports none of them):
 
 An optimizer may also offer ``eval_parameters() -> dict | None`` (e.g. an EMA of its iterates); the
 validation loss is then computed with those parameters.
+
+Under ``torchrun`` (:mod:`gnlib.distributed`) every process runs this loop on its shard of the data:
+torch-like optimizers get their gradients averaged over processes after back-propagation (before
+clipping), the training and validation losses are averaged (each process evaluates its own
+``val_batches``: its shard of the validation batches when they come from ``gnlib.data``, so the average
+is the loss on the whole batches), ``tokens`` counts the tokens of all processes, and rank 0 alone prints
+and writes History and checkpoints (every process keeps History in memory). Every process resumes from
+the same checkpoint, which records the number of processes; resuming with another number is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gnlib import distributed
 from gnlib.losses import CrossEntropy
 from gnlib.runtime import atomic_torch_save, atomic_write_json, atomic_write_text
 
@@ -148,12 +157,17 @@ def train(
         checkpoint_every: write a resumable checkpoint every this many steps (0: only at the end).
             A run started on a ``run_dir`` that holds a checkpoint with the same ``metadata`` resumes
             from it (and returns at once if that run had finished); different metadata starts afresh.
+            Data-parallel: rank 0 writes, every process reads ``run_dir`` (it must be shared).
         metadata: description of the run, saved with it and used to recognise a resumable checkpoint.
         progress: print one line per evaluation.
         max_grad_norm: clip the accumulated gradient to this norm (torch-like optimizers only).
 
     Returns:
-        The run's :class:`History`.
+        The run's :class:`History`; ``metadata["world_size"]`` is the number of processes.
+
+    Raises:
+        ValueError: bad arguments, or ``run_dir`` holds this run's checkpoint written by another number
+            of processes.
     """
     for name, value, low in (("steps", steps, 1), ("accumulation", accumulation, 1), ("eval_every", eval_every, 1)):
         if not isinstance(value, int) or value < low:
@@ -168,11 +182,19 @@ def train(
     for group in [] if draws_batches else optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
 
-    history = History(metadata={**metadata, "fingerprint": fingerprint})
+    world, main = distributed.world_size(), distributed.is_main()
+    progress = progress and main
+    history = History(metadata={**metadata, "fingerprint": fingerprint, "world_size": world})
     elapsed_before = 0.0
     if run_dir is not None and (run_dir / CHECKPOINT).exists():
         state = torch.load(run_dir / CHECKPOINT, weights_only=True)
         if state["fingerprint"] == fingerprint:
+            saved_world = state.get("world_size", 1)
+            if saved_world != world:
+                raise ValueError(
+                    f"{run_dir / CHECKPOINT} was written by a run on world_size={saved_world} process(es); this "
+                    f"run has world_size={world}. Resume it with torchrun --nproc_per_node {saved_world} (the batch "
+                    "stream depends on the number of processes), or use another run_dir")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if hasattr(train_batches, "load_state_dict"):
@@ -181,13 +203,14 @@ def train(
             history.rows = json.loads(state["rows"])
             history.status = state["status"]
             elapsed_before = history.rows[-1]["wall_time"]
-            if history.status != "running":
-                return history
         elif progress:
             print(f"{run_dir}: existing checkpoint has other settings; starting a new run")
+    distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
+    if history.status != "running":
+        return history
 
     def checkpoint() -> None:
-        if run_dir is None:
+        if run_dir is None or not main:
             return
         history.save(run_dir)
         atomic_torch_save(
@@ -199,13 +222,15 @@ def train(
                 "rng": torch.get_rng_state(),
                 "rows": json.dumps(history.rows, default=_json_default),
                 "status": history.status,
+                "world_size": world,
             },
             run_dir / CHECKPOINT,
         )
 
     def validation_loss() -> float:
         eval_params = getattr(optimizer, "eval_parameters", None)
-        return evaluate(model, val_batches, loss_fn, eval_params() if callable(eval_params) else None)
+        loss = evaluate(model, val_batches, loss_fn, eval_params() if callable(eval_params) else None)
+        return distributed.all_reduce_mean(loss)
 
     start = time.perf_counter() - elapsed_before
     if not history.rows:
@@ -215,7 +240,7 @@ def train(
         row: dict[str, Any] = {"step": step}
         if draws_batches:
             diagnostics = dict(optimizer.step())
-            tokens = int(diagnostics.pop("tokens", 0))
+            tokens = int(diagnostics.pop("tokens", 0)) * world
             row["train_loss"] = diagnostics.pop("loss", None)
             row.update(diagnostics)
         else:
@@ -229,11 +254,12 @@ def train(
                 loss = loss_fn(model(inputs), targets)
                 (loss / accumulation).backward()
                 total += float(loss.detach())
-                tokens += targets.numel()
+                tokens += targets.numel() * world
+            distributed.average_gradients(model.parameters())
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
-            row["train_loss"] = total / accumulation
+            row["train_loss"] = distributed.all_reduce_mean(total / accumulation)
             row["lr"] = optimizer.param_groups[0]["lr"]
         row["tokens"] = history.rows[-1]["tokens"] + tokens
         last = step == steps

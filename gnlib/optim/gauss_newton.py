@@ -57,6 +57,13 @@ applied), ``direction_norm`` (‖d‖), ``rejected`` (0/1), ``reason`` (None, ``
 blocks), the pass counters ``forward_passes``, ``tangent_passes``, ``backward_passes``, ``tokens`` (every
 training token drawn: inner + line search) and ``grad_equivalents``.
 
+**Data parallelism.** Under ``torchrun`` (:mod:`gnlib.distributed`) each process draws its shard of
+every batch; the per-batch means computed here (inner value and gradient, layerwise ℓ(z_t), CG's gradient,
+G·v products and backtracking losses, line-search losses and model predictions) are averaged over the
+processes by :func:`gnlib.distributed.all_reduce_mean` (the identity on one process) right where they
+are computed, so every process takes the same decisions and the same step as one process drawing the
+whole batches. Counters and ``tokens`` are per process.
+
 **Cost accounting.** A pass over one batch drawn from ``batches`` counts 1 (the CG batch of N
 concatenated batches counts N per pass). A forward carrying a tangent counts one forward and one tangent.
 Per batch: inner step = (1 forward, 1 tangent, 1 backward) per block; line search = 1 forward + 1 tangent
@@ -82,6 +89,7 @@ from torch.func import functional_call
 
 from gnlib import curvature
 from gnlib.blocks import resolve_partition
+from gnlib.distributed import all_reduce_mean
 from gnlib.losses import CrossEntropy, Loss
 from gnlib.optim.factory import make_optimizer
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
@@ -437,7 +445,7 @@ class GaussNewton:
 
     def _anchor_loss(self, anchor: Params, batch: Batch, cost: _Cost, weight: int = 1) -> float:
         cost.forward += weight
-        return float(self.loss.value(curvature.logits(self.model, anchor, batch[0]), batch[1]))
+        return all_reduce_mean(float(self.loss.value(curvature.logits(self.model, anchor, batch[0]), batch[1])))
 
     def _solve_first_order(self, anchor: Params, cost: _Cost) -> _Direction:
         """N inner steps of every block's first-order solver on shared fresh batches (Jacobi)."""
@@ -449,7 +457,8 @@ class GaussNewton:
             multiplier = schedule(k)
             values = []
             for block, group in zip(self._blocks.values(), self.param_groups):
-                value, grad = curvature.gn_inner_step(self.model, anchor, block.delta, batch, self.loss, self.objective)
+                value, grad = all_reduce_mean(
+                    curvature.gn_inner_step(self.model, anchor, block.delta, batch, self.loss, self.objective))
                 cost.forward, cost.tangent, cost.backward = cost.forward + 1, cost.tangent + 1, cost.backward + 1
                 if self.prox:
                     penalty, prox_grad = self._prox(block.delta)
@@ -495,17 +504,17 @@ class GaussNewton:
         change, iterations, base = 0.0, 0, None
         for block, group in zip(self._blocks.values(), self.param_groups):
             lin = curvature.linearize(self.model, anchor, batch, self.loss, wrt=block.names)
-            gradient = flatten(lin.gradient)
+            value, gradient = all_reduce_mean((lin.value, flatten(lin.gradient)))
             cost.forward += 2 * weight
             cost.backward += weight
-            base = float(lin.value)
-            if not _finite(lin.value, gradient):
+            base = float(value)
+            if not _finite(value, gradient):
                 return _Direction(None)
 
             def apply(x: Tensor, lin=lin) -> Tensor:
                 cost.tangent += weight
                 cost.backward += weight
-                return flatten(lin.ggn_vp(unflatten(x, lin.like))) + self.damping * x
+                return all_reduce_mean(flatten(lin.ggn_vp(unflatten(x, lin.like)))) + self.damping * x
 
             start = 0.95 * block.cg_x if self.warm_start and block.cg_x is not None else None
             result = conjugate_gradient(apply, -gradient, start, max_iters=self.cg_iters, tol=self.cg_tol,
@@ -561,6 +570,7 @@ class GaussNewton:
                     value = self.loss.value(functional_call(self.model, point, (inputs,)), targets)
                     losses[a] += float(value) / len(batches)
                     cost.forward += 1
+        before, losses, model_at = all_reduce_mean((before, losses, model_at))
         out["loss"] = out["loss_before"] = before
         if not all(math.isfinite(v) for v in (before, *losses.values(), *model_at.values())):
             return out

@@ -1,0 +1,105 @@
+r"""Command line for one training run, on one process or data-parallel under torchrun.
+
+The run is a :class:`gnlib.experiments.RunSpec` (the object a notebook passes to
+:func:`gnlib.experiments.run`), read from a YAML or JSON file of its fields and/or given as flags (one per
+field; a flag overrides the file)::
+
+    python -m gnlib.train_cli --config run.yaml
+    torchrun --nproc_per_node 2 -m gnlib.train_cli --config run.yaml --steps 200
+    torchrun --nproc_per_node 8 -m gnlib.train_cli --optimizer gn --preset paper45m --device cuda \
+        --batch_size 32 --seq_len 512 --hyperparameters '{inner_steps: 8}' --name gn45m
+
+``batch_size`` is per process: K processes at ``batch_size`` b train exactly like one process at
+``batch_size`` K·b (:mod:`gnlib.distributed`). History, metadata and checkpoints go to
+``outputs/<name>/`` (``--output_dir`` to choose), written by rank 0; rerunning the same command resumes
+from the last checkpoint (``--checkpoint_every``) with the same number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from gnlib import distributed
+from gnlib.experiments import RunSpec, run
+from gnlib.train import History
+
+FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
+
+
+def parse_value(text: str) -> Any:
+    """A flag's value: JSON if it parses (``3e-3``, ``null``, ``{"inner_steps": 4}``), else YAML (``cuda``).
+
+    YAML alone would read ``3e-3`` as a string.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The RunSpec fields in a YAML (``.yaml``/``.yml``) or JSON file, as a dict.
+
+    Raises:
+        ValueError: the file does not hold a mapping, or names a key that is not a RunSpec field.
+    """
+    path = Path(path)
+    text = path.read_text()
+    config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise ValueError(f"config {path} must hold a mapping of RunSpec fields, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"config {path} has unknown key(s) {unknown}; allowed: {list(FIELDS)}")
+    return config
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``--config``, ``--name``, ``--output_dir``, ``--checkpoint_every`` and one flag per RunSpec field."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.train_cli", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML or JSON file of RunSpec fields")
+    parser.add_argument("--name", help="run name: outputs/<name>/ (default: the config file's stem, else 'run')")
+    parser.add_argument("--output_dir", help="where History and checkpoints go (default: outputs/<name>)")
+    parser.add_argument("--checkpoint_every", type=int, default=0, help="checkpoint period in steps (0: at the end)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    for name in FIELDS:
+        parser.add_argument(f"--{name}", type=parse_value, default=None, metavar="VALUE",
+                            help=f"RunSpec.{name} (JSON or YAML: 3e-3, null, '{{inner_steps: 4}}')")
+    return parser.parse_args(argv)
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The RunSpec of the config file updated by the flags given; validated.
+
+    Raises:
+        ValueError: unknown config keys or any invalid field (before data or model are built).
+    """
+    config = read_config(args.config) if args.config else {}
+    config.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
+    spec = RunSpec(**config)
+    spec.validate()
+    return spec
+
+
+def main(argv: Sequence[str] | None = None) -> History:
+    """Run the experiment the arguments describe (data-parallel when started by torchrun); return its History."""
+    args = parse_args(argv)
+    spec = spec_from_args(args)
+    name = args.name or (Path(args.config).stem if args.config else "run")
+    output_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / name
+    distributed.init_from_env(spec.device)
+    try:
+        return run(spec, output_dir, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
