@@ -1,36 +1,79 @@
-"""Experiments: one run from a declarative spec, steps-to-target, learning-rate sweeps, results tables.
+"""Experiments: one run from a declarative spec, steps-to-target, learning-rate sweeps, the batch-size study.
 
 A :class:`RunSpec` names everything a run depends on (preset, corpus, optimizer and its
 hyperparameters, token batch, seed, device); :func:`run` validates it before any work starts, builds
 the corpus, model and optimizer, trains, and writes the History under ``outputs/``.
+
+The study's protocol (STUDY.md) on top of it:
+
+- every optimizer starts from one shared checkpoint, a short AdamW warm-up (:func:`warmup_checkpoint`,
+  cached under ``outputs/warmup/<hash of its settings>/model.pt``) and is evaluated on one fixed
+  validation set (the ``val_batches`` first windows of the validation split, whatever the run's seed);
+- the token batch of one outer step is ``m`` micro-batches of ``batch_size × seq_len`` tokens: Gauss-Newton
+  takes ``inner_steps = m`` inner batches, the first-order baselines ``accumulation = m``, so every method
+  is compared at **equal tokens per outer step** (GN's line-search batches come on top, and are counted
+  in its cost);
+- each optimizer's LR is tuned per batch size on its own grid (:func:`choose_lr`; a best LR at a grid
+  edge is flagged), each setting is repeated over seeds (the seed drives the training batch stream; the
+  starting point is the shared checkpoint);
+- results: steps to a target validation loss, their cost in gradient-step equivalents (a baseline pays 1
+  per micro-batch; GN its ``grad_equivalents`` diagnostic, summed up to the target), the critical batch
+  size (:func:`critical_batch_size`) and each baseline's steps over GN's (:func:`ratio_table`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
 import math
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from gnlib.data import load_corpus
+from gnlib.directions import cosine
+from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim import DEFAULTS, make_optimizer
+from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
 from gnlib.optim.schedules import make_schedule
-from gnlib.runtime import atomic_write_text, check_choice, resolve_device
-from gnlib.train import History, train
+from gnlib.params import Params
+from gnlib.runtime import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_choice,
+    output_path,
+    resolve_device,
+)
+from gnlib.train import CHECKPOINT, History, evaluate, train
+
+#: GaussNewton's default number of inner steps (its batches per outer step).
+_GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
+
+#: Every optimizer a run can name: the baselines, then the Gauss-Newton variants.
+OPTIMIZERS: tuple[str, ...] = (*DEFAULTS, *GN_VARIANTS)
 
 
-OPTIMIZERS: tuple[str, ...] = tuple(DEFAULTS)
+def build_optimizer(
+    name: str, model: torch.nn.Module, batches: Callable[[], Any], lr: float, hyperparameters: dict[str, Any]
+) -> Any:
+    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``model``, peak LR ``lr``.
 
-
-def build_optimizer(name: str, model: torch.nn.Module, batches: Callable[[], Any], lr: float, hyperparameters: dict[str, Any]) -> Any:
-    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``model``, peak LR ``lr``."""
+    Baselines are stepped by the train loop on its batches; Gauss-Newton variants draw ``batches``
+    themselves (``lr`` is their inner LR).
+    """
     check_choice("optimizer", name, OPTIMIZERS)
+    if name in GN_VARIANTS:
+        return make_gauss_newton(name, model, batches, lr, **hyperparameters)
     return make_optimizer(name, model, lr=lr, **hyperparameters)
 
 
@@ -90,7 +133,9 @@ class RunSpec:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         config = model_config(self.preset, **self.model_overrides)
         if self.seq_len > config.max_seq_len:
-            raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's max_seq_len={config.max_seq_len}")
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the {self.preset} preset's max_seq_len={config.max_seq_len}"
+            )
         make_schedule(self.schedule, self.steps)
         if self.init_checkpoint is not None and not Path(self.init_checkpoint).is_file():
             raise ValueError(f"init_checkpoint={self.init_checkpoint!r} does not exist")
@@ -98,11 +143,29 @@ class RunSpec:
     @property
     def tokens_per_step(self) -> int:
         """Training tokens one outer step consumes."""
-        micro = self.hyperparameters.get("inner_steps", self.accumulation) if self.optimizer.startswith("gn") else self.accumulation
+        gn = self.optimizer in GN_VARIANTS
+        micro = self.hyperparameters.get("inner_steps", _GN_INNER_STEPS) if gn else self.accumulation
         return micro * self.batch_size * self.seq_len
 
 
-def run(spec: RunSpec, output_dir: str | Path | None = None, *, progress: bool = True, checkpoint_every: int = 0) -> History:
+def _build(spec: RunSpec) -> tuple[Any, torch.nn.Module, Any, list, Any]:
+    """Corpus, model (from ``init_checkpoint`` if set), training sampler, fixed validation set, optimizer."""
+    device = resolve_device(spec.device)
+    corpus = load_corpus(spec.corpus)
+    model = build_model(
+        spec.preset, seed=spec.seed, device=device, vocab_size=corpus.vocab_size, **spec.model_overrides
+    )
+    if spec.init_checkpoint is not None:
+        model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
+    train_batches = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
+    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
+    optimizer = build_optimizer(spec.optimizer, model, train_batches, spec.lr, spec.hyperparameters)
+    return corpus, model, train_batches, val, optimizer
+
+
+def run(
+    spec: RunSpec, output_dir: str | Path | None = None, *, progress: bool = True, checkpoint_every: int = 0
+) -> History:
     """Validate ``spec``, build corpus, model and optimizer, and train.
 
     Args:
@@ -115,14 +178,7 @@ def run(spec: RunSpec, output_dir: str | Path | None = None, *, progress: bool =
         The run's History; its metadata records the spec, the corpus hash and the model size.
     """
     spec.validate()
-    device = resolve_device(spec.device)
-    corpus = load_corpus(spec.corpus)
-    model = build_model(spec.preset, seed=spec.seed, device=device, vocab_size=corpus.vocab_size, **spec.model_overrides)
-    if spec.init_checkpoint is not None:
-        model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
-    train_batches = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
-    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
-    optimizer = build_optimizer(spec.optimizer, model, train_batches, spec.lr, spec.hyperparameters)
+    corpus, model, train_batches, val, optimizer = _build(spec)
     metadata = {
         "spec": dataclasses.asdict(spec),
         "corpus": corpus.meta,
@@ -156,17 +212,77 @@ def steps_to_target(history: History, target: float) -> int | None:
     return None
 
 
+def grad_equivalents(history: History, upto: int | None = None) -> float:
+    """Cost of outer steps ``1..upto`` (all when None) in gradient-step equivalents.
+
+    A first-order step costs its number of micro-batches (``accumulation`` of the run's spec; one forward
+    and one backward each); a Gauss-Newton step costs its ``grad_equivalents`` diagnostic (inner steps,
+    line search). Evaluations are not counted.
+    """
+    steps = [r for r in history.rows[1:] if upto is None or r["step"] <= upto]
+    if any(r.get("grad_equivalents") is not None for r in steps):
+        return float(sum(r.get("grad_equivalents") or 0.0 for r in steps))
+    accumulation = history.metadata.get("spec", {}).get("accumulation", 1)
+    return float(accumulation * len(steps))
+
+
 def summarize(history: History, target: float | None = None) -> dict[str, Any]:
-    """One results-table row: steps to target, final validation loss, tokens, wall time, status."""
+    """One results-table row: steps to target, final validation loss, tokens, cost, wall time, status.
+
+    ``grad_equivalents`` is the whole run's cost and ``grad_equivalents_to_target`` the cost up to the
+    target (None when not reached), both in gradient-step equivalents (:func:`grad_equivalents`).
+    """
     last = history.rows[-1]
+    reached = steps_to_target(history, target) if target is not None else None
     return {
-        "steps_to_target": steps_to_target(history, target) if target is not None else None,
+        "steps_to_target": reached,
         "final_val_loss": history.final_val_loss,
         "steps": int(last["step"]),
         "tokens": int(last["tokens"]),
+        "grad_equivalents": grad_equivalents(history),
+        "grad_equivalents_to_target": None if reached is None else grad_equivalents(history, reached),
         "wall_time_s": float(last["wall_time"]),
         "status": history.status,
     }
+
+
+def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
+    """The best LR of one setting's runs (columns lr, steps_to_target, final_val_loss) and whether it is on the edge.
+
+    Best = fewest median steps to target over the runs at that LR (a run that misses the target counts
+    as infinitely many); ties, or no LR reaching it, are broken by the median final validation loss. The
+    best is *on the edge* when it is the smallest or largest LR of the grid, or the grid has one LR.
+    """
+    by_lr = group.assign(
+        _steps=group["steps_to_target"].astype(float).fillna(np.inf),
+        _loss=group["final_val_loss"].astype(float).fillna(np.inf),
+    ).groupby("lr")[["_steps", "_loss"]].median()
+    best = float(by_lr.sort_values(["_steps", "_loss"]).index[0])
+    grid = sorted(by_lr.index)
+    return best, len(grid) < 2 or best in (grid[0], grid[-1])
+
+
+def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batches")) -> pd.DataFrame:
+    """Mark each setting's tuned LR: adds columns ``chosen`` (run at the best LR) and ``on_edge``.
+
+    Args:
+        table: one row per run with columns ``lr``, ``steps_to_target``, ``final_val_loss`` and ``by``.
+        by: columns that define one setting whose LR is tuned (default: per optimizer and batch size).
+
+    Returns:
+        A copy of ``table`` with ``chosen`` (bool) and ``on_edge`` (bool, the same for all rows of a
+        setting: its best LR is at an end of its grid, so the true optimum may lie outside).
+    """
+    missing = [c for c in ("lr", "steps_to_target", "final_val_loss", *by) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks column(s) {missing}; it has {list(table.columns)}")
+    out = table.copy()
+    out["chosen"], out["on_edge"] = False, False
+    for _, group in out.groupby(list(by), sort=False):
+        best, edge = _best_lr(group)
+        out.loc[group.index, "chosen"] = np.isclose(group["lr"].astype(float), best, rtol=1e-12, atol=0)
+        out.loc[group.index, "on_edge"] = edge
+    return out
 
 
 def lr_sweep(
@@ -202,13 +318,325 @@ def lr_sweep(
         run_dir = Path(output_dir) / f"lr={lr:.3g}" if output_dir is not None else None
         rows.append({"lr": lr, **summarize(run(run_spec, run_dir, progress=progress), target)})
     table = pd.DataFrame(rows)
-    reached = table["steps_to_target"].notna()
-    order = table.assign(
-        _steps=table["steps_to_target"].where(reached, np.inf),
-        _loss=table["final_val_loss"].fillna(np.inf),
-    ).sort_values(["_steps", "_loss"])
-    best_index = order.index[0]
-    best = {**table.loc[best_index].to_dict(), "on_edge": best_index in (0, len(grid) - 1)}
+    best_lr, on_edge = _best_lr(table)
+    best = {**table.loc[table["lr"] == best_lr].iloc[0].to_dict(), "on_edge": on_edge}
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / "lr_sweep.csv", table.to_csv(index=False))
     return table, best
+
+
+# ------------------------------------------------------------------------------------------ the study
+
+
+def warmup_checkpoint(
+    base: RunSpec, steps: int, *, lr: float = 3e-3, seed: int = 0, root: str | Path = "outputs/warmup",
+    progress: bool = False,
+) -> Path:
+    """The shared starting point: a model state dict after ``steps`` AdamW steps, made once and cached.
+
+    The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW at
+    constant ``lr`` and one micro-batch per step, seeded by ``seed`` (not the runs' seeds: every run of a
+    study starts from the same checkpoint). It is stored at ``root/<hash of these settings>/model.pt``
+    (written atomically, with ``settings.json`` and the run's History beside it) and reused when present.
+
+    Args:
+        base: spec whose model and data settings the warm-up shares.
+        steps: AdamW steps of the warm-up (``>= 1``).
+        lr: AdamW's learning rate.
+        seed: model initialisation and batch-stream seed of the warm-up.
+        root: cache folder (relative paths resolve like notebook outputs, :func:`gnlib.runtime.output_path`).
+        progress: print the warm-up's evaluations.
+
+    Returns:
+        Absolute path of ``model.pt``, for :attr:`RunSpec.init_checkpoint`.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    spec = dataclasses.replace(
+        base, optimizer="adamw", lr=lr, steps=steps, accumulation=1, schedule="constant", target_loss=None,
+        eval_every=steps, seed=seed, hyperparameters={}, init_checkpoint=None,
+    )
+    spec.validate()
+    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "device"}
+    settings["device"] = resolve_device(spec.device).type
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = output_path(root) / key
+    path = folder / "model.pt"
+    if not path.is_file():
+        run(spec, folder / "run", progress=progress)
+        state = torch.load(folder / "run" / CHECKPOINT, map_location="cpu", weights_only=True)
+        atomic_write_json(folder / "settings.json", settings)
+        atomic_torch_save(state["model"], path)
+    return path.resolve()
+
+
+#: Columns of :func:`batch_size_study`'s table, in order.
+STUDY_COLUMNS = (
+    "optimizer", "micro_batches", "tokens_per_step", "lr", "seed", "steps_to_target", "final_val_loss",
+    "steps", "tokens", "grad_equivalents", "grad_equivalents_to_target", "wall_time_s", "status",
+)
+
+
+def study_spec(
+    base: RunSpec, optimizer: str, micro_batches: int, lr: float, seed: int,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
+) -> RunSpec:
+    """The spec of one study run: ``base`` with the optimizer, equal-token batch, LR and seed filled in.
+
+    Args:
+        base: shared settings (preset, corpus, micro-batch shape, steps, target, init_checkpoint, ...).
+        optimizer: a name of :data:`OPTIMIZERS` or a key of ``variants``.
+        micro_batches: m, micro-batches per outer step: GN variants get ``inner_steps = m``, first-order
+            optimizers ``accumulation = m`` (equal tokens per outer step, m·batch_size·seq_len).
+        lr: peak LR (GN: inner LR).
+        seed: the run's seed (training batch stream).
+        variants: label → RunSpec field overrides, e.g. ``{"gn_per_tensor": {"optimizer": "gn",
+            "hyperparameters": {"blocks": "per_tensor"}}}``; the label names the run in tables.
+        hyperparameters: label → optimizer options (merged over the variant's).
+    """
+    variants = dict(variants or {})
+    check_choice("optimizer", optimizer, [*OPTIMIZERS, *variants])
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+    fields = dict(variants.get(optimizer, {"optimizer": optimizer}))
+    hp = {**fields.pop("hyperparameters", {}), **(hyperparameters or {}).get(optimizer, {})}
+    if fields.get("optimizer", optimizer) in GN_VARIANTS:
+        hp["inner_steps"], accumulation = micro_batches, 1
+    else:
+        accumulation = micro_batches
+    return dataclasses.replace(
+        base, **fields, lr=float(lr), seed=int(seed), accumulation=accumulation, hyperparameters=hp
+    )
+
+
+def batch_size_study(
+    optimizers: Sequence[str],
+    micro_batches: Sequence[int],
+    lrs: Mapping[str, Sequence[float]],
+    seeds: Sequence[int],
+    target: float,
+    base: RunSpec,
+    output_dir: str | Path | None = None,
+    *,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Steps to ``target`` for every optimizer × token batch × LR × seed, LR tuned per batch size.
+
+    Every spec is built and validated (:func:`study_spec`) before the first run starts.
+
+    Args:
+        optimizers: names of :data:`OPTIMIZERS` or labels of ``variants``.
+        micro_batches: token batches as micro-batches per outer step (m; tokens = m·batch_size·seq_len).
+        lrs: optimizer → its LR grid (one value is allowed; it is then flagged ``on_edge``).
+        seeds: seeds repeated at every setting.
+        target: validation-loss target (each run stops there or at ``base.steps``).
+        base: shared settings; set ``init_checkpoint`` (:func:`warmup_checkpoint`) to start every run from
+            the shared warm-up.
+        output_dir: each run's History goes to ``output_dir/<optimizer>/m=<m>/lr=<lr>/seed=<seed>`` (re-runs
+            resume), the table to ``output_dir/study.csv``.
+        variants: see :func:`study_spec`.
+        hyperparameters: see :func:`study_spec`.
+        progress: print each run's evaluations.
+
+    Returns:
+        One row per run, columns :data:`STUDY_COLUMNS` plus ``chosen`` and ``on_edge`` (:func:`choose_lr`).
+    """
+    missing = [name for name in optimizers if name not in lrs]
+    if missing:
+        raise ValueError(f"lrs has no grid for optimizer(s) {missing}; it has {sorted(lrs)}")
+    if not seeds or not micro_batches:
+        raise ValueError(f"seeds={list(seeds)!r} and micro_batches={list(micro_batches)!r} must be non-empty")
+    plan = [
+        (name, m, float(lr), seed, study_spec(base, name, m, lr, seed, variants, hyperparameters))
+        for name in optimizers for m in micro_batches for lr in sorted(lrs[name]) for seed in seeds
+    ]
+    for *_, spec in plan:
+        spec.validate()
+    rows = []
+    for name, m, lr, seed, spec in plan:
+        run_dir = None if output_dir is None else Path(output_dir) / name / f"m={m}" / f"lr={lr:.3g}" / f"seed={seed}"
+        summary = summarize(run(dataclasses.replace(spec, target_loss=target), run_dir, progress=progress), target)
+        rows.append({"optimizer": name, "micro_batches": m, "tokens_per_step": spec.tokens_per_step, "lr": lr,
+                     "seed": seed, **summary})
+    table = choose_lr(pd.DataFrame(rows, columns=list(STUDY_COLUMNS)))
+    if output_dir is not None:
+        atomic_write_text(Path(output_dir) / "study.csv", table.to_csv(index=False))
+    return table
+
+
+def study_table_from_sweep(results_csv: str | Path) -> pd.DataFrame:
+    """The study table from a sweep of the iteration-complexity notebook (``gnlib.sweep``'s ``results.csv``).
+
+    Keeps the ``ok`` runs, takes each :data:`STUDY_COLUMNS` column from the run's outcomes (``result_<name>``
+    where the sweep renamed it), and marks the tuned LRs again across the whole sweep (:func:`choose_lr`).
+    """
+    raw = pd.read_csv(results_csv)
+    raw = raw.loc[raw["status"] == "ok"]
+    columns = {c: raw[f"result_{c}"] if f"result_{c}" in raw.columns else raw[c] for c in STUDY_COLUMNS}
+    table = pd.DataFrame(columns).reset_index(drop=True)
+    table["steps_to_target"] = table["steps_to_target"].astype(float)
+    return choose_lr(table)
+
+
+def _chosen_steps(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:
+    """Median of ``value`` over seeds at each setting's tuned LR: index (optimizer, micro_batches)."""
+    chosen = table.loc[table["chosen"]] if "chosen" in table.columns else table
+    return chosen.groupby(["optimizer", "micro_batches"])[[value, "tokens_per_step"]].median()
+
+
+def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.DataFrame:
+    """Per optimizer: the largest batch up to which doubling the batch still nearly halves the steps.
+
+    With steps S(m) the median steps to target over seeds at the tuned LR, the per-doubling ratio between
+    consecutive batches m₁ < m₂ is r = (S(m₂)/S(m₁))^(1/log₂(m₂/m₁)) (r = 1/2: perfect scaling; r = 1: no
+    gain). "Nearly halves" means r ≤ ``max_ratio`` (default 0.65). Walking up from the smallest batch,
+    the critical batch is the last one reached through such steps only; a batch where the target is
+    missed stops the walk.
+
+    Args:
+        table: rows with ``optimizer``, ``micro_batches``, ``tokens_per_step``, ``steps_to_target`` (and
+            ``chosen``: then only the tuned-LR runs count).
+        max_ratio: the per-doubling ratio still counted as near-perfect scaling, in (0.5, 1).
+
+    Returns:
+        One row per optimizer: ``critical_micro_batches``, ``critical_tokens``, ``beyond_grid`` (True when
+        the scaling is still near-perfect at the largest batch tried: the critical batch is at least that),
+        ``ratios`` (the per-doubling ratios, as text). Optimizers that reach the target at no batch get
+        missing values.
+    """
+    if not 0.5 < max_ratio < 1:
+        raise ValueError(f"max_ratio={max_ratio!r} must lie in (0.5, 1)")
+    steps = _chosen_steps(table)
+    rows = []
+    for name, group in steps.groupby(level="optimizer", sort=False):
+        group = group.droplevel("optimizer").sort_index()
+        reached = group["steps_to_target"].notna().to_numpy()
+        batches = list(group.index)
+        if not reached[0]:
+            rows.append({"optimizer": name, "critical_micro_batches": None, "critical_tokens": None,
+                         "beyond_grid": False, "ratios": ""})
+            continue
+        critical, ratios, beyond = 0, [], True
+        for i in range(1, len(batches)):
+            if not reached[i]:
+                beyond = False
+                break
+            s1, s2 = group["steps_to_target"].iloc[i - 1], group["steps_to_target"].iloc[i]
+            ratio = (s2 / s1) ** (1 / math.log2(batches[i] / batches[i - 1]))
+            ratios.append(ratio)
+            if ratio > max_ratio:
+                beyond = False
+                break
+            critical = i
+        rows.append({"optimizer": name, "critical_micro_batches": int(batches[critical]),
+                     "critical_tokens": int(group["tokens_per_step"].iloc[critical]),
+                     "beyond_grid": beyond and len(batches) > 1, "ratios": ", ".join(f"{r:.2f}" for r in ratios)})
+    return pd.DataFrame(rows)
+
+
+def ratio_table(table: pd.DataFrame, reference: str = "gn", value: str = "steps_to_target") -> pd.DataFrame:
+    """Each other optimizer's ``value`` over ``reference``'s at every batch size (median over seeds, tuned LR).
+
+    Returns:
+        Index ``micro_batches``, one column per non-reference optimizer: ratio > 1 means the reference
+        needs fewer (steps, or gradient-step equivalents with ``value="grad_equivalents_to_target"``).
+        NaN where either missed the target.
+    """
+    check_choice("reference", reference, list(dict.fromkeys(table["optimizer"])))
+    wide = _chosen_steps(table, value)[value].astype(float).unstack("optimizer")
+    others = [c for c in dict.fromkeys(table["optimizer"]) if c != reference]
+    return wide[others].div(wide[reference], axis=0)
+
+
+def gain_share(steps_baseline: float, steps_variant: float, steps_full: float) -> float:
+    """Share of full GN's gain over a baseline that a variant keeps: (S_base − S_variant) / (S_base − S_full).
+
+    1: the variant (e.g. layerwise GN) is as fast as full GN; 0: no faster than the baseline (e.g. AdamW);
+    NaN when full GN gains nothing.
+    """
+    gain = steps_baseline - steps_full
+    return float("nan") if gain <= 0 else (steps_baseline - steps_variant) / gain
+
+
+def _replay(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A batch source that returns ``batches`` in order, again and again."""
+    cycle = itertools.cycle(batches)
+    return lambda: next(cycle)
+
+
+def gn_directions(
+    model: torch.nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    partitions: Mapping[str, Any],
+    lr: float,
+    **options: Any,
+) -> dict[str, Params]:
+    """The inner-solve direction d = θ̂ − θ of one cold-started GN outer step from the model's current θ, per partition.
+
+    Every partition sees the same ``len(batches)`` inner batches, in order, from the same anchor; the
+    model is left unchanged. The direction is the pre-line-search step (the GaussNewton step is taken
+    with ``line_search=None``, i.e. α = 1, on a copy of the model).
+
+    Args:
+        model: the model at the anchor θ.
+        batches: the inner batches (N = ``len(batches)`` inner steps).
+        partitions: label → ``blocks`` option of :class:`~gnlib.optim.gauss_newton.GaussNewton` (None: full GN).
+        lr: inner LR.
+        **options: further GaussNewton options shared by every partition.
+
+    Returns:
+        label → direction (a params dict in model order).
+    """
+    directions = {}
+    for label, blocks in partitions.items():
+        copy = deepcopy(model)
+        before = {n: p.detach().clone() for n, p in copy.named_parameters()}
+        optimizer = GaussNewton(copy, _replay(list(batches)), blocks=blocks, inner_lr=lr, inner_steps=len(batches),
+                                line_search=None, line_search_batches=1, warm_start=False, **options)
+        optimizer.step()
+        directions[label] = {n: p.detach() - before[n] for n, p in copy.named_parameters()}
+    return directions
+
+
+def direction_cosines(
+    spec: RunSpec, partitions: Mapping[str, Any], at_steps: Sequence[int], *, probe_seed: int = 1234
+) -> pd.DataFrame:
+    """Cosine between each partition's GN direction and full GN's, at checkpoints of a full-GN run.
+
+    Trains ``spec`` (a full-GN spec: optimizer ``"gn"``, ``inner_steps`` N) for ``max(at_steps)`` outer
+    steps; at each step in ``at_steps`` (0 = the start), draws N probe batches (seeded by ``probe_seed`` and
+    the step) and computes every direction with :func:`gn_directions` from that anchor on those batches.
+
+    Returns:
+        One row per checkpoint × partition: ``step``, ``partition``, ``cosine`` (with full GN's direction),
+        ``norm_ratio`` (‖d_partition‖ / ‖d_full‖), ``val_loss`` at the anchor.
+    """
+    spec.validate()
+    check_choice("optimizer", spec.optimizer, ["gn"])
+    if not at_steps or min(at_steps) < 0:
+        raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
+    corpus, model, _, val, optimizer = _build(spec)
+    inner = spec.hyperparameters.get("inner_steps", 8)
+    fixed = ("inner_steps", "blocks", "line_search", "line_search_batches", "warm_start")
+    options = {k: v for k, v in spec.hyperparameters.items() if k not in fixed}
+    labels = {"full": None, **partitions}
+    rows, step = [], 0
+    for target_step in sorted(set(at_steps)):
+        while step < target_step:
+            optimizer.step()
+            step += 1
+        probe = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=probe_seed + step,
+                               device=resolve_device(spec.device))
+        directions = gn_directions(model, [probe() for _ in range(inner)], labels, spec.lr, **options)
+        full = directions["full"]
+        full_norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in full.values()])))
+        val_loss = evaluate(model, val, CrossEntropy().value)
+        for label in partitions:
+            d = directions[label]
+            norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in d.values()])))
+            rows.append({"step": step, "partition": label, "cosine": cosine(d, full),
+                         "norm_ratio": norm / full_norm if full_norm else float("nan"), "val_loss": val_loss})
+    return pd.DataFrame(rows)

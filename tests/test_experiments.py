@@ -1,0 +1,211 @@
+"""Experiments: steps to target, cost, LR choice, warm-up cache, critical batch size, ratios, GN directions."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gnlib.data import load_corpus
+from gnlib.directions import cosine
+from gnlib.experiments import (
+    STUDY_COLUMNS,
+    RunSpec,
+    batch_size_study,
+    choose_lr,
+    critical_batch_size,
+    gain_share,
+    gn_directions,
+    grad_equivalents,
+    lr_sweep,
+    ratio_table,
+    run,
+    steps_to_target,
+    study_spec,
+    study_table_from_sweep,
+    summarize,
+    warmup_checkpoint,
+)
+from gnlib.models import build_model
+from gnlib.train import History
+
+MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
+BASE = RunSpec(steps=6, batch_size=8, seq_len=32, eval_every=1, val_batches=2, model_overrides=MODEL)
+
+
+def history(losses, costs=None, accumulation=1):
+    rows = [{"step": 0, "tokens": 0, "wall_time": 0.0, "val_loss": losses[0]}]
+    for step, loss in enumerate(losses[1:], start=1):
+        row = {"step": step, "tokens": 100 * step, "wall_time": 0.1 * step, "val_loss": loss}
+        if costs is not None:
+            row["grad_equivalents"] = costs[step - 1]
+        rows.append(row)
+    return History(rows=rows, status="completed", metadata={"spec": {"accumulation": accumulation}})
+
+
+def test_steps_to_target_and_cost():
+    h = history([5.0, 4.0, None, 3.0, 2.5], accumulation=4)
+    assert steps_to_target(h, 3.0) == 3 and steps_to_target(h, 2.0) is None and steps_to_target(h, 5.0) == 0
+    assert grad_equivalents(h) == 16 and grad_equivalents(h, 3) == 12  # 4 micro-batches per step
+    gn = history([5.0, 4.0, 3.0], costs=[7.5, 8.0])
+    row = summarize(gn, 3.5)
+    assert row["steps_to_target"] == 2 and row["grad_equivalents_to_target"] == 15.5 and row["grad_equivalents"] == 15.5
+    assert summarize(gn, 1.0)["grad_equivalents_to_target"] is None
+
+
+def test_choose_lr_marks_best_and_edge():
+    table = pd.DataFrame({
+        "optimizer": ["a"] * 6 + ["b"] * 2, "micro_batches": [1] * 8,
+        "lr": [1e-3, 1e-3, 1e-2, 1e-2, 1e-1, 1e-1, 1e-3, 1e-2],
+        "seed": [0, 1] * 4,
+        "steps_to_target": [30, 32, 10, 14, None, 12, None, None],
+        "final_val_loss": [3.0, 3.0, 2.0, 2.1, 9.0, 2.0, 3.5, 3.2],
+    })
+    marked = choose_lr(table)
+    a = marked.loc[marked["optimizer"] == "a"]
+    assert a.loc[a["chosen"], "lr"].unique().tolist() == [1e-2]  # median steps 12 beats inf-containing 1e-1
+    assert not a["on_edge"].any()
+    b = marked.loc[marked["optimizer"] == "b"]
+    assert b.loc[b["chosen"], "lr"].tolist() == [1e-2] and b["on_edge"].all()  # neither reached: lower loss
+    with pytest.raises(ValueError, match="lacks column"):
+        choose_lr(table.drop(columns="lr"))
+
+
+def test_lr_sweep_flags_an_optimum_at_the_grid_edge():
+    spec = dataclasses.replace(BASE, steps=4, eval_every=4)
+    table, best = lr_sweep(spec, [1e-4, 3e-4, 1e-3], target=0.0)  # unreachable: ranked by final loss
+    assert len(table) == 3 and table["final_val_loss"].is_monotonic_decreasing
+    assert best["lr"] == 1e-3 and best["on_edge"] is True
+
+
+def test_warmup_checkpoint_is_cached_and_shared(tmp_path):
+    path = warmup_checkpoint(BASE, 3, lr=1e-2, root=tmp_path)
+    stamp = path.stat().st_mtime_ns
+    assert warmup_checkpoint(dataclasses.replace(BASE, seed=7, optimizer="gn"), 3, lr=1e-2, root=tmp_path) == path
+    assert path.stat().st_mtime_ns == stamp  # reused, not retrained
+    other = warmup_checkpoint(BASE, 4, lr=1e-2, root=tmp_path)
+    assert other != path and other.parent.parent == path.parent.parent
+    state = torch.load(path, weights_only=True)
+    fresh = build_model("tiny", seed=0, **MODEL).state_dict()
+    assert state.keys() == fresh.keys() and not torch.equal(state["embed.weight"], fresh["embed.weight"])
+    starts = [run(dataclasses.replace(BASE, steps=1, seed=s, init_checkpoint=str(path)), progress=False)
+              for s in (0, 1)]
+    starts = [h.rows[0]["val_loss"] for h in starts]
+    assert starts[0] == starts[1]  # every seed starts from the same point, evaluated on the same set
+    with pytest.raises(ValueError, match="steps"):
+        warmup_checkpoint(BASE, 0, root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"optimizer": "lbfgs"}, "optimizer"), ({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr"),
+     ({"preset": "huge"}, "preset"), ({"seq_len": 4096}, "seq_len"),
+     ({"init_checkpoint": "/no/such.pt"}, "init_checkpoint"),
+     ({"device": "tpu"}, "device")],
+)
+def test_runspec_validation_names_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(BASE, **change).validate()
+
+
+def test_study_spec_gives_equal_tokens_per_outer_step():
+    gn = study_spec(BASE, "gn", 4, 0.01, 1)
+    adamw = study_spec(BASE, "adamw", 4, 0.01, 1)
+    assert gn.hyperparameters["inner_steps"] == 4 and gn.accumulation == 1 and adamw.accumulation == 4
+    assert gn.tokens_per_step == adamw.tokens_per_step == 4 * 8 * 32
+    halves = {"gn_halves": {"optimizer": "gn", "hyperparameters": {"blocks": "halves"}}}
+    variant = study_spec(BASE, "gn_halves", 2, 0.01, 0, halves)
+    assert variant.optimizer == "gn" and variant.hyperparameters == {"blocks": "halves", "inner_steps": 2}
+    paper = study_spec(RunSpec(preset="paper45m", seq_len=1024, batch_size=32), "gn", 122, 0.01, 0)
+    paper.validate()  # the study's configuration is a valid spec (run it with device="cuda")
+    assert paper.tokens_per_step == 122 * 32 * 1024
+    with pytest.raises(ValueError, match="micro_batches"):
+        study_spec(BASE, "gn", 0, 0.01, 0)
+    with pytest.raises(ValueError, match="optimizer"):
+        study_spec(BASE, "gn_diagonal", 2, 0.01, 0)
+    with pytest.raises(ValueError, match="lrs"):
+        batch_size_study(["adamw", "gn"], [1], {"adamw": [0.01]}, [0], 3.0, BASE)
+
+
+def test_batch_size_study_table(tmp_path):
+    table = batch_size_study(["adamw", "gn"], [1, 2], {"adamw": [1e-2], "gn": [1e-2, 3e-2]}, [0], 5.0,
+                             dataclasses.replace(BASE, steps=2), tmp_path)
+    assert list(table.columns) == [*STUDY_COLUMNS, "chosen", "on_edge"] and len(table) == 6
+    chosen = table.loc[table["chosen"]]
+    assert (chosen["steps_to_target"] <= 2).all()  # 5.0: below the initial loss ln 256 ≈ 5.55 after a step or two
+    assert (table.groupby("micro_batches")["tokens_per_step"].nunique() == 1).all()
+    assert table.groupby(["optimizer", "micro_batches"])["chosen"].sum().eq(1).all()
+    gn = chosen.loc[chosen["optimizer"] == "gn"]
+    assert (gn["grad_equivalents_to_target"] > gn["micro_batches"] * gn["steps_to_target"]).all()  # 4/3 per inner step
+    assert (tmp_path / "study.csv").exists()
+    assert (tmp_path / "gn" / "m=2" / "lr=0.03" / "seed=0" / "history.jsonl").exists()
+
+
+def study(steps: dict) -> pd.DataFrame:
+    rows = [{"optimizer": name, "micro_batches": m, "tokens_per_step": m * 100, "lr": 0.1, "seed": seed,
+             "steps_to_target": s, "final_val_loss": 1.0}
+            for name, per_batch in steps.items() for m, s in per_batch.items() for seed in (0, 1)]
+    return choose_lr(pd.DataFrame(rows))
+
+
+def test_critical_batch_size_on_hand_made_tables():
+    table = study({
+        "sgd": {1: 100, 2: 50, 4: 26, 8: 20},  # per-doubling ratios 0.5, 0.52, 0.77: critical 4
+        "gn": {1: 100, 2: 50, 4: 25, 8: 12.5},  # perfect scaling throughout: at least 8
+        "adamw": {1: None, 2: 80, 4: 40, 8: 20},  # misses at the smallest batch
+        "muon": {1: 100, 2: 60, 4: None, 8: 10},  # misses at 4: the walk stops at 2
+        "soap": {1: 100, 4: 30, 8: 20},  # 1 -> 4 is two doublings: (0.3)^(1/2) = 0.548 per doubling
+    })
+    got = critical_batch_size(table).set_index("optimizer")
+    assert got.loc["sgd", "critical_micro_batches"] == 4 and not got.loc["sgd", "beyond_grid"]
+    assert got.loc["sgd", "ratios"] == "0.50, 0.52, 0.77" and got.loc["sgd", "critical_tokens"] == 400
+    assert got.loc["gn", "critical_micro_batches"] == 8 and got.loc["gn", "beyond_grid"]
+    assert pd.isna(got.loc["adamw", "critical_micro_batches"])
+    assert got.loc["muon", "critical_micro_batches"] == 2 and not got.loc["muon", "beyond_grid"]
+    assert got.loc["soap", "critical_micro_batches"] == 4
+    assert critical_batch_size(table, max_ratio=0.53).set_index("optimizer").loc["soap", "critical_micro_batches"] == 1
+    with pytest.raises(ValueError, match="max_ratio"):
+        critical_batch_size(table, max_ratio=0.4)
+
+
+def test_ratio_table_and_gain_share():
+    table = study({"gn": {1: 10, 4: 5}, "soap": {1: 20, 4: 27}, "adamw": {1: None, 4: 50}})
+    ratios = ratio_table(table, reference="gn")
+    assert list(ratios.columns) == ["soap", "adamw"] and list(ratios.index) == [1, 4]
+    assert ratios.loc[4, "soap"] == pytest.approx(5.4) and ratios.loc[4, "adamw"] == 10
+    assert math.isnan(ratios.loc[1, "adamw"])
+    with pytest.raises(ValueError, match="reference"):
+        ratio_table(table, reference="muon")
+    assert gain_share(100, 60, 50) == pytest.approx(0.8)
+    assert gain_share(100, 100, 50) == 0 and math.isnan(gain_share(50, 40, 60))
+
+
+def test_study_table_from_sweep_reads_outcomes(tmp_path):
+    raw = pd.DataFrame({
+        "run_id": ["a", "b", "c"], "status": ["ok", "ok", "failed"], "optimizers": ["gn", "gn", "gn"],
+        "lr": [0.01, 0.03, 0.1], "micro_batches": [2, 2, 2],
+        "optimizer": ["gn"] * 3, "result_micro_batches": [2, 2, None], "tokens_per_step": [512] * 3,
+        "result_lr": [0.01, 0.03, None], "seed": [0, 0, None], "steps_to_target": [9, None, None],
+        "final_val_loss": [2.5, 2.9, None], "steps": [9, 30, None], "tokens": [1, 2, None],
+        "grad_equivalents": [1.0, 2.0, None], "grad_equivalents_to_target": [1.0, None, None],
+        "wall_time_s": [1.0, 1.0, None], "result_status": ["reached_target", "completed", None],
+    })
+    raw.to_csv(tmp_path / "results.csv", index=False)
+    table = study_table_from_sweep(tmp_path / "results.csv")
+    assert len(table) == 2 and table.loc[table["chosen"], "lr"].tolist() == [0.01]
+    assert table["status"].tolist() == ["reached_target", "completed"]
+
+
+def test_gn_directions_share_anchor_and_batches():
+    model = build_model("tiny", seed=0, **MODEL)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = load_corpus().fixed_batches("train", 4, 16, 3, seed=5)
+    names = [n for n, _ in model.named_parameters()]
+    d = gn_directions(model, batches, {"full": None, "one_block": {"all": names}, "per_layer": "per_layer"}, 0.01)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # model untouched
+    for n in names:  # a partition with one block is full GN: same batches, same anchor, same numbers
+        torch.testing.assert_close(d["one_block"][n], d["full"][n], rtol=0, atol=0)
+    c = cosine(d["per_layer"], d["full"])
+    assert 0 < c < 1 - 1e-6 and np.isfinite(c)
