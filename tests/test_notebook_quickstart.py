@@ -13,17 +13,22 @@ def test_quickstart_writes_results_and_figure(tmp_path):
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
-        parameters={"steps": 12, "eval_every": 4, "batch_size": 8, "seq_len": 32, "target_loss": 4.0,
-                    "output_dir": str(out)},
+        parameters={"optimizers": ["adamw", "gn"], "steps": 4, "micro_batches": 2, "eval_every": 2,
+                    "batch_size": 4, "seq_len": 32, "target_loss": 4.5, "output_dir": str(out)},
         kernel_name="python3",
         progress_bar=False,
     )
     results = json.loads((out / "results.json").read_text())
     assert (out / "val_loss.png").stat().st_size > 1000
-    assert results["parameters"]["steps"] == 12 and len(results["corpus_sha256"]) == 64
-    (run,) = results["runs"]
-    assert run["optimizer"] == "adamw" and run["steps"] <= 12 and run["final_val_loss"] < 5.0
-    assert (out / "adamw" / "history.jsonl").exists() and (out / "adamw" / "metadata.json").exists()
+    assert results["parameters"]["steps"] == 4 and len(results["corpus_sha256"]) == 64
+    runs = {run["optimizer"]: run for run in results["runs"]}
+    assert set(runs) == {"adamw", "gn"}
+    for name, run in runs.items():
+        assert run["steps"] <= 4 and run["final_val_loss"] < 5.0
+        assert (out / name / "history.jsonl").exists() and (out / name / "metadata.json").exists()
+    # equal tokens per outer step: AdamW accumulates 2 micro-batches, GN runs 2 inner steps (+ line search)
+    assert runs["adamw"]["tokens"] == runs["adamw"]["steps"] * 2 * 4 * 32
+    assert runs["gn"]["tokens"] >= runs["gn"]["steps"] * 2 * 4 * 32
 
 
 def test_help_lists_typed_described_parameters():
