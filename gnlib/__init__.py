@@ -1,3 +1,83 @@
-"""gnlib: exact Gauss-Newton optimization of transformer language models, as a research workbook."""
+"""gnlib: exact Gauss-Newton optimization of transformer language models, as a research workbook.
+
+The public API is what this module exports; each name lives in the module that owns its job
+(``gnlib.data``, ``gnlib.models``, ``gnlib.losses``, ``gnlib.curvature``, ``gnlib.blocks``,
+``gnlib.spectra``, ``gnlib.optim``, ``gnlib.train``, ``gnlib.experiments``). Notebook-only pieces
+(``gnlib.plots``, ``gnlib.widgets``, ``gnlib.sweep``, ``gnlib.directions``) are imported from their modules.
+"""
+
+from gnlib.blocks import (
+    BlockDiagonalOperator,
+    block_norms,
+    by_patterns,
+    coarse_halves,
+    off_diagonal_share,
+    per_layer,
+    per_tensor,
+)
+from gnlib.curvature import (
+    GGNOperator,
+    HessianOperator,
+    dense_ggn,
+    dense_hessian,
+    dense_jacobian,
+    ggn_vp,
+    gn_inner_step,
+    gradient,
+    hvp,
+    jvp,
+    linearize,
+    vjp,
+)
+from gnlib.data import Corpus, load_corpus
+from gnlib.experiments import OPTIMIZERS, RunSpec, lr_sweep, run, steps_to_target
+from gnlib.losses import MSE, CrossEntropy
+from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
+from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
+from gnlib.spectra import hutchinson_trace, lanczos, spectral_density
+from gnlib.train import History, train
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "MSE",
+    "OPTIMIZERS",
+    "PRESETS",
+    "BlockDiagonalOperator",
+    "Corpus",
+    "CrossEntropy",
+    "GGNOperator",
+    "GaussNewton",
+    "HessianOperator",
+    "History",
+    "ModelConfig",
+    "RunSpec",
+    "Transformer",
+    "block_norms",
+    "build_model",
+    "by_patterns",
+    "coarse_halves",
+    "dense_ggn",
+    "dense_hessian",
+    "dense_jacobian",
+    "ggn_vp",
+    "gn_inner_step",
+    "gradient",
+    "hvp",
+    "jvp",
+    "linearize",
+    "load_corpus",
+    "lr_sweep",
+    "make_gauss_newton",
+    "make_optimizer",
+    "model_config",
+    "off_diagonal_share",
+    "per_layer",
+    "per_tensor",
+    "hutchinson_trace",
+    "lanczos",
+    "run",
+    "spectral_density",
+    "steps_to_target",
+    "train",
+]

@@ -412,6 +412,11 @@ class CurvatureOperator:
         self.shape = (n, n)
         first = next(iter(self.like.values()))
         self.dtype, self.device = first.dtype, first.device
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Build what every product reuses (a linearization, a gradient graph)."""
+        raise NotImplementedError
 
     def _apply(self, v: Params) -> Params:
         raise NotImplementedError
@@ -454,17 +459,8 @@ class CurvatureOperator:
 class GGNOperator(CurvatureOperator):
     """G = Jᵀ H_z J on one batch, from a :class:`Linearization` built once and reused by every product."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        params: Mapping[str, Tensor],
-        batch: Batch,
-        loss: Loss = DEFAULT_LOSS,
-        wrt: Sequence[str] | None = None,
-    ) -> None:
-        """See :class:`CurvatureOperator`."""
-        super().__init__(model, params, batch, loss, wrt)
-        self.linearization = Linearization(model, self.params, batch, loss, self.wrt)
+    def _prepare(self) -> None:
+        self.linearization = Linearization(self.model, self.params, self.batch, self.loss, self.wrt)
 
     def _apply(self, v: Params) -> Params:
         return self.linearization.ggn_vp(v)
@@ -473,17 +469,8 @@ class GGNOperator(CurvatureOperator):
 class HessianOperator(CurvatureOperator):
     """The true Hessian ∇²_θ ℓ(f(θ)) on one batch; the gradient's graph is built once, each product is one backward."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        params: Mapping[str, Tensor],
-        batch: Batch,
-        loss: Loss = DEFAULT_LOSS,
-        wrt: Sequence[str] | None = None,
-    ) -> None:
-        """See :class:`CurvatureOperator`."""
-        super().__init__(model, params, batch, loss, wrt)
-        self._graph = _GradientGraph(model, self.params, batch, loss, self.wrt)
+    def _prepare(self) -> None:
+        self._graph = _GradientGraph(self.model, self.params, self.batch, self.loss, self.wrt)
 
     def _apply(self, v: Params) -> Params:
         return self._graph.hvp(v)
