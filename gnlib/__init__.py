@@ -65,6 +65,7 @@ __all__ = [
     "gradient",
     "hvp",
     "jvp",
+    "vjp",
     "linearize",
     "load_corpus",
     "lr_sweep",

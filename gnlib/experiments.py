@@ -253,10 +253,14 @@ def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
     as infinitely many); ties, or no LR reaching it, are broken by the median final validation loss. The
     best is *on the edge* when it is the smallest or largest LR of the grid, or the grid has one LR.
     """
-    by_lr = group.assign(
-        _steps=group["steps_to_target"].astype(float).fillna(np.inf),
-        _loss=group["final_val_loss"].astype(float).fillna(np.inf),
-    ).groupby("lr")[["_steps", "_loss"]].median()
+    by_lr = (
+        group.assign(
+            _steps=group["steps_to_target"].astype(float).fillna(np.inf),
+            _loss=group["final_val_loss"].astype(float).fillna(np.inf),
+        )
+        .groupby("lr")[["_steps", "_loss"]]
+        .median()
+    )
     best = float(by_lr.sort_values(["_steps", "_loss"]).index[0])
     grid = sorted(by_lr.index)
     return best, len(grid) < 2 or best in (grid[0], grid[-1])
@@ -329,7 +333,12 @@ def lr_sweep(
 
 
 def warmup_checkpoint(
-    base: RunSpec, steps: int, *, lr: float = 3e-3, seed: int = 0, root: str | Path = "outputs/warmup",
+    base: RunSpec,
+    steps: int,
+    *,
+    lr: float = 3e-3,
+    seed: int = 0,
+    root: str | Path = "outputs/warmup",
     progress: bool = False,
 ) -> Path:
     """The shared starting point: a model state dict after ``steps`` AdamW steps, made once and cached.
@@ -353,8 +362,17 @@ def warmup_checkpoint(
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     spec = dataclasses.replace(
-        base, optimizer="adamw", lr=lr, steps=steps, accumulation=1, schedule="constant", target_loss=None,
-        eval_every=steps, seed=seed, hyperparameters={}, init_checkpoint=None,
+        base,
+        optimizer="adamw",
+        lr=lr,
+        steps=steps,
+        accumulation=1,
+        schedule="constant",
+        target_loss=None,
+        eval_every=steps,
+        seed=seed,
+        hyperparameters={},
+        init_checkpoint=None,
     )
     spec.validate()
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "device"}
@@ -372,13 +390,28 @@ def warmup_checkpoint(
 
 #: Columns of :func:`batch_size_study`'s table, in order.
 STUDY_COLUMNS = (
-    "optimizer", "micro_batches", "tokens_per_step", "lr", "seed", "steps_to_target", "final_val_loss",
-    "steps", "tokens", "grad_equivalents", "grad_equivalents_to_target", "wall_time_s", "status",
+    "optimizer",
+    "micro_batches",
+    "tokens_per_step",
+    "lr",
+    "seed",
+    "steps_to_target",
+    "final_val_loss",
+    "steps",
+    "tokens",
+    "grad_equivalents",
+    "grad_equivalents_to_target",
+    "wall_time_s",
+    "status",
 )
 
 
 def study_spec(
-    base: RunSpec, optimizer: str, micro_batches: int, lr: float, seed: int,
+    base: RunSpec,
+    optimizer: str,
+    micro_batches: int,
+    lr: float,
+    seed: int,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
     hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunSpec:
@@ -451,7 +484,10 @@ def batch_size_study(
         raise ValueError(f"seeds={list(seeds)!r} and micro_batches={list(micro_batches)!r} must be non-empty")
     plan = [
         (name, m, float(lr), seed, study_spec(base, name, m, lr, seed, variants, hyperparameters))
-        for name in optimizers for m in micro_batches for lr in sorted(lrs[name]) for seed in seeds
+        for name in optimizers
+        for m in micro_batches
+        for lr in sorted(lrs[name])
+        for seed in seeds
     ]
     for *_, spec in plan:
         spec.validate()
@@ -459,8 +495,16 @@ def batch_size_study(
     for name, m, lr, seed, spec in plan:
         run_dir = None if output_dir is None else Path(output_dir) / name / f"m={m}" / f"lr={lr:.3g}" / f"seed={seed}"
         summary = summarize(run(dataclasses.replace(spec, target_loss=target), run_dir, progress=progress), target)
-        rows.append({"optimizer": name, "micro_batches": m, "tokens_per_step": spec.tokens_per_step, "lr": lr,
-                     "seed": seed, **summary})
+        rows.append(
+            {
+                "optimizer": name,
+                "micro_batches": m,
+                "tokens_per_step": spec.tokens_per_step,
+                "lr": lr,
+                "seed": seed,
+                **summary,
+            }
+        )
     table = choose_lr(pd.DataFrame(rows, columns=list(STUDY_COLUMNS)))
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / "study.csv", table.to_csv(index=False))
@@ -516,8 +560,15 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
         reached = group["steps_to_target"].notna().to_numpy()
         batches = list(group.index)
         if not reached[0]:
-            rows.append({"optimizer": name, "critical_micro_batches": None, "critical_tokens": None,
-                         "beyond_grid": False, "ratios": ""})
+            rows.append(
+                {
+                    "optimizer": name,
+                    "critical_micro_batches": None,
+                    "critical_tokens": None,
+                    "beyond_grid": False,
+                    "ratios": "",
+                }
+            )
             continue
         critical, ratios, beyond = 0, [], True
         for i in range(1, len(batches)):
@@ -531,9 +582,15 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
                 beyond = False
                 break
             critical = i
-        rows.append({"optimizer": name, "critical_micro_batches": int(batches[critical]),
-                     "critical_tokens": int(group["tokens_per_step"].iloc[critical]),
-                     "beyond_grid": beyond and len(batches) > 1, "ratios": ", ".join(f"{r:.2f}" for r in ratios)})
+        rows.append(
+            {
+                "optimizer": name,
+                "critical_micro_batches": int(batches[critical]),
+                "critical_tokens": int(group["tokens_per_step"].iloc[critical]),
+                "beyond_grid": beyond and len(batches) > 1,
+                "ratios": ", ".join(f"{r:.2f}" for r in ratios),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -594,8 +651,17 @@ def gn_directions(
     for label, blocks in partitions.items():
         copy = deepcopy(model)
         before = {n: p.detach().clone() for n, p in copy.named_parameters()}
-        optimizer = GaussNewton(copy, _replay(list(batches)), blocks=blocks, inner_lr=lr, inner_steps=len(batches),
-                                line_search=None, line_search_batches=1, warm_start=False, **options)
+        optimizer = GaussNewton(
+            copy,
+            _replay(list(batches)),
+            blocks=blocks,
+            inner_lr=lr,
+            inner_steps=len(batches),
+            line_search=None,
+            line_search_batches=1,
+            warm_start=False,
+            **options,
+        )
         optimizer.step()
         directions[label] = {n: p.detach() - before[n] for n, p in copy.named_parameters()}
     return directions
@@ -628,8 +694,9 @@ def direction_cosines(
         while step < target_step:
             optimizer.step()
             step += 1
-        probe = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=probe_seed + step,
-                               device=resolve_device(spec.device))
+        probe = corpus.sampler(
+            "train", spec.batch_size, spec.seq_len, seed=probe_seed + step, device=resolve_device(spec.device)
+        )
         directions = gn_directions(model, [probe() for _ in range(inner)], labels, spec.lr, **options)
         full = directions["full"]
         full_norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in full.values()])))
@@ -637,6 +704,13 @@ def direction_cosines(
         for label in partitions:
             d = directions[label]
             norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in d.values()])))
-            rows.append({"step": step, "partition": label, "cosine": cosine(d, full),
-                         "norm_ratio": norm / full_norm if full_norm else float("nan"), "val_loss": val_loss})
+            rows.append(
+                {
+                    "step": step,
+                    "partition": label,
+                    "cosine": cosine(d, full),
+                    "norm_ratio": norm / full_norm if full_norm else float("nan"),
+                    "val_loss": val_loss,
+                }
+            )
     return pd.DataFrame(rows)

@@ -61,7 +61,9 @@ def refresh(path: str | Path, kernel: str = "python3") -> None:
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         executed = Path(tmp) / path.name
-        papermill.execute_notebook(str(path), str(executed), kernel_name=kernel, cwd=str(Path.cwd()), progress_bar=False)
+        papermill.execute_notebook(
+            str(path), str(executed), kernel_name=kernel, cwd=str(Path.cwd()), progress_bar=False
+        )
         notebook = strip(nbformat.read(executed, as_version=4))
     nbformat.write(notebook, path)
 

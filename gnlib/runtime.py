@@ -33,7 +33,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     check_choice("device", dev.type, ["cpu", "cuda", "mps"])
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine; use device='cpu'")
+            raise ValueError(
+                f"device={device!r} was requested but CUDA is not available on this machine; use device='cpu'"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if dev.type == "mps" and not torch.backends.mps.is_available():

@@ -81,7 +81,9 @@ class History:
     def save(self, run_dir: str | Path) -> None:
         """Write ``history.jsonl``, ``history.csv`` and ``metadata.json`` (with the status) atomically."""
         run_dir = Path(run_dir)
-        atomic_write_text(run_dir / HISTORY_JSONL, "".join(json.dumps(r, default=_json_default) + "\n" for r in self.rows))
+        atomic_write_text(
+            run_dir / HISTORY_JSONL, "".join(json.dumps(r, default=_json_default) + "\n" for r in self.rows)
+        )
         atomic_write_text(run_dir / HISTORY_CSV, self.to_frame().to_csv(index=False))
         atomic_write_json(run_dir / METADATA, {**self.metadata, "status": self.status})
 
@@ -106,7 +108,9 @@ def _json_default(value: Any) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, params: dict[str, Tensor] | None = None) -> float:
+def evaluate(
+    model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, params: dict[str, Tensor] | None = None
+) -> float:
     """Mean of ``loss_fn`` over ``batches`` (each batch weighted equally), without gradients."""
     if not batches:
         raise ValueError("evaluation needs at least one validation batch")
@@ -194,7 +198,8 @@ def train(
                 raise ValueError(
                     f"{run_dir / CHECKPOINT} was written by a run on world_size={saved_world} process(es); this "
                     f"run has world_size={world}. Resume it with torchrun --nproc_per_node {saved_world} (the batch "
-                    "stream depends on the number of processes), or use another run_dir")
+                    "stream depends on the number of processes), or use another run_dir"
+                )
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if hasattr(train_batches, "load_state_dict"):
@@ -234,7 +239,9 @@ def train(
 
     start = time.perf_counter() - elapsed_before
     if not history.rows:
-        history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, "val_loss": validation_loss()})
+        history.rows.append(
+            {"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, "val_loss": validation_loss()}
+        )
     first_step = history.rows[-1]["step"] + 1
     for step in range(first_step, steps + 1):
         row: dict[str, Any] = {"step": step}
