@@ -49,6 +49,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for on one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) -> torch.device:
     """Join the process group described by torchrun's environment variables, if there is one.
 

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from gnlib.data import load_corpus
+from gnlib.distributed import barrier, is_main
 from gnlib.directions import cosine
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, model_config
@@ -382,9 +383,11 @@ def warmup_checkpoint(
     path = folder / "model.pt"
     if not path.is_file():
         run(spec, folder / "run", progress=progress)
-        state = torch.load(folder / "run" / CHECKPOINT, map_location="cpu", weights_only=True)
-        atomic_write_json(folder / "settings.json", settings)
-        atomic_torch_save(state["model"], path)
+        if is_main():  # under torchrun every process trains the warm-up, rank 0 alone writes it
+            state = torch.load(folder / "run" / CHECKPOINT, map_location="cpu", weights_only=True)
+            atomic_write_json(folder / "settings.json", settings)
+            atomic_torch_save(state["model"], path)
+        barrier()
     return path.resolve()
 
 
