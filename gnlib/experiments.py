@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gnlib.data import load_corpus
-from gnlib.distributed import barrier, is_main
+from gnlib.data import SOURCE_FORMS, load_corpus
 from gnlib.directions import cosine
+from gnlib.distributed import barrier, is_main
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim import DEFAULTS, make_optimizer
@@ -76,6 +76,10 @@ def build_optimizer(
     if name in GN_VARIANTS:
         return make_gauss_newton(name, model, batches, lr, **hyperparameters)
     return make_optimizer(name, model, lr=lr, **hyperparameters)
+
+
+def _no_batches() -> Any:
+    raise RuntimeError("validation builds the optimizer only; it must not draw batches")
 
 
 @dataclass
@@ -140,6 +144,26 @@ class RunSpec:
         make_schedule(self.schedule, self.steps)
         if self.init_checkpoint is not None and not Path(self.init_checkpoint).is_file():
             raise ValueError(f"init_checkpoint={self.init_checkpoint!r} does not exist")
+        if not isinstance(self.corpus, str) or not (
+            self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
+        ):
+            raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
+        if self.target_loss is not None and not (
+            isinstance(self.target_loss, (int, float)) and math.isfinite(self.target_loss)
+        ):
+            raise ValueError(f"target_loss must be a finite number or None, got {self.target_loss!r}")
+        # the optimizer's own checks, on a miniature of the model: a bad option fails now, not mid-study
+        miniature = build_model(
+            "tiny",
+            d_model=8,
+            n_layers=1,
+            n_heads=2,
+            d_ff=8,
+            vocab_size=16,
+            max_seq_len=8,
+            tie_embeddings=config.tie_embeddings,
+        )
+        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, dict(self.hyperparameters))
 
     @property
     def tokens_per_step(self) -> int:
@@ -320,7 +344,7 @@ def lr_sweep(
     rows = []
     for lr in grid:
         run_spec = dataclasses.replace(spec, lr=lr, target_loss=target)
-        run_dir = Path(output_dir) / f"lr={lr:.3g}" if output_dir is not None else None
+        run_dir = Path(output_dir) / f"lr={lr:.6g}" if output_dir is not None else None
         rows.append({"lr": lr, **summarize(run(run_spec, run_dir, progress=progress), target)})
     table = pd.DataFrame(rows)
     best_lr, on_edge = _best_lr(table)
@@ -496,7 +520,7 @@ def batch_size_study(
         spec.validate()
     rows = []
     for name, m, lr, seed, spec in plan:
-        run_dir = None if output_dir is None else Path(output_dir) / name / f"m={m}" / f"lr={lr:.3g}" / f"seed={seed}"
+        run_dir = None if output_dir is None else Path(output_dir) / name / f"m={m}" / f"lr={lr:.6g}" / f"seed={seed}"
         summary = summarize(run(dataclasses.replace(spec, target_loss=target), run_dir, progress=progress), target)
         rows.append(
             {
@@ -529,9 +553,15 @@ def study_table_from_sweep(results_csv: str | Path) -> pd.DataFrame:
 
 
 def _chosen_steps(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:
-    """Median of ``value`` over seeds at each setting's tuned LR: index (optimizer, micro_batches)."""
+    """Median of ``value`` over seeds at each setting's tuned LR: index (optimizer, micro_batches).
+
+    A seed that missed the target counts as infinitely many steps, so a setting counts as reached only
+    when most of its seeds reached it (else its median is NaN: missed).
+    """
     chosen = table.loc[table["chosen"]] if "chosen" in table.columns else table
-    return chosen.groupby(["optimizer", "micro_batches"])[[value, "tokens_per_step"]].median()
+    chosen = chosen.assign(**{value: chosen[value].astype(float).fillna(np.inf)})
+    medians = chosen.groupby(["optimizer", "micro_batches"])[[value, "tokens_per_step"]].median()
+    return medians.replace(np.inf, np.nan)
 
 
 def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.DataFrame:

@@ -237,12 +237,22 @@ def train(
         loss = evaluate(model, val_batches, loss_fn, eval_params() if callable(eval_params) else None)
         return distributed.all_reduce_mean(loss)
 
+    def update_status(row: dict[str, Any], last: bool) -> None:
+        losses = [row[key] for key in ("train_loss", "val_loss") if row.get(key) is not None]
+        if not all(math.isfinite(value) for value in losses):
+            history.status = "diverged"
+        elif target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= target_loss:
+            history.status = "reached_target"
+        elif last:
+            history.status = "completed"
+
     start = time.perf_counter() - elapsed_before
     if not history.rows:
         history.rows.append(
             {"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, "val_loss": validation_loss()}
         )
-    first_step = history.rows[-1]["step"] + 1
+        update_status(history.rows[0], last=False)
+    first_step = history.rows[-1]["step"] + 1 if history.status == "running" else steps + 1
     for step in range(first_step, steps + 1):
         row: dict[str, Any] = {"step": step}
         if draws_batches:
@@ -274,12 +284,7 @@ def train(
         row["wall_time"] = time.perf_counter() - start
         history.rows.append(row)
 
-        if row["train_loss"] is not None and not math.isfinite(row["train_loss"]):
-            history.status = "diverged"
-        elif target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= target_loss:
-            history.status = "reached_target"
-        elif last:
-            history.status = "completed"
+        update_status(row, last)
         if progress and (row["val_loss"] is not None or history.status != "running"):
             print(
                 f"step {step}/{steps}  train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}"

@@ -209,3 +209,28 @@ def test_gn_directions_share_anchor_and_batches():
         torch.testing.assert_close(d["one_block"][n], d["full"][n], rtol=0, atol=0)
     c = cosine(d["per_layer"], d["full"])
     assert 0 < c < 1 - 1e-6 and np.isfinite(c)
+
+
+def test_a_setting_whose_seeds_mostly_miss_counts_as_missed():
+    from gnlib.experiments import ratio_table
+
+    rows = []
+    for seed, steps in enumerate([50.0, None, None]):
+        rows.append(dict(optimizer="gn", micro_batches=2, tokens_per_step=64, lr=0.01, seed=seed, steps_to_target=steps,
+                         chosen=True))
+    for seed in range(3):
+        rows.append(dict(optimizer="adamw", micro_batches=2, tokens_per_step=64, lr=0.01, seed=seed,
+                         steps_to_target=90.0, chosen=True))
+    ratios = ratio_table(pd.DataFrame(rows), reference="gn")
+    assert ratios.isna().all().all()  # GN's median is a miss, so no finite ratio to it
+
+
+def test_validate_rejects_bad_corpus_target_and_optimizer_options():
+    for kwargs, match in [
+        (dict(corpus="foo"), "corpus"),
+        (dict(target_loss="x"), "target_loss"),
+        (dict(optimizer="gn", hyperparameters={"inner_iters": 3}), "inner_iters"),
+        (dict(optimizer="adamw", hyperparameters={"bogus": 1}), "bogus"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            RunSpec(**kwargs).validate()

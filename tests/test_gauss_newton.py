@@ -264,13 +264,13 @@ def test_warm_start_continues_from_the_pre_line_search_iterate(warm_start):
     model = _linear()
     before = params_of(model)
     gn = GaussNewton(model, _Stream(x, y, rows=20), solver="adamw", inner_steps=3, inner_lr=0.05,
-                     line_search=(0.5,), warm_start=warm_start, loss=MSE())
+                     line_search=(0.25,), warm_start=warm_start, loss=MSE())
     diagnostics = gn.step()
-    assert diagnostics["alpha"] == 0.5
+    assert diagnostics["alpha"] == 0.25
     step = _move(model, before)  # α·Δ̂
     state = gn.state_dict()["blocks"]["full"]
-    start = flatten(state["delta"])  # where the next inner loop starts: θ̂ − θ_{t+1} = (1 − α)Δ̂
-    torch.testing.assert_close(start, step if warm_start else torch.zeros_like(step), rtol=0, atol=1e-15)
+    start = flatten(state["delta"])  # where the next inner loop starts: θ̂ − θ_{t+1} = (1 − α)Δ̂ = 3·αΔ̂
+    torch.testing.assert_close(start, 3 * step if warm_start else torch.zeros_like(step), rtol=1e-12, atol=1e-15)
     assert bool(state["optimizer"]["state"]) == warm_start  # AdamW moments kept only when warm-starting
 
 

@@ -150,3 +150,23 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         torch.load(killed / CHECKPOINT, weights_only=True)["model"]["embed.weight"],
         torch.load(straight / CHECKPOINT, weights_only=True)["model"]["embed.weight"],
     )
+
+
+def test_target_met_before_training_stops_at_step_zero():
+    model, batches, val = setup()
+    history = train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, val, steps=5, target_loss=10.0,
+                    progress=False)
+    assert history.status == "reached_target" and [r["step"] for r in history.rows] == [0]
+
+
+def test_nonfinite_validation_loss_counts_as_diverged():
+    model, batches, val = setup()
+
+    class Poisoned(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+
+    history = train(model, Poisoned(model.parameters(), lr=0.0), batches, val, steps=5, eval_every=1, progress=False)
+    assert history.status == "diverged" and history.rows[-1]["step"] == 1

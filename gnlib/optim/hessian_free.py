@@ -161,10 +161,13 @@ def backtrack(iterates: Sequence[Iterate], loss_of: Callable[[Tensor], float]) -
     return best, evaluations
 
 
-def lm_damping(damping: float, rho: float | None) -> float:
-    """Levenberg-Marquardt update: ρ < 1/4 or undefined (None/NaN) → λ·3/2; ρ > 3/4 → λ·2/3; else λ."""
+def lm_damping(damping: float, rho: float | None, floor: float = 1e-4) -> float:
+    """Levenberg-Marquardt update: ρ < 1/4 or undefined (None/NaN) → max(λ·3/2, floor); ρ > 3/4 → λ·2/3; else λ.
+
+    The floor lets a run started undamped (λ = 0) acquire damping when the quadratic model fails.
+    """
     if rho is None or not math.isfinite(rho) or rho < 0.25:
-        return damping * 1.5
+        return max(damping * 1.5, floor)
     if rho > 0.75:
         return damping * (2.0 / 3.0)
     return damping
