@@ -152,11 +152,12 @@ class RunSpec:
             isinstance(self.target_loss, (int, float)) and math.isfinite(self.target_loss)
         ):
             raise ValueError(f"target_loss must be a finite number or None, got {self.target_loss!r}")
-        # the optimizer's own checks, on a miniature of the model: a bad option fails now, not mid-study
+        # the optimizer's own checks, on a narrow model with the same parameter names (same depth and
+        # tying, so custom partitions resolve): a bad option fails now, not in the middle of a study
         miniature = build_model(
             "tiny",
             d_model=8,
-            n_layers=1,
+            n_layers=config.n_layers,
             n_heads=2,
             d_ff=8,
             vocab_size=16,
