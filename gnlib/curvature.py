@@ -389,9 +389,10 @@ def linearize(
 class CurvatureOperator:
     """A symmetric (n, n) curvature matrix applied matrix-free, n = number of parameters in ``wrt``.
 
-    Operator protocol (INTERFACES.md): ``.shape``, ``.dtype``, ``.device``; ``op @ x`` for a flat tensor x
-    of shape (n,) or (n, k) (same shape back; columns are applied one by one) or a params dict over
-    ``wrt`` (params dict back); ``.to_scipy()``; ``.block(names)`` for the diagonal block of a subset.
+    Operator protocol (shared with gnlib.blocks and gnlib.spectra): ``.shape``, ``.dtype``, ``.device``;
+    ``op @ x`` for a flat tensor x of shape (n,) or (n, k) (same shape back; columns are applied one by
+    one) or a params dict over ``wrt`` (params dict back); ``.to_scipy()``; ``.block(names)`` for the
+    diagonal block of a subset.
     """
 
     def __init__(
