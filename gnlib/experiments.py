@@ -46,12 +46,13 @@ from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim import DEFAULTS, make_optimizer
 from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
 from gnlib.optim.schedules import make_schedule
-from gnlib.params import Params
+from gnlib.params import Params, flatten
 from gnlib.runtime import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     check_choice,
+    is_finite_number,
     output_path,
     resolve_device,
 )
@@ -134,7 +135,7 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        if not (is_finite_number(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         config = model_config(self.preset, **self.model_overrides)
         if self.seq_len > config.max_seq_len:
@@ -148,9 +149,7 @@ class RunSpec:
             self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
         ):
             raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
-        if self.target_loss is not None and not (
-            isinstance(self.target_loss, (int, float)) and math.isfinite(self.target_loss)
-        ):
+        if self.target_loss is not None and not is_finite_number(self.target_loss):
             raise ValueError(f"target_loss must be a finite number or None, got {self.target_loss!r}")
         # the optimizer's own checks, on a narrow model with the same parameter names (same depth and
         # tying, so custom partitions resolve): a bad option fails now, not in the middle of a study
@@ -719,7 +718,7 @@ def direction_cosines(
     if not at_steps or min(at_steps) < 0:
         raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
     corpus, model, _, val, optimizer = _build(spec)
-    inner = spec.hyperparameters.get("inner_steps", 8)
+    inner = spec.hyperparameters.get("inner_steps", _GN_INNER_STEPS)
     fixed = ("inner_steps", "blocks", "line_search", "line_search_batches", "warm_start")
     options = {k: v for k, v in spec.hyperparameters.items() if k not in fixed}
     labels = {"full": None, **partitions}
@@ -733,11 +732,11 @@ def direction_cosines(
         )
         directions = gn_directions(model, [probe() for _ in range(inner)], labels, spec.lr, **options)
         full = directions["full"]
-        full_norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in full.values()])))
+        full_norm = float(flatten(full).norm())
         val_loss = evaluate(model, val, CrossEntropy().value)
         for label in partitions:
             d = directions[label]
-            norm = float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in d.values()])))
+            norm = float(flatten(d).norm())
             rows.append(
                 {
                     "step": step,

@@ -29,6 +29,12 @@ def style() -> Iterator[None]:
         yield
 
 
+def _require(frame: pd.DataFrame, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks column(s) {missing}; it has {list(frame.columns)}")
+
+
 def loss_curves(
     frame: pd.DataFrame,
     *,
@@ -50,9 +56,7 @@ def loss_curves(
         logx: logarithmic horizontal axis.
         title: axes title.
     """
-    missing = [c for c in (x, y, hue) if c is not None and c not in frame.columns]
-    if missing:
-        raise ValueError(f"frame lacks column(s) {missing}; it has {list(frame.columns)}")
+    _require(frame, [c for c in (x, y, hue) if c is not None])
     data = frame.dropna(subset=[y])
     with style():
         fig = Figure(figsize=(6, 4), layout="constrained")
@@ -365,9 +369,7 @@ def bars(
     Raises:
         ValueError: ``frame`` lacks a named column.
     """
-    missing = [c for c in (x, y, hue) if c is not None and c not in frame.columns]
-    if missing:
-        raise ValueError(f"frame lacks column(s) {missing}; it has {list(frame.columns)}")
+    _require(frame, [c for c in (x, y, hue) if c is not None])
     data = frame.assign(**{hue: frame[hue].astype(str)}) if hue is not None else frame  # categorical colours
     with style():
         fig = Figure(
@@ -395,3 +397,81 @@ def to_png(figure: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def steps_vs_batch(
+    table: pd.DataFrame, *, value: str = "steps_to_target", x: str = "tokens_per_step", title: str | None = None
+) -> Figure:
+    """Log-log steps (or cost) to target against the token batch, one line per optimizer: the critical-batch picture.
+
+    Only runs at each setting's tuned LR count (column ``chosen`` when present). Each seed is a dot (none
+    for a run that missed the target); the line joins the medians over seeds, a miss counting as
+    infinitely many steps, so a setting most seeds missed has no point; the dotted grey line has slope −1
+    (perfect scaling: doubling the batch halves the steps), anchored at the highest median of the
+    smallest batch.
+
+    Args:
+        table: study table (:func:`gnlib.experiments.batch_size_study`): columns ``optimizer``, ``x``, ``value``.
+        value: ``"steps_to_target"`` or ``"grad_equivalents_to_target"``.
+        x: ``"tokens_per_step"`` or ``"micro_batches"``.
+        title: axes title.
+    """
+    _require(table, ["optimizer", x, value])
+    data = table.loc[table["chosen"]] if "chosen" in table.columns else table
+    data = data.astype({value: float, x: float})
+    # a seed that missed counts as infinitely many steps, so a setting most seeds missed has no median
+    missed_as_inf = data.assign(**{value: data[value].fillna(np.inf)})
+    medians = missed_as_inf.groupby(["optimizer", x], sort=False)[value].median().reset_index()
+    medians = medians.loc[np.isfinite(medians[value])]
+    data = data.dropna(subset=[value])
+    with style():
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        order = list(dict.fromkeys(table["optimizer"]))
+        palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
+        sns.lineplot(data=medians, x=x, y=value, hue="optimizer", hue_order=order, palette=palette, marker="o", ax=ax)
+        sns.scatterplot(
+            data=data,
+            x=x,
+            y=value,
+            hue="optimizer",
+            hue_order=order,
+            palette=palette,
+            alpha=0.4,
+            s=18,
+            legend=False,
+            ax=ax,
+        )
+        if len(medians):
+            smallest = medians[x].min()
+            start = medians.loc[medians[x] == smallest, value].max()
+            xs = np.array(sorted(medians[x].unique()))
+            ax.plot(xs, start * smallest / xs, linestyle=":", color="0.5", label="perfect scaling")
+            ax.legend()
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(value.replace("_", " "))
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def direction_cosines(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Cosine between each partition's GN direction and full GN's along a run (one line per partition).
+
+    Args:
+        frame: :func:`gnlib.experiments.direction_cosines` table: columns ``step``, ``partition``, ``cosine``.
+        title: axes title.
+    """
+    _require(frame, ["step", "partition", "cosine"])
+    with style():
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        sns.lineplot(data=frame, x="step", y="cosine", hue="partition", marker="o", ax=ax)
+        ax.set_ylim(min(0.0, float(frame["cosine"].min())), 1.02)
+        ax.set_xlabel("outer step of the full-GN run")
+        ax.set_ylabel("cosine with the full-GN direction")
+        if title:
+            ax.set_title(title)
+    return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,11 @@ def check_choice(parameter: str, value: Any, allowed: Iterable[Any]) -> None:
     allowed = list(allowed)
     if value not in allowed:
         raise ValueError(f"{parameter}={value!r} is not supported; allowed values: {allowed}")
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for an int or float (not a bool) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

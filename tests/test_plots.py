@@ -107,3 +107,21 @@ def test_to_png_and_loss_curves_still_work():
     frame = pd.DataFrame({"step": [0, 1, 2], "val_loss": [3.0, 2.0, None], "optimizer": ["adamw"] * 3})
     fig = plots.loss_curves(frame, target=2.5)
     assert plots.to_png(fig).startswith(b"\x89PNG")
+
+
+def test_steps_vs_batch_draws_medians_with_misses_counted_and_seed_dots():
+    rows = [
+        dict(optimizer="gn", tokens_per_step=tokens, steps_to_target=steps, chosen=True)
+        for tokens, steps in [(512, 40.0), (512, 20.0), (512, 30.0), (2048, 10.0), (2048, None), (2048, None)]
+    ]
+    fig = plots.steps_vs_batch(pd.DataFrame(rows))
+    ax = fig.axes[0]
+    (median_line,) = [line for line in ax.lines if line.get_label() != "perfect scaling" and len(line.get_xdata())]
+    # at 2048 tokens two of three seeds missed: no median there; at 512 the median of 40, 20, 30
+    assert list(median_line.get_xdata()) == [512.0] and list(median_line.get_ydata()) == [30.0]
+    dots = np.concatenate([c.get_offsets() for c in ax.collections])
+    dots = dots[(dots > 0).all(axis=1)]  # seaborn adds an empty collection at the origin; log axes have none
+    assert sorted(map(tuple, dots.tolist())) == [(512, 20), (512, 30), (512, 40), (2048, 10)]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="steps_to_target"):
+        plots.steps_vs_batch(pd.DataFrame(rows).drop(columns="steps_to_target"))

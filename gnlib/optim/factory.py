@@ -24,7 +24,6 @@ and ``load_state_dict``. Defaults (``DEFAULTS``) and their sources:
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.soap import SOAP
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, is_finite_number
 
 NamedTensors = Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
 
@@ -63,21 +62,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_betas(v: Any) -> bool:
-    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in v)
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(is_finite_number(b) and 0.0 <= b < 1.0 for b in v)
 
 
 # Hyperparameter (without its "adamw_" prefix) -> (test, allowed values). SOAP checks its own.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "lr": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "lr": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
     "betas": (_is_betas, "a pair (beta1, beta2), each in [0, 1)"),
-    "eps": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
+    "weight_decay": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
+    "momentum": (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "nesterov": (lambda v: isinstance(v, bool), "True or False"),
     "ns_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 100, "an integer in [1, 99]"),
     "adjust_lr_fn": (lambda v: v in ("original", "match_rms_adamw"), "'original' or 'match_rms_adamw'"),

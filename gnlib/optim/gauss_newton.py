@@ -95,7 +95,7 @@ from gnlib.optim.factory import make_optimizer
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
 from gnlib.optim.schedules import constant, cosine_decay
 from gnlib.params import Params, flatten, unflatten
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, is_finite_number
 
 Batch = tuple[Tensor, Tensor]
 
@@ -114,10 +114,6 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_INNER_LR = {"muon": 0.01, "adamw": 0.01, "sgd": 0.01, "cg": 1.0}
 DEFAULT_DAMPING = 1.0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _require(parameter: str, value: Any, ok: bool, allowed: str) -> None:
@@ -234,47 +230,79 @@ class GaussNewton:
         loss: Loss | None = None,
     ) -> None:
         """Validate every option (see the class docstring), resolve the partition, build the inner states."""
-        _require("model", model, isinstance(model, nn.Module) and any(True for _ in model.parameters()),
-                 "an nn.Module with parameters")
+        _require(
+            "model",
+            model,
+            isinstance(model, nn.Module) and any(True for _ in model.parameters()),
+            "an nn.Module with parameters",
+        )
         _require("batches", batches, callable(batches), "a zero-argument callable returning (inputs, targets)")
         check_choice("objective", objective, OBJECTIVES)
         check_choice("solver", solver, SOLVERS)
         check_choice("inner_schedule", inner_schedule, INNER_SCHEDULES)
         _require("inner_steps", inner_steps, _is_int(inner_steps, 1), "an integer >= 1")
         inner_lr = DEFAULT_INNER_LR[solver] if inner_lr is None else inner_lr
-        _require("inner_lr", inner_lr, _is_number(inner_lr) and inner_lr > 0, "a finite number > 0")
+        _require("inner_lr", inner_lr, is_finite_number(inner_lr) and inner_lr > 0, "a finite number > 0")
         _require("warm_start", warm_start, isinstance(warm_start, bool), "True or False")
-        for name, value in (("prox", prox), ("weight_decay", weight_decay), ("cg_tol", cg_tol),
-                            ("cg_progress_tol", cg_progress_tol)):
-            _require(name, value, _is_number(value) and value >= 0, "a finite number >= 0")
-        _require("grad_clip", grad_clip, grad_clip is None or (_is_number(grad_clip) and grad_clip > 0),
-                 "None or a finite number > 0")
+        for name, value in (
+            ("prox", prox),
+            ("weight_decay", weight_decay),
+            ("cg_tol", cg_tol),
+            ("cg_progress_tol", cg_progress_tol),
+        ):
+            _require(name, value, is_finite_number(value) and value >= 0, "a finite number >= 0")
+        _require(
+            "grad_clip",
+            grad_clip,
+            grad_clip is None or (is_finite_number(grad_clip) and grad_clip > 0),
+            "None or a finite number > 0",
+        )
         if line_search is not None:
-            ok = (isinstance(line_search, Sequence) and not isinstance(line_search, str) and len(line_search) > 0
-                  and all(_is_number(a) and a > 0 for a in line_search) and len(set(line_search)) == len(line_search))
-            _require("line_search", line_search, ok,
-                     "None or a non-empty sequence of distinct finite step sizes > 0 (α = 0 is always tried)")
+            ok = (
+                isinstance(line_search, Sequence)
+                and not isinstance(line_search, str)
+                and len(line_search) > 0
+                and all(is_finite_number(a) and a > 0 for a in line_search)
+                and len(set(line_search)) == len(line_search)
+            )
+            _require(
+                "line_search",
+                line_search,
+                ok,
+                "None or a non-empty sequence of distinct finite step sizes > 0 (α = 0 is always tried)",
+            )
         _require("line_search_batches", line_search_batches, _is_int(line_search_batches, 1), "an integer >= 1")
-        _require("ema", ema, ema is None or (_is_number(ema) and 0 < ema < 1), "None or a number in (0, 1)")
-        _require("damping", damping,
-                 damping is None or (solver == "cg" and _is_number(damping) and damping >= 0),
-                 "None, or a finite number >= 0 with solver='cg' (first-order solvers use prox instead)")
+        _require("ema", ema, ema is None or (is_finite_number(ema) and 0 < ema < 1), "None or a number in (0, 1)")
+        _require(
+            "damping",
+            damping,
+            damping is None or (solver == "cg" and is_finite_number(damping) and damping >= 0),
+            "None, or a finite number >= 0 with solver='cg' (first-order solvers use prox instead)",
+        )
         _require("cg_iters", cg_iters, _is_int(cg_iters, 1), "an integer >= 1")
         _require("cg_backtrack", cg_backtrack, isinstance(cg_backtrack, bool), "True or False")
         if solver == "cg" and (prox or weight_decay):
-            raise ValueError(f"prox={prox!r} and weight_decay={weight_decay!r} apply to the first-order solvers; "
-                             "allowed values with solver='cg': 0 (CG is regularized by damping)")
+            raise ValueError(
+                f"prox={prox!r} and weight_decay={weight_decay!r} apply to the first-order solvers; "
+                "allowed values with solver='cg': 0 (CG is regularized by damping)"
+            )
         if solver == "cg" and objective != "gn":
-            raise ValueError(f"objective={objective!r} is invalid with solver='cg' (CG solves the quadratic); "
-                             "allowed values: 'gn', or a first-order solver for 'prox_linear'")
+            raise ValueError(
+                f"objective={objective!r} is invalid with solver='cg' (CG solves the quadratic); "
+                "allowed values: 'gn', or a first-order solver for 'prox_linear'"
+            )
         costs = dict(PASS_COSTS if pass_costs is None else pass_costs)
-        ok = set(costs) == set(PASS_COSTS) and all(_is_number(c) and c >= 0 for c in costs.values())
+        ok = set(costs) == set(PASS_COSTS) and all(is_finite_number(c) and c >= 0 for c in costs.values())
         _require("pass_costs", pass_costs, ok, f"None or a dict with keys {sorted(PASS_COSTS)}, values >= 0")
         solver_options = dict(solver_options or {})
         fixed = sorted({"lr", "weight_decay", "adamw_weight_decay"} & set(solver_options))
-        _require("solver_options", solver_options, not fixed and not (solver == "cg" and solver_options),
-                 "a dict of the inner optimizer's other hyperparameters (inner_lr and weight_decay set "
-                 "lr and weight decay; none for solver='cg')")
+        _require(
+            "solver_options",
+            solver_options,
+            not fixed and not (solver == "cg" and solver_options),
+            "a dict of the inner optimizer's other hyperparameters (inner_lr and weight_decay set "
+            "lr and weight decay; none for solver='cg')",
+        )
         loss = CrossEntropy() if loss is None else loss
         _require("loss", loss, isinstance(loss, Loss), "a gnlib.losses.Loss")
         partition = resolve_partition(blocks, model)
@@ -344,8 +372,9 @@ class GaussNewton:
             "tangent_passes": cost.tangent,
             "backward_passes": cost.backward,
             "tokens": cost.tokens,
-            "grad_equivalents": (cw["forward"] * cost.forward + cw["tangent"] * cost.tangent
-                                 + cw["backward"] * cost.backward),
+            "grad_equivalents": (
+                cw["forward"] * cost.forward + cw["tangent"] * cost.tangent + cw["backward"] * cost.backward
+            ),
         }
 
     def eval_parameters(self) -> Params | None:
@@ -407,8 +436,10 @@ class GaussNewton:
 
     def __repr__(self) -> str:
         """Main settings."""
-        return (f"GaussNewton(objective={self.objective!r}, solver={self.solver!r}, blocks={list(self._blocks)}, "
-                f"inner_steps={self.inner_steps}, lr={[g['lr'] for g in self.param_groups]})")
+        return (
+            f"GaussNewton(objective={self.objective!r}, solver={self.solver!r}, blocks={list(self._blocks)}, "
+            f"inner_steps={self.inner_steps}, lr={[g['lr'] for g in self.param_groups]})"
+        )
 
     # ------------------------------------------------------------------------------------ inner solves
 
@@ -458,7 +489,8 @@ class GaussNewton:
             values = []
             for block, group in zip(self._blocks.values(), self.param_groups):
                 value, grad = all_reduce_mean(
-                    curvature.gn_inner_step(self.model, anchor, block.delta, batch, self.loss, self.objective))
+                    curvature.gn_inner_step(self.model, anchor, block.delta, batch, self.loss, self.objective)
+                )
                 cost.forward, cost.tangent, cost.backward = cost.forward + 1, cost.tangent + 1, cost.backward + 1
                 if self.prox:
                     penalty, prox_grad = self._prox(block.delta)
@@ -517,8 +549,9 @@ class GaussNewton:
                 return all_reduce_mean(flatten(lin.ggn_vp(unflatten(x, lin.like)))) + self.damping * x
 
             start = 0.95 * block.cg_x if self.warm_start and block.cg_x is not None else None
-            result = conjugate_gradient(apply, -gradient, start, max_iters=self.cg_iters, tol=self.cg_tol,
-                                        progress_tol=self.cg_progress_tol)
+            result = conjugate_gradient(
+                apply, -gradient, start, max_iters=self.cg_iters, tol=self.cg_tol, progress_tol=self.cg_progress_tol
+            )
             iterations += result.iterations
             if not result.finite:
                 return _Direction(None)
@@ -544,8 +577,16 @@ class GaussNewton:
         self, anchor: Params, direction: Params | None, batches: list[Batch], cost: _Cost
     ) -> dict[str, Any]:
         """True loss along θ_t + αd and the model's prediction, on ``batches``; picks α or rejects."""
-        out = {"loss_before": None, "alpha": 0.0, "predicted_reduction": None, "actual_reduction": None,
-               "rho": None, "direction_norm": None, "inner_lr": self.param_groups[0]["lr"], "reason": "nonfinite"}
+        out = {
+            "loss_before": None,
+            "alpha": 0.0,
+            "predicted_reduction": None,
+            "actual_reduction": None,
+            "rho": None,
+            "direction_norm": None,
+            "inner_lr": self.param_groups[0]["lr"],
+            "reason": "nonfinite",
+        }
         if direction is None or not _finite(*direction.values()):
             values = [self._anchor_loss(anchor, b, cost) for b in batches]
             out["loss"] = out["loss_before"] = sum(values) / len(values)
@@ -576,8 +617,12 @@ class GaussNewton:
             return out
         best = min(grid, key=lambda a: losses[a])
         predicted, actual = before - model_at[best], before - losses[best]
-        out.update(alpha=best, predicted_reduction=predicted, actual_reduction=actual,
-                   rho=actual / predicted if predicted != 0 else None)
+        out.update(
+            alpha=best,
+            predicted_reduction=predicted,
+            actual_reduction=actual,
+            rho=actual / predicted if predicted != 0 else None,
+        )
         if self.line_search is not None and not losses[best] < before:
             out["reason"] = "no_decrease"
             return out
@@ -640,6 +685,8 @@ def make_gauss_newton(
         raise ValueError(f"Gauss-Newton variant {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
     clash = sorted(k for k in set(fixed) & set(hyperparameters) if hyperparameters[k] != fixed[k])
     if clash:
-        raise ValueError(f"variant {name!r} fixes {clash} to {[fixed[k] for k in clash]}; pick another variant "
-                         f"of {list(GN_VARIANTS)} or use GaussNewton directly")
+        raise ValueError(
+            f"variant {name!r} fixes {clash} to {[fixed[k] for k in clash]}; pick another variant "
+            f"of {list(GN_VARIANTS)} or use GaussNewton directly"
+        )
     return GaussNewton(model, batches, inner_lr=lr, **{**fixed, **hyperparameters})
