@@ -20,6 +20,9 @@ Implementations (F = one forward pass; a gradient step is about 3F, matmul flops
   W·x is dW·x + W·dx) that records the reverse graph of the primal, then one backward
   Jᵀu = ``autograd.grad(z, θ, u)`` (2F) with u from the loss in closed form: 5F, 1.67x a gradient
   step in matmul flops; elementwise tangent arithmetic comes on top.
+- :func:`layerwise_inner_steps`: the inner step of every block of a partition (layerwise GN) from one
+  forward, one backward recording its graph, then per block a tangent that starts at the block (a
+  backward of that backward, through the layers above the block only) and a backward that stops there.
 - :func:`linearize` (:class:`GGNOperator`): one forward and one backward that records its own graph,
   then each G·v costs two backward passes without any forward (about 4F).
 - :func:`hvp` (:class:`HessianOperator`): reverse-over-reverse, ∂⟨∇ℓ, v⟩/∂θ through the recorded
@@ -271,6 +274,86 @@ def gn_inner_step(
             else:
                 value, u = loss.value_and_grad(z.detach() + jd, targets)
     return value, _backward(z, leaves, u, names)
+
+
+def layerwise_inner_steps(
+    model: nn.Module,
+    anchor: Mapping[str, Tensor],
+    deltas: Sequence[Mapping[str, Tensor]],
+    batch: Batch,
+    loss: Loss = DEFAULT_LOSS,
+    objective: str = "gn",
+) -> list[tuple[Tensor, Params]]:
+    """:func:`gn_inner_step` of every block of a partition on one batch, sharing one primal forward.
+
+    Block b with step Δ_b (``deltas[b]``, disjoint subsets of the parameters) is linearized in its own
+    parameters only: J_b = ∂z/∂θ_b, ``"gn"`` gives q_b(Δ_b) = ℓ(z_t) + g_zᵀJ_bΔ_b + ½(J_bΔ_b)ᵀH_z(J_bΔ_b)
+    and the gradient J_bᵀ(g_z + H_z J_bΔ_b) = J_bᵀg_z + G_bb Δ_b (G_bb the diagonal block of the GGN);
+    ``"prox_linear"`` gives ℓ(z_t + J_bΔ_b) and J_bᵀ∇ℓ(z_t + J_bΔ_b). Every result equals
+    ``gn_inner_step(model, anchor, deltas[b], batch, loss, objective)``.
+
+    With several blocks, instead of one tangent-carrying forward per block (each repeating the whole
+    primal, its tangent running through every layer):
+
+    1. one forward at θ_t recording the reverse graph (z_t);
+    2. one backward that records its own graph, Jᵀw over the blocks' parameters as a function of an
+       output-space w (as in :class:`Linearization`);
+    3. per block, J_bΔ_b = ∂⟨(Jᵀw)_b, Δ_b⟩/∂w: a backward through that graph that starts at the
+       block's parameters, so it only runs through the layers above the block;
+    4. per block, J_bᵀu_b through the primal graph, which stops at the block's parameters.
+
+    A single block (full GN) and ``"loss"`` (the true loss at θ_t + Δ_b, one plain gradient step per
+    block) call :func:`gn_inner_step`.
+
+    Args:
+        model: any module usable with ``torch.func.functional_call``.
+        anchor: params dict of all the model's parameters (θ_t).
+        deltas: one params dict per block, each a subset of the parameters in their order; no parameter
+            in two blocks.
+        batch: ``(inputs, targets)``.
+        loss: the loss ℓ.
+        objective: ``"gn"``, ``"prox_linear"`` or ``"loss"`` (see :func:`gn_inner_step`).
+
+    Returns:
+        ``[(value_b, gradient_b)]`` in the order of ``deltas``: a scalar tensor and a params dict over the
+        names of ``deltas[b]``.
+
+    Raises:
+        ValueError: unknown ``objective``, no blocks, a block not matching the parameters, or a parameter
+            in two blocks.
+    """
+    check_choice("objective", objective, OBJECTIVES)
+    _check_params(model, anchor)
+    if isinstance(deltas, Mapping) or not isinstance(deltas, Sequence) or not deltas:
+        kind = type(deltas).__name__
+        raise ValueError(f"deltas must be a non-empty list of params dicts (one per block), got {kind}")
+    for index, delta in enumerate(deltas):
+        _check_vector(delta, anchor, f"deltas[{index}]")
+    names = [name for delta in deltas for name in delta]
+    if len(set(names)) != len(names):
+        shared = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"deltas must be disjoint blocks; parameters in more than one block: {shared}")
+    if len(deltas) == 1 or objective == "loss":
+        return [gn_inner_step(model, anchor, delta, batch, loss, objective) for delta in deltas]
+    inputs, targets = batch
+    wrt = [name for name in anchor if name in set(names)]
+    z, _, leaves = _forward(model, dict(anchor), inputs, wrt)
+    leaf = dict(zip(wrt, leaves))
+    w = torch.zeros_like(z, requires_grad=True)
+    jt_w = dict(zip(wrt, torch.autograd.grad(z, leaves, w, create_graph=True, allow_unused=True)))
+    z_t = z.detach()
+    results = []
+    for delta in deltas:
+        block = list(delta)
+        jd = _grad_of_sum(jt_w, delta, [w], retain=True)[0]
+        with torch.no_grad():
+            if objective == "gn":
+                value, u = loss.quadratic(z_t, targets, jd)
+            else:
+                value, u = loss.value_and_grad(z_t + jd, targets)
+        grads = _backward(z, [leaf[name] for name in block], u, block, retain=True)
+        results.append((value, grads))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol,
 
    *First-order solvers* (``"muon"``, ``"adamw"``, ``"sgd"``): N inner steps, each on a fresh batch shared
    by all blocks (Jacobi: every block anchored at θ_t): value and gradient from
-   :func:`gnlib.curvature.gn_inner_step` (+ P), gradient clipped to global norm ``grad_clip`` per block,
+   :func:`gnlib.curvature.layerwise_inner_steps` (+ P), gradient clipped to global norm ``grad_clip`` per block,
    decoupled weight decay on the inner iterate θ̂ = θ_t + Δ (as the reference's inner AdamW decays its
    parameters: Δ ← Δ − lr·wd·(θ_t + Δ)), then the block's inner optimizer steps Δ. ``"muon"`` is Muon on
    the hidden matrices and AdamW on the rest (:func:`~gnlib.optim.factory.split_params`). The inner LR
@@ -66,7 +66,8 @@ whole batches. Counters and ``tokens`` are per process.
 
 **Cost accounting.** A pass over one batch drawn from ``batches`` counts 1 (the CG batch of N
 concatenated batches counts N per pass). A forward carrying a tangent counts one forward and one tangent.
-Per batch: inner step = (1 forward, 1 tangent, 1 backward) per block; line search = 1 forward + 1 tangent
+Per batch: inner step = (1 forward, 1 tangent, 1 backward); layerwise, 1 forward and 1 backward shared
+by the blocks plus (1 tangent, 1 backward) per block; line search = 1 forward + 1 tangent
 (α = 0 with the model prediction) and 1 forward per α; layerwise q_start/q_end add 1 forward each;
 CG: linearization = 2 forwards (graph + traced JVP), gradient = 1 backward, product = 1 tangent + 1
 backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes so that a
@@ -487,11 +488,13 @@ class GaussNewton:
             batch = self._draw(cost)
             multiplier = schedule(k)
             values = []
-            for block, group in zip(self._blocks.values(), self.param_groups):
-                value, grad = all_reduce_mean(
-                    curvature.gn_inner_step(self.model, anchor, block.delta, batch, self.loss, self.objective)
-                )
-                cost.forward, cost.tangent, cost.backward = cost.forward + 1, cost.tangent + 1, cost.backward + 1
+            steps = curvature.layerwise_inner_steps(
+                self.model, anchor, [b.delta for b in self._blocks.values()], batch, self.loss, self.objective
+            )
+            cost.forward, cost.tangent = cost.forward + 1, cost.tangent + len(steps)
+            cost.backward += len(steps) + layerwise  # layerwise: one more backward, recording Jᵀw
+            for block, group, step in zip(self._blocks.values(), self.param_groups, steps):
+                value, grad = all_reduce_mean(step)
                 if self.prox:
                     penalty, prox_grad = self._prox(block.delta)
                     value = value + penalty
