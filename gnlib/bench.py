@@ -10,12 +10,23 @@ divided by the median time of the gradient step:
 - ``ggn_vp_cached``: ``Linearization.ggn_vp`` on a linearization built once outside the timing;
 - ``hvp``: true Hessian-vector product (forward-over-reverse);
 - ``ggn_vp_torch_func``: the naive composition ``torch.func.jvp`` + ``torch.func.vjp`` (reference);
-- ``linearize``: building the cached linearization (forward with graph + tracing the JVP), for scale.
+- ``linearize``: building the cached linearization (forward with graph + tracing the JVP), for scale;
+- ``layerwise_inner_step``: :func:`gnlib.curvature.layerwise_inner_steps` over the study's layerwise
+  partition (:func:`gnlib.blocks.per_layer`): the inner step of every block on the batch;
+- ``line_search``: the line search of :class:`~gnlib.optim.gauss_newton.GaussNewton` (its default grid and
+  ``line_search_batches``, each batch the bench's batch) along a fixed direction;
+- ``outer_step_full`` / ``outer_step_layerwise``: one whole :meth:`GaussNewton.step` (default options:
+  ``inner_steps`` inner steps and the line search, every batch drawn being the bench's batch), full and
+  layerwise GN, each on its own copy of the model. These are long: they are timed in the first
+  ``outer_repeats`` rounds only.
+
+``layerwise_over_full`` = ``layerwise_inner_step`` / ``gn_inner_step``.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On
 the CPU, the allocations and frees the CPU allocator reports to ``torch.profiler`` (``profile_memory``)
 are replayed in time order and the peak of the running sum (bytes allocated during the call and not yet
-freed) is taken. ``peak_mem_ratio`` = peak of ``gn_inner_step`` / peak of ``grad``.
+freed) is taken; the profiler's own log lines (written to the process's stderr) are silenced meanwhile.
+``peak_mem_ratio`` = peak of ``gn_inner_step`` / peak of ``grad``.
 
 Example: ``python -m gnlib.bench --preset small --json``.
 """
@@ -23,9 +34,12 @@ Example: ``python -m gnlib.bench --preset small --json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,17 +47,47 @@ import torch
 from torch.func import functional_call
 
 from gnlib import curvature
+from gnlib.blocks import per_layer
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
+from gnlib.optim.gauss_newton import GaussNewton, _Cost
 from gnlib.params import params_of
 from gnlib.runtime import check_choice, resolve_device
 
-MEASUREMENTS = ("grad", "gn_inner_step", "ggn_vp_cached", "hvp", "ggn_vp_torch_func", "linearize")
+MEASUREMENTS = (
+    "grad",
+    "gn_inner_step",
+    "layerwise_inner_step",
+    "ggn_vp_cached",
+    "hvp",
+    "ggn_vp_torch_func",
+    "linearize",
+    "line_search",
+    "outer_step_full",
+    "outer_step_layerwise",
+)
+#: Measurements timed in the first ``outer_repeats`` rounds only.
+OUTER = ("outer_step_full", "outer_step_layerwise")
+PEAK_MEASUREMENTS = ("grad", "gn_inner_step", "layerwise_inner_step")
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to the null device meanwhile (the profiler logs there from C++, not via Python)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
@@ -55,7 +99,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     events = sorted(
         (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"),
@@ -76,6 +123,7 @@ def run_benchmark(
     repeats: int = 10,
     seed: int = 0,
     threads: int | None = None,
+    outer_repeats: int = 2,
     **model_overrides,
 ) -> dict:
     """Time every measurement of the module docstring and return the summary (the ``--json`` object).
@@ -88,6 +136,7 @@ def run_benchmark(
         repeats: timed rounds after the warmup round.
         seed: seed of the model and the batch.
         threads: ``torch.set_num_threads`` for the run (default: leave torch's setting).
+        outer_repeats: timed rounds of the outer steps (0 leaves them out; at most ``repeats`` are run).
         **model_overrides: config fields to replace, e.g. ``n_layers=1`` for a quick run.
 
     Returns:
@@ -96,13 +145,17 @@ def run_benchmark(
         noisy), ``grad_ms``, ``ms`` (median ms per measurement), ``ratio`` (median / median of ``grad``,
         every measurement but ``grad``), ``cpu_ms`` and ``cpu_ratio`` (the same with the process's CPU
         time, steadier than wall time when other processes compete for the cores; with several threads
-        it also counts their waiting), ``peak_mem_bytes`` (``grad``, ``gn_inner_step``),
+        it also counts their waiting), ``layerwise_over_full``, ``layerwise_blocks`` (blocks of the
+        layerwise partition), ``peak_mem_bytes`` (``grad``, ``gn_inner_step``, ``layerwise_inner_step``),
         ``peak_mem_ratio`` and ``memory_measure`` (what the peak means on this device).
     """
     check_choice("preset", preset, PRESETS)
     dev = resolve_device(device)
     if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
         raise ValueError(f"repeats={repeats}, batch={batch} and threads={threads} must be positive")
+    if outer_repeats < 0:
+        raise ValueError(f"outer_repeats={outer_repeats} must be >= 0")
+    outer_repeats = min(outer_repeats, repeats)
     if threads is not None:
         torch.set_num_threads(threads)
     model = build_model(preset, seed=seed, device=dev, **model_overrides)
@@ -137,10 +190,22 @@ def run_benchmark(
         "ggn_vp_torch_func": ggn_vp_torch_func,
         "linearize": lambda: curvature.linearize(model, params, data, loss),
     }
+    partition = per_layer(model)
+    blocks = [{name: v[name] for name in names} for names in partition.values()]
+    fns["layerwise_inner_step"] = lambda: curvature.layerwise_inner_steps(model, params, blocks, data, loss)
+    search = GaussNewton(model, lambda: data)
+    fns["line_search"] = lambda: search._line_search(params, v, [data] * search.line_search_batches, _Cost())
+    if outer_repeats:
+        full = GaussNewton(copy.deepcopy(model), lambda: data)
+        layerwise = GaussNewton(copy.deepcopy(model), lambda: data, blocks="per_layer")
+        fns["outer_step_full"], fns["outer_step_layerwise"] = full.step, layerwise.step
+    fns = {name: fns[name] for name in MEASUREMENTS if name in fns}
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
+            if name in OUTER and round_ > outer_repeats:
+                continue
             _sync(dev)
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
@@ -150,7 +215,7 @@ def run_benchmark(
                 cpu[name].append(time.process_time() - start_cpu)
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
-    peak = {name: peak_memory(fns[name], dev) for name in ("grad", "gn_inner_step")}
+    peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS}
     return {
         "preset": preset,
         "device": str(dev),
@@ -165,6 +230,8 @@ def run_benchmark(
         "ratio": {name: ms[name] / ms["grad"] for name in fns if name != "grad"},
         "cpu_ms": cpu_ms,
         "cpu_ratio": {name: cpu_ms[name] / cpu_ms["grad"] for name in fns if name != "grad"},
+        "layerwise_over_full": ms["layerwise_inner_step"] / ms["gn_inner_step"],
+        "layerwise_blocks": len(partition),
         "peak_mem_bytes": peak,
         "peak_mem_ratio": peak["gn_inner_step"] / peak["grad"],
         "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
@@ -184,8 +251,13 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<20} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f}")
     peak = result["peak_mem_bytes"]
     lines.append(
-        f"peak memory ({result['memory_measure']}): grad {peak['grad'] / 2**20:.1f} MiB, "
-        f"gn_inner_step {peak['gn_inner_step'] / 2**20:.1f} MiB, ratio {result['peak_mem_ratio']:.2f}"
+        f"layerwise_inner_step / gn_inner_step = {result['layerwise_over_full']:.2f} "
+        f"({result['layerwise_blocks']} blocks)"
+    )
+    lines.append(
+        f"peak memory ({result['memory_measure']}): "
+        + ", ".join(f"{name} {peak[name] / 2**20:.1f} MiB" for name in peak)
+        + f"; gn_inner_step / grad {result['peak_mem_ratio']:.2f}"
     )
     return "\n".join(lines)
 
@@ -200,9 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds after one warmup round")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--outer-repeats", type=int, default=2, help="timed rounds of the outer steps (0: skip)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    result = run_benchmark(args.preset, args.device, args.batch, args.seq_len, args.repeats, args.seed, args.threads)
+    result = run_benchmark(
+        args.preset, args.device, args.batch, args.seq_len, args.repeats, args.seed, args.threads, args.outer_repeats
+    )
     print(json.dumps(result) if args.json else format_table(result))
 
 

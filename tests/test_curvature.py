@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call
 
 from gnlib import curvature as C
+from gnlib.bench import MEASUREMENTS, OUTER
 from gnlib.bench import main as bench_main
 from gnlib.blocks import per_layer
 from gnlib.losses import MSE, CrossEntropy, Loss
@@ -330,8 +331,10 @@ def test_layerwise_inner_steps_are_the_block_diagonal_inner_steps(case, objectiv
     assert len(partition) >= 2
     (v,) = case.random_vectors(1, seed=12)
     indices = [_block_slice(case, names) for names in partition.values()]
-    deltas = [unflatten(v[index], {name: case.params[name] for name in names})
-              for index, names in zip(indices, partition.values())]
+    deltas = [
+        unflatten(v[index], {name: case.params[name] for name in names})
+        for index, names in zip(indices, partition.values())
+    ]
     results = C.layerwise_inner_steps(case.model, case.params, deltas, case.batch, case.loss, objective)
     assert len(results) == len(partition)
     for (value, grad), index, names in zip(results, indices, partition.values()):
@@ -451,7 +454,18 @@ def test_dense_refuses_models_that_are_too_big(transformer_case):
 def test_bench_runs_end_to_end_in_json_mode(capsys):
     bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--json"])
     result = json.loads(capsys.readouterr().out)
-    for key in ("preset", "device", "params", "grad_ms", "ratio", "peak_mem_ratio"):
+    for key in ("preset", "device", "params", "grad_ms", "ratio", "peak_mem_ratio", "layerwise_over_full"):
         assert key in result
-    assert set(result["ratio"]) >= {"gn_inner_step", "ggn_vp_cached", "hvp", "ggn_vp_torch_func"}
+    assert set(result["ratio"]) == set(MEASUREMENTS) - {"grad"}
     assert result["preset"] == "tiny" and result["device"] == "cpu" and result["peak_mem_ratio"] > 0
+    assert result["layerwise_blocks"] == 4  # embed, block0, block1, head
+
+
+def test_bench_table_is_clean(capsys):
+    bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "0"])
+    captured = capsys.readouterr()
+    assert "USDT" not in captured.out + captured.err
+    lines = captured.out.splitlines()
+    assert lines[1].split() == ["measurement", "median", "ms", "x", "grad", "cpu", "x", "grad"]
+    assert [line.split()[0] for line in lines[2:-2]] == [m for m in MEASUREMENTS if m not in OUTER]
+    assert lines[-2].startswith("layerwise_inner_step / gn_inner_step = ") and lines[-1].startswith("peak memory")
