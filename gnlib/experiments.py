@@ -162,6 +162,8 @@ class RunSpec:
             vocab_size=16,
             max_seq_len=8,
             tie_embeddings=config.tie_embeddings,
+            mlp=config.mlp,
+            qk_norm=config.qk_norm,
         )
         build_optimizer(self.optimizer, miniature, _no_batches, self.lr, dict(self.hyperparameters))
 
