@@ -4,14 +4,17 @@ Sources (``load_corpus(source)``):
 
 * ``"default"``: the running Python's own documentation (``pydoc_data.topics``, one document per
   topic, topics first) followed by its standard-library ``.py`` files (one document per file, sorted by
-  path; tests, IDLE, lib2to3, turtledemo and installed packages left out), read at run time.
+  path; tests, IDLE, lib2to3 and turtledemo come last, installed packages are left out), read at run
+  time: about 31 MB on CPython 3.11, the first 4 MB by default (``max_bytes``).
 * ``"text:<path or glob>"``: local text files, one document per file, read with ``datasets``.
 * ``"hf:<name>[:<config>]"``: a Hugging Face dataset's ``train`` split, streamed (online only).
 
 Documents are taken in order until ``max_bytes`` (the last one truncated to fit). The corpus text is the
 documents joined by ``DOCUMENT_SEPARATOR`` (the NUL byte, which never occurs in ordinary text, so every
 document boundary is one unambiguous token); ``meta["sha256"]`` hashes that exact text. Documents, not
-tokens, are split into train and val by a seeded permutation, so no document lies in both.
+tokens, are split into train and val by a seeded permutation, so no document lies in both. Tokens are
+bytes by default; ``tokenizer=`` picks another (:mod:`gnlib.tokenizer`: T5's vocabulary, or BPE trained on
+the train split), and the documents of a split are then joined by that tokenizer's end-of-document token.
 """
 
 from __future__ import annotations
@@ -34,20 +37,25 @@ from torch import Tensor
 
 from gnlib import distributed
 from gnlib.runtime import check_choice, resolve_device
+from gnlib.tokenizer import Tokenizer, make_tokenizer
 
 DOCUMENT_SEPARATOR = "\x00"
 DEFAULT_MAX_BYTES = 4_000_000
 SOURCE_FORMS = ["default", "text:<path or glob>", "hf:<name>[:<config>]"]
 SPLITS = ["train", "val"]
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # installed packages differ between machines
+_LATER_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo"}  # read after the rest of the library
 
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary of 256 ids, no training, lossless on valid text."""
 
     name = "byte"
+    spec = "bytes"
     vocab_size = 256
+    eos_id = 0  # DOCUMENT_SEPARATOR, the NUL byte
+    sha256 = hashlib.sha256(b"utf-8 bytes, 256 ids").hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids (the UTF-8 bytes) of ``text``."""
@@ -119,13 +127,13 @@ class Corpus:
     Attributes:
         train: LongTensor (N_train,), the training documents' tokens joined by the separator token.
         val: LongTensor (N_val,), the same for the validation documents.
-        tokenizer: object with ``vocab_size``, ``encode`` and ``decode``.
+        tokenizer: a :class:`gnlib.tokenizer.Tokenizer` (``vocab_size``, ``eos_id``, ``encode``, ``decode``).
         meta: provenance: source, counts, size, sha256, Python version, tokenizer, split settings.
     """
 
     train: Tensor
     val: Tensor
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     meta: dict
 
     @property
@@ -186,23 +194,46 @@ def load_documents(source: str = "default", *, max_bytes: int | None = DEFAULT_M
 
 
 def load_corpus(source: str = "default", *, val_fraction: float = 0.1, split_seed: int = 0,
-                max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text") -> Corpus:
-    """Load ``source`` (see the module docstring), split its documents, and tokenize with bytes."""
+                max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text", tokenizer: str = "bytes",
+                tokenizer_cache: str = "outputs/tokenizers") -> Corpus:
+    """Load ``source`` (see the module docstring), split its documents, and tokenize them.
+
+    Args:
+        source: ``"default"``, ``"text:<path or glob>"`` or ``"hf:<name>[:<config>]"``.
+        val_fraction: share of the documents held out for validation.
+        split_seed: seed of the document split.
+        max_bytes: cap on the text read (None: all of it).
+        text_field: the column holding the text (``hf:`` sources).
+        tokenizer: a form of :data:`gnlib.tokenizer.TOKENIZER_FORMS`; ``bpe:<n>`` is trained on the train split.
+        tokenizer_cache: where trained BPE vocabularies are cached.
+    """
     _check_val_fraction(val_fraction)
     documents = load_documents(source, max_bytes=max_bytes, text_field=text_field)
     train_idx, val_idx = split_indices(len(documents), val_fraction, split_seed)
     text = DOCUMENT_SEPARATOR.join(documents).encode("utf-8")
-    tokenizer = ByteTokenizer()
-    train, val = (tokenizer.encode_tensor(DOCUMENT_SEPARATOR.join(documents[i] for i in idx))
-                  for idx in (train_idx, val_idx))
+    tok = make_tokenizer(tokenizer, training_texts=lambda: [documents[i] for i in train_idx], cache_dir=tokenizer_cache)
+    train, val = (encode_documents(tok, [documents[i] for i in idx]) for idx in (train_idx, val_idx))
     meta = {
         "source": source, "n_documents": len(documents), "n_train_docs": len(train_idx),
         "n_val_docs": len(val_idx), "size_bytes": len(text), "max_bytes": max_bytes,
         "sha256": hashlib.sha256(text).hexdigest(), "python_version": platform.python_version(),
-        "tokenizer": tokenizer.name, "val_fraction": val_fraction, "split_seed": split_seed,
+        "tokenizer": tok.name, "tokenizer_spec": tok.spec, "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size, "val_fraction": val_fraction, "split_seed": split_seed,
         "n_train_tokens": len(train), "n_val_tokens": len(val),
     }
-    return Corpus(train, val, tokenizer, meta)
+    return Corpus(train, val, tok, meta)
+
+
+def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
+    """Tokens (N,) of ``documents`` joined by the tokenizer's end-of-document token (none after the last)."""
+    if isinstance(tokenizer, ByteTokenizer):  # one pass over the joined text; the separator is the NUL byte
+        return tokenizer.encode_tensor(DOCUMENT_SEPARATOR.join(documents))
+    encoded = tokenizer.encode_batch(documents) if hasattr(tokenizer, "encode_batch") else map(
+        tokenizer.encode, documents)
+    ids: list[int] = []
+    for i, doc_ids in enumerate(encoded):
+        ids += [tokenizer.eos_id, *doc_ids] if i else doc_ids
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -231,13 +262,22 @@ def _take(documents: Iterable[str], max_bytes: int | None) -> list[str]:
 
 
 def _stdlib_paths() -> list[Path]:
-    """The standard library's ``.py`` files, sorted by path relative to its root, excluded folders pruned."""
+    """The standard library's ``.py`` files sorted by path relative to its root, installed packages pruned.
+
+    Files under the "later" folders (tests, IDLE, lib2to3, turtledemo) come after all others, so a cap of a
+    few MB reads the same text as before those folders joined the corpus.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
         paths += [Path(folder, f) for f in files if f.endswith(".py")]
-    return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
+
+    def key(path: Path) -> tuple[bool, str]:
+        relative = path.relative_to(root)
+        return bool(_LATER_DIRS.intersection(relative.parts[:-1])), relative.as_posix()
+
+    return sorted(paths, key=key)
 
 
 @functools.lru_cache(maxsize=8)

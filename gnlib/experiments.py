@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gnlib.data import SOURCE_FORMS, load_corpus
+from gnlib.data import SOURCE_FORMS
 from gnlib.directions import cosine
 from gnlib.distributed import barrier, is_main
 from gnlib.losses import CrossEntropy
@@ -47,6 +47,7 @@ from gnlib.optim import DEFAULTS, make_optimizer
 from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
 from gnlib.optim.schedules import make_schedule
 from gnlib.params import Params, flatten
+from gnlib.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.runtime import (
     atomic_torch_save,
     atomic_write_json,
@@ -106,6 +107,13 @@ class RunSpec:
         hyperparameters: further keyword arguments for the optimizer.
         model_overrides: overrides of the preset's config (e.g. ``{"tie_embeddings": True}``).
         init_checkpoint: a model state-dict file to start from (the shared warm-up checkpoint).
+        tokenizer: ``"bytes"``, ``"t5"``, ``"t5:<tokenizer.json>"`` or ``"bpe:<vocab size>"``
+            (:mod:`gnlib.tokenizer`); the model's vocabulary follows it.
+        data: ``"windows"`` (random windows, with replacement) or ``"stream"`` (documents + EOS packed in
+            order, no token reused; :mod:`gnlib.pipeline`).
+        data_epochs: passes over the training data a stream may make (1: never reuse a token).
+        data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
+        corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream).
     """
 
     optimizer: str = "adamw"
@@ -125,6 +133,11 @@ class RunSpec:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: str | None = None
+    tokenizer: str = "bytes"
+    data: str = "windows"
+    data_epochs: int = 1
+    data_start: int = 0
+    corpus_bytes: int | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
@@ -149,6 +162,7 @@ class RunSpec:
             self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
         ):
             raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
+        check_data_fields(self)
         if self.target_loss is not None and not is_finite_number(self.target_loss):
             raise ValueError(f"target_loss must be a finite number or None, got {self.target_loss!r}")
         # the optimizer's own checks, on a narrow model with the same parameter names (same depth and
@@ -175,19 +189,17 @@ class RunSpec:
         return micro * self.batch_size * self.seq_len
 
 
-def _build(spec: RunSpec) -> tuple[Any, torch.nn.Module, Any, list, Any]:
-    """Corpus, model (from ``init_checkpoint`` if set), training sampler, fixed validation set, optimizer."""
+def _build(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
+    """Run data, model (from ``init_checkpoint`` if set), training batches, fixed validation set, optimizer."""
     device = resolve_device(spec.device)
-    corpus = load_corpus(spec.corpus)
+    data = build_run_data(spec, device)
     model = build_model(
-        spec.preset, seed=spec.seed, device=device, vocab_size=corpus.vocab_size, **spec.model_overrides
+        spec.preset, seed=spec.seed, device=device, **{"vocab_size": data.vocab_size, **spec.model_overrides}
     )
     if spec.init_checkpoint is not None:
         model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
-    train_batches = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
-    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
-    optimizer = build_optimizer(spec.optimizer, model, train_batches, spec.lr, spec.hyperparameters)
-    return corpus, model, train_batches, val, optimizer
+    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, spec.hyperparameters)
+    return data, model, data.train, data.val, optimizer
 
 
 def run(
@@ -205,10 +217,10 @@ def run(
         The run's History; its metadata records the spec, the corpus hash and the model size.
     """
     spec.validate()
-    corpus, model, train_batches, val, optimizer = _build(spec)
+    data, model, train_batches, val, optimizer = _build(spec)
     metadata = {
         "spec": dataclasses.asdict(spec),
-        "corpus": corpus.meta,
+        "corpus": data.meta,
         "model": dataclasses.asdict(model.config),
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_step": spec.tokens_per_step,
@@ -400,6 +412,7 @@ def warmup_checkpoint(
         seed=seed,
         hyperparameters={},
         init_checkpoint=None,
+        data_start=0,  # the warm-up reads the first tokens of a stream; studied runs continue after them
     )
     spec.validate()
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "device"}
@@ -719,7 +732,10 @@ def direction_cosines(
     check_choice("optimizer", spec.optimizer, ["gn"])
     if not at_steps or min(at_steps) < 0:
         raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
-    corpus, model, _, val, optimizer = _build(spec)
+    data, model, _, val, optimizer = _build(spec)
+    if data.corpus is None:
+        raise ValueError(f"corpus={spec.corpus!r} is streamed; direction probes need an in-memory corpus")
+    corpus = data.corpus
     inner = spec.hyperparameters.get("inner_steps", _GN_INNER_STEPS)
     fixed = ("inner_steps", "blocks", "line_search", "line_search_batches", "warm_start")
     options = {k: v for k, v in spec.hyperparameters.items() if k not in fixed}
