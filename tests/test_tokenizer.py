@@ -112,7 +112,8 @@ def test_vocabulary_flows_into_the_model_and_a_smaller_override_is_refused(tmp_p
                    tokenizer="bpe:320", corpus_bytes=60_000, steps=1, batch_size=2, seq_len=16, val_batches=1)
     history = run(spec, tmp_path / "run", progress=False)
     assert history.metadata["model"]["vocab_size"] == 320
-    assert history.metadata["corpus"]["tokenizer"] == "bpe:320" and len(history.metadata["corpus"]["tokenizer_sha256"]) == 64
+    corpus_meta = history.metadata["corpus"]
+    assert corpus_meta["tokenizer"] == "bpe:320" and len(corpus_meta["tokenizer_sha256"]) == 64
     assert list((tmp_path / "outputs" / "tokenizers").glob("bpe-320-*.json"))
     small = dataclasses.replace(spec, model_overrides={**spec.model_overrides, "vocab_size": 300})
     with pytest.raises(ValueError, match=r"model_overrides\['vocab_size'\]=300 is smaller than tokenizer='bpe:320'"):
