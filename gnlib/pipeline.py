@@ -45,6 +45,7 @@ class RunData:
         train: batch source ``() -> (inputs, targets)`` with ``state_dict``/``load_state_dict``.
         val: the fixed validation batches (this process's rows).
         vocab_size: the tokenizer's vocabulary size (the model's embedding and head must cover it).
+        tokenizer: the tokenizer (:mod:`gnlib.tokenizer`).
         corpus: the in-memory corpus (None for a streamed ``hf:`` dataset).
         meta: provenance for the run's metadata.
     """
@@ -52,6 +53,7 @@ class RunData:
     train: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     val: list[tuple[torch.Tensor, torch.Tensor]]
     vocab_size: int
+    tokenizer: Any
     corpus: Corpus | None
     meta: dict[str, Any]
 
@@ -136,7 +138,7 @@ def _windows(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
     train = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
     val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
     meta = {**corpus.meta, "data": "windows"}
-    return RunData(train, val, corpus.vocab_size, corpus, meta)
+    return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
 
 
 def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
@@ -159,7 +161,7 @@ def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
                               tokens_per_epoch=len(corpus.val) + 1, name="validation split"), spec)
     meta = {**corpus.meta, "data": "stream", "tokens_available": available, "tokens_needed": needed,
             "data_start": spec.data_start, "data_epochs": spec.data_epochs, "passes": passes}
-    return RunData(train, val, corpus.vocab_size, corpus, meta)
+    return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
 
 
 def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData:
@@ -189,7 +191,7 @@ def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData
             "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "tokens_needed": spec.data_start +
             tokens_drawn(spec), "data_start": spec.data_start, "data_epochs": spec.data_epochs,
             "validation_split": HF_VALIDATION_SPLIT}
-    return RunData(train, _fixed(val_stream, spec), tok.vocab_size, None, meta)
+    return RunData(train, _fixed(val_stream, spec), tok.vocab_size, tok, None, meta)
 
 
 def _fixed(stream: PackedStream, spec: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -263,3 +263,63 @@ def test_two_processes_read_their_own_shards_and_equal_one_process_at_twice_the_
             assert got == pytest.approx(want, rel=1e-10, abs=1e-12), (name, key)
         for n in params:
             torch.testing.assert_close(two_params[n], params[n], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ a streamed hub dataset
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``hf:`` sources served from in-memory datasets (train and validation splits); nothing is downloaded."""
+    import datasets
+
+    import gnlib.pipeline as pipeline
+
+    splits = {
+        "train": [{"text": f"train document {i}: " + "lorem ipsum dolor " * (i % 7 + 1)} for i in range(300)],
+        "validation": [{"text": f"held-out document {i}: " + "sit amet " * (i % 5 + 1)} for i in range(50)],
+    }
+    opened = []
+
+    def load_dataset(name, config=None, split="train", streaming=False):
+        assert (name, config, streaming) == ("fake/c4", "en", True)
+        opened.append(split)
+        return datasets.Dataset.from_list(splits[split]).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: True)
+    return splits, opened
+
+
+def test_hf_dataset_is_streamed_in_order_packed_and_resumed_by_document(fake_hub, tmp_path):
+    splits, opened = fake_hub
+    spec = dataclasses.replace(BASE, corpus="hf:fake/c4:en", tokenizer="bpe:300", corpus_bytes=5_000, data_start=7)
+    data = build_run_data(spec, torch.device("cpu"), tokenizer_cache=str(tmp_path))
+    tok = data.tokenizer
+    assert data.corpus is None and data.vocab_size == tok.vocab_size == 300
+    assert data.meta["tokenizer_sha256"] == tok.sha256 and len(list(tmp_path.glob("bpe-300-*.json"))) == 1
+
+    def packed(rows):
+        return torch.tensor([i for row in rows for i in [*tok.encode(row["text"]), tok.eos_id]])
+
+    train, val = packed(splits["train"]), packed(splits["validation"])
+    n = 4 * 16
+    for call in range(5):
+        inputs, targets = data.train()
+        assert torch.equal(inputs.flatten(), train[7 + call * n : 7 + (call + 1) * n])
+        assert torch.equal(targets.flatten(), train[8 + call * n : 8 + (call + 1) * n])
+    assert torch.equal(torch.cat([x.flatten() for x, _ in data.val]), val[: 2 * n])  # the validation split
+    state = data.train.state_dict()
+    assert state["document"] > 0 and state["position"] == 7 + 5 * n
+    resumed = build_run_data(spec, torch.device("cpu"), tokenizer_cache=str(tmp_path)).train
+    resumed.load_state_dict(state)  # reopens the stream at that document (skip), not at the start
+    assert torch.equal(resumed()[0].flatten(), train[7 + 5 * n : 7 + 6 * n])
+    assert opened.count("validation") == 2 and opened.count("train") >= 4
+
+
+def test_hf_stream_offline_is_a_clear_error(monkeypatch):
+    import gnlib.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: False)
+    with pytest.raises(ConnectionError, match="corpus='hf:allenai/c4:en'.*unreachable.*text:"):
+        build_run_data(dataclasses.replace(BASE, corpus="hf:allenai/c4:en"), torch.device("cpu"))
