@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import json
 import os
 import platform
 import socket
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from gnlib import distributed
-from gnlib.runtime import check_choice, resolve_device
+from gnlib.runtime import atomic_torch_save, check_choice, output_path, resolve_device
 from gnlib.tokenizer import Tokenizer, make_tokenizer
 
 DOCUMENT_SEPARATOR = "\x00"
@@ -212,7 +213,8 @@ def load_corpus(source: str = "default", *, val_fraction: float = 0.1, split_see
     train_idx, val_idx = split_indices(len(documents), val_fraction, split_seed)
     text = DOCUMENT_SEPARATOR.join(documents).encode("utf-8")
     tok = make_tokenizer(tokenizer, training_texts=lambda: [documents[i] for i in train_idx], cache_dir=tokenizer_cache)
-    train, val = (encode_documents(tok, [documents[i] for i in idx]) for idx in (train_idx, val_idx))
+    train, val = _encoded_splits(tok, documents, (train_idx, val_idx), hashlib.sha256(text).hexdigest(),
+                                 tokenizer_cache)
     meta = {
         "source": source, "n_documents": len(documents), "n_train_docs": len(train_idx),
         "n_val_docs": len(val_idx), "size_bytes": len(text), "max_bytes": max_bytes,
@@ -222,6 +224,24 @@ def load_corpus(source: str = "default", *, val_fraction: float = 0.1, split_see
         "n_train_tokens": len(train), "n_val_tokens": len(val),
     }
     return Corpus(train, val, tok, meta)
+
+
+def _encoded_splits(tokenizer: Tokenizer, documents: list[str], splits: tuple[list[int], ...], text_sha256: str,
+                    cache_dir: str) -> list[Tensor]:
+    """The tokens of each split (:func:`encode_documents`); subword tokens are cached beside the vocabulary.
+
+    Subword tokenizers encode a few hundred kB per second on a small CPU, so their tokens are stored in
+    ``<cache_dir>/tokens-<hash>.pt`` (hash of the tokenizer, the text and the split) and reused.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return [encode_documents(tokenizer, [documents[i] for i in idx]) for idx in splits]
+    key = hashlib.sha256(json.dumps([tokenizer.sha256, text_sha256, splits]).encode()).hexdigest()[:16]
+    path = output_path(cache_dir) / f"tokens-{key}.pt"
+    if path.is_file():
+        return [t.long() for t in torch.load(path, weights_only=True)]
+    tokens = [encode_documents(tokenizer, [documents[i] for i in idx]) for idx in splits]
+    atomic_torch_save([t.int() for t in tokens], path)
+    return tokens
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:

@@ -104,6 +104,11 @@ def test_corpus_with_bpe_trains_on_its_train_split_only(tmp_path, monkeypatch):
     assert (meta["tokenizer_spec"], meta["vocab_size"], meta["tokenizer_sha256"]) == (
         "bpe:400", 400, corpus.tokenizer.sha256)
     assert corpus.train.max() < 400 and (corpus.train == 0).sum() == meta["n_train_docs"] - 1  # EOS between docs
+    [cached_tokens] = tmp_path.glob("tokens-*.pt")
+    monkeypatch.setattr(tok_module.HFTokenizer, "encode_batch", lambda *a: pytest.fail("tokens must come from cache"))
+    again = load_corpus(max_bytes=150_000, tokenizer="bpe:400", tokenizer_cache=tmp_path)
+    assert torch.equal(again.train, corpus.train) and torch.equal(again.val, corpus.val)
+    assert again.train.dtype == torch.long
 
 
 def test_vocabulary_flows_into_the_model_and_a_smaller_override_is_refused(tmp_path, monkeypatch):
