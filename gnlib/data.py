@@ -67,6 +67,10 @@ class ByteTokenizer:
         data = bytearray(text.encode("utf-8"))
         return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text."""
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of the byte ids ``ids``; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
         ids = ids.tolist() if isinstance(ids, Tensor) else ids
@@ -248,10 +252,8 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
     """Tokens (N,) of ``documents`` joined by the tokenizer's end-of-document token (none after the last)."""
     if isinstance(tokenizer, ByteTokenizer):  # one pass over the joined text; the separator is the NUL byte
         return tokenizer.encode_tensor(DOCUMENT_SEPARATOR.join(documents))
-    encoded = tokenizer.encode_batch(documents) if hasattr(tokenizer, "encode_batch") else map(
-        tokenizer.encode, documents)
     ids: list[int] = []
-    for i, doc_ids in enumerate(encoded):
+    for i, doc_ids in enumerate(tokenizer.encode_batch(documents)):
         ids += [tokenizer.eos_id, *doc_ids] if i else doc_ids
     return torch.tensor(ids, dtype=torch.long)
 

@@ -113,7 +113,8 @@ class RunSpec:
             order, no token reused; :mod:`gnlib.pipeline`).
         data_epochs: passes over the training data a stream may make (1: never reuse a token).
         data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
-        corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream).
+        corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
+            streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
     """
 
     optimizer: str = "adamw"

@@ -171,7 +171,9 @@ def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData
                               "is unreachable (offline or HF_HUB_OFFLINE set); use a local corpus, e.g. "
                               "corpus='text:/path/to/*.txt'")
 
-    def training_texts(limit: int = spec.corpus_bytes or DEFAULT_MAX_BYTES) -> list[str]:
+    limit = spec.corpus_bytes or DEFAULT_MAX_BYTES  # BPE trains on this much of the training stream
+
+    def training_texts() -> list[str]:
         import datasets
 
         texts, used = [], 0

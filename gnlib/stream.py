@@ -58,9 +58,7 @@ def hf_documents(name: str, config: str | None, split: str, tokenizer, *, text_f
 
         rows = iter(datasets.load_dataset(name, config, split=split, streaming=True).skip(first))
         while chunk := [row[text_field] for row in itertools.islice(rows, batch)]:
-            encoded = tokenizer.encode_batch(chunk) if hasattr(tokenizer, "encode_batch") else map(
-                tokenizer.encode, chunk)
-            for ids in encoded:
+            for ids in tokenizer.encode_batch(chunk):
                 yield torch.tensor([*ids, tokenizer.eos_id], dtype=torch.long)
 
     return documents

@@ -12,7 +12,8 @@
   the training text), so a CPU user gets subword tokens offline. End of document: ``<eos>``, id 0.
 
 Every tokenizer has ``spec`` (its name as given), ``vocab_size``, ``eos_id``, ``sha256`` (of its
-serialized vocabulary and rules: what metadata records), ``encode``, ``encode_tensor`` and ``decode``.
+serialized vocabulary and rules: what metadata records), ``encode``, ``encode_tensor``, ``encode_batch``
+and ``decode``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class Tokenizer(Protocol):
 
     def encode_tensor(self, text: str) -> Tensor:
         """Token ids of ``text`` as a LongTensor (n,)."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text."""
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of ``ids``."""
