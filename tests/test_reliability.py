@@ -181,3 +181,28 @@ def test_run_folder_lock_waits_when_asked(tmp_path):
                 pass
     with run_folder_lock(tmp_path, wait=True):
         pass
+
+
+def test_gn_trains_on_targets_with_ignore_index_like_the_baselines():
+    corpus = load_corpus()
+    sampler = corpus.sampler("train", 2, 16, seed=0)
+
+    def masked():
+        inputs, targets = sampler()
+        return inputs, targets.masked_fill(torch.arange(16) < 4, -100)  # e.g. prompt tokens
+
+    val = [masked() for _ in range(2)]
+    for name in ("gn", "adamw"):
+        model = build_model("tiny", seed=0, **SMALL)
+        optimizer = (GaussNewton(model, masked, inner_lr=0.03, inner_steps=2, line_search_batches=1) if name == "gn"
+                     else torch.optim.AdamW(model.parameters(), lr=3e-3))
+        history = train(model, optimizer, masked, val, steps=3, eval_every=1, progress=False)
+        assert history.status == "completed", (name, history.reason)
+        assert history.rows[-1]["val_loss"] < history.rows[0]["val_loss"], name
+
+
+def test_a_binary_text_corpus_file_is_named(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text " * 50)
+    (tmp_path / "b.txt").write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(ValueError, match=r"b\.txt' is not UTF-8 text.*leave it out of the glob"):
+        load_corpus(f"text:{tmp_path}/*.txt")
