@@ -7,7 +7,8 @@ optimizer, a file), the allowed values and the likely fix, before any long work 
 - :func:`check_writable`: an output folder can be written and has room, checked before training;
 - :func:`check_notebook_parameters`: inside a notebook, the values papermill injected are declared
   parameters of the notebook and match their annotations; :meth:`NotebookParameters.output_folder`
-  derives a default output folder from the parameters that were changed, so runs never share one.
+  derives a default output folder from the parameters that were changed, so runs never share one;
+  :func:`notebook_output_dir` does both and checks the folder, in one call of the derived-values cell.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from gnlib.runtime import output_path
 
 #: Python types a notebook annotation allows (``float`` also takes an ``int``).
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
@@ -253,3 +256,19 @@ def _example(default: Any) -> str:
     if isinstance(default, (list, dict)):
         return f"'{json.dumps(default)}'"
     return str(default)
+
+
+def notebook_output_dir(
+    namespace: Mapping[str, Any], also_accept: Mapping[str, type | tuple[type, ...]] | None = None
+) -> Path:
+    """Return the notebook's checked output folder, from the derived-values cell: ``out = ...(globals())``.
+
+    Checks the parameters (:func:`check_notebook_parameters`), derives the folder
+    (:meth:`NotebookParameters.output_folder`: ``output_dir`` as given, or its default plus the changed
+    parameters), resolves it like every notebook output (:func:`gnlib.runtime.output_path`) and checks that
+    it can be written (:func:`check_writable`), all before any work starts.
+    """
+    parameters = check_notebook_parameters(namespace, also_accept)
+    # outside IPython (no cell history) the folder is output_dir as it stands
+    folder = parameters.output_folder() if "output_dir" in parameters.declared else namespace["output_dir"]
+    return check_writable(output_path(folder))

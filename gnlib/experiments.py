@@ -550,6 +550,8 @@ def batch_size_study(
     variants: Mapping[str, Mapping[str, Any]] | None = None,
     hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = False,
+    checkpoint_every: int = 0,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Steps to ``target`` for every optimizer × token batch × LR × seed, LR tuned per batch size.
 
@@ -568,6 +570,8 @@ def batch_size_study(
         variants: see :func:`study_spec`.
         hyperparameters: see :func:`study_spec`.
         progress: print each run's evaluations.
+        checkpoint_every: each run's checkpoint period in steps (0: at its end only), see :func:`run`.
+        overwrite: replace runs with other settings found in their folders (else they are refused).
 
     Returns:
         One row per run, columns :data:`STUDY_COLUMNS` plus ``chosen`` and ``on_edge`` (:func:`choose_lr`).
@@ -586,10 +590,19 @@ def batch_size_study(
     ]
     for *_, spec in plan:
         spec.validate()
+    if output_dir is not None and is_main():
+        check_writable(output_dir)
     rows = []
     for name, m, lr, seed, spec in plan:
         run_dir = None if output_dir is None else Path(output_dir) / name / f"m={m}" / f"lr={lr:.6g}" / f"seed={seed}"
-        summary = summarize(run(dataclasses.replace(spec, target_loss=target), run_dir, progress=progress), target)
+        history = run(
+            dataclasses.replace(spec, target_loss=target),
+            run_dir,
+            progress=progress,
+            checkpoint_every=checkpoint_every,
+            overwrite=overwrite,
+        )
+        summary = summarize(history, target)
         rows.append(
             {
                 "optimizer": name,
