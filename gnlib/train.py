@@ -260,7 +260,7 @@ def train(
     progress: bool = True,
     max_grad_norm: float | None = None,
     overwrite: bool = False,
-    stall_steps: int = 5,
+    stall_steps: int = 10,
     divergence_factor: float = 10.0,
 ) -> History:
     """Train ``model`` with ``optimizer`` for up to ``steps`` outer steps.
