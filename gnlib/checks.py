@@ -241,7 +241,7 @@ def check_notebook_parameters(
         if not isinstance(value, allowed + extra) or (is_bool_for_number and bool not in extra):
             kinds = " or ".join(t.__name__ for t in allowed[-1:] + extra)
             raise ValueError(
-                f"notebook parameter {name} must be a {kinds} (declared `{name}: {annotation} = {default!r}`), "
+                f"notebook parameter {name} must be of type {kinds} (declared `{name}: {annotation} = {default!r}`), "
                 f"got {value!r} ({type(value).__name__}){_numeric_text_hint(value)}; e.g. -p {name} {_example(default)}"
             )
     return NotebookParameters(

@@ -14,6 +14,7 @@ DECLARED = '''steps: int = 30  # outer steps
 seed: int = 0  # seed
 optimizers: list = ["adamw", "gn"]  # optimizers
 lr: float = 0.0  # one LR
+learning_rates: dict = {"adamw": 0.003}  # LR per optimizer
 overwrite: bool = False  # replace
 output_dir: str = "outputs/00_quickstart"  # folder
 '''
@@ -21,8 +22,8 @@ output_dir: str = "outputs/00_quickstart"  # folder
 
 def namespace(injected: str = "", **values):
     """A notebook's globals after its parameters cell and papermill's injected cell ran."""
-    names = {"steps": 30, "seed": 0, "optimizers": ["adamw", "gn"], "lr": 0.0, "overwrite": False,
-             "output_dir": "outputs/00_quickstart"}
+    names = {"steps": 30, "seed": 0, "optimizers": ["adamw", "gn"], "lr": 0.0, "learning_rates": {"adamw": 0.003},
+             "overwrite": False, "output_dir": "outputs/00_quickstart"}
     history = ["", DECLARED, *([f"# Parameters\n{injected}"] if injected else []), "import gnlib"]
     return {**names, **values, "In": history}
 
@@ -43,10 +44,11 @@ def test_default_output_folder_follows_the_parameters_that_change_results():
     "injected, values, match",
     [
         ("stepz = 3\n", {"stepz": 3}, r"unknown notebook parameter\(s\) \['stepz'\].*parameters are \['steps'"),
-        ("optimizers = 'gn'\n", {"optimizers": "gn"}, r"optimizers must be a list .*got 'gn' \(str\)"),
-        ("lr = 'fast'\n", {"lr": "fast"}, r"lr must be a float .*got 'fast'"),
-        ("lr = '3e-3'\n", {"lr": "3e-3"}, r"lr must be a float .*a string: in YAML write floats with a dot"),
-        ("steps = True\n", {"steps": True}, r"steps must be a int .*got True \(bool\)"),
+        ("optimizers = 'gn'\n", {"optimizers": "gn"}, r"optimizers must be of type list .*got 'gn' \(str\)"),
+        ("lr = 'fast'\n", {"lr": "fast"}, r"lr must be of type float .*got 'fast'"),
+        ("lr = '3e-3'\n", {"lr": "3e-3"}, r"lr must be of type float .*a string: in YAML write floats with a dot"),
+        ("steps = True\n", {"steps": True}, r"steps must be of type int .*got True \(bool\)"),
+        ("learning_rates = 'fast'\n", {"learning_rates": "fast"}, r"learning_rates must be of type dict .*'\{"),
     ],
 )
 def test_bad_notebook_parameters_are_named(injected, values, match):
@@ -57,7 +59,7 @@ def test_bad_notebook_parameters_are_named(injected, values, match):
 @pytest.mark.parametrize(
     "notebook, parameters, match",
     [
-        ("00_quickstart", {"optimizers": "gn"}, r"optimizers must be a list"),
+        ("00_quickstart", {"optimizers": "gn"}, r"optimizers must be of type list"),
         ("00_quickstart", {"stepz": 3}, r"unknown notebook parameter\(s\) \['stepz'\]"),
         ("02_iteration_complexity", {"optimizers": "gnx"}, r"optimizers='gnx' is not supported; allowed values"),
         ("02_iteration_complexity", {"lr": -0.01}, r"lr must be a finite number >= 0"),

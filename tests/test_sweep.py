@@ -287,3 +287,13 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_orphans_and_the_rerun_is_complete(
     assert list(pd.read_csv(sweep_dir / "results.csv").run_id) == runs
     for run_dir in sweep_dir.glob("sleep=*"):
         assert {p.name for p in run_dir.iterdir()} >= {"params.json", "notebook.ipynb", "results.json", "status.json"}
+
+
+def test_unwritable_output_root_is_refused_before_any_run(tmp_path, capsys):
+    blocker = tmp_path / "outputs"
+    blocker.write_text("a file where the output root should be")
+    grid = tmp_path / "probe.yaml"
+    grid.write_text(f"notebook: {REPO / PROBE}\ngrid:\n  x: [1]\n")
+    assert main([str(grid), "--output-root", str(blocker)]) == 2
+    error = capsys.readouterr().err
+    assert "--output-root=" in error and "cannot be written" in error
