@@ -185,7 +185,7 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _read_checkpoint(path: Path, device: torch.device, *, move_aside: bool, progress: bool) -> dict[str, Any] | None:
+def _read_checkpoint(path: Path, device: torch.device, *, move_aside: bool) -> dict[str, Any] | None:
     """The checkpoint at ``path`` loaded onto ``device``; None when absent or unreadable.
 
     An unreadable file (truncated, corrupt, or not a gnlib checkpoint) is renamed
@@ -374,7 +374,7 @@ def _train(
         if main:
             _remove_stale_temporaries(run_dir)
         device = next(iter(model.parameters())).device
-        state = _read_checkpoint(run_dir / CHECKPOINT, device, move_aside=main, progress=progress)
+        state = _read_checkpoint(run_dir / CHECKPOINT, device, move_aside=main)
         saved = state["fingerprint"] if state is not None else _saved_fingerprint(run_dir)
         if saved is not None and saved != fingerprint:
             if not overwrite:
