@@ -78,39 +78,40 @@ class CrossEntropy(Loss):
 
     def value_and_grad(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy and ``(softmax(z) − onehot(y)) / n`` (zero at ignored positions) from one log-softmax."""
-        value, p, y, weight = self._value_and_probs(z, y)
-        return value, _add_at_targets_(p.mul_(weight), y, -weight)
+        value, p, y, counted, n = self._value_and_probs(z, y)
+        return value, _add_at_targets_(p.div_(n).mul_(counted), y, counted.neg().div_(n))
 
     def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """``(p ⊙ v − p (pᵀv)) / n`` per counted position (zero at ignored ones), ``p = softmax(z)``."""
-        return self._hvp(torch.softmax(z, dim=-1), v, _weights(y, z.dtype))
+        counted, n = _counted(y, z.dtype)
+        return self._hvp(torch.softmax(z, dim=-1), v, counted, n)
 
     def quadratic(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
         """See :meth:`Loss.quadratic`; one softmax shared by the value, gradient and Hessian product."""
-        value, p, y, weight = self._value_and_probs(z, y)
-        h_dz = self._hvp(p, dz, weight)
-        u = _add_at_targets_((p * weight).add_(h_dz), y, -weight)
+        value, p, y, counted, n = self._value_and_probs(z, y)
+        h_dz = self._hvp(p, dz, counted, n)
+        u = _add_at_targets_((p / n).mul_(counted).add_(h_dz), y, counted.neg().div_(n))
         # uᵀdz = gᵀdz + dzᵀH dz, so q = ℓ + uᵀdz − ½ dzᵀH dz.
         return value + (u * dz).sum() - 0.5 * (dz * h_dz).sum(), u
 
     @staticmethod
-    def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(mean cross-entropy, softmax(z), y with a trailing unit dim (ignored ids as 0), weights (..., 1))."""
+    def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(mean cross-entropy, softmax(z), y with a trailing unit dim (ignored ids as 0), counted (..., 1), n)."""
         log_p = torch.log_softmax(z, dim=-1)
-        weight = _weights(y, z.dtype)
+        counted, n = _counted(y, z.dtype)
         y = y.clamp(min=0).unsqueeze(-1)
-        return -(log_p.gather(-1, y) * weight).sum(), log_p.exp_(), y, weight
+        return -(log_p.gather(-1, y) * counted).sum() / n, log_p.exp_(), y, counted, n
 
     @staticmethod
-    def _hvp(p: Tensor, v: Tensor, weight: Tensor) -> Tensor:
+    def _hvp(p: Tensor, v: Tensor, counted: Tensor, n: Tensor) -> Tensor:
         pv = p * v
-        return (pv - p * pv.sum(-1, keepdim=True)).mul_(weight)
+        return (pv - p * pv.sum(-1, keepdim=True)).div_(n).mul_(counted)
 
 
-def _weights(y: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-position weight ``1/n`` (0 where ``y == IGNORE_INDEX``), shape ``(..., 1)``, of ``dtype``."""
+def _counted(y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(1 where ``y`` counts, 0 where it is ``IGNORE_INDEX``, shape ``(..., 1)``; their number n), of ``dtype``."""
     counted = (y != IGNORE_INDEX).unsqueeze(-1).to(dtype)
-    return counted / counted.sum()
+    return counted, counted.sum()
 
 
 def _add_at_targets_(t: Tensor, y: Tensor, value: Tensor) -> Tensor:
