@@ -320,7 +320,21 @@ def _text_documents(pattern: str, max_bytes: int | None) -> list[str]:
     import datasets
 
     ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=True)
-    return _take((row["text"] for row in ds), max_bytes)
+    try:
+        return _take((row["text"] for row in ds), max_bytes)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"source='text:{pattern}': {_undecodable(files)} is not UTF-8 text ({err.reason}); "
+                         "text: corpora read UTF-8 files: convert it, or leave it out of the glob") from None
+
+
+def _undecodable(files: list[str]) -> str:
+    """The first of ``files`` that is not UTF-8 (named for the error message)."""
+    for path in files:
+        try:
+            Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return repr(path)
+    return "a file"
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

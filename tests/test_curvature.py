@@ -109,6 +109,15 @@ def _transformer_case(preset: str = "tiny", tie: bool = True) -> Case:
     return _make_case(model, _transformer_batch(), CrossEntropy())
 
 
+def _transformer_ignore_index_case() -> Case:
+    """The transformer case with some targets set to -100: those tokens count in no loss, gradient or curvature."""
+    case = _transformer_case()
+    inputs, targets = case.batch
+    targets = targets.clone()
+    targets[0, 1], targets[1, :2] = -100, -100
+    return _make_case(case.model, (inputs, targets), CrossEntropy())
+
+
 def _linear_case() -> Case:
     model = linear_model(4, 3, seed=0).double()
     g = torch.Generator().manual_seed(3)
@@ -124,6 +133,7 @@ _BUILDERS = {
     "mlp_mse": lambda: _mlp_case("mse"),
     "transformer": _transformer_case,
     "transformer_reference": lambda: _transformer_case("paper_tiny", tie=False),
+    "transformer_ignore_index": _transformer_ignore_index_case,
     "linear_ce": _linear_case,
 }
 
