@@ -85,7 +85,10 @@ def check_positive_number(
 
 
 def check_writable(path: str | Path, *, parameter: str = "output_dir", need_bytes: int = 0) -> Path:
-    """Create ``path`` if needed and check that a file can be written there with ``need_bytes`` free.
+    """Check that ``path`` can be created (if missing) and written, with ``need_bytes`` free.
+
+    The check leaves nothing behind: a missing folder is not created; its nearest existing ancestor
+    must accept a new entry instead, so a run refused later for another reason leaves no empty folder.
 
     Args:
         path: the output folder.
@@ -99,16 +102,18 @@ def check_writable(path: str | Path, *, parameter: str = "output_dir", need_byte
         ValueError: the folder cannot be created or written, or has less than ``need_bytes`` free.
     """
     path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as err:
         raise ValueError(
             f"{parameter}={str(path)!r} cannot be written ({type(err).__name__}: {err.strerror or err}); "
             f"fix its permissions or choose another {parameter}"
         ) from err
-    free = shutil.disk_usage(path).free
+    free = shutil.disk_usage(existing).free
     if free < need_bytes:
         raise ValueError(
             f"{parameter}={str(path)!r} has {free / 2**20:.0f} MiB free; this run needs about "
@@ -266,9 +271,11 @@ def notebook_output_dir(
     Checks the parameters (:func:`check_notebook_parameters`), derives the folder
     (:meth:`NotebookParameters.output_folder`: ``output_dir`` as given, or its default plus the changed
     parameters), resolves it like every notebook output (:func:`gnlib.runtime.output_path`) and checks that
-    it can be written (:func:`check_writable`), all before any work starts.
+    it can be written (:func:`check_writable`), all before any work starts; then creates it.
     """
     parameters = check_notebook_parameters(namespace, also_accept)
     # outside IPython (no cell history) the folder is output_dir as it stands
     folder = parameters.output_folder() if "output_dir" in parameters.declared else namespace["output_dir"]
-    return check_writable(output_path(folder))
+    out = check_writable(output_path(folder))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
