@@ -47,6 +47,8 @@ from gnlib.optim import DEFAULTS, make_optimizer
 from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
 from gnlib.optim.schedules import make_schedule
 from gnlib.params import Params, flatten
+from gnlib.protocols import PROTOCOLS
+from gnlib.protocols import resolve as resolve_protocol
 from gnlib.runtime import (
     atomic_torch_save,
     atomic_write_json,
@@ -106,6 +108,9 @@ class RunSpec:
         hyperparameters: further keyword arguments for the optimizer.
         model_overrides: overrides of the preset's config (e.g. ``{"tie_embeddings": True}``).
         init_checkpoint: a model state-dict file to start from (the shared warm-up checkpoint).
+        protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
+            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and non-default
+            ``eval_every``/``val_batches`` override it, recorded in ``metadata["protocol"]``.
     """
 
     optimizer: str = "adamw"
@@ -125,11 +130,13 @@ class RunSpec:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: str | None = None
+    protocol: str = "gnlib"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("preset", self.preset, PRESETS)
+        check_choice("protocol", self.protocol, PROTOCOLS)
         resolve_device(self.device)
         for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches"):
             value = getattr(self, name)
@@ -163,7 +170,7 @@ class RunSpec:
             max_seq_len=8,
             tie_embeddings=config.tie_embeddings,
         )
-        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, dict(self.hyperparameters))
+        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, resolve_protocol(self).hyperparameters)
 
     @property
     def tokens_per_step(self) -> int:
@@ -183,8 +190,9 @@ def _build(spec: RunSpec) -> tuple[Any, torch.nn.Module, Any, list, Any]:
     if spec.init_checkpoint is not None:
         model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
     train_batches = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
-    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
-    optimizer = build_optimizer(spec.optimizer, model, train_batches, spec.lr, spec.hyperparameters)
+    protocol = resolve_protocol(spec)
+    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, protocol.val_batches, seed=0, device=device)
+    optimizer = build_optimizer(spec.optimizer, model, train_batches, spec.lr, protocol.hyperparameters)
     return corpus, model, train_batches, val, optimizer
 
 
@@ -204,6 +212,7 @@ def run(
     """
     spec.validate()
     corpus, model, train_batches, val, optimizer = _build(spec)
+    protocol = resolve_protocol(spec)
     metadata = {
         "spec": dataclasses.asdict(spec),
         "corpus": corpus.meta,
@@ -211,6 +220,7 @@ def run(
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_step": spec.tokens_per_step,
         "torch": torch.__version__,
+        "protocol": protocol.record,
     }
     return train(
         model,
@@ -219,7 +229,8 @@ def run(
         val,
         steps=spec.steps,
         accumulation=spec.accumulation,
-        eval_every=spec.eval_every,
+        eval_every=protocol.eval_every,
+        eval_schedule=protocol.eval_schedule,
         target_loss=spec.target_loss,
         schedule=make_schedule(spec.schedule, spec.steps),
         run_dir=output_dir,
@@ -368,10 +379,11 @@ def warmup_checkpoint(
 ) -> Path:
     """The shared starting point: a model state dict after ``steps`` AdamW steps, made once and cached.
 
-    The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW at
-    constant ``lr`` and one micro-batch per step, seeded by ``seed`` (not the runs' seeds: every run of a
-    study starts from the same checkpoint). It is stored at ``root/<hash of these settings>/model.pt``
-    (written atomically, with ``settings.json`` and the run's History beside it) and reused when present.
+    The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW
+    (``protocol="gnlib"`` whatever ``base``'s) at constant ``lr`` and one micro-batch per step, seeded by
+    ``seed`` (not the runs' seeds: every run of a study starts from the same checkpoint). It is stored at
+    ``root/<hash of these settings>/model.pt`` (written atomically, with ``settings.json`` and the run's
+    History beside it) and reused when present.
 
     Args:
         base: spec whose model and data settings the warm-up shares.
@@ -398,6 +410,7 @@ def warmup_checkpoint(
         seed=seed,
         hyperparameters={},
         init_checkpoint=None,
+        protocol="gnlib",
     )
     spec.validate()
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "device"}
