@@ -24,9 +24,9 @@ configuration", gives each value's file and line), for every Gauss-Newton varian
 a deliberate, cheaper difference, each choice with what it costs and changes:
 
 - line search on 2 fresh batches instead of N, rejecting a step that does not decrease the loss:
-  2/N of the reference's line-search cost (at N = 122 the reference spends as many passes on the line
-  search as on the inner loop); a rejected step keeps θ and restarts the inner loop cold instead of
-  taking a worse α. Noisier α choices on 2 batches.
+  2/N of the reference's line-search cost (on N batches, 5 forwards and one forward carrying the tangent
+  per batch, the line search costs about 7/4 of the inner loop's FLOPs); a rejected step keeps θ and
+  restarts the inner loop cold instead of taking a worse α. Noisier α choices on 2 batches.
 - no EMA: evaluation measures the raw iterate, which reaches a target sooner (an EMA of 0.999 per outer
   step keeps ~95% of its weight on the start after 54 steps: at the study's step counts the reference's
   EMA loss trails the raw loss by far), and one evaluation instead of two.
@@ -44,6 +44,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from gnlib.distributed import world_size
 from gnlib.optim.gauss_newton import line_search_grid
 from gnlib.runtime import check_choice
 
@@ -117,7 +118,7 @@ class Resolved:
 
     Attributes:
         hyperparameters: the optimizer options (protocol values, then the spec's own on top).
-        val_batches: validation batches of ``batch_size`` sequences.
+        val_batches: validation batches of ``batch_size`` sequences per process.
         eval_every: evaluation period (the first-half period under ``"paper"``).
         eval_schedule: ``step -> bool``, or None for every ``eval_every`` steps.
         record: for the run's metadata: ``protocol``, ``from_protocol`` (options the protocol set and the
@@ -169,7 +170,8 @@ def resolve(spec: Any) -> Resolved:
         options = {k: v for k, v in options.items() if k != "solver_options"}
     hyperparameters, kept, overridden = _merge(options, given)
     defaults = {f.name: f.default for f in dataclasses.fields(spec)}
-    val_batches = math.ceil(PAPER_VAL_SEQUENCES.get(spec.preset, 100 * 128) / spec.batch_size)
+    # under torchrun a batch holds batch_size sequences per process
+    val_batches = math.ceil(PAPER_VAL_SEQUENCES.get(spec.preset, 100 * 128) / (spec.batch_size * world_size()))
     run_settings = {"val_batches": val_batches, "eval_every": PAPER_EVAL_EVERY}
     for name, value in run_settings.items():
         if getattr(spec, name) != defaults[name]:

@@ -15,10 +15,13 @@ tpl = templates/gn-template.sbatch, atpl = templates/adam-template.sbatch.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
+import papermill
 import pytest
 import torch
+import yaml
 
 from gnlib.experiments import RunSpec, _build, run
 from gnlib.losses import CrossEntropy
@@ -526,3 +529,15 @@ def test_paper_protocol_miniature_runs_end_to_end():
             assert history.rows[1]["tokens"] == 2 * 2 * 4 * 16  # N inner + N line-search batches
         else:
             assert "val_loss_raw" not in last and last["val_loss"] < history.rows[0]["val_loss"]
+
+
+def test_paper_grids_run_the_paper_protocol_with_known_parameters():
+    root = Path(__file__).resolve().parents[1]
+    grids = sorted((root / "notebooks" / "grids").glob("paper*_study.yaml"))
+    assert grids
+    for path in grids:
+        grid = yaml.safe_load(path.read_text())
+        assert grid["parameters"]["protocol"] == "paper", path.name
+        known = papermill.inspect_notebook(str(root / grid["notebook"]))
+        unknown = sorted((set(grid["parameters"]) | set(grid["grid"])) - set(known))
+        assert not unknown, f"{path.name}: {unknown} are not parameters of {grid['notebook']}"
