@@ -71,9 +71,13 @@ class History:
         return pd.DataFrame(self.rows)
 
     def evaluations(self) -> pd.DataFrame:
-        """Rows where the validation loss was measured: columns ``step``, ``tokens``, ``val_loss``."""
+        """Rows where the validation loss was measured: ``step``, ``tokens``, ``wall_time``, ``val_loss`` (+ raw).
+
+        ``val_loss_raw`` only when the optimizer evaluates other parameters (an EMA).
+        """
         frame = self.to_frame()
-        return frame.loc[frame["val_loss"].notna(), ["step", "tokens", "wall_time", "val_loss"]].reset_index(drop=True)
+        columns = ["step", "tokens", "wall_time", "val_loss", *(["val_loss_raw"] if "val_loss_raw" in frame else [])]
+        return frame.loc[frame["val_loss"].notna(), columns].reset_index(drop=True)
 
     @property
     def final_val_loss(self) -> float | None:

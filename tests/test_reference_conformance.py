@@ -522,6 +522,7 @@ def test_paper_protocol_miniature_runs_end_to_end():
         assert history.status == "completed" and history.metadata["protocol"]["overridden"] == {}
         evaluated = history.evaluations()
         assert evaluated["step"].tolist() == [0, 3, 4]  # none in the first half (every 10), then every step
+        assert ("val_loss_raw" in evaluated) == gn
         last = history.rows[-1]
         if gn:  # validation on the EMA (0.999: still near θ_0), the raw iterate beside it
             assert last["val_loss_raw"] < last["val_loss"] < history.rows[0]["val_loss"]
