@@ -204,7 +204,8 @@ class GaussNewton:
         warm_start: start each inner loop from the previous pre-line-search iterate and inner state.
         prox: λ_prox of the proximal penalty λ_prox·Σ_tensors mean(Δ²) (first-order solvers).
         weight_decay: decoupled weight decay of the inner iterate θ_t + Δ (first-order solvers).
-        weight_decay_scope: ``"all"`` tensors or all ``"except_muon"``'s matrices get the weight decay.
+        weight_decay_scope: the tensors the weight decay applies to: ``"all"``, or ``"except_muon"`` (all
+            but Muon's matrices, as the reference).
         grad_clip: clip the inner gradient to this global norm (first-order solvers); None disables.
         grad_clip_per: one norm per ``"block"``, or per ``"group"`` (embedding/head, hidden) within a block.
         line_search: grid of step sizes α > 0 (:func:`line_search_grid`), or None for α = 1 without a test.
