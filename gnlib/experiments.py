@@ -49,6 +49,8 @@ from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
 from gnlib.optim.schedules import make_schedule
 from gnlib.params import Params, flatten
 from gnlib.pipeline import RunData, build_run_data, check_data_fields
+from gnlib.protocols import PROTOCOLS
+from gnlib.protocols import resolve as resolve_protocol
 from gnlib.runtime import (
     atomic_torch_save,
     atomic_write_json,
@@ -115,6 +117,9 @@ class RunSpec:
         data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
         corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
             streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
+        protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
+            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and non-default
+            ``eval_every``/``val_batches`` override it, recorded in ``metadata["protocol"]``.
     """
 
     optimizer: str = "adamw"
@@ -139,11 +144,13 @@ class RunSpec:
     data_epochs: int = 1
     data_start: int = 0
     corpus_bytes: int | None = None
+    protocol: str = "gnlib"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("preset", self.preset, PRESETS)
+        check_choice("protocol", self.protocol, PROTOCOLS)
         resolve_device(self.device)
         for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches", "seed"):
             check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
@@ -182,7 +189,7 @@ class RunSpec:
             mlp=config.mlp,
             qk_norm=config.qk_norm,
         )
-        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, dict(self.hyperparameters))
+        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, resolve_protocol(self).hyperparameters)
 
     @property
     def tokens_per_step(self) -> int:
@@ -195,13 +202,14 @@ class RunSpec:
 def _build(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
     """Run data, model (from ``init_checkpoint`` if set), training batches, fixed validation set, optimizer."""
     device = resolve_device(spec.device)
-    data = build_run_data(spec, device)
+    protocol = resolve_protocol(spec)
+    data = build_run_data(dataclasses.replace(spec, val_batches=protocol.val_batches), device)
     model = build_model(
         spec.preset, seed=spec.seed, device=device, **{"vocab_size": data.vocab_size, **spec.model_overrides}
     )
     if spec.init_checkpoint is not None:
         model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
-    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, spec.hyperparameters)
+    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, protocol.hyperparameters)
     return data, model, data.train, data.val, optimizer
 
 
@@ -233,6 +241,7 @@ def run(
     if output_dir is not None and is_main():
         check_writable(output_dir, need_bytes=_checkpoint_bytes(spec))
     data, model, train_batches, val, optimizer = _build(spec)
+    protocol = resolve_protocol(spec)
     metadata = {
         "spec": dataclasses.asdict(spec),
         "corpus": data.meta,
@@ -240,6 +249,7 @@ def run(
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_step": spec.tokens_per_step,
         "torch": torch.__version__,
+        "protocol": protocol.record,
     }
     return train(
         model,
@@ -248,7 +258,8 @@ def run(
         val,
         steps=spec.steps,
         accumulation=spec.accumulation,
-        eval_every=spec.eval_every,
+        eval_every=protocol.eval_every,
+        eval_schedule=protocol.eval_schedule,
         target_loss=spec.target_loss,
         schedule=make_schedule(spec.schedule, spec.steps),
         run_dir=output_dir,
@@ -408,10 +419,10 @@ def warmup_checkpoint(
 ) -> Path:
     """The shared starting point: a model state dict after ``steps`` AdamW steps, made once and cached.
 
-    The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW at
-    constant ``lr`` and one micro-batch per step, seeded by ``seed`` (not the runs' seeds: every run of a
-    study starts from the same checkpoint). It is stored at ``root/<hash of these settings>/model.pt``
-    (written atomically, with ``settings.json`` and the run's History beside it) only when the warm-up
+    The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW
+    (``protocol="gnlib"`` whatever ``base``'s) at constant ``lr`` and one micro-batch per step, seeded by
+    ``seed`` (not the runs' seeds: every run of a study starts from the same checkpoint). It is stored at
+    ``root/<hash of these settings>/model.pt`` (written atomically, with ``settings.json`` and the run's History beside it) only when the warm-up
     completed with finite losses, and reused only after checking it: settings hash, status and finite
     weights (otherwise it is made again). Processes making the same warm-up at once wait for the first.
 
@@ -444,6 +455,7 @@ def warmup_checkpoint(
         hyperparameters={},
         init_checkpoint=None,
         data_start=0,  # the warm-up reads the first tokens of a stream; studied runs continue after them
+        protocol="gnlib",
     )
     spec.validate()
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "device"}

@@ -8,7 +8,8 @@ Two kinds of optimizer are driven (``train`` imports none of them):
    batch source and each ``optimizer.step()`` returns a flat dict of diagnostics recorded in History.
 
 An optimizer may also offer ``eval_parameters() -> dict | None`` (e.g. an EMA of its iterates); the
-validation loss is then computed with those parameters.
+validation loss ``val_loss`` (the one the target and steps to target use) is then computed with those
+parameters, and ``val_loss_raw`` with the model's own (the raw iterate) at the same evaluations.
 
 Under ``torchrun`` (:mod:`gnlib.distributed`) every process runs this loop on its shard of the data:
 torch-like optimizers get their gradients averaged over processes after back-propagation (before
@@ -94,7 +95,9 @@ class History:
     Attributes:
         rows: dicts with at least ``step``, ``tokens`` (training tokens seen so far), ``wall_time``
             (seconds since the run started, summed across resumes), ``train_loss``, ``val_loss`` (None
-            where not evaluated), ``lr`` and the optimizer's diagnostics.
+            where not evaluated; the optimizer's ``eval_parameters``, e.g. its EMA, where it has them),
+            ``val_loss_raw`` (the raw iterate's, only with such parameters), ``lr`` and the optimizer's
+            diagnostics.
         status: ``"running"``, ``"completed"`` (all steps done), ``"reached_target"``, ``"diverged"``
             (non-finite or exploding loss) or ``"stalled"`` (the optimizer took no step several times in a row).
         metadata: free-form run description (corpus hash, model config, optimizer settings, seed, ...).
@@ -111,9 +114,13 @@ class History:
         return pd.DataFrame(self.rows)
 
     def evaluations(self) -> pd.DataFrame:
-        """Rows where the validation loss was measured: columns ``step``, ``tokens``, ``val_loss``."""
+        """Rows where the validation loss was measured: ``step``, ``tokens``, ``wall_time``, ``val_loss`` (+ raw).
+
+        ``val_loss_raw`` only when the optimizer evaluates other parameters (an EMA).
+        """
         frame = self.to_frame()
-        return frame.loc[frame["val_loss"].notna(), ["step", "tokens", "wall_time", "val_loss"]].reset_index(drop=True)
+        columns = ["step", "tokens", "wall_time", "val_loss", *(["val_loss_raw"] if "val_loss_raw" in frame else [])]
+        return frame.loc[frame["val_loss"].notna(), columns].reset_index(drop=True)
 
     @property
     def final_val_loss(self) -> float | None:
@@ -262,6 +269,7 @@ def train(
     overwrite: bool = False,
     stall_steps: int = 10,
     divergence_factor: float = 10.0,
+    eval_schedule: Callable[[int], bool] | None = None,
 ) -> History:
     """Train ``model`` with ``optimizer`` for up to ``steps`` outer steps.
 
@@ -274,6 +282,8 @@ def train(
         steps: number of outer steps (``>= 1``).
         accumulation: micro-batches per step for torch-like optimizers (token batch = accumulation·B·T).
         eval_every: evaluate every this many steps (and at step 0 and the last step).
+        eval_schedule: ``eval_schedule(step) -> bool`` decides instead of ``eval_every`` (step 0 and the
+            last step are always evaluated), e.g. :func:`gnlib.protocols.paper_eval_schedule`.
         target_loss: stop once the validation loss is at or below this value.
         schedule: LR multiplier ``schedule(step)``; each group's ``lr`` becomes ``initial_lr * schedule``.
         loss_fn: ``loss_fn(logits, targets)``; default token-mean cross-entropy.
@@ -333,6 +343,7 @@ def train(
             overwrite=overwrite,
             stall_steps=stall_steps,
             divergence_factor=divergence_factor,
+            eval_schedule=eval_schedule,
         )
 
 
@@ -356,6 +367,7 @@ def _train(
     overwrite: bool,
     stall_steps: int,
     divergence_factor: float,
+    eval_schedule: Callable[[int], bool] | None,
 ) -> History:
     """:func:`train` once ``run_dir`` (if any) is locked by this process."""
     loss_fn = loss_fn or CrossEntropy().value
@@ -422,10 +434,14 @@ def _train(
             run_dir / CHECKPOINT,
         )
 
-    def validation_loss() -> float:
+    def validation_losses() -> dict[str, float]:
+        """``val_loss`` (with the optimizer's eval parameters, if any) and then ``val_loss_raw``."""
         eval_params = getattr(optimizer, "eval_parameters", None)
-        loss = evaluate(model, val_batches, loss_fn, eval_params() if callable(eval_params) else None)
-        return distributed.all_reduce_mean(loss)
+        params = eval_params() if callable(eval_params) else None
+        losses = {"val_loss": evaluate(model, val_batches, loss_fn, params)}
+        if params is not None:
+            losses["val_loss_raw"] = evaluate(model, val_batches, loss_fn)
+        return {key: distributed.all_reduce_mean(value) for key, value in losses.items()}
 
     def update_status(row: dict[str, Any], last: bool) -> None:
         losses = {key: row[key] for key in ("train_loss", "val_loss") if row.get(key) is not None}
@@ -452,9 +468,7 @@ def _train(
 
     start = time.perf_counter() - elapsed_before
     if not history.rows:
-        history.rows.append(
-            {"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, "val_loss": validation_loss()}
-        )
+        history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **validation_losses()})
         update_status(history.rows[0], last=False)
     first_step = history.rows[-1]["step"] + 1 if history.status == "running" else steps + 1
     for step in range(first_step, steps + 1):
@@ -484,7 +498,8 @@ def _train(
             row["lr"] = optimizer.param_groups[0]["lr"]
         row["tokens"] = history.rows[-1]["tokens"] + tokens
         last = step == steps
-        row["val_loss"] = validation_loss() if (step % eval_every == 0 or last) else None
+        due = eval_schedule(step) if eval_schedule is not None else step % eval_every == 0
+        row.update(validation_losses() if (due or last) else {"val_loss": None})
         row["wall_time"] = time.perf_counter() - start
         history.rows.append(row)
 
