@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
+import nbformat
 import papermill
+
+from gnlib.nbtools import figure_problems
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "00_quickstart.ipynb"
 
@@ -18,6 +21,7 @@ def test_quickstart_writes_results_and_figure(tmp_path):
         kernel_name="python3",
         progress_bar=False,
     )
+    assert figure_problems(nbformat.read(tmp_path / "executed.ipynb", as_version=4)) == []
     results = json.loads((out / "results.json").read_text())
     assert (out / "val_loss.png").stat().st_size > 1000
     assert results["parameters"]["steps"] == 4 and len(results["corpus_sha256"]) == 64
