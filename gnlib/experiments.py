@@ -226,6 +226,7 @@ def run(
         checkpoint_every=checkpoint_every,
         metadata=metadata,
         progress=progress,
+        label=spec.optimizer,
     )
 
 

@@ -42,6 +42,7 @@ def strip(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
         else:
             cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
     notebook.metadata.pop("papermill", None)
+    notebook.metadata.pop("widgets", None)  # widget state (progress bars, explorers) of the run
     return notebook
 
 

@@ -118,6 +118,12 @@ Matrix = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
 MASKED_COLOUR = "0.82"  # cells a log colour scale cannot show (entries <= 0)
 
 
+def log_ticks(low: float, high: float) -> LogLocator:
+    """Colour-bar ticks on a log scale from ``low`` to ``high``: 1, 2, 5 per decade up to two decades, else decades."""
+    decades = np.log10(high / low) if low > 0 and high > low else 0.0
+    return LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,))
+
+
 def short_name(name: str) -> str:
     """The short label of a parameter tensor or block, the same in every figure and explorer.
 
@@ -247,7 +253,8 @@ def heatmap(
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
             if name:
                 ax.set_title(name, fontsize=9)
-            fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.85)
+            locator = log_ticks(norm.vmin, norm.vmax) if log else None
+            fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.85, ticks=locator, format="%g" if log else None)
         if legend:
             fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8, frameon=False)
         if title:
@@ -384,7 +391,8 @@ def contour_trajectories(
         else:
             contour = ax.contour(gx, gy, z, levels=levels, cmap="viridis", linewidths=0.8)
         # round ticks (1, 2, 5 per decade on a log scale), not the contour levels themselves
-        fig.colorbar(contour, ax=ax, label="loss", ticks=LogLocator(subs=(1.0, 2.0, 5.0)) if log else None, format="%g")
+        ticks = log_ticks(bounds[0], bounds[-1]) if log else None
+        fig.colorbar(contour, ax=ax, label="loss", ticks=ticks, format="%g")
         if shade is not None:
             mask = _array(shade)
             if mask.shape != z.shape:

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from gnlib import distributed
 from gnlib.losses import CrossEntropy
@@ -142,6 +143,7 @@ def train(
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
     max_grad_norm: float | None = None,
+    label: str = "train",
 ) -> History:
     """Train ``model`` with ``optimizer`` for up to ``steps`` outer steps.
 
@@ -163,8 +165,10 @@ def train(
             from it (and returns at once if that run had finished); different metadata starts afresh.
             Data-parallel: rank 0 writes, every process reads ``run_dir`` (it must be shared).
         metadata: description of the run, saved with it and used to recognise a resumable checkpoint.
-        progress: print one line per evaluation.
+        progress: show a progress bar (``tqdm.auto``: a widget in Jupyter, so papermill's log is not flooded)
+            with the last losses, and print one line naming ``label`` when the run ends.
         max_grad_norm: clip the accumulated gradient to this norm (torch-like optimizers only).
+        label: name of the run in its progress bar and final line (e.g. the optimizer).
 
     Returns:
         The run's :class:`History`; ``metadata["world_size"]`` is the number of processes.
@@ -253,6 +257,7 @@ def train(
         )
         update_status(history.rows[0], last=False)
     first_step = history.rows[-1]["step"] + 1 if history.status == "running" else steps + 1
+    bar = tqdm(total=steps, initial=first_step - 1, desc=label, unit="step", disable=not progress, mininterval=1.0)
     for step in range(first_step, steps + 1):
         row: dict[str, Any] = {"step": step}
         if draws_batches:
@@ -285,14 +290,19 @@ def train(
         history.rows.append(row)
 
         update_status(row, last)
-        if progress and (row["val_loss"] is not None or history.status != "running"):
-            print(
-                f"step {step}/{steps}  train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}"
-                f"  {row['wall_time']:.1f}s  {history.status}"
-            )
+        bar.update()
+        if row["val_loss"] is not None:
+            bar.set_postfix_str(f"train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}", refresh=False)
         if history.status != "running":
             break
         if checkpoint_every and step % checkpoint_every == 0:
             checkpoint()
+    bar.close()
     checkpoint()
+    if progress:
+        last_row = history.rows[-1]
+        print(
+            f"{label}: {history.status} at step {last_row['step']}/{steps}, val loss {_fmt(history.final_val_loss)}, "
+            f"{last_row['wall_time']:.1f}s"
+        )
     return history

@@ -150,6 +150,7 @@ def curvature_view(
     col_block = blocks[0] if col_block is None else col_block
     pair = block_view(matrix, partition, params_like, row_block, col_block).abs()
     norms = block_norms(matrix, partition, params_like, normalize)
+    symbol = f"({name})" if " " in name else name  # ‖(H − G)_bc‖, not ‖H − G_bc‖
     missing = "undefined (nan)"
     if normalize == "diag":
         diagonal = block_norms(matrix, partition, params_like).diagonal()
@@ -157,9 +158,9 @@ def curvature_view(
         norms[zero, :] = norms[:, zero] = float("nan")
         if zero.any():
             names = ", ".join(short_name(b) for b, z in zip(blocks, zero.tolist()) if z)
-            missing = f"not normalizable: ‖{name}_bb‖ ≈ 0 for {names}"
-    left = f"‖{name}_bc‖ (normalize={normalize})"
-    right = f"|{name}[{short_name(row_block)}, {short_name(col_block)}]|"
+            missing = f"not normalizable: ‖{symbol}_bb‖ ≈ 0 for {names}"
+    left = f"‖{symbol}_bc‖ (normalize={normalize})"
+    right = f"|{symbol}[{short_name(row_block)}, {short_name(col_block)}]|"
     return heatmap(
         {left: norms, right: pair},
         {left: [short_name(b) for b in blocks], right: None},

@@ -141,9 +141,9 @@ def test_curvature_view_refuses_diag_normalization_of_zero_blocks(setup):
     shown = fig.axes[0].images[0].get_array()
     assert np.isnan(shown.data[0]).all() and np.isnan(shown.data[:, 0]).all() and np.isfinite(shown.data[1:, 1:]).all()
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert "not normalizable: ‖H − G_bb‖ ≈ 0 for 0" in legend
+    assert "not normalizable: ‖(H − G)_bb‖ ≈ 0 for 0" in legend
     assert np.nanmax(shown.data) <= 1.0 + 1e-12  # no 1e14 from dividing by a rounding-error block
-    assert fig.axes[0].get_title() == "‖H − G_bc‖ (normalize=diag)" and fig._suptitle.get_text() == "H − G at step 0"
+    assert fig.axes[0].get_title() == "‖(H − G)_bc‖ (normalize=diag)" and fig._suptitle.get_text() == "H − G at step 0"
 
 
 def test_curvature_explorer_titles_and_labels_use_short_names():
