@@ -254,7 +254,10 @@ def heatmap(
             if name:
                 ax.set_title(name, fontsize=9)
             locator = log_ticks(norm.vmin, norm.vmax) if log else None
-            fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.85, ticks=locator, format="%g" if log else None)
+            colorbar = fig.colorbar(
+                image, ax=ax, label=colorbar_label, shrink=0.85, ticks=locator, format="%g" if log else None
+            )
+            colorbar.minorticks_off()  # labelled ticks only: no 6×10⁰ between 5 and 10
         if legend:
             fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8, frameon=False)
         if title:
@@ -392,7 +395,7 @@ def contour_trajectories(
             contour = ax.contour(gx, gy, z, levels=levels, cmap="viridis", linewidths=0.8)
         # round ticks (1, 2, 5 per decade on a log scale), not the contour levels themselves
         ticks = log_ticks(bounds[0], bounds[-1]) if log else None
-        fig.colorbar(contour, ax=ax, label="loss", ticks=ticks, format="%g")
+        fig.colorbar(contour, ax=ax, label="loss", ticks=ticks, format="%g").minorticks_off()
         if shade is not None:
             mask = _array(shade)
             if mask.shape != z.shape:

@@ -179,3 +179,12 @@ def test_contour_colour_bar_ticks_are_round_and_the_legend_stays_below_the_axes(
         positions.append(tuple(legend.get_window_extent().bounds))
         assert legend.get_window_extent().y1 < fig.axes[0].get_window_extent().y0  # below the axes
     assert positions[0] == positions[1]
+
+
+def test_log_colour_bars_label_round_values_only():
+    fig = plots.heatmap(np.array([[0.51, 6.5], [2.5, 1.0]]), ["a", "b"], log=True)
+    fig.canvas.draw()
+    colorbar = fig.axes[1]
+    low, high = colorbar.get_ylim()
+    labels = [t.get_text() for t in colorbar.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert labels == ["1", "2", "5"] and not [t for t in colorbar.yaxis.get_minorticklabels() if t.get_text()]
