@@ -267,6 +267,7 @@ def run(
         metadata=metadata,
         progress=progress,
         overwrite=overwrite,
+        label=spec.optimizer,
     )
 
 
@@ -422,9 +423,9 @@ def warmup_checkpoint(
     The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW
     (``protocol="gnlib"`` whatever ``base``'s) at constant ``lr`` and one micro-batch per step, seeded by
     ``seed`` (not the runs' seeds: every run of a study starts from the same checkpoint). It is stored at
-    ``root/<hash of these settings>/model.pt`` (written atomically, with ``settings.json`` and the run's History beside it) only when the warm-up
-    completed with finite losses, and reused only after checking it: settings hash, status and finite
-    weights (otherwise it is made again). Processes making the same warm-up at once wait for the first.
+    ``root/<hash of these settings>/model.pt`` (written atomically, with ``settings.json`` and the run's
+    History beside it) only when the warm-up completed with finite losses, and reused only after checking
+    it: settings hash, status and finite weights (otherwise it is made again). Processes making the same warm-up at once wait for the first.
 
     Args:
         base: spec whose model and data settings the warm-up shares.

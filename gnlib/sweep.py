@@ -67,6 +67,7 @@ import pandas as pd
 import papermill
 import yaml
 from papermill.exceptions import PapermillExecutionError
+from tqdm.auto import tqdm
 
 from gnlib.checks import check_writable
 from gnlib.runtime import atomic_write_json, atomic_write_text
@@ -411,14 +412,13 @@ def _execute(tasks: list[tuple], jobs: int, verbose: bool) -> None:
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+    bar = tqdm(total=len(tasks), desc="sweep", unit="run", disable=not verbose)
+    with bar, context.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         for k, status in enumerate(pool.imap_unordered(_run_one, tasks), start=1):
+            bar.update()
             if verbose:
                 error = f": {status['error'][:200]}" if status["error"] else ""
-                print(
-                    f"[{k}/{len(tasks)}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}",
-                    flush=True,
-                )
+                bar.write(f"[{k}/{len(tasks)}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}")
 
 
 def _init_worker(parent: int) -> None:

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from gnlib import distributed
 from gnlib.checks import check_positive_int, check_positive_number
@@ -270,6 +271,7 @@ def train(
     stall_steps: int = 10,
     divergence_factor: float = 10.0,
     eval_schedule: Callable[[int], bool] | None = None,
+    label: str = "train",
 ) -> History:
     """Train ``model`` with ``optimizer`` for up to ``steps`` outer steps.
 
@@ -297,13 +299,15 @@ def train(
             the run starts afresh. Data-parallel: rank 0 writes, every process reads ``run_dir`` (it
             must be shared).
         metadata: description of the run, saved with it and used to recognise a resumable checkpoint.
-        progress: print one line per evaluation.
+        progress: show a progress bar (``tqdm.auto``: a widget in Jupyter, so papermill's log is not flooded)
+            with the last losses, and print one line naming ``label`` when the run ends.
         max_grad_norm: clip the accumulated gradient to this norm (torch-like optimizers only).
         overwrite: replace a run with other settings found in ``run_dir`` instead of refusing.
         stall_steps: status ``"stalled"`` after this many consecutive outer steps in which the optimizer
             reported that it took no step (diagnostic ``alpha == 0``: a rejected Gauss-Newton line search).
         divergence_factor: status ``"diverged"`` when a loss is not finite or exceeds this multiple of the
             validation loss at step 0.
+        label: name of the run in its progress bar and final line (e.g. the optimizer).
 
     Returns:
         The run's :class:`History`; ``metadata["world_size"]`` is the number of processes.
@@ -344,6 +348,7 @@ def train(
             stall_steps=stall_steps,
             divergence_factor=divergence_factor,
             eval_schedule=eval_schedule,
+            label=label,
         )
 
 
@@ -368,6 +373,7 @@ def _train(
     stall_steps: int,
     divergence_factor: float,
     eval_schedule: Callable[[int], bool] | None,
+    label: str,
 ) -> History:
     """:func:`train` once ``run_dir`` (if any) is locked by this process."""
     loss_fn = loss_fn or CrossEntropy().value
@@ -471,6 +477,7 @@ def _train(
         history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **validation_losses()})
         update_status(history.rows[0], last=False)
     first_step = history.rows[-1]["step"] + 1 if history.status == "running" else steps + 1
+    bar = tqdm(total=steps, initial=first_step - 1, desc=label, unit="step", disable=not progress, mininterval=1.0)
     for step in range(first_step, steps + 1):
         row: dict[str, Any] = {"step": step}
         if draws_batches:
@@ -504,16 +511,19 @@ def _train(
         history.rows.append(row)
 
         update_status(row, last)
-        if progress and (row["val_loss"] is not None or history.status != "running"):
-            print(
-                f"step {step}/{steps}  train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}"
-                f"  {row['wall_time']:.1f}s  {history.status}"
-            )
-            if history.reason:
-                print(f"{history.status}: {history.reason}")
+        bar.update()
+        if row["val_loss"] is not None:
+            bar.set_postfix_str(f"train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}", refresh=False)
         if history.status != "running":
             break
         if checkpoint_every and step % checkpoint_every == 0:
             checkpoint()
+    bar.close()
     checkpoint()
+    if progress:
+        last_row = history.rows[-1]
+        print(
+            f"{label}: {history.status} at step {last_row['step']}/{steps}, val loss {_fmt(history.final_val_loss)}, "
+            f"{last_row['wall_time']:.1f}s" + (f" ({history.reason})" if history.reason else "")
+        )
     return history

@@ -3,11 +3,13 @@
 import json
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import papermill
 import yaml
 
 from gnlib.experiments import study_table_from_sweep
+from gnlib.nbtools import figure_problems
 from gnlib.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,7 @@ def execute(name, tmp_path, **parameters):
         parameters={**SMALL, "warmup_dir": str(tmp_path / "warmup"), "output_dir": str(out), **parameters},
         kernel_name="python3", progress_bar=False, cwd=str(ROOT),
     )
+    assert figure_problems(nbformat.read(tmp_path / f"{name}.executed.ipynb", as_version=4)) == []
     return out
 
 
