@@ -425,7 +425,8 @@ def warmup_checkpoint(
     ``seed`` (not the runs' seeds: every run of a study starts from the same checkpoint). It is stored at
     ``root/<hash of these settings>/model.pt`` (written atomically, with ``settings.json`` and the run's
     History beside it) only when the warm-up completed with finite losses, and reused only after checking
-    it: settings hash, status and finite weights (otherwise it is made again). Processes making the same warm-up at once wait for the first.
+    it: settings hash, status and finite weights (otherwise it is made again). Processes making the same
+    warm-up at once wait for the first.
 
     Args:
         base: spec whose model and data settings the warm-up shares.
