@@ -10,6 +10,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# no GUI windows from tests or from the notebook kernels they start (which inherit it); gnlib's figures
+# display inline through IPython whatever the backend, which the notebook tests check as a reader sees it
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402

@@ -34,7 +34,10 @@ from gnlib.experiments import OPTIMIZERS, RunSpec, lr_sweep, run, steps_to_targe
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
 from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
+from gnlib.pipeline import after_warmup, build_run_data
 from gnlib.spectra import hutchinson_trace, lanczos, spectral_density
+from gnlib.stream import PackedStream
+from gnlib.tokenizer import make_tokenizer
 from gnlib.train import History, train
 
 __version__ = "0.1.0"
@@ -43,6 +46,7 @@ __all__ = [
     "MSE",
     "OPTIMIZERS",
     "PRESETS",
+    "PackedStream",
     "BlockDiagonalOperator",
     "Corpus",
     "CrossEntropy",
@@ -53,7 +57,9 @@ __all__ = [
     "ModelConfig",
     "RunSpec",
     "Transformer",
+    "after_warmup",
     "block_norms",
+    "build_run_data",
     "build_model",
     "by_patterns",
     "coarse_halves",
@@ -71,6 +77,7 @@ __all__ = [
     "lr_sweep",
     "make_gauss_newton",
     "make_optimizer",
+    "make_tokenizer",
     "model_config",
     "off_diagonal_share",
     "per_layer",

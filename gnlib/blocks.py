@@ -15,7 +15,9 @@ Transformer layout (parameter names fixed by :mod:`gnlib.models`): ``per_layer``
 (``norm.weight`` and ``head.weight``). With tied embeddings ``head.weight`` does not exist and
 ``embed.weight`` serves as both input embedding and output head; it then forms one block named
 ``"embed+head"``, and the final ``norm.weight`` joins the last transformer block, which is how the
-study groups the final norm in layerwise GN.
+study groups the final norm in layerwise GN. ``per_layer_norm_with_last`` is ``per_layer`` with the final
+``norm.weight`` in the last transformer block whether tied or not: the reference's layerwise blocks
+(``wte``; each block; ``ln_f`` with the last block; ``lm_head``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from gnlib.runtime import check_choice
 
 Partition = dict[str, list[str]]
 
-PARTITION_SPECS = ["full", "per_layer", "per_tensor", "halves"]
+PARTITION_SPECS = ["full", "per_layer", "per_layer_norm_with_last", "per_tensor", "halves"]
 NORMALIZATIONS = ["none", "size", "diag"]
 
 _LAYER = re.compile(r"blocks\.(\d+)\.")
@@ -57,11 +59,14 @@ def per_tensor(model_or_params: nn.Module | Mapping[str, Tensor]) -> Partition:
     return {name: [name] for name in _like(model_or_params)}
 
 
-def _transformer_layout(names: list[str]) -> tuple[list[str], list[list[str]], list[str]] | None:
+def _transformer_layout(
+    names: list[str], norm_with_last: bool = False
+) -> tuple[list[str], list[list[str]], list[str]] | None:
     """Split transformer parameter names into (embedding, per-layer lists, head), or None if not a transformer.
 
     The head holds ``norm.weight`` and ``head.weight``; when tied (no ``head.weight``) it is empty and
-    ``norm.weight`` is appended to the last layer (see the module docstring).
+    ``norm.weight`` is appended to the last layer (see the module docstring), as it always is with
+    ``norm_with_last``.
 
     Raises:
         ValueError: the names look like a transformer (``embed.weight`` and ``blocks.*``) but some
@@ -77,9 +82,8 @@ def _transformer_layout(names: list[str]) -> tuple[list[str], list[list[str]], l
     layer_lists = [layers[i] for i in sorted(layers)]
     tied = "head.weight" not in names
     final = [name for name in ("norm.weight", "head.weight") if name in names]
-    head = [] if tied else final
-    if tied:
-        layer_lists[-1] = layer_lists[-1] + final
+    head = [] if tied else [name for name in final if not (norm_with_last and name == "norm.weight")]
+    layer_lists[-1] = layer_lists[-1] + [name for name in final if name not in head]
     placed = {"embed.weight", *final, *(name for layer in layer_lists for name in layer)}
     stray = [name for name in names if name not in placed]
     if stray:
@@ -90,14 +94,16 @@ def _transformer_layout(names: list[str]) -> tuple[list[str], list[list[str]], l
     return ["embed.weight"], layer_lists, head
 
 
-def _layer_groups(names: list[str]) -> tuple[list[str], list[tuple[str, list[str]]], list[str]]:
+def _layer_groups(
+    names: list[str], norm_with_last: bool = False
+) -> tuple[list[str], list[tuple[str, list[str]]], list[str]]:
     """(embedding names, named layer groups, head names) for ``per_layer`` and ``coarse_halves``.
 
     Non-transformers have no embedding or head here: each layer group is the set of parameters owned
     by one module, i.e. the names sharing everything before the last ``.`` (``0.weight`` and ``0.bias``
     of an ``nn.Sequential`` form layer ``"0"``); a parameter of the root module is a group of its own.
     """
-    layout = _transformer_layout(names)
+    layout = _transformer_layout(names, norm_with_last)
     if layout is not None:
         embed, layer_lists, head = layout
         return embed, [(f"block{i}", layer) for i, layer in enumerate(layer_lists)], head
@@ -107,19 +113,21 @@ def _layer_groups(names: list[str]) -> tuple[list[str], list[tuple[str, list[str
     return [], list(groups.items()), []
 
 
-def per_layer(model_or_params: nn.Module | Mapping[str, Tensor]) -> Partition:
+def per_layer(model_or_params: nn.Module | Mapping[str, Tensor], norm_with_last: bool = False) -> Partition:
     """The study's layerwise partition: embedding, each transformer block, head.
 
     Transformer (names of :mod:`gnlib.models`): ``"embed"``, ``"block0"`` .. ``"block{L-1}"``, ``"head"``
     (final norm + head matrix). Tied embeddings: ``"embed+head"`` (``embed.weight``), then the layers, the
     final ``norm.weight`` joining ``"block{L-1}"``. Any other model: one block per module that owns
     parameters, named by the module's prefix (``"0"``, ``"2"`` for an ``nn.Sequential`` MLP).
+    ``norm_with_last``: the final ``norm.weight`` joins ``"block{L-1}"`` and ``"head"`` is ``head.weight``
+    alone (the reference's grouping; ``blocks="per_layer_norm_with_last"``).
 
     Raises:
         ValueError: a transformer-named model holds a parameter outside the fixed layout.
     """
     names = list(_like(model_or_params))
-    embed, layers, head = _layer_groups(names)
+    embed, layers, head = _layer_groups(names, norm_with_last)
     partition: Partition = {}
     if embed:
         partition["embed" if head else "embed+head"] = embed
@@ -229,6 +237,7 @@ def resolve_partition(
 
     Args:
         spec: ``None`` or ``"full"`` (one block ``"full"`` with every parameter), ``"per_layer"``,
+            ``"per_layer_norm_with_last"`` (:func:`per_layer` with ``norm_with_last``),
             ``"per_tensor"``, ``"halves"`` (:func:`coarse_halves`), or a partition dict (validated, copied).
         model_or_params: model or params dict to partition.
 
@@ -240,6 +249,8 @@ def resolve_partition(
         check_choice("blocks", spec, PARTITION_SPECS)
         if spec == "full":
             return {"full": list(_like(model_or_params))}
+        if spec == "per_layer_norm_with_last":
+            return per_layer(model_or_params, norm_with_last=True)
         return {"per_layer": per_layer, "per_tensor": per_tensor, "halves": coarse_halves}[spec](model_or_params)
     if not isinstance(spec, Mapping):
         raise ValueError(f"blocks must be None, one of {PARTITION_SPECS} or a dict block -> names, got {spec!r}")

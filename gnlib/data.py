@@ -4,14 +4,17 @@ Sources (``load_corpus(source)``):
 
 * ``"default"``: the running Python's own documentation (``pydoc_data.topics``, one document per
   topic, topics first) followed by its standard-library ``.py`` files (one document per file, sorted by
-  path; tests, IDLE, lib2to3, turtledemo and installed packages left out), read at run time.
+  path; tests, IDLE, lib2to3 and turtledemo come last, installed packages are left out), read at run
+  time: about 31 MB on CPython 3.11, the first 4 MB by default (``max_bytes``).
 * ``"text:<path or glob>"``: local text files, one document per file, read with ``datasets``.
 * ``"hf:<name>[:<config>]"``: a Hugging Face dataset's ``train`` split, streamed (online only).
 
 Documents are taken in order until ``max_bytes`` (the last one truncated to fit). The corpus text is the
 documents joined by ``DOCUMENT_SEPARATOR`` (the NUL byte, which never occurs in ordinary text, so every
 document boundary is one unambiguous token); ``meta["sha256"]`` hashes that exact text. Documents, not
-tokens, are split into train and val by a seeded permutation, so no document lies in both.
+tokens, are split into train and val by a seeded permutation, so no document lies in both. Tokens are
+bytes by default; ``tokenizer=`` picks another (:mod:`gnlib.tokenizer`: T5's vocabulary, or BPE trained on
+the train split), and the documents of a split are then joined by that tokenizer's end-of-document token.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import json
 import os
 import platform
 import socket
@@ -33,21 +37,26 @@ import torch
 from torch import Tensor
 
 from gnlib import distributed
-from gnlib.runtime import check_choice, resolve_device
+from gnlib.runtime import atomic_torch_save, check_choice, output_path, resolve_device
+from gnlib.tokenizer import Tokenizer, make_tokenizer
 
 DOCUMENT_SEPARATOR = "\x00"
 DEFAULT_MAX_BYTES = 4_000_000
 SOURCE_FORMS = ["default", "text:<path or glob>", "hf:<name>[:<config>]"]
 SPLITS = ["train", "val"]
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # installed packages differ between machines
+_LATER_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo"}  # read after the rest of the library
 
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary of 256 ids, no training, lossless on valid text."""
 
     name = "byte"
+    spec = "bytes"
     vocab_size = 256
+    eos_id = 0  # DOCUMENT_SEPARATOR, the NUL byte
+    sha256 = hashlib.sha256(b"utf-8 bytes, 256 ids").hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids (the UTF-8 bytes) of ``text``."""
@@ -57,6 +66,10 @@ class ByteTokenizer:
         """Token ids of ``text`` as a LongTensor of shape (n_bytes,), without a Python list in between."""
         data = bytearray(text.encode("utf-8"))
         return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text."""
+        return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of the byte ids ``ids``; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
@@ -119,13 +132,13 @@ class Corpus:
     Attributes:
         train: LongTensor (N_train,), the training documents' tokens joined by the separator token.
         val: LongTensor (N_val,), the same for the validation documents.
-        tokenizer: object with ``vocab_size``, ``encode`` and ``decode``.
+        tokenizer: a :class:`gnlib.tokenizer.Tokenizer` (``vocab_size``, ``eos_id``, ``encode``, ``decode``).
         meta: provenance: source, counts, size, sha256, Python version, tokenizer, split settings.
     """
 
     train: Tensor
     val: Tensor
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     meta: dict
 
     @property
@@ -186,23 +199,63 @@ def load_documents(source: str = "default", *, max_bytes: int | None = DEFAULT_M
 
 
 def load_corpus(source: str = "default", *, val_fraction: float = 0.1, split_seed: int = 0,
-                max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text") -> Corpus:
-    """Load ``source`` (see the module docstring), split its documents, and tokenize with bytes."""
+                max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text", tokenizer: str = "bytes",
+                tokenizer_cache: str = "outputs/tokenizers") -> Corpus:
+    """Load ``source`` (see the module docstring), split its documents, and tokenize them.
+
+    Args:
+        source: ``"default"``, ``"text:<path or glob>"`` or ``"hf:<name>[:<config>]"``.
+        val_fraction: share of the documents held out for validation.
+        split_seed: seed of the document split.
+        max_bytes: cap on the text read (None: all of it).
+        text_field: the column holding the text (``hf:`` sources).
+        tokenizer: a form of :data:`gnlib.tokenizer.TOKENIZER_FORMS`; ``bpe:<n>`` is trained on the train split.
+        tokenizer_cache: where trained BPE vocabularies are cached.
+    """
     _check_val_fraction(val_fraction)
     documents = load_documents(source, max_bytes=max_bytes, text_field=text_field)
     train_idx, val_idx = split_indices(len(documents), val_fraction, split_seed)
     text = DOCUMENT_SEPARATOR.join(documents).encode("utf-8")
-    tokenizer = ByteTokenizer()
-    train, val = (tokenizer.encode_tensor(DOCUMENT_SEPARATOR.join(documents[i] for i in idx))
-                  for idx in (train_idx, val_idx))
+    tok = make_tokenizer(tokenizer, training_texts=lambda: [documents[i] for i in train_idx], cache_dir=tokenizer_cache)
+    train, val = _encoded_splits(tok, documents, (train_idx, val_idx), hashlib.sha256(text).hexdigest(),
+                                 tokenizer_cache)
     meta = {
         "source": source, "n_documents": len(documents), "n_train_docs": len(train_idx),
         "n_val_docs": len(val_idx), "size_bytes": len(text), "max_bytes": max_bytes,
         "sha256": hashlib.sha256(text).hexdigest(), "python_version": platform.python_version(),
-        "tokenizer": tokenizer.name, "val_fraction": val_fraction, "split_seed": split_seed,
+        "tokenizer": tok.name, "tokenizer_spec": tok.spec, "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size, "val_fraction": val_fraction, "split_seed": split_seed,
         "n_train_tokens": len(train), "n_val_tokens": len(val),
     }
-    return Corpus(train, val, tokenizer, meta)
+    return Corpus(train, val, tok, meta)
+
+
+def _encoded_splits(tokenizer: Tokenizer, documents: list[str], splits: tuple[list[int], ...], text_sha256: str,
+                    cache_dir: str) -> list[Tensor]:
+    """The tokens of each split (:func:`encode_documents`); subword tokens are cached beside the vocabulary.
+
+    Subword tokenizers encode a few hundred kB per second on a small CPU, so their tokens are stored in
+    ``<cache_dir>/tokens-<hash>.pt`` (hash of the tokenizer, the text and the split) and reused.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return [encode_documents(tokenizer, [documents[i] for i in idx]) for idx in splits]
+    key = hashlib.sha256(json.dumps([tokenizer.sha256, text_sha256, splits]).encode()).hexdigest()[:16]
+    path = output_path(cache_dir) / f"tokens-{key}.pt"
+    if path.is_file():
+        return [t.long() for t in torch.load(path, weights_only=True)]
+    tokens = [encode_documents(tokenizer, [documents[i] for i in idx]) for idx in splits]
+    atomic_torch_save([t.int() for t in tokens], path)
+    return tokens
+
+
+def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
+    """Tokens (N,) of ``documents`` joined by the tokenizer's end-of-document token (none after the last)."""
+    if isinstance(tokenizer, ByteTokenizer):  # one pass over the joined text; the separator is the NUL byte
+        return tokenizer.encode_tensor(DOCUMENT_SEPARATOR.join(documents))
+    ids: list[int] = []
+    for i, doc_ids in enumerate(tokenizer.encode_batch(documents)):
+        ids += [tokenizer.eos_id, *doc_ids] if i else doc_ids
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -231,13 +284,22 @@ def _take(documents: Iterable[str], max_bytes: int | None) -> list[str]:
 
 
 def _stdlib_paths() -> list[Path]:
-    """The standard library's ``.py`` files, sorted by path relative to its root, excluded folders pruned."""
+    """The standard library's ``.py`` files sorted by path relative to its root, installed packages pruned.
+
+    Files under the "later" folders (tests, IDLE, lib2to3, turtledemo) come after all others, so a cap of a
+    few MB reads the same text as before those folders joined the corpus.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
         paths += [Path(folder, f) for f in files if f.endswith(".py")]
-    return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
+
+    def key(path: Path) -> tuple[bool, str]:
+        relative = path.relative_to(root)
+        return bool(_LATER_DIRS.intersection(relative.parts[:-1])), relative.as_posix()
+
+    return sorted(paths, key=key)
 
 
 @functools.lru_cache(maxsize=8)
@@ -258,7 +320,21 @@ def _text_documents(pattern: str, max_bytes: int | None) -> list[str]:
     import datasets
 
     ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=True)
-    return _take((row["text"] for row in ds), max_bytes)
+    try:
+        return _take((row["text"] for row in ds), max_bytes)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"source='text:{pattern}': {_undecodable(files)} is not UTF-8 text ({err.reason}); "
+                         "text: corpora read UTF-8 files: convert it, or leave it out of the glob") from None
+
+
+def _undecodable(files: list[str]) -> str:
+    """The first of ``files`` that is not UTF-8 (named for the error message)."""
+    for path in files:
+        try:
+            Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return repr(path)
+    return "a file"
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gnlib.data import SOURCE_FORMS, load_corpus
+from gnlib.checks import check_positive_int, check_positive_number, check_writable
+from gnlib.data import SOURCE_FORMS
 from gnlib.directions import cosine
 from gnlib.distributed import barrier, is_main
 from gnlib.losses import CrossEntropy
@@ -47,16 +48,18 @@ from gnlib.optim import DEFAULTS, make_optimizer
 from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
 from gnlib.optim.schedules import make_schedule
 from gnlib.params import Params, flatten
+from gnlib.pipeline import RunData, build_run_data, check_data_fields
+from gnlib.protocols import PROTOCOLS
+from gnlib.protocols import resolve as resolve_protocol
 from gnlib.runtime import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     check_choice,
-    is_finite_number,
     output_path,
     resolve_device,
 )
-from gnlib.train import CHECKPOINT, History, evaluate, train
+from gnlib.train import CHECKPOINT, History, evaluate, run_folder_lock, train
 
 #: GaussNewton's default number of inner steps (its batches per outer step).
 _GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
@@ -106,6 +109,17 @@ class RunSpec:
         hyperparameters: further keyword arguments for the optimizer.
         model_overrides: overrides of the preset's config (e.g. ``{"tie_embeddings": True}``).
         init_checkpoint: a model state-dict file to start from (the shared warm-up checkpoint).
+        tokenizer: ``"bytes"``, ``"t5"``, ``"t5:<tokenizer.json>"`` or ``"bpe:<vocab size>"``
+            (:mod:`gnlib.tokenizer`); the model's vocabulary follows it.
+        data: ``"windows"`` (random windows, with replacement) or ``"stream"`` (documents + EOS packed in
+            order, no token reused; :mod:`gnlib.pipeline`).
+        data_epochs: passes over the training data a stream may make (1: never reuse a token).
+        data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
+        corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
+            streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
+        protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
+            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and non-default
+            ``eval_every``/``val_batches`` override it, recorded in ``metadata["protocol"]``.
     """
 
     optimizer: str = "adamw"
@@ -125,18 +139,27 @@ class RunSpec:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: str | None = None
+    tokenizer: str = "bytes"
+    data: str = "windows"
+    data_epochs: int = 1
+    data_start: int = 0
+    corpus_bytes: int | None = None
+    protocol: str = "gnlib"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("preset", self.preset, PRESETS)
+        check_choice("protocol", self.protocol, PROTOCOLS)
         resolve_device(self.device)
-        for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (is_finite_number(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches", "seed"):
+            check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
+        check_positive_number("lr", self.lr, owner=f"optimizer {self.optimizer!r}")
+        if not isinstance(self.hyperparameters, dict) or not isinstance(self.model_overrides, dict):
+            raise ValueError(
+                f"hyperparameters and model_overrides must be mappings (e.g. {{inner_steps: 4}}), got "
+                f"{self.hyperparameters!r} and {self.model_overrides!r}"
+            )
         config = model_config(self.preset, **self.model_overrides)
         if self.seq_len > config.max_seq_len:
             raise ValueError(
@@ -149,8 +172,9 @@ class RunSpec:
             self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
         ):
             raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
-        if self.target_loss is not None and not is_finite_number(self.target_loss):
-            raise ValueError(f"target_loss must be a finite number or None, got {self.target_loss!r}")
+        check_data_fields(self)
+        if self.target_loss is not None:
+            check_positive_number("target_loss", self.target_loss, allow_zero=True, example="2.75, or None: no target")
         # the optimizer's own checks, on a narrow model with the same parameter names (same depth and
         # tying, so custom partitions resolve): a bad option fails now, not in the middle of a study
         miniature = build_model(
@@ -162,8 +186,10 @@ class RunSpec:
             vocab_size=16,
             max_seq_len=8,
             tie_embeddings=config.tie_embeddings,
+            mlp=config.mlp,
+            qk_norm=config.qk_norm,
         )
-        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, dict(self.hyperparameters))
+        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, resolve_protocol(self).hyperparameters)
 
     @property
     def tokens_per_step(self) -> int:
@@ -173,44 +199,57 @@ class RunSpec:
         return micro * self.batch_size * self.seq_len
 
 
-def _build(spec: RunSpec) -> tuple[Any, torch.nn.Module, Any, list, Any]:
-    """Corpus, model (from ``init_checkpoint`` if set), training sampler, fixed validation set, optimizer."""
+def _build(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
+    """Run data, model (from ``init_checkpoint`` if set), training batches, fixed validation set, optimizer."""
     device = resolve_device(spec.device)
-    corpus = load_corpus(spec.corpus)
+    protocol = resolve_protocol(spec)
+    data = build_run_data(dataclasses.replace(spec, val_batches=protocol.val_batches), device)
     model = build_model(
-        spec.preset, seed=spec.seed, device=device, vocab_size=corpus.vocab_size, **spec.model_overrides
+        spec.preset, seed=spec.seed, device=device, **{"vocab_size": data.vocab_size, **spec.model_overrides}
     )
     if spec.init_checkpoint is not None:
         model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
-    train_batches = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
-    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
-    optimizer = build_optimizer(spec.optimizer, model, train_batches, spec.lr, spec.hyperparameters)
-    return corpus, model, train_batches, val, optimizer
+    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, protocol.hyperparameters)
+    return data, model, data.train, data.val, optimizer
 
 
 def run(
-    spec: RunSpec, output_dir: str | Path | None = None, *, progress: bool = True, checkpoint_every: int = 0
+    spec: RunSpec,
+    output_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    checkpoint_every: int = 0,
+    overwrite: bool = False,
 ) -> History:
-    """Validate ``spec``, build corpus, model and optimizer, and train.
+    """Validate ``spec``, check ``output_dir``, build corpus, model and optimizer, and train.
 
     Args:
         spec: the run's settings.
-        output_dir: folder for History, metadata and checkpoint (None: in memory only).
+        output_dir: folder for History, metadata and checkpoint (None: in memory only). It must be
+            writable with room for a few checkpoints (checked before the corpus is read); a folder
+            holding a run with other settings is refused unless ``overwrite``; a folder another
+            process is running into is refused (:class:`gnlib.train.RunFolderBusy`).
         progress: print a line per evaluation.
         checkpoint_every: resumable checkpoint period in steps (0: at the end only).
+        overwrite: replace a run with other settings found in ``output_dir``.
 
     Returns:
         The run's History; its metadata records the spec, the corpus hash and the model size.
     """
     spec.validate()
-    corpus, model, train_batches, val, optimizer = _build(spec)
+    check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
+    if output_dir is not None and is_main():
+        check_writable(output_dir, need_bytes=_checkpoint_bytes(spec))
+    data, model, train_batches, val, optimizer = _build(spec)
+    protocol = resolve_protocol(spec)
     metadata = {
         "spec": dataclasses.asdict(spec),
-        "corpus": corpus.meta,
+        "corpus": data.meta,
         "model": dataclasses.asdict(model.config),
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_step": spec.tokens_per_step,
         "torch": torch.__version__,
+        "protocol": protocol.record,
     }
     return train(
         model,
@@ -219,14 +258,26 @@ def run(
         val,
         steps=spec.steps,
         accumulation=spec.accumulation,
-        eval_every=spec.eval_every,
+        eval_every=protocol.eval_every,
+        eval_schedule=protocol.eval_schedule,
         target_loss=spec.target_loss,
         schedule=make_schedule(spec.schedule, spec.steps),
         run_dir=output_dir,
         checkpoint_every=checkpoint_every,
         metadata=metadata,
         progress=progress,
+        overwrite=overwrite,
+        label=spec.optimizer,
     )
+
+
+def _checkpoint_bytes(spec: RunSpec) -> int:
+    """Room a run needs in its folder, in bytes.
+
+    Two checkpoints (old and new during an atomic write), each the model and up to three optimizer tensors
+    per parameter in float32, plus 1 MiB for History.
+    """
+    return 2 * 4 * 4 * model_config(spec.preset, **spec.model_overrides).n_params + 2**20
 
 
 def steps_to_target(history: History, target: float) -> int | None:
@@ -252,7 +303,7 @@ def grad_equivalents(history: History, upto: int | None = None) -> float:
 
 
 def summarize(history: History, target: float | None = None) -> dict[str, Any]:
-    """One results-table row: steps to target, final validation loss, tokens, cost, wall time, status.
+    """One results-table row: steps to target, final validation loss, tokens, cost, wall time, status and its reason.
 
     ``grad_equivalents`` is the whole run's cost and ``grad_equivalents_to_target`` the cost up to the
     target (None when not reached), both in gradient-step equivalents (:func:`grad_equivalents`).
@@ -268,6 +319,7 @@ def summarize(history: History, target: float | None = None) -> dict[str, Any]:
         "grad_equivalents_to_target": None if reached is None else grad_equivalents(history, reached),
         "wall_time_s": float(last["wall_time"]),
         "status": history.status,
+        "status_reason": history.reason,
     }
 
 
@@ -368,10 +420,13 @@ def warmup_checkpoint(
 ) -> Path:
     """The shared starting point: a model state dict after ``steps`` AdamW steps, made once and cached.
 
-    The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW at
-    constant ``lr`` and one micro-batch per step, seeded by ``seed`` (not the runs' seeds: every run of a
-    study starts from the same checkpoint). It is stored at ``root/<hash of these settings>/model.pt``
-    (written atomically, with ``settings.json`` and the run's History beside it) and reused when present.
+    The warm-up uses ``base``'s preset, model overrides, corpus, micro-batch shape and device with AdamW
+    (``protocol="gnlib"`` whatever ``base``'s) at constant ``lr`` and one micro-batch per step, seeded by
+    ``seed`` (not the runs' seeds: every run of a study starts from the same checkpoint). It is stored at
+    ``root/<hash of these settings>/model.pt`` (written atomically, with ``settings.json`` and the run's
+    History beside it) only when the warm-up completed with finite losses, and reused only after checking
+    it: settings hash, status and finite weights (otherwise it is made again). Processes making the same
+    warm-up at once wait for the first.
 
     Args:
         base: spec whose model and data settings the warm-up shares.
@@ -383,9 +438,12 @@ def warmup_checkpoint(
 
     Returns:
         Absolute path of ``model.pt``, for :attr:`RunSpec.init_checkpoint`.
+
+    Raises:
+        RuntimeError: the warm-up diverged (nothing is cached).
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_positive_int("warmup_steps", steps, owner="the shared AdamW warm-up (warmup_checkpoint's steps)")
+    check_positive_number("warmup_lr", lr, owner="the shared AdamW warm-up (warmup_checkpoint's lr)")
     spec = dataclasses.replace(
         base,
         optimizer="adamw",
@@ -398,21 +456,60 @@ def warmup_checkpoint(
         seed=seed,
         hyperparameters={},
         init_checkpoint=None,
+        data_start=0,  # the warm-up reads the first tokens of a stream; studied runs continue after them
+        protocol="gnlib",
     )
     spec.validate()
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "device"}
     settings["device"] = resolve_device(spec.device).type
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = _settings_hash(settings)
     folder = output_path(root) / key
     path = folder / "model.pt"
-    if not path.is_file():
-        run(spec, folder / "run", progress=progress)
-        if is_main():  # under torchrun every process trains the warm-up, rank 0 alone writes it
-            state = torch.load(folder / "run" / CHECKPOINT, map_location="cpu", weights_only=True)
-            atomic_write_json(folder / "settings.json", settings)
-            atomic_torch_save(state["model"], path)
+    if is_main():
+        check_writable(folder, parameter="warmup_dir", need_bytes=_checkpoint_bytes(spec))
+    with run_folder_lock(folder if is_main() else None, wait=True):  # concurrent notebooks wait for one warm-up
+        problem = _cached_warmup_problem(folder, key) if path.is_file() else "absent"
+        if problem is not None:
+            if problem != "absent" and progress:
+                print(f"warm-up cache {folder}: {problem}; making it again")
+            # under torchrun every process trains the warm-up, rank 0 alone writes it
+            history = run(spec, folder / "run", progress=progress, overwrite=True)
+            if history.status != "completed":
+                raise RuntimeError(
+                    f"the shared warm-up ({steps} AdamW steps at warmup_lr={lr}) ended {history.status!r} "
+                    f"({history.reason}); nothing was cached. Lower warmup_lr or change warmup_steps"
+                )
+            if is_main():
+                state = torch.load(folder / "run" / CHECKPOINT, map_location="cpu", weights_only=True)
+                atomic_write_json(folder / "settings.json", {**settings, "hash": key, "status": history.status})
+                atomic_torch_save(state["model"], path)
         barrier()
     return path.resolve()
+
+
+def _settings_hash(settings: Mapping[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of ``settings`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached_warmup_problem(folder: Path, key: str) -> str | None:
+    """Why the warm-up cached in ``folder`` cannot be reused (None: it can).
+
+    It must record its settings with the hash ``key`` and a ``completed`` status, and its weights must load
+    and be finite.
+    """
+    try:
+        settings = json.loads((folder / "settings.json").read_text())
+        weights = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: report it and rebuild
+        return f"unreadable ({type(err).__name__})"
+    recorded = {k: v for k, v in settings.items() if k not in ("hash", "status")}
+    if settings.get("hash", _settings_hash(recorded)) != key or _settings_hash(recorded) != key:
+        return "its settings.json does not match its folder's hash"
+    if settings.get("status", "completed") != "completed":
+        return f"its warm-up ended {settings['status']!r}"
+    finite = isinstance(weights, dict) and all(torch.is_tensor(t) and torch.isfinite(t).all() for t in weights.values())
+    return None if finite else "its weights are not finite"
 
 
 #: Columns of :func:`batch_size_study`'s table, in order.
@@ -430,6 +527,7 @@ STUDY_COLUMNS = (
     "grad_equivalents_to_target",
     "wall_time_s",
     "status",
+    "status_reason",
 )
 
 
@@ -482,6 +580,8 @@ def batch_size_study(
     variants: Mapping[str, Mapping[str, Any]] | None = None,
     hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = False,
+    checkpoint_every: int = 0,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Steps to ``target`` for every optimizer × token batch × LR × seed, LR tuned per batch size.
 
@@ -500,6 +600,8 @@ def batch_size_study(
         variants: see :func:`study_spec`.
         hyperparameters: see :func:`study_spec`.
         progress: print each run's evaluations.
+        checkpoint_every: each run's checkpoint period in steps (0: at its end only), see :func:`run`.
+        overwrite: replace runs with other settings found in their folders (else they are refused).
 
     Returns:
         One row per run, columns :data:`STUDY_COLUMNS` plus ``chosen`` and ``on_edge`` (:func:`choose_lr`).
@@ -518,10 +620,19 @@ def batch_size_study(
     ]
     for *_, spec in plan:
         spec.validate()
+    if output_dir is not None and is_main():
+        check_writable(output_dir)
     rows = []
     for name, m, lr, seed, spec in plan:
         run_dir = None if output_dir is None else Path(output_dir) / name / f"m={m}" / f"lr={lr:.6g}" / f"seed={seed}"
-        summary = summarize(run(dataclasses.replace(spec, target_loss=target), run_dir, progress=progress), target)
+        history = run(
+            dataclasses.replace(spec, target_loss=target),
+            run_dir,
+            progress=progress,
+            checkpoint_every=checkpoint_every,
+            overwrite=overwrite,
+        )
+        summary = summarize(history, target)
         rows.append(
             {
                 "optimizer": name,
@@ -546,7 +657,10 @@ def study_table_from_sweep(results_csv: str | Path) -> pd.DataFrame:
     """
     raw = pd.read_csv(results_csv)
     raw = raw.loc[raw["status"] == "ok"]
-    columns = {c: raw[f"result_{c}"] if f"result_{c}" in raw.columns else raw[c] for c in STUDY_COLUMNS}
+    columns = {
+        c: raw[f"result_{c}"] if f"result_{c}" in raw.columns else raw[c] if c in raw.columns else None
+        for c in STUDY_COLUMNS
+    }
     table = pd.DataFrame(columns).reset_index(drop=True)
     table["steps_to_target"] = table["steps_to_target"].astype(float)
     return choose_lr(table)
@@ -717,7 +831,10 @@ def direction_cosines(
     check_choice("optimizer", spec.optimizer, ["gn"])
     if not at_steps or min(at_steps) < 0:
         raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
-    corpus, model, _, val, optimizer = _build(spec)
+    data, model, _, val, optimizer = _build(spec)
+    if data.corpus is None:
+        raise ValueError(f"corpus={spec.corpus!r} is streamed; direction probes need an in-memory corpus")
+    corpus = data.corpus
     inner = spec.hyperparameters.get("inner_steps", _GN_INNER_STEPS)
     fixed = ("inner_steps", "blocks", "line_search", "line_search_batches", "warm_start")
     options = {k: v for k, v in spec.hyperparameters.items() if k not in fixed}

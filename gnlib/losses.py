@@ -56,55 +56,67 @@ def _n_positions(z: Tensor) -> int:
     return z.numel() // z.shape[-1]
 
 
-class CrossEntropy(Loss):
-    """Softmax cross-entropy averaged over all positions (tokens).
+#: Target id of positions that count in no loss (PyTorch's ``ignore_index``, e.g. padding or prompt tokens).
+IGNORE_INDEX = -100
 
-    ℓ(z) = (1/n) Σ_i [logsumexp(z_i) − z_{i, y_i}] over the ``n`` leading positions of ``z`` (..., V)
-    with integer targets ``y`` (...). Per position, with ``p_i = softmax(z_i)``:
-    gradient ``(p_i − e_{y_i}) / n`` and Hessian ``(diag(p_i) − p_i p_iᵀ) / n``, applied to ``v_i`` as
-    ``(p_i ⊙ v_i − p_i (p_iᵀ v_i)) / n`` — no V×V matrix is formed. The Hessian is PSD and does not
-    depend on the targets.
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy averaged over the positions (tokens) whose target is not ``IGNORE_INDEX``.
+
+    ℓ(z) = (1/n) Σ_{i: y_i ≠ −100} [logsumexp(z_i) − z_{i, y_i}] over the leading positions of ``z``
+    (..., V) with integer targets ``y`` (...), ``n`` the number of counted positions (PyTorch's
+    ``cross_entropy`` with its default ``ignore_index=-100``, as the baselines train). Per counted
+    position, with ``p_i = softmax(z_i)``: gradient ``(p_i − e_{y_i}) / n`` and Hessian
+    ``(diag(p_i) − p_i p_iᵀ) / n``, applied to ``v_i`` as ``(p_i ⊙ v_i − p_i (p_iᵀ v_i)) / n`` — no V×V
+    matrix is formed; an ignored position has zero gradient and zero Hessian. The Hessian is PSD and
+    depends on the targets only through which positions count.
     """
 
     def value(self, z: Tensor, y: Tensor) -> Tensor:
-        """Mean cross-entropy (scalar)."""
-        return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+        """Mean cross-entropy over the counted positions (scalar)."""
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX)
 
     def value_and_grad(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy and ``(softmax(z) − onehot(y)) / n`` from one log-softmax."""
-        value, p, y = self._value_and_probs(z, y)
-        n = _n_positions(z)
-        return value, _add_at_targets_(p.div_(n), y, -1.0 / n)
+        """Mean cross-entropy and ``(softmax(z) − onehot(y)) / n`` (zero at ignored positions) from one log-softmax."""
+        value, p, y, counted, n = self._value_and_probs(z, y)
+        return value, _add_at_targets_(p.div_(n).mul_(counted), y, counted.neg().div_(n))
 
     def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
-        """``(p ⊙ v − p (pᵀv)) / n`` per position, ``p = softmax(z)``."""
-        return self._hvp(torch.softmax(z, dim=-1), v, _n_positions(z))
+        """``(p ⊙ v − p (pᵀv)) / n`` per counted position (zero at ignored ones), ``p = softmax(z)``."""
+        counted, n = _counted(y, z.dtype)
+        return self._hvp(torch.softmax(z, dim=-1), v, counted, n)
 
     def quadratic(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
         """See :meth:`Loss.quadratic`; one softmax shared by the value, gradient and Hessian product."""
-        value, p, y = self._value_and_probs(z, y)
-        n = _n_positions(z)
-        h_dz = self._hvp(p, dz, n)
-        u = _add_at_targets_((p / n).add_(h_dz), y, -1.0 / n)
+        value, p, y, counted, n = self._value_and_probs(z, y)
+        h_dz = self._hvp(p, dz, counted, n)
+        u = _add_at_targets_((p / n).mul_(counted).add_(h_dz), y, counted.neg().div_(n))
         # uᵀdz = gᵀdz + dzᵀH dz, so q = ℓ + uᵀdz − ½ dzᵀH dz.
         return value + (u * dz).sum() - 0.5 * (dz * h_dz).sum(), u
 
     @staticmethod
-    def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean cross-entropy, softmax(z), y with a trailing unit dim for gather/scatter)."""
+    def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(mean cross-entropy, softmax(z), y with a trailing unit dim (ignored ids as 0), counted (..., 1), n)."""
         log_p = torch.log_softmax(z, dim=-1)
-        y = y.unsqueeze(-1)
-        return -log_p.gather(-1, y).sum() / _n_positions(z), log_p.exp_(), y
+        counted, n = _counted(y, z.dtype)
+        y = y.clamp(min=0).unsqueeze(-1)
+        return -(log_p.gather(-1, y) * counted).sum() / n, log_p.exp_(), y, counted, n
 
     @staticmethod
-    def _hvp(p: Tensor, v: Tensor, n: int) -> Tensor:
+    def _hvp(p: Tensor, v: Tensor, counted: Tensor, n: Tensor) -> Tensor:
         pv = p * v
-        return (pv - p * pv.sum(-1, keepdim=True)).div_(n)
+        return (pv - p * pv.sum(-1, keepdim=True)).div_(n).mul_(counted)
 
 
-def _add_at_targets_(t: Tensor, y: Tensor, value: float) -> Tensor:
-    """Add ``value`` in place at the target entries ``t[..., y]`` (``y`` has a trailing unit dim)."""
-    return t.scatter_add_(-1, y, torch.full(y.shape, value, dtype=t.dtype, device=t.device))
+def _counted(y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(1 where ``y`` counts, 0 where it is ``IGNORE_INDEX``, shape ``(..., 1)``; their number n), of ``dtype``."""
+    counted = (y != IGNORE_INDEX).unsqueeze(-1).to(dtype)
+    return counted, counted.sum()
+
+
+def _add_at_targets_(t: Tensor, y: Tensor, value: Tensor) -> Tensor:
+    """Add ``value`` (shape of ``y``) in place at the target entries ``t[..., y]`` (``y`` has a trailing unit dim)."""
+    return t.scatter_add_(-1, y, value.to(t.dtype))
 
 
 class MSE(Loss):

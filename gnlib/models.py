@@ -2,7 +2,17 @@
 
 The transformer maps tokens (B, T) to logits (B, T, V):
 token embedding → L × [RMSNorm → causal self-attention with rotary position embeddings (RoPE) → residual;
-RMSNorm → SwiGLU MLP → residual] → final RMSNorm → linear head. No biases anywhere.
+RMSNorm → MLP → residual] → final RMSNorm → linear head.
+
+Two variants, chosen by config fields (the presets name them):
+
+* LLaMA-style (``mlp="swiglu"``, ``qk_norm=False``, ``init="scaled"``): SwiGLU MLP with 3 matrices, no
+  biases anywhere, N(0, 0.02²) weights with residual output projections at 0.02/√(2L). Presets ``tiny``,
+  ``small``, ``llama45m``, ``llama150m``.
+* The study's reference model (``mlp="gelu"``, ``qk_norm=True``, ``init="fan_in"``): MLP w2(gelu(w1 x))
+  with 2 matrices; LayerNorm with bias over the full width d on queries and keys (before the heads are
+  split and rotated); matrices N(0, 1/fan_in), embedding N(0, 1). Presets ``paper45m``, ``paper150m``
+  (vocabulary 32000, T5's), and ``paper_tiny`` for CPUs.
 
 Attention is written out with batched matmuls instead of ``F.scaled_dot_product_attention``: the fused
 CPU kernel has no forward-mode derivative, and every Gauss-Newton product needs a Jacobian-vector
@@ -31,12 +41,19 @@ class ModelConfig:
         d_model: width d of the residual stream.
         n_layers: number of transformer blocks L.
         n_heads: attention heads H; the head dimension d/H must be even (RoPE rotates pairs).
-        d_ff: hidden width of the SwiGLU MLP.
+        d_ff: hidden width of the MLP.
         max_seq_len: longest sequence the model accepts (length of the RoPE tables and causal mask).
         tie_embeddings: the head reuses ``embed.weight`` (V, d) instead of its own ``head.weight``.
         norm_eps: ε in RMSNorm, x / sqrt(mean(x²) + ε) · g.
         rope_base: base b of the rotary frequencies b^(-2i/d_head), i = 0 .. d_head/2 - 1.
-        init_std: σ of the normal initialization of weight matrices.
+        init_std: σ of the normal initialization: of every weight matrix under ``init="scaled"``, of the
+            embedding only under ``init="fan_in"``.
+        mlp: ``"swiglu"`` (w_down(silu(w_gate x) ⊙ w_up x)) or ``"gelu"`` (w2(gelu(w1 x)), tanh-approximated
+            GELU as ``jax.nn.gelu``'s default).
+        qk_norm: LayerNorm with gain and bias over the full width d on q = wq x and k = wk x.
+        init: ``"scaled"`` (N(0, init_std²), residual output projections N(0, init_std²/(2L))) or
+            ``"fan_in"`` (matrices W (out, in) N(0, 1/in), embedding N(0, init_std²)). Norm gains are
+            ones and biases zeros under both.
     """
 
     vocab_size: int = 256
@@ -49,6 +66,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     init_std: float = 0.02
+    mlp: str = "swiglu"
+    qk_norm: bool = False
+    init: str = "scaled"
 
     def __post_init__(self) -> None:
         """Validate the shape so that errors name the field instead of surfacing inside a matmul."""
@@ -59,6 +79,10 @@ class ModelConfig:
         for name in ("norm_eps", "rope_base", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+        check_choice("mlp", self.mlp, MLP_KINDS)
+        check_choice("init", self.init, INIT_SCHEMES)
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm={self.qk_norm!r} must be True or False")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -76,18 +100,33 @@ class ModelConfig:
     def n_params(self) -> int:
         """Number of parameters of the model (tied embeddings counted once), without building it."""
         d = self.d_model
-        block = 4 * d * d + 3 * d * self.d_ff + 2 * d
+        mlp_matrices = 3 if self.mlp == "swiglu" else 2
+        block = 4 * d * d + mlp_matrices * d * self.d_ff + 2 * d + (4 * d if self.qk_norm else 0)
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * block + d + head
 
 
+MLP_KINDS = ("swiglu", "gelu")
+INIT_SCHEMES = ("scaled", "fan_in")
+#: The study's reference architecture (STUDY.md, "Reference configuration"): the fields that differ from LLaMA's.
+REFERENCE = dict(mlp="gelu", qk_norm=True, init="fan_in", init_std=1.0)
+
 PRESETS: dict[str, ModelConfig] = {
-    # CPU presets: "tiny" trains in about a minute on two cores, "small" is a larger CPU model.
+    # CPU presets (LLaMA-style): "tiny" trains in about a minute on two cores, "small" is a larger CPU model.
     "tiny": ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=128),
     "small": ModelConfig(d_model=192, n_layers=4, n_heads=6, d_ff=768, max_seq_len=256),
-    # The study's shapes (its vocabulary is T5's 32k: pass vocab_size from the tokenizer).
-    "paper45m": ModelConfig(d_model=512, n_layers=4, n_heads=8, d_ff=2048, max_seq_len=1024),
-    "paper150m": ModelConfig(d_model=768, n_layers=12, n_heads=16, d_ff=3072, max_seq_len=1024),
+    # The reference architecture at the tiny CPU shape (the CPU miniature of the study's pipeline).
+    "paper_tiny": ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=128, **REFERENCE),
+    # The study's models: reference architecture, T5's 32k vocabulary (a tokenizer's vocab_size overrides it).
+    "paper45m": ModelConfig(
+        vocab_size=32000, d_model=512, n_layers=4, n_heads=8, d_ff=2048, max_seq_len=1024, **REFERENCE
+    ),
+    "paper150m": ModelConfig(
+        vocab_size=32000, d_model=768, n_layers=12, n_heads=16, d_ff=3072, max_seq_len=1024, **REFERENCE
+    ),
+    # The same shapes as LLaMA-style models (SwiGLU, no QK-norm, scaled init), as gnlib built them before.
+    "llama45m": ModelConfig(vocab_size=32000, d_model=512, n_layers=4, n_heads=8, d_ff=2048, max_seq_len=1024),
+    "llama150m": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=16, d_ff=3072, max_seq_len=1024),
 }
 
 
@@ -145,14 +184,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+class LayerNorm(nn.Module):
+    """y = (x − mean(x)) / sqrt(var(x) + ε) · g + b over the last axis, gain g ones and bias b zeros, (d,) each.
+
+    Written out (not ``F.layer_norm``) so that its forward-mode derivative is plain elementwise algebra.
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        """Create ``weight`` (ones) and ``bias`` (zeros)."""
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize x (..., d) over its last axis (biased variance, as ``nn.LayerNorm``)."""
+        centered = x - x.mean(-1, keepdim=True)
+        return centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
 class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE on queries and keys.
+    """Causal multi-head self-attention with RoPE on queries and keys (optionally LayerNorm-ed first).
 
     softmax(q kᵀ / sqrt(d_head) + M) v per head, M = -inf above the diagonal, heads concatenated, then wo.
+    With ``qk_norm``, q = LN_q(wq x) and k = LN_k(wk x), each LayerNorm over the full width d, before the
+    heads are split and RoPE is applied (the reference model's order).
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        """Create wq, wk, wv, wo, each (d, d)."""
+        """Create wq, wk, wv, wo, each (d, d), and q_norm, k_norm when ``config.qk_norm``."""
         super().__init__()
         d = config.d_model
         self.n_heads = config.n_heads
@@ -160,11 +220,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = LayerNorm(d, config.norm_eps)
+            self.k_norm = LayerNorm(d, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         """Attend over x (B, T, d) with RoPE tables cos, sin (T, d_head) and additive causal mask (T, T)."""
         B, T, d = x.shape
-        q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
         scale = q.shape[-1] ** -0.5  # folded into the (small, constant) tables of q
         q = apply_rope(q, cos * scale, sin * scale)
         k = apply_rope(k, cos, sin)
@@ -187,16 +254,33 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+class GeluMLP(nn.Module):
+    """w2(gelu(w1 x)), hidden width d_ff, tanh-approximated GELU (the reference model's MLP)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        """Create w1 (d_ff, d) and w2 (d, d_ff)."""
+        super().__init__()
+        self.w1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map x (..., d) to (..., d)."""
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+_MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
-        """Create attn_norm, attn, mlp_norm, mlp."""
+        """Create attn_norm, attn, mlp_norm, mlp (SwiGLU or GELU, ``config.mlp``)."""
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = _MLPS[config.mlp](config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         """Map x (B, T, d) to (B, T, d)."""
@@ -207,9 +291,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """LLaMA-style decoder: tokens (B, T) → logits (B, T, vocab_size).
 
-    Parameter names: ``embed.weight``; ``blocks.{i}.attn_norm.weight``, ``blocks.{i}.attn.w{q,k,v,o}.weight``,
-    ``blocks.{i}.mlp_norm.weight``, ``blocks.{i}.mlp.w_{gate,up,down}.weight``; ``norm.weight``;
-    ``head.weight`` (absent when ``tie_embeddings``: the head then uses ``embed.weight``).
+    Parameter names: ``embed.weight``; ``blocks.{i}.attn_norm.weight``, ``blocks.{i}.attn.w{q,k,v,o}.weight``
+    (with ``qk_norm``: then ``blocks.{i}.attn.{q,k}_norm.{weight,bias}``), ``blocks.{i}.mlp_norm.weight``,
+    ``blocks.{i}.mlp.w_{gate,up,down}.weight`` (SwiGLU) or ``blocks.{i}.mlp.w{1,2}.weight`` (GELU);
+    ``norm.weight``; ``head.weight`` (absent when ``tie_embeddings``: the head then uses ``embed.weight``).
 
     The RoPE tables and the additive causal mask are non-persistent buffers: they follow
     ``.to(device, dtype)`` and stay out of ``state_dict``. They are computed in float64 and rounded to the
@@ -240,18 +325,21 @@ class Transformer(nn.Module):
     def _init_weights(self, seed: int) -> None:
         """Fill the parameters from a local generator seeded with ``seed`` (the global RNG is untouched).
 
-        Weight matrices are drawn from N(0, σ²), σ = init_std, in ``named_parameters()`` order; the residual
-        output projections ``attn.wo`` and ``mlp.w_down`` use σ/sqrt(2L) as in GPT-2; norm gains are ones.
-        Runs on the CPU before the cast to the model's dtype, so a seed gives the same weights on every device
-        and in every dtype (up to rounding).
+        Weight matrices are drawn in ``named_parameters()`` order. ``init="scaled"``: N(0, σ²), σ = init_std,
+        and σ/sqrt(2L) for the residual output projections ``attn.wo``, ``mlp.w_down`` and ``mlp.w2`` as in
+        GPT-2. ``init="fan_in"``: the embedding N(0, σ²), every other matrix W (out, in) N(0, 1/in). Norm
+        gains are ones, biases zeros. Runs on the CPU before the cast to the model's dtype, so a seed gives
+        the same weights on every device and in every dtype (up to rounding).
         """
         generator = torch.Generator().manual_seed(seed)
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                p.fill_(1.0)
-            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                p.fill_(0.0 if name.endswith(".bias") else 1.0)
+            elif self.config.init == "fan_in":
+                p.normal_(0.0, std if name == "embed.weight" else p.shape[1] ** -0.5, generator=generator)
+            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight", "mlp.w2.weight")):
                 p.normal_(0.0, residual_std, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)

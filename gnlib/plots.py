@@ -1,13 +1,17 @@
 """Figures: functions from data (DataFrames, arrays) to a matplotlib Figure.
 
 No function changes global matplotlib state: seaborn styling is applied inside a local
-``plt.rc_context``, and figures are made as ``matplotlib.figure.Figure`` objects outside pyplot, so
-they work with any backend and are never shown twice; the caller saves them or displays them.
+``plt.rc_context``, and figures are made outside pyplot, so they work with any backend and are never
+shown twice. Each is a :class:`NotebookFigure`: a ``matplotlib.figure.Figure`` that shows itself as a
+sharp PNG wherever IPython displays it (the last line of a notebook cell, ``display(figure)``), in
+JupyterLab, papermill's output notebook and nbval alike, whatever matplotlib backend is active; the
+caller may also save it.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Iterator
@@ -19,7 +23,43 @@ import seaborn as sns
 import torch
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import LogLocator
+
+
+class NotebookFigure(Figure):
+    """A Figure that IPython displays as a PNG drawn at ``pixel_ratio`` times its size in pixels.
+
+    The figure is ``figsize · dpi`` pixels on the page (600×400 for 6×4 inches at dpi 100); its PNG
+    holds ``pixel_ratio``² as many pixels and carries the page size as display metadata, so it stays
+    sharp on high-density screens instead of being upscaled. IPython finds ``_ipython_display_`` before
+    any formatter registered for ``Figure`` (such as matplotlib's inline backend, which would otherwise
+    render it at the screen's resolution), so every figure of gnlib displays the same way, once.
+    """
+
+    pixel_ratio: int = 2
+
+    def display_size(self) -> tuple[int, int]:
+        """Width and height in page pixels."""
+        width, height = self.get_size_inches() * self.dpi
+        return round(width), round(height)
+
+    def _repr_png_(self) -> tuple[bytes, dict[str, int]]:
+        """PNG bytes at ``pixel_ratio`` × the page size, and the page size as display metadata."""
+        width, height = self.display_size()
+        return to_png(self, dpi=self.dpi * self.pixel_ratio), {"width": width, "height": height}
+
+    def _ipython_display_(self) -> None:
+        """Publish the PNG (with its page size) and a plain-text summary."""
+        from IPython.display import publish_display_data
+
+        data, size = self._repr_png_()
+        publish_display_data({"image/png": data, "text/plain": repr(self)}, metadata={"image/png": size})
+
+
+def new_figure(figsize: tuple[float, float]) -> NotebookFigure:
+    """A constrained-layout :class:`NotebookFigure` of ``figsize`` inches at 100 dpi (``figsize`` · 100 page pixels)."""
+    return NotebookFigure(figsize=figsize, dpi=100, layout="constrained")
 
 
 @contextmanager
@@ -59,7 +99,7 @@ def loss_curves(
     _require(frame, [c for c in (x, y, hue) if c is not None])
     data = frame.dropna(subset=[y])
     with style():
-        fig = Figure(figsize=(6, 4), layout="constrained")
+        fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()
         sns.lineplot(data=data, x=x, y=y, hue=hue, ax=ax, marker="o", markersize=3)
         if target is not None:
@@ -75,6 +115,22 @@ def loss_curves(
 
 
 Matrix = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
+MASKED_COLOUR = "0.82"  # cells a log colour scale cannot show (entries <= 0)
+
+
+def log_ticks(low: float, high: float) -> LogLocator:
+    """Colour-bar ticks on a log scale from ``low`` to ``high``: 1, 2, 5 per decade up to two decades, else decades."""
+    decades = np.log10(high / low) if low > 0 and high > low else 0.0
+    return LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,))
+
+
+def short_name(name: str) -> str:
+    """The short label of a parameter tensor or block, the same in every figure and explorer.
+
+    ``blocks.0.attn.wq.weight`` → ``block0.attn.wq`` (like the per-layer block ``block0``),
+    ``embed.weight`` → ``embed``; biases keep ``.bias``; other names are returned unchanged.
+    """
+    return re.sub(r"^blocks\.(\d+)\.", r"block\1.", name).removesuffix(".weight")
 
 
 def _array(values: object) -> np.ndarray:
@@ -88,7 +144,7 @@ def _grid(count: int, ncols: int | None, size: tuple[float, float]) -> tuple[Fig
     """A constrained-layout figure with ``count`` panels, ``ncols`` per row (default: all in one row)."""
     ncols = min(count, ncols or count)
     nrows = -(-count // ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    fig = new_figure(figsize=(size[0] * ncols, size[1] * nrows))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     for ax in axes[count:]:
         ax.set_visible(False)
@@ -109,6 +165,7 @@ def heatmap(
     cmap: str = "viridis",
     ncols: int | None = None,
     title: str | None = None,
+    missing_label: str = "undefined (nan)",
 ) -> Figure:
     """One heatmap per panel (e.g. block norms of G at each checkpoint), rows and columns labelled.
 
@@ -116,7 +173,7 @@ def heatmap(
         panels: panel title → (r, c) matrix, or one matrix (a single untitled panel).
         row_labels: r labels shared by all panels, or panel title → labels; None: no tick labels.
         col_labels: c labels in the same form (default: ``row_labels`` when the panels are square).
-        log: logarithmic colour scale; entries ≤ 0 (and nan) are left blank.
+        log: logarithmic colour scale; entries ≤ 0 are drawn grey, named in a legend below the panels.
         shared_scale: one colour scale for all panels (so panels compare); else one per panel.
         annotate: write each value in its cell (default: when the matrix has at most 12 rows and columns).
         highlight: (row, column) of a cell to outline in every panel, or panel title → cell.
@@ -125,6 +182,7 @@ def heatmap(
         cmap: matplotlib colour map.
         ncols: panels per row (default: all in one row).
         title: figure title.
+        missing_label: legend entry of nan (or infinite) entries, which are drawn hatched.
 
     Raises:
         ValueError: a matrix that is not 2-D, or labels whose count does not match it.
@@ -158,6 +216,13 @@ def heatmap(
     pooled = np.concatenate([v for v in visible.values()]) if visible else np.zeros(0)
     longest = max(max(len(t[0] or ()), len(t[1] or ())) for t in ticks.values())
     panel = (4.2, 3.6) if longest <= 12 else (2.2 + 0.22 * longest, 1.6 + 0.22 * longest)
+    finite = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays.values()])
+    legend = []
+    if log and (finite <= 0).any():
+        zeros = "exactly 0" if (finite >= 0).all() else "≤ 0"
+        legend.append(Patch(facecolor=MASKED_COLOUR, edgecolor="0.6", label=f"{zeros} (not on the log scale)"))
+    if any((~np.isfinite(a)).any() for a in arrays.values()):
+        legend.append(Patch(facecolor="white", edgecolor="0.4", hatch="///", label=missing_label))
     with style():
         fig, axes = _grid(len(arrays), ncols, panel)
         for ax, (name, a) in zip(axes, arrays.items()):
@@ -168,7 +233,10 @@ def heatmap(
             norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001)) if log else Normalize(vmin=lo, vmax=hi)
             shown = np.ma.masked_where(~np.isfinite(a) | ((a <= 0) if log else False), a)
             image = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+            ax.set_facecolor(MASKED_COLOUR)  # what shows through masked cells
             ax.grid(False)
+            for i, j in np.argwhere(~np.isfinite(a)):
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="white", edgecolor="0.4", hatch="///"))
             if cols is not None:
                 ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
             if rows is not None:
@@ -185,7 +253,13 @@ def heatmap(
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
             if name:
                 ax.set_title(name, fontsize=9)
-            fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.85)
+            locator = log_ticks(norm.vmin, norm.vmax) if log else None
+            colorbar = fig.colorbar(
+                image, ax=ax, label=colorbar_label, shrink=0.85, ticks=locator, format="%g" if log else None
+            )
+            colorbar.minorticks_off()  # labelled ticks only: no 6×10⁰ between 5 and 10
+        if legend:
+            fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8, frameon=False)
         if title:
             fig.suptitle(title)
     return fig
@@ -207,7 +281,7 @@ def spectrum(
         ylabel: vertical axis label.
     """
     with style():
-        fig = Figure(figsize=(6, 4), layout="constrained")
+        fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()
         markers = "os^Dv<>"
         for k, (name, values) in enumerate(eigenvalues.items()):
@@ -251,7 +325,7 @@ def density(
         ValueError: a grid and density of different lengths.
     """
     with style():
-        fig = Figure(figsize=(6, 4), layout="constrained")
+        fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()
         for name, (grid, values) in curves.items():
             x, y = _array(grid).ravel(), _array(values).ravel()
@@ -309,7 +383,7 @@ def contour_trajectories(
         if t.ndim != 2 or t.shape[1] != 2:
             raise ValueError(f"trajectory {name!r} has shape {t.shape}, expected (k, 2)")
     with style():
-        fig = Figure(figsize=(6.5, 5), layout="constrained")
+        fig = new_figure(figsize=(6.5, 5))
         ax = fig.subplots()
         if log:
             positive = z[z > 0]
@@ -319,8 +393,9 @@ def contour_trajectories(
             )
         else:
             contour = ax.contour(gx, gy, z, levels=levels, cmap="viridis", linewidths=0.8)
-        colorbar = fig.colorbar(contour, ax=ax, label="loss", format="%.3g")
-        colorbar.set_ticks(contour.levels[:: max(1, len(contour.levels) // 6)])
+        # round ticks (1, 2, 5 per decade on a log scale), not the contour levels themselves
+        ticks = log_ticks(bounds[0], bounds[-1]) if log else None
+        fig.colorbar(contour, ax=ax, label="loss", ticks=ticks, format="%g").minorticks_off()
         if shade is not None:
             mask = _array(shade)
             if mask.shape != z.shape:
@@ -337,7 +412,8 @@ def contour_trajectories(
         ax.set_ylim(gy.min(), gy.max())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8, loc="best")
+        # below the axes, so it stays put from one render to the next (an explorer moving a slider)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, frameon=False)
         if title:
             ax.set_title(title)
     return fig
@@ -372,9 +448,8 @@ def bars(
     _require(frame, [c for c in (x, y, hue) if c is not None])
     data = frame.assign(**{hue: frame[hue].astype(str)}) if hue is not None else frame  # categorical colours
     with style():
-        fig = Figure(
-            figsize=(max(6.0, 0.6 * frame[x].nunique() * max(1, frame[hue].nunique() if hue else 1) ** 0.5), 4),
-            layout="constrained",
+        fig = new_figure(
+            figsize=(max(6.0, 0.6 * frame[x].nunique() * max(1, frame[hue].nunique() if hue else 1) ** 0.5), 4)
         )
         ax = fig.subplots()
         sns.barplot(data=data, x=x, y=y, hue=hue, ax=ax, errorbar=None)
@@ -425,7 +500,7 @@ def steps_vs_batch(
     medians = medians.loc[np.isfinite(medians[value])]
     data = data.dropna(subset=[value])
     with style():
-        fig = Figure(figsize=(6, 4), layout="constrained")
+        fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()
         order = list(dict.fromkeys(table["optimizer"]))
         palette = dict(zip(order, sns.color_palette(n_colors=len(order))))
@@ -466,7 +541,7 @@ def direction_cosines(frame: pd.DataFrame, *, title: str | None = None) -> Figur
     """
     _require(frame, ["step", "partition", "cosine"])
     with style():
-        fig = Figure(figsize=(6, 4), layout="constrained")
+        fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()
         sns.lineplot(data=frame, x="step", y="cosine", hue="partition", marker="o", ax=ax)
         ax.set_ylim(min(0.0, float(frame["cosine"].min())), 1.02)

@@ -32,8 +32,10 @@ folder per run, named by :func:`run_id`, holding ``params.json``, ``notebook.ipy
 (``{"status": "ok" | "failed", "error": ...}``), written atomically last: it is the completion marker.
 
 Re-running a sweep skips runs whose status is ``ok`` and, unless ``retry_failed``, ``failed``; a folder
-without ``status.json`` (a run that was killed) is deleted and executed again from scratch. A finished run
-whose ``params.json`` differs from the grid's (fixed parameters were edited) stops the sweep with a
+without ``status.json`` (a run that was killed) is deleted and executed again from scratch. Workers and
+their kernels die with the sweep, even under ``kill -9`` (Linux), and each run holds a lock
+(``.locks/<run id>.lock``) while it executes, so two sweeps over one folder never run the same run at once.
+A finished run whose ``params.json`` differs from the grid's (fixed parameters were edited) stops the sweep with a
 ``ValueError``: pick a new ``name`` instead. Folders of runs that a later grid no longer lists stay, and stay in
 ``results.csv``. The CLI exits 0 when every run is ``ok``, 1 otherwise, 2 on bad input, 130 on Ctrl-C.
 """
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import hashlib
 import itertools
 import json
@@ -59,11 +62,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import filelock
 import pandas as pd
 import papermill
 import yaml
 from papermill.exceptions import PapermillExecutionError
+from tqdm.auto import tqdm
 
+from gnlib.checks import check_writable
 from gnlib.runtime import atomic_write_json, atomic_write_text
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout")
@@ -71,6 +77,8 @@ KERNEL = "python3"
 OUTPUT_PARAMETER = "output_dir"
 PARAMS_FILE, STATUS_FILE, LOG_FILE, NOTEBOOK_FILE = "params.json", "status.json", "log.txt", "notebook.ipynb"
 RESULTS_FILE, TABLE_FILE, MANIFEST_FILE = "results.json", "results.csv", "sweep.json"
+LOCKS_DIR = ".locks"
+_PR_SET_PDEATHSIG = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 _MAX_ID = 96
@@ -201,7 +209,7 @@ def run_sweep(
             ]
         )
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(sweep_dir, parameter="--output-root")
     atomic_write_json(sweep_dir / MANIFEST_FILE, {**spec, "runs": [rid for rid, _ in runs]})
     if verbose:
         done = sum(states[rid] == "ok" for rid, _ in runs)
@@ -210,7 +218,10 @@ def run_sweep(
             f"with {jobs} job(s) -> {sweep_dir}",
             flush=True,
         )
-    tasks = [(str(sweep_dir / rid), spec["notebook"], params, str(cwd), spec["timeout"]) for rid, params in pending]
+    tasks = [
+        (str(sweep_dir / rid), spec["notebook"], params, str(cwd), spec["timeout"], _status_mtime(sweep_dir / rid))
+        for rid, params in pending
+    ]
     _execute(tasks, jobs, verbose)
     table = aggregate(sweep_dir)
     atomic_write_text(sweep_dir / TABLE_FILE, table.to_csv(index=False))
@@ -393,23 +404,32 @@ def _execute(tasks: list[tuple], jobs: int, verbose: bool) -> None:
 
     Workers are forked where possible, so papermill is imported once. On any exception here (Ctrl-C, SIGTERM
     through :func:`main`) the pool is terminated: interrupted runs keep no status and are redone next time.
+    On Linux the workers also die with this process when it is killed outright (``kill -9``), and their
+    kernels follow within a second (a kernel exits when its parent does); each run holds a lock on its
+    folder while it executes (:func:`_run_one`).
     """
     if not tasks:
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(min(jobs, len(tasks)), initializer=_init_worker) as pool:
+    bar = tqdm(total=len(tasks), desc="sweep", unit="run", disable=not verbose)
+    with bar, context.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         for k, status in enumerate(pool.imap_unordered(_run_one, tasks), start=1):
+            bar.update()
             if verbose:
                 error = f": {status['error'][:200]}" if status["error"] else ""
-                print(
-                    f"[{k}/{len(tasks)}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}",
-                    flush=True,
-                )
+                bar.write(f"[{k}/{len(tasks)}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}")
 
 
-def _init_worker() -> None:
-    """Worker setup: the parent handles Ctrl-C and SIGTERM; papermill logs only to each run's log.txt."""
+def _init_worker(parent: int) -> None:
+    """Worker setup: die with the sweep process ``parent``, leave Ctrl-C and SIGTERM to it, log to log.txt.
+
+    Papermill logs only to each run's log.txt.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the sweep died before the line above took effect
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logger = logging.getLogger("papermill")
@@ -418,10 +438,33 @@ def _init_worker() -> None:
     logger.propagate = False
 
 
+def _status_mtime(run_dir: Path) -> int | None:
+    """Modification time (ns) of a run's ``status.json``; None when it has none."""
+    try:
+        return (run_dir / STATUS_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def _run_one(task: tuple) -> dict:
-    """Execute one run from scratch in its folder; write params.json first and status.json last."""
-    run_dir, notebook, params, cwd, timeout = task
+    """Execute one run from scratch in its folder, holding its lock; write params.json first, status.json last.
+
+    The lock (``<sweep>/.locks/<run id>.lock``, an OS lock freed when its holder dies) makes a second sweep
+    over the same folder wait for a run in progress; if that run ended meanwhile (its ``status.json``
+    changed since this sweep planned it), its status is returned and it is not executed again.
+    """
+    run_dir, notebook, params, cwd, timeout, planned = task
     run_dir = Path(run_dir)
+    locks = run_dir.parent / LOCKS_DIR
+    locks.mkdir(exist_ok=True)
+    with filelock.FileLock(locks / f"{run_dir.name}.lock"):
+        if _status_mtime(run_dir) != planned:
+            return _read_json(run_dir / STATUS_FILE)
+        return _execute_run(run_dir, notebook, params, cwd, timeout)
+
+
+def _execute_run(run_dir: Path, notebook: str, params: dict, cwd: str, timeout: float | None) -> dict:
+    """Execute one run from scratch in ``run_dir`` (its lock held); returns its status."""
     if run_dir.exists():  # what a killed or failed attempt left
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)

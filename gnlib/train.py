@@ -8,7 +8,8 @@ Two kinds of optimizer are driven (``train`` imports none of them):
    batch source and each ``optimizer.step()`` returns a flat dict of diagnostics recorded in History.
 
 An optimizer may also offer ``eval_parameters() -> dict | None`` (e.g. an EMA of its iterates); the
-validation loss is then computed with those parameters.
+validation loss ``val_loss`` (the one the target and steps to target use) is then computed with those
+parameters, and ``val_loss_raw`` with the model's own (the raw iterate) at the same evaluations.
 
 Under ``torchrun`` (:mod:`gnlib.distributed`) every process runs this loop on its shard of the data:
 torch-like optimizers get their gradients averaged over processes after back-propagation (before
@@ -21,20 +22,25 @@ the same checkpoint, which records the number of processes; resuming with anothe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import filelock
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from gnlib import distributed
+from gnlib.checks import check_positive_int, check_positive_number
 from gnlib.losses import CrossEntropy
 from gnlib.runtime import atomic_torch_save, atomic_write_json, atomic_write_text
 
@@ -45,6 +51,42 @@ CHECKPOINT = "checkpoint.pt"
 HISTORY_JSONL = "history.jsonl"
 HISTORY_CSV = "history.csv"
 METADATA = "metadata.json"
+LOCK = ".lock"
+#: Keys ``train`` adds to the metadata it saves (not part of a run's settings).
+_RUN_KEYS = ("status", "status_reason", "fingerprint", "world_size")
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process is writing to the run folder (it holds the folder's lock)."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path | None, *, wait: bool = False) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` (an OS file lock: a killed holder releases it) while the block runs.
+
+    Args:
+        run_dir: the folder (created if needed); None holds nothing.
+        wait: wait for the holder to finish instead of refusing at once.
+
+    Raises:
+        RunFolderBusy: the folder is locked by another process and ``wait`` is False.
+    """
+    if run_dir is None:
+        yield
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(Path(run_dir) / LOCK, timeout=-1 if wait else 0)
+    try:
+        lock.acquire()
+    except filelock.Timeout as err:
+        raise RunFolderBusy(
+            f"{run_dir} is in use by another run (it holds {Path(run_dir) / LOCK}); wait for it to finish, "
+            "or write this run to another folder"
+        ) from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -54,23 +96,32 @@ class History:
     Attributes:
         rows: dicts with at least ``step``, ``tokens`` (training tokens seen so far), ``wall_time``
             (seconds since the run started, summed across resumes), ``train_loss``, ``val_loss`` (None
-            where not evaluated), ``lr`` and the optimizer's diagnostics.
-        status: ``"running"``, ``"completed"`` (all steps done), ``"reached_target"`` or ``"diverged"``.
+            where not evaluated; the optimizer's ``eval_parameters``, e.g. its EMA, where it has them),
+            ``val_loss_raw`` (the raw iterate's, only with such parameters), ``lr`` and the optimizer's
+            diagnostics.
+        status: ``"running"``, ``"completed"`` (all steps done), ``"reached_target"``, ``"diverged"``
+            (non-finite or exploding loss) or ``"stalled"`` (the optimizer took no step several times in a row).
         metadata: free-form run description (corpus hash, model config, optimizer settings, seed, ...).
+        reason: why a run diverged or stalled, in words (None otherwise).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     status: str = "running"
     metadata: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """The rows as a DataFrame (one column per key ever recorded)."""
         return pd.DataFrame(self.rows)
 
     def evaluations(self) -> pd.DataFrame:
-        """Rows where the validation loss was measured: columns ``step``, ``tokens``, ``val_loss``."""
+        """Rows where the validation loss was measured: ``step``, ``tokens``, ``wall_time``, ``val_loss`` (+ raw).
+
+        ``val_loss_raw`` only when the optimizer evaluates other parameters (an EMA).
+        """
         frame = self.to_frame()
-        return frame.loc[frame["val_loss"].notna(), ["step", "tokens", "wall_time", "val_loss"]].reset_index(drop=True)
+        columns = ["step", "tokens", "wall_time", "val_loss", *(["val_loss_raw"] if "val_loss_raw" in frame else [])]
+        return frame.loc[frame["val_loss"].notna(), columns].reset_index(drop=True)
 
     @property
     def final_val_loss(self) -> float | None:
@@ -85,7 +136,7 @@ class History:
             run_dir / HISTORY_JSONL, "".join(json.dumps(r, default=_json_default) + "\n" for r in self.rows)
         )
         atomic_write_text(run_dir / HISTORY_CSV, self.to_frame().to_csv(index=False))
-        atomic_write_json(run_dir / METADATA, {**self.metadata, "status": self.status})
+        atomic_write_json(run_dir / METADATA, {**self.metadata, "status": self.status, "status_reason": self.reason})
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "History":
@@ -94,7 +145,8 @@ class History:
         rows = [json.loads(line) for line in (run_dir / HISTORY_JSONL).read_text().splitlines() if line]
         metadata = json.loads((run_dir / METADATA).read_text())
         status = metadata.pop("status", "completed")
-        return cls(rows=rows, status=status, metadata=metadata)
+        reason = metadata.pop("status_reason", None)
+        return cls(rows=rows, status=status, metadata=metadata, reason=reason)
 
 
 def _fmt(value: float | None) -> str:
@@ -125,6 +177,79 @@ def _fingerprint(metadata: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _rejected_steps(rows: list[dict[str, Any]]) -> int:
+    """Consecutive outer steps, counted back from the last row, whose optimizer reported ``alpha == 0``."""
+    count = 0
+    for row in reversed(rows[1:]):
+        if row.get("alpha") != 0:
+            break
+        count += 1
+    return count
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete what killed atomic writes left (``.<name>.<random>.tmp``); the caller holds the folder's lock."""
+    for leftover in run_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def _read_checkpoint(path: Path, device: torch.device, *, move_aside: bool) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` loaded onto ``device``; None when absent or unreadable.
+
+    An unreadable file (truncated, corrupt, or not a gnlib checkpoint) is renamed
+    ``<name>.unreadable-<UTC time>`` when ``move_aside`` (so nothing is lost) and reported.
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"fingerprint", "model", "optimizer", "rows", "status"} <= set(state):
+            raise ValueError("not a checkpoint written by gnlib.train")
+    except Exception as err:  # torch.load raises many types on a torn or foreign file
+        if move_aside:
+            aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+            path.rename(aside)
+            print(
+                f"{path} cannot be read ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); moved it "
+                f"to {aside.name} and starting this run afresh"
+            )
+        return None
+    return state
+
+
+def _saved_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint recorded in ``run_dir/metadata.json``, if any."""
+    try:
+        return json.loads((run_dir / METADATA).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+
+
+def _conflict_message(run_dir: Path, metadata: dict[str, Any]) -> str:
+    """Why ``run_dir`` is refused: the settings that differ between the run there and this one, and the ways out."""
+    try:
+        saved = {k: v for k, v in json.loads((run_dir / METADATA).read_text()).items() if k not in _RUN_KEYS}
+    except (OSError, ValueError):
+        saved = {}
+    ours = json.loads(json.dumps(metadata, default=_json_default))
+    theirs, mine = _flat(saved), _flat(ours)
+    differ = [k for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
+    shown = "; ".join(f"{k.rstrip('.')}: {theirs.get(k, '-')!r} there, {mine.get(k, '-')!r} now" for k in differ[:8])
+    more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+    return (
+        f"{run_dir} holds a run with other settings ({shown or 'unreadable metadata.json'}{more}). Nothing was "
+        "changed. To replace it pass overwrite=True (command line: --overwrite); to keep it, write this run to "
+        "another folder (output_dir / --name)"
+    )
+
+
 def train(
     model: nn.Module,
     optimizer: Any,
@@ -142,6 +267,11 @@ def train(
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
     max_grad_norm: float | None = None,
+    overwrite: bool = False,
+    stall_steps: int = 10,
+    divergence_factor: float = 10.0,
+    eval_schedule: Callable[[int], bool] | None = None,
+    label: str = "train",
 ) -> History:
     """Train ``model`` with ``optimizer`` for up to ``steps`` outer steps.
 
@@ -154,35 +284,102 @@ def train(
         steps: number of outer steps (``>= 1``).
         accumulation: micro-batches per step for torch-like optimizers (token batch = accumulation·B·T).
         eval_every: evaluate every this many steps (and at step 0 and the last step).
+        eval_schedule: ``eval_schedule(step) -> bool`` decides instead of ``eval_every`` (step 0 and the
+            last step are always evaluated), e.g. :func:`gnlib.protocols.paper_eval_schedule`.
         target_loss: stop once the validation loss is at or below this value.
         schedule: LR multiplier ``schedule(step)``; each group's ``lr`` becomes ``initial_lr * schedule``.
         loss_fn: ``loss_fn(logits, targets)``; default token-mean cross-entropy.
         run_dir: where History, metadata and checkpoints go; ``None`` keeps everything in memory.
         checkpoint_every: write a resumable checkpoint every this many steps (0: only at the end).
             A run started on a ``run_dir`` that holds a checkpoint with the same ``metadata`` resumes
-            from it (and returns at once if that run had finished); different metadata starts afresh.
-            Data-parallel: rank 0 writes, every process reads ``run_dir`` (it must be shared).
+            from it (and returns at once if that run had finished); a ``run_dir`` holding a run with
+            other metadata is refused unless ``overwrite``. While the run lasts it holds ``run_dir/.lock``:
+            a second run into the same folder is refused. Leftover temporaries of killed writes are
+            removed; a checkpoint that cannot be read is renamed ``checkpoint.pt.unreadable-<time>`` and
+            the run starts afresh. Data-parallel: rank 0 writes, every process reads ``run_dir`` (it
+            must be shared).
         metadata: description of the run, saved with it and used to recognise a resumable checkpoint.
-        progress: print one line per evaluation.
+        progress: show a progress bar (``tqdm.auto``: a widget in Jupyter, so papermill's log is not flooded)
+            with the last losses, and print one line naming ``label`` when the run ends.
         max_grad_norm: clip the accumulated gradient to this norm (torch-like optimizers only).
+        overwrite: replace a run with other settings found in ``run_dir`` instead of refusing.
+        stall_steps: status ``"stalled"`` after this many consecutive outer steps in which the optimizer
+            reported that it took no step (diagnostic ``alpha == 0``: a rejected Gauss-Newton line search).
+        divergence_factor: status ``"diverged"`` when a loss is not finite or exceeds this multiple of the
+            validation loss at step 0.
+        label: name of the run in its progress bar and final line (e.g. the optimizer).
 
     Returns:
         The run's :class:`History`; ``metadata["world_size"]`` is the number of processes.
 
     Raises:
-        ValueError: bad arguments, or ``run_dir`` holds this run's checkpoint written by another number
-            of processes.
+        ValueError: bad arguments, ``run_dir`` holds a run with other settings (and not ``overwrite``), or
+            this run's checkpoint written by another number of processes.
+        RunFolderBusy: another process is running into ``run_dir``.
     """
-    for name, value, low in (("steps", steps, 1), ("accumulation", accumulation, 1), ("eval_every", eval_every, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every!r}")
+    for name, value, low in (
+        ("steps", steps, 1),
+        ("accumulation", accumulation, 1),
+        ("eval_every", eval_every, 1),
+        ("checkpoint_every", checkpoint_every, 0),
+        ("stall_steps", stall_steps, 1),
+    ):
+        check_positive_int(name, value, minimum=low)
+    check_positive_number("divergence_factor", divergence_factor, example="10")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    with run_folder_lock(run_dir if distributed.is_main() else None):
+        return _train(
+            model,
+            optimizer,
+            train_batches,
+            val_batches,
+            steps=steps,
+            accumulation=accumulation,
+            eval_every=eval_every,
+            target_loss=target_loss,
+            schedule=schedule,
+            loss_fn=loss_fn,
+            run_dir=run_dir,
+            checkpoint_every=checkpoint_every,
+            metadata=metadata,
+            progress=progress,
+            max_grad_norm=max_grad_norm,
+            overwrite=overwrite,
+            stall_steps=stall_steps,
+            divergence_factor=divergence_factor,
+            eval_schedule=eval_schedule,
+            label=label,
+        )
+
+
+def _train(
+    model: nn.Module,
+    optimizer: Any,
+    train_batches: Callable[[], Batch],
+    val_batches: Sequence[Batch],
+    *,
+    steps: int,
+    accumulation: int,
+    eval_every: int,
+    target_loss: float | None,
+    schedule: Callable[[int], float] | None,
+    loss_fn: LossFn | None,
+    run_dir: Path | None,
+    checkpoint_every: int,
+    metadata: dict[str, Any] | None,
+    progress: bool,
+    max_grad_norm: float | None,
+    overwrite: bool,
+    stall_steps: int,
+    divergence_factor: float,
+    eval_schedule: Callable[[int], bool] | None,
+    label: str,
+) -> History:
+    """:func:`train` once ``run_dir`` (if any) is locked by this process."""
     loss_fn = loss_fn or CrossEntropy().value
     draws_batches = getattr(optimizer, "draws_batches", False)
     metadata = dict(metadata or {})
     fingerprint = _fingerprint(metadata)
-    run_dir = Path(run_dir) if run_dir is not None else None
     for group in [] if draws_batches else optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
 
@@ -190,26 +387,36 @@ def train(
     progress = progress and main
     history = History(metadata={**metadata, "fingerprint": fingerprint, "world_size": world})
     elapsed_before = 0.0
-    if run_dir is not None and (run_dir / CHECKPOINT).exists():
-        state = torch.load(run_dir / CHECKPOINT, weights_only=True)
-        if state["fingerprint"] == fingerprint:
-            saved_world = state.get("world_size", 1)
-            if saved_world != world:
-                raise ValueError(
-                    f"{run_dir / CHECKPOINT} was written by a run on world_size={saved_world} process(es); this "
-                    f"run has world_size={world}. Resume it with torchrun --nproc_per_node {saved_world} (the batch "
-                    "stream depends on the number of processes), or use another run_dir"
-                )
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if hasattr(train_batches, "load_state_dict"):
-                train_batches.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["rng"])
-            history.rows = json.loads(state["rows"])
-            history.status = state["status"]
-            elapsed_before = history.rows[-1]["wall_time"]
-        elif progress:
-            print(f"{run_dir}: existing checkpoint has other settings; starting a new run")
+    state = None
+    if run_dir is not None:
+        if main:
+            _remove_stale_temporaries(run_dir)
+        device = next(iter(model.parameters())).device
+        state = _read_checkpoint(run_dir / CHECKPOINT, device, move_aside=main)
+        saved = state["fingerprint"] if state is not None else _saved_fingerprint(run_dir)
+        if saved is not None and saved != fingerprint:
+            if not overwrite:
+                raise ValueError(_conflict_message(run_dir, metadata))
+            if progress:
+                print(f"{run_dir}: replacing the run with other settings found there (overwrite=True)")
+            state = None
+    if state is not None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != world:
+            raise ValueError(
+                f"{run_dir / CHECKPOINT} was written by a run on world_size={saved_world} process(es); this "
+                f"run has world_size={world}. Resume it with torchrun --nproc_per_node {saved_world} (the batch "
+                "stream depends on the number of processes), or use another run_dir"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if hasattr(train_batches, "load_state_dict"):
+            train_batches.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"].cpu())
+        history.rows = json.loads(state["rows"])
+        history.status = state["status"]
+        history.reason = state.get("reason")
+        elapsed_before = history.rows[-1]["wall_time"]
     distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
     if history.status != "running":
         return history
@@ -227,20 +434,39 @@ def train(
                 "rng": torch.get_rng_state(),
                 "rows": json.dumps(history.rows, default=_json_default),
                 "status": history.status,
+                "reason": history.reason,
                 "world_size": world,
             },
             run_dir / CHECKPOINT,
         )
 
-    def validation_loss() -> float:
+    def validation_losses() -> dict[str, float]:
+        """``val_loss`` (with the optimizer's eval parameters, if any) and then ``val_loss_raw``."""
         eval_params = getattr(optimizer, "eval_parameters", None)
-        loss = evaluate(model, val_batches, loss_fn, eval_params() if callable(eval_params) else None)
-        return distributed.all_reduce_mean(loss)
+        params = eval_params() if callable(eval_params) else None
+        losses = {"val_loss": evaluate(model, val_batches, loss_fn, params)}
+        if params is not None:
+            losses["val_loss_raw"] = evaluate(model, val_batches, loss_fn)
+        return {key: distributed.all_reduce_mean(value) for key, value in losses.items()}
 
     def update_status(row: dict[str, Any], last: bool) -> None:
-        losses = [row[key] for key in ("train_loss", "val_loss") if row.get(key) is not None]
-        if not all(math.isfinite(value) for value in losses):
-            history.status = "diverged"
+        losses = {key: row[key] for key in ("train_loss", "val_loss") if row.get(key) is not None}
+        start_loss = history.rows[0]["val_loss"]
+        limit = divergence_factor * start_loss if math.isfinite(start_loss) else math.inf
+        rejected = _rejected_steps(history.rows)
+        if not all(math.isfinite(value) for value in losses.values()):
+            bad = ", ".join(f"{key} {value}" for key, value in losses.items() if not math.isfinite(value))
+            history.status, history.reason = "diverged", f"non-finite loss at step {row['step']} ({bad})"
+        elif losses.get("val_loss", -math.inf) > limit:
+            history.status, history.reason = "diverged", (
+                f"val_loss {losses['val_loss']:.4g} at step {row['step']} exceeds {divergence_factor:g}x the "
+                f"start's {start_loss:.4g} (divergence_factor)"
+            )
+        elif rejected >= stall_steps:
+            history.status, history.reason = "stalled", (
+                f"no step taken in the last {rejected} outer steps (the optimizer reported alpha = 0: every "
+                f"line-search step rejected; last reason: {row.get('reason')}); lower the LR or change the line search"
+            )
         elif target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= target_loss:
             history.status = "reached_target"
         elif last:
@@ -248,11 +474,10 @@ def train(
 
     start = time.perf_counter() - elapsed_before
     if not history.rows:
-        history.rows.append(
-            {"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, "val_loss": validation_loss()}
-        )
+        history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **validation_losses()})
         update_status(history.rows[0], last=False)
     first_step = history.rows[-1]["step"] + 1 if history.status == "running" else steps + 1
+    bar = tqdm(total=steps, initial=first_step - 1, desc=label, unit="step", disable=not progress, mininterval=1.0)
     for step in range(first_step, steps + 1):
         row: dict[str, Any] = {"step": step}
         if draws_batches:
@@ -280,19 +505,25 @@ def train(
             row["lr"] = optimizer.param_groups[0]["lr"]
         row["tokens"] = history.rows[-1]["tokens"] + tokens
         last = step == steps
-        row["val_loss"] = validation_loss() if (step % eval_every == 0 or last) else None
+        due = eval_schedule(step) if eval_schedule is not None else step % eval_every == 0
+        row.update(validation_losses() if (due or last) else {"val_loss": None})
         row["wall_time"] = time.perf_counter() - start
         history.rows.append(row)
 
         update_status(row, last)
-        if progress and (row["val_loss"] is not None or history.status != "running"):
-            print(
-                f"step {step}/{steps}  train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}"
-                f"  {row['wall_time']:.1f}s  {history.status}"
-            )
+        bar.update()
+        if row["val_loss"] is not None:
+            bar.set_postfix_str(f"train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}", refresh=False)
         if history.status != "running":
             break
         if checkpoint_every and step % checkpoint_every == 0:
             checkpoint()
+    bar.close()
     checkpoint()
+    if progress:
+        last_row = history.rows[-1]
+        print(
+            f"{label}: {history.status} at step {last_row['step']}/{steps}, val loss {_fmt(history.final_val_loss)}, "
+            f"{last_row['wall_time']:.1f}s" + (f" ({history.reason})" if history.reason else "")
+        )
     return history

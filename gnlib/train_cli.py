@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +28,7 @@ import yaml
 
 from gnlib import distributed
 from gnlib.experiments import RunSpec, run
-from gnlib.train import History
+from gnlib.train import History, RunFolderBusy
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 
@@ -47,11 +48,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The RunSpec fields in a YAML (``.yaml``/``.yml``) or JSON file, as a dict.
 
     Raises:
-        ValueError: the file does not hold a mapping, or names a key that is not a RunSpec field.
+        ValueError: the file cannot be read or parsed (naming it, with the line), does not hold a mapping,
+            or names a key that is not a RunSpec field.
     """
     path = Path(path)
-    text = path.read_text()
-    config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        with open(path, encoding="utf-8") as stream:  # a named stream: YAML errors name the file
+            config = json.load(stream) if path.suffix == ".json" else yaml.safe_load(stream)
+    except OSError as err:
+        raise ValueError(f"config {path} cannot be read ({err.strerror or err}); check --config's path") from None
+    except UnicodeDecodeError as err:
+        reason = f"{err.reason} at byte {err.start}"
+        raise ValueError(f"config {path} is not UTF-8 text ({reason}); give a YAML or JSON file") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"config {path} is not valid {kind}: {err}") from None
     config = {} if config is None else config
     if not isinstance(config, dict):
         raise ValueError(f"config {path} must hold a mapping of RunSpec fields, got {type(config).__name__}")
@@ -69,6 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", help="where History and checkpoints go (default: outputs/<name>)")
     parser.add_argument("--checkpoint_every", type=int, default=0, help="checkpoint period in steps (0: at the end)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in the output dir")
     for name in FIELDS:
         parser.add_argument(f"--{name}", type=parse_value, default=None, metavar="VALUE",
                             help=f"RunSpec.{name} (JSON or YAML: 3e-3, null, '{{inner_steps: 4}}')")
@@ -82,9 +94,14 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         ValueError: unknown config keys or any invalid field (before data or model are built).
     """
     config = read_config(args.config) if args.config else {}
-    config.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
+    flags = {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
+    config.update(flags)
     spec = RunSpec(**config)
-    spec.validate()
+    try:
+        spec.validate()
+    except ValueError as err:
+        source = " and ".join([f"config {args.config}"] * bool(args.config) + ["flags"] * bool(flags))
+        raise ValueError(f"{err} (settings from {source or 'defaults'})") from err
     return spec
 
 
@@ -96,10 +113,22 @@ def main(argv: Sequence[str] | None = None) -> History:
     output_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / name
     distributed.init_from_env(spec.device)
     try:
-        return run(spec, output_dir, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+        return run(
+            spec, output_dir, progress=not args.quiet, checkpoint_every=args.checkpoint_every, overwrite=args.overwrite
+        )
     finally:
         distributed.shutdown()
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """:func:`main` for the shell: bad input and a busy output folder print ``error: ...`` and exit 2."""
+    try:
+        main(argv)
+    except (ValueError, RunFolderBusy) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -2,8 +2,9 @@
 
 An :class:`Explorer` is a row of controls above a figure. Every change of a control calls
 ``render(**values)``, a pure function from the controls' values to a matplotlib Figure (built from
-:mod:`gnlib.blocks`, :mod:`gnlib.spectra`, :mod:`gnlib.plots`, ...), and shows it as a PNG image, so the
-explorer needs no plotting backend and no browser: tests set a control's ``value`` and look at
+:mod:`gnlib.blocks`, :mod:`gnlib.spectra`, :mod:`gnlib.plots`, ...), and shows it as a PNG image drawn
+at the size it is shown (times ``pixel_ratio``, for sharp high-density screens), so the explorer needs
+no plotting backend and no browser: tests set a control's ``value`` and look at
 ``explorer.figure``. A ``ValueError`` raised by ``render`` is shown as a message instead of breaking the
 callback. Notebooks build explorers after their static figures; executed headlessly (papermill) the
 widgets are created and rendered once, and nothing waits for a front end.
@@ -12,6 +13,7 @@ widgets are created and rendered once, and nothing waits for a front end.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +23,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from gnlib.blocks import NORMALIZATIONS, block_norms, block_view
-from gnlib.plots import heatmap, to_png
+from gnlib.plots import heatmap, short_name, to_png
 
 
 class Explorer(widgets.VBox):
@@ -37,16 +39,19 @@ class Explorer(widgets.VBox):
     Args:
         render: pure function of keyword arguments named like ``controls``, returning a Figure.
         controls: name → ipywidgets value widget (Dropdown, Checkbox, FloatLogSlider, ...).
-        dpi: resolution of the displayed PNG.
+        pixel_ratio: PNG pixels per displayed pixel; the image is shown at the figure's own size
+            (``figsize · dpi`` pixels) and drawn at ``pixel_ratio`` times that.
     """
 
-    def __init__(self, render: Callable[..., Figure], controls: Mapping[str, widgets.ValueWidget], *, dpi: int = 80):
+    def __init__(
+        self, render: Callable[..., Figure], controls: Mapping[str, widgets.ValueWidget], *, pixel_ratio: int = 2
+    ):
         """Lay out the controls, observe them, and render once."""
         if not controls:
             raise ValueError("controls must name at least one widget")
         self.render = render
         self.controls = dict(controls)
-        self.dpi = dpi
+        self.pixel_ratio = pixel_ratio
         self.figure: Figure | None = None
         self.renders = 0
         self.image = widgets.Image(format="png")
@@ -96,7 +101,9 @@ class Explorer(widgets.VBox):
             return None
         self.figure = figure
         self.message.value = ""
-        self.image.value = to_png(figure, self.dpi)
+        width, height = figure.get_size_inches() * figure.dpi
+        self.image.width, self.image.height = str(math.ceil(width)), str(math.ceil(height))
+        self.image.value = to_png(figure, figure.dpi * self.pixel_ratio)
         return figure
 
 
@@ -110,12 +117,18 @@ def curvature_view(
     row_block: str | None = None,
     col_block: str | None = None,
     name: str = "G",
+    title: str | None = None,
+    degenerate: float = 1e-8,
 ) -> Figure:
     """Block norms of a dense curvature matrix beside the entries of one block pair.
 
     Left: ‖C_bc‖_F for every block pair (:func:`gnlib.blocks.block_norms` with ``normalize``), the
     pair (``row_block``, ``col_block``) outlined. Right: |C_bc| entry by entry
-    (:func:`gnlib.blocks.block_view`).
+    (:func:`gnlib.blocks.block_view`). Blocks are labelled by :func:`gnlib.plots.short_name`.
+
+    With ``normalize="diag"`` an entry is ‖C_bc‖ / sqrt(‖C_bb‖ ‖C_cc‖), meaningless when a diagonal
+    block is zero up to rounding (H − G on blocks where the model is linear): the rows and columns of
+    blocks with ‖C_bb‖ ≤ ``degenerate`` · max_b ‖C_bb‖ are hatched and named in the legend instead.
 
     Args:
         matrix: (n, n) dense matrix in the flat order of ``params_like``.
@@ -125,7 +138,9 @@ def curvature_view(
         log: logarithmic colour scales.
         row_block: row block of the pair to show (default: the first block).
         col_block: column block of the pair (default: the first block).
-        name: symbol of the matrix in the titles.
+        name: symbol of the matrix in the panel titles (``G``, ``H``, ``H − G``).
+        title: figure title.
+        degenerate: relative size below which a diagonal block counts as zero for ``normalize="diag"``.
 
     Raises:
         ValueError: bad ``normalize``, unknown block names, or a matrix that does not match.
@@ -135,16 +150,35 @@ def curvature_view(
     col_block = blocks[0] if col_block is None else col_block
     pair = block_view(matrix, partition, params_like, row_block, col_block).abs()
     norms = block_norms(matrix, partition, params_like, normalize)
-    left = f"‖{name}_bc‖ (normalize={normalize})"
-    right = f"|{name}[{row_block}, {col_block}]|"
+    symbol = f"({name})" if " " in name else name  # ‖(H − G)_bc‖, not ‖H − G_bc‖
+    missing = "undefined (nan)"
+    if normalize == "diag":
+        diagonal = block_norms(matrix, partition, params_like).diagonal()
+        zero = diagonal <= degenerate * diagonal.max()
+        norms[zero, :] = norms[:, zero] = float("nan")
+        if zero.any():
+            names = ", ".join(short_name(b) for b, z in zip(blocks, zero.tolist()) if z)
+            missing = f"not normalizable: ‖{symbol}_bb‖ ≈ 0 for {names}"
+    left = f"‖{symbol}_bc‖ (normalize={normalize})"
+    right = f"|{symbol}[{short_name(row_block)}, {short_name(col_block)}]|"
     return heatmap(
         {left: norms, right: pair},
-        {left: blocks, right: None},
+        {left: [short_name(b) for b in blocks], right: None},
         log=log,
         shared_scale=False,
         annotate=False if len(blocks) > 12 else None,
         highlight={left: (blocks.index(row_block), blocks.index(col_block))},
+        title=title,
+        missing_label=missing,
     )
+
+
+SYMBOLS = {"GGN": "G", "Hessian": "H", "H - G": "H − G"}  # matrix names of the explorer → symbols in titles
+
+
+def _labelled(blocks: list[str]) -> list[tuple[str, str]]:
+    """Dropdown options: (short label, block name) pairs."""
+    return [(short_name(b), b) for b in blocks]
 
 
 def curvature_explorer(
@@ -178,15 +212,15 @@ def curvature_explorer(
         "partition": widgets.Dropdown(options=list(partitions), description="partition"),
         "normalize": widgets.Dropdown(options=NORMALIZATIONS, value=normalize, description="normalize"),
         "log": widgets.Checkbox(value=log, description="log scale"),
-        "row_block": widgets.Dropdown(options=first, description="row block"),
-        "col_block": widgets.Dropdown(options=first, description="col block"),
+        "row_block": widgets.Dropdown(options=_labelled(first), description="row block"),
+        "col_block": widgets.Dropdown(options=_labelled(first), description="col block"),
     }
 
     def follow_partition(change: dict) -> None:
         names = list(partitions[change["new"]])
         with explorer.hold():
             for key in ("row_block", "col_block"):
-                controls[key].options = names
+                controls[key].options = _labelled(names)
                 controls[key].value = names[0]
 
     controls["partition"].observe(follow_partition, names="value")
@@ -202,7 +236,8 @@ def curvature_explorer(
             log=log,
             row_block=row_block,
             col_block=col_block,
-            name=f"{matrix} at {checkpoint}",
+            name=SYMBOLS.get(matrix, matrix),
+            title=f"{matrix} at {checkpoint}, {partition} blocks",
         )
 
     explorer = Explorer(render, controls)

@@ -238,7 +238,7 @@ def test_unknown_optimizer_names_the_allowed_ones():
         (
             "adamw",
             dict(momentum=0.9),
-            "unknown hyperparameter(s) ['momentum']; allowed: ['betas', 'eps', 'lr', 'weight_decay']",
+            "unknown hyperparameter(s) ['momentum']; allowed: ['betas', 'eps', 'grad_clip', 'lr', 'weight_decay']",
         ),
         ("muon", dict(adjust_lr_fn="rms"), "adjust_lr_fn='rms' is invalid; allowed: 'original' or 'match_rms_adamw'"),
         ("muon", dict(momentum=1.0), "momentum=1.0 is invalid; allowed: a number in [0, 1)"),

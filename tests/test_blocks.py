@@ -189,7 +189,8 @@ def test_resolve_partition():
     assert blocks.resolve_partition("halves", model) == blocks.coarse_halves(model)
     custom = {"x": names[:3], "y": names[3:]}
     assert blocks.resolve_partition(custom, model) == custom
-    with pytest.raises(ValueError, match=r"blocks='layers'.*'full', 'per_layer', 'per_tensor', 'halves'"):
+    allowed = r"'full', 'per_layer', 'per_layer_norm_with_last', 'per_tensor', 'halves'"
+    with pytest.raises(ValueError, match=rf"blocks='layers'.*{allowed}"):
         blocks.resolve_partition("layers", model)
     with pytest.raises(ValueError, match="misses"):
         blocks.resolve_partition({"x": names[:3]}, model)
@@ -351,3 +352,15 @@ def test_block_diagonal_operator_and_lanczos_on_a_ggn_operator(ggn_setup):
     torch.testing.assert_close(blocks.BlockDiagonalOperator(op, partition, like) @ x, expected, rtol=1e-10, atol=1e-14)
     top, _ = spectra.lanczos(op, 1, n_iter=20)
     torch.testing.assert_close(top, torch.linalg.eigvalsh(ggn)[-1:], rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_per_layer_norm_with_last_puts_the_final_norm_in_the_last_block(tied):
+    model = tiny_transformer(tied=tied)
+    plain, reference = blocks.per_layer(model), blocks.resolve_partition("per_layer_norm_with_last", model)
+    last = [b for b in plain if b.startswith("block")][-1]
+    assert list(reference) == list(plain)
+    assert reference[last] == plain[last] + ([] if tied else ["norm.weight"])
+    if not tied:
+        assert plain["head"] == ["norm.weight", "head.weight"] and reference["head"] == ["head.weight"]
+    blocks.validate_partition(reference, model)

@@ -1,6 +1,7 @@
 """Curvature products against dense float64 references built independently with torch.func.
 
-Models: a small MLP (cross-entropy and MSE), a one-layer transformer with tied embeddings, and a linear
+Models: a small MLP (cross-entropy and MSE), a one-layer LLaMA-style transformer with tied embeddings, the
+study's reference transformer (GELU MLP, LayerNorm-ed queries and keys, fan-in init, untied), and a linear
 model (a GLM: with cross-entropy, multinomial logistic regression). References: J from
 ``torch.func.jacrev``, H_z and H from ``torch.func.hessian``, G = Jᵀ H_z J.
 """
@@ -80,16 +81,16 @@ def _mlp_case(loss_name: str) -> Case:
     return _make_case(model, (x, torch.randn(6, 4, generator=g, dtype=torch.float64)), MSE())
 
 
-def _transformer(dtype=torch.float64):
+def _transformer(dtype=torch.float64, preset: str = "tiny", tie: bool = True):
     return build_model(
-        "tiny",
+        preset,
         n_layers=1,
         d_model=8,
         n_heads=2,
         d_ff=16,
         vocab_size=7,
         max_seq_len=4,
-        tie_embeddings=True,
+        tie_embeddings=tie,
         seed=0,
         dtype=dtype,
     )
@@ -101,13 +102,22 @@ def _transformer_batch():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _transformer_case() -> Case:
-    model = _transformer()
+def _transformer_case(preset: str = "tiny", tie: bool = True) -> Case:
+    model = _transformer(preset=preset, tie=tie)
     # Move off the symmetric initialization (unit norm gains) so that every parameter matters.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
     return _make_case(model, _transformer_batch(), CrossEntropy())
+
+
+def _transformer_ignore_index_case() -> Case:
+    """The transformer case with some targets set to -100: those tokens count in no loss, gradient or curvature."""
+    case = _transformer_case()
+    inputs, targets = case.batch
+    targets = targets.clone()
+    targets[0, 1], targets[1, :2] = -100, -100
+    return _make_case(case.model, (inputs, targets), CrossEntropy())
 
 
 def _linear_case() -> Case:
@@ -124,6 +134,8 @@ _BUILDERS = {
     "mlp_ce": lambda: _mlp_case("ce"),
     "mlp_mse": lambda: _mlp_case("mse"),
     "transformer": _transformer_case,
+    "transformer_reference": lambda: _transformer_case("paper_tiny", tie=False),
+    "transformer_ignore_index": _transformer_ignore_index_case,
     "linear_ce": _linear_case,
 }
 
@@ -152,6 +164,19 @@ def test_transformer_has_tied_embeddings_and_every_parameter_matters(transformer
     assert "head.weight" not in transformer_case.params
     # Every parameter moves the outputs: no all-zero column of J.
     assert (transformer_case.J.abs().sum(0) > 0).all()
+
+
+def test_reference_transformer_has_its_own_layers_and_every_parameter_matters():
+    case = _BUILDERS["transformer_reference"]()
+    assert {"head.weight", "blocks.0.attn.q_norm.bias", "blocks.0.attn.k_norm.weight", "blocks.0.mlp.w1.weight"} <= set(
+        case.params
+    )
+    moves = (case.J.abs().sum(0) > 0).reshape(-1)
+    n_embed = case.params["embed.weight"].numel()
+    assert moves[n_embed:].all()  # untied: only the embedding rows of tokens absent from the batch stay still
+    present = torch.zeros(7, 8, dtype=torch.bool)
+    present[case.batch[0].unique()] = True
+    assert torch.equal(moves[:n_embed], present.reshape(-1))
 
 
 def test_jvp_and_vjp_match_dense_jacobian(case):

@@ -95,3 +95,21 @@ def test_mse_hessian_is_identity_over_rows():
     z, y, g = _mse_case(rows=(5,))
     v = torch.randn(z.shape, generator=g, dtype=z.dtype)
     torch.testing.assert_close(MSE().hvp(z, y, v), v / 5)
+
+
+def test_ignored_targets_count_in_no_value_gradient_or_curvature():
+    z, y, g = _ce_case(shape=(3, 4))
+    y[0, 1], y[2, :3] = -100, -100
+    loss, v = CrossEntropy(), torch.randn(z.shape, generator=g, dtype=torch.float64)
+    kept = y != -100
+    expected = F.cross_entropy(z[kept], y[kept])
+    torch.testing.assert_close(loss.value(z, y), expected)
+    value, grad = loss.value_and_grad(z, y)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, torch.func.grad(lambda t: F.cross_entropy(t[kept], y[kept]))(z))
+    hessian = _dense_hessian(loss, z, y)
+    torch.testing.assert_close(loss.hvp(z, y, v).reshape(-1), hessian @ v.reshape(-1))
+    q, u = loss.quadratic(z, y, v)
+    torch.testing.assert_close(q, value + (grad * v).sum() + 0.5 * v.reshape(-1) @ hessian @ v.reshape(-1))
+    torch.testing.assert_close(u.reshape(-1), grad.reshape(-1) + hessian @ v.reshape(-1))
+    assert (grad[~kept] == 0).all() and (loss.hvp(z, y, v)[~kept] == 0).all()

@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
+import nbformat
 import papermill
+
+from gnlib.nbtools import figure_problems
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "00_quickstart.ipynb"
 
@@ -18,6 +21,14 @@ def test_quickstart_writes_results_and_figure(tmp_path):
         kernel_name="python3",
         progress_bar=False,
     )
+    executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    assert figure_problems(executed) == []
+    # the training log: a progress bar per run (a widget, not stdout) and one line naming each optimizer
+    (train_cell,) = [cell for cell in executed.cells if "run(spec" in cell.source]
+    printed = "".join(o["text"] for o in train_cell.outputs if o.get("name") == "stdout").splitlines()
+    assert [line.split(":")[0] for line in printed] == ["adamw", "gn"], printed
+    table = [cell for cell in executed.cells if "readable_summary(" in cell.source][-1].outputs[0]["data"]["text/plain"]
+    assert "NaN" not in table and "steps to target" in table
     results = json.loads((out / "results.json").read_text())
     assert (out / "val_loss.png").stat().st_size > 1000
     assert results["parameters"]["steps"] == 4 and len(results["corpus_sha256"]) == 64

@@ -3,11 +3,13 @@
 import json
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import papermill
 import yaml
 
 from gnlib.experiments import study_table_from_sweep
+from gnlib.nbtools import figure_problems
 from gnlib.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,7 @@ def execute(name, tmp_path, **parameters):
         parameters={**SMALL, "warmup_dir": str(tmp_path / "warmup"), "output_dir": str(out), **parameters},
         kernel_name="python3", progress_bar=False, cwd=str(ROOT),
     )
+    assert figure_problems(nbformat.read(tmp_path / f"{name}.executed.ipynb", as_version=4)) == []
     return out
 
 
@@ -51,6 +54,7 @@ def test_iteration_complexity_reads_a_sweep(tmp_path):
     assert table["steps_to_target"].notna().all() and (table["tokens_per_step"] == 2 * 8 * 32).all()
     point = json.loads((tmp_path / "study_smoke" / "optimizers=gn" / "results.json").read_text())
     assert point["optimizer"] == "gn" and point["micro_batches"] == 2 and point["grad_equivalents_to_target"] > 0
+    assert point["status_reason"] is None and {"result_status", "status_reason"} <= set(table.columns)
     study = study_table_from_sweep(tmp_path / "study_smoke" / "results.csv")
     assert study["chosen"].all() and study["on_edge"].all()  # one LR per setting: flagged
     out = execute("02_iteration_complexity", tmp_path, sweep_results=str(tmp_path / "study_smoke" / "results.csv"))

@@ -3,16 +3,19 @@
 import json
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import papermill
 import pytest
+
+from gnlib.nbtools import figure_problems
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SMALL_TRANSFORMER = {"n_layers": 1, "seq_len": 8, "corpus_bytes": 100_000, "train_batch": 8}
 
 
 def execute(name: str, tmp_path: Path, **parameters) -> Path:
-    """Run notebook ``name`` with ``parameters`` and ``output_dir`` under tmp_path; return that folder."""
+    """Run notebook ``name`` with ``parameters`` and ``output_dir`` under tmp_path, check it shows every figure."""
     out = tmp_path / name
     papermill.execute_notebook(
         str(NOTEBOOKS / f"{name}.ipynb"),
@@ -21,6 +24,7 @@ def execute(name: str, tmp_path: Path, **parameters) -> Path:
         kernel_name="python3",
         progress_bar=False,
     )
+    assert figure_problems(nbformat.read(tmp_path / f"{name}.executed.ipynb", as_version=4)) == []
     return out
 
 

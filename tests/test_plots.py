@@ -125,3 +125,66 @@ def test_steps_vs_batch_draws_medians_with_misses_counted_and_seed_dots():
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     with pytest.raises(ValueError, match="steps_to_target"):
         plots.steps_vs_batch(pd.DataFrame(rows).drop(columns="steps_to_target"))
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def test_figures_display_in_ipython_as_sharp_png_whatever_the_backend():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    shell = InteractiveShell.instance()
+    # matplotlib's inline backend registers a formatter for every Figure; gnlib's figures bypass it
+    shell.display_formatter.formatters["image/png"].for_type(Figure, lambda figure: b"low-resolution")
+    try:
+        fig = plots.loss_curves(pd.DataFrame({"step": [0, 1], "val_loss": [3.0, 2.0], "optimizer": ["a", "a"]}))
+        with capture_output() as captured:
+            shell.display_formatter.format(fig)
+    finally:
+        shell.display_formatter.formatters["image/png"].pop(Figure)
+    (output,) = captured.outputs
+    assert output.data["text/plain"] == "<NotebookFigure size 600x400 with 1 Axes>"
+    assert png_size(output.data["image/png"]) == (1200, 800)  # drawn at twice the size it is shown
+    assert output.metadata["image/png"] == {"width": 600, "height": 400}
+
+
+def test_short_names_are_one_form():
+    assert plots.short_name("blocks.0.attn.wq.weight") == "block0.attn.wq"
+    assert plots.short_name("blocks.11.mlp.w_up.weight") == "block11.mlp.w_up"
+    assert plots.short_name("embed.weight") == "embed" and plots.short_name("2.bias") == "2.bias"
+    assert plots.short_name("block0") == "block0"
+
+
+def test_heatmap_names_zero_and_undefined_cells_in_a_legend():
+    fig = plots.heatmap(np.array([[1.0, 0.0], [np.nan, 2.0]]), ["a", "b"], log=True, missing_label="no value")
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["exactly 0 (not on the log scale)", "no value"]
+    hatched = [p for p in fig.axes[0].patches if p.get_hatch()]
+    assert len(hatched) == 1 and hatched[0].get_xy() == (-0.5, 0.5)
+    assert not plots.heatmap(np.eye(2) + 1, ["a", "b"], log=True).legends  # nothing to explain
+
+
+def test_contour_colour_bar_ticks_are_round_and_the_legend_stays_below_the_axes():
+    x, y = np.linspace(-1, 1, 20), np.linspace(-2, 2, 30)
+    values = 0.9 + 90 * (x[None, :] ** 2 + y[:, None] ** 2) / 5
+    positions = []
+    for end in ([0.5, 0.5], [-0.9, -1.9]):  # paths in different corners: the legend does not move
+        fig = plots.contour_trajectories(x, y, values, {"a": np.array([[0.0, 0.0], end])})
+        fig.canvas.draw()
+        colorbar = fig.axes[1]
+        ticks = [t for t in colorbar.get_yticks() if values.min() <= t <= values.max()]
+        assert ticks and all(float(f"{t:.0e}") == pytest.approx(t) and f"{t:.0e}"[0] in "125" for t in ticks)
+        legend = fig.axes[0].get_legend()
+        positions.append(tuple(legend.get_window_extent().bounds))
+        assert legend.get_window_extent().y1 < fig.axes[0].get_window_extent().y0  # below the axes
+    assert positions[0] == positions[1]
+
+
+def test_log_colour_bars_label_round_values_only():
+    fig = plots.heatmap(np.array([[0.51, 6.5], [2.5, 1.0]]), ["a", "b"], log=True)
+    fig.canvas.draw()
+    colorbar = fig.axes[1]
+    low, high = colorbar.get_ylim()
+    labels = [t.get_text() for t in colorbar.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert labels == ["1", "2", "5"] and not [t for t in colorbar.yaxis.get_minorticklabels() if t.get_text()]

@@ -237,3 +237,63 @@ def test_killed_sweep_resumes_without_losing_or_duplicating_runs(tmp_path):
     assert fast_status.stat().st_mtime_ns == fast_mtime
     assert not (slow / "stale.txt").exists() and json.loads((slow / "results.json").read_text()) == {"y": 1}
     assert list(pd.read_csv(sweep_dir / "results.csv").run_id) == ["sleep=0.0", "sleep=3.0"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with the sweep through prctl (Linux)")
+def test_kill_9_of_a_parallel_sweep_leaves_no_orphans_and_the_rerun_is_complete(tmp_path):
+    """Kill -9 of the sweep process alone (``--jobs 2``, two runs executing): its workers die with it.
+
+    The re-run completes every run folder, with each run once in results.csv.
+    """
+    grid = tmp_path / "parallel.yaml"
+    grid.write_text(f"notebook: {REPO / PROBE}\ngrid:\n  sleep: [0.0, 6.0]\n  x: [1, 2]\n")
+    sweep_dir = tmp_path / "out" / "parallel"
+    slow = [sweep_dir / "sleep=6.0,x=1", sweep_dir / "sleep=6.0,x=2"]
+    with open(tmp_path / "cli.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gnlib.sweep", str(grid), "--jobs", "2", "--output-root", str(tmp_path / "out")],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not all((d / "log.txt").is_file() and "Executing Cell 4" in (d / "log.txt").read_text() for d in slow):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "cli.log").read_text()
+            time.sleep(0.05)
+        assert len(_processes_mentioning(str(grid))) == 3  # the sweep and its two workers
+    finally:
+        proc.kill()  # SIGKILL to the sweep process only, as `kill -9 <pid>` does
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(grid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(grid)) == [], "sweep workers outlived the killed sweep"
+    assert not any((d / "status.json").exists() for d in slow)
+
+    table = run_sweep(grid, output_root=tmp_path / "out", cwd=REPO, jobs=2, verbose=False)
+    runs = ["sleep=0.0,x=1", "sleep=0.0,x=2", "sleep=6.0,x=1", "sleep=6.0,x=2"]
+    assert list(table.run_id) == runs and set(table.status) == {"ok"}
+    assert list(pd.read_csv(sweep_dir / "results.csv").run_id) == runs
+    for run_dir in sweep_dir.glob("sleep=*"):
+        assert {p.name for p in run_dir.iterdir()} >= {"params.json", "notebook.ipynb", "results.json", "status.json"}
+
+
+def test_unwritable_output_root_is_refused_before_any_run(tmp_path, capsys):
+    blocker = tmp_path / "outputs"
+    blocker.write_text("a file where the output root should be")
+    grid = tmp_path / "probe.yaml"
+    grid.write_text(f"notebook: {REPO / PROBE}\ngrid:\n  x: [1]\n")
+    assert main([str(grid), "--output-root", str(blocker)]) == 2
+    error = capsys.readouterr().err
+    assert "--output-root=" in error and "cannot be written" in error

@@ -170,3 +170,15 @@ def test_nonfinite_validation_loss_counts_as_diverged():
 
     history = train(model, Poisoned(model.parameters(), lr=0.0), batches, val, steps=5, eval_every=1, progress=False)
     assert history.status == "diverged" and history.rows[-1]["step"] == 1
+
+
+def test_progress_names_the_run_in_one_final_line(capsys):
+    model, batches, val = setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train(model, optimizer, batches, val, steps=4, eval_every=1, progress=True, label="adamw")
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adamw: completed at step 4/4, val loss ")
+    assert "adamw" in err and "4/4" in err  # tqdm's bar, on stderr outside Jupyter
+    train(model, optimizer, batches, val, steps=2, progress=False)
+    assert capsys.readouterr() == ("", "")

@@ -105,7 +105,7 @@ def test_curvature_explorer_controls_drive_the_view(setup):
     renders = explorer.renders
     explorer.controls["partition"].value = "per tensor"  # block options follow, one render
     assert explorer.renders == renders + 1
-    assert list(explorer.controls["row_block"].options) == list(partitions["per tensor"])
+    assert [value for _, value in explorer.controls["row_block"].options] == list(partitions["per tensor"])
     assert shown_norms().shape == (4, 4)
     explorer.controls["col_block"].value = "2.bias"
     assert explorer.figure.axes[1].images[0].get_array().shape == (15, 4)
@@ -119,3 +119,42 @@ def test_curvature_explorer_rejects_inconsistent_inputs(setup):
         widgets.curvature_explorer({}, like, partitions)
     with pytest.raises(ValueError, match="do not hold"):
         widgets.curvature_explorer({**matrices, "x": {"GGN": matrices["step 0"]["GGN"]}}, like, partitions)
+
+
+def test_explorer_image_is_drawn_at_twice_the_displayed_size():
+    explorer = widgets.Explorer(lambda k: spectrum({"s": [1.0, k]}), {"k": ipywidgets.FloatSlider(value=2.0)})
+    png = bytes(explorer.image.value)
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (explorer.image.width, explorer.image.height) == ("600", "400") and (width, height) == (1200, 800)
+
+
+def test_curvature_view_refuses_diag_normalization_of_zero_blocks(setup):
+    like, matrices, partitions = setup
+    g = matrices["step 0"]["GGN"].clone()
+    layers = partitions["per layer"]
+    first = [i for i, name in enumerate(like) if name in layers["0"]]
+    flat = torch.cat([torch.arange(p.numel()) * 0 + i for i, p in enumerate(like.values())])
+    inside = torch.isin(flat, torch.tensor(first))
+    g[inside] = g[:, inside] = 0.0
+    g[inside.nonzero()[0], inside.nonzero()[0]] = 1e-18  # rounding noise on a zero block
+    fig = widgets.curvature_view(g, like, layers, normalize="diag", name="H − G", title="H − G at step 0")
+    shown = fig.axes[0].images[0].get_array()
+    assert np.isnan(shown.data[0]).all() and np.isnan(shown.data[:, 0]).all() and np.isfinite(shown.data[1:, 1:]).all()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "not normalizable: ‖(H − G)_bb‖ ≈ 0 for 0" in legend
+    assert np.nanmax(shown.data) <= 1.0 + 1e-12  # no 1e14 from dividing by a rounding-error block
+    assert fig.axes[0].get_title() == "‖(H − G)_bc‖ (normalize=diag)" and fig._suptitle.get_text() == "H − G at step 0"
+
+
+def test_curvature_explorer_titles_and_labels_use_short_names():
+    from gnlib.models import build_model
+
+    model = build_model("tiny", seed=0, vocab_size=8, d_model=4, n_layers=1, n_heads=2, d_ff=4, max_seq_len=4)
+    n = numel(params_of(model))
+    g = torch.eye(n, dtype=torch.float64)
+    explorer = widgets.curvature_explorer({"step 0": {"GGN": g}}, model, {"per tensor": blocks.per_tensor(model)})
+    labels = [t.get_text() for t in explorer.figure.axes[0].get_yticklabels()]
+    assert "block0.attn.wq" in labels and "embed" in labels and all(".weight" not in x for x in labels)
+    assert explorer.figure.axes[0].get_title() == "‖G_bc‖ (normalize=diag)"
+    assert explorer.figure._suptitle.get_text() == "GGN at step 0, per tensor blocks"
+    assert ("block0.attn.wq", "blocks.0.attn.wq.weight") in explorer.controls["row_block"].options

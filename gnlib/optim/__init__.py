@@ -2,7 +2,14 @@
 
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.factory import DEFAULTS, make_optimizer, split_params
-from gnlib.optim.gauss_newton import GN_VARIANTS, LINE_SEARCH, PASS_COSTS, GaussNewton, make_gauss_newton
+from gnlib.optim.gauss_newton import (
+    GN_VARIANTS,
+    LINE_SEARCH,
+    PASS_COSTS,
+    GaussNewton,
+    line_search_grid,
+    make_gauss_newton,
+)
 from gnlib.optim.schedules import (
     constant,
     cosine_decay,
@@ -19,6 +26,7 @@ __all__ = [
     "PASS_COSTS",
     "GaussNewton",
     "make_gauss_newton",
+    "line_search_grid",
     "SOAP",
     "CompositeOptimizer",
     "constant",

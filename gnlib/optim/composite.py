@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 
 class CompositeOptimizer:
@@ -14,7 +16,8 @@ class CompositeOptimizer:
     It offers what a training loop uses from a ``torch.optim.Optimizer``: ``param_groups`` (the inner
     optimizers' own group dicts, concatenated in the order of ``optimizers``, each tagged with
     ``group["optimizer"] = <name>``, so that setting ``group["lr"]`` reaches the inner optimizer),
-    ``state``, ``step``, ``zero_grad``, ``state_dict`` and ``load_state_dict``. The tensors may be
+    ``state``, ``step``, ``zero_grad``, ``state_dict``, ``load_state_dict`` and
+    ``register_step_pre_hook`` (e.g. gradient clipping before every inner optimizer steps). The tensors may be
     module parameters or plain leaf tensors whose ``.grad`` the caller fills.
 
     Args:
@@ -37,6 +40,13 @@ class CompositeOptimizer:
                     seen.add(id(p))
                 group["optimizer"] = name
         self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers)
+        self._step_pre_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
+
+    def register_step_pre_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Call ``hook(self, args, kwargs)`` at the start of every :meth:`step`, as ``torch.optim.Optimizer`` does."""
+        handle = RemovableHandle(self._step_pre_hooks)
+        self._step_pre_hooks[handle.id] = hook
+        return handle
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -55,6 +65,8 @@ class CompositeOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for hook in list(self._step_pre_hooks.values()):
+            hook(self, (), {})
         for opt in self.optimizers.values():
             opt.step()
         return loss

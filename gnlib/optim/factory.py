@@ -12,13 +12,21 @@ and ``load_state_dict``. Defaults (``DEFAULTS``) and their sources:
   tagged ``"muon"`` / ``"adamw"``. Muon follows the reference (Keller Jordan's Muon) rather than
   torch's defaults: lr 0.02, momentum 0.95 with Nesterov, 5 Newton-Schulz steps with coefficients
   (3.4445, -4.7750, 2.0315), shape scaling ``adjust_lr_fn="original"`` (lr * max(1, rows/cols)^0.5),
-  weight_decay 0 (torch's default is 0.1). The AdamW part: ``adamw_lr`` 3e-3, ``adamw_betas``
-  (0.9, 0.95), ``adamw_eps`` 1e-8, ``adamw_weight_decay`` 0. ``adamw_params`` names the 2-D tensors
-  that go to AdamW (default: ``embed.weight`` and ``head.weight`` where present).
+  weight_decay 0 (torch's default is 0.1); ``bias_correction`` False (True: optax's bias-corrected
+  Nesterov momentum, :class:`gnlib.optim.muon.Muon`). The AdamW part: ``adamw_lr`` 3e-3 (None: the
+  same LR as Muon), ``adamw_betas`` (0.9, 0.95), ``adamw_eps`` 1e-8, ``adamw_weight_decay`` 0.
+  ``adamw_params`` names the 2-D tensors that go to AdamW (default: ``embed.weight`` and
+  ``head.weight`` where present).
 * ``"soap"``: :class:`~gnlib.optim.soap.SOAP` with the reference defaults (lr 3e-3, betas
   (0.95, 0.95), shampoo_beta 0.95, eps 1e-8, weight_decay 0.01, precondition_frequency 10,
   max_precond_dim 10000); 1-D tensors get AdamW inside SOAP.
 * ``"sgd"``: ``torch.optim.SGD``; lr 0.1, momentum 0.9, nesterov False, weight_decay 0 (for teaching).
+
+Every optimizer also takes ``grad_clip`` (default None): before each step the gradients are clipped
+with ``torch.nn.utils.clip_grad_norm_`` to this norm, one norm over all tensors, except under Muon,
+where the embedding/head (``adamw_params``) and the hidden tensors are clipped separately, as the
+reference's ``optax.multi_transform`` chains do (:func:`clip_groups`). These are gnlib's defaults
+(``protocol="gnlib"``); :mod:`gnlib.protocols` holds the reference's (``protocol="paper"``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from gnlib.optim.composite import CompositeOptimizer
+from gnlib.optim.muon import Muon
 from gnlib.optim.soap import SOAP
 from gnlib.runtime import check_choice, is_finite_number
 
@@ -39,7 +48,7 @@ NamedTensors = Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
 EMBEDDING_AND_HEAD = ("embed.weight", "head.weight")
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "adamw": dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1),
+    "adamw": dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None),
     "muon": dict(
         lr=0.02,
         momentum=0.95,
@@ -47,6 +56,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         weight_decay=0.0,
         ns_steps=5,
         adjust_lr_fn="original",
+        bias_correction=False,
+        grad_clip=None,
         adamw_lr=3e-3,
         adamw_betas=(0.9, 0.95),
         adamw_eps=1e-8,
@@ -54,11 +65,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         adamw_params=None,
     ),
     "soap": {
-        name: p.default
-        for name, p in inspect.signature(SOAP.__init__).parameters.items()
-        if name not in ("self", "params")
+        **{
+            name: p.default
+            for name, p in inspect.signature(SOAP.__init__).parameters.items()
+            if name not in ("self", "params")
+        },
+        "grad_clip": None,
     },
-    "sgd": dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0),
+    "sgd": dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0, grad_clip=None),
 }
 
 
@@ -76,6 +90,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "nesterov": (lambda v: isinstance(v, bool), "True or False"),
     "ns_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 100, "an integer in [1, 99]"),
     "adjust_lr_fn": (lambda v: v in ("original", "match_rms_adamw"), "'original' or 'match_rms_adamw'"),
+    "bias_correction": (lambda v: isinstance(v, bool), "True or False"),
+    "grad_clip": (lambda v: v is None or (is_finite_number(v) and v > 0), "None or a finite number > 0"),
     "params": (
         lambda v: v is None or (not isinstance(v, str) and all(isinstance(n, str) for n in v)),
         "None or a list of tensor names",
@@ -90,11 +106,12 @@ def _check_hyperparameters(name: str, given: Mapping[str, Any]) -> dict[str, Any
     if unknown:
         raise ValueError(f"optimizer {name!r} got unknown hyperparameter(s) {unknown}; allowed: {sorted(allowed)}")
     hp = {**allowed, **given}
-    if name != "soap":
-        for key, value in hp.items():
-            test, description = _RULES[key.removeprefix("adamw_")]
-            if not test(value):
-                raise ValueError(f"optimizer {name!r}: {key}={value!r} is invalid; allowed: {description}")
+    for key, value in hp.items():
+        if (name == "soap" and key != "grad_clip") or (key == "adamw_lr" and value is None):
+            continue  # SOAP checks its own; adamw_lr None means Muon's LR
+        test, description = _RULES[key.removeprefix("adamw_")]
+        if not test(value):
+            raise ValueError(f"optimizer {name!r}: {key}={value!r} is invalid; allowed: {description}")
     if name == "sgd" and hp["nesterov"] and hp["momentum"] == 0:
         raise ValueError("optimizer 'sgd': nesterov=True needs momentum > 0; allowed momentum: a number in (0, 1)")
     return hp
@@ -158,6 +175,7 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
     """
     check_choice("name", name, list(DEFAULTS))
     hp = _check_hyperparameters(name, hyperparameters)
+    grad_clip = hp.pop("grad_clip")
     named = _named(model)
     if name == "adamw":
         opt = torch.optim.AdamW(list(named.items()), **hp)
@@ -169,7 +187,31 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
         opt = _muon_with_adamw(named, hp)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
+    if grad_clip is not None:
+        keep_out = split_params(named, hp["adamw_params"])[1] if name == "muon" else []
+        groups = clip_groups(list(named), [n for n in keep_out if named[n].dim() == 2])
+        opt.register_step_pre_hook(
+            lambda *_: clip_gradients([[named[n] for n in group] for group in groups], grad_clip)
+        )
     return opt
+
+
+def clip_groups(names: Sequence[str], embedding_and_head: Sequence[str]) -> list[list[str]]:
+    """The reference's gradient-clipping groups: ``embedding_and_head``, then every other name; empty ones dropped.
+
+    The reference clips the gradient of its ``{wte, lm_head}`` chain and of its hidden chain (Muon's
+    matrices and the norm gains) each to its own global norm (``optax.multi_transform`` over two
+    ``optax.chain(clip_by_global_norm(c), ...)``).
+    """
+    first = [n for n in names if n in set(embedding_and_head)]
+    rest = [n for n in names if n not in set(embedding_and_head)]
+    return [group for group in (first, rest) if group]
+
+
+def clip_gradients(groups: Sequence[Sequence[Tensor]], max_norm: float) -> None:
+    """Clip the ``.grad`` of each group of tensors to global norm ``max_norm`` (``clip_grad_norm_`` per group)."""
+    for tensors in groups:
+        torch.nn.utils.clip_grad_norm_(list(tensors), max_norm)
 
 
 def _muon_with_adamw(named: dict[str, Tensor], hp: dict[str, Any]) -> CompositeOptimizer:
@@ -177,8 +219,9 @@ def _muon_with_adamw(named: dict[str, Tensor], hp: dict[str, Any]) -> CompositeO
     matrices, others = split_params(named, hp["adamw_params"])
     inner: dict[str, torch.optim.Optimizer] = {}
     if matrices:
-        inner["muon"] = torch.optim.Muon(
+        inner["muon"] = Muon(
             [(n, named[n]) for n in matrices],
+            bias_correction=hp["bias_correction"],
             lr=hp["lr"],
             momentum=hp["momentum"],
             nesterov=hp["nesterov"],
@@ -189,7 +232,7 @@ def _muon_with_adamw(named: dict[str, Tensor], hp: dict[str, Any]) -> CompositeO
     if others:
         inner["adamw"] = torch.optim.AdamW(
             [(n, named[n]) for n in others],
-            lr=hp["adamw_lr"],
+            lr=hp["lr"] if hp["adamw_lr"] is None else hp["adamw_lr"],
             betas=hp["adamw_betas"],
             eps=hp["adamw_eps"],
             weight_decay=hp["adamw_weight_decay"],

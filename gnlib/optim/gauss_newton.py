@@ -14,9 +14,13 @@ One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol,
 
    *First-order solvers* (``"muon"``, ``"adamw"``, ``"sgd"``): N inner steps, each on a fresh batch shared
    by all blocks (Jacobi: every block anchored at θ_t): value and gradient from
-   :func:`gnlib.curvature.layerwise_inner_steps` (+ P), gradient clipped to global norm ``grad_clip`` per block,
-   decoupled weight decay on the inner iterate θ̂ = θ_t + Δ (as the reference's inner AdamW decays its
-   parameters: Δ ← Δ − lr·wd·(θ_t + Δ)), then the block's inner optimizer steps Δ. ``"muon"`` is Muon on
+   :func:`gnlib.curvature.layerwise_inner_steps` (+ P), gradient clipped with ``torch.nn.utils.clip_grad_norm_``
+   to ``grad_clip``, one norm per block (``grad_clip_per="block"``) or per group within the block
+   (``"group"``: the embedding/head and the hidden tensors separately, as the reference's two optax
+   chains, :func:`~gnlib.optim.factory.clip_groups`), decoupled weight decay on the inner iterate
+   θ̂ = θ_t + Δ (as the reference's inner AdamW decays its parameters: Δ ← Δ − lr·wd·(θ_t + Δ)) on every
+   tensor (``weight_decay_scope="all"``) or on all but Muon's matrices (``"except_muon"``: the reference
+   decays the AdamW part and the norm gains only), then the block's inner optimizer steps Δ. ``"muon"`` is Muon on
    the hidden matrices and AdamW on the rest (:func:`~gnlib.optim.factory.split_params`). The inner LR
    follows ``inner_schedule`` within the loop (``"cosine"``: (1 + cos(πk/N))/2, k = 0..N−1) from the
    block's peak ``param_groups[b]["lr"]``, constant across outer steps.
@@ -29,9 +33,12 @@ One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol,
    from ρ of the step taken (below).
 
 2. **Direction** d = the merged block steps Δ̂ (one vector over all parameters).
-3. **Line search** on ``line_search_batches`` fresh batches: the true loss L(α) at θ_t + αd for every α of
-   the grid and at α = 0; θ_{t+1} = θ_t + α*d with α* = argmin, *rejected* (parameters unchanged) unless
-   L(α*) < L(0). ``line_search=None`` takes α = 1 without the test. The same batches give the model's
+3. **Line search** on ``line_search_batches`` fresh batches (None: N, as the reference), the same batches
+   for every α: the true loss L(α) at θ_t + αd for every α of the grid and at α = 0; θ_{t+1} = θ_t + α*d
+   with α* = argmin. ``line_search_accept="decrease"`` *rejects* the step (parameters unchanged) unless
+   L(α*) < L(0); ``"argmin"`` always takes α* (the reference: α = 0 is never chosen), rejecting only a
+   non-finite value. ``line_search=None`` takes α = 1 without the test. :func:`line_search_grid` (n) is
+   the reference's grid 2^(−i/2), i < n (5 by default, 10 for its layerwise script). The same batches give the model's
    prediction: one forward carrying the tangent d gives z_t and Jd, so the GN model
    m(α) = ℓ(z_t) + α g_zᵀJd + ½α²(Jd)ᵀH_z(Jd) (prox-linear: ℓ(z_t + αJd)) costs no extra pass per α.
 4. **Warm start** (``warm_start=True``): the next inner loop starts from the pre-line-search iterate,
@@ -42,7 +49,8 @@ One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol,
    solvers then halve every block's peak LR (``param_groups[b]["lr"]``, persistently); CG raises λ (ρ is
    undefined) and forgets its warm start.
 6. **EMA** (``ema=β``): ema ← β·ema + (1 − β)·θ_{t+1} after every outer step (initialized at θ_0, no bias
-   correction, like the reference); :meth:`GaussNewton.eval_parameters` returns it for evaluation.
+   correction, like the reference; the update is ``torch.optim.swa_utils.get_ema_multi_avg_fn``'s);
+   :meth:`GaussNewton.eval_parameters` returns it for evaluation.
 
 Diagnostics returned by :meth:`GaussNewton.step` (flat; the same keys every step; None where a value
 does not apply): ``loss`` (true training loss on the line-search batches at the accepted point, L(0)
@@ -81,18 +89,19 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from gnlib import curvature
 from gnlib.blocks import resolve_partition
 from gnlib.distributed import all_reduce_mean
 from gnlib.losses import CrossEntropy, Loss
-from gnlib.optim.factory import make_optimizer
+from gnlib.optim.factory import EMBEDDING_AND_HEAD, clip_gradients, clip_groups, make_optimizer
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
 from gnlib.optim.schedules import constant, cosine_decay
 from gnlib.params import Params, flatten, unflatten
@@ -103,8 +112,17 @@ Batch = tuple[Tensor, Tensor]
 OBJECTIVES = ("gn", "prox_linear")
 SOLVERS = ("muon", "adamw", "sgd", "cg")
 INNER_SCHEDULES = ("cosine", "constant")
-#: The study's line-search grid: α ∈ {1, 2^-1/2, 1/2, 2^-3/2, 1/4} (α = 0, rejecting, is always tried).
-LINE_SEARCH = (1.0, 2**-0.5, 0.5, 2**-1.5, 0.25)
+LINE_SEARCH_ACCEPT = ("decrease", "argmin")
+CLIP_PER = ("block", "group")
+WEIGHT_DECAY_SCOPES = ("all", "except_muon")
+
+
+def line_search_grid(n: int) -> tuple[float, ...]:
+    """The reference's line-search grid α_i = 2^(−i/2), i = 0..n−1 (``ls_range`` = n, gn.py:759-807)."""
+    _require("n", n, _is_int(n, 1), "an integer >= 1")
+    return tuple(2 ** (-i / 2) for i in range(n))
+
+
 #: Cost of one pass over one batch in gradient-step equivalents (gradient step = forward + backward = 1).
 PASS_COSTS = {"forward": 1 / 3, "tangent": 1 / 3, "backward": 2 / 3}
 #: Inner-solver settings that differ from :data:`gnlib.optim.factory.DEFAULTS`: the study's betas.
@@ -130,6 +148,11 @@ def _finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+#: The study's line-search grid: α ∈ {1, 2^-1/2, 1/2, 2^-3/2, 1/4} (with ``line_search_accept="decrease"``,
+#: α = 0, rejecting, is also tried).
+LINE_SEARCH = line_search_grid(5)
+
+
 @dataclass
 class _Cost:
     """Passes over source-sized batches and tokens drawn during one outer step."""
@@ -152,6 +175,7 @@ class _Block:
     delta: Params
     optimizer: Any = None
     cg_x: Tensor | None = None
+    clip_groups: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -181,9 +205,14 @@ class GaussNewton:
         warm_start: start each inner loop from the previous pre-line-search iterate and inner state.
         prox: λ_prox of the proximal penalty λ_prox·Σ_tensors mean(Δ²) (first-order solvers).
         weight_decay: decoupled weight decay of the inner iterate θ_t + Δ (first-order solvers).
-        grad_clip: clip each block's inner gradient to this global norm (first-order solvers); None disables.
-        line_search: grid of step sizes α > 0, or None for α = 1 without a test.
-        line_search_batches: fresh batches on which the line search evaluates the true loss.
+        weight_decay_scope: the tensors the weight decay applies to: ``"all"``, or ``"except_muon"`` (all
+            but Muon's matrices, as the reference).
+        grad_clip: clip the inner gradient to this global norm (first-order solvers); None disables.
+        grad_clip_per: one norm per ``"block"``, or per ``"group"`` (embedding/head, hidden) within a block.
+        line_search: grid of step sizes α > 0 (:func:`line_search_grid`), or None for α = 1 without a test.
+        line_search_batches: fresh batches on which the line search evaluates the true loss (None: N).
+        line_search_accept: ``"decrease"`` (reject unless the loss decreases) or ``"argmin"`` (always take
+            the best α of the grid).
         ema: β of an EMA of the outer iterates for :meth:`eval_parameters`, or None.
         damping: initial λ for ``solver="cg"`` (default 1.0); not used by the other solvers.
         cg_iters: CG iteration cap per block.
@@ -217,9 +246,12 @@ class GaussNewton:
         warm_start: bool = True,
         prox: float = 0.0,
         weight_decay: float = 0.0,
+        weight_decay_scope: str = "all",
         grad_clip: float | None = 1.0,
+        grad_clip_per: str = "block",
         line_search: Sequence[float] | None = LINE_SEARCH,
-        line_search_batches: int = 2,
+        line_search_batches: int | None = 2,
+        line_search_accept: str = "decrease",
         ema: float | None = None,
         damping: float | None = None,
         cg_iters: int = 50,
@@ -241,6 +273,9 @@ class GaussNewton:
         check_choice("objective", objective, OBJECTIVES)
         check_choice("solver", solver, SOLVERS)
         check_choice("inner_schedule", inner_schedule, INNER_SCHEDULES)
+        check_choice("line_search_accept", line_search_accept, LINE_SEARCH_ACCEPT)
+        check_choice("grad_clip_per", grad_clip_per, CLIP_PER)
+        check_choice("weight_decay_scope", weight_decay_scope, WEIGHT_DECAY_SCOPES)
         _require("inner_steps", inner_steps, _is_int(inner_steps, 1), "an integer >= 1")
         inner_lr = DEFAULT_INNER_LR[solver] if inner_lr is None else inner_lr
         _require("inner_lr", inner_lr, is_finite_number(inner_lr) and inner_lr > 0, "a finite number > 0")
@@ -272,7 +307,12 @@ class GaussNewton:
                 ok,
                 "None or a non-empty sequence of distinct finite step sizes > 0 (α = 0 is always tried)",
             )
-        _require("line_search_batches", line_search_batches, _is_int(line_search_batches, 1), "an integer >= 1")
+        _require(
+            "line_search_batches",
+            line_search_batches,
+            line_search_batches is None or _is_int(line_search_batches, 1),
+            "an integer >= 1, or None for inner_steps",
+        )
         _require("ema", ema, ema is None or (is_finite_number(ema) and 0 < ema < 1), "None or a number in (0, 1)")
         _require(
             "damping",
@@ -296,13 +336,13 @@ class GaussNewton:
         ok = set(costs) == set(PASS_COSTS) and all(is_finite_number(c) and c >= 0 for c in costs.values())
         _require("pass_costs", pass_costs, ok, f"None or a dict with keys {sorted(PASS_COSTS)}, values >= 0")
         solver_options = dict(solver_options or {})
-        fixed = sorted({"lr", "weight_decay", "adamw_weight_decay"} & set(solver_options))
+        fixed = sorted({"lr", "weight_decay", "adamw_weight_decay", "grad_clip"} & set(solver_options))
         _require(
             "solver_options",
             solver_options,
             not fixed and not (solver == "cg" and solver_options),
-            "a dict of the inner optimizer's other hyperparameters (inner_lr and weight_decay set "
-            "lr and weight decay; none for solver='cg')",
+            "a dict of the inner optimizer's other hyperparameters (inner_lr, weight_decay and grad_clip "
+            "set lr, weight decay and clipping; none for solver='cg')",
         )
         loss = CrossEntropy() if loss is None else loss
         _require("loss", loss, isinstance(loss, Loss), "a gnlib.losses.Loss")
@@ -312,8 +352,10 @@ class GaussNewton:
         self.objective, self.solver, self.inner_steps = objective, solver, inner_steps
         self.inner_schedule, self.warm_start = inner_schedule, warm_start
         self.prox, self.weight_decay, self.grad_clip = float(prox), float(weight_decay), grad_clip
+        self.weight_decay_scope, self.grad_clip_per = weight_decay_scope, grad_clip_per
         self.line_search = None if line_search is None else tuple(float(a) for a in line_search)
-        self.line_search_batches = line_search_batches
+        self.line_search_batches = inner_steps if line_search_batches is None else line_search_batches
+        self.line_search_accept = line_search_accept
         self.ema_decay = ema
         self.damping = (DEFAULT_DAMPING if damping is None else float(damping)) if solver == "cg" else None
         self.cg_iters, self.cg_tol, self.cg_progress_tol = cg_iters, cg_tol, cg_progress_tol
@@ -328,11 +370,14 @@ class GaussNewton:
             for block, names in partition.items()
         ]
         self._blocks: dict[str, _Block] = {}
+        embedding_and_head = solver_options.get("adamw_params") or EMBEDDING_AND_HEAD
         for block, names in partition.items():
             delta = {n: torch.zeros_like(named[n]).requires_grad_() for n in named if n in set(names)}
-            self._blocks[block] = _Block(names=list(delta), delta=delta)
+            groups = clip_groups(list(delta), embedding_and_head) if grad_clip_per == "group" else [list(delta)]
+            self._blocks[block] = _Block(names=list(delta), delta=delta, clip_groups=groups)
             self._reset_inner(self._blocks[block], inner_lr)
         self.ema = None if ema is None else {n: p.detach().clone() for n, p in named.items()}
+        self._ema_update = None if ema is None else get_ema_multi_avg_fn(ema)
 
     # ------------------------------------------------------------------------------------ public API
 
@@ -514,19 +559,18 @@ class GaussNewton:
 
     def _inner_update(self, block: _Block, grad: Params, anchor: Params, lr: float) -> None:
         """Clip, decay θ_t + Δ, and step the block's inner optimizer at peak-scheduled ``lr``."""
+        for n, t in block.delta.items():
+            t.grad = grad[n].detach()
         if self.grad_clip is not None:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grad.values()]))
-            scale = min(1.0, self.grad_clip / (float(norm) + 1e-12))
-            grad = {n: g * scale for n, g in grad.items()} if scale < 1.0 else grad
+            clip_gradients([[block.delta[n] for n in group] for group in block.clip_groups], self.grad_clip)
         names = {id(t): n for n, t in block.delta.items()}
         with torch.no_grad():
             for group in block.optimizer.param_groups:
                 group["lr"] = lr * group["lr_ratio"]
-                if self.weight_decay:
+                skip = self.weight_decay_scope == "except_muon" and group.get("optimizer") == "muon"
+                if self.weight_decay and not skip:
                     for t in group["params"]:
                         t.sub_(anchor[names[id(t)]] + t, alpha=group["lr"] * self.weight_decay)
-        for n, t in block.delta.items():
-            t.grad = grad[n].detach()
         block.optimizer.step()
         block.optimizer.zero_grad(set_to_none=True)
 
@@ -626,7 +670,7 @@ class GaussNewton:
             actual_reduction=actual,
             rho=actual / predicted if predicted != 0 else None,
         )
-        if self.line_search is not None and not losses[best] < before:
+        if self.line_search is not None and self.line_search_accept == "decrease" and not losses[best] < before:
             out["reason"] = "no_decrease"
             return out
         out["reason"], out["loss"] = None, losses[best]
@@ -649,8 +693,9 @@ class GaussNewton:
                         t.mul_(1.0 - search["alpha"])
         if self.ema is not None:
             with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    self.ema[n].lerp_(p.detach(), 1.0 - self.ema_decay)
+                names = list(self.ema)
+                params = dict(self.model.named_parameters())
+                self._ema_update([self.ema[n] for n in names], [params[n].detach() for n in names], self.steps)
 
 
 #: Named variants for ``gnlib.experiments``: name → the GaussNewton options that define it.
@@ -662,6 +707,12 @@ GN_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Other values a variant accepts for an option it fixes: layerwise GN may place the final norm with the last block.
+VARIANT_ALTERNATIVES: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("gn_layerwise", "blocks"): ("per_layer_norm_with_last",),
+}
+
+
 def make_gauss_newton(
     name: str, model: nn.Module, batches: Callable[[], Batch], lr: float, **hyperparameters: Any
 ) -> GaussNewton:
@@ -669,7 +720,7 @@ def make_gauss_newton(
 
     Args:
         name: ``"gn"`` (full GN), ``"gn_prox"`` (prox-linear), ``"gn_layerwise"`` (layerwise GN, the study's
-            per-layer partition) or ``"gn_cg"`` (Hessian-free CG).
+            per-layer partition; ``blocks="per_layer_norm_with_last"`` allowed) or ``"gn_cg"`` (Hessian-free CG).
         model: the model to train.
         batches: the training batch source.
         lr: ``inner_lr``: the inner solver's peak LR; for ``"gn_cg"`` the scale of the CG step (1 = the
@@ -686,7 +737,11 @@ def make_gauss_newton(
     unknown = sorted(set(hyperparameters) - set(allowed))
     if unknown:
         raise ValueError(f"Gauss-Newton variant {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
-    clash = sorted(k for k in set(fixed) & set(hyperparameters) if hyperparameters[k] != fixed[k])
+    clash = sorted(
+        k
+        for k in set(fixed) & set(hyperparameters)
+        if hyperparameters[k] != fixed[k] and hyperparameters[k] not in VARIANT_ALTERNATIVES.get((name, k), ())
+    )
     if clash:
         raise ValueError(
             f"variant {name!r} fixes {clash} to {[fixed[k] for k in clash]}; pick another variant "

@@ -1,0 +1,281 @@
+"""Checks of user input shared by notebooks, the command line and the sweep runner.
+
+Every check raises ``ValueError`` with a message that names the parameter (and what it belongs to: an
+optimizer, a file), the allowed values and the likely fix, before any long work starts:
+
+- :func:`check_positive_int`, :func:`check_positive_number`: sizes, step counts, learning rates;
+- :func:`check_writable`: an output folder can be written and has room, checked before training;
+- :func:`check_notebook_parameters`: inside a notebook, the values papermill injected are declared
+  parameters of the notebook and match their annotations; :meth:`NotebookParameters.output_folder`
+  derives a default output folder from the parameters that were changed, so runs never share one;
+  :func:`notebook_output_dir` does both and checks the folder, in one call of the derived-values cell.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from gnlib.runtime import output_path
+
+#: Python types a notebook annotation allows (``float`` also takes an ``int``).
+_ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "list": (list,),
+    "dict": (dict,),
+}
+#: papermill's first line of the cell that holds the injected parameters (Python kernels).
+INJECTED_MARKER = "# Parameters"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+
+
+def _owner(owner: str) -> str:
+    return f" for {owner}" if owner else ""
+
+
+def _numeric_text_hint(value: Any) -> str:
+    """A hint when a number arrived as text (YAML 1.1 reads ``3e-3`` as a string)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f" (a string: in YAML write floats with a dot and a signed exponent, e.g. {float(value):.1e})"
+    return ""
+
+
+def check_positive_int(parameter: str, value: Any, *, owner: str = "", minimum: int = 1) -> None:
+    """Raise unless ``value`` is an int (not a bool) ``>= minimum``.
+
+    Args:
+        parameter: the name the user wrote (e.g. ``"warmup_steps"``).
+        value: what the user gave.
+        owner: what the parameter belongs to, e.g. ``"optimizer 'gn'"`` or ``"config run.yaml"``.
+        minimum: the smallest allowed value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{parameter}{_owner(owner)} must be an integer >= {minimum}, got {value!r}"
+            f"{' (a bool)' if isinstance(value, bool) else _numeric_text_hint(value)}"
+        )
+
+
+def check_positive_number(
+    parameter: str, value: Any, *, owner: str = "", allow_zero: bool = False, example: str = "0.003"
+) -> None:
+    """Raise unless ``value`` is a finite int or float (not a bool) ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(
+            f"{parameter}{_owner(owner)} must be a finite number {bound} (e.g. {example}), got {value!r}"
+            f"{_numeric_text_hint(value)}"
+        )
+
+
+def check_writable(path: str | Path, *, parameter: str = "output_dir", need_bytes: int = 0) -> Path:
+    """Check that ``path`` can be created (if missing) and written, with ``need_bytes`` free.
+
+    The check leaves nothing behind: a missing folder is not created; its nearest existing ancestor
+    must accept a new entry instead, so a run refused later for another reason leaves no empty folder.
+
+    Args:
+        path: the output folder.
+        parameter: its name for the message.
+        need_bytes: room the run will need (checkpoints, History); 0 checks writability only.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ValueError: the folder cannot be created or written, or has less than ``need_bytes`` free.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{parameter}={str(path)!r} cannot be written ({type(err).__name__}: {err.strerror or err}); "
+            f"fix its permissions or choose another {parameter}"
+        ) from err
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise ValueError(
+            f"{parameter}={str(path)!r} has {free / 2**20:.0f} MiB free; this run needs about "
+            f"{need_bytes / 2**20:.0f} MiB (checkpoints and History): free some space or choose another {parameter}"
+        )
+    return path
+
+
+@dataclass
+class NotebookParameters:
+    """The parameters a notebook declares and the ones papermill injected.
+
+    Attributes:
+        declared: name → (annotation text, default value) from the ``parameters`` cell.
+        injected: names set by papermill's injected cell (empty when the notebook runs interactively).
+        values: name → current value in the notebook's namespace.
+    """
+
+    declared: dict[str, tuple[str, Any]]
+    injected: tuple[str, ...]
+    values: dict[str, Any]
+
+    def changed(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Parameters whose value differs from the declared default, in declaration order, minus ``ignore``."""
+        return {
+            name: self.values[name]
+            for name, (_, default) in self.declared.items()
+            if name not in ignore and self.values.get(name) != default
+        }
+
+    def output_folder(
+        self, parameter: str = "output_dir", ignore: tuple[str, ...] = ("checkpoint_every", "overwrite", "threads")
+    ) -> str:
+        """The output folder: ``parameter``'s value when it was set, else its default plus what changed.
+
+        Two runs with different parameters that change results (all but ``ignore`` and ``parameter``)
+        get different default folders: ``outputs/00_quickstart`` for the defaults,
+        ``outputs/00_quickstart/steps=300,seed=1`` with ``-p steps 300 -p seed 1``.
+        """
+        value = self.values[parameter]
+        if parameter in self.injected or value != self.declared[parameter][1]:
+            return value
+        changed = self.changed(ignore=(*ignore, parameter))
+        if not changed:
+            return value
+        text = ",".join(f"{k}={json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v}"
+                        for k, v in changed.items())
+        safe = _UNSAFE.sub("_", text)
+        if safe != text or len(safe) > 96:
+            digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            safe = f"{safe[:87]}~{digest}"
+        return f"{value.rstrip('/')}/{safe}"
+
+
+def _cells(namespace: Mapping[str, Any]) -> list[str]:
+    """Sources of the cells this kernel executed, oldest first (IPython's ``In``); empty outside IPython."""
+    history = namespace.get("In")
+    return [cell for cell in history if isinstance(cell, str)] if isinstance(history, list) else []
+
+
+def _declarations(source: str) -> dict[str, tuple[str, Any]] | None:
+    """Map name → (annotation, default) when ``source`` consists of annotated assignments only, else None."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return None
+    if not body or not all(isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) for s in body):
+        return None
+    declared = {}
+    for statement in body:
+        try:
+            default = ast.literal_eval(statement.value) if statement.value is not None else None
+        except ValueError:
+            default = None
+        declared[statement.target.id] = (ast.unparse(statement.annotation), default)
+    return declared
+
+
+def _assigned(source: str) -> tuple[str, ...]:
+    """Names assigned at the top level of papermill's injected cell."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return ()
+    return tuple(t.id for s in body if isinstance(s, ast.Assign) for t in s.targets if isinstance(t, ast.Name))
+
+
+def check_notebook_parameters(
+    namespace: Mapping[str, Any], also_accept: Mapping[str, type | tuple[type, ...]] | None = None
+) -> NotebookParameters:
+    """Check a notebook's parameters from inside it: ``check_notebook_parameters(globals())``.
+
+    Reads the cells the kernel executed (IPython's ``In``): the ``parameters`` cell (annotated
+    assignments, ``name: type = default  # comment``) and papermill's injected cell (it starts with
+    ``# Parameters``). Refuses injected names the notebook does not declare (papermill itself only
+    warns) and values whose type does not match the annotation (``-p lr fast``, a string for a list).
+
+    Args:
+        namespace: the notebook's ``globals()``.
+        also_accept: name → further types a parameter takes (e.g. ``{"optimizers": str}``: one name).
+
+    Returns:
+        The declared and injected parameters, with their current values.
+
+    Raises:
+        ValueError: an unknown parameter (naming the allowed ones) or a value of the wrong type.
+    """
+    declared: dict[str, tuple[str, Any]] = {}
+    injected: list[str] = []
+    for source in _cells(namespace):
+        if source.lstrip().startswith(INJECTED_MARKER):
+            injected.extend(_assigned(source))
+        elif (found := _declarations(source)) is not None:
+            declared.update(found)
+    unknown = [name for name in dict.fromkeys(injected) if name not in declared]
+    if unknown:
+        raise ValueError(
+            f"unknown notebook parameter(s) {unknown}; this notebook's parameters are {list(declared)} "
+            "(papermill --help-notebook lists them with their types); check the spelling of -p NAME VALUE"
+        )
+    also_accept = dict(also_accept or {})
+    for name, (annotation, default) in declared.items():
+        value = namespace.get(name)
+        allowed = _ANNOTATION_TYPES.get(annotation)
+        if allowed is None:
+            continue
+        extra = also_accept.get(name, ())
+        extra = extra if isinstance(extra, tuple) else (extra,)
+        is_bool_for_number = isinstance(value, bool) and annotation != "bool"
+        if not isinstance(value, allowed + extra) or (is_bool_for_number and bool not in extra):
+            kinds = " or ".join(t.__name__ for t in allowed[-1:] + extra)
+            raise ValueError(
+                f"notebook parameter {name} must be of type {kinds} (declared `{name}: {annotation} = {default!r}`), "
+                f"got {value!r} ({type(value).__name__}){_numeric_text_hint(value)}; e.g. -p {name} {_example(default)}"
+            )
+    return NotebookParameters(
+        declared=declared,
+        injected=tuple(dict.fromkeys(injected)),
+        values={name: namespace.get(name) for name in declared},
+    )
+
+
+def _example(default: Any) -> str:
+    """How to pass ``default`` with papermill's ``-p`` (lists and dicts as YAML flow text)."""
+    if isinstance(default, (list, dict)):
+        return f"'{json.dumps(default)}'"
+    return str(default)
+
+
+def notebook_output_dir(
+    namespace: Mapping[str, Any], also_accept: Mapping[str, type | tuple[type, ...]] | None = None
+) -> Path:
+    """Return the notebook's checked output folder, from the derived-values cell: ``out = ...(globals())``.
+
+    Checks the parameters (:func:`check_notebook_parameters`), derives the folder
+    (:meth:`NotebookParameters.output_folder`: ``output_dir`` as given, or its default plus the changed
+    parameters), resolves it like every notebook output (:func:`gnlib.runtime.output_path`) and checks that
+    it can be written (:func:`check_writable`), all before any work starts; then creates it.
+    """
+    parameters = check_notebook_parameters(namespace, also_accept)
+    # outside IPython (no cell history) the folder is output_dir as it stands
+    folder = parameters.output_folder() if "output_dir" in parameters.declared else namespace["output_dir"]
+    out = check_writable(output_path(folder))
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,70 @@
+r"""``torch.optim.Muon`` with optax's bias-corrected Nesterov momentum as an option.
+
+torch's Muon keeps the momentum as an EMA without bias correction, B_t = μB_{t−1} + (1 − μ)g_t, and
+orthogonalizes the Nesterov update (1 − μ)g_t + μB_t (or B_t without Nesterov). The reference's Muon
+(``optax.contrib.muon``, the study's inner solver and Muon baseline) corrects both terms for the bias
+of the zero-initialized EMA, as Adam does, with t = 1, 2, … the step count:
+
+    Nesterov:  U_t = μ · B_t / (1 − μ^(t+1)) + (1 − μ) · g_t / (1 − μ^t)
+    plain:     U_t = B_t / (1 − μ^t)
+
+Newton-Schulz then normalizes U_t by its Frobenius norm, so the correction changes the *mix* of
+momentum and fresh gradient in the first ~1/(1 − μ) steps (at t = 1 both forms are ∝ g_1), not the
+step's scale. Everything else (Newton-Schulz, shape scaling, decoupled weight decay) is torch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` plus ``bias_correction`` (module docstring); the same otherwise.
+
+    Args:
+        params: 2-D tensors (or param groups), as for ``torch.optim.Muon``.
+        bias_correction: correct the momentum as optax's Muon does; False is exactly ``torch.optim.Muon``.
+        **kwargs: ``torch.optim.Muon``'s options (lr, weight_decay, momentum, nesterov, ns_steps, ...).
+    """
+
+    def __init__(self, params: Any, *, bias_correction: bool = False, **kwargs: Any) -> None:
+        """Build torch's Muon and record ``bias_correction`` in every group."""
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            group["bias_correction"] = bias_correction
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One step; groups without ``bias_correction`` take torch's own step."""
+        if not any(group.get("bias_correction") for group in self.param_groups):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            mu, lr = group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    state["step"] = 0
+                state["step"] += 1
+                buf, t = state["momentum_buffer"], state["step"]
+                buf.lerp_(p.grad, 1 - mu)
+                if not group["bias_correction"]:
+                    update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                elif group["nesterov"]:
+                    update = buf * (mu / (1 - mu ** (t + 1))) + p.grad * ((1 - mu) / (1 - mu**t))
+                else:
+                    update = buf / (1 - mu**t)
+                update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss

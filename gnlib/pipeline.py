@@ -1,0 +1,205 @@
+"""A run's data: tokenizer, training batch source and fixed validation set, from a RunSpec's data fields.
+
+Two kinds of training data (``RunSpec.data``):
+
+* ``"windows"``: random windows drawn with replacement from the train split (:class:`gnlib.data.BatchSampler`),
+  the teaching notebooks' default; ``corpus_bytes`` defaults to the first 4 MB of the source.
+* ``"stream"``: the study's pipeline (:class:`gnlib.stream.PackedStream`): the train split's documents in
+  order, each followed by EOS, packed into ``seq_len``-token rows, no token reused unless ``data_epochs``
+  allows more than one pass; it starts ``data_start`` tokens in (after a warm-up's tokens). Validation is
+  the first ``val_batches`` packed batches of the validation split (disjoint documents, the same for every
+  run). The embedded and local corpora are read whole by default (``corpus_bytes=None``) and split by
+  document; ``hf:`` datasets are streamed (train split for training, ``validation`` for validation).
+
+Before any training, :func:`build_run_data` checks that the stream holds every token the run will draw
+(``data_start`` + steps × batches per step × K·B·T) and raises a ``ValueError`` naming ``steps``,
+``data_start``, ``corpus_bytes`` and ``data_epochs`` if not. ``meta`` records the tokenizer (name, hash,
+vocabulary size), the tokens needed and available, and the passes over the data the run makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from gnlib import distributed
+from gnlib.data import DEFAULT_MAX_BYTES, Corpus, _hub_reachable, load_corpus
+from gnlib.runtime import check_choice
+from gnlib.stream import PackedStream, hf_documents, tensor_documents
+from gnlib.tokenizer import check_tokenizer_name, make_tokenizer
+
+DATA_KINDS = ("windows", "stream")
+HF_VALIDATION_SPLIT = "validation"
+
+
+@dataclass
+class RunData:
+    """What a run trains and evaluates on.
+
+    Attributes:
+        train: batch source ``() -> (inputs, targets)`` with ``state_dict``/``load_state_dict``.
+        val: the fixed validation batches (this process's rows).
+        vocab_size: the tokenizer's vocabulary size (the model's embedding and head must cover it).
+        tokenizer: the tokenizer (:mod:`gnlib.tokenizer`).
+        corpus: the in-memory corpus (None for a streamed ``hf:`` dataset).
+        meta: provenance for the run's metadata.
+    """
+
+    train: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    val: list[tuple[torch.Tensor, torch.Tensor]]
+    vocab_size: int
+    tokenizer: Any
+    corpus: Corpus | None
+    meta: dict[str, Any]
+
+
+def check_data_fields(spec: Any) -> None:
+    """Raise ``ValueError`` naming the first bad data field of a RunSpec (tokenizer, data, data_epochs, ...).
+
+    Cheap: nothing is loaded, trained or downloaded.
+    """
+    check_tokenizer_name(spec.tokenizer)
+    check_choice("data", spec.data, DATA_KINDS)
+    if not isinstance(spec.data_epochs, int) or isinstance(spec.data_epochs, bool) or spec.data_epochs < 1:
+        raise ValueError(f"data_epochs={spec.data_epochs!r} must be an integer >= 1 (passes over the training data)")
+    if not isinstance(spec.data_start, int) or isinstance(spec.data_start, bool) or spec.data_start < 0:
+        raise ValueError(f"data_start={spec.data_start!r} must be an integer >= 0 (training tokens to skip)")
+    if spec.data == "windows" and (spec.data_start or spec.data_epochs != 1):
+        raise ValueError(f"data_start={spec.data_start!r} and data_epochs={spec.data_epochs!r} apply to "
+                         "data='stream' only (random windows have no position)")
+    if spec.corpus_bytes is not None and (not isinstance(spec.corpus_bytes, int) or spec.corpus_bytes < 1):
+        raise ValueError(f"corpus_bytes={spec.corpus_bytes!r} must be an integer >= 1 or None")
+    vocab = spec.model_overrides.get("vocab_size")
+    if vocab is not None and spec.tokenizer == "bytes" and vocab < 256:
+        raise ValueError(f"model_overrides['vocab_size']={vocab} is smaller than tokenizer='bytes''s 256 ids")
+
+
+def batches_per_step(spec: Any) -> int:
+    """Training batches one outer step draws: GN's inner steps plus its line-search batches, else ``accumulation``."""
+    from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton
+
+    if spec.optimizer not in GN_VARIANTS:
+        return spec.accumulation
+    defaults = inspect.signature(GaussNewton).parameters
+    options = {name: spec.hyperparameters.get(name, defaults[name].default)
+               for name in ("inner_steps", "line_search_batches")}
+    return options["inner_steps"] + options["line_search_batches"]
+
+
+def tokens_drawn(spec: Any, steps: int | None = None) -> int:
+    """Training tokens all processes draw in ``steps`` outer steps (default ``spec.steps``)."""
+    steps = spec.steps if steps is None else steps
+    return steps * batches_per_step(spec) * spec.batch_size * spec.seq_len * distributed.world_size()
+
+
+def after_warmup(base: Any, warmup_steps: int) -> Any:
+    """``base`` moved past the tokens a warm-up of ``warmup_steps`` AdamW steps (one micro-batch each) consumed.
+
+    With ``data="stream"`` the studied runs continue where the warm-up stopped (``data_start`` += its
+    tokens); random windows have no position and are returned unchanged.
+    """
+    if base.data != "stream":
+        return base
+    warmup = dataclasses.replace(base, optimizer="adamw", accumulation=1, hyperparameters={})
+    return dataclasses.replace(base, data_start=base.data_start + tokens_drawn(warmup, warmup_steps))
+
+
+def build_run_data(spec: Any, device: torch.device, *, tokenizer_cache: str = "outputs/tokenizers") -> RunData:
+    """Tokenizer, training batches and validation set of ``spec`` (module docstring).
+
+    Raises:
+        ValueError: the tokenizer's vocabulary exceeds ``model_overrides['vocab_size']``, a split too short for
+            one batch, or a stream that would run out before ``spec.steps`` (all before training).
+        ConnectionError: ``t5`` or an ``hf:`` corpus while the hub is unreachable.
+    """
+    check_data_fields(spec)
+    if spec.data == "stream" and spec.corpus.startswith("hf:"):
+        data = _hf_stream(spec, device, tokenizer_cache)
+    else:
+        max_bytes = spec.corpus_bytes if spec.corpus_bytes is not None else (
+            DEFAULT_MAX_BYTES if spec.data == "windows" else None)
+        corpus = load_corpus(spec.corpus, max_bytes=max_bytes, tokenizer=spec.tokenizer,
+                             tokenizer_cache=tokenizer_cache)
+        data = _in_memory(spec, corpus, device) if spec.data == "stream" else _windows(spec, corpus, device)
+    vocab = spec.model_overrides.get("vocab_size")
+    if vocab is not None and vocab < data.vocab_size:
+        raise ValueError(f"model_overrides['vocab_size']={vocab} is smaller than tokenizer={spec.tokenizer!r}'s "
+                         f"{data.vocab_size} ids; remove the override (the model then takes the tokenizer's size) "
+                         f"or raise it")
+    return data
+
+
+def _windows(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
+    train = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
+    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
+    meta = {**corpus.meta, "data": "windows"}
+    return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
+
+
+def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
+    eos = corpus.tokenizer.eos_id
+    available = len(corpus.train) + 1  # + the EOS after the last document
+    needed = spec.data_start + tokens_drawn(spec) + 1  # + the last batch's last target
+    passes = math.ceil(needed / available)
+    if passes > spec.data_epochs:
+        raise ValueError(
+            f"the training stream is too short: steps={spec.steps} × {batches_per_step(spec)} batches × "
+            f"{distributed.world_size()}×{spec.batch_size}×{spec.seq_len} tokens + data_start={spec.data_start} "
+            f"needs {needed:,} tokens, the train split of corpus={spec.corpus!r} (corpus_bytes={spec.corpus_bytes}) "
+            f"holds {available:,} with tokenizer={spec.tokenizer!r}: {passes} passes, data_epochs="
+            f"{spec.data_epochs} allows {spec.data_epochs}. Lower steps or data_start, load more text, or set "
+            f"data_epochs={passes}"
+        )
+    train = PackedStream(tensor_documents(corpus.train, eos), spec.batch_size, spec.seq_len, device=device,
+                         epochs=spec.data_epochs, start=spec.data_start, tokens_per_epoch=available)
+    val = _fixed(PackedStream(tensor_documents(corpus.val, eos), spec.batch_size, spec.seq_len, device=device,
+                              tokens_per_epoch=len(corpus.val) + 1, name="validation split"), spec)
+    meta = {**corpus.meta, "data": "stream", "tokens_available": available, "tokens_needed": needed,
+            "data_start": spec.data_start, "data_epochs": spec.data_epochs, "passes": passes}
+    return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
+
+
+def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData:
+    name, _, config = spec.corpus[len("hf:"):].partition(":")
+    if not _hub_reachable():
+        raise ConnectionError(f"corpus={spec.corpus!r} with data='stream' streams from the Hugging Face hub, which "
+                              "is unreachable (offline or HF_HUB_OFFLINE set); use a local corpus, e.g. "
+                              "corpus='text:/path/to/*.txt'")
+
+    limit = spec.corpus_bytes or DEFAULT_MAX_BYTES  # BPE trains on this much of the training stream
+
+    def training_texts() -> list[str]:
+        import datasets
+
+        texts, used = [], 0
+        for row in datasets.load_dataset(name, config or None, split="train", streaming=True):
+            texts.append(row["text"])
+            used += len(row["text"].encode("utf-8"))
+            if used >= limit:
+                return texts
+        return texts
+
+    tok = make_tokenizer(spec.tokenizer, training_texts=training_texts, cache_dir=tokenizer_cache)
+    train = PackedStream(hf_documents(name, config or None, "train", tok), spec.batch_size, spec.seq_len,
+                         device=device, epochs=spec.data_epochs, start=spec.data_start)
+    val_stream = PackedStream(hf_documents(name, config or None, HF_VALIDATION_SPLIT, tok), spec.batch_size,
+                              spec.seq_len, device=device, name=f"{HF_VALIDATION_SPLIT} split")
+    meta = {"source": spec.corpus, "data": "stream", "tokenizer": tok.name, "tokenizer_spec": tok.spec,
+            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "tokens_needed": spec.data_start +
+            tokens_drawn(spec), "data_start": spec.data_start, "data_epochs": spec.data_epochs,
+            "validation_split": HF_VALIDATION_SPLIT}
+    return RunData(train, _fixed(val_stream, spec), tok.vocab_size, tok, None, meta)
+
+
+def _fixed(stream: PackedStream, spec: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``spec.val_batches`` batches of ``stream``; a clear error when the split is too short."""
+    try:
+        return [stream() for _ in range(spec.val_batches)]
+    except ValueError as err:
+        raise ValueError(f"val_batches={spec.val_batches} × batch_size={spec.batch_size} × seq_len={spec.seq_len} "
+                         f"does not fit in the {stream.name}: {err}") from err

@@ -1,0 +1,190 @@
+r"""Training protocols: the reference code's settings (``"paper"``) and gnlib's cheaper defaults (``"gnlib"``).
+
+A protocol is a named set of optimizer options and evaluation settings that a :class:`~gnlib.experiments.RunSpec`
+starts from (``RunSpec.protocol``); any option the spec sets itself wins and is recorded as an override.
+
+``"paper"`` is the study's public code (natalieabreu/full-gauss-newton at 0c14e7e; STUDY.md, "Reference
+configuration", gives each value's file and line), for every Gauss-Newton variant and baseline:
+
+- GN, GN-prox-linear, layerwise GN: inner Muon with optax's bias-corrected Nesterov momentum (β 0.95),
+  inner AdamW β (0.9, 0.999), one LR for both parts; weight decay 0.001 on the AdamW part and the norm
+  gains only; gradients clipped to 1.0 separately for {embedding, head} and the hidden tensors; line
+  search over 2^(−i/2), i < 5 (layerwise: i < 10) on N fresh batches (N = inner steps), always taking the
+  argmin; EMA 0.999 of the outer iterates, on which validation and the target are measured; layerwise
+  blocks: embedding, each block (the final norm with the last one), head. Hessian-free CG (not in the
+  reference) gets the outer settings only (line search, EMA).
+- AdamW: β (0.9, 0.95), weight decay 0, clip 1.0. Muon: β 0.95 Nesterov with bias correction, the AdamW
+  part at the same LR with β (0.9, 0.95) and weight decay 1e-4, clip 1.0 per group. SOAP: β (0.9, 0.95),
+  weight decay 1e-4, preconditioner every 10 steps, clip 1.0. (Constant LR is RunSpec's default schedule.)
+- Evaluation: every ``eval_every`` (10) steps in the first half of the run, then every step
+  (:func:`paper_eval_schedule`); a validation set of :data:`PAPER_VAL_SEQUENCES` sequences per preset
+  (100 × 128 sequences of 1024 tokens at the study's scale).
+
+``"gnlib"`` keeps the library defaults (:data:`gnlib.optim.factory.DEFAULTS`, :class:`~gnlib.optim.GaussNewton`),
+a deliberate, cheaper difference, each choice with what it costs and changes:
+
+- line search on 2 fresh batches instead of N, rejecting a step that does not decrease the loss:
+  2/N of the reference's line-search cost (on N batches, 5 forwards and one forward carrying the tangent
+  per batch, the line search costs about 7/4 of the inner loop's FLOPs); a rejected step keeps θ and
+  restarts the inner loop cold instead of taking a worse α. Noisier α choices on 2 batches.
+- no EMA: evaluation measures the raw iterate, which reaches a target sooner (an EMA of 0.999 per outer
+  step keeps ~95% of its weight on the start after 54 steps: at the study's step counts the reference's
+  EMA loss trails the raw loss by far), and one evaluation instead of two.
+- no inner weight decay, one clipping norm per block, torch's Muon momentum without bias correction,
+  final norm grouped with the head: simpler, and within noise on small models.
+- baselines with their usual defaults (AdamW weight decay 0.1 without clipping, Muon's AdamW part at
+  3e-3, SOAP β (0.95, 0.95) with weight decay 0.01): the optimizers as their authors ship them.
+- evaluation every ``eval_every`` steps on ``val_batches`` batches: one flat, cheap schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from gnlib.distributed import world_size
+from gnlib.optim.gauss_newton import line_search_grid
+from gnlib.runtime import check_choice
+
+PROTOCOLS = ("gnlib", "paper")
+
+_GN_PAPER: dict[str, Any] = {
+    "solver": "muon",
+    "solver_options": {"bias_correction": True, "adamw_betas": (0.9, 0.999), "adamw_eps": 1e-8},
+    "inner_schedule": "cosine",
+    "warm_start": True,
+    "prox": 0.0,
+    "weight_decay": 1e-3,
+    "weight_decay_scope": "except_muon",
+    "grad_clip": 1.0,
+    "grad_clip_per": "group",
+    "line_search": line_search_grid(5),
+    "line_search_batches": None,
+    "line_search_accept": "argmin",
+    "ema": 0.999,
+}
+
+#: ``protocol="paper"``: optimizer name → the options it starts from (see the module docstring).
+PAPER_OPTIONS: dict[str, dict[str, Any]] = {
+    "adamw": {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0},
+    "muon": {
+        "momentum": 0.95,
+        "nesterov": True,
+        "bias_correction": True,
+        "ns_steps": 5,
+        "adjust_lr_fn": "original",
+        "weight_decay": 0.0,
+        "adamw_lr": None,
+        "adamw_betas": (0.9, 0.95),
+        "adamw_eps": 1e-8,
+        "adamw_weight_decay": 1e-4,
+        "grad_clip": 1.0,
+    },
+    "soap": {"betas": (0.9, 0.95), "weight_decay": 1e-4, "precondition_frequency": 10, "grad_clip": 1.0},
+    "sgd": {},
+    "gn": dict(_GN_PAPER),
+    "gn_prox": dict(_GN_PAPER),
+    "gn_layerwise": {**_GN_PAPER, "blocks": "per_layer_norm_with_last", "line_search": line_search_grid(10)},
+    "gn_cg": {
+        "line_search": line_search_grid(5),
+        "line_search_batches": None,
+        "line_search_accept": "argmin",
+        "ema": 0.999,
+    },
+}
+
+#: ``protocol="paper"``: validation sequences per preset (reference: 100 batches × 128 sequences, gn.py:825-852);
+#: presets not listed get the reference's 12,800.
+PAPER_VAL_SEQUENCES: dict[str, int] = {"tiny": 128, "small": 1024, "paper45m": 100 * 128, "paper150m": 100 * 128}
+
+#: ``protocol="paper"``: evaluation every this many steps in the first half of a run (then every step).
+PAPER_EVAL_EVERY = 10
+
+
+def paper_eval_schedule(steps: int, every: int = PAPER_EVAL_EVERY) -> Callable[[int], bool]:
+    """The reference's evaluation steps: every ``every`` steps while step ≤ steps/2, then every step.
+
+    gn.py:825-852: ``(step % eval_freq == 0 and step <= total_steps * 0.5) or step > total_steps * 0.5``
+    (its GN template logs every step).
+    """
+    return lambda step: step > steps * 0.5 or step % every == 0
+
+
+@dataclass
+class Resolved:
+    """What a protocol makes of a spec: the optimizer options and evaluation settings a run uses.
+
+    Attributes:
+        hyperparameters: the optimizer options (protocol values, then the spec's own on top).
+        val_batches: validation batches of ``batch_size`` sequences per process.
+        eval_every: evaluation period (the first-half period under ``"paper"``).
+        eval_schedule: ``step -> bool``, or None for every ``eval_every`` steps.
+        record: for the run's metadata: ``protocol``, ``from_protocol`` (options the protocol set and the
+            spec left alone), ``overridden`` (name → ``{"protocol": value, "given": value}``).
+    """
+
+    hyperparameters: dict[str, Any]
+    val_batches: int
+    eval_every: int
+    eval_schedule: Callable[[int], bool] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _merge(protocol: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[str, Any], dict, dict]:
+    """Protocol options with ``given`` on top (dict-valued options merged key by key); (merged, kept, overridden)."""
+    merged, kept, overridden = dict(protocol), {}, {}
+    for key, value in protocol.items():
+        if isinstance(value, Mapping) and isinstance(given.get(key), Mapping):
+            inner, inner_kept, inner_over = _merge(value, given[key])
+            merged[key] = inner
+            kept.update({f"{key}.{k}": v for k, v in inner_kept.items()})
+            overridden.update({f"{key}.{k}": v for k, v in inner_over.items()})
+        elif key in given and given[key] != value:
+            overridden[key] = {"protocol": value, "given": given[key]}
+        elif key not in given:
+            kept[key] = value
+    merged.update({k: v for k, v in given.items() if not (isinstance(v, Mapping) and k in protocol)})
+    return merged, kept, overridden
+
+
+def resolve(spec: Any) -> Resolved:
+    """The options and evaluation settings of ``spec`` (a RunSpec) under ``spec.protocol``.
+
+    RunSpec fields left at their dataclass default (``eval_every``, ``val_batches``) take the protocol's
+    value; a field set to another value, and every key of ``spec.hyperparameters``, overrides it.
+
+    Raises:
+        ValueError: unknown protocol, naming the allowed ones.
+    """
+    check_choice("protocol", spec.protocol, PROTOCOLS)
+    given = dict(spec.hyperparameters)
+    if spec.protocol == "gnlib":
+        record = {"protocol": "gnlib", "from_protocol": {}, "overridden": {}}
+        return Resolved(given, spec.val_batches, spec.eval_every, None, record)
+    options = PAPER_OPTIONS.get(spec.optimizer, {})
+    if given.get("solver") == "cg":
+        options = PAPER_OPTIONS["gn_cg"]
+    elif given.get("solver", "muon") != "muon":  # the protocol's solver options are Muon's
+        options = {k: v for k, v in options.items() if k != "solver_options"}
+    hyperparameters, kept, overridden = _merge(options, given)
+    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+    # under torchrun a batch holds batch_size sequences per process
+    val_batches = math.ceil(PAPER_VAL_SEQUENCES.get(spec.preset, 100 * 128) / (spec.batch_size * world_size()))
+    run_settings = {"val_batches": val_batches, "eval_every": PAPER_EVAL_EVERY}
+    for name, value in run_settings.items():
+        if getattr(spec, name) != defaults[name]:
+            overridden[name] = {"protocol": value, "given": getattr(spec, name)}
+            run_settings[name] = getattr(spec, name)
+        else:
+            kept[name] = value
+    kept["eval_schedule"] = "every eval_every steps in the first half, then every step"
+    record = {"protocol": "paper", "from_protocol": kept, "overridden": overridden}
+    return Resolved(
+        hyperparameters,
+        run_settings["val_batches"],
+        run_settings["eval_every"],
+        paper_eval_schedule(spec.steps, run_settings["eval_every"]),
+        record,
+    )

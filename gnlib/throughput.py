@@ -1,0 +1,147 @@
+"""Throughput and memory of the study's model at the study's batch: ``python -m gnlib.throughput``.
+
+Builds a preset (default ``paper45m``, the reference architecture) with a given vocabulary on random tokens
+(nothing is downloaded), then measures, after one untimed warm-up of each:
+
+- ``gradient_step``: ``steps`` AdamW steps (forward, backward, update) on fresh B × T batches;
+- ``gn_inner_steps``: one Gauss-Newton outer step of the study's inner loop (Muon on hidden matrices,
+  AdamW on embedding and head) with ``steps`` inner steps on fresh batches (each a forward carrying the
+  tangent and one backward) and no line search: α = 1 is evaluated on one batch (a forward carrying the
+  direction, then a plain forward), which the time includes, so the inner-step rate is slightly understated.
+
+Each row reports tokens per second (B·T per gradient step or inner step over the wall time) and the peak
+memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measurement (model, optimizer state and
+activations: whether the run fits), on the CPU the peak of allocations made during one step as seen by
+``torch.profiler`` (:func:`gnlib.bench.peak_memory`).
+
+The GPU check of the study's setting (32 × 1024 tokens, T5's 32k vocabulary)::
+
+    python -m gnlib.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from gnlib.bench import _sync, peak_memory
+from gnlib.losses import CrossEntropy
+from gnlib.models import PRESETS, build_model, count_parameters
+from gnlib.optim import make_optimizer
+from gnlib.optim.gauss_newton import GaussNewton
+from gnlib.runtime import check_choice, resolve_device
+
+
+def _random_batches(vocab_size: int, batch: int, seq_len: int, device: torch.device, seed: int):
+    """A batch source of uniform random tokens: ``() -> (inputs, targets)``, each (batch, seq_len)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(vocab_size, (batch, seq_len + 1), generator=generator).to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    return draw
+
+
+def _measure(fn, device: torch.device) -> tuple[float, int]:
+    """(seconds of one call of ``fn`` after a warm-up call, peak bytes: CUDA max allocated, or CPU profiler)."""
+    fn()  # warm-up: kernels, optimizer state, allocator
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_memory(fn, device)
+    return seconds, peak
+
+
+def run_throughput(preset: str = "paper45m", vocab_size: int = 32000, device: str = "cpu", batch: int = 32,
+                   seq_len: int = 1024, steps: int = 3, lr: float = 0.01, seed: int = 0,
+                   **model_overrides) -> dict:
+    """Measure gradient steps and GN inner steps of ``preset`` at ``batch`` × ``seq_len`` (module docstring).
+
+    Args:
+        preset: a model preset (:data:`gnlib.models.PRESETS`).
+        vocab_size: vocabulary of the model and of the random tokens.
+        device: ``"cpu"``, ``"cuda"``, ...
+        batch: sequences per batch (B).
+        seq_len: tokens per sequence (T), at most the preset's ``max_seq_len``.
+        steps: gradient steps, and GN inner steps, per measurement.
+        lr: AdamW's LR and the GN inner LR.
+        seed: model and token seed.
+        **model_overrides: config fields to replace (a tiny shape for a quick run).
+
+    Returns:
+        ``preset``, ``device``, ``params``, ``vocab_size``, ``batch``, ``seq_len``, ``steps``,
+        ``memory_measure`` and ``rows``: per measurement ``name``, ``seconds``, ``tokens``,
+        ``tokens_per_s``, ``peak_mem_bytes``.
+    """
+    check_choice("preset", preset, PRESETS)
+    for name, value in (("vocab_size", vocab_size), ("batch", batch), ("seq_len", seq_len), ("steps", steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    dev = resolve_device(device)
+    model = build_model(preset, seed=seed, device=dev, vocab_size=vocab_size, **model_overrides)
+    if seq_len > model.config.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds preset {preset!r}'s max_seq_len={model.config.max_seq_len}")
+    batches = _random_batches(vocab_size, batch, seq_len, dev, seed)
+    loss = CrossEntropy()
+    adamw = make_optimizer("adamw", model, lr=lr)
+
+    def gradient_steps() -> None:
+        for _ in range(steps):
+            inputs, targets = batches()
+            adamw.zero_grad(set_to_none=True)
+            loss.value(model(inputs), targets).backward()
+            adamw.step()
+
+    gn = GaussNewton(model, batches, inner_steps=steps, inner_lr=lr, line_search=None, line_search_batches=1)
+    rows = []
+    for name, fn in (("gradient_step", gradient_steps), ("gn_inner_steps", gn.step)):
+        seconds, peak = _measure(fn, dev)
+        tokens = steps * batch * seq_len
+        rows.append({"name": name, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                     "peak_mem_bytes": peak})
+    return {
+        "preset": preset, "device": str(dev), "params": count_parameters(model), "vocab_size": vocab_size,
+        "batch": batch, "seq_len": seq_len, "steps": steps, "rows": rows,
+        "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
+    }
+
+
+def format_table(result: dict) -> str:
+    """Human-readable table of a :func:`run_throughput` result."""
+    lines = [
+        f"preset={result['preset']} device={result['device']} params={result['params']:,} "
+        f"vocab={result['vocab_size']} batch={result['batch']}x{result['seq_len']} steps={result['steps']}",
+        f"{'measurement':<16} {'tokens/s':>12} {'seconds':>9} {'peak MiB':>10}  ({result['memory_measure']})",
+    ]
+    for row in result["rows"]:
+        lines.append(f"{row['name']:<16} {row['tokens_per_s']:>12,.0f} {row['seconds']:>9.3f} "
+                     f"{row['peak_mem_bytes'] / 2**20:>10.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line entry point; see ``python -m gnlib.throughput --help``."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="paper45m", help=f"model preset: {', '.join(PRESETS)}")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (random tokens below it)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=3, help="gradient steps and GN inner steps per measurement")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    result = run_throughput(args.preset, args.vocab, args.device, args.batch, args.seq_len, args.steps)
+    print(json.dumps(result) if args.json else format_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

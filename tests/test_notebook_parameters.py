@@ -1,0 +1,80 @@
+"""Notebook parameters are checked by the notebook itself, before any work, with messages naming the fix."""
+
+import re
+from pathlib import Path
+
+import papermill
+import pytest
+from papermill.exceptions import PapermillExecutionError
+
+from gnlib.checks import check_notebook_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+DECLARED = '''steps: int = 30  # outer steps
+seed: int = 0  # seed
+optimizers: list = ["adamw", "gn"]  # optimizers
+lr: float = 0.0  # one LR
+learning_rates: dict = {"adamw": 0.003}  # LR per optimizer
+overwrite: bool = False  # replace
+output_dir: str = "outputs/00_quickstart"  # folder
+'''
+
+
+def namespace(injected: str = "", **values):
+    """A notebook's globals after its parameters cell and papermill's injected cell ran."""
+    names = {"steps": 30, "seed": 0, "optimizers": ["adamw", "gn"], "lr": 0.0, "learning_rates": {"adamw": 0.003},
+             "overwrite": False, "output_dir": "outputs/00_quickstart"}
+    history = ["", DECLARED, *([f"# Parameters\n{injected}"] if injected else []), "import gnlib"]
+    return {**names, **values, "In": history}
+
+
+def test_default_output_folder_follows_the_parameters_that_change_results():
+    assert check_notebook_parameters(namespace()).output_folder() == "outputs/00_quickstart"
+    changed = namespace("steps = 300\nseed = 1\n", steps=300, seed=1)
+    assert check_notebook_parameters(changed).output_folder() == "outputs/00_quickstart/steps=300,seed=1"
+    same_but_overwrite = namespace("overwrite = True\n", overwrite=True)
+    assert check_notebook_parameters(same_but_overwrite).output_folder() == "outputs/00_quickstart"
+    given = namespace("steps = 300\noutput_dir = 'elsewhere'\n", steps=300, output_dir="elsewhere")
+    assert check_notebook_parameters(given).output_folder() == "elsewhere"
+    listed = check_notebook_parameters(namespace("optimizers = ['gn']\n", optimizers=["gn"])).output_folder()
+    assert listed.startswith("outputs/00_quickstart/optimizers=") and "~" in listed  # quotes replaced, hash added
+
+
+@pytest.mark.parametrize(
+    "injected, values, match",
+    [
+        ("stepz = 3\n", {"stepz": 3}, r"unknown notebook parameter\(s\) \['stepz'\].*parameters are \['steps'"),
+        ("optimizers = 'gn'\n", {"optimizers": "gn"}, r"optimizers must be of type list .*got 'gn' \(str\)"),
+        ("lr = 'fast'\n", {"lr": "fast"}, r"lr must be of type float .*got 'fast'"),
+        ("lr = '3e-3'\n", {"lr": "3e-3"}, r"lr must be of type float .*a string: in YAML write floats with a dot"),
+        ("steps = True\n", {"steps": True}, r"steps must be of type int .*got True \(bool\)"),
+        ("learning_rates = 'fast'\n", {"learning_rates": "fast"}, r"learning_rates must be of type dict .*'\{"),
+    ],
+)
+def test_bad_notebook_parameters_are_named(injected, values, match):
+    with pytest.raises(ValueError, match=match):
+        check_notebook_parameters(namespace(injected, **values))
+
+
+@pytest.mark.parametrize(
+    "notebook, parameters, match",
+    [
+        ("00_quickstart", {"optimizers": "gn"}, r"optimizers must be of type list"),
+        ("00_quickstart", {"stepz": 3}, r"unknown notebook parameter\(s\) \['stepz'\]"),
+        ("02_iteration_complexity", {"optimizers": "gnx"}, r"optimizers='gnx' is not supported; allowed values"),
+        ("02_iteration_complexity", {"lr": -0.01}, r"lr must be a finite number >= 0"),
+        ("02_iteration_complexity", {"target_loss": -1.0}, r"target_loss must be a finite number > 0"),
+        ("02_iteration_complexity", {"warmup_steps": -1}, r"warmup_steps must be an integer >= 1, got -1"),
+    ],
+)
+def test_notebooks_refuse_bad_parameters_before_any_work(tmp_path, notebook, parameters, match):
+    out = tmp_path / "out"
+    with pytest.raises(PapermillExecutionError) as err:
+        papermill.execute_notebook(
+            str(REPO / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "executed.ipynb"),
+            parameters={**parameters, "output_dir": str(out)}, cwd=str(REPO), progress_bar=False, kernel_name="python3",
+        )
+    # raised by the derived-values cell: the first after the parameters and the injected parameters
+    assert (err.value.ename, err.value.exec_count) == ("ValueError", 3), (err.value.ename, err.value.evalue)
+    assert re.search(match, err.value.evalue), err.value.evalue
+    assert not out.exists() or not any(out.iterdir())
