@@ -238,7 +238,7 @@ def _conflict_message(run_dir: Path, metadata: dict[str, Any]) -> str:
         saved = {k: v for k, v in json.loads((run_dir / METADATA).read_text()).items() if k not in _RUN_KEYS}
     except (OSError, ValueError):
         saved = {}
-    ours = json.loads(json.dumps(metadata, default=_json_default))
+    ours = json.loads(json.dumps({k: v for k, v in metadata.items() if k not in _RUN_KEYS}, default=_json_default))
     theirs, mine = _flat(saved), _flat(ours)
     differ = [k for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
     shown = "; ".join(f"{k.rstrip('.')}: {theirs.get(k, '-')!r} there, {mine.get(k, '-')!r} now" for k in differ[:8])
@@ -328,21 +328,22 @@ def train(
     check_positive_number("divergence_factor", divergence_factor, example="10")
     run_dir = Path(run_dir) if run_dir is not None else None
     with run_folder_lock(run_dir if distributed.is_main() else None):
-        return _train(
-            model,
-            optimizer,
-            train_batches,
-            val_batches,
+        if not getattr(optimizer, "draws_batches", False):
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+        fingerprint = _fingerprint(dict(metadata or {}))
+        world = distributed.world_size()
+        history = History(metadata={**(metadata or {}), "fingerprint": fingerprint, "world_size": world})
+        settings = _Settings(
             steps=steps,
             accumulation=accumulation,
             eval_every=eval_every,
             target_loss=target_loss,
             schedule=schedule,
-            loss_fn=loss_fn,
+            loss_fn=loss_fn or CrossEntropy().value,
             run_dir=run_dir,
             checkpoint_every=checkpoint_every,
-            metadata=metadata,
-            progress=progress,
+            progress=progress and distributed.is_main(),
             max_grad_norm=max_grad_norm,
             overwrite=overwrite,
             stall_steps=stall_steps,
@@ -350,180 +351,214 @@ def train(
             eval_schedule=eval_schedule,
             label=label,
         )
+        loop = _Loop(
+            model, optimizer, train_batches, val_batches, settings, history, fingerprint, world, distributed.is_main()
+        )
+        return loop.run()
 
 
-def _train(
-    model: nn.Module,
-    optimizer: Any,
-    train_batches: Callable[[], Batch],
-    val_batches: Sequence[Batch],
-    *,
-    steps: int,
-    accumulation: int,
-    eval_every: int,
-    target_loss: float | None,
-    schedule: Callable[[int], float] | None,
-    loss_fn: LossFn | None,
-    run_dir: Path | None,
-    checkpoint_every: int,
-    metadata: dict[str, Any] | None,
-    progress: bool,
-    max_grad_norm: float | None,
-    overwrite: bool,
-    stall_steps: int,
-    divergence_factor: float,
-    eval_schedule: Callable[[int], bool] | None,
-    label: str,
-) -> History:
-    """:func:`train` once ``run_dir`` (if any) is locked by this process."""
-    loss_fn = loss_fn or CrossEntropy().value
-    draws_batches = getattr(optimizer, "draws_batches", False)
-    metadata = dict(metadata or {})
-    fingerprint = _fingerprint(metadata)
-    for group in [] if draws_batches else optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
+@dataclass
+class _Settings:
+    """The loop's settings, as :func:`train` checked them."""
 
-    world, main = distributed.world_size(), distributed.is_main()
-    progress = progress and main
-    history = History(metadata={**metadata, "fingerprint": fingerprint, "world_size": world})
-    elapsed_before = 0.0
-    state = None
-    if run_dir is not None:
-        if main:
-            _remove_stale_temporaries(run_dir)
-        device = next(iter(model.parameters())).device
-        state = _read_checkpoint(run_dir / CHECKPOINT, device, move_aside=main)
-        saved = state["fingerprint"] if state is not None else _saved_fingerprint(run_dir)
-        if saved is not None and saved != fingerprint:
-            if not overwrite:
-                raise ValueError(_conflict_message(run_dir, metadata))
-            if progress:
-                print(f"{run_dir}: replacing the run with other settings found there (overwrite=True)")
-            state = None
-    if state is not None:
+    steps: int
+    accumulation: int
+    eval_every: int
+    target_loss: float | None
+    schedule: Callable[[int], float] | None
+    loss_fn: LossFn
+    run_dir: Path | None
+    checkpoint_every: int
+    progress: bool  # and this process is rank 0
+    max_grad_norm: float | None
+    overwrite: bool
+    stall_steps: int
+    divergence_factor: float
+    eval_schedule: Callable[[int], bool] | None
+    label: str
+
+
+@dataclass
+class _Loop:
+    """One run of the training loop, in named steps: resume, step, evaluate, judge, checkpoint."""
+
+    model: nn.Module
+    optimizer: Any
+    train_batches: Callable[[], Batch]
+    val_batches: Sequence[Batch]
+    settings: _Settings
+    history: History
+    fingerprint: str
+    world: int
+    main: bool
+
+    @property
+    def draws_batches(self) -> bool:
+        """The optimizer draws its own batches and returns diagnostics (the Gauss-Newton optimizers)."""
+        return getattr(self.optimizer, "draws_batches", False)
+
+    def resume(self) -> float:
+        """Load the run's checkpoint into model, optimizer, batch source, RNG and History, if it is this run's.
+
+        Returns:
+            The wall time the resumed run had already spent (0 for a fresh run).
+
+        Raises:
+            ValueError: the folder holds a run with other settings (and not ``overwrite``), or the
+                checkpoint was written by another number of processes.
+        """
+        run_dir, state = self.settings.run_dir, None
+        if run_dir is not None:
+            if self.main:
+                _remove_stale_temporaries(run_dir)
+            device = next(iter(self.model.parameters())).device
+            state = _read_checkpoint(run_dir / CHECKPOINT, device, move_aside=self.main)
+            saved = state["fingerprint"] if state is not None else _saved_fingerprint(run_dir)
+            if saved is not None and saved != self.fingerprint:
+                if not self.settings.overwrite:
+                    raise ValueError(_conflict_message(run_dir, self.history.metadata))
+                if self.settings.progress:
+                    print(f"{run_dir}: replacing the run with other settings found there (overwrite=True)")
+                state = None
+        if state is None:
+            return 0.0
         saved_world = state.get("world_size", 1)
-        if saved_world != world:
+        if saved_world != self.world:
             raise ValueError(
                 f"{run_dir / CHECKPOINT} was written by a run on world_size={saved_world} process(es); this "
-                f"run has world_size={world}. Resume it with torchrun --nproc_per_node {saved_world} (the batch "
-                "stream depends on the number of processes), or use another run_dir"
+                f"run has world_size={self.world}. Resume it with torchrun --nproc_per_node {saved_world} (the "
+                "batch stream depends on the number of processes), or use another run_dir"
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if hasattr(train_batches, "load_state_dict"):
-            train_batches.load_state_dict(state["sampler"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(self.train_batches, "load_state_dict"):
+            self.train_batches.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"].cpu())
-        history.rows = json.loads(state["rows"])
-        history.status = state["status"]
-        history.reason = state.get("reason")
-        elapsed_before = history.rows[-1]["wall_time"]
-    distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
-    if history.status != "running":
-        return history
+        self.history.rows = json.loads(state["rows"])
+        self.history.status = state["status"]
+        self.history.reason = state.get("reason")
+        return self.history.rows[-1]["wall_time"]
 
-    def checkpoint() -> None:
-        if run_dir is None or not main:
-            return
-        history.save(run_dir)
-        atomic_torch_save(
-            {
-                "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "sampler": train_batches.state_dict() if hasattr(train_batches, "state_dict") else {},
-                "rng": torch.get_rng_state(),
-                "rows": json.dumps(history.rows, default=_json_default),
-                "status": history.status,
-                "reason": history.reason,
-                "world_size": world,
-            },
-            run_dir / CHECKPOINT,
-        )
+    def step(self, step: int) -> dict[str, Any]:
+        """Outer step ``step`` (1-based); its row: ``train_loss``, the tokens it read, and diagnostics or ``lr``."""
+        if self.draws_batches:
+            row = dict(self.optimizer.step())
+            row["tokens"] = int(row.pop("tokens", 0)) * self.world
+            row["train_loss"] = row.pop("loss", None)
+            return row
+        s = self.settings
+        multiplier = s.schedule(step - 1) if s.schedule is not None else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+        self.optimizer.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for _ in range(s.accumulation):
+            inputs, targets = self.train_batches()
+            loss = s.loss_fn(self.model(inputs), targets)
+            (loss / s.accumulation).backward()
+            total += float(loss.detach())
+            tokens += targets.numel() * self.world
+        distributed.average_gradients(self.model.parameters())
+        if s.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        self.optimizer.step()
+        train_loss = distributed.all_reduce_mean(total / s.accumulation)
+        return {"train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens}
 
-    def validation_losses() -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """``val_loss`` (with the optimizer's eval parameters, if any) and then ``val_loss_raw``."""
-        eval_params = getattr(optimizer, "eval_parameters", None)
+        eval_params = getattr(self.optimizer, "eval_parameters", None)
         params = eval_params() if callable(eval_params) else None
-        losses = {"val_loss": evaluate(model, val_batches, loss_fn, params)}
+        losses = {"val_loss": evaluate(self.model, self.val_batches, self.settings.loss_fn, params)}
         if params is not None:
-            losses["val_loss_raw"] = evaluate(model, val_batches, loss_fn)
+            losses["val_loss_raw"] = evaluate(self.model, self.val_batches, self.settings.loss_fn)
         return {key: distributed.all_reduce_mean(value) for key, value in losses.items()}
 
-    def update_status(row: dict[str, Any], last: bool) -> None:
+    def judge(self, row: dict[str, Any], last: bool) -> None:
+        """Set History's status after ``row``: diverged, stalled, reached_target, completed (last) or running."""
+        s, history = self.settings, self.history
         losses = {key: row[key] for key in ("train_loss", "val_loss") if row.get(key) is not None}
         start_loss = history.rows[0]["val_loss"]
-        limit = divergence_factor * start_loss if math.isfinite(start_loss) else math.inf
+        limit = s.divergence_factor * start_loss if math.isfinite(start_loss) else math.inf
         rejected = _rejected_steps(history.rows)
         if not all(math.isfinite(value) for value in losses.values()):
             bad = ", ".join(f"{key} {value}" for key, value in losses.items() if not math.isfinite(value))
             history.status, history.reason = "diverged", f"non-finite loss at step {row['step']} ({bad})"
         elif losses.get("val_loss", -math.inf) > limit:
-            history.status, history.reason = "diverged", (
-                f"val_loss {losses['val_loss']:.4g} at step {row['step']} exceeds {divergence_factor:g}x the "
+            history.status = "diverged"
+            history.reason = (
+                f"val_loss {losses['val_loss']:.4g} at step {row['step']} exceeds {s.divergence_factor:g}x the "
                 f"start's {start_loss:.4g} (divergence_factor)"
             )
-        elif rejected >= stall_steps:
-            history.status, history.reason = "stalled", (
+        elif rejected >= s.stall_steps:
+            history.status = "stalled"
+            history.reason = (
                 f"no step taken in the last {rejected} outer steps (the optimizer reported alpha = 0: every "
-                f"line-search step rejected; last reason: {row.get('reason')}); lower the LR or change the line search"
+                f"line-search step rejected; last reason: {row.get('reason')}); lower the LR or change the "
+                "line search"
             )
-        elif target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= target_loss:
+        elif s.target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= s.target_loss:
             history.status = "reached_target"
         elif last:
             history.status = "completed"
 
-    start = time.perf_counter() - elapsed_before
-    if not history.rows:
-        history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **validation_losses()})
-        update_status(history.rows[0], last=False)
-    first_step = history.rows[-1]["step"] + 1 if history.status == "running" else steps + 1
-    bar = tqdm(total=steps, initial=first_step - 1, desc=label, unit="step", disable=not progress, mininterval=1.0)
-    for step in range(first_step, steps + 1):
-        row: dict[str, Any] = {"step": step}
-        if draws_batches:
-            diagnostics = dict(optimizer.step())
-            tokens = int(diagnostics.pop("tokens", 0)) * world
-            row["train_loss"] = diagnostics.pop("loss", None)
-            row.update(diagnostics)
-        else:
-            multiplier = schedule(step - 1) if schedule is not None else 1.0
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-            optimizer.zero_grad(set_to_none=True)
-            total, tokens = 0.0, 0
-            for _ in range(accumulation):
-                inputs, targets = train_batches()
-                loss = loss_fn(model(inputs), targets)
-                (loss / accumulation).backward()
-                total += float(loss.detach())
-                tokens += targets.numel() * world
-            distributed.average_gradients(model.parameters())
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            row["train_loss"] = distributed.all_reduce_mean(total / accumulation)
-            row["lr"] = optimizer.param_groups[0]["lr"]
-        row["tokens"] = history.rows[-1]["tokens"] + tokens
-        last = step == steps
-        due = eval_schedule(step) if eval_schedule is not None else step % eval_every == 0
-        row.update(validation_losses() if (due or last) else {"val_loss": None})
-        row["wall_time"] = time.perf_counter() - start
-        history.rows.append(row)
-
-        update_status(row, last)
-        bar.update()
-        if row["val_loss"] is not None:
-            bar.set_postfix_str(f"train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}", refresh=False)
-        if history.status != "running":
-            break
-        if checkpoint_every and step % checkpoint_every == 0:
-            checkpoint()
-    bar.close()
-    checkpoint()
-    if progress:
-        last_row = history.rows[-1]
-        print(
-            f"{label}: {history.status} at step {last_row['step']}/{steps}, val loss {_fmt(history.final_val_loss)}, "
-            f"{last_row['wall_time']:.1f}s" + (f" ({history.reason})" if history.reason else "")
+    def checkpoint(self) -> None:
+        """Write History and a resumable checkpoint to ``run_dir`` (rank 0 only; nothing without a folder)."""
+        run_dir = self.settings.run_dir
+        if run_dir is None or not self.main:
+            return
+        self.history.save(run_dir)
+        sampler = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else {}
+        atomic_torch_save(
+            {
+                "fingerprint": self.fingerprint,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "sampler": sampler,
+                "rng": torch.get_rng_state(),
+                "rows": json.dumps(self.history.rows, default=_json_default),
+                "status": self.history.status,
+                "reason": self.history.reason,
+                "world_size": self.world,
+            },
+            run_dir / CHECKPOINT,
         )
-    return history
+
+    def run(self) -> History:
+        """Resume, evaluate step 0, then step, evaluate when due, judge and checkpoint until the run ends."""
+        s, history = self.settings, self.history
+        start = time.perf_counter() - self.resume()
+        distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
+        if history.status != "running":
+            return history
+        if not history.rows:
+            history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **self.evaluate()})
+            self.judge(history.rows[0], last=False)
+        first = history.rows[-1]["step"] + 1 if history.status == "running" else s.steps + 1
+        bar = tqdm(total=s.steps, initial=first - 1, desc=s.label, unit="step", disable=not s.progress, mininterval=1.0)
+        for step in range(first, s.steps + 1):
+            row = {"step": step, **self.step(step)}
+            row["tokens"] += history.rows[-1]["tokens"]
+            last = step == s.steps
+            due = s.eval_schedule(step) if s.eval_schedule is not None else step % s.eval_every == 0
+            row.update(self.evaluate() if (due or last) else {"val_loss": None})
+            row["wall_time"] = time.perf_counter() - start
+            history.rows.append(row)
+            self.judge(row, last)
+            bar.update()
+            if row["val_loss"] is not None:
+                bar.set_postfix_str(f"train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}", refresh=False)
+            if history.status != "running":
+                break
+            if s.checkpoint_every and step % s.checkpoint_every == 0:
+                self.checkpoint()
+        bar.close()
+        self.checkpoint()
+        if s.progress:
+            last_row = history.rows[-1]
+            print(
+                f"{s.label}: {history.status} at step {last_row['step']}/{s.steps}, val loss "
+                f"{_fmt(history.final_val_loss)}, {last_row['wall_time']:.1f}s"
+                + (f" ({history.reason})" if history.reason else "")
+            )
+        return history
