@@ -15,6 +15,13 @@ Grid file (YAML mapping; no other top-level keys are accepted)::
     seeds: [0, 1]                     # shorthand for a last grid key ``seed``
     timeout: 600                      # seconds per cell (optional)
 
+``grid`` may also be a list of such mappings, all naming the same keys: the runs are the union of their
+products, in list order (e.g. one LR grid per optimizer)::
+
+    grid:
+      - {optimizer: [gn], lr: [0.01, 0.03]}
+      - {optimizer: [adamw], lr: [0.001, 0.003, 0.01]}
+
 Every key in ``parameters`` and ``grid`` must be declared in the notebook's ``parameters`` cell
 (``papermill.inspect_notebook``); values must match simple annotations (``int``, ``float``, ``bool``, ``str``).
 Bad grids raise ``ValueError`` naming the key before any run folder is created (the CLI exits with code 2).
@@ -126,15 +133,23 @@ def load_grid(path: str | Path, *, cwd: str | Path | None = None) -> dict:
 def expand_grid(spec: Mapping) -> list[dict]:
     """Parameters of every run: the fixed ``parameters`` updated by each point of the cartesian ``grid``.
 
-    The product follows the grid's key order with the last key varying fastest (``seeds`` come last).
-    Pure: the notebook is neither opened nor checked.
+    The product follows the grid's key order with the last key varying fastest (``seeds`` come last); a
+    list of grids gives each one's product in turn. Pure: the notebook is neither opened nor checked.
 
     Raises:
         ValueError: malformed spec, naming the offending key.
     """
     spec = _check_structure(spec)
-    grid = spec["grid"]
-    return [{**spec["parameters"], **dict(zip(grid, point))} for point in itertools.product(*grid.values())]
+    return [
+        {**spec["parameters"], **dict(zip(part, point))}
+        for part in _grid_parts(spec)
+        for point in itertools.product(*part.values())
+    ]
+
+
+def _grid_parts(spec: Mapping) -> list[dict]:
+    """A checked spec's ``grid`` as a list of mappings (one for a single grid)."""
+    return spec["grid"] if isinstance(spec["grid"], list) else [spec["grid"]]
 
 
 def run_id(values: Mapping[str, Any]) -> str:
@@ -190,10 +205,14 @@ def run_sweep(
         spec = _check_spec(grid, search=[cwd])
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r}: must be a positive integer")
-    runs = [(run_id({key: params[key] for key in spec["grid"]}), params) for params in expand_grid(spec)]
+    keys = list(_grid_parts(spec)[0])
+    runs = [(run_id({key: params[key] for key in keys}), params) for params in expand_grid(spec)]
     repeated = [rid for rid, count in collections.Counter(rid for rid, _ in runs).items() if count > 1]
     if repeated:
-        raise ValueError(f"grid: values that print alike give the same run id {repeated[0]!r}; make them distinct")
+        raise ValueError(
+            f"grid: the run {repeated[0]!r} appears twice (values that print alike, or grid entries that "
+            "overlap); make them distinct"
+        )
     _check_notebook_parameters(spec)
     sweep_dir = cwd / output_root / spec["name"]
     states = {rid: _state(sweep_dir / rid, params) for rid, params in runs}
@@ -304,29 +323,48 @@ def _check_structure(spec: Any) -> dict:
     if not isinstance(notebook, str) or not notebook:
         raise ValueError(f"notebook={notebook!r}: the grid spec needs the path of the notebook to run")
     parameters = _check_mapping("parameters", spec.get("parameters") or {})
-    grid = dict(_check_mapping("grid", spec.get("grid") or {}))
-    seeds = spec.get("seeds")
+    for key, value in parameters.items():
+        _check_json(f"parameter {key!r}", value)
+    raw = {} if spec.get("grid") is None else spec["grid"]
+    if isinstance(raw, list) and not raw:
+        raise ValueError("grid: an empty list; give a mapping, or a list of mappings with the same keys")
+    parts = [
+        _check_grid("grid" if isinstance(raw, Mapping) else f"grid[{i}]", part, parameters, spec.get("seeds"))
+        for i, part in enumerate(raw if isinstance(raw, list) else [raw])
+    ]
+    for i, part in enumerate(parts[1:], start=1):
+        if set(part) != set(parts[0]):
+            raise ValueError(
+                f"grid[{i}]: keys {sorted(part)} differ from grid[0]'s {sorted(parts[0])}; every entry names the "
+                "same keys (run ids and result columns use them)"
+            )
+        parts[i] = {key: part[key] for key in parts[0]}
+    grid = parts if isinstance(raw, list) else parts[0]
+    timeout = spec.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds per cell, or omitted")
+    return {"name": name, "notebook": notebook, "parameters": dict(parameters), "grid": grid, "timeout": timeout}
+
+
+def _check_grid(where: str, part: Any, parameters: Mapping, seeds: Any) -> dict:
+    """One grid mapping checked: non-empty lists of plain values, ``seeds`` folded in as the last key ``seed``."""
+    grid = dict(_check_mapping(where, part))
     if seeds is not None:
         if "seed" in grid or "seed" in parameters:
             raise ValueError("seeds: 'seed' is already set in grid or parameters; give it once")
         grid["seed"] = seeds
     for key, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"grid key {key!r}: values must be a non-empty list, got {values!r}")
+            raise ValueError(f"{where} key {key!r}: values must be a non-empty list, got {values!r}")
         for value in values:
-            _check_json(f"grid key {key!r}", value)
+            _check_json(f"{where} key {key!r}", value)
         grid[key] = list(values)
-    for key, value in parameters.items():
-        _check_json(f"parameter {key!r}", value)
     for key in [*parameters, *grid]:
         if key == OUTPUT_PARAMETER:
             raise ValueError(f"{key!r} is set by the sweep (each run's folder); remove it from parameters and grid")
         if key in parameters and key in grid:
             raise ValueError(f"parameter {key!r} is both fixed in parameters and varied in grid; give it once")
-    timeout = spec.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds per cell, or omitted")
-    return {"name": name, "notebook": notebook, "parameters": dict(parameters), "grid": grid, "timeout": timeout}
+    return grid
 
 
 def _check_mapping(key: str, value: Any) -> Mapping:
@@ -357,7 +395,10 @@ def _check_notebook_parameters(spec: dict) -> None:
             f"notebook declares `{OUTPUT_PARAMETER}: str` and writes {RESULTS_FILE} there"
         )
     allowed = sorted(set(declared) - {OUTPUT_PARAMETER})
-    values = {key: [value] for key, value in spec["parameters"].items()} | spec["grid"]
+    values = {key: [value] for key, value in spec["parameters"].items()}
+    for part in _grid_parts(spec):
+        for key, candidates in part.items():
+            values[key] = values.get(key, []) + candidates
     for key, candidates in values.items():
         if key not in declared:
             raise ValueError(f"parameter {key!r} is not in the parameters cell of {notebook}; allowed: {allowed}")

@@ -43,6 +43,22 @@ def test_expand_grid_is_the_ordered_product_over_fixed_parameters():
     assert expand_grid(spec(parameters={"x": 3})) == [{"x": 3}]
 
 
+def test_a_list_of_grids_runs_the_union_of_their_products_in_order(tmp_path):
+    """One product per entry (e.g. an LR grid per optimizer), same keys in the first entry's order, seeds in each."""
+    grids = spec(
+        parameters={"sleep": 0.0}, grid=[{"x": [1], "fail": [False, True]}, {"fail": [False], "x": [5, 6]}], seeds=[0]
+    )
+    runs = expand_grid(grids)
+    assert runs == [
+        {"sleep": 0.0, "x": 1, "fail": False, "seed": 0},
+        {"sleep": 0.0, "x": 1, "fail": True, "seed": 0},
+        {"sleep": 0.0, "x": 5, "fail": False, "seed": 0},
+        {"sleep": 0.0, "x": 6, "fail": False, "seed": 0},
+    ]
+    plan = run_sweep({**grids, "seeds": None}, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
+    assert list(plan["run_id"]) == ["x=1,fail=False", "x=1,fail=True", "x=5,fail=False", "x=6,fail=False"]
+
+
 def test_run_ids_are_readable_filesystem_safe_and_distinct():
     """Plain values read as key=value; odd or long ones are sanitized and told apart by a hash."""
     assert run_id({"optimizer": "gn", "batch": 8, "lr": 0.001, "seed": 0}) == "optimizer=gn,batch=8,lr=0.001,seed=0"
@@ -70,6 +86,10 @@ def test_run_ids_are_readable_filesystem_safe_and_distinct():
         (spec(grid={"seed": [0]}, seeds=[1]), "seeds"),
         (spec(timeout=0), "timeout"),
         (spec(parameters={"x": {1, 2}}), "'x'"),
+        (spec(grid=[]), "grid"),
+        (spec(grid=[{"x": [1]}, {"fail": [True]}]), "grid[1]"),
+        (spec(grid=[{"x": [1]}, [2]]), "grid[1]"),
+        (spec(grid=[{"x": [1]}, {"x": []}]), "grid[1] key 'x'"),
     ],
 )
 def test_malformed_specs_are_refused_naming_the_key(bad, key):
@@ -110,7 +130,10 @@ def test_load_grid_reads_exponents_as_floats_and_resolves_the_notebook(tmp_path)
         ({"x": ["three"]}, "'x'"),
         ({"x": [True]}, "'x'"),
         ({"sleep": [1, "a"]}, "'sleep'"),
-        ({"x": [1, "1"]}, "same run id"),
+        ({"x": [1, "1"]}, "appears twice"),
+        ([{"x": [1]}, {"z": [2]}], "grid[1]"),
+        ([{"x": [1]}, {"x": ["three"]}], "'x'"),
+        ([{"x": [1, 2]}, {"x": [2]}], "appears twice"),
     ],
 )
 def test_notebook_parameters_are_checked_before_any_run(tmp_path, grid, key):
