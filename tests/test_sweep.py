@@ -320,3 +320,11 @@ def test_unwritable_output_root_is_refused_before_any_run(tmp_path, capsys):
     assert main([str(grid), "--output-root", str(blocker)]) == 2
     error = capsys.readouterr().err
     assert "--output-root=" in error and "cannot be written" in error
+
+
+@pytest.mark.parametrize("grid", sorted(p.name for p in (REPO / "notebooks" / "grids").glob("*.yaml")))
+def test_shipped_grids_plan_runs_with_the_notebooks_parameters(tmp_path, grid):
+    """Every grid under notebooks/grids names only parameters its notebook declares, with matching types."""
+    plan = run_sweep(REPO / "notebooks" / "grids" / grid, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
+    assert len(plan) and plan["will_run"].all()
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
