@@ -1,7 +1,7 @@
 """Curvature of a model's loss: Jacobian products, GGN and Hessian products, the Gauss-Newton inner step.
 
-Notation (see DESIGN.md). A model ``f`` maps parameters θ and inputs x to outputs (logits) z = f(θ; x) of
-shape (..., V); a :class:`~gnlib.losses.Loss` ℓ(z, y) averages over positions. At θ:
+Notation (docs/study.md, section "Notation"). A model ``f`` maps parameters θ and inputs x to outputs
+(logits) z = f(θ; x) of shape (..., V); a :class:`~gnlib.losses.Loss` ℓ(z, y) averages over positions. At θ:
 J = ∂z/∂θ (Jacobian), g_z = ∇_z ℓ, H_z = ∇²_z ℓ (given by the loss in closed form),
 G = Jᵀ H_z J (generalized Gauss-Newton, PSD for convex ℓ) and H = ∇²_θ ℓ(f(θ)) (true Hessian).
 
