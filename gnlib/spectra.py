@@ -132,7 +132,6 @@ def lanczos(
     return values.to(dtype).to(device), basis @ vectors.to(dtype).to(device)
 
 
-
 def hutchinson_trace(
     op: Any, n_samples: int, *, seed: int = 0, distribution: str = "rademacher", chunk: int = 16
 ) -> tuple[float, float]:
