@@ -1,7 +1,7 @@
 """gnlib: exact Gauss-Newton optimization of transformer language models, as a research workbook.
 
 The public API is what this module exports; each name lives in the module that owns its job
-(``gnlib.data``, ``gnlib.models``, ``gnlib.losses``, ``gnlib.curvature``, ``gnlib.blocks``,
+(``gnlib.data``, ``gnlib.models``, ``gnlib.losses``, ``gnlib.operators``, ``gnlib.curvature``, ``gnlib.blocks``,
 ``gnlib.spectra``, ``gnlib.optim``, ``gnlib.train``, ``gnlib.experiments``). Notebook-only pieces
 (``gnlib.plots``, ``gnlib.widgets``, ``gnlib.sweep``, ``gnlib.directions``) are imported from their modules.
 """
@@ -33,6 +33,7 @@ from gnlib.data import Corpus, load_corpus
 from gnlib.experiments import OPTIMIZERS, RunSpec, lr_sweep, run, steps_to_target
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
+from gnlib.operators import LinearOperator
 from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
 from gnlib.pipeline import after_warmup, build_run_data
 from gnlib.spectra import hutchinson_trace, lanczos, spectral_density
@@ -54,6 +55,7 @@ __all__ = [
     "GaussNewton",
     "HessianOperator",
     "History",
+    "LinearOperator",
     "ModelConfig",
     "RunSpec",
     "Transformer",

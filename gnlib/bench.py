@@ -8,7 +8,7 @@ divided by the median time of the gradient step:
 - ``gn_inner_step``: :func:`gnlib.curvature.gn_inner_step`, value and gradient of the GN quadratic from
   scratch on the batch (forward carrying the tangent Δ, then one backward);
 - ``ggn_vp_cached``: ``Linearization.ggn_vp`` on a linearization built once outside the timing;
-- ``hvp``: true Hessian-vector product (forward-over-reverse);
+- ``hvp``: true Hessian-vector product, :func:`gnlib.curvature.hvp` (reverse-over-reverse: a backward of the backward);
 - ``ggn_vp_torch_func``: the naive composition ``torch.func.jvp`` + ``torch.func.vjp`` (reference);
 - ``linearize``: building the cached linearization (forward with graph + tracing the JVP), for scale;
 - ``layerwise_inner_step``: :func:`gnlib.curvature.layerwise_inner_steps` over the study's layerwise

@@ -27,12 +27,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import scipy.sparse.linalg
 import torch
 from torch import Tensor, nn
 
-from gnlib.params import check_like, flatten, numel, offsets, unflatten
+from gnlib.operators import LinearOperator
+from gnlib.params import numel, offsets
 from gnlib.runtime import check_choice
 
 Partition = dict[str, list[str]]
@@ -381,12 +380,13 @@ def off_diagonal_share(
     return (outside / total).item()
 
 
-class BlockDiagonalOperator:
+class BlockDiagonalOperator(LinearOperator):
     """blockdiag(A) for an operator A, applied matrix-free: y = Σ_b P_b A P_b x.
 
-    P_b zeroes every coordinate outside block b; one product costs one product of ``op`` per block.
-    Follows the operator protocol: ``.shape``, ``.dtype``, ``.device``, ``@`` on flat (n,) or (n, k)
-    tensors and on params dicts, ``.to_scipy()``.
+    P_b zeroes every coordinate outside block b; one product costs one product of ``op`` per block (a
+    whole (n, k) block of columns at once). Follows the operator protocol of
+    :class:`gnlib.operators.LinearOperator`, with ``.like`` from ``params_like``; symmetric when ``op`` is
+    (a dense ``op`` when it equals its transpose up to rounding).
 
     Args:
         op: operator (or dense (n, n) tensor) on the flat parameter space of ``params_like``.
@@ -396,40 +396,30 @@ class BlockDiagonalOperator:
 
     def __init__(self, op: Any, partition: Mapping[str, list[str]], params_like: nn.Module | Mapping[str, Tensor]):
         """Validate shapes and the partition; precompute each block's flat indices on ``op``'s device."""
-        self.like = {name: t.detach() for name, t in _like(params_like).items()}
-        n = numel(self.like)
+        like = {name: t.detach() for name, t in _like(params_like).items()}
+        n = numel(like)
         if tuple(op.shape) != (n, n):
             raise ValueError(f"op has shape {tuple(op.shape)}, expected ({n}, {n}) to match the parameters")
+        if isinstance(op, Tensor):
+            symmetric = bool(torch.allclose(op, op.mT))
+        else:
+            symmetric = bool(getattr(op, "symmetric", False))
+        super().__init__(n, op.dtype, op.device, symmetric=symmetric, like=like)
         self.op = op
         self.partition = {block: list(members) for block, members in partition.items()}
-        self.shape = (n, n)
-        self.dtype = op.dtype
-        self.device = op.device
-        self._indices = {block: index.to(op.device) for block, index in block_indices(partition, self.like).items()}
+        self._indices = {block: index.to(op.device) for block, index in block_indices(partition, like).items()}
 
     @property
     def blocks(self) -> list[str]:
         """Block names in partition order."""
         return list(self.partition)
 
-    def __matmul__(self, x: Tensor | Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """Product with a flat (n,) or (n, k) tensor (same shape back) or a params dict (dict back)."""
-        if isinstance(x, Mapping):
-            check_like(x, self.like, "params vector")
-            return unflatten(self @ flatten(x), self.like)
-        if x.dim() not in (1, 2) or x.shape[0] != self.shape[0]:
-            raise ValueError(f"x has shape {tuple(x.shape)}, expected ({self.shape[0]},) or ({self.shape[0]}, k)")
+    def _matmat(self, x: Tensor) -> Tensor:
+        """Σ_b P_b A P_b x for x of shape (n,) or (n, k)."""
         out = torch.zeros_like(x)
         for index in self._indices.values():
             restricted = torch.zeros_like(x).index_copy_(0, index, x.index_select(0, index))
             out.index_copy_(0, index, (self.op @ restricted).index_select(0, index))
         return out
 
-    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
-        """SciPy ``LinearOperator`` view (NumPy in, NumPy out; symmetric when ``op`` is)."""
-        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
-
-        def apply(x: np.ndarray) -> np.ndarray:
-            return (self @ torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)).cpu().numpy()
-
-        return scipy.sparse.linalg.LinearOperator(self.shape, matvec=apply, matmat=apply, dtype=np_dtype)
+    _matvec = _matmat

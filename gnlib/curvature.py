@@ -1,7 +1,7 @@
 """Curvature of a model's loss: Jacobian products, GGN and Hessian products, the Gauss-Newton inner step.
 
-Notation (see DESIGN.md). A model ``f`` maps parameters θ and inputs x to outputs (logits) z = f(θ; x) of
-shape (..., V); a :class:`~gnlib.losses.Loss` ℓ(z, y) averages over positions. At θ:
+Notation (docs/study.md, section "Notation"). A model ``f`` maps parameters θ and inputs x to outputs
+(logits) z = f(θ; x) of shape (..., V); a :class:`~gnlib.losses.Loss` ℓ(z, y) averages over positions. At θ:
 J = ∂z/∂θ (Jacobian), g_z = ∇_z ℓ, H_z = ∇²_z ℓ (given by the loss in closed form),
 G = Jᵀ H_z J (generalized Gauss-Newton, PSD for convex ℓ) and H = ∇²_θ ℓ(f(θ)) (true Hessian).
 
@@ -38,14 +38,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
-import scipy.sparse.linalg
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from gnlib.losses import CrossEntropy, Loss
+from gnlib.operators import LinearOperator
 from gnlib.params import Params, check_like, flatten, numel, unflatten
 from gnlib.runtime import check_choice
 
@@ -64,7 +63,7 @@ def _check_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
     check_like(params, dict(model.named_parameters()), "params")
 
 
-def _check_vector(v: Mapping[str, Tensor], params: Mapping[str, Tensor], what: str) -> None:
+def _check_params_vector(v: Mapping[str, Tensor], params: Mapping[str, Tensor], what: str) -> None:
     """``v`` names a subset of ``params`` (in its order) with matching shapes, dtype and device."""
     if not isinstance(v, Mapping) or not v:
         raise ValueError(f"{what} must be a non-empty dict of named tensors, got {type(v).__name__}")
@@ -185,7 +184,7 @@ def gradient(
 def jvp(model: nn.Module, params: Mapping[str, Tensor], batch: Batch, v: Mapping[str, Tensor]) -> Tensor:
     """J v, shape of z (one forward carrying the tangent ``v``; no graph is recorded)."""
     _check_params(model, params)
-    _check_vector(v, params, "v")
+    _check_params_vector(v, params, "v")
     with torch.no_grad():
         return _forward(model, dict(params), batch[0], list(v), v)[1]
 
@@ -206,7 +205,7 @@ def ggn_vp(
 ) -> Params:
     """G v = Jᵀ H_z J v: one tangent-carrying forward and one backward (over the names of ``v``)."""
     _check_params(model, params)
-    _check_vector(v, params, "v")
+    _check_params_vector(v, params, "v")
     inputs, targets = batch
     z, jv, leaves = _forward(model, dict(params), inputs, list(v), v)
     return _backward(z, leaves, loss.hvp(z.detach(), targets, jv), list(v))
@@ -222,7 +221,7 @@ def hvp(
     (``torch.func.jvp`` of ``torch.func.grad``, which :func:`dense_hessian` uses).
     """
     _check_params(model, params)
-    _check_vector(v, params, "v")
+    _check_params_vector(v, params, "v")
     return _GradientGraph(model, dict(params), batch, loss, list(v)).hvp(v, retain=False)
 
 
@@ -258,7 +257,7 @@ def gn_inner_step(
     """
     check_choice("objective", objective, OBJECTIVES)
     _check_params(model, anchor)
-    _check_vector(delta, anchor, "delta")
+    _check_params_vector(delta, anchor, "delta")
     inputs, targets = batch
     names = list(delta)
     if objective == "loss":
@@ -328,7 +327,7 @@ def layerwise_inner_steps(
         kind = type(deltas).__name__
         raise ValueError(f"deltas must be a non-empty list of params dicts (one per block), got {kind}")
     for index, delta in enumerate(deltas):
-        _check_vector(delta, anchor, f"deltas[{index}]")
+        _check_params_vector(delta, anchor, f"deltas[{index}]")
     names = [name for delta in deltas for name in delta]
     if len(set(names)) != len(names):
         shared = sorted({name for name in names if names.count(name) > 1})
@@ -391,7 +390,7 @@ class Linearization:
 
     def jvp(self, v: Mapping[str, Tensor]) -> Tensor:
         """J v, shape of z; ``v`` is a params dict over ``wrt``."""
-        _check_vector(v, self.like, "v")
+        _check_params_vector(v, self.like, "v")
         check_like(v, self.like, "v")
         return _grad_of_sum(self._jt_w, v, [self._w], retain=True)[0]
 
@@ -469,13 +468,11 @@ def linearize(
 # operators
 
 
-class CurvatureOperator:
-    """A symmetric (n, n) curvature matrix applied matrix-free, n = number of parameters in ``wrt``.
+class CurvatureOperator(LinearOperator):
+    """A symmetric (n, n) curvature matrix on one batch, n = number of parameters in ``wrt``.
 
-    Operator protocol (shared with gnlib.blocks and gnlib.spectra): ``.shape``, ``.dtype``, ``.device``;
-    ``op @ x`` for a flat tensor x of shape (n,) or (n, k) (same shape back; columns are applied one by
-    one) or a params dict over ``wrt`` (params dict back); ``.to_scipy()``; ``.block(names)`` for the
-    diagonal block of a subset.
+    Follows the operator protocol of :class:`gnlib.operators.LinearOperator` (``@``, ``to_scipy``, sums and
+    scaling), with ``.like`` the parameters ``wrt``; adds ``.block(names)``, the diagonal block of a subset.
     """
 
     def __init__(
@@ -491,11 +488,9 @@ class CurvatureOperator:
         self.model, self.batch, self.loss = model, batch, loss
         self.params = {name: t.detach() for name, t in params.items()}
         self.wrt = _check_wrt(params, wrt)
-        self.like = {name: self.params[name] for name in self.wrt}
-        n = numel(self.like)
-        self.shape = (n, n)
-        first = next(iter(self.like.values()))
-        self.dtype, self.device = first.dtype, first.device
+        like = {name: self.params[name] for name in self.wrt}
+        first = next(iter(like.values()))
+        super().__init__(numel(like), first.dtype, first.device, symmetric=True, like=like)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -503,34 +498,11 @@ class CurvatureOperator:
         raise NotImplementedError
 
     def _apply(self, v: Params) -> Params:
+        """A v for a params dict over ``wrt``."""
         raise NotImplementedError
 
-    def __matmul__(self, x: Tensor | Mapping[str, Tensor]) -> Tensor | Params:
-        """Product with a params dict over ``wrt`` or a flat tensor of shape (n,) or (n, k)."""
-        if isinstance(x, Mapping):
-            _check_vector(x, self.like, "x")
-            check_like(x, self.like, "x")
-            return self._apply(dict(x))
-        n = self.shape[0]
-        if not isinstance(x, Tensor) or x.dim() not in (1, 2) or x.shape[0] != n:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x has shape {shape}, expected ({n},) or ({n}, k) to match the operator")
-        if x.dtype != self.dtype or x.device != self.device:
-            raise ValueError(f"x is {x.dtype} on {x.device}, expected {self.dtype} on {self.device}")
-        if x.dim() == 2:
-            return torch.stack([self @ column for column in x.unbind(1)], dim=1)
+    def _matvec(self, x: Tensor) -> Tensor:
         return flatten(self._apply(unflatten(x, self.like)))
-
-    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
-        """SciPy ``LinearOperator`` (float64 NumPy in and out), e.g. for ``scipy.sparse.linalg.eigsh``."""
-
-        def apply(x: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(x), device=self.device).to(self.dtype)
-            return (self @ t).detach().cpu().to(torch.float64).numpy()
-
-        return scipy.sparse.linalg.LinearOperator(
-            self.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np.float64
-        )
 
     def block(self, names: Sequence[str]) -> CurvatureOperator:
         """The diagonal block of the parameters ``names`` (others held fixed), as an operator of the same kind."""

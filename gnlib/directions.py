@@ -24,9 +24,9 @@ direction at its best step: α* = −gᵀd / dᵀ(G + λI)d gives m(α*d) = −(
 ratio to the exact direction's reduction ½ gᵀ(G + λI)⁻¹g is the squared cosine between d and d* in the
 (G + λI) inner product, so it lies in [0, 1], equals 1 only along d*, and ignores the scale of d.
 
-Shapes and forms. A *curvature* is a dense symmetric (n, n) tensor or an operator (``.shape``, ``@`` on
-flat (n,) tensors: :class:`gnlib.curvature.GGNOperator`, :class:`gnlib.blocks.BlockDiagonalOperator`);
-dense ones are solved by ``torch.linalg.solve``, operators by conjugate gradients. Gradients and
+Shapes and forms. A *curvature* is a dense symmetric (n, n) tensor or an operator (the protocol of
+:class:`gnlib.operators.LinearOperator`, e.g. :class:`gnlib.curvature.GGNOperator`); dense ones are
+solved by ``torch.linalg.solve``, operators by conjugate gradients. Gradients and
 directions are params dicts or their flat view (:func:`gnlib.params.flatten`); functions that only need
 flat vectors give back the form they were given, the others (Shampoo, SOAP, K-FAC, Muon) need dicts.
 """

@@ -108,7 +108,8 @@ class ModelConfig:
 
 MLP_KINDS = ("swiglu", "gelu")
 INIT_SCHEMES = ("scaled", "fan_in")
-#: The study's reference architecture (STUDY.md, "Reference configuration"): the fields that differ from LLaMA's.
+#: The study's reference architecture (docs/study.md, section "Reference configuration"): the fields that
+#: differ from LLaMA's.
 REFERENCE = dict(mlp="gelu", qk_norm=True, init="fan_in", init_std=1.0)
 
 PRESETS: dict[str, ModelConfig] = {

@@ -3,8 +3,8 @@ r"""Training protocols: the reference code's settings (``"paper"``) and gnlib's 
 A protocol is a named set of optimizer options and evaluation settings that a :class:`~gnlib.experiments.RunSpec`
 starts from (``RunSpec.protocol``); any option the spec sets itself wins and is recorded as an override.
 
-``"paper"`` is the study's public code (natalieabreu/full-gauss-newton at 0c14e7e; STUDY.md, "Reference
-configuration", gives each value's file and line), for every Gauss-Newton variant and baseline:
+``"paper"`` is the study's public code (natalieabreu/full-gauss-newton at 0c14e7e; docs/study.md,
+section "Reference configuration", gives each value's file and line), for every Gauss-Newton variant and baseline:
 
 - GN, GN-prox-linear, layerwise GN: inner Muon with optax's bias-corrected Nesterov momentum (β 0.95),
   inner AdamW β (0.9, 0.999), one LR for both parts; weight decay 0.001 on the AdamW part and the norm

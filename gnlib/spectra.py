@@ -1,10 +1,9 @@
 """Spectral summaries of symmetric operators: top eigenpairs, trace, spectral density.
 
-Every function takes an *operator*: any object with ``.shape == (n, n)`` and ``op @ x`` for flat
-tensors x of shape (n,) (a dense ``torch.Tensor`` qualifies, so do the curvature operators and
-:class:`gnlib.blocks.BlockDiagonalOperator`). Vectors are made in the operator's ``.dtype`` on its
-``.device`` (float64 on the CPU when it has none); random draws come from a local ``torch.Generator``
-on the CPU seeded with ``seed``, so results are deterministic and the same on every device.
+Every function takes an *operator* in the sense of the protocol stated once in
+:class:`gnlib.operators.LinearOperator` (a dense ``torch.Tensor`` qualifies). Vectors are made in the
+operator's ``.dtype`` on its ``.device``; random draws come from a local ``torch.Generator`` on the CPU
+seeded with ``seed``, so results are deterministic and the same on every device.
 
 Lanczos here keeps the whole Krylov basis and reorthogonalizes against it twice at every step
 (classical Gram-Schmidt, twice), which is exact enough for eigenpairs and quadrature at the sizes
@@ -131,10 +130,6 @@ def lanczos(
     values = ritz_values[order] if which != "smallest" else ritz_values[order].flip(0)
     vectors = ritz_vectors[:, order] if which != "smallest" else ritz_vectors[:, order].flip(1)
     return values.to(dtype).to(device), basis @ vectors.to(dtype).to(device)
-
-
-top_eigenpairs = lanczos
-"""Alias of :func:`lanczos`: top-k eigenpairs of a symmetric operator."""
 
 
 def hutchinson_trace(

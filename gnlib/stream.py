@@ -1,7 +1,7 @@
 """A packed token stream: documents in order, each followed by EOS, cut into (B, T) windows, no token reused.
 
-The study's data pipeline (STUDY.md, "Reference configuration"): documents are tokenized in order, each
-gets an end-of-document token, and the concatenation is cut into consecutive ``seq_len``-token rows. One
+The study's data pipeline (docs/study.md, section "Reference configuration"): documents are tokenized
+in order, each gets an end-of-document token, and the concatenation is cut into consecutive ``seq_len``-token rows. One
 call of a :class:`PackedStream` consumes the next K·B·T tokens x[p : p + K·B·T] (K processes, B rows each,
 T = ``seq_len``): row i has inputs x[p + iT : p + (i+1)T] and targets shifted by one token,
 x[p + iT + 1 : p + (i+1)T + 1] (the last target is the first token of the next call). So every training

@@ -65,7 +65,10 @@ def test_preset_shapes_match_the_study():
 
 @pytest.mark.parametrize("preset", ["paper45m", "paper150m", "paper_tiny"])
 def test_paper_presets_are_the_reference_architecture(preset):
-    """STUDY.md's reference model: GELU MLP, QK-LayerNorm, fan-in init with embedding std 1, eps 1e-6, θ 1e4, untied."""
+    """The reference model of docs/study.md, section "Reference configuration".
+
+    GELU MLP, QK-LayerNorm, fan-in init with embedding std 1, eps 1e-6, θ 1e4, untied.
+    """
     config = model_config(preset)
     assert (config.mlp, config.qk_norm, config.init, config.init_std) == ("gelu", True, "fan_in", 1.0)
     assert (config.norm_eps, config.rope_base, config.tie_embeddings) == (1e-6, 1e4, False)

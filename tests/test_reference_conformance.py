@@ -7,7 +7,7 @@ hooks, the evaluation schedule and validation set the run is given), never from 
 The same table read off ``protocol="gnlib"`` must differ exactly on the rows listed in
 :data:`GNLIB_DIFFERS`, gnlib's documented, deliberate differences.
 
-Files (STUDY.md, "Reference configuration"; full-gauss-newton at 0c14e7e): gn.py =
+Files (docs/study.md, section "Reference configuration"; full-gauss-newton at 0c14e7e): gn.py =
 EasyLM/models/llama/llama_train_gn.py, lw.py = .../llama_train_gn_layerwise.py, opt = EasyLM/optimizers.py,
 tpl = templates/gn-template.sbatch, atpl = templates/adam-template.sbatch.
 """

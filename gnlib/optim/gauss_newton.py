@@ -3,7 +3,7 @@ r"""Gauss-Newton optimizers that draw their own batches, with cost accounting pe
 Full or layerwise GN, quadratic or prox-linear inner objective, first-order inner solver or Hessian-free
 CG, line search, warm start and EMA.
 
-One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol, STUDY.md):
+One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol, docs/study.md, section "Method"):
 
 1. **Inner problem.** For each block b of the partition (one block ``"full"`` for full GN) a step Δ_b is
    found for the objective, linearized at θ_t in the block's parameters only (the others frozen at θ_t):
