@@ -117,3 +117,19 @@ def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
         index=medians.index,
     )
     return shown.rename(columns=TO_TARGET_COLUMNS)
+
+
+def pass_costs_line(name: str, metadata: dict) -> str:
+    """One line naming how a run priced its passes (``metadata["pass_costs"]`` of :func:`gnlib.experiments.run`).
+
+    E.g. "gn: passes priced by measured costs (forward 0.31, tangent 1.05, backward 0.69 gradient steps;
+    an inner step 2.05)"; a first-order run pays one gradient step per micro-batch.
+    """
+    record = metadata.get("pass_costs")
+    if not isinstance(record, dict):
+        return f"{name}: one gradient step per micro-batch"
+    inner = record["forward"] + record["tangent"] + record["backward"]
+    return (
+        f"{name}: passes priced by {record['model']} costs (forward {record['forward']:.2f}, tangent "
+        f"{record['tangent']:.2f}, backward {record['backward']:.2f} gradient steps; an inner step {inner:.2f})"
+    )
