@@ -11,7 +11,8 @@ with c_F + c_B = 1. Two models give the weights c (:data:`COST_MODELS`):
 
 - ``"measured"`` (the default of every run, :attr:`gnlib.experiments.RunSpec.costs`): timed on the run's
   own model, micro-batch shape, device, dtype and threads by :func:`measure_pass_costs`. After one
-  warm-up round, ``repeats`` rounds time, one after the other (so load on the machine hits them alike):
+  warm-up round, at least :data:`REPEATS` rounds (more, up to :data:`MAX_ROUNDS`, until the gradient
+  steps total :data:`MIN_SECONDS`) time, one after the other (so load on the machine hits them alike):
   a gradient step t_grad (:func:`gnlib.curvature.gradient`), a forward without graph and its loss t_fwd
   (:func:`gnlib.curvature.logits`, what the line search runs) and the Gauss-Newton inner step t_inner
   (:func:`gnlib.curvature.gn_inner_step`: a forward carrying the tangent and recording the primal graph,
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 
 from gnlib import curvature
-from gnlib.distributed import all_reduce_mean
+from gnlib.distributed import all_reduce_mean, is_distributed
 from gnlib.losses import CrossEntropy, Loss
 from gnlib.runtime import atomic_write_json, check_choice, is_finite_number, output_path
 
@@ -64,8 +65,10 @@ PASSES = ("forward", "tangent", "backward")
 COST_MODELS = ("measured", "flops")
 #: The FLOP model: one pass over one batch in gradient-step equivalents (gradient step = 3F = 1).
 FLOP_PASS_COSTS: dict[str, float] = {"forward": 1 / 3, "tangent": 2 / 3, "backward": 2 / 3}
-#: Timed rounds after the warm-up round.
+#: Timed rounds after the warm-up round, at least; more while a gradient step's total is under MIN_SECONDS.
 REPEATS = 5
+MIN_SECONDS = 0.25
+MAX_ROUNDS = 100
 #: Floor of a measured weight (timing noise never makes a pass free).
 MIN_COST = 0.01
 #: Where runs that write outputs keep measured pass costs (relative paths resolve like notebook outputs).
@@ -131,10 +134,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_rounds(fns: Mapping[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each ``fns[name]()`` over ``repeats`` rounds after one untimed warm-up round, round-robin."""
+def time_rounds(
+    fns: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, min_seconds: float = 0.0
+) -> dict[str, list[float]]:
+    """Seconds of each ``fns[name]()`` per round, round-robin, after one untimed warm-up round.
+
+    At least ``repeats`` rounds, more while the first function's timed total is under ``min_seconds``
+    (fast passes are timed over enough rounds to steady their median), at most :data:`MAX_ROUNDS`.
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
+    first = next(iter(fns))
+    round_ = 0
+    while round_ <= repeats or (sum(times[first]) < min_seconds and round_ <= MAX_ROUNDS):
         for name, fn in fns.items():
             synchronize(device)
             start = time.perf_counter()
@@ -142,6 +153,7 @@ def time_rounds(fns: Mapping[str, Callable[[], object]], repeats: int, device: t
             synchronize(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
+        round_ += 1
     return times
 
 
@@ -161,6 +173,7 @@ def measure_pass_costs(
     *,
     loss: Loss | None = None,
     repeats: int = REPEATS,
+    min_seconds: float = MIN_SECONDS,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
 ) -> dict[str, Any]:
@@ -171,13 +184,14 @@ def measure_pass_costs(
         batch_size: sequences per micro-batch (per process under ``torchrun``).
         seq_len: tokens per sequence.
         loss: the training loss (default cross-entropy).
-        repeats: timed rounds after the warm-up round (>= 1).
+        repeats: timed rounds after the warm-up round, at least (>= 1).
+        min_seconds: time more rounds (up to :data:`MAX_ROUNDS`) until the gradient steps total this.
         cache_dir: also keep the result in ``cache_dir/<key hash>.json`` and reuse it from there.
         use_cache: reuse a cached measurement of the same :func:`cache_key` (False: always time anew).
 
     Returns:
         ``{"model": "measured", "forward", "tangent", "backward"`` (the weights),
-        ``"ms"`` (median ms of ``grad``, ``forward``, ``inner_step``), ``"repeats"``, ``"key"``,
+        ``"ms"`` (median ms of ``grad``, ``forward``, ``inner_step``), ``"rounds"`` (timed), ``"key"``,
         ``"key_hash"``, ``"source"`` (``"timed"``, ``"memory"`` or the cache file)``}``. Under
         ``torchrun`` the weights are averaged over the processes, so every process prices alike.
 
@@ -195,13 +209,15 @@ def measure_pass_costs(
     key = cache_key(model, batch_size, seq_len)
     digest = key_hash(key)
     path = None if cache_dir is None else output_path(cache_dir) / f"{digest}.json"
-    if use_cache and digest in _MEASURED:
-        return {**_MEASURED[digest], "source": "memory"}
-    if use_cache and path is not None and path.is_file():
-        cached = _read_cached(path, digest)
-        if cached is not None:
-            _MEASURED[digest] = cached
-            return {**cached, "source": str(path)}
+    cached = _MEASURED.get(digest) if use_cache else None
+    source = "memory"
+    if use_cache and cached is None and path is not None and path.is_file():
+        cached, source = _read_cached(path, digest), str(path)
+    if is_distributed() and all_reduce_mean(float(cached is not None)) < 1:
+        cached = None  # every process times (and averages) unless all of them found the same cache
+    if cached is not None:
+        _MEASURED[digest] = cached
+        return {**cached, "source": source}
 
     loss = CrossEntropy() if loss is None else loss
     device = next(model.parameters()).device
@@ -220,7 +236,8 @@ def measure_pass_costs(
         "forward": forward,
         "inner_step": lambda: curvature.gn_inner_step(model, params, delta, batch, loss),
     }
-    ms = {name: 1e3 * statistics.median(t) for name, t in time_rounds(fns, repeats, device).items()}
+    times = time_rounds(fns, repeats, device, min_seconds)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     forward_cost = ms["forward"] / ms["grad"]
     costs = {
         "forward": forward_cost,
@@ -228,7 +245,7 @@ def measure_pass_costs(
         "backward": 1.0 - forward_cost,
     }
     costs = {k: max(MIN_COST, float(v)) for k, v in all_reduce_mean(costs).items()}
-    record = {"model": "measured", **costs, "ms": ms, "repeats": repeats, "key": key, "key_hash": digest}
+    record = {"model": "measured", **costs, "ms": ms, "rounds": len(times["grad"]), "key": key, "key_hash": digest}
     _MEASURED[digest] = record
     if path is not None:
         atomic_write_json(path, record)

@@ -67,12 +67,12 @@ def test_explicit_pass_costs_win():
 
 def test_measurements_are_cached_per_configuration(tmp_path):
     model = build_model("tiny", seed=0, **MODEL)
-    first = measure_pass_costs(model, 4, 16, repeats=1, cache_dir=tmp_path)
+    first = measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)
     assert first["source"] == "timed" and (tmp_path / f"{first['key_hash']}.json").is_file()
-    again = measure_pass_costs(model, 4, 16, repeats=1, cache_dir=tmp_path)
+    again = measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)
     assert again["source"] == "memory" and {k: again[k] for k in PASSES} == {k: first[k] for k in PASSES}
     costs._MEASURED.clear()  # a new process: the file answers
-    from_file = measure_pass_costs(model, 4, 16, repeats=1, cache_dir=tmp_path)
+    from_file = measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)
     assert from_file["source"] == str(tmp_path / f"{first['key_hash']}.json")
     assert {k: from_file[k] for k in PASSES} == {k: first[k] for k in PASSES}
     # every part of the configuration is in the key
@@ -86,19 +86,19 @@ def test_measurements_are_cached_per_configuration(tmp_path):
         assert cache_key(model, 4, 16) != key
     finally:
         torch.set_num_threads(threads)
-    assert measure_pass_costs(model, 8, 16, repeats=1, cache_dir=tmp_path)["source"] == "timed"
+    assert measure_pass_costs(model, 8, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)["source"] == "timed"
     # a torn cache file is measured again and rewritten
     costs._MEASURED.clear()
     (tmp_path / f"{first['key_hash']}.json").write_text("{not json")
-    assert measure_pass_costs(model, 4, 16, repeats=1, cache_dir=tmp_path)["source"] == "timed"
-    assert measure_pass_costs(model, 4, 16, repeats=1, use_cache=False)["source"] == "timed"
+    assert measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)["source"] == "timed"
+    assert measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, use_cache=False)["source"] == "timed"
 
 
 def test_measuring_leaves_the_model_and_random_state_alone():
     model = build_model("tiny", seed=0, **MODEL)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = torch.get_rng_state()
-    measure_pass_costs(model, 2, 8, repeats=1)
+    measure_pass_costs(model, 2, 8, repeats=1, min_seconds=0)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
