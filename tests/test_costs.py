@@ -144,3 +144,15 @@ def test_bench_prints_the_pass_costs_a_run_uses_beside_its_ratios(capsys):
     assert [line.split()[0] for line in lines[start + 1 : start + 4]] == list(PASSES)
     assert lines[start + 4].split()[-3:] == ["measured", "flops", "timed"]
     assert [line.split()[0] for line in lines[start + 5 :]] == ["gn_inner_step", "layerwise_inner_step", "line_search"]
+
+
+def test_a_resumed_run_keeps_the_costs_it_started_with(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # measured costs are cached under outputs/pass_costs of the working directory
+    first = run(SPEC, tmp_path / "run", progress=False)
+    record = first.metadata["pass_costs"]
+    assert (tmp_path / "outputs" / "pass_costs" / f"{record['key_hash']}.json").is_file()
+    monkeypatch.setattr(costs, "_MEASURED", {})
+    (tmp_path / "outputs" / "pass_costs" / f"{record['key_hash']}.json").unlink()
+    again = run(SPEC, tmp_path / "run", progress=False)  # same settings: resumed, not measured anew
+    assert again.metadata["pass_costs"] == record and again.rows == first.rows
+    assert not (tmp_path / "outputs" / "pass_costs" / f"{record['key_hash']}.json").exists()
