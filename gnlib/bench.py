@@ -28,6 +28,12 @@ are replayed in time order and the peak of the running sum (bytes allocated duri
 freed) is taken; the profiler's own log lines (written to the process's stderr) are silenced meanwhile.
 ``peak_mem_ratio`` = peak of ``gn_inner_step`` / peak of ``grad``.
 
+Pass costs (:mod:`gnlib.costs`): the weights a run on this model and batch would use, measured by
+:func:`gnlib.costs.measure_pass_costs` (timed anew, not cached), beside the FLOP model's; and, under
+``priced``, what each model charges for the inner step, line search and outer steps timed above (their
+pass counts weighed by the pass costs), next to the timed ratio: the measured model's prices of the inner
+step match the timed ``gn_inner_step`` up to timing noise, the FLOP model's do not.
+
 Example: ``python -m gnlib.bench --preset small --json``.
 """
 
@@ -48,6 +54,7 @@ from torch.func import functional_call
 
 from gnlib import curvature
 from gnlib.blocks import per_layer
+from gnlib.costs import FLOP_PASS_COSTS, PASSES, measure_pass_costs, price, synchronize
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim.gauss_newton import GaussNewton, _Cost
@@ -71,11 +78,6 @@ OUTER = ("outer_step_full", "outer_step_layerwise")
 PEAK_MEASUREMENTS = ("grad", "gn_inner_step", "layerwise_inner_step")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def _quiet_stderr():
     """Send file descriptor 2 to the null device meanwhile (the profiler logs there from C++, not via Python)."""
@@ -93,11 +95,11 @@ def _quiet_stderr():
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated while ``fn()`` runs, above what was allocated before (see the module docstring)."""
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     with (
         _quiet_stderr(),
@@ -147,7 +149,10 @@ def run_benchmark(
         time, steadier than wall time when other processes compete for the cores; with several threads
         it also counts their waiting), ``layerwise_over_full``, ``layerwise_blocks`` (blocks of the
         layerwise partition), ``peak_mem_bytes`` (``grad``, ``gn_inner_step``, ``layerwise_inner_step``),
-        ``peak_mem_ratio`` and ``memory_measure`` (what the peak means on this device).
+        ``peak_mem_ratio``, ``memory_measure`` (what the peak means on this device), ``pass_costs``
+        (``measured`` and ``flops``: forward, tangent, backward in gradient steps), ``passes`` (the pass
+        counts of the inner steps, line search and outer steps) and ``priced`` (their cost under each
+        model, to compare with ``ratio``).
     """
     check_choice("preset", preset, PRESETS)
     dev = resolve_device(device)
@@ -193,12 +198,25 @@ def run_benchmark(
     partition = per_layer(model)
     blocks = [{name: v[name] for name in names} for names in partition.values()]
     fns["layerwise_inner_step"] = lambda: curvature.layerwise_inner_steps(model, params, blocks, data, loss)
+    counts = {"gn_inner_step": (1, 1, 1), "layerwise_inner_step": (1, len(partition), len(partition) + 1)}
     search = GaussNewton(model, lambda: data)
-    fns["line_search"] = lambda: search._line_search(params, v, [data] * search.line_search_batches, _Cost())
+    search_costs: list[_Cost] = []
+
+    def line_search() -> object:
+        search_costs.append(_Cost())
+        return search._line_search(params, v, [data] * search.line_search_batches, search_costs[-1])
+
+    fns["line_search"] = line_search
+    outer: dict[str, dict] = {}  # name -> diagnostics of its last outer step
+
+    def recorded(name: str, optimizer: GaussNewton) -> Callable[[], None]:
+        return lambda: outer.update({name: optimizer.step()})
+
     if outer_repeats:
         full = GaussNewton(copy.deepcopy(model), lambda: data)
         layerwise = GaussNewton(copy.deepcopy(model), lambda: data, blocks="per_layer")
-        fns["outer_step_full"], fns["outer_step_layerwise"] = full.step, layerwise.step
+        fns["outer_step_full"] = recorded("outer_step_full", full)
+        fns["outer_step_layerwise"] = recorded("outer_step_layerwise", layerwise)
     fns = {name: fns[name] for name in MEASUREMENTS if name in fns}
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
@@ -206,16 +224,24 @@ def run_benchmark(
         for name, fn in fns.items():
             if name in OUTER and round_ > outer_repeats:
                 continue
-            _sync(dev)
+            synchronize(dev)
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            _sync(dev)
+            synchronize(dev)
             if round_:  # round 0 is the warmup
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
     peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS}
+    counts["line_search"] = (search_costs[-1].forward, search_costs[-1].tangent, search_costs[-1].backward)
+    counts.update({name: tuple(d[f"{k}_passes"] for k in PASSES) for name, d in outer.items()})
+    measured = measure_pass_costs(model, batch, seq_len, repeats=repeats, use_cache=False)
+    pass_costs = {"measured": {k: measured[k] for k in PASSES}, "flops": dict(FLOP_PASS_COSTS)}
+    priced = {
+        name: {model_: price(dict(zip(PASSES, n)), weights) for model_, weights in pass_costs.items()}
+        for name, n in counts.items()
+    }
     return {
         "preset": preset,
         "device": str(dev),
@@ -235,6 +261,9 @@ def run_benchmark(
         "peak_mem_bytes": peak,
         "peak_mem_ratio": peak["gn_inner_step"] / peak["grad"],
         "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
+        "pass_costs": pass_costs,
+        "passes": {name: dict(zip(PASSES, n)) for name, n in counts.items()},
+        "priced": priced,
     }
 
 
@@ -259,6 +288,13 @@ def format_table(result: dict) -> str:
         + ", ".join(f"{name} {peak[name] / 2**20:.1f} MiB" for name in peak)
         + f"; gn_inner_step / grad {result['peak_mem_ratio']:.2f}"
     )
+    costs = result["pass_costs"]
+    lines.append(f"{'pass costs (x grad)':<20} {'measured':>10} {'flops':>8}")
+    for name in costs["measured"]:
+        lines.append(f"{name:<20} {costs['measured'][name]:>10.2f} {costs['flops'][name]:>8.2f}")
+    lines.append(f"{'priced (x grad)':<20} {'measured':>10} {'flops':>8} {'timed':>11}")
+    for name, priced in result["priced"].items():
+        lines.append(f"{name:<20} {priced['measured']:>10.2f} {priced['flops']:>8.2f} {result['ratio'][name]:>11.2f}")
     return "\n".join(lines)
 
 

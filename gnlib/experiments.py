@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
+from gnlib.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pass_costs, weights
 from gnlib.data import SOURCE_FORMS
 from gnlib.directions import cosine
 from gnlib.distributed import barrier, is_main
@@ -59,7 +60,7 @@ from gnlib.runtime import (
     output_path,
     resolve_device,
 )
-from gnlib.train import CHECKPOINT, History, evaluate, run_folder_lock, train
+from gnlib.train import CHECKPOINT, METADATA, History, evaluate, run_folder_lock, train
 
 #: GaussNewton's default number of inner steps (its batches per outer step).
 _GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
@@ -120,6 +121,10 @@ class RunSpec:
         protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
             options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and non-default
             ``eval_every``/``val_batches`` override it, recorded in ``metadata["protocol"]``.
+        costs: how Gauss-Newton's passes are priced in gradient-step equivalents (:mod:`gnlib.costs`):
+            ``"measured"`` (timed on this run's model and micro-batch before training, cached per
+            configuration) or ``"flops"`` (the FLOP model); a ``pass_costs`` dict in ``hyperparameters``
+            wins over both. Recorded in ``metadata["pass_costs"]``; training numbers do not depend on it.
     """
 
     optimizer: str = "adamw"
@@ -145,12 +150,14 @@ class RunSpec:
     data_start: int = 0
     corpus_bytes: int | None = None
     protocol: str = "gnlib"
+    costs: str = "measured"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("preset", self.preset, PRESETS)
         check_choice("protocol", self.protocol, PROTOCOLS)
+        check_choice("costs", self.costs, COST_MODELS)
         resolve_device(self.device)
         for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches", "seed"):
             check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
@@ -242,6 +249,9 @@ def run(
         check_writable(output_dir, need_bytes=_checkpoint_bytes(spec))
     data, model, train_batches, val, optimizer = _build(spec)
     protocol = resolve_protocol(spec)
+    pass_costs = _pass_costs(spec, model, protocol.hyperparameters, output_dir)
+    if pass_costs is not None:
+        optimizer.pass_costs = weights(pass_costs)
     metadata = {
         "spec": dataclasses.asdict(spec),
         "corpus": data.meta,
@@ -250,6 +260,7 @@ def run(
         "tokens_per_step": spec.tokens_per_step,
         "torch": torch.__version__,
         "protocol": protocol.record,
+        "pass_costs": pass_costs,
     }
     return train(
         model,
@@ -269,6 +280,38 @@ def run(
         overwrite=overwrite,
         label=spec.optimizer,
     )
+
+
+def _pass_costs(
+    spec: RunSpec, model: torch.nn.Module, hyperparameters: Mapping[str, Any], output_dir: str | Path | None
+) -> dict[str, Any] | None:
+    """How a Gauss-Newton run prices its passes (:mod:`gnlib.costs`): a record for ``metadata["pass_costs"]``.
+
+    None for first-order optimizers (a micro-batch costs one gradient step under any model). A
+    ``pass_costs`` dict in the optimizer's options wins (``"model": "given"``); a run resumed in
+    ``output_dir`` on the same configuration (:func:`gnlib.costs.cache_key`) keeps the measured costs its
+    ``metadata.json`` holds, so all its steps are priced alike; otherwise ``spec.costs`` decides, measured
+    costs being cached under :data:`gnlib.costs.CACHE_DIR` when the run writes outputs. The record has
+    ``model`` and the three weights; measured ones also the timings, their key and ``source``.
+    """
+    if spec.optimizer not in GN_VARIANTS:
+        return None
+    if hyperparameters.get("pass_costs") is not None:
+        return {"model": "given", **weights(hyperparameters["pass_costs"])}
+    saved = _saved_metadata(output_dir).get("pass_costs")
+    if spec.costs == "measured" and isinstance(saved, dict):
+        if saved.get("key_hash") == key_hash(cache_key(model, spec.batch_size, spec.seq_len)):
+            return saved
+    cache_dir = CACHE_DIR if output_dir is not None else None
+    return resolve_pass_costs(spec.costs, model, spec.batch_size, spec.seq_len, cache_dir=cache_dir)
+
+
+def _saved_metadata(output_dir: str | Path | None) -> dict[str, Any]:
+    """The metadata of a run in ``output_dir`` ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads((Path(output_dir) / METADATA).read_text()) if output_dir is not None else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _checkpoint_bytes(spec: RunSpec) -> int:
@@ -303,21 +346,31 @@ def grad_equivalents(history: History, upto: int | None = None) -> float:
 
 
 def summarize(history: History, target: float | None = None) -> dict[str, Any]:
-    """One results-table row: steps to target, final validation loss, tokens, cost, wall time, status and its reason.
+    """One results-table row: outer steps, tokens, wall time and cost to target, and the same for the whole run.
 
-    ``grad_equivalents`` is the whole run's cost and ``grad_equivalents_to_target`` the cost up to the
-    target (None when not reached), both in gradient-step equivalents (:func:`grad_equivalents`).
+    ``*_to_target`` are taken at the first evaluation at or below ``target`` (None when not reached):
+    ``steps_to_target`` outer steps, ``tokens_to_target`` training tokens drawn (GN's line-search batches
+    included), ``wall_time_to_target_s`` seconds of training (evaluations included, pass-cost measurement
+    not) and ``grad_equivalents_to_target`` gradient-step equivalents (:func:`grad_equivalents`);
+    ``steps``, ``tokens``, ``wall_time_s`` and ``grad_equivalents`` are the whole run's. ``cost_model``
+    says how GN's passes were priced (``metadata["pass_costs"]["model"]``: ``"measured"``, ``"flops"`` or
+    ``"given"``; None for first-order runs, whose micro-batch costs one gradient step under any model).
     """
     last = history.rows[-1]
     reached = steps_to_target(history, target) if target is not None else None
+    at_target = None if reached is None else next(r for r in history.rows if r["step"] == reached)
+    pass_costs = history.metadata.get("pass_costs")
     return {
         "steps_to_target": reached,
+        "tokens_to_target": None if at_target is None else int(at_target["tokens"]),
+        "wall_time_to_target_s": None if at_target is None else float(at_target["wall_time"]),
+        "grad_equivalents_to_target": None if reached is None else grad_equivalents(history, reached),
         "final_val_loss": history.final_val_loss,
         "steps": int(last["step"]),
         "tokens": int(last["tokens"]),
         "grad_equivalents": grad_equivalents(history),
-        "grad_equivalents_to_target": None if reached is None else grad_equivalents(history, reached),
         "wall_time_s": float(last["wall_time"]),
+        "cost_model": pass_costs.get("model") if isinstance(pass_costs, dict) else None,
         "status": history.status,
         "status_reason": history.reason,
     }
@@ -460,7 +513,7 @@ def warmup_checkpoint(
         protocol="gnlib",
     )
     spec.validate()
-    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "device"}
+    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("device", "costs")}
     settings["device"] = resolve_device(spec.device).type
     key = _settings_hash(settings)
     folder = output_path(root) / key
@@ -520,12 +573,15 @@ STUDY_COLUMNS = (
     "lr",
     "seed",
     "steps_to_target",
+    "tokens_to_target",
+    "wall_time_to_target_s",
+    "grad_equivalents_to_target",
     "final_val_loss",
     "steps",
     "tokens",
     "grad_equivalents",
-    "grad_equivalents_to_target",
     "wall_time_s",
+    "cost_model",
     "status",
     "status_reason",
 )
@@ -679,13 +735,21 @@ def _chosen_steps(table: pd.DataFrame, value: str = "steps_to_target") -> pd.Dat
 
 
 def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.DataFrame:
-    """Per optimizer: the largest batch up to which doubling the batch still nearly halves the steps.
+    """Per optimizer: the critical batch size, reported only where two batch sizes of the grid bracket it.
 
     With steps S(m) the median steps to target over seeds at the tuned LR, the per-doubling ratio between
     consecutive batches m₁ < m₂ is r = (S(m₂)/S(m₁))^(1/log₂(m₂/m₁)) (r = 1/2: perfect scaling; r = 1: no
-    gain). "Nearly halves" means r ≤ ``max_ratio`` (default 0.65). Walking up from the smallest batch,
-    the critical batch is the last one reached through such steps only; a batch where the target is
-    missed stops the walk.
+    gain). "Nearly halves" means r ≤ ``max_ratio`` (default 0.65); a batch where the target is missed
+    counts as a step that does not (it needed more steps than the budget). Walking up from the smallest
+    batch, scaling holds through batch m_k and fails on the way to m_{k+1}:
+
+    - k ≥ 1 (it held at least once, then failed): the critical batch lies between m_k and m_{k+1};
+      ``critical_micro_batches``/``critical_tokens`` are m_k's, ``next_tokens`` m_{k+1}'s;
+    - it never failed: **beyond the grid** (at least the largest batch tried, ``beyond_grid``);
+    - it failed at the first step: **below the grid** (at most the smallest batch, ``below_grid``);
+
+    and no number is given in the last two cases, nor with one batch size or a target missed at the
+    smallest batch: a critical batch size is never read off a single batch size.
 
     Args:
         table: rows with ``optimizer``, ``micro_batches``, ``tokens_per_step``, ``steps_to_target`` (and
@@ -693,10 +757,10 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
         max_ratio: the per-doubling ratio still counted as near-perfect scaling, in (0.5, 1).
 
     Returns:
-        One row per optimizer: ``critical_micro_batches``, ``critical_tokens``, ``beyond_grid`` (True when
-        the scaling is still near-perfect at the largest batch tried: the critical batch is at least that),
-        ``ratios`` (the per-doubling ratios, as text). Optimizers that reach the target at no batch get
-        missing values.
+        One row per optimizer: ``critical`` (the finding in words, e.g. "between 4,096 and 16,384 tokens",
+        "beyond the grid (at least 65,536 tokens)"), ``critical_micro_batches``, ``critical_tokens``,
+        ``next_tokens`` (None unless bracketed), ``beyond_grid``, ``below_grid`` and ``ratios`` (the
+        per-doubling ratios, as text).
     """
     if not 0.5 < max_ratio < 1:
         raise ValueError(f"max_ratio={max_ratio!r} must lie in (0.5, 1)")
@@ -705,39 +769,35 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
     for name, group in steps.groupby(level="optimizer", sort=False):
         group = group.droplevel("optimizer").sort_index()
         reached = group["steps_to_target"].notna().to_numpy()
-        batches = list(group.index)
-        if not reached[0]:
-            rows.append(
-                {
-                    "optimizer": name,
-                    "critical_micro_batches": None,
-                    "critical_tokens": None,
-                    "beyond_grid": False,
-                    "ratios": "",
-                }
-            )
+        batches, tokens = list(group.index), [int(t) for t in group["tokens_per_step"]]
+        row = {"optimizer": name, "critical": "", "critical_micro_batches": None, "critical_tokens": None,
+               "next_tokens": None, "beyond_grid": False, "below_grid": False, "ratios": ""}
+        if len(batches) < 2 or not reached[0]:
+            row["critical"] = "needs two batch sizes" if len(batches) < 2 else "target missed at the smallest batch"
+            rows.append(row)
             continue
-        critical, ratios, beyond = 0, [], True
+        held, ratios = 0, []
         for i in range(1, len(batches)):
             if not reached[i]:
-                beyond = False
                 break
             s1, s2 = group["steps_to_target"].iloc[i - 1], group["steps_to_target"].iloc[i]
-            ratio = (s2 / s1) ** (1 / math.log2(batches[i] / batches[i - 1]))
-            ratios.append(ratio)
-            if ratio > max_ratio:
-                beyond = False
+            ratios.append((s2 / s1) ** (1 / math.log2(batches[i] / batches[i - 1])))
+            if ratios[-1] > max_ratio:
                 break
-            critical = i
-        rows.append(
-            {
-                "optimizer": name,
-                "critical_micro_batches": int(batches[critical]),
-                "critical_tokens": int(group["tokens_per_step"].iloc[critical]),
-                "beyond_grid": beyond and len(batches) > 1,
-                "ratios": ", ".join(f"{r:.2f}" for r in ratios),
-            }
-        )
+            held = i
+        row["ratios"] = ", ".join(f"{r:.2f}" for r in ratios)
+        if held == len(batches) - 1:
+            row.update(beyond_grid=True, critical=f"beyond the grid (at least {tokens[-1]:,} tokens)")
+        elif held == 0:
+            row.update(below_grid=True, critical=f"below the grid (at most {tokens[0]:,} tokens)")
+        else:
+            row.update(
+                critical=f"between {tokens[held]:,} and {tokens[held + 1]:,} tokens",
+                critical_micro_batches=int(batches[held]),
+                critical_tokens=tokens[held],
+                next_tokens=tokens[held + 1],
+            )
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from gnlib.bench import _sync, peak_memory
+from gnlib.bench import peak_memory
+from gnlib.costs import synchronize
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim import make_optimizer
@@ -50,11 +51,11 @@ def _measure(fn, device: torch.device) -> tuple[float, int]:
     """(seconds of one call of ``fn`` after a warm-up call, peak bytes: CUDA max allocated, or CPU profiler)."""
     fn()  # warm-up: kernels, optimizer state, allocator
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_memory(fn, device)
     return seconds, peak

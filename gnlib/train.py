@@ -54,6 +54,8 @@ METADATA = "metadata.json"
 LOCK = ".lock"
 #: Keys ``train`` adds to the metadata it saves (not part of a run's settings).
 _RUN_KEYS = ("status", "status_reason", "fingerprint", "world_size")
+#: Metadata that describes how a run is priced, not what it computes: a run resumes whatever it says.
+_NOT_FINGERPRINTED = ("pass_costs",)
 
 
 class RunFolderBusy(RuntimeError):
@@ -174,7 +176,8 @@ def evaluate(
 
 
 def _fingerprint(metadata: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in metadata.items() if k not in _NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _rejected_steps(rows: list[dict[str, Any]]) -> int:
@@ -235,10 +238,11 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 def _conflict_message(run_dir: Path, metadata: dict[str, Any]) -> str:
     """Why ``run_dir`` is refused: the settings that differ between the run there and this one, and the ways out."""
     try:
-        saved = {k: v for k, v in json.loads((run_dir / METADATA).read_text()).items() if k not in _RUN_KEYS}
+        saved = json.loads((run_dir / METADATA).read_text())
     except (OSError, ValueError):
         saved = {}
-    ours = json.loads(json.dumps({k: v for k, v in metadata.items() if k not in _RUN_KEYS}, default=_json_default))
+    ours = json.loads(json.dumps(metadata, default=_json_default))
+    saved, ours = ({k: v for k, v in m.items() if k not in (*_RUN_KEYS, *_NOT_FINGERPRINTED)} for m in (saved, ours))
     theirs, mine = _flat(saved), _flat(ours)
     differ = [k for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
     shown = "; ".join(f"{k.rstrip('.')}: {theirs.get(k, '-')!r} there, {mine.get(k, '-')!r} now" for k in differ[:8])

@@ -52,7 +52,13 @@ def test_steps_to_target_and_cost():
     gn = history([5.0, 4.0, 3.0], costs=[7.5, 8.0])
     row = summarize(gn, 3.5)
     assert row["steps_to_target"] == 2 and row["grad_equivalents_to_target"] == 15.5 and row["grad_equivalents"] == 15.5
-    assert summarize(gn, 1.0)["grad_equivalents_to_target"] is None
+    assert row["tokens_to_target"] == 200 and row["wall_time_to_target_s"] == pytest.approx(0.2)
+    assert row["cost_model"] is None  # no pass costs recorded (a first-order run's metadata has none)
+    missed = summarize(gn, 1.0)
+    assert missed["grad_equivalents_to_target"] is None and missed["tokens_to_target"] is None
+    assert missed["wall_time_to_target_s"] is None
+    h = history([5.0, 4.0, None, 3.0, 2.5], accumulation=4)
+    assert summarize(h, 3.0)["tokens_to_target"] == 300  # the step where the evaluation first reached it
 
 
 def test_choose_lr_marks_best_and_edge():
@@ -138,7 +144,7 @@ def test_batch_size_study_table(tmp_path):
     assert (table.groupby("micro_batches")["tokens_per_step"].nunique() == 1).all()
     assert table.groupby(["optimizer", "micro_batches"])["chosen"].sum().eq(1).all()
     gn = chosen.loc[chosen["optimizer"] == "gn"]
-    assert (gn["grad_equivalents_to_target"] > gn["micro_batches"] * gn["steps_to_target"]).all()  # 4/3 per inner step
+    assert (gn["grad_equivalents_to_target"] > gn["micro_batches"] * gn["steps_to_target"]).all()  # inner step > 1
     assert (tmp_path / "study.csv").exists()
     assert (tmp_path / "gn" / "m=2" / "lr=0.03" / "seed=0" / "history.jsonl").exists()
 
@@ -159,13 +165,25 @@ def test_critical_batch_size_on_hand_made_tables():
         "soap": {1: 100, 4: 30, 8: 20},  # 1 -> 4 is two doublings: (0.3)^(1/2) = 0.548 per doubling
     })
     got = critical_batch_size(table).set_index("optimizer")
-    assert got.loc["sgd", "critical_micro_batches"] == 4 and not got.loc["sgd", "beyond_grid"]
-    assert got.loc["sgd", "ratios"] == "0.50, 0.52, 0.77" and got.loc["sgd", "critical_tokens"] == 400
-    assert got.loc["gn", "critical_micro_batches"] == 8 and got.loc["gn", "beyond_grid"]
+    # bracketed: scaling held 1 -> 2 -> 4 and failed 4 -> 8
+    assert got.loc["sgd", "critical_micro_batches"] == 4 and got.loc["sgd", "critical_tokens"] == 400
+    assert got.loc["sgd", "next_tokens"] == 800 and got.loc["sgd", "critical"] == "between 400 and 800 tokens"
+    assert got.loc["sgd", "ratios"] == "0.50, 0.52, 0.77" and not got.loc["sgd", "beyond_grid"]
+    # never failed: no number, beyond the grid
+    assert pd.isna(got.loc["gn", "critical_micro_batches"]) and got.loc["gn", "beyond_grid"]
+    assert got.loc["gn", "critical"] == "beyond the grid (at least 800 tokens)"
     assert pd.isna(got.loc["adamw", "critical_micro_batches"])
-    assert got.loc["muon", "critical_micro_batches"] == 2 and not got.loc["muon", "beyond_grid"]
+    assert got.loc["adamw", "critical"] == "target missed at the smallest batch"
+    # a miss at 4 is a failed step: between 2 and 4
+    assert got.loc["muon", "critical_micro_batches"] == 2 and got.loc["muon", "next_tokens"] == 400
     assert got.loc["soap", "critical_micro_batches"] == 4
-    assert critical_batch_size(table, max_ratio=0.53).set_index("optimizer").loc["soap", "critical_micro_batches"] == 1
+    # failing at the first step: below the grid, no number from the smallest batch alone
+    strict = critical_batch_size(table, max_ratio=0.53).set_index("optimizer")
+    assert pd.isna(strict.loc["soap", "critical_micro_batches"]) and strict.loc["soap", "below_grid"]
+    assert strict.loc["soap", "critical"] == "below the grid (at most 100 tokens)"
+    one_batch = critical_batch_size(study({"gn": {4: 10}})).set_index("optimizer")
+    assert pd.isna(one_batch.loc["gn", "critical_tokens"])
+    assert one_batch.loc["gn", "critical"] == "needs two batch sizes"
     with pytest.raises(ValueError, match="max_ratio"):
         critical_batch_size(table, max_ratio=0.4)
 

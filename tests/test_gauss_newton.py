@@ -365,7 +365,8 @@ def test_line_search_picks_the_best_alpha_of_the_grid_and_rejects_an_increase():
     passes = (diagnostics["forward_passes"], diagnostics["tangent_passes"], diagnostics["backward_passes"])
     assert passes == (3 + 2 * 6, 3 + 2, 3)
     assert diagnostics["tokens"] == 5 * 20 * 2
-    assert diagnostics["grad_equivalents"] == pytest.approx((15 + 5) / 3 + 3 * 2 / 3)
+    # FLOP model by default: forward 1/3, tangent 2/3, backward 2/3 of a gradient step
+    assert diagnostics["grad_equivalents"] == pytest.approx(15 / 3 + 5 * 2 / 3 + 3 * 2 / 3)
 
     # A wildly overshooting inner step increases the loss at every α: rejected, parameters unchanged.
     overshoot = GaussNewton(model, source, solver="sgd", solver_options={"momentum": 0.0}, inner_steps=1,

@@ -27,8 +27,11 @@ def test_quickstart_writes_results_and_figure(tmp_path):
     (train_cell,) = [cell for cell in executed.cells if "run(spec" in cell.source]
     printed = "".join(o["text"] for o in train_cell.outputs if o.get("name") == "stdout").splitlines()
     assert [line.split(":")[0] for line in printed] == ["adamw", "gn"], printed
-    table = [cell for cell in executed.cells if "readable_summary(" in cell.source][-1].outputs[0]["data"]["text/plain"]
-    assert "NaN" not in table and "steps to target" in table
+    outputs = [cell for cell in executed.cells if "readable_summary(" in cell.source][-1].outputs
+    table = next(o for o in outputs if "data" in o)["data"]["text/plain"]
+    assert "NaN" not in table and "steps to target" in table and "time to target (s)" in table
+    printed = "".join(o.get("text", "") for o in outputs)  # how each run priced its passes, above the table
+    assert "adamw: one gradient step per micro-batch" in printed and "gn: passes priced by measured costs" in printed
     results = json.loads((out / "results.json").read_text())
     assert (out / "val_loss.png").stat().st_size > 1000
     assert results["parameters"]["steps"] == 4 and len(results["corpus_sha256"]) == 64

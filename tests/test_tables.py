@@ -3,19 +3,18 @@
 import pandas as pd
 import pytest
 
-from gnlib.tables import readable_summary
+from gnlib.experiments import choose_lr
+from gnlib.tables import readable_summary, study_to_target
 
 
 def summary_rows():
     common = dict(final_val_loss=2.71234, steps=30, tokens=100, grad_equivalents=120.4, wall_time_s=3.14159)
     return pd.DataFrame(
         [
-            dict(
-                optimizer="adamw", steps_to_target=None, grad_equivalents_to_target=None, status="completed", **common
-            ),
-            dict(
-                optimizer="gn", steps_to_target=12.0, grad_equivalents_to_target=64.2, status="reached_target", **common
-            ),
+            dict(optimizer="adamw", steps_to_target=None, tokens_to_target=None, wall_time_to_target_s=None,
+                 grad_equivalents_to_target=None, cost_model=None, status="completed", **common),
+            dict(optimizer="gn", steps_to_target=12.0, tokens_to_target=65536, wall_time_to_target_s=1.26,
+                 grad_equivalents_to_target=64.2, cost_model="measured", status="reached_target", **common),
         ]
     )
 
@@ -25,15 +24,20 @@ def test_misses_read_not_reached_and_numbers_are_rounded():
     assert list(shown.index) == ["adamw", "gn"] and shown.index.name == "optimizer"
     assert list(shown.columns) == [
         "steps to target",
+        "tokens to target",
+        "time to target (s)",
+        "cost to target",
         "final val loss",
         "steps run",
-        "cost to target",
         "cost",
         "time (s)",
+        "pass costs",
         "status",
     ]
     assert shown.loc["adamw", "steps to target"] == "not reached in 30 steps"
-    assert shown.loc["adamw", "cost to target"] == "-"
+    assert (shown.loc["adamw", ["tokens to target", "time to target (s)", "cost to target", "pass costs"]] == "-").all()
+    assert shown.loc["gn", "tokens to target"] == "65,536" and shown.loc["gn", "time to target (s)"] == "1.3"
+    assert shown.loc["gn", "pass costs"] == "measured"
     assert shown.loc["gn", "steps to target"] == "12" and shown.loc["gn", "cost to target"] == "64"
     assert shown.loc["gn", "final val loss"] == 2.712 and shown.loc["gn", "time (s)"] == 3.1
     assert shown.loc["gn", "cost"] == 120
@@ -43,3 +47,29 @@ def test_misses_read_not_reached_and_numbers_are_rounded():
 def test_refuses_a_table_without_summary_columns():
     with pytest.raises(ValueError, match="status"):
         readable_summary(summary_rows().drop(columns="status"), 30)
+
+
+def test_study_to_target_reports_medians_at_the_tuned_lr_and_spells_out_misses():
+    rows = []
+    for seed, (steps, tokens, time, cost) in enumerate([(4, 400, 2.0, 20.0), (6, 600, 3.0, 30.0), (None,) * 4]):
+        rows.append(dict(optimizer="gn", micro_batches=2, tokens_per_step=100, lr=0.01, seed=seed,
+                         steps_to_target=steps, tokens_to_target=tokens, wall_time_to_target_s=time,
+                         grad_equivalents_to_target=cost, final_val_loss=2.0))
+        rows.append(dict(optimizer="gn", micro_batches=2, tokens_per_step=100, lr=1.0, seed=seed,  # a worse LR
+                         steps_to_target=None, tokens_to_target=None, wall_time_to_target_s=None,
+                         grad_equivalents_to_target=None, final_val_loss=3.0))
+        rows.append(dict(optimizer="adamw", micro_batches=2, tokens_per_step=100, lr=0.01, seed=seed,
+                         steps_to_target=None if seed else 9, tokens_to_target=None if seed else 900,
+                         wall_time_to_target_s=None if seed else 1.0,
+                         grad_equivalents_to_target=None if seed else 18.0, final_val_loss=2.5))
+    shown = study_to_target(choose_lr(pd.DataFrame(rows)))
+    assert list(shown.columns) == ["tokens/step", "seeds reached", "steps to target", "tokens to target",
+                                   "time to target (s)", "cost to target"]
+    gn = shown.loc[("gn", 2)]
+    # median over 3 seeds with one miss (infinite): the larger of the two reached
+    assert gn["seeds reached"] == "2/3" and gn["steps to target"] == "6" and gn["tokens to target"] == "600"
+    assert gn["time to target (s)"] == "3.0" and gn["cost to target"] == "30"
+    adamw = shown.loc[("adamw", 2)]
+    assert adamw["seeds reached"] == "1/3" and adamw["steps to target"] == "-" and adamw["cost to target"] == "-"
+    with pytest.raises(ValueError, match="tokens_to_target"):
+        study_to_target(pd.DataFrame(rows).drop(columns="tokens_to_target"))

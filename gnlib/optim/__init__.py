@@ -5,7 +5,6 @@ from gnlib.optim.factory import DEFAULTS, make_optimizer, split_params
 from gnlib.optim.gauss_newton import (
     GN_VARIANTS,
     LINE_SEARCH,
-    PASS_COSTS,
     GaussNewton,
     line_search_grid,
     make_gauss_newton,
@@ -23,7 +22,6 @@ __all__ = [
     "DEFAULTS",
     "GN_VARIANTS",
     "LINE_SEARCH",
-    "PASS_COSTS",
     "GaussNewton",
     "make_gauss_newton",
     "line_search_grid",

@@ -78,10 +78,13 @@ Per batch: inner step = (1 forward, 1 tangent, 1 backward); layerwise, 1 forward
 by the blocks plus (1 tangent, 1 backward) per block; line search = 1 forward + 1 tangent
 (α = 0 with the model prediction) and 1 forward per α; layerwise q_start/q_end add 1 forward each;
 CG: linearization = 2 forwards (graph + traced JVP), gradient = 1 backward, product = 1 tangent + 1
-backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes so that a
-plain gradient step (1 forward + 1 backward) costs 1: :data:`PASS_COSTS` = forward 1/3, tangent 1/3,
-backward 2/3, i.e. the FLOP model (backward ≈ 2 forwards, tangent ≈ 1 forward); an inner step then costs
-4/3. Pass measured ratios (``python -m gnlib.bench``) as ``pass_costs`` to weigh by time instead.
+backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes by
+``pass_costs`` (:mod:`gnlib.costs`, the one source of pass costs), so that a plain gradient step (1 forward
++ 1 backward) costs 1: by default the FLOP model :data:`gnlib.costs.FLOP_PASS_COSTS` (forward 1/3,
+tangent 2/3, backward 2/3: an inner step costs 5/3); runs (:func:`gnlib.experiments.run`) pass the costs
+measured on their own model and batch (:func:`gnlib.costs.measure_pass_costs`). With the defaults
+(N = 8 inner steps, 2 line-search batches, 5 step sizes) one full-GN outer step makes 20 forwards,
+10 tangents and 8 backwards: 18.67 gradient-step equivalents under the FLOP model.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -99,6 +102,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from gnlib import curvature
 from gnlib.blocks import resolve_partition
+from gnlib.costs import FLOP_PASS_COSTS, check_pass_costs, price
 from gnlib.distributed import all_reduce_mean
 from gnlib.losses import CrossEntropy, Loss
 from gnlib.optim.factory import EMBEDDING_AND_HEAD, clip_gradients, clip_groups, make_optimizer
@@ -123,8 +127,6 @@ def line_search_grid(n: int) -> tuple[float, ...]:
     return tuple(2 ** (-i / 2) for i in range(n))
 
 
-#: Cost of one pass over one batch in gradient-step equivalents (gradient step = forward + backward = 1).
-PASS_COSTS = {"forward": 1 / 3, "tangent": 1 / 3, "backward": 2 / 3}
 #: Inner-solver settings that differ from :data:`gnlib.optim.factory.DEFAULTS`: the study's betas.
 SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"betas": (0.9, 0.999)},
@@ -222,8 +224,9 @@ class GaussNewton:
         solver_options: extra hyperparameters of the inner optimizer (:func:`gnlib.optim.make_optimizer`
             of the solver, e.g. ``{"momentum": 0.0}`` for sgd, ``{"adamw_lr": 3e-3}`` for muon); the
             solver's ``lr`` and ``weight_decay`` are set by ``inner_lr`` and ``weight_decay``.
-        pass_costs: weights of forward / tangent / backward passes in gradient-step equivalents
-            (default :data:`PASS_COSTS`).
+        pass_costs: weights of forward / tangent / backward passes in gradient-step equivalents, a dict
+            with keys ``forward``, ``tangent``, ``backward`` (:mod:`gnlib.costs`; default, None: the FLOP
+            model :data:`gnlib.costs.FLOP_PASS_COSTS`; e.g. :func:`gnlib.costs.measure_pass_costs`'s).
         loss: the training loss (default :class:`~gnlib.losses.CrossEntropy`).
 
     Raises:
@@ -332,9 +335,7 @@ class GaussNewton:
                 f"objective={objective!r} is invalid with solver='cg' (CG solves the quadratic); "
                 "allowed values: 'gn', or a first-order solver for 'prox_linear'"
             )
-        costs = dict(PASS_COSTS if pass_costs is None else pass_costs)
-        ok = set(costs) == set(PASS_COSTS) and all(is_finite_number(c) and c >= 0 for c in costs.values())
-        _require("pass_costs", pass_costs, ok, f"None or a dict with keys {sorted(PASS_COSTS)}, values >= 0")
+        costs = check_pass_costs(FLOP_PASS_COSTS if pass_costs is None else pass_costs)
         solver_options = dict(solver_options or {})
         fixed = sorted({"lr", "weight_decay", "adamw_weight_decay", "grad_clip"} & set(solver_options))
         _require(
@@ -397,7 +398,6 @@ class GaussNewton:
                     p.add_(solved.direction[name], alpha=search["alpha"])
         self._after_step(search)
         self.steps += 1
-        cw = self.pass_costs
         return {
             "loss": search["loss"],
             "loss_before": search["loss_before"],
@@ -418,9 +418,7 @@ class GaussNewton:
             "tangent_passes": cost.tangent,
             "backward_passes": cost.backward,
             "tokens": cost.tokens,
-            "grad_equivalents": (
-                cw["forward"] * cost.forward + cw["tangent"] * cost.tangent + cw["backward"] * cost.backward
-            ),
+            "grad_equivalents": price(asdict(cost), self.pass_costs),
         }
 
     def eval_parameters(self) -> Params | None:

@@ -1,0 +1,275 @@
+r"""What one pass over one batch costs, in gradient-step equivalents: the one source of pass costs.
+
+Gauss-Newton's cost is counted in passes over one batch (:class:`gnlib.optim.GaussNewton` counts them):
+``forward``, ``tangent`` (what carrying a tangent Δ through a forward adds, giving J·Δ) and ``backward``.
+A *gradient step* (one forward and one backward on one batch) costs 1, so a first-order optimizer pays
+exactly its micro-batches, and a Gauss-Newton step pays
+
+    cost = c_F · n_forward + c_T · n_tangent + c_B · n_backward,
+
+with c_F + c_B = 1. Two models give the weights c (:data:`COST_MODELS`):
+
+- ``"measured"`` (the default of every run, :attr:`gnlib.experiments.RunSpec.costs`): timed on the run's
+  own model, micro-batch shape, device, dtype and threads by :func:`measure_pass_costs`. After one
+  warm-up round, at least :data:`REPEATS` rounds (more, up to :data:`MAX_ROUNDS`, until the gradient
+  steps total :data:`MIN_SECONDS`) time, one after the other (so load on the machine hits them alike):
+  a gradient step t_grad (:func:`gnlib.curvature.gradient`), a forward without graph and its loss t_fwd
+  (:func:`gnlib.curvature.logits`, what the line search runs) and the Gauss-Newton inner step t_inner
+  (:func:`gnlib.curvature.gn_inner_step`: a forward carrying the tangent and recording the primal graph,
+  then one backward). With medians over the rounds,
+
+      c_F = t_fwd / t_grad,   c_B = 1 − c_F,   c_T = (t_inner − t_grad) / t_grad,
+
+  so an inner step (one forward, one tangent, one backward) is priced at exactly its measured time over a
+  gradient step's, and each weight is floored at :data:`MIN_COST` so timing noise never makes a pass
+  free. Measurements are cached per configuration (:func:`cache_key`: the model's config, batch, sequence
+  length, device, dtype, torch threads, torch version and host) in memory and, with ``cache_dir``, as one
+  small JSON file per configuration (written atomically; an unreadable file is measured again). Timing
+  reads the model's parameters and draws its tokens from its own generator: it changes no training number.
+- ``"flops"`` (:data:`FLOP_PASS_COSTS`): matmul FLOPs, with F the FLOPs of a forward. A backward computes
+  two products per matmul (2F); a tangent adds two per matmul (the tangent of W·x is dW·x + W·dx: 2F);
+  a gradient step is 3F. So c_F = 1/3, c_T = 2/3, c_B = 2/3 and an inner step costs 5F = 5/3. Elementwise
+  tangent arithmetic, memory traffic and kernel efficiency are not counted: on a CPU the measured inner
+  step is dearer (``python -m gnlib.bench`` prints both).
+
+The same weights price every pass GaussNewton counts (its module docstring lists them): a line search's
+forwards without graph cost c_F, its forward with a tangent and no graph c_F + c_T (slightly
+overpriced: the measured tangent includes recording the graph); layerwise GN's per-block tangents (a
+backward through the recorded backward) and backwards are priced like full GN's tangent and backward
+(``layerwise_inner_step`` in the bench shows what they cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gnlib import curvature
+from gnlib.distributed import all_reduce_mean, is_distributed
+from gnlib.losses import CrossEntropy, Loss
+from gnlib.runtime import atomic_write_json, check_choice, is_finite_number, output_path
+
+#: The passes a Gauss-Newton step is counted in.
+PASSES = ("forward", "tangent", "backward")
+#: How pass costs are obtained: timed on the run's configuration, or the FLOP model.
+COST_MODELS = ("measured", "flops")
+#: The FLOP model: one pass over one batch in gradient-step equivalents (gradient step = 3F = 1).
+FLOP_PASS_COSTS: dict[str, float] = {"forward": 1 / 3, "tangent": 2 / 3, "backward": 2 / 3}
+#: Timed rounds after the warm-up round, at least; more while a gradient step's total is under MIN_SECONDS.
+REPEATS = 5
+MIN_SECONDS = 0.25
+MAX_ROUNDS = 100
+#: Floor of a measured weight (timing noise never makes a pass free).
+MIN_COST = 0.01
+#: Where runs that write outputs keep measured pass costs (relative paths resolve like notebook outputs).
+CACHE_DIR = "outputs/pass_costs"
+
+_MEASURED: dict[str, dict[str, Any]] = {}
+
+
+def check_pass_costs(value: Any, parameter: str = "pass_costs") -> dict[str, float]:
+    """``value`` as a dict of pass weights, or ``ValueError`` naming ``parameter`` and the allowed values.
+
+    Args:
+        value: a mapping with exactly the keys :data:`PASSES` and finite values >= 0.
+        parameter: the name shown in the error.
+
+    Returns:
+        ``{"forward": c_F, "tangent": c_T, "backward": c_B}`` as floats.
+    """
+    ok = (
+        isinstance(value, Mapping)
+        and set(value) == set(PASSES)
+        and all(is_finite_number(value[k]) and value[k] >= 0 for k in PASSES)
+    )
+    if not ok:
+        raise ValueError(
+            f"{parameter}={value!r} is invalid; allowed values: a dict with keys {list(PASSES)} and finite "
+            "values >= 0, in gradient-step equivalents (e.g. gnlib.costs.FLOP_PASS_COSTS)"
+        )
+    return {k: float(value[k]) for k in PASSES}
+
+
+def price(counts: Mapping[str, int | float], costs: Mapping[str, float]) -> float:
+    """Gradient-step equivalents of ``counts`` passes (keys :data:`PASSES`) at weights ``costs``."""
+    return float(sum(costs[k] * counts[k] for k in PASSES))
+
+
+def cache_key(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]:
+    """What a measurement depends on: the model's config, batch shape, device, dtype, threads, torch, host."""
+    first = next(model.parameters())
+    device = first.device
+    config = getattr(model, "config", None)
+    return {
+        "model": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch_size": int(batch_size),
+        "seq_len": int(seq_len),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "dtype": str(first.dtype),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
+
+
+def key_hash(key: Mapping[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of a :func:`cache_key` as sorted JSON (the cache file's name)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(
+    fns: Mapping[str, Callable[[], object]], repeats: int, device: torch.device, min_seconds: float = 0.0
+) -> dict[str, list[float]]:
+    """Seconds of each ``fns[name]()`` per round, round-robin, after one untimed warm-up round.
+
+    At least ``repeats`` rounds, more while the first function's timed total is under ``min_seconds``
+    (fast passes are timed over enough rounds to steady their median), at most :data:`MAX_ROUNDS`.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    first = next(iter(fns))
+    round_ = 0
+    while round_ <= repeats or (sum(times[first]) < min_seconds and round_ <= MAX_ROUNDS):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+        round_ += 1
+    return times
+
+
+def _read_cached(path: Path, digest: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+        check_pass_costs({k: record[k] for k in PASSES})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if record.get("key_hash") == digest else None
+
+
+def measure_pass_costs(
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    *,
+    loss: Loss | None = None,
+    repeats: int = REPEATS,
+    min_seconds: float = MIN_SECONDS,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """Time the passes of a gradient step and of a Gauss-Newton inner step on ``model`` (module docstring).
+
+    Args:
+        model: a token model (its ``config.vocab_size`` sets the random tokens), on its run's device and dtype.
+        batch_size: sequences per micro-batch (per process under ``torchrun``).
+        seq_len: tokens per sequence.
+        loss: the training loss (default cross-entropy).
+        repeats: timed rounds after the warm-up round, at least (>= 1).
+        min_seconds: time more rounds (up to :data:`MAX_ROUNDS`) until the gradient steps total this.
+        cache_dir: also keep the result in ``cache_dir/<key hash>.json`` and reuse it from there.
+        use_cache: reuse a cached measurement of the same :func:`cache_key` (False: always time anew).
+
+    Returns:
+        ``{"model": "measured", "forward", "tangent", "backward"`` (the weights),
+        ``"ms"`` (median ms of ``grad``, ``forward``, ``inner_step``), ``"rounds"`` (timed), ``"key"``,
+        ``"key_hash"``, ``"source"`` (``"timed"``, ``"memory"`` or the cache file)``}``. Under
+        ``torchrun`` the weights are averaged over the processes, so every process prices alike.
+
+    Raises:
+        ValueError: ``model`` has no ``config.vocab_size``, or a size is not a positive integer.
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise ValueError(
+            f"model={type(model).__name__} is invalid; allowed values: a token model with config.vocab_size"
+        )
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("repeats", repeats)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid; allowed values: an integer >= 1")
+    key = cache_key(model, batch_size, seq_len)
+    digest = key_hash(key)
+    path = None if cache_dir is None else output_path(cache_dir) / f"{digest}.json"
+    cached = _MEASURED.get(digest) if use_cache else None
+    source = "memory"
+    if use_cache and cached is None and path is not None and path.is_file():
+        cached, source = _read_cached(path, digest), str(path)
+    if is_distributed() and all_reduce_mean(float(cached is not None)) < 1:
+        cached = None  # every process times (and averages) unless all of them found the same cache
+    if cached is not None:
+        _MEASURED[digest] = cached
+        return {**cached, "source": source}
+
+    loss = CrossEntropy() if loss is None else loss
+    device = next(model.parameters()).device
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)  # its own stream: the run's random state is not touched
+    tokens = torch.randint(vocab, (batch_size, seq_len + 1), generator=generator).to(device)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    delta = {n: (torch.randn(p.shape, generator=generator) * 1e-3).to(device, p.dtype) for n, p in params.items()}
+
+    def forward() -> object:
+        with torch.no_grad():
+            return loss.value(curvature.logits(model, params, batch[0]), batch[1])
+
+    fns = {
+        "grad": lambda: curvature.gradient(model, params, batch, loss),
+        "forward": forward,
+        "inner_step": lambda: curvature.gn_inner_step(model, params, delta, batch, loss),
+    }
+    times = time_rounds(fns, repeats, device, min_seconds)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    forward_cost = ms["forward"] / ms["grad"]
+    costs = {
+        "forward": forward_cost,
+        "tangent": (ms["inner_step"] - ms["grad"]) / ms["grad"],
+        "backward": 1.0 - forward_cost,
+    }
+    costs = {k: max(MIN_COST, float(v)) for k, v in all_reduce_mean(costs).items()}
+    record = {"model": "measured", **costs, "ms": ms, "rounds": len(times["grad"]), "key": key, "key_hash": digest}
+    _MEASURED[digest] = record
+    if path is not None:
+        atomic_write_json(path, record)
+    return {**record, "source": "timed"}
+
+
+def flop_pass_costs() -> dict[str, Any]:
+    """The FLOP model as a record like :func:`measure_pass_costs`'s: ``{"model": "flops", ...weights}``."""
+    return {"model": "flops", **FLOP_PASS_COSTS}
+
+
+def resolve_pass_costs(
+    cost_model: str, model: nn.Module, batch_size: int, seq_len: int, *, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """The pass costs of a run under ``cost_model`` (one of :data:`COST_MODELS`), as a record.
+
+    ``"measured"`` times them (:func:`measure_pass_costs`, cached), ``"flops"`` is :data:`FLOP_PASS_COSTS`.
+    """
+    check_choice("costs", cost_model, COST_MODELS)
+    if cost_model == "flops":
+        return flop_pass_costs()
+    return measure_pass_costs(model, batch_size, seq_len, cache_dir=cache_dir)
+
+
+def weights(record: Mapping[str, Any]) -> dict[str, float]:
+    """The three pass weights of a record (``GaussNewton``'s ``pass_costs``)."""
+    return {k: float(record[k]) for k in PASSES}

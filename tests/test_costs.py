@@ -1,0 +1,158 @@
+"""Pass costs: the FLOP model priced by hand, measured costs recorded and cached, explicit costs winning."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from gnlib import costs
+from gnlib.bench import main as bench_main
+from gnlib.costs import FLOP_PASS_COSTS, PASSES, cache_key, measure_pass_costs, price
+from gnlib.experiments import RunSpec, run, summarize
+from gnlib.models import build_model
+from gnlib.optim import GaussNewton
+
+MODEL = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
+# N = 4 inner steps, the line search on B = 3 batches over the default grid of K = 5 step sizes
+SPEC = RunSpec(optimizer="gn", lr=0.01, steps=2, batch_size=4, seq_len=16, eval_every=1, val_batches=1,
+               model_overrides=MODEL, hyperparameters={"inner_steps": 4, "line_search_batches": 3})
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory_cache(monkeypatch):
+    monkeypatch.setattr(costs, "_MEASURED", {})
+
+
+def step_rows(history):
+    return history.rows[1:]
+
+
+def test_flop_model_prices_a_gn_step_by_hand():
+    history = run(dataclasses.replace(SPEC, costs="flops"), None, progress=False)
+    assert history.metadata["pass_costs"] == {"model": "flops", **FLOP_PASS_COSTS}
+    for row in step_rows(history):
+        # inner: N x (forward, tangent, backward); line search: B x (forward + tangent, then K forwards)
+        assert (row["forward_passes"], row["tangent_passes"], row["backward_passes"]) == (4 + 3 * 6, 4 + 3, 4)
+        assert row["grad_equivalents"] == pytest.approx(22 / 3 + 7 * 2 / 3 + 4 * 2 / 3)  # 44/3
+    assert summarize(history)["cost_model"] == "flops"
+
+
+def test_measured_costs_are_positive_recorded_and_change_no_training_number():
+    measured = run(SPEC, None, progress=False)
+    record = measured.metadata["pass_costs"]
+    assert record["model"] == "measured" and all(record[k] > 0 for k in PASSES)
+    assert record["forward"] + record["backward"] == pytest.approx(1.0)  # a gradient step costs 1
+    assert record["key"]["batch_size"] == 4 and record["key"]["seq_len"] == 16
+    assert set(record["ms"]) == {"grad", "forward", "inner_step"}
+    flops = run(dataclasses.replace(SPEC, costs="flops"), None, progress=False)
+    for a, b in zip(measured.rows, flops.rows):  # same losses and passes: only the cost column differs
+        assert {k: v for k, v in a.items() if k not in ("wall_time", "grad_equivalents")} == {
+            k: v for k, v in b.items() if k not in ("wall_time", "grad_equivalents")
+        }
+    for row in step_rows(measured):
+        counts = {k: row[f"{k}_passes"] for k in PASSES}
+        assert row["grad_equivalents"] == pytest.approx(price(counts, record))
+
+
+def test_explicit_pass_costs_win():
+    given = {"forward": 0.25, "tangent": 1.0, "backward": 0.75}
+    spec = dataclasses.replace(SPEC, steps=1, hyperparameters={**SPEC.hyperparameters, "pass_costs": given})
+    history = run(spec, None, progress=False)
+    assert history.metadata["pass_costs"] == {"model": "given", **given}
+    assert history.rows[1]["grad_equivalents"] == pytest.approx(22 * 0.25 + 7 * 1.0 + 4 * 0.75)
+    first_order = run(dataclasses.replace(SPEC, optimizer="adamw", hyperparameters={}, steps=1), None, progress=False)
+    assert first_order.metadata["pass_costs"] is None  # one gradient step per micro-batch under any model
+
+
+def test_measurements_are_cached_per_configuration(tmp_path):
+    model = build_model("tiny", seed=0, **MODEL)
+    first = measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)
+    assert first["source"] == "timed" and (tmp_path / f"{first['key_hash']}.json").is_file()
+    again = measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)
+    assert again["source"] == "memory" and {k: again[k] for k in PASSES} == {k: first[k] for k in PASSES}
+    costs._MEASURED.clear()  # a new process: the file answers
+    from_file = measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)
+    assert from_file["source"] == str(tmp_path / f"{first['key_hash']}.json")
+    assert {k: from_file[k] for k in PASSES} == {k: first[k] for k in PASSES}
+    # every part of the configuration is in the key
+    key = cache_key(model, 4, 16)
+    assert cache_key(model, 8, 16) != key and cache_key(model, 4, 32) != key
+    assert cache_key(build_model("tiny", seed=0, **{**MODEL, "d_model": 32}), 4, 16) != key
+    assert cache_key(build_model("tiny", seed=0, **MODEL).double(), 4, 16)["dtype"] == "torch.float64"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert cache_key(model, 4, 16) != key
+    finally:
+        torch.set_num_threads(threads)
+    assert measure_pass_costs(model, 8, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)["source"] == "timed"
+    # a torn cache file is measured again and rewritten
+    costs._MEASURED.clear()
+    (tmp_path / f"{first['key_hash']}.json").write_text("{not json")
+    assert measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, cache_dir=tmp_path)["source"] == "timed"
+    assert measure_pass_costs(model, 4, 16, repeats=1, min_seconds=0, use_cache=False)["source"] == "timed"
+
+
+def test_measuring_leaves_the_model_and_random_state_alone():
+    model = build_model("tiny", seed=0, **MODEL)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = torch.get_rng_state()
+    measure_pass_costs(model, 2, 8, repeats=1, min_seconds=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "bad, parameter",
+    [
+        (dict(costs="time"), r"costs='time' is not supported; allowed values: \['measured', 'flops'\]"),
+        (dict(hyperparameters={"pass_costs": "measured"}), "pass_costs='measured' is invalid"),
+        (dict(hyperparameters={"pass_costs": {"forward": 1.0, "tangent": -1.0, "backward": 1.0}}), "pass_costs="),
+    ],
+)
+def test_bad_cost_settings_are_refused_before_any_work(bad, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        dataclasses.replace(SPEC, **bad).validate()
+
+
+def test_gauss_newton_names_bad_pass_costs():
+    model = build_model("tiny", seed=0, **MODEL)
+    with pytest.raises(ValueError, match=r"pass_costs=\{'forward': 1.0\} is invalid; allowed values: a dict"):
+        GaussNewton(model, lambda: None, pass_costs={"forward": 1.0})
+    with pytest.raises(ValueError, match="model=Linear is invalid"):
+        measure_pass_costs(torch.nn.Linear(2, 2), 2, 2)
+
+
+def test_bench_prints_the_pass_costs_a_run_uses_beside_its_ratios(capsys):
+    bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "1",
+                "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["pass_costs"]["flops"] == FLOP_PASS_COSTS
+    assert set(result["pass_costs"]["measured"]) == set(PASSES) and min(result["pass_costs"]["measured"].values()) > 0
+    # each priced measurement: its passes weighed by each model (checked here for the FLOP model by hand)
+    assert result["passes"]["gn_inner_step"] == {"forward": 1, "tangent": 1, "backward": 1}
+    assert result["priced"]["gn_inner_step"]["flops"] == pytest.approx(5 / 3)
+    assert result["passes"]["line_search"] == {"forward": 2 * 6, "tangent": 2, "backward": 0}  # 2 batches, 5 α
+    assert result["passes"]["outer_step_full"] == {"forward": 8 + 12, "tangent": 8 + 2, "backward": 8}
+    assert result["priced"]["outer_step_full"]["flops"] == pytest.approx(56 / 3)
+    assert set(result["priced"]) <= set(result["ratio"])
+    bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("pass costs (x grad)")))
+    assert lines[start].split()[-2:] == ["measured", "flops"]
+    assert [line.split()[0] for line in lines[start + 1 : start + 4]] == list(PASSES)
+    assert lines[start + 4].split()[-3:] == ["measured", "flops", "timed"]
+    assert [line.split()[0] for line in lines[start + 5 :]] == ["gn_inner_step", "layerwise_inner_step", "line_search"]
+
+
+def test_a_resumed_run_keeps_the_costs_it_started_with(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # measured costs are cached under outputs/pass_costs of the working directory
+    first = run(SPEC, tmp_path / "run", progress=False)
+    record = first.metadata["pass_costs"]
+    assert (tmp_path / "outputs" / "pass_costs" / f"{record['key_hash']}.json").is_file()
+    monkeypatch.setattr(costs, "_MEASURED", {})
+    (tmp_path / "outputs" / "pass_costs" / f"{record['key_hash']}.json").unlink()
+    again = run(SPEC, tmp_path / "run", progress=False)  # same settings: resumed, not measured anew
+    assert again.metadata["pass_costs"] == record and again.rows == first.rows
+    assert not (tmp_path / "outputs" / "pass_costs" / f"{record['key_hash']}.json").exists()
