@@ -1,7 +1,7 @@
 """Results tables as a reader sees them: short headers, rounded numbers, misses spelled out.
 
-The tidy tables of :mod:`gnlib.experiments` keep every column and NaN for a target that was not reached
-(what files and code need); these functions turn them into the few columns a notebook page shows.
+The tidy tables of :mod:`gnlib.runs` and :mod:`gnlib.study` keep every column and NaN for a target that was not
+reached (what files and code need); these functions turn them into the few columns a notebook page shows.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SUMMARY_COLUMNS = {
 
 
 def readable_summary(table: pd.DataFrame, max_steps: int, *, by: str = "optimizer") -> pd.DataFrame:
-    """One row per run of :func:`gnlib.experiments.summarize` rows, as a page shows them.
+    """One row per run of :func:`gnlib.runs.summarize` rows, as a page shows them.
 
     Steps to target read "not reached in ``max_steps`` steps" instead of NaN (and its cost "-"); costs
     are in gradient-step equivalents, rounded like the losses and times; the index is ``by``.

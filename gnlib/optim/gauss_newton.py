@@ -698,7 +698,7 @@ class GaussNewton:
                 self._ema_update([self.ema[n] for n in names], [params[n].detach() for n in names], self.steps)
 
 
-#: Named variants for ``gnlib.experiments``: name → the GaussNewton options that define it.
+#: Named variants for ``gnlib.runs``: name → the GaussNewton options that define it.
 GN_VARIANTS: dict[str, dict[str, Any]] = {
     "gn": {},
     "gn_prox": {"objective": "prox_linear"},
