@@ -33,7 +33,8 @@ flat vectors give back the form they were given, the others (Shampoo, SOAP, K-FA
 Probes on a model. :func:`gn_directions` takes one cold-started GaussNewton outer step per partition
 (full GN, layerwise GN, custom blocks) on the same inner batches from the same anchor and returns each
 pre-line-search direction; :func:`direction_cosines` trains a full-GN run (:class:`gnlib.runs.RunSpec`)
-and compares the partitions' directions with full GN's at chosen steps.
+and compares the partitions' directions with full GN's at chosen steps; :func:`adam_second_moment` reads
+the second moment v̂ a torch Adam holds after training, for :func:`adam_direction`.
 """
 
 from __future__ import annotations
@@ -226,6 +227,39 @@ def adam_direction(second_moment: Vector, g: Vector, eps: float = 1e-8) -> Vecto
     if flat_v.shape != flat_g.shape:
         raise ValueError(f"second_moment has shape {tuple(flat_v.shape)}, g has {tuple(flat_g.shape)}")
     return _like_input(-flat_g / (flat_v.sqrt() + eps), g)
+
+
+def adam_second_moment(model: nn.Module, optimizer: torch.optim.Optimizer) -> Params:
+    """The bias-corrected second moment v̂ = v_t / (1 − β₂^t) that a torch Adam or AdamW holds for each parameter.
+
+    torch keeps v_t = β₂ v_{t−1} + (1 − β₂) g_t² (``exp_avg_sq``, v_0 = 0) after t = ``state["step"]``
+    updates, with β₂ = ``betas[1]`` of the parameter's group; dividing by 1 − β₂^t undoes the zero start, so
+    v̂ is the one Adam's update −lr · m̂ / (√v̂ + ε) uses. :func:`adam_direction` takes it as
+    ``second_moment``: the direction Adam's squared-gradient EMA from training gives on a new gradient.
+
+    Args:
+        model: the model whose parameters ``optimizer`` updates.
+        optimizer: a ``torch.optim.Adam`` or ``AdamW`` (any optimizer whose state holds ``exp_avg_sq`` and
+            ``step`` and whose groups hold ``betas``) that has taken at least one step.
+
+    Returns:
+        params dict in ``named_parameters()`` order: v̂ of each parameter, its shape, detached copies.
+
+    Raises:
+        ValueError: a parameter of ``model`` has no Adam state in ``optimizer`` (named in the message).
+    """
+    beta2 = {p: group["betas"][1] for group in optimizer.param_groups if "betas" in group for p in group["params"]}
+    moments = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p, {})
+        if p not in beta2 or "exp_avg_sq" not in state:
+            raise ValueError(
+                f"parameter {name!r} has no Adam second moment in the optimizer: pass a torch Adam or AdamW over "
+                "the model's parameters that has taken at least one step"
+            )
+        step = float(state["step"])
+        moments[name] = state["exp_avg_sq"].detach() / (1 - beta2[p] ** step)
+    return moments
 
 
 # ---------------------------------------------------------------------------------------------------

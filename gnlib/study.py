@@ -16,7 +16,8 @@ The study's protocol (STUDY.md) on top of it:
   starting point is the shared checkpoint);
 - results: steps to a target validation loss, their cost in gradient-step equivalents (a baseline pays 1
   per micro-batch; GN its ``grad_equivalents`` diagnostic, summed up to the target), the critical batch
-  size (:func:`critical_batch_size`) and each baseline's steps over GN's (:func:`ratio_table`).
+  size (:func:`critical_batch_size`) and each baseline's steps over GN's (:func:`ratio_table`); at one
+  batch size, each method against full GN and a baseline (:func:`gain_summary`).
 """
 
 from __future__ import annotations
@@ -484,3 +485,51 @@ def gain_share(steps_baseline: float, steps_variant: float, steps_full: float) -
     """
     gain = steps_baseline - steps_full
     return float("nan") if gain <= 0 else (steps_baseline - steps_variant) / gain
+
+
+def gain_summary(table: pd.DataFrame, full: str = "gn", baseline: str = "adamw") -> pd.DataFrame:
+    """Each method at its tuned LR against full GN and a baseline, at one token batch.
+
+    With S the median steps to target over seeds at the method's tuned LR (:func:`choose_lr`'s ``chosen``
+    rows; a seed that missed counts as infinitely many, as in :func:`ratio_table`), ``vs_full`` is
+    S / S_full and ``gain_share`` is :func:`gain_share` (S_baseline, S, S_full) for every method other
+    than ``full`` and ``baseline`` (e.g. the layerwise partitions).
+
+    Args:
+        table: a :func:`batch_size_study` table at one ``micro_batches`` value, with ``chosen`` marked.
+        full: the full-GN method's name in ``table``.
+        baseline: the first-order baseline's name in ``table``.
+
+    Returns:
+        Index ``optimizer`` (in the table's order), columns ``lr``, ``on_edge``, ``steps_to_target``,
+        ``grad_equivalents_to_target`` (medians; NaN when missed), ``vs_full``, ``gain_share`` (NaN for
+        ``full`` and ``baseline``).
+
+    Raises:
+        ValueError: several batch sizes in ``table``, or ``full``/``baseline`` not among its optimizers.
+    """
+    needed = ("optimizer", "micro_batches", "lr", "steps_to_target", "grad_equivalents_to_target", "chosen", "on_edge")
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks column(s) {missing}; pass a batch_size_study table (choose_lr marks chosen)")
+    batches = sorted(set(table["micro_batches"]))
+    if len(batches) != 1:
+        raise ValueError(f"table holds micro_batches {batches}; gain_summary compares methods at one batch size")
+    names = list(dict.fromkeys(table["optimizer"]))
+    check_choice("full", full, names)
+    check_choice("baseline", baseline, names)
+    tuned = table.loc[table["chosen"]].groupby("optimizer", sort=False)[["lr", "on_edge"]].first()
+    summary = tuned.assign(
+        steps_to_target=_chosen_steps(table)["steps_to_target"].droplevel("micro_batches"),
+        grad_equivalents_to_target=_chosen_steps(table, "grad_equivalents_to_target")[
+            "grad_equivalents_to_target"
+        ].droplevel("micro_batches"),
+    ).loc[names]
+    full_steps, base_steps = summary.loc[full, "steps_to_target"], summary.loc[baseline, "steps_to_target"]
+    summary["vs_full"] = summary["steps_to_target"] / full_steps
+    summary["gain_share"] = [
+        float("nan") if name in (full, baseline) else gain_share(base_steps, s, full_steps)
+        for name, s in summary["steps_to_target"].items()
+    ]
+    summary.index.name = "optimizer"
+    return summary

@@ -15,6 +15,7 @@ from gnlib.study import (
     choose_lr,
     critical_batch_size,
     gain_share,
+    gain_summary,
     lr_sweep,
     ratio_table,
     study_spec,
@@ -167,3 +168,25 @@ def test_a_setting_whose_seeds_mostly_miss_counts_as_missed():
                          steps_to_target=90.0, chosen=True))
     ratios = ratio_table(pd.DataFrame(rows), reference="gn")
     assert ratios.isna().all().all()  # GN's median is a miss, so no finite ratio to it
+
+
+def test_gain_summary_by_hand():
+    rows = []
+    for name, lr, steps in [("adamw", 0.01, (30, 30)), ("gn", 0.01, (10, 12)), ("gn", 0.03, (40, 40)),
+                            ("gn_per_layer", 0.01, (20, 20)), ("gn_halves", 0.01, (15, None))]:
+        for seed, s in enumerate(steps):
+            rows.append(dict(optimizer=name, micro_batches=4, tokens_per_step=512, lr=lr, seed=seed, steps_to_target=s,
+                             final_val_loss=2.0, grad_equivalents_to_target=None if s is None else 2.0 * s))
+    summary = gain_summary(choose_lr(pd.DataFrame(rows)), full="gn", baseline="adamw")
+    assert list(summary.index) == ["adamw", "gn", "gn_per_layer", "gn_halves"]
+    assert summary.loc["gn", "lr"] == 0.01 and summary.loc["gn", "steps_to_target"] == 11  # tuned LR, median of seeds
+    assert summary.loc["gn", "grad_equivalents_to_target"] == 22
+    assert summary.loc["gn_per_layer", "vs_full"] == 20 / 11
+    assert summary.loc["gn_per_layer", "gain_share"] == (30 - 20) / (30 - 11)  # keeps 10 of full GN's 19 steps
+    assert math.isnan(summary.loc["gn_halves", "steps_to_target"])  # one of two seeds missed: the median misses
+    assert math.isnan(summary.loc["gn_halves", "gain_share"])
+    assert summary.loc[["gn", "adamw"], "gain_share"].isna().all()
+    with pytest.raises(ValueError, match="micro_batches"):
+        gain_summary(choose_lr(pd.DataFrame(rows).assign(micro_batches=[1, 2] * 5)))
+    with pytest.raises(ValueError, match="baseline"):
+        gain_summary(choose_lr(pd.DataFrame(rows)), baseline="soap")
