@@ -2,7 +2,7 @@
 
 The public API is what this module exports; each name lives in the module that owns its job
 (``gnlib.data``, ``gnlib.models``, ``gnlib.losses``, ``gnlib.operators``, ``gnlib.curvature``, ``gnlib.blocks``,
-``gnlib.spectra``, ``gnlib.optim``, ``gnlib.train``, ``gnlib.experiments``). Notebook-only pieces
+``gnlib.spectra``, ``gnlib.optim``, ``gnlib.train``, ``gnlib.runs``, ``gnlib.study``). Notebook-only pieces
 (``gnlib.plots``, ``gnlib.widgets``, ``gnlib.sweep``, ``gnlib.directions``) are imported from their modules.
 """
 
@@ -30,14 +30,15 @@ from gnlib.curvature import (
     vjp,
 )
 from gnlib.data import Corpus, load_corpus
-from gnlib.experiments import OPTIMIZERS, RunSpec, lr_sweep, run, steps_to_target
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
 from gnlib.operators import LinearOperator
 from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
 from gnlib.pipeline import after_warmup, build_run_data
+from gnlib.runs import OPTIMIZERS, RunSpec, run, steps_to_target
 from gnlib.spectra import hutchinson_trace, lanczos, spectral_density
 from gnlib.stream import PackedStream
+from gnlib.study import lr_sweep
 from gnlib.tokenizer import make_tokenizer
 from gnlib.train import History, train
 

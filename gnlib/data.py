@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from gnlib import distributed
+from gnlib.checks import check_positive_int
 from gnlib.runtime import atomic_torch_save, check_choice, output_path, resolve_device
 from gnlib.tokenizer import Tokenizer, make_tokenizer
 
@@ -368,3 +369,36 @@ def _hf_documents(source: str, max_bytes: int | None, text_field: str) -> list[s
     if text_field not in first:
         raise ValueError(f"text_field={text_field!r} is not a column of {source!r}; allowed values: {list(first)}")
     return _take((row[text_field] for row in itertools.chain([first], rows)), max_bytes)
+
+
+def frequency_remap(tokens: Tensor, vocab_size: int, *, base_vocab: int = 256) -> Tensor:
+    """A lookup table onto a smaller vocabulary: the ``vocab_size - 1`` most frequent ids, plus one shared id.
+
+    Dense curvature matrices need a tiny model, and the embedding and head of a 256-byte vocabulary would
+    dominate its parameters; ``remap[tokens]`` keeps the frequent bytes apart and merges the rare ones.
+    With counts c_i of id i in ``tokens``, the ids are ranked by decreasing c_i (ties: the smaller id
+    first); the id of rank r < V − 1 maps to r, every other id (rare or absent) to V − 1, the shared
+    "other" token.
+
+    Args:
+        tokens: (N,) integer ids in [0, ``base_vocab``) whose counts rank the ids; pass the training split,
+            so the validation split never shapes the vocabulary.
+        vocab_size: V, the size of the reduced vocabulary, 2 <= V <= ``base_vocab``.
+        base_vocab: size of the original vocabulary (256 for bytes).
+
+    Returns:
+        (base_vocab,) int64 table on ``tokens``' device with values in [0, V).
+
+    Raises:
+        ValueError: ``vocab_size`` outside [2, base_vocab], or ``tokens`` holding ids outside [0, base_vocab).
+    """
+    check_positive_int("vocab_size", vocab_size, minimum=2)
+    if vocab_size > base_vocab:
+        raise ValueError(f"vocab_size={vocab_size} must be <= base_vocab={base_vocab} (the vocabulary it reduces)")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= base_vocab):
+        raise ValueError(f"tokens must lie in [0, {base_vocab}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
+    counts = torch.bincount(tokens.reshape(-1), minlength=base_vocab)
+    frequent = counts.argsort(descending=True, stable=True)[: vocab_size - 1]
+    remap = torch.full((base_vocab,), vocab_size - 1, dtype=torch.long, device=tokens.device)
+    remap[frequent] = torch.arange(vocab_size - 1, device=tokens.device)
+    return remap

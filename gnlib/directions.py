@@ -29,11 +29,19 @@ Shapes and forms. A *curvature* is a dense symmetric (n, n) tensor or an operato
 solved by ``torch.linalg.solve``, operators by conjugate gradients. Gradients and
 directions are params dicts or their flat view (:func:`gnlib.params.flatten`); functions that only need
 flat vectors give back the form they were given, the others (Shampoo, SOAP, K-FAC, Muon) need dicts.
+
+Probes on a model. :func:`gn_directions` takes one cold-started GaussNewton outer step per partition
+(full GN, layerwise GN, custom blocks) on the same inner batches from the same anchor and returns each
+pre-line-search direction; :func:`direction_cosines` trains a full-GN run (:class:`gnlib.runs.RunSpec`)
+and compares the partitions' directions with full GN's at chosen steps; :func:`adam_second_moment` reads
+the second moment v̂ a torch Adam holds after training, for :func:`adam_direction`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -45,9 +53,12 @@ from gnlib.blocks import BlockDiagonalOperator, block_indices, resolve_partition
 from gnlib.curvature import gradient
 from gnlib.losses import MSE, CrossEntropy, Loss
 from gnlib.optim.factory import split_params
+from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.optim.hessian_free import conjugate_gradient
 from gnlib.params import Params, check_like, flatten, unflatten
-from gnlib.runtime import check_choice
+from gnlib.runs import GN_INNER_STEPS, RunSpec, build_run
+from gnlib.runtime import check_choice, resolve_device
+from gnlib.train import evaluate
 
 Vector = Tensor | Mapping[str, Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -216,6 +227,39 @@ def adam_direction(second_moment: Vector, g: Vector, eps: float = 1e-8) -> Vecto
     if flat_v.shape != flat_g.shape:
         raise ValueError(f"second_moment has shape {tuple(flat_v.shape)}, g has {tuple(flat_g.shape)}")
     return _like_input(-flat_g / (flat_v.sqrt() + eps), g)
+
+
+def adam_second_moment(model: nn.Module, optimizer: torch.optim.Optimizer) -> Params:
+    """The bias-corrected second moment v̂ = v_t / (1 − β₂^t) that a torch Adam or AdamW holds for each parameter.
+
+    torch keeps v_t = β₂ v_{t−1} + (1 − β₂) g_t² (``exp_avg_sq``, v_0 = 0) after t = ``state["step"]``
+    updates, with β₂ = ``betas[1]`` of the parameter's group; dividing by 1 − β₂^t undoes the zero start, so
+    v̂ is the one Adam's update −lr · m̂ / (√v̂ + ε) uses. :func:`adam_direction` takes it as
+    ``second_moment``: the direction Adam's squared-gradient EMA from training gives on a new gradient.
+
+    Args:
+        model: the model whose parameters ``optimizer`` updates.
+        optimizer: a ``torch.optim.Adam`` or ``AdamW`` (any optimizer whose state holds ``exp_avg_sq`` and
+            ``step`` and whose groups hold ``betas``) that has taken at least one step.
+
+    Returns:
+        params dict in ``named_parameters()`` order: v̂ of each parameter, its shape, detached copies.
+
+    Raises:
+        ValueError: a parameter of ``model`` has no Adam state in ``optimizer`` (named in the message).
+    """
+    beta2 = {p: group["betas"][1] for group in optimizer.param_groups if "betas" in group for p in group["params"]}
+    moments = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p, {})
+        if p not in beta2 or "exp_avg_sq" not in state:
+            raise ValueError(
+                f"parameter {name!r} has no Adam second moment in the optimizer: pass a torch Adam or AdamW over "
+                "the model's parameters that has taken at least one step"
+            )
+        step = float(state["step"])
+        moments[name] = state["exp_avg_sq"].detach() / (1 - beta2[p] ** step)
+    return moments
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -740,3 +784,107 @@ def follow(direction: Callable[[Tensor], Tensor], start: Tensor, steps: int, lr:
             break
         path.append(nxt.detach())
     return torch.stack(path)
+
+
+# ------------------------------------------------------------------------------ probes on a model
+
+
+def _replay(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A batch source that returns ``batches`` in order, again and again."""
+    cycle = itertools.cycle(batches)
+    return lambda: next(cycle)
+
+
+def gn_directions(
+    model: torch.nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    partitions: Mapping[str, Any],
+    lr: float,
+    **options: Any,
+) -> dict[str, Params]:
+    """The inner-solve direction d = θ̂ − θ of one cold-started GN outer step from the model's current θ, per partition.
+
+    Every partition sees the same ``len(batches)`` inner batches, in order, from the same anchor; the
+    model is left unchanged. The direction is the pre-line-search step (the GaussNewton step is taken
+    with ``line_search=None``, i.e. α = 1, on a copy of the model).
+
+    Args:
+        model: the model at the anchor θ.
+        batches: the inner batches (N = ``len(batches)`` inner steps).
+        partitions: label → ``blocks`` option of :class:`~gnlib.optim.gauss_newton.GaussNewton` (None: full GN).
+        lr: inner LR.
+        **options: further GaussNewton options shared by every partition.
+
+    Returns:
+        label → direction (a params dict in model order).
+    """
+    directions = {}
+    for label, blocks in partitions.items():
+        copy = deepcopy(model)
+        before = {n: p.detach().clone() for n, p in copy.named_parameters()}
+        optimizer = GaussNewton(
+            copy,
+            _replay(list(batches)),
+            blocks=blocks,
+            inner_lr=lr,
+            inner_steps=len(batches),
+            line_search=None,
+            line_search_batches=1,
+            warm_start=False,
+            **options,
+        )
+        optimizer.step()
+        directions[label] = {n: p.detach() - before[n] for n, p in copy.named_parameters()}
+    return directions
+
+
+def direction_cosines(
+    spec: RunSpec, partitions: Mapping[str, Any], at_steps: Sequence[int], *, probe_seed: int = 1234
+) -> pd.DataFrame:
+    """Cosine between each partition's GN direction and full GN's, at checkpoints of a full-GN run.
+
+    Trains ``spec`` (a full-GN spec: optimizer ``"gn"``, ``inner_steps`` N) for ``max(at_steps)`` outer
+    steps; at each step in ``at_steps`` (0 = the start), draws N probe batches (seeded by ``probe_seed`` and
+    the step) and computes every direction with :func:`gn_directions` from that anchor on those batches.
+
+    Returns:
+        One row per checkpoint × partition: ``step``, ``partition``, ``cosine`` (with full GN's direction),
+        ``norm_ratio`` (‖d_partition‖ / ‖d_full‖), ``val_loss`` at the anchor.
+    """
+    spec.validate()
+    check_choice("optimizer", spec.optimizer, ["gn"])
+    if not at_steps or min(at_steps) < 0:
+        raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
+    data, model, _, val, optimizer = build_run(spec)
+    if data.corpus is None:
+        raise ValueError(f"corpus={spec.corpus!r} is streamed; direction probes need an in-memory corpus")
+    corpus = data.corpus
+    inner = spec.hyperparameters.get("inner_steps", GN_INNER_STEPS)
+    fixed = ("inner_steps", "blocks", "line_search", "line_search_batches", "warm_start")
+    options = {k: v for k, v in spec.hyperparameters.items() if k not in fixed}
+    labels = {"full": None, **partitions}
+    rows, step = [], 0
+    for target_step in sorted(set(at_steps)):
+        while step < target_step:
+            optimizer.step()
+            step += 1
+        probe = corpus.sampler(
+            "train", spec.batch_size, spec.seq_len, seed=probe_seed + step, device=resolve_device(spec.device)
+        )
+        directions = gn_directions(model, [probe() for _ in range(inner)], labels, spec.lr, **options)
+        full = directions["full"]
+        full_norm = float(flatten(full).norm())
+        val_loss = evaluate(model, val, CrossEntropy().value)
+        for label in partitions:
+            d = directions[label]
+            norm = float(flatten(d).norm())
+            rows.append(
+                {
+                    "step": step,
+                    "partition": label,
+                    "cosine": cosine(d, full),
+                    "norm_ratio": norm / full_norm if full_norm else float("nan"),
+                    "val_loss": val_loss,
+                }
+            )
+    return pd.DataFrame(rows)

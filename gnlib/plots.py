@@ -486,7 +486,7 @@ def steps_vs_batch(
     smallest batch.
 
     Args:
-        table: study table (:func:`gnlib.experiments.batch_size_study`): columns ``optimizer``, ``x``, ``value``.
+        table: study table (:func:`gnlib.study.batch_size_study`): columns ``optimizer``, ``x``, ``value``.
         value: ``"steps_to_target"`` or ``"grad_equivalents_to_target"``.
         x: ``"tokens_per_step"`` or ``"micro_batches"``.
         title: axes title.
@@ -536,7 +536,7 @@ def direction_cosines(frame: pd.DataFrame, *, title: str | None = None) -> Figur
     """Cosine between each partition's GN direction and full GN's along a run (one line per partition).
 
     Args:
-        frame: :func:`gnlib.experiments.direction_cosines` table: columns ``step``, ``partition``, ``cosine``.
+        frame: :func:`gnlib.directions.direction_cosines` table: columns ``step``, ``partition``, ``cosine``.
         title: axes title.
     """
     _require(frame, ["step", "partition", "cosine"])

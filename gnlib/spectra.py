@@ -243,5 +243,70 @@ def spectral_density(
     if grid is None:
         grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, 1000, dtype=torch.float64)
     grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
-    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes_t[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    return SpectralDensity(grid, kernel @ weights_t, nodes_t, weights_t, float(sigma))
+    return SpectralDensity(grid, smoothed_density(nodes_t, grid, sigma, weights_t), nodes_t, weights_t, float(sigma))
+
+
+def smoothed_density(nodes: Tensor, grid: Tensor, sigma: float, weights: Tensor | None = None) -> Tensor:
+    """A discrete spectral measure Σ_i w_i δ_θi smoothed with a Gaussian kernel: φ(x) = Σ_i w_i N(x; θ_i, σ²).
+
+    :func:`spectral_density` smooths its quadrature rule with it; given the n exact eigenvalues of a matrix
+    and the default weights w_i = 1/n, it smooths the exact measure (1/n) Σ_λ δ_λ with the same kernel,
+    so the two densities compare point by point.
+
+    Args:
+        nodes: (N,) points θ_i (eigenvalues or quadrature nodes).
+        grid: (G,) evaluation points x.
+        sigma: kernel width σ > 0.
+        weights: (N,) weights w_i (default 1/N each); with weights summing to 1 φ integrates to 1.
+
+    Returns:
+        (G,) float64 CPU density values φ(x).
+
+    Raises:
+        ValueError: ``sigma`` <= 0, or ``nodes``/``weights`` of different lengths.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma={sigma} must be > 0")
+    nodes = torch.as_tensor(nodes, dtype=torch.float64).cpu().reshape(-1)
+    grid = torch.as_tensor(grid, dtype=torch.float64).cpu().reshape(-1)
+    if weights is None:
+        weights = torch.full_like(nodes, 1.0 / max(nodes.numel(), 1))
+    weights = torch.as_tensor(weights, dtype=torch.float64).cpu().reshape(-1)
+    if weights.shape != nodes.shape:
+        raise ValueError(f"weights has {weights.numel()} entries for {nodes.numel()} nodes; give one per node")
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return kernel @ weights
+
+
+def ggn_hessian_summary(ggn: Tensor, hessian: Tensor) -> dict[str, float]:
+    """How the dense GGN G and Hessian H of one loss at one point differ, in a few numbers.
+
+    H = G + R, where R = Σ_k (∂ℓ/∂z_k) ∇²z_k is the residual the Gauss-Newton approximation drops; G is
+    positive semi-definite, H need not be.
+
+    Args:
+        ggn: (n, n) symmetric G.
+        hessian: (n, n) symmetric H, same size.
+
+    Returns:
+        ``residual_ratio`` ‖H − G‖_F / ‖H‖_F; ``trace_G`` tr G; ``lambda_max_G``, ``lambda_min_G``,
+        ``lambda_max_H``, ``lambda_min_H`` the extreme eigenvalues; ``negative_mass_H`` Σ_{λ<0} |λ| / Σ |λ|
+        over H's eigenvalues (0 when H is positive semi-definite, 1 when negative semi-definite).
+
+    Raises:
+        ValueError: the matrices are not square or differ in shape.
+    """
+    if ggn.ndim != 2 or ggn.shape[0] != ggn.shape[1] or ggn.shape != hessian.shape:
+        raise ValueError(
+            f"ggn and hessian must be square and alike, got shapes {tuple(ggn.shape)} and {tuple(hessian.shape)}"
+        )
+    eig_g, eig_h = torch.linalg.eigvalsh(ggn), torch.linalg.eigvalsh(hessian)
+    return {
+        "residual_ratio": ((hessian - ggn).norm() / hessian.norm()).item(),
+        "trace_G": eig_g.sum().item(),
+        "lambda_max_G": eig_g[-1].item(),
+        "lambda_min_G": eig_g[0].item(),
+        "lambda_max_H": eig_h[-1].item(),
+        "lambda_min_H": eig_h[0].item(),
+        "negative_mass_H": (eig_h.clamp(max=0).abs().sum() / eig_h.abs().sum()).item(),
+    }

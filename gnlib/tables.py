@@ -1,8 +1,8 @@
 """Results tables as a reader sees them: short headers, rounded numbers, misses spelled out.
 
-The tidy tables of :mod:`gnlib.experiments` keep every column and NaN for a target that was not reached
-(what files and code need); these functions turn them into the few columns a notebook page shows. Every
-table reports, to the target: outer steps, training tokens, wall time and gradient-step equivalents.
+The tidy tables of :mod:`gnlib.runs` and :mod:`gnlib.study` keep every column and NaN for a target that was not
+reached (what files and code need); these functions turn them into the few columns a notebook page shows.
+Every table reports, to the target: outer steps, training tokens, wall time and gradient-step equivalents.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _to_target(values: pd.Series, reached: pd.Series, fmt: str) -> list[str]:
 
 
 def readable_summary(table: pd.DataFrame, max_steps: int, *, by: str = "optimizer") -> pd.DataFrame:
-    """One row per run of :func:`gnlib.experiments.summarize` rows, as a page shows them.
+    """One row per run of :func:`gnlib.runs.summarize` rows, as a page shows them.
 
     Steps to target read "not reached in ``max_steps`` steps" instead of NaN (and tokens, time and cost
     to target "-"); costs are in gradient-step equivalents, rounded like the losses and times; ``pass
@@ -86,7 +86,7 @@ def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
     when most of its seeds reached it ("-" otherwise), and ``seeds reached`` says how many did.
 
     Args:
-        table: :func:`gnlib.experiments.batch_size_study`'s table (columns ``optimizer``, ``micro_batches``,
+        table: :func:`gnlib.study.batch_size_study`'s table (columns ``optimizer``, ``micro_batches``,
             ``tokens_per_step``, the ``*_to_target`` columns, and ``chosen``: then only the tuned-LR runs count).
 
     Returns:
@@ -120,7 +120,7 @@ def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def pass_costs_line(name: str, metadata: dict) -> str:
-    """One line naming how a run priced its passes (``metadata["pass_costs"]`` of :func:`gnlib.experiments.run`).
+    """One line naming how a run priced its passes (``metadata["pass_costs"]`` of :func:`gnlib.runs.run`).
 
     E.g. "gn: passes priced by measured costs (forward 0.31, tangent 1.05, backward 0.69 gradient steps;
     an inner step 2.05)"; a first-order run pays one gradient step per micro-batch.

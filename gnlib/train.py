@@ -566,3 +566,59 @@ class _Loop:
                 + (f" ({history.reason})" if history.reason else "")
             )
         return history
+
+
+def train_to_checkpoints(
+    model: nn.Module,
+    optimizer: Any,
+    train_batches: Callable[[], Batch],
+    val_batches: Sequence[Batch],
+    at_steps: Sequence[int],
+    **options: Any,
+) -> Iterator[int]:
+    """One training run paused at chosen steps: yields each step once the model has been trained to it.
+
+    For the checkpoints s_1 < s_2 < ... (``sorted(set(at_steps))``; 0 is the untrained model) it trains
+    s_k − s_{k−1} steps with :func:`train` (validating at the segment's end only) and yields s_k, so the
+    caller can read the model and optimizer there (e.g. :func:`gnlib.params.params_of`). The optimizer's
+    state and the batch stream carry over between segments: with a constant LR, the model at s_k is the one
+    a single run of s_k steps reaches.
+
+    Args:
+        model: the model, updated in place.
+        optimizer: a torch-like optimizer over ``model``'s parameters (see :func:`train`).
+        train_batches: zero-argument callable returning the next training batch.
+        val_batches: the fixed validation set.
+        at_steps: non-negative step counts, in any order, duplicates ignored.
+        **options: further :func:`train` options (``accumulation``, ``max_grad_norm``, ``loss_fn``, ...).
+
+    Returns:
+        An iterator over the sorted checkpoint steps; training happens as it is advanced.
+
+    Raises:
+        ValueError: ``at_steps`` empty or holding anything but non-negative integers (before any training).
+    """
+    steps = sorted(set(at_steps)) if isinstance(at_steps, (list, tuple, range)) else []
+    if not steps:
+        raise ValueError(f"at_steps must be a non-empty list of step counts (e.g. [0, 100, 400]), got {at_steps!r}")
+    for step in steps:
+        check_positive_int("at_steps", step, minimum=0)
+
+    def checkpoints() -> Iterator[int]:
+        done = 0
+        for step in steps:
+            if step > done:
+                segment = step - done
+                train(
+                    model,
+                    optimizer,
+                    train_batches,
+                    val_batches,
+                    steps=segment,
+                    eval_every=segment,
+                    **{"progress": False, **options},
+                )
+                done = step
+            yield step
+
+    return checkpoints()

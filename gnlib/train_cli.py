@@ -1,7 +1,7 @@
 r"""Command line for one training run, on one process or data-parallel under torchrun.
 
-The run is a :class:`gnlib.experiments.RunSpec` (the object a notebook passes to
-:func:`gnlib.experiments.run`), read from a YAML or JSON file of its fields and/or given as flags (one per
+The run is a :class:`gnlib.runs.RunSpec` (the object a notebook passes to
+:func:`gnlib.runs.run`), read from a YAML or JSON file of its fields and/or given as flags (one per
 field; a flag overrides the file)::
 
     python -m gnlib.train_cli --config run.yaml
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import yaml
 
 from gnlib import distributed
-from gnlib.experiments import RunSpec, run
+from gnlib.runs import RunSpec, run
 from gnlib.train import History, RunFolderBusy
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))

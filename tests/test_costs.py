@@ -9,9 +9,9 @@ import torch
 from gnlib import costs
 from gnlib.bench import main as bench_main
 from gnlib.costs import FLOP_PASS_COSTS, PASSES, cache_key, measure_pass_costs, price
-from gnlib.experiments import RunSpec, run, summarize
 from gnlib.models import build_model
 from gnlib.optim import GaussNewton
+from gnlib.runs import RunSpec, run, summarize
 
 MODEL = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 # N = 4 inner steps, the line search on B = 3 batches over the default grid of K = 5 step sizes

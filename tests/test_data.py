@@ -245,3 +245,20 @@ def test_sampler_rejects_bad_arguments(corpus, kwargs, match):
 def test_fixed_batches_rejects_zero_batches(corpus):
     with pytest.raises(ValueError, match="n_batches=0"):
         corpus.fixed_batches("val", 2, 8, n_batches=0)
+
+
+def test_frequency_remap_keeps_the_frequent_ids_and_merges_the_rest():
+    tokens = torch.tensor([3, 3, 3, 1, 1, 2, 0, 0])  # counts: id 3 three times, ids 0 and 1 twice, id 2 once
+    remap = data.frequency_remap(tokens, 3, base_vocab=4)
+    assert remap.tolist() == [1, 2, 2, 0]  # 3 -> 0, then the tie 0/1 goes to the smaller id; 1 and 2 share id 2
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (2000,), generator=generator) * torch.randint(0, 3, (2000,), generator=generator) % 50
+    remap = data.frequency_remap(tokens, 12, base_vocab=50)
+    counts = [int((tokens == i).sum()) for i in range(50)]  # independent ranking by plain Python sorting
+    ranked = sorted(range(50), key=lambda i: (-counts[i], i))
+    assert remap.tolist() == [ranked.index(i) if ranked.index(i) < 11 else 11 for i in range(50)]
+    for vocab_size, match in [(1, "vocab_size"), (True, "vocab_size"), (51, "base_vocab")]:
+        with pytest.raises(ValueError, match=match):
+            data.frequency_remap(tokens, vocab_size, base_vocab=50)
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 4\)"):
+        data.frequency_remap(torch.tensor([0, 7]), 2, base_vocab=4)

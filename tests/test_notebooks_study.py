@@ -8,8 +8,8 @@ import pandas as pd
 import papermill
 import yaml
 
-from gnlib.experiments import study_table_from_sweep
 from gnlib.nbtools import figure_problems
+from gnlib.study import study_table_from_sweep
 from gnlib.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import papermill
 import pytest
 import yaml
 
-from gnlib.experiments import RunSpec
 from gnlib.models import REFERENCE, model_config
+from gnlib.runs import RunSpec
 from gnlib.sweep import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 One table of (optimizer, setting, reference value, reference file:line, how to read the setting off what
 ``protocol="paper"`` builds). Every value is read from the objects a run uses (the optimizer
-``gnlib.experiments`` builds for the spec, its param groups, inner optimizers, line search, EMA, clipping
+``gnlib.runs`` builds for the spec, its param groups, inner optimizers, line search, EMA, clipping
 hooks, the evaluation schedule and validation set the run is given), never from the protocol's constants.
 The same table read off ``protocol="gnlib"`` must differ exactly on the rows listed in
 :data:`GNLIB_DIFFERS`, gnlib's documented, deliberate differences.
@@ -23,10 +23,10 @@ import pytest
 import torch
 import yaml
 
-from gnlib.experiments import RunSpec, _build, run
 from gnlib.losses import CrossEntropy
 from gnlib.optim.factory import clip_gradients
 from gnlib.protocols import resolve
+from gnlib.runs import RunSpec, build_run, run
 
 N = 3  # inner steps of the miniature (the reference's N = 122)
 MODEL = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32}
@@ -58,7 +58,7 @@ def _build_run(optimizer: str, protocol: str, **fields: Any) -> Built:
         **fields,
     )
     spec.validate()
-    _, model, _, val, optimizer_object = _build(spec)
+    _, model, _, val, optimizer_object = build_run(spec)
     resolved = resolve(spec)
     return Built(spec, model, optimizer_object, val, resolved.eval_schedule, resolved.eval_every)
 
@@ -481,7 +481,7 @@ def test_explicit_options_override_the_protocol_and_are_recorded():
         },
     )
     spec.validate()
-    gn = _build(spec)[-1]
+    gn = build_run(spec)[-1]
     assert gn.ema is None and gn.line_search_batches == 1 and gn.line_search_accept == "argmin"
     record = run(spec, progress=False).metadata["protocol"]
     assert record["protocol"] == "paper"

@@ -12,9 +12,10 @@ import torch
 
 from gnlib.checks import check_writable
 from gnlib.data import load_corpus
-from gnlib.experiments import RunSpec, _cached_warmup_problem, run, summarize, warmup_checkpoint
 from gnlib.models import build_model
 from gnlib.optim.gauss_newton import GaussNewton
+from gnlib.runs import RunSpec, run, summarize
+from gnlib.study import _cached_warmup_problem, warmup_checkpoint
 from gnlib.train import CHECKPOINT, METADATA, RunFolderBusy, run_folder_lock, train
 from gnlib.train_cli import cli
 
@@ -86,7 +87,7 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypat
     blocker = tmp_path / "outputs"
     blocker.write_text("a file where the outputs folder should be")  # unwritable even for root
     started = []
-    monkeypatch.setattr("gnlib.experiments._build", lambda spec: started.append(spec))
+    monkeypatch.setattr("gnlib.runs.build_run", lambda spec: started.append(spec))
     with pytest.raises(ValueError, match="output_dir=.*outputs/run' cannot be written.*choose another output_dir"):
         run(RunSpec(**TINY_RUN), blocker / "run", progress=False)
     assert started == []

@@ -196,3 +196,49 @@ def test_slq_stops_early_on_a_closed_krylov_space_and_uses_given_grid():
 def test_spectral_density_bad_arguments(psd_matrix, kwargs, message):
     with pytest.raises(ValueError, match=message):
         spectra.spectral_density(psd_matrix, **kwargs)
+
+
+def test_smoothed_density_by_hand():
+    nodes, grid = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.5, 1.0, 3.0])
+    normal = lambda x, mu, s: math.exp(-0.5 * ((x - mu) / s) ** 2) / (s * math.sqrt(2 * math.pi))  # noqa: E731
+    expected = [0.5 * (normal(x, 0.0, 0.5) + normal(x, 1.0, 0.5)) for x in grid.tolist()]
+    torch.testing.assert_close(spectra.smoothed_density(nodes, grid, 0.5), torch.tensor(expected, dtype=torch.float64))
+    weighted = spectra.smoothed_density(nodes, grid, 0.5, torch.tensor([0.25, 0.75]))
+    expected = [0.25 * normal(x, 0.0, 0.5) + 0.75 * normal(x, 1.0, 0.5) for x in grid.tolist()]
+    torch.testing.assert_close(weighted, torch.tensor(expected, dtype=torch.float64))
+    wide = torch.linspace(-5, 6, 4001, dtype=torch.float64)
+    assert abs(torch.trapezoid(spectra.smoothed_density(nodes, wide, 0.5), wide).item() - 1) < 1e-9
+    with pytest.raises(ValueError, match="sigma"):
+        spectra.smoothed_density(nodes, grid, 0.0)
+    with pytest.raises(ValueError, match="weights"):
+        spectra.smoothed_density(nodes, grid, 0.5, torch.ones(3) / 3)
+
+
+def test_spectral_density_smooths_its_quadrature_rule():
+    matrix = torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64))
+    result = spectra.spectral_density(matrix, n_probes=3, n_iter=8, seed=0)
+    by_hand = spectra.smoothed_density(result.nodes, result.grid, result.sigma, result.weights)
+    torch.testing.assert_close(result.density, by_hand, rtol=0, atol=0)
+    exact = spectra.smoothed_density(torch.linalg.eigvalsh(matrix), result.grid, result.sigma)
+    assert exact.shape == result.density.shape and torch.isfinite(exact).all()
+
+
+def test_ggn_hessian_summary_by_hand():
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    ggn = rotation @ torch.diag(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)) @ rotation.T
+    hessian = rotation @ torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)) @ rotation.T
+    summary = spectra.ggn_hessian_summary(ggn, hessian)
+    expected = {
+        "residual_ratio": math.sqrt(2.0**2 + 0.5**2) / math.sqrt(2.0**2 + 1.0**2 + 0.5**2),  # H - G = diag(0, -2, 0.5)
+        "trace_G": 3.0,
+        "lambda_max_G": 2.0,
+        "lambda_min_G": 0.0,
+        "lambda_max_H": 2.0,
+        "lambda_min_H": -1.0,
+        "negative_mass_H": 1.0 / 3.5,
+    }
+    assert list(summary) == list(expected)
+    for key, value in expected.items():
+        assert summary[key] == pytest.approx(value, abs=1e-12), key
+    with pytest.raises(ValueError, match="square and alike"):
+        spectra.ggn_hessian_summary(ggn, hessian[:2, :2])

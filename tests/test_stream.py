@@ -13,12 +13,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gnlib.data import load_corpus
-from gnlib.experiments import RunSpec, run, warmup_checkpoint
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
 from gnlib.pipeline import after_warmup, build_run_data, tokens_drawn
+from gnlib.runs import RunSpec, run
 from gnlib.stream import PackedStream, StreamExhausted, tensor_documents
+from gnlib.study import warmup_checkpoint
 from gnlib.train import CHECKPOINT, History, train
 
 EOS = 0
@@ -121,9 +122,9 @@ def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path):
     spec = dataclasses.replace(BASE, optimizer="gn", hyperparameters=dict(inner_steps=2, line_search_batches=1))
     full = run(spec, tmp_path / "full", progress=False)
 
-    import gnlib.experiments as experiments
+    import gnlib.runs as runs
 
-    original = experiments.build_run_data
+    original = runs.build_run_data
 
     def dying(spec, device, **kwargs):  # the stream dies at its 8th batch: inside step 3 (3 batches a step)
         data = original(spec, device, **kwargs)
@@ -141,12 +142,12 @@ def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path):
         data.train = Dying()
         return data
 
-    experiments.build_run_data = dying
+    runs.build_run_data = dying
     try:
         with pytest.raises(Interrupted):
             run(spec, tmp_path / "resumed", progress=False, checkpoint_every=1)
     finally:
-        experiments.build_run_data = original
+        runs.build_run_data = original
     saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
     assert saved["sampler"]["position"] == 2 * 3 * 4 * 16  # two steps of 3 batches of 4 × 16 tokens
     resumed = run(spec, tmp_path / "resumed", progress=False, checkpoint_every=1)

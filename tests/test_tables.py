@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from gnlib.experiments import choose_lr
+from gnlib.study import choose_lr
 from gnlib.tables import readable_summary, study_to_target
 
 

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models
 
 from gnlib import tokenizer as tok_module
 from gnlib.data import ByteTokenizer, load_corpus, load_documents
-from gnlib.experiments import RunSpec, run
+from gnlib.runs import RunSpec, run
 from gnlib.tokenizer import make_tokenizer
 
 TEXTS = [f"def function_{i}(x):\n    return x * {i} + 'héllo wörld'\n" * 3 for i in range(40)]

@@ -14,7 +14,9 @@ import torch
 
 from gnlib.data import load_corpus
 from gnlib.models import build_model
-from gnlib.train import CHECKPOINT, History, evaluate, train
+from gnlib.optim import make_optimizer
+from gnlib.params import params_of
+from gnlib.train import CHECKPOINT, History, evaluate, train, train_to_checkpoints
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
 
@@ -86,13 +88,17 @@ def test_bad_arguments(kwargs, match):
 def test_history_files_round_trip(tmp_path):
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    history = train(model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False)
+    history = train(
+        model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False
+    )
     loaded = History.load(tmp_path)
     assert loaded.rows == json.loads(json.dumps(history.rows)) and loaded.status == "completed"
     assert loaded.metadata["x"] == 1
     assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("step,")
     # a finished run with the same settings is returned from disk, not retrained
-    again = train(model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False)
+    again = train(
+        model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False
+    )
     assert again.rows == loaded.rows
 
 
@@ -182,3 +188,27 @@ def test_progress_names_the_run_in_one_final_line(capsys):
     assert "adamw" in err and "4/4" in err  # tqdm's bar, on stderr outside Jupyter
     train(model, optimizer, batches, val, steps=2, progress=False)
     assert capsys.readouterr() == ("", "")
+
+
+def test_train_to_checkpoints_matches_one_run_per_checkpoint():
+    corpus = load_corpus(max_bytes=200_000)
+    shape = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
+
+    def setup():
+        model = build_model("tiny", seed=0, **shape)
+        return model, make_optimizer("adamw", model, lr=1e-2), corpus.sampler("train", 4, 16, seed=3)
+
+    val = corpus.fixed_batches("val", 4, 16, 2)
+    model, optimizer, batches = setup()
+    start = params_of(model)
+    snapshots = {step: params_of(model) for step in train_to_checkpoints(model, optimizer, batches, val, [5, 0, 2, 2])}
+    assert list(snapshots) == [0, 2, 5]
+    assert all(torch.equal(snapshots[0][n], start[n]) for n in start)
+    for steps in (2, 5):  # the oracle: a fresh run of that many steps in one call
+        fresh, fresh_optimizer, fresh_batches = setup()
+        train(fresh, fresh_optimizer, fresh_batches, val, steps=steps, eval_every=steps, progress=False)
+        for name, p in fresh.named_parameters():
+            torch.testing.assert_close(snapshots[steps][name], p.detach(), rtol=0, atol=0)
+    for bad in ([], [-1], [1.5], 3):
+        with pytest.raises(ValueError, match="at_steps"):
+            train_to_checkpoints(model, optimizer, batches, val, bad)

@@ -1,10 +1,8 @@
-"""Experiments: one run from a declarative spec, steps-to-target, learning-rate sweeps, the batch-size study.
+"""The study: shared warm-up, LR tuning, the batch-size study, critical batch size and step ratios.
 
-A :class:`RunSpec` names everything a run depends on (preset, corpus, optimizer and its
-hyperparameters, token batch, seed, device); :func:`run` validates it before any work starts, builds
-the corpus, model and optimizer, trains, and writes the History under ``outputs/``.
+Built on :mod:`gnlib.runs` (one run from a :class:`~gnlib.runs.RunSpec`, and its summary row).
 
-The study's protocol (STUDY.md) on top of it:
+The study's protocol (docs/study.md, section "Method") on top of it:
 
 - every optimizer starts from one shared checkpoint, a short AdamW warm-up (:func:`warmup_checkpoint`,
   cached under ``outputs/warmup/<hash of its settings>/model.pt``) and is evaluated on one fixed
@@ -18,40 +16,27 @@ The study's protocol (STUDY.md) on top of it:
   starting point is the shared checkpoint);
 - results: steps to a target validation loss, their cost in gradient-step equivalents (a baseline pays 1
   per micro-batch; GN its ``grad_equivalents`` diagnostic, summed up to the target), the critical batch
-  size (:func:`critical_batch_size`) and each baseline's steps over GN's (:func:`ratio_table`).
+  size (:func:`critical_batch_size`) and each baseline's steps over GN's (:func:`ratio_table`); at one
+  batch size, each method against full GN and a baseline (:func:`gain_summary`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
-import itertools
 import json
 import math
-from copy import deepcopy
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
-from gnlib.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pass_costs, weights
-from gnlib.data import SOURCE_FORMS
-from gnlib.directions import cosine
 from gnlib.distributed import barrier, is_main
-from gnlib.losses import CrossEntropy
-from gnlib.models import PRESETS, build_model, model_config
-from gnlib.optim import DEFAULTS, make_optimizer
-from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
-from gnlib.optim.schedules import make_schedule
-from gnlib.params import Params, flatten
-from gnlib.pipeline import RunData, build_run_data, check_data_fields
-from gnlib.protocols import PROTOCOLS
-from gnlib.protocols import resolve as resolve_protocol
+from gnlib.optim.gauss_newton import GN_VARIANTS
+from gnlib.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
 from gnlib.runtime import (
     atomic_torch_save,
     atomic_write_json,
@@ -60,320 +45,7 @@ from gnlib.runtime import (
     output_path,
     resolve_device,
 )
-from gnlib.train import CHECKPOINT, METADATA, History, evaluate, run_folder_lock, train
-
-#: GaussNewton's default number of inner steps (its batches per outer step).
-_GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
-
-#: Every optimizer a run can name: the baselines, then the Gauss-Newton variants.
-OPTIMIZERS: tuple[str, ...] = (*DEFAULTS, *GN_VARIANTS)
-
-
-def build_optimizer(
-    name: str, model: torch.nn.Module, batches: Callable[[], Any], lr: float, hyperparameters: dict[str, Any]
-) -> Any:
-    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``model``, peak LR ``lr``.
-
-    Baselines are stepped by the train loop on its batches; Gauss-Newton variants draw ``batches``
-    themselves (``lr`` is their inner LR).
-    """
-    check_choice("optimizer", name, OPTIMIZERS)
-    if name in GN_VARIANTS:
-        return make_gauss_newton(name, model, batches, lr, **hyperparameters)
-    return make_optimizer(name, model, lr=lr, **hyperparameters)
-
-
-def _no_batches() -> Any:
-    raise RuntimeError("validation builds the optimizer only; it must not draw batches")
-
-
-@dataclass
-class RunSpec:
-    """Everything one training run depends on.
-
-    Attributes:
-        optimizer: a name from :data:`OPTIMIZERS`.
-        lr: peak learning rate (for Gauss-Newton: the inner optimizer's LR).
-        preset: model preset (``gnlib.models.PRESETS``).
-        corpus: data source (``"default"``, ``"text:<glob>"``, ``"hf:<name>[:<config>]"``).
-        steps: outer steps at most.
-        batch_size: sequences per micro-batch.
-        seq_len: tokens per sequence.
-        accumulation: micro-batches per step for first-order optimizers (token batch =
-            accumulation·batch_size·seq_len); Gauss-Newton draws ``inner_steps`` micro-batches itself.
-        schedule: LR schedule for first-order optimizers (``gnlib.optim.schedules``).
-        target_loss: stop at this validation loss (None: run all steps).
-        eval_every: evaluate every this many steps.
-        val_batches: number of fixed validation batches.
-        seed: seeds the model initialisation and the training batch stream.
-        device: ``"cpu"``, ``"cuda"``, ...
-        hyperparameters: further keyword arguments for the optimizer.
-        model_overrides: overrides of the preset's config (e.g. ``{"tie_embeddings": True}``).
-        init_checkpoint: a model state-dict file to start from (the shared warm-up checkpoint).
-        tokenizer: ``"bytes"``, ``"t5"``, ``"t5:<tokenizer.json>"`` or ``"bpe:<vocab size>"``
-            (:mod:`gnlib.tokenizer`); the model's vocabulary follows it.
-        data: ``"windows"`` (random windows, with replacement) or ``"stream"`` (documents + EOS packed in
-            order, no token reused; :mod:`gnlib.pipeline`).
-        data_epochs: passes over the training data a stream may make (1: never reuse a token).
-        data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
-        corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
-            streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
-        protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
-            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and non-default
-            ``eval_every``/``val_batches`` override it, recorded in ``metadata["protocol"]``.
-        costs: how Gauss-Newton's passes are priced in gradient-step equivalents (:mod:`gnlib.costs`):
-            ``"measured"`` (timed on this run's model and micro-batch before training, cached per
-            configuration) or ``"flops"`` (the FLOP model); a ``pass_costs`` dict in ``hyperparameters``
-            wins over both. Recorded in ``metadata["pass_costs"]``; training numbers do not depend on it.
-    """
-
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    preset: str = "tiny"
-    corpus: str = "default"
-    steps: int = 100
-    batch_size: int = 16
-    seq_len: int = 64
-    accumulation: int = 1
-    schedule: str = "constant"
-    target_loss: float | None = None
-    eval_every: int = 10
-    val_batches: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    init_checkpoint: str | None = None
-    tokenizer: str = "bytes"
-    data: str = "windows"
-    data_epochs: int = 1
-    data_start: int = 0
-    corpus_bytes: int | None = None
-    protocol: str = "gnlib"
-    costs: str = "measured"
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("preset", self.preset, PRESETS)
-        check_choice("protocol", self.protocol, PROTOCOLS)
-        check_choice("costs", self.costs, COST_MODELS)
-        resolve_device(self.device)
-        for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches", "seed"):
-            check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
-        check_positive_number("lr", self.lr, owner=f"optimizer {self.optimizer!r}")
-        if not isinstance(self.hyperparameters, dict) or not isinstance(self.model_overrides, dict):
-            raise ValueError(
-                f"hyperparameters and model_overrides must be mappings (e.g. {{inner_steps: 4}}), got "
-                f"{self.hyperparameters!r} and {self.model_overrides!r}"
-            )
-        config = model_config(self.preset, **self.model_overrides)
-        if self.seq_len > config.max_seq_len:
-            raise ValueError(
-                f"seq_len={self.seq_len} exceeds the {self.preset} preset's max_seq_len={config.max_seq_len}"
-            )
-        make_schedule(self.schedule, self.steps)
-        if self.init_checkpoint is not None and not Path(self.init_checkpoint).is_file():
-            raise ValueError(f"init_checkpoint={self.init_checkpoint!r} does not exist")
-        if not isinstance(self.corpus, str) or not (
-            self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
-        ):
-            raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
-        check_data_fields(self)
-        if self.target_loss is not None:
-            check_positive_number("target_loss", self.target_loss, allow_zero=True, example="2.75, or None: no target")
-        # the optimizer's own checks, on a narrow model with the same parameter names (same depth and
-        # tying, so custom partitions resolve): a bad option fails now, not in the middle of a study
-        miniature = build_model(
-            "tiny",
-            d_model=8,
-            n_layers=config.n_layers,
-            n_heads=2,
-            d_ff=8,
-            vocab_size=16,
-            max_seq_len=8,
-            tie_embeddings=config.tie_embeddings,
-            mlp=config.mlp,
-            qk_norm=config.qk_norm,
-        )
-        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, resolve_protocol(self).hyperparameters)
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Training tokens one outer step consumes."""
-        gn = self.optimizer in GN_VARIANTS
-        micro = self.hyperparameters.get("inner_steps", _GN_INNER_STEPS) if gn else self.accumulation
-        return micro * self.batch_size * self.seq_len
-
-
-def _build(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
-    """Run data, model (from ``init_checkpoint`` if set), training batches, fixed validation set, optimizer."""
-    device = resolve_device(spec.device)
-    protocol = resolve_protocol(spec)
-    data = build_run_data(dataclasses.replace(spec, val_batches=protocol.val_batches), device)
-    model = build_model(
-        spec.preset, seed=spec.seed, device=device, **{"vocab_size": data.vocab_size, **spec.model_overrides}
-    )
-    if spec.init_checkpoint is not None:
-        model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
-    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, protocol.hyperparameters)
-    return data, model, data.train, data.val, optimizer
-
-
-def run(
-    spec: RunSpec,
-    output_dir: str | Path | None = None,
-    *,
-    progress: bool = True,
-    checkpoint_every: int = 0,
-    overwrite: bool = False,
-) -> History:
-    """Validate ``spec``, check ``output_dir``, build corpus, model and optimizer, and train.
-
-    Args:
-        spec: the run's settings.
-        output_dir: folder for History, metadata and checkpoint (None: in memory only). It must be
-            writable with room for a few checkpoints (checked before the corpus is read); a folder
-            holding a run with other settings is refused unless ``overwrite``; a folder another
-            process is running into is refused (:class:`gnlib.train.RunFolderBusy`).
-        progress: print a line per evaluation.
-        checkpoint_every: resumable checkpoint period in steps (0: at the end only).
-        overwrite: replace a run with other settings found in ``output_dir``.
-
-    Returns:
-        The run's History; its metadata records the spec, the corpus hash and the model size.
-    """
-    spec.validate()
-    check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
-    if output_dir is not None and is_main():
-        check_writable(output_dir, need_bytes=_checkpoint_bytes(spec))
-    data, model, train_batches, val, optimizer = _build(spec)
-    protocol = resolve_protocol(spec)
-    pass_costs = _pass_costs(spec, model, protocol.hyperparameters, output_dir)
-    if pass_costs is not None:
-        optimizer.pass_costs = weights(pass_costs)
-    metadata = {
-        "spec": dataclasses.asdict(spec),
-        "corpus": data.meta,
-        "model": dataclasses.asdict(model.config),
-        "params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_step": spec.tokens_per_step,
-        "torch": torch.__version__,
-        "protocol": protocol.record,
-        "pass_costs": pass_costs,
-    }
-    return train(
-        model,
-        optimizer,
-        train_batches,
-        val,
-        steps=spec.steps,
-        accumulation=spec.accumulation,
-        eval_every=protocol.eval_every,
-        eval_schedule=protocol.eval_schedule,
-        target_loss=spec.target_loss,
-        schedule=make_schedule(spec.schedule, spec.steps),
-        run_dir=output_dir,
-        checkpoint_every=checkpoint_every,
-        metadata=metadata,
-        progress=progress,
-        overwrite=overwrite,
-        label=spec.optimizer,
-    )
-
-
-def _pass_costs(
-    spec: RunSpec, model: torch.nn.Module, hyperparameters: Mapping[str, Any], output_dir: str | Path | None
-) -> dict[str, Any] | None:
-    """How a Gauss-Newton run prices its passes (:mod:`gnlib.costs`): a record for ``metadata["pass_costs"]``.
-
-    None for first-order optimizers (a micro-batch costs one gradient step under any model). A
-    ``pass_costs`` dict in the optimizer's options wins (``"model": "given"``); a run resumed in
-    ``output_dir`` on the same configuration (:func:`gnlib.costs.cache_key`) keeps the measured costs its
-    ``metadata.json`` holds, so all its steps are priced alike; otherwise ``spec.costs`` decides, measured
-    costs being cached under :data:`gnlib.costs.CACHE_DIR` when the run writes outputs. The record has
-    ``model`` and the three weights; measured ones also the timings, their key and ``source``.
-    """
-    if spec.optimizer not in GN_VARIANTS:
-        return None
-    if hyperparameters.get("pass_costs") is not None:
-        return {"model": "given", **weights(hyperparameters["pass_costs"])}
-    saved = _saved_metadata(output_dir).get("pass_costs")
-    if spec.costs == "measured" and isinstance(saved, dict):
-        if saved.get("key_hash") == key_hash(cache_key(model, spec.batch_size, spec.seq_len)):
-            return saved
-    cache_dir = CACHE_DIR if output_dir is not None else None
-    return resolve_pass_costs(spec.costs, model, spec.batch_size, spec.seq_len, cache_dir=cache_dir)
-
-
-def _saved_metadata(output_dir: str | Path | None) -> dict[str, Any]:
-    """The metadata of a run in ``output_dir`` ({} when there is none or it is unreadable)."""
-    try:
-        return json.loads((Path(output_dir) / METADATA).read_text()) if output_dir is not None else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _checkpoint_bytes(spec: RunSpec) -> int:
-    """Room a run needs in its folder, in bytes.
-
-    Two checkpoints (old and new during an atomic write), each the model and up to three optimizer tensors
-    per parameter in float32, plus 1 MiB for History.
-    """
-    return 2 * 4 * 4 * model_config(spec.preset, **spec.model_overrides).n_params + 2**20
-
-
-def steps_to_target(history: History, target: float) -> int | None:
-    """First outer step at which the validation loss is ``<= target``; None if never reached."""
-    for row in history.rows:
-        if row.get("val_loss") is not None and row["val_loss"] <= target:
-            return int(row["step"])
-    return None
-
-
-def grad_equivalents(history: History, upto: int | None = None) -> float:
-    """Cost of outer steps ``1..upto`` (all when None) in gradient-step equivalents.
-
-    A first-order step costs its number of micro-batches (``accumulation`` of the run's spec; one forward
-    and one backward each); a Gauss-Newton step costs its ``grad_equivalents`` diagnostic (inner steps,
-    line search). Evaluations are not counted.
-    """
-    steps = [r for r in history.rows[1:] if upto is None or r["step"] <= upto]
-    if any(r.get("grad_equivalents") is not None for r in steps):
-        return float(sum(r.get("grad_equivalents") or 0.0 for r in steps))
-    accumulation = history.metadata.get("spec", {}).get("accumulation", 1)
-    return float(accumulation * len(steps))
-
-
-def summarize(history: History, target: float | None = None) -> dict[str, Any]:
-    """One results-table row: outer steps, tokens, wall time and cost to target, and the same for the whole run.
-
-    ``*_to_target`` are taken at the first evaluation at or below ``target`` (None when not reached):
-    ``steps_to_target`` outer steps, ``tokens_to_target`` training tokens drawn (GN's line-search batches
-    included), ``wall_time_to_target_s`` seconds of training (evaluations included, pass-cost measurement
-    not) and ``grad_equivalents_to_target`` gradient-step equivalents (:func:`grad_equivalents`);
-    ``steps``, ``tokens``, ``wall_time_s`` and ``grad_equivalents`` are the whole run's. ``cost_model``
-    says how GN's passes were priced (``metadata["pass_costs"]["model"]``: ``"measured"``, ``"flops"`` or
-    ``"given"``; None for first-order runs, whose micro-batch costs one gradient step under any model).
-    """
-    last = history.rows[-1]
-    reached = steps_to_target(history, target) if target is not None else None
-    at_target = None if reached is None else next(r for r in history.rows if r["step"] == reached)
-    pass_costs = history.metadata.get("pass_costs")
-    return {
-        "steps_to_target": reached,
-        "tokens_to_target": None if at_target is None else int(at_target["tokens"]),
-        "wall_time_to_target_s": None if at_target is None else float(at_target["wall_time"]),
-        "grad_equivalents_to_target": None if reached is None else grad_equivalents(history, reached),
-        "final_val_loss": history.final_val_loss,
-        "steps": int(last["step"]),
-        "tokens": int(last["tokens"]),
-        "grad_equivalents": grad_equivalents(history),
-        "wall_time_s": float(last["wall_time"]),
-        "cost_model": pass_costs.get("model") if isinstance(pass_costs, dict) else None,
-        "status": history.status,
-        "status_reason": history.reason,
-    }
+from gnlib.train import CHECKPOINT, run_folder_lock
 
 
 def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
@@ -459,9 +131,6 @@ def lr_sweep(
     return table, best
 
 
-# ------------------------------------------------------------------------------------------ the study
-
-
 def warmup_checkpoint(
     base: RunSpec,
     steps: int,
@@ -519,7 +188,7 @@ def warmup_checkpoint(
     folder = output_path(root) / key
     path = folder / "model.pt"
     if is_main():
-        check_writable(folder, parameter="warmup_dir", need_bytes=_checkpoint_bytes(spec))
+        check_writable(folder, parameter="warmup_dir", need_bytes=checkpoint_bytes(spec))
     with run_folder_lock(folder if is_main() else None, wait=True):  # concurrent notebooks wait for one warm-up
         problem = _cached_warmup_problem(folder, key) if path.is_file() else "absent"
         if problem is not None:
@@ -825,102 +494,49 @@ def gain_share(steps_baseline: float, steps_variant: float, steps_full: float) -
     return float("nan") if gain <= 0 else (steps_baseline - steps_variant) / gain
 
 
-def _replay(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    """A batch source that returns ``batches`` in order, again and again."""
-    cycle = itertools.cycle(batches)
-    return lambda: next(cycle)
+def gain_summary(table: pd.DataFrame, full: str = "gn", baseline: str = "adamw") -> pd.DataFrame:
+    """Each method at its tuned LR against full GN and a baseline, at one token batch.
 
-
-def gn_directions(
-    model: torch.nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    partitions: Mapping[str, Any],
-    lr: float,
-    **options: Any,
-) -> dict[str, Params]:
-    """The inner-solve direction d = θ̂ − θ of one cold-started GN outer step from the model's current θ, per partition.
-
-    Every partition sees the same ``len(batches)`` inner batches, in order, from the same anchor; the
-    model is left unchanged. The direction is the pre-line-search step (the GaussNewton step is taken
-    with ``line_search=None``, i.e. α = 1, on a copy of the model).
+    With S the median steps to target over seeds at the method's tuned LR (:func:`choose_lr`'s ``chosen``
+    rows; a seed that missed counts as infinitely many, as in :func:`ratio_table`), ``vs_full`` is
+    S / S_full and ``gain_share`` is :func:`gain_share` (S_baseline, S, S_full) for every method other
+    than ``full`` and ``baseline`` (e.g. the layerwise partitions).
 
     Args:
-        model: the model at the anchor θ.
-        batches: the inner batches (N = ``len(batches)`` inner steps).
-        partitions: label → ``blocks`` option of :class:`~gnlib.optim.gauss_newton.GaussNewton` (None: full GN).
-        lr: inner LR.
-        **options: further GaussNewton options shared by every partition.
+        table: a :func:`batch_size_study` table at one ``micro_batches`` value, with ``chosen`` marked.
+        full: the full-GN method's name in ``table``.
+        baseline: the first-order baseline's name in ``table``.
 
     Returns:
-        label → direction (a params dict in model order).
+        Index ``optimizer`` (in the table's order), columns ``lr``, ``on_edge``, ``steps_to_target``,
+        ``grad_equivalents_to_target`` (medians; NaN when missed), ``vs_full``, ``gain_share`` (NaN for
+        ``full`` and ``baseline``).
+
+    Raises:
+        ValueError: several batch sizes in ``table``, or ``full``/``baseline`` not among its optimizers.
     """
-    directions = {}
-    for label, blocks in partitions.items():
-        copy = deepcopy(model)
-        before = {n: p.detach().clone() for n, p in copy.named_parameters()}
-        optimizer = GaussNewton(
-            copy,
-            _replay(list(batches)),
-            blocks=blocks,
-            inner_lr=lr,
-            inner_steps=len(batches),
-            line_search=None,
-            line_search_batches=1,
-            warm_start=False,
-            **options,
-        )
-        optimizer.step()
-        directions[label] = {n: p.detach() - before[n] for n, p in copy.named_parameters()}
-    return directions
-
-
-def direction_cosines(
-    spec: RunSpec, partitions: Mapping[str, Any], at_steps: Sequence[int], *, probe_seed: int = 1234
-) -> pd.DataFrame:
-    """Cosine between each partition's GN direction and full GN's, at checkpoints of a full-GN run.
-
-    Trains ``spec`` (a full-GN spec: optimizer ``"gn"``, ``inner_steps`` N) for ``max(at_steps)`` outer
-    steps; at each step in ``at_steps`` (0 = the start), draws N probe batches (seeded by ``probe_seed`` and
-    the step) and computes every direction with :func:`gn_directions` from that anchor on those batches.
-
-    Returns:
-        One row per checkpoint × partition: ``step``, ``partition``, ``cosine`` (with full GN's direction),
-        ``norm_ratio`` (‖d_partition‖ / ‖d_full‖), ``val_loss`` at the anchor.
-    """
-    spec.validate()
-    check_choice("optimizer", spec.optimizer, ["gn"])
-    if not at_steps or min(at_steps) < 0:
-        raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
-    data, model, _, val, optimizer = _build(spec)
-    if data.corpus is None:
-        raise ValueError(f"corpus={spec.corpus!r} is streamed; direction probes need an in-memory corpus")
-    corpus = data.corpus
-    inner = spec.hyperparameters.get("inner_steps", _GN_INNER_STEPS)
-    fixed = ("inner_steps", "blocks", "line_search", "line_search_batches", "warm_start")
-    options = {k: v for k, v in spec.hyperparameters.items() if k not in fixed}
-    labels = {"full": None, **partitions}
-    rows, step = [], 0
-    for target_step in sorted(set(at_steps)):
-        while step < target_step:
-            optimizer.step()
-            step += 1
-        probe = corpus.sampler(
-            "train", spec.batch_size, spec.seq_len, seed=probe_seed + step, device=resolve_device(spec.device)
-        )
-        directions = gn_directions(model, [probe() for _ in range(inner)], labels, spec.lr, **options)
-        full = directions["full"]
-        full_norm = float(flatten(full).norm())
-        val_loss = evaluate(model, val, CrossEntropy().value)
-        for label in partitions:
-            d = directions[label]
-            norm = float(flatten(d).norm())
-            rows.append(
-                {
-                    "step": step,
-                    "partition": label,
-                    "cosine": cosine(d, full),
-                    "norm_ratio": norm / full_norm if full_norm else float("nan"),
-                    "val_loss": val_loss,
-                }
-            )
-    return pd.DataFrame(rows)
+    needed = ("optimizer", "micro_batches", "lr", "steps_to_target", "grad_equivalents_to_target", "chosen", "on_edge")
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks column(s) {missing}; pass a batch_size_study table (choose_lr marks chosen)")
+    batches = sorted(set(table["micro_batches"]))
+    if len(batches) != 1:
+        raise ValueError(f"table holds micro_batches {batches}; gain_summary compares methods at one batch size")
+    names = list(dict.fromkeys(table["optimizer"]))
+    check_choice("full", full, names)
+    check_choice("baseline", baseline, names)
+    tuned = table.loc[table["chosen"]].groupby("optimizer", sort=False)[["lr", "on_edge"]].first()
+    summary = tuned.assign(
+        steps_to_target=_chosen_steps(table)["steps_to_target"].droplevel("micro_batches"),
+        grad_equivalents_to_target=_chosen_steps(table, "grad_equivalents_to_target")[
+            "grad_equivalents_to_target"
+        ].droplevel("micro_batches"),
+    ).loc[names]
+    full_steps, base_steps = summary.loc[full, "steps_to_target"], summary.loc[baseline, "steps_to_target"]
+    summary["vs_full"] = summary["steps_to_target"] / full_steps
+    summary["gain_share"] = [
+        float("nan") if name in (full, baseline) else gain_share(base_steps, s, full_steps)
+        for name, s in summary["steps_to_target"].items()
+    ]
+    summary.index.name = "optimizer"
+    return summary

@@ -1,64 +1,30 @@
-"""Experiments: steps to target, cost, LR choice, warm-up cache, critical batch size, ratios, GN directions."""
+"""The study: LR choice, warm-up cache, equal-token study specs, the batch-size study, critical batch size, ratios."""
 
 import dataclasses
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from gnlib.data import load_corpus
-from gnlib.directions import cosine
-from gnlib.experiments import (
+from gnlib.models import build_model
+from gnlib.runs import RunSpec, run
+from gnlib.study import (
     STUDY_COLUMNS,
-    RunSpec,
     batch_size_study,
     choose_lr,
     critical_batch_size,
     gain_share,
-    gn_directions,
-    grad_equivalents,
+    gain_summary,
     lr_sweep,
     ratio_table,
-    run,
-    steps_to_target,
     study_spec,
     study_table_from_sweep,
-    summarize,
     warmup_checkpoint,
 )
-from gnlib.models import build_model
-from gnlib.train import History
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
 BASE = RunSpec(steps=6, batch_size=8, seq_len=32, eval_every=1, val_batches=2, model_overrides=MODEL)
-
-
-def history(losses, costs=None, accumulation=1):
-    rows = [{"step": 0, "tokens": 0, "wall_time": 0.0, "val_loss": losses[0]}]
-    for step, loss in enumerate(losses[1:], start=1):
-        row = {"step": step, "tokens": 100 * step, "wall_time": 0.1 * step, "val_loss": loss}
-        if costs is not None:
-            row["grad_equivalents"] = costs[step - 1]
-        rows.append(row)
-    return History(rows=rows, status="completed", metadata={"spec": {"accumulation": accumulation}})
-
-
-def test_steps_to_target_and_cost():
-    h = history([5.0, 4.0, None, 3.0, 2.5], accumulation=4)
-    assert steps_to_target(h, 3.0) == 3 and steps_to_target(h, 2.0) is None and steps_to_target(h, 5.0) == 0
-    assert grad_equivalents(h) == 16 and grad_equivalents(h, 3) == 12  # 4 micro-batches per step
-    gn = history([5.0, 4.0, 3.0], costs=[7.5, 8.0])
-    row = summarize(gn, 3.5)
-    assert row["steps_to_target"] == 2 and row["grad_equivalents_to_target"] == 15.5 and row["grad_equivalents"] == 15.5
-    assert row["tokens_to_target"] == 200 and row["wall_time_to_target_s"] == pytest.approx(0.2)
-    assert row["cost_model"] is None  # no pass costs recorded (a first-order run's metadata has none)
-    missed = summarize(gn, 1.0)
-    assert missed["grad_equivalents_to_target"] is None and missed["tokens_to_target"] is None
-    assert missed["wall_time_to_target_s"] is None
-    h = history([5.0, 4.0, None, 3.0, 2.5], accumulation=4)
-    assert summarize(h, 3.0)["tokens_to_target"] == 300  # the step where the evaluation first reached it
 
 
 def test_choose_lr_marks_best_and_edge():
@@ -102,18 +68,6 @@ def test_warmup_checkpoint_is_cached_and_shared(tmp_path):
     assert starts[0] == starts[1]  # every seed starts from the same point, evaluated on the same set
     with pytest.raises(ValueError, match="steps"):
         warmup_checkpoint(BASE, 0, root=tmp_path)
-
-
-@pytest.mark.parametrize(
-    "change, field",
-    [({"optimizer": "lbfgs"}, "optimizer"), ({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr"),
-     ({"preset": "huge"}, "preset"), ({"seq_len": 4096}, "seq_len"),
-     ({"init_checkpoint": "/no/such.pt"}, "init_checkpoint"),
-     ({"device": "tpu"}, "device")],
-)
-def test_runspec_validation_names_the_field(change, field):
-    with pytest.raises(ValueError, match=field):
-        dataclasses.replace(BASE, **change).validate()
 
 
 def test_study_spec_gives_equal_tokens_per_outer_step():
@@ -216,22 +170,7 @@ def test_study_table_from_sweep_reads_outcomes(tmp_path):
     assert table["status"].tolist() == ["reached_target", "completed"]
 
 
-def test_gn_directions_share_anchor_and_batches():
-    model = build_model("tiny", seed=0, **MODEL)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batches = load_corpus().fixed_batches("train", 4, 16, 3, seed=5)
-    names = [n for n, _ in model.named_parameters()]
-    d = gn_directions(model, batches, {"full": None, "one_block": {"all": names}, "per_layer": "per_layer"}, 0.01)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # model untouched
-    for n in names:  # a partition with one block is full GN: same batches, same anchor, same numbers
-        torch.testing.assert_close(d["one_block"][n], d["full"][n], rtol=0, atol=0)
-    c = cosine(d["per_layer"], d["full"])
-    assert 0 < c < 1 - 1e-6 and np.isfinite(c)
-
-
 def test_a_setting_whose_seeds_mostly_miss_counts_as_missed():
-    from gnlib.experiments import ratio_table
-
     rows = []
     for seed, steps in enumerate([50.0, None, None]):
         rows.append(dict(optimizer="gn", micro_batches=2, tokens_per_step=64, lr=0.01, seed=seed, steps_to_target=steps,
@@ -243,12 +182,23 @@ def test_a_setting_whose_seeds_mostly_miss_counts_as_missed():
     assert ratios.isna().all().all()  # GN's median is a miss, so no finite ratio to it
 
 
-def test_validate_rejects_bad_corpus_target_and_optimizer_options():
-    for kwargs, match in [
-        (dict(corpus="foo"), "corpus"),
-        (dict(target_loss="x"), "target_loss"),
-        (dict(optimizer="gn", hyperparameters={"inner_iters": 3}), "inner_iters"),
-        (dict(optimizer="adamw", hyperparameters={"bogus": 1}), "bogus"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            RunSpec(**kwargs).validate()
+def test_gain_summary_by_hand():
+    rows = []
+    for name, lr, steps in [("adamw", 0.01, (30, 30)), ("gn", 0.01, (10, 12)), ("gn", 0.03, (40, 40)),
+                            ("gn_per_layer", 0.01, (20, 20)), ("gn_halves", 0.01, (15, None))]:
+        for seed, s in enumerate(steps):
+            rows.append(dict(optimizer=name, micro_batches=4, tokens_per_step=512, lr=lr, seed=seed, steps_to_target=s,
+                             final_val_loss=2.0, grad_equivalents_to_target=None if s is None else 2.0 * s))
+    summary = gain_summary(choose_lr(pd.DataFrame(rows)), full="gn", baseline="adamw")
+    assert list(summary.index) == ["adamw", "gn", "gn_per_layer", "gn_halves"]
+    assert summary.loc["gn", "lr"] == 0.01 and summary.loc["gn", "steps_to_target"] == 11  # tuned LR, median of seeds
+    assert summary.loc["gn", "grad_equivalents_to_target"] == 22
+    assert summary.loc["gn_per_layer", "vs_full"] == 20 / 11
+    assert summary.loc["gn_per_layer", "gain_share"] == (30 - 20) / (30 - 11)  # keeps 10 of full GN's 19 steps
+    assert math.isnan(summary.loc["gn_halves", "steps_to_target"])  # one of two seeds missed: the median misses
+    assert math.isnan(summary.loc["gn_halves", "gain_share"])
+    assert summary.loc[["gn", "adamw"], "gain_share"].isna().all()
+    with pytest.raises(ValueError, match="micro_batches"):
+        gain_summary(choose_lr(pd.DataFrame(rows).assign(micro_batches=[1, 2] * 5)))
+    with pytest.raises(ValueError, match="baseline"):
+        gain_summary(choose_lr(pd.DataFrame(rows)), baseline="soap")

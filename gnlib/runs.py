@@ -1,0 +1,346 @@
+"""Runs: one training run from a declarative spec, and the summary of its History.
+
+A :class:`RunSpec` names everything a run depends on (preset, corpus, optimizer and its
+hyperparameters, token batch, seed, device); :func:`run` validates it before any work starts, builds
+the corpus, model and optimizer (:func:`build_run`), trains, and writes the History under ``outputs/``.
+:func:`summarize` turns a History into one results-table row (steps to a target, cost in gradient-step
+equivalents, wall time, status). The study built on runs lives in :mod:`gnlib.study`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from gnlib.checks import check_positive_int, check_positive_number, check_writable
+from gnlib.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pass_costs, weights
+from gnlib.data import SOURCE_FORMS
+from gnlib.distributed import is_main
+from gnlib.models import PRESETS, build_model, model_config
+from gnlib.optim import DEFAULTS, make_optimizer
+from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
+from gnlib.optim.schedules import make_schedule
+from gnlib.pipeline import RunData, build_run_data, check_data_fields
+from gnlib.protocols import PROTOCOLS
+from gnlib.protocols import resolve as resolve_protocol
+from gnlib.runtime import check_choice, resolve_device
+from gnlib.train import METADATA, History, train
+
+#: GaussNewton's default number of inner steps (its batches per outer step).
+GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
+
+#: Every optimizer a run can name: the baselines, then the Gauss-Newton variants.
+OPTIMIZERS: tuple[str, ...] = (*DEFAULTS, *GN_VARIANTS)
+
+
+def build_optimizer(
+    name: str, model: torch.nn.Module, batches: Callable[[], Any], lr: float, hyperparameters: dict[str, Any]
+) -> Any:
+    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``model``, peak LR ``lr``.
+
+    Baselines are stepped by the train loop on its batches; Gauss-Newton variants draw ``batches``
+    themselves (``lr`` is their inner LR).
+    """
+    check_choice("optimizer", name, OPTIMIZERS)
+    if name in GN_VARIANTS:
+        return make_gauss_newton(name, model, batches, lr, **hyperparameters)
+    return make_optimizer(name, model, lr=lr, **hyperparameters)
+
+
+def _no_batches() -> Any:
+    raise RuntimeError("validation builds the optimizer only; it must not draw batches")
+
+
+@dataclass
+class RunSpec:
+    """Everything one training run depends on.
+
+    Attributes:
+        optimizer: a name from :data:`OPTIMIZERS`.
+        lr: peak learning rate (for Gauss-Newton: the inner optimizer's LR).
+        preset: model preset (``gnlib.models.PRESETS``).
+        corpus: data source (``"default"``, ``"text:<glob>"``, ``"hf:<name>[:<config>]"``).
+        steps: outer steps at most.
+        batch_size: sequences per micro-batch.
+        seq_len: tokens per sequence.
+        accumulation: micro-batches per step for first-order optimizers (token batch =
+            accumulation·batch_size·seq_len); Gauss-Newton draws ``inner_steps`` micro-batches itself.
+        schedule: LR schedule for first-order optimizers (``gnlib.optim.schedules``).
+        target_loss: stop at this validation loss (None: run all steps).
+        eval_every: evaluate every this many steps.
+        val_batches: number of fixed validation batches.
+        seed: seeds the model initialisation and the training batch stream.
+        device: ``"cpu"``, ``"cuda"``, ...
+        hyperparameters: further keyword arguments for the optimizer.
+        model_overrides: overrides of the preset's config (e.g. ``{"tie_embeddings": True}``).
+        init_checkpoint: a model state-dict file to start from (the shared warm-up checkpoint).
+        tokenizer: ``"bytes"``, ``"t5"``, ``"t5:<tokenizer.json>"`` or ``"bpe:<vocab size>"``
+            (:mod:`gnlib.tokenizer`); the model's vocabulary follows it.
+        data: ``"windows"`` (random windows, with replacement) or ``"stream"`` (documents + EOS packed in
+            order, no token reused; :mod:`gnlib.pipeline`).
+        data_epochs: passes over the training data a stream may make (1: never reuse a token).
+        data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
+        corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
+            streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
+        protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
+            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and non-default
+            ``eval_every``/``val_batches`` override it, recorded in ``metadata["protocol"]``.
+        costs: how Gauss-Newton's passes are priced in gradient-step equivalents (:mod:`gnlib.costs`):
+            ``"measured"`` (timed on this run's model and micro-batch before training, cached per
+            configuration) or ``"flops"`` (the FLOP model); a ``pass_costs`` dict in ``hyperparameters``
+            wins over both. Recorded in ``metadata["pass_costs"]``; training numbers do not depend on it.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    preset: str = "tiny"
+    corpus: str = "default"
+    steps: int = 100
+    batch_size: int = 16
+    seq_len: int = 64
+    accumulation: int = 1
+    schedule: str = "constant"
+    target_loss: float | None = None
+    eval_every: int = 10
+    val_batches: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_checkpoint: str | None = None
+    tokenizer: str = "bytes"
+    data: str = "windows"
+    data_epochs: int = 1
+    data_start: int = 0
+    corpus_bytes: int | None = None
+    protocol: str = "gnlib"
+    costs: str = "measured"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("preset", self.preset, PRESETS)
+        check_choice("protocol", self.protocol, PROTOCOLS)
+        check_choice("costs", self.costs, COST_MODELS)
+        resolve_device(self.device)
+        for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches", "seed"):
+            check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
+        check_positive_number("lr", self.lr, owner=f"optimizer {self.optimizer!r}")
+        if not isinstance(self.hyperparameters, dict) or not isinstance(self.model_overrides, dict):
+            raise ValueError(
+                f"hyperparameters and model_overrides must be mappings (e.g. {{inner_steps: 4}}), got "
+                f"{self.hyperparameters!r} and {self.model_overrides!r}"
+            )
+        config = model_config(self.preset, **self.model_overrides)
+        if self.seq_len > config.max_seq_len:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the {self.preset} preset's max_seq_len={config.max_seq_len}"
+            )
+        make_schedule(self.schedule, self.steps)
+        if self.init_checkpoint is not None and not Path(self.init_checkpoint).is_file():
+            raise ValueError(f"init_checkpoint={self.init_checkpoint!r} does not exist")
+        if not isinstance(self.corpus, str) or not (
+            self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
+        ):
+            raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
+        check_data_fields(self)
+        if self.target_loss is not None:
+            check_positive_number("target_loss", self.target_loss, allow_zero=True, example="2.75, or None: no target")
+        # the optimizer's own checks, on a narrow model with the same parameter names (same depth and
+        # tying, so custom partitions resolve): a bad option fails now, not in the middle of a study
+        miniature = build_model(
+            "tiny",
+            d_model=8,
+            n_layers=config.n_layers,
+            n_heads=2,
+            d_ff=8,
+            vocab_size=16,
+            max_seq_len=8,
+            tie_embeddings=config.tie_embeddings,
+            mlp=config.mlp,
+            qk_norm=config.qk_norm,
+        )
+        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, resolve_protocol(self).hyperparameters)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens one outer step consumes."""
+        gn = self.optimizer in GN_VARIANTS
+        micro = self.hyperparameters.get("inner_steps", GN_INNER_STEPS) if gn else self.accumulation
+        return micro * self.batch_size * self.seq_len
+
+
+def build_run(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
+    """Run data, model (from ``init_checkpoint`` if set), training batches, fixed validation set, optimizer."""
+    device = resolve_device(spec.device)
+    protocol = resolve_protocol(spec)
+    data = build_run_data(dataclasses.replace(spec, val_batches=protocol.val_batches), device)
+    model = build_model(
+        spec.preset, seed=spec.seed, device=device, **{"vocab_size": data.vocab_size, **spec.model_overrides}
+    )
+    if spec.init_checkpoint is not None:
+        model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
+    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, protocol.hyperparameters)
+    return data, model, data.train, data.val, optimizer
+
+
+def run(
+    spec: RunSpec,
+    output_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    checkpoint_every: int = 0,
+    overwrite: bool = False,
+) -> History:
+    """Validate ``spec``, check ``output_dir``, build corpus, model and optimizer, and train.
+
+    Args:
+        spec: the run's settings.
+        output_dir: folder for History, metadata and checkpoint (None: in memory only). It must be
+            writable with room for a few checkpoints (checked before the corpus is read); a folder
+            holding a run with other settings is refused unless ``overwrite``; a folder another
+            process is running into is refused (:class:`gnlib.train.RunFolderBusy`).
+        progress: print a line per evaluation.
+        checkpoint_every: resumable checkpoint period in steps (0: at the end only).
+        overwrite: replace a run with other settings found in ``output_dir``.
+
+    Returns:
+        The run's History; its metadata records the spec, the corpus hash and the model size.
+    """
+    spec.validate()
+    check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
+    if output_dir is not None and is_main():
+        check_writable(output_dir, need_bytes=checkpoint_bytes(spec))
+    data, model, train_batches, val, optimizer = build_run(spec)
+    protocol = resolve_protocol(spec)
+    pass_costs = _pass_costs(spec, model, protocol.hyperparameters, output_dir)
+    if pass_costs is not None:
+        optimizer.pass_costs = weights(pass_costs)
+    metadata = {
+        "spec": dataclasses.asdict(spec),
+        "corpus": data.meta,
+        "model": dataclasses.asdict(model.config),
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_step": spec.tokens_per_step,
+        "torch": torch.__version__,
+        "protocol": protocol.record,
+        "pass_costs": pass_costs,
+    }
+    return train(
+        model,
+        optimizer,
+        train_batches,
+        val,
+        steps=spec.steps,
+        accumulation=spec.accumulation,
+        eval_every=protocol.eval_every,
+        eval_schedule=protocol.eval_schedule,
+        target_loss=spec.target_loss,
+        schedule=make_schedule(spec.schedule, spec.steps),
+        run_dir=output_dir,
+        checkpoint_every=checkpoint_every,
+        metadata=metadata,
+        progress=progress,
+        overwrite=overwrite,
+        label=spec.optimizer,
+    )
+
+
+def _pass_costs(
+    spec: RunSpec, model: torch.nn.Module, hyperparameters: Mapping[str, Any], output_dir: str | Path | None
+) -> dict[str, Any] | None:
+    """How a Gauss-Newton run prices its passes (:mod:`gnlib.costs`): a record for ``metadata["pass_costs"]``.
+
+    None for first-order optimizers (a micro-batch costs one gradient step under any model). A
+    ``pass_costs`` dict in the optimizer's options wins (``"model": "given"``); a run resumed in
+    ``output_dir`` on the same configuration (:func:`gnlib.costs.cache_key`) keeps the measured costs its
+    ``metadata.json`` holds, so all its steps are priced alike; otherwise ``spec.costs`` decides, measured
+    costs being cached under :data:`gnlib.costs.CACHE_DIR` when the run writes outputs. The record has
+    ``model`` and the three weights; measured ones also the timings, their key and ``source``.
+    """
+    if spec.optimizer not in GN_VARIANTS:
+        return None
+    if hyperparameters.get("pass_costs") is not None:
+        return {"model": "given", **weights(hyperparameters["pass_costs"])}
+    saved = _saved_metadata(output_dir).get("pass_costs")
+    if spec.costs == "measured" and isinstance(saved, dict):
+        if saved.get("key_hash") == key_hash(cache_key(model, spec.batch_size, spec.seq_len)):
+            return saved
+    cache_dir = CACHE_DIR if output_dir is not None else None
+    return resolve_pass_costs(spec.costs, model, spec.batch_size, spec.seq_len, cache_dir=cache_dir)
+
+
+def _saved_metadata(output_dir: str | Path | None) -> dict[str, Any]:
+    """The metadata of a run in ``output_dir`` ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads((Path(output_dir) / METADATA).read_text()) if output_dir is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoint_bytes(spec: RunSpec) -> int:
+    """Room a run needs in its folder, in bytes.
+
+    Two checkpoints (old and new during an atomic write), each the model and up to three optimizer tensors
+    per parameter in float32, plus 1 MiB for History.
+    """
+    return 2 * 4 * 4 * model_config(spec.preset, **spec.model_overrides).n_params + 2**20
+
+
+def steps_to_target(history: History, target: float) -> int | None:
+    """First outer step at which the validation loss is ``<= target``; None if never reached."""
+    for row in history.rows:
+        if row.get("val_loss") is not None and row["val_loss"] <= target:
+            return int(row["step"])
+    return None
+
+
+def grad_equivalents(history: History, upto: int | None = None) -> float:
+    """Cost of outer steps ``1..upto`` (all when None) in gradient-step equivalents.
+
+    A first-order step costs its number of micro-batches (``accumulation`` of the run's spec; one forward
+    and one backward each); a Gauss-Newton step costs its ``grad_equivalents`` diagnostic (inner steps,
+    line search). Evaluations are not counted.
+    """
+    steps = [r for r in history.rows[1:] if upto is None or r["step"] <= upto]
+    if any(r.get("grad_equivalents") is not None for r in steps):
+        return float(sum(r.get("grad_equivalents") or 0.0 for r in steps))
+    accumulation = history.metadata.get("spec", {}).get("accumulation", 1)
+    return float(accumulation * len(steps))
+
+
+def summarize(history: History, target: float | None = None) -> dict[str, Any]:
+    """One results-table row: outer steps, tokens, wall time and cost to target, and the same for the whole run.
+
+    ``*_to_target`` are taken at the first evaluation at or below ``target`` (None when not reached):
+    ``steps_to_target`` outer steps, ``tokens_to_target`` training tokens drawn (GN's line-search batches
+    included), ``wall_time_to_target_s`` seconds of training (evaluations included, pass-cost measurement
+    not) and ``grad_equivalents_to_target`` gradient-step equivalents (:func:`grad_equivalents`);
+    ``steps``, ``tokens``, ``wall_time_s`` and ``grad_equivalents`` are the whole run's. ``cost_model``
+    says how GN's passes were priced (``metadata["pass_costs"]["model"]``: ``"measured"``, ``"flops"`` or
+    ``"given"``; None for first-order runs, whose micro-batch costs one gradient step under any model).
+    """
+    last = history.rows[-1]
+    reached = steps_to_target(history, target) if target is not None else None
+    at_target = None if reached is None else next(r for r in history.rows if r["step"] == reached)
+    pass_costs = history.metadata.get("pass_costs")
+    return {
+        "steps_to_target": reached,
+        "tokens_to_target": None if at_target is None else int(at_target["tokens"]),
+        "wall_time_to_target_s": None if at_target is None else float(at_target["wall_time"]),
+        "grad_equivalents_to_target": None if reached is None else grad_equivalents(history, reached),
+        "final_val_loss": history.final_val_loss,
+        "steps": int(last["step"]),
+        "tokens": int(last["tokens"]),
+        "grad_equivalents": grad_equivalents(history),
+        "wall_time_s": float(last["wall_time"]),
+        "cost_model": pass_costs.get("model") if isinstance(pass_costs, dict) else None,
+        "status": history.status,
+        "status_reason": history.reason,
+    }
