@@ -159,8 +159,9 @@ class NotebookParameters:
         changed = self.changed(ignore=(*ignore, parameter))
         if not changed:
             return value
-        text = ",".join(f"{k}={json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v}"
-                        for k, v in changed.items())
+        text = ",".join(
+            f"{k}={json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v}" for k, v in changed.items()
+        )
         safe = _UNSAFE.sub("_", text)
         if safe != text or len(safe) > 96:
             digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -90,8 +90,16 @@ class BatchSampler:
     ``(gnlib.distributed.rank(), gnlib.distributed.world_size())``, i.e. ``(0, 1)`` outside torchrun.
     """
 
-    def __init__(self, tokens: Tensor, batch_size: int, seq_len: int, seed: int, device: str | torch.device = "cpu",
-                 *, shard: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        tokens: Tensor,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        *,
+        shard: tuple[int, int] | None = None,
+    ):
         """Validate the shape request against ``tokens`` (LongTensor (N,)) and seed a CPU generator.
 
         ``batch_size`` is the per-shard batch B; ``shard`` is ``(rank, world_size)`` (default: the
@@ -104,16 +112,19 @@ class BatchSampler:
             raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
         self.rank, self.world_size = rank, world
         if not isinstance(seq_len, int) or not 1 <= seq_len <= len(tokens) - 1:
-            raise ValueError(f"seq_len={seq_len!r} must be an integer in [1, {len(tokens) - 1}] for a split of "
-                             f"{len(tokens)} tokens (a window holds seq_len + 1 tokens)")
+            raise ValueError(
+                f"seq_len={seq_len!r} must be an integer in [1, {len(tokens) - 1}] for a split of "
+                f"{len(tokens)} tokens (a window holds seq_len + 1 tokens)"
+            )
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.device = resolve_device(device)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self) -> tuple[Tensor, Tensor]:
         """The next batch: (inputs, targets), LongTensors of shape (batch_size, seq_len) on ``device``."""
-        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.world_size * self.batch_size,),
-                               generator=self.generator)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        starts = torch.randint(
+            0, len(self.tokens) - self.seq_len, (self.world_size * self.batch_size,), generator=self.generator
+        )[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].to(self.device)
         return windows[:, :-1], windows[:, 1:]
 
@@ -147,14 +158,22 @@ class Corpus:
         """Number of token ids the model's embedding and head must cover."""
         return self.tokenizer.vocab_size
 
-    def sampler(self, split: str, batch_size: int, seq_len: int, seed: int,
-                device: str | torch.device = "cpu") -> BatchSampler:
+    def sampler(
+        self, split: str, batch_size: int, seq_len: int, seed: int, device: str | torch.device = "cpu"
+    ) -> BatchSampler:
         """A seeded batch source over ``split`` ("train" or "val"), this process's shard; see :class:`BatchSampler`."""
         check_choice("split", split, SPLITS)
         return BatchSampler(getattr(self, split), batch_size, seq_len, seed, device)
 
-    def fixed_batches(self, split: str, batch_size: int, seq_len: int, n_batches: int, seed: int = 0,
-                      device: str | torch.device = "cpu") -> list[tuple[Tensor, Tensor]]:
+    def fixed_batches(
+        self,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        n_batches: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> list[tuple[Tensor, Tensor]]:
         """The first ``n_batches`` batches of a sampler seeded with ``seed``: the same list on every call.
 
         Under torchrun each process gets its shard of every batch (:class:`BatchSampler`).
@@ -172,15 +191,18 @@ def split_indices(n_documents: int, val_fraction: float, split_seed: int) -> tup
     """
     _check_val_fraction(val_fraction)
     if n_documents < 2:
-        raise ValueError(f"a train/val split needs at least 2 documents, got {n_documents}; "
-                         "split the text into several files or raise max_bytes")
+        raise ValueError(
+            f"a train/val split needs at least 2 documents, got {n_documents}; "
+            "split the text into several files or raise max_bytes"
+        )
     n_val = min(max(1, round(val_fraction * n_documents)), n_documents - 1)
     order = torch.randperm(n_documents, generator=torch.Generator().manual_seed(split_seed)).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def load_documents(source: str = "default", *, max_bytes: int | None = DEFAULT_MAX_BYTES,
-                   text_field: str = "text") -> list[str]:
+def load_documents(
+    source: str = "default", *, max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text"
+) -> list[str]:
     """Documents of ``source`` in order, taken until their joined text reaches ``max_bytes`` (None: all).
 
     Raises:
@@ -193,15 +215,22 @@ def load_documents(source: str = "default", *, max_bytes: int | None = DEFAULT_M
     if source == "default":
         return list(_default_documents(max_bytes))
     if source.startswith("text:"):
-        return _text_documents(source[len("text:"):], max_bytes)
+        return _text_documents(source[len("text:") :], max_bytes)
     if source.startswith("hf:"):
         return _hf_documents(source, max_bytes, text_field)
     raise ValueError(f"source={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
 
 
-def load_corpus(source: str = "default", *, val_fraction: float = 0.1, split_seed: int = 0,
-                max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text", tokenizer: str = "bytes",
-                tokenizer_cache: str = "outputs/tokenizers") -> Corpus:
+def load_corpus(
+    source: str = "default",
+    *,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    text_field: str = "text",
+    tokenizer: str = "bytes",
+    tokenizer_cache: str = "outputs/tokenizers",
+) -> Corpus:
     """Load ``source`` (see the module docstring), split its documents, and tokenize them.
 
     Args:
@@ -218,21 +247,33 @@ def load_corpus(source: str = "default", *, val_fraction: float = 0.1, split_see
     train_idx, val_idx = split_indices(len(documents), val_fraction, split_seed)
     text = DOCUMENT_SEPARATOR.join(documents).encode("utf-8")
     tok = make_tokenizer(tokenizer, training_texts=lambda: [documents[i] for i in train_idx], cache_dir=tokenizer_cache)
-    train, val = _encoded_splits(tok, documents, (train_idx, val_idx), hashlib.sha256(text).hexdigest(),
-                                 tokenizer_cache)
+    train, val = _encoded_splits(
+        tok, documents, (train_idx, val_idx), hashlib.sha256(text).hexdigest(), tokenizer_cache
+    )
     meta = {
-        "source": source, "n_documents": len(documents), "n_train_docs": len(train_idx),
-        "n_val_docs": len(val_idx), "size_bytes": len(text), "max_bytes": max_bytes,
-        "sha256": hashlib.sha256(text).hexdigest(), "python_version": platform.python_version(),
-        "tokenizer": tok.name, "tokenizer_spec": tok.spec, "tokenizer_sha256": tok.sha256,
-        "vocab_size": tok.vocab_size, "val_fraction": val_fraction, "split_seed": split_seed,
-        "n_train_tokens": len(train), "n_val_tokens": len(val),
+        "source": source,
+        "n_documents": len(documents),
+        "n_train_docs": len(train_idx),
+        "n_val_docs": len(val_idx),
+        "size_bytes": len(text),
+        "max_bytes": max_bytes,
+        "sha256": hashlib.sha256(text).hexdigest(),
+        "python_version": platform.python_version(),
+        "tokenizer": tok.name,
+        "tokenizer_spec": tok.spec,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "n_train_tokens": len(train),
+        "n_val_tokens": len(val),
     }
     return Corpus(train, val, tok, meta)
 
 
-def _encoded_splits(tokenizer: Tokenizer, documents: list[str], splits: tuple[list[int], ...], text_sha256: str,
-                    cache_dir: str) -> list[Tensor]:
+def _encoded_splits(
+    tokenizer: Tokenizer, documents: list[str], splits: tuple[list[int], ...], text_sha256: str, cache_dir: str
+) -> list[Tensor]:
     """The tokens of each split (:func:`encode_documents`); subword tokens are cached beside the vocabulary.
 
     Subword tokenizers encode a few hundred kB per second on a small CPU, so their tokens are stored in
@@ -275,7 +316,7 @@ def _take(documents: Iterable[str], max_bytes: int | None) -> list[str]:
         cost = len(doc.encode("utf-8")) + (1 if taken else 0)
         if max_bytes is not None and used + cost > max_bytes:
             room = max_bytes - used - (1 if taken else 0)
-            tail = doc.encode("utf-8")[:max(room, 0)].decode("utf-8", errors="ignore")
+            tail = doc.encode("utf-8")[: max(room, 0)].decode("utf-8", errors="ignore")
             if tail.strip():
                 taken.append(tail)
             break
@@ -316,16 +357,20 @@ def _text_documents(pattern: str, max_bytes: int | None) -> list[str]:
     """One document per file matching ``pattern`` (sorted paths), read by ``datasets``' text builder."""
     files = sorted(p for p in glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not files:
-        raise FileNotFoundError(f"source='text:{pattern}': no file matches {pattern!r}; "
-                                "name a file or a glob such as 'text:data/my_corpus/*.txt'")
+        raise FileNotFoundError(
+            f"source='text:{pattern}': no file matches {pattern!r}; "
+            "name a file or a glob such as 'text:data/my_corpus/*.txt'"
+        )
     import datasets
 
     ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", streaming=True)
     try:
         return _take((row["text"] for row in ds), max_bytes)
     except UnicodeDecodeError as err:
-        raise ValueError(f"source='text:{pattern}': {_undecodable(files)} is not UTF-8 text ({err.reason}); "
-                         "text: corpora read UTF-8 files: convert it, or leave it out of the glob") from None
+        raise ValueError(
+            f"source='text:{pattern}': {_undecodable(files)} is not UTF-8 text ({err.reason}); "
+            "text: corpora read UTF-8 files: convert it, or leave it out of the glob"
+        ) from None
 
 
 def _undecodable(files: list[str]) -> str:
@@ -352,11 +397,13 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _hf_documents(source: str, max_bytes: int | None, text_field: str) -> list[str]:
     """Stream the ``train`` split of ``hf:<name>[:<config>]``, taking ``text_field`` of each row."""
-    name, _, config = source[len("hf:"):].partition(":")
+    name, _, config = source[len("hf:") :].partition(":")
     hint = "use a local file instead, e.g. source='text:/path/to/*.txt'"
     if not _hub_reachable():
-        raise ConnectionError(f"source={source!r}: the Hugging Face hub is unreachable (offline or "
-                              f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set); {hint}")
+        raise ConnectionError(
+            f"source={source!r}: the Hugging Face hub is unreachable (offline or "
+            f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set); {hint}"
+        )
     import datasets
 
     try:
@@ -364,8 +411,9 @@ def _hf_documents(source: str, max_bytes: int | None, text_field: str) -> list[s
         rows = iter(ds)
         first = next(rows)
     except Exception as err:  # datasets raises many types (hub, config, network); report them as one
-        raise ValueError(f"source={source!r}: datasets could not load it ({type(err).__name__}: {err}); "
-                         f"{hint}") from err
+        raise ValueError(
+            f"source={source!r}: datasets could not load it ({type(err).__name__}: {err}); {hint}"
+        ) from err
     if text_field not in first:
         raise ValueError(f"text_field={text_field!r} is not a column of {source!r}; allowed values: {list(first)}")
     return _take((row[text_field] for row in itertools.chain([first], rows)), max_bytes)

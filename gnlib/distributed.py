@@ -74,13 +74,16 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
         return device
     if len(present) != len(TORCHRUN_ENV):
         missing = sorted(set(TORCHRUN_ENV) - set(present))
-        raise ValueError(f"environment has {present} but not {missing}; start with torchrun "
-                         f"(it sets all of {list(TORCHRUN_ENV)})")
+        raise ValueError(
+            f"environment has {present} but not {missing}; start with torchrun (it sets all of {list(TORCHRUN_ENV)})"
+        )
     if device.type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                             "allowed --nproc_per_node: at most the number of GPUs")
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                "allowed --nproc_per_node: at most the number of GPUs"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
@@ -136,7 +139,7 @@ def all_reduce_mean(value: Any) -> Any:
     reduced, start = [], 0
     for leaf in leaves:
         if isinstance(leaf, Tensor):
-            reduced.append(flat[start:start + leaf.numel()].view(leaf.shape).to(leaf.dtype))
+            reduced.append(flat[start : start + leaf.numel()].view(leaf.shape).to(leaf.dtype))
             start += leaf.numel()
         else:
             reduced.append(float(flat[start]))
@@ -167,5 +170,7 @@ def check_same(what: str, value: int | float) -> None:
     t = torch.tensor([float(value), -float(value)], dtype=torch.float64, device=_buffer_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if float(t[0]) != -float(t[1]):
-        raise ValueError(f"processes disagree on {what}: rank {rank()} has {value!r}, others range over "
-                         f"[{-float(t[1])}, {float(t[0])}]; every process must see the same run directory")
+        raise ValueError(
+            f"processes disagree on {what}: rank {rank()} has {value!r}, others range over "
+            f"[{-float(t[1])}, {float(t[0])}]; every process must see the same run directory"
+        )

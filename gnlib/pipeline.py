@@ -70,8 +70,10 @@ def check_data_fields(spec: Any) -> None:
     if not isinstance(spec.data_start, int) or isinstance(spec.data_start, bool) or spec.data_start < 0:
         raise ValueError(f"data_start={spec.data_start!r} must be an integer >= 0 (training tokens to skip)")
     if spec.data == "windows" and (spec.data_start or spec.data_epochs != 1):
-        raise ValueError(f"data_start={spec.data_start!r} and data_epochs={spec.data_epochs!r} apply to "
-                         "data='stream' only (random windows have no position)")
+        raise ValueError(
+            f"data_start={spec.data_start!r} and data_epochs={spec.data_epochs!r} apply to "
+            "data='stream' only (random windows have no position)"
+        )
     if spec.corpus_bytes is not None and (not isinstance(spec.corpus_bytes, int) or spec.corpus_bytes < 1):
         raise ValueError(f"corpus_bytes={spec.corpus_bytes!r} must be an integer >= 1 or None")
     vocab = spec.model_overrides.get("vocab_size")
@@ -86,8 +88,9 @@ def batches_per_step(spec: Any) -> int:
     if spec.optimizer not in GN_VARIANTS:
         return spec.accumulation
     defaults = inspect.signature(GaussNewton).parameters
-    options = {name: spec.hyperparameters.get(name, defaults[name].default)
-               for name in ("inner_steps", "line_search_batches")}
+    options = {
+        name: spec.hyperparameters.get(name, defaults[name].default) for name in ("inner_steps", "line_search_batches")
+    }
     return options["inner_steps"] + options["line_search_batches"]
 
 
@@ -121,16 +124,22 @@ def build_run_data(spec: Any, device: torch.device, *, tokenizer_cache: str = "o
     if spec.data == "stream" and spec.corpus.startswith("hf:"):
         data = _hf_stream(spec, device, tokenizer_cache)
     else:
-        max_bytes = spec.corpus_bytes if spec.corpus_bytes is not None else (
-            DEFAULT_MAX_BYTES if spec.data == "windows" else None)
-        corpus = load_corpus(spec.corpus, max_bytes=max_bytes, tokenizer=spec.tokenizer,
-                             tokenizer_cache=tokenizer_cache)
+        max_bytes = (
+            spec.corpus_bytes
+            if spec.corpus_bytes is not None
+            else (DEFAULT_MAX_BYTES if spec.data == "windows" else None)
+        )
+        corpus = load_corpus(
+            spec.corpus, max_bytes=max_bytes, tokenizer=spec.tokenizer, tokenizer_cache=tokenizer_cache
+        )
         data = _in_memory(spec, corpus, device) if spec.data == "stream" else _windows(spec, corpus, device)
     vocab = spec.model_overrides.get("vocab_size")
     if vocab is not None and vocab < data.vocab_size:
-        raise ValueError(f"model_overrides['vocab_size']={vocab} is smaller than tokenizer={spec.tokenizer!r}'s "
-                         f"{data.vocab_size} ids; remove the override (the model then takes the tokenizer's size) "
-                         f"or raise it")
+        raise ValueError(
+            f"model_overrides['vocab_size']={vocab} is smaller than tokenizer={spec.tokenizer!r}'s "
+            f"{data.vocab_size} ids; remove the override (the model then takes the tokenizer's size) "
+            f"or raise it"
+        )
     return data
 
 
@@ -155,21 +164,46 @@ def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
             f"{spec.data_epochs} allows {spec.data_epochs}. Lower steps or data_start, load more text, or set "
             f"data_epochs={passes}"
         )
-    train = PackedStream(tensor_documents(corpus.train, eos), spec.batch_size, spec.seq_len, device=device,
-                         epochs=spec.data_epochs, start=spec.data_start, tokens_per_epoch=available)
-    val = _fixed(PackedStream(tensor_documents(corpus.val, eos), spec.batch_size, spec.seq_len, device=device,
-                              tokens_per_epoch=len(corpus.val) + 1, name="validation split"), spec)
-    meta = {**corpus.meta, "data": "stream", "tokens_available": available, "tokens_needed": needed,
-            "data_start": spec.data_start, "data_epochs": spec.data_epochs, "passes": passes}
+    train = PackedStream(
+        tensor_documents(corpus.train, eos),
+        spec.batch_size,
+        spec.seq_len,
+        device=device,
+        epochs=spec.data_epochs,
+        start=spec.data_start,
+        tokens_per_epoch=available,
+    )
+    val = _fixed(
+        PackedStream(
+            tensor_documents(corpus.val, eos),
+            spec.batch_size,
+            spec.seq_len,
+            device=device,
+            tokens_per_epoch=len(corpus.val) + 1,
+            name="validation split",
+        ),
+        spec,
+    )
+    meta = {
+        **corpus.meta,
+        "data": "stream",
+        "tokens_available": available,
+        "tokens_needed": needed,
+        "data_start": spec.data_start,
+        "data_epochs": spec.data_epochs,
+        "passes": passes,
+    }
     return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
 
 
 def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData:
-    name, _, config = spec.corpus[len("hf:"):].partition(":")
+    name, _, config = spec.corpus[len("hf:") :].partition(":")
     if not _hub_reachable():
-        raise ConnectionError(f"corpus={spec.corpus!r} with data='stream' streams from the Hugging Face hub, which "
-                              "is unreachable (offline or HF_HUB_OFFLINE set); use a local corpus, e.g. "
-                              "corpus='text:/path/to/*.txt'")
+        raise ConnectionError(
+            f"corpus={spec.corpus!r} with data='stream' streams from the Hugging Face hub, which "
+            "is unreachable (offline or HF_HUB_OFFLINE set); use a local corpus, e.g. "
+            "corpus='text:/path/to/*.txt'"
+        )
 
     limit = spec.corpus_bytes or DEFAULT_MAX_BYTES  # BPE trains on this much of the training stream
 
@@ -185,14 +219,33 @@ def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData
         return texts
 
     tok = make_tokenizer(spec.tokenizer, training_texts=training_texts, cache_dir=tokenizer_cache)
-    train = PackedStream(hf_documents(name, config or None, "train", tok), spec.batch_size, spec.seq_len,
-                         device=device, epochs=spec.data_epochs, start=spec.data_start)
-    val_stream = PackedStream(hf_documents(name, config or None, HF_VALIDATION_SPLIT, tok), spec.batch_size,
-                              spec.seq_len, device=device, name=f"{HF_VALIDATION_SPLIT} split")
-    meta = {"source": spec.corpus, "data": "stream", "tokenizer": tok.name, "tokenizer_spec": tok.spec,
-            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "tokens_needed": spec.data_start +
-            tokens_drawn(spec), "data_start": spec.data_start, "data_epochs": spec.data_epochs,
-            "validation_split": HF_VALIDATION_SPLIT}
+    train = PackedStream(
+        hf_documents(name, config or None, "train", tok),
+        spec.batch_size,
+        spec.seq_len,
+        device=device,
+        epochs=spec.data_epochs,
+        start=spec.data_start,
+    )
+    val_stream = PackedStream(
+        hf_documents(name, config or None, HF_VALIDATION_SPLIT, tok),
+        spec.batch_size,
+        spec.seq_len,
+        device=device,
+        name=f"{HF_VALIDATION_SPLIT} split",
+    )
+    meta = {
+        "source": spec.corpus,
+        "data": "stream",
+        "tokenizer": tok.name,
+        "tokenizer_spec": tok.spec,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "tokens_needed": spec.data_start + tokens_drawn(spec),
+        "data_start": spec.data_start,
+        "data_epochs": spec.data_epochs,
+        "validation_split": HF_VALIDATION_SPLIT,
+    }
     return RunData(train, _fixed(val_stream, spec), tok.vocab_size, tok, None, meta)
 
 
@@ -201,5 +254,7 @@ def _fixed(stream: PackedStream, spec: Any) -> list[tuple[torch.Tensor, torch.Te
     try:
         return [stream() for _ in range(spec.val_batches)]
     except ValueError as err:
-        raise ValueError(f"val_batches={spec.val_batches} × batch_size={spec.batch_size} × seq_len={spec.seq_len} "
-                         f"does not fit in the {stream.name}: {err}") from err
+        raise ValueError(
+            f"val_batches={spec.val_batches} × batch_size={spec.batch_size} × seq_len={spec.seq_len} "
+            f"does not fit in the {stream.name}: {err}"
+        ) from err

@@ -46,8 +46,9 @@ def tensor_documents(tokens: Tensor, eos_id: int) -> Documents:
     return lambda first: iter([whole] if first == 0 else [])
 
 
-def hf_documents(name: str, config: str | None, split: str, tokenizer, *, text_field: str = "text",
-                 batch: int = 256) -> Documents:
+def hf_documents(
+    name: str, config: str | None, split: str, tokenizer, *, text_field: str = "text", batch: int = 256
+) -> Documents:
     """Documents of a Hugging Face dataset split, streamed in order and tokenized ``batch`` at a time, EOS appended.
 
     Resuming at document ``first`` skips the first ``first`` rows of the stream (read, not tokenized).
@@ -71,9 +72,19 @@ class PackedStream:
         position: tokens consumed since the start of the first pass (all processes' rows).
     """
 
-    def __init__(self, documents: Documents, batch_size: int, seq_len: int, *, device: str | torch.device = "cpu",
-                 shard: tuple[int, int] | None = None, epochs: int = 1, start: int = 0,
-                 tokens_per_epoch: int | None = None, name: str = "training stream") -> None:
+    def __init__(
+        self,
+        documents: Documents,
+        batch_size: int,
+        seq_len: int,
+        *,
+        device: str | torch.device = "cpu",
+        shard: tuple[int, int] | None = None,
+        epochs: int = 1,
+        start: int = 0,
+        tokens_per_epoch: int | None = None,
+        name: str = "training stream",
+    ) -> None:
         """Open the stream at token ``start`` (e.g. after a warm-up's tokens).
 
         Args:
@@ -124,15 +135,23 @@ class PackedStream:
     def state_dict(self) -> dict:
         """Position: tokens consumed, and the pass, document and offset of the next token."""
         epoch, doc = self._pieces[0][:2] if self._pieces else self._next
-        return {"position": self.position, "epoch": epoch, "document": doc, "offset": self._offset,
-                "rows": self.world_size * self.batch_size, "seq_len": self.seq_len}
+        return {
+            "position": self.position,
+            "epoch": epoch,
+            "document": doc,
+            "offset": self._offset,
+            "rows": self.world_size * self.batch_size,
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a position saved by :meth:`state_dict` (same batch shape and number of processes)."""
         shape = (self.world_size * self.batch_size, self.seq_len)
         if (state["rows"], state["seq_len"]) != shape:
-            raise ValueError(f"the saved {self.name} position was made with {state['rows']} rows of {state['seq_len']} "
-                             f"tokens per call; this stream has {shape[0]} rows of {shape[1]}")
+            raise ValueError(
+                f"the saved {self.name} position was made with {state['rows']} rows of {state['seq_len']} "
+                f"tokens per call; this stream has {shape[0]} rows of {shape[1]}"
+            )
         self._open(position=state["position"], epoch=state["epoch"], doc=state["document"], offset=state["offset"])
 
     # ------------------------------------------------------------------------------------ reading
@@ -166,7 +185,7 @@ class PackedStream:
         self._fill(n)
         parts, have = [], 0
         for i, (_, _, tokens) in enumerate(self._pieces):
-            part = tokens[self._offset:] if i == 0 else tokens
+            part = tokens[self._offset :] if i == 0 else tokens
             parts.append(part[: n - have])
             have += len(parts[-1])
             if have == n:

@@ -439,8 +439,16 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
         group = group.droplevel("optimizer").sort_index()
         reached = group["steps_to_target"].notna().to_numpy()
         batches, tokens = list(group.index), [int(t) for t in group["tokens_per_step"]]
-        row = {"optimizer": name, "critical": "", "critical_micro_batches": None, "critical_tokens": None,
-               "next_tokens": None, "beyond_grid": False, "below_grid": False, "ratios": ""}
+        row = {
+            "optimizer": name,
+            "critical": "",
+            "critical_micro_batches": None,
+            "critical_tokens": None,
+            "next_tokens": None,
+            "beyond_grid": False,
+            "below_grid": False,
+            "ratios": "",
+        }
         if len(batches) < 2 or not reached[0]:
             row["critical"] = "needs two batch sizes" if len(batches) < 2 else "target missed at the smallest batch"
             rows.append(row)

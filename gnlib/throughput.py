@@ -61,9 +61,17 @@ def _measure(fn, device: torch.device) -> tuple[float, int]:
     return seconds, peak
 
 
-def run_throughput(preset: str = "paper45m", vocab_size: int = 32000, device: str = "cpu", batch: int = 32,
-                   seq_len: int = 1024, steps: int = 3, lr: float = 0.01, seed: int = 0,
-                   **model_overrides) -> dict:
+def run_throughput(
+    preset: str = "paper45m",
+    vocab_size: int = 32000,
+    device: str = "cpu",
+    batch: int = 32,
+    seq_len: int = 1024,
+    steps: int = 3,
+    lr: float = 0.01,
+    seed: int = 0,
+    **model_overrides,
+) -> dict:
     """Measure gradient steps and GN inner steps of ``preset`` at ``batch`` × ``seq_len`` (module docstring).
 
     Args:
@@ -106,11 +114,24 @@ def run_throughput(preset: str = "paper45m", vocab_size: int = 32000, device: st
     for name, fn in (("gradient_step", gradient_steps), ("gn_inner_steps", gn.step)):
         seconds, peak = _measure(fn, dev)
         tokens = steps * batch * seq_len
-        rows.append({"name": name, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                     "peak_mem_bytes": peak})
+        rows.append(
+            {
+                "name": name,
+                "seconds": seconds,
+                "tokens": tokens,
+                "tokens_per_s": tokens / seconds,
+                "peak_mem_bytes": peak,
+            }
+        )
     return {
-        "preset": preset, "device": str(dev), "params": count_parameters(model), "vocab_size": vocab_size,
-        "batch": batch, "seq_len": seq_len, "steps": steps, "rows": rows,
+        "preset": preset,
+        "device": str(dev),
+        "params": count_parameters(model),
+        "vocab_size": vocab_size,
+        "batch": batch,
+        "seq_len": seq_len,
+        "steps": steps,
+        "rows": rows,
         "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
     }
 
@@ -123,8 +144,10 @@ def format_table(result: dict) -> str:
         f"{'measurement':<16} {'tokens/s':>12} {'seconds':>9} {'peak MiB':>10}  ({result['memory_measure']})",
     ]
     for row in result["rows"]:
-        lines.append(f"{row['name']:<16} {row['tokens_per_s']:>12,.0f} {row['seconds']:>9.3f} "
-                     f"{row['peak_mem_bytes'] / 2**20:>10.1f}")
+        lines.append(
+            f"{row['name']:<16} {row['tokens_per_s']:>12,.0f} {row['seconds']:>9.3f} "
+            f"{row['peak_mem_bytes'] / 2**20:>10.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -96,21 +96,27 @@ def check_tokenizer_name(name: str) -> None:
     if name in ("bytes", "t5"):
         return
     if name.startswith("t5:"):
-        path = Path(os.path.expanduser(name[len("t5:"):]))
+        path = Path(os.path.expanduser(name[len("t5:") :]))
         if not path.is_file():
             raise ValueError(f"tokenizer={name!r}: no file {str(path)!r}; give the path of T5's tokenizer.json")
         return
     if name.startswith("bpe:"):
-        size = name[len("bpe:"):]
+        size = name[len("bpe:") :]
         if not (size.isdigit() and int(size) >= BPE_MIN_VOCAB):
-            raise ValueError(f"tokenizer={name!r}: the vocabulary size after 'bpe:' must be an integer >= "
-                             f"{BPE_MIN_VOCAB} (256 bytes + end of document), e.g. 'bpe:4096'")
+            raise ValueError(
+                f"tokenizer={name!r}: the vocabulary size after 'bpe:' must be an integer >= "
+                f"{BPE_MIN_VOCAB} (256 bytes + end of document), e.g. 'bpe:4096'"
+            )
         return
     raise ValueError(f"tokenizer={name!r} is not supported; allowed forms: {TOKENIZER_FORMS}")
 
 
-def make_tokenizer(name: str = "bytes", *, training_texts: Callable[[], Iterable[str]] | None = None,
-                   cache_dir: str | Path = "outputs/tokenizers") -> Tokenizer:
+def make_tokenizer(
+    name: str = "bytes",
+    *,
+    training_texts: Callable[[], Iterable[str]] | None = None,
+    cache_dir: str | Path = "outputs/tokenizers",
+) -> Tokenizer:
     """The tokenizer called ``name`` (module docstring).
 
     Args:
@@ -131,10 +137,10 @@ def make_tokenizer(name: str = "bytes", *, training_texts: Callable[[], Iterable
     if name == "t5":
         return _t5_from_hub()
     if name.startswith("t5:"):
-        return _from_file(name, Path(os.path.expanduser(name[len("t5:"):])), eos_token="</s>")
+        return _from_file(name, Path(os.path.expanduser(name[len("t5:") :])), eos_token="</s>")
     if training_texts is None:
         raise ValueError(f"tokenizer={name!r} is trained on the run's training documents; pass training_texts")
-    return _bpe(name, int(name[len("bpe:"):]), training_texts, cache_dir)
+    return _bpe(name, int(name[len("bpe:") :]), training_texts, cache_dir)
 
 
 def _t5_from_hub() -> HFTokenizer:
@@ -143,15 +149,18 @@ def _t5_from_hub() -> HFTokenizer:
 
     local = "tokenizer='t5:/path/to/tokenizer.json' (a local copy of T5's tokenizer.json)"
     if not _hub_reachable():
-        raise ConnectionError(f"tokenizer='t5' fetches {T5_HUB_NAME}'s tokenizer.json from the Hugging Face hub, "
-                              f"which is unreachable (offline or HF_HUB_OFFLINE set); go online, or use {local}")
+        raise ConnectionError(
+            f"tokenizer='t5' fetches {T5_HUB_NAME}'s tokenizer.json from the Hugging Face hub, "
+            f"which is unreachable (offline or HF_HUB_OFFLINE set); go online, or use {local}"
+        )
     from tokenizers import Tokenizer as HF
 
     try:
         return HFTokenizer("t5", HF.from_pretrained(T5_HUB_NAME), eos_token="</s>")
     except Exception as err:  # the hub raises many types; report them as one, with the way out
-        raise ConnectionError(f"tokenizer='t5': could not fetch {T5_HUB_NAME} ({type(err).__name__}: {err}); "
-                              f"use {local}") from err
+        raise ConnectionError(
+            f"tokenizer='t5': could not fetch {T5_HUB_NAME} ({type(err).__name__}: {err}); use {local}"
+        ) from err
 
 
 def _from_file(spec: str, path: Path, eos_token: str) -> HFTokenizer:
@@ -182,8 +191,12 @@ def _bpe(spec: str, vocab_size: int, training_texts: Callable[[], Iterable[str]]
     tokenizer = HF(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BPE_EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     atomic_write_text(path, tokenizer.to_str())
     return HFTokenizer(spec, tokenizer, BPE_EOS)

@@ -82,8 +82,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in the output dir")
     for name in FIELDS:
-        parser.add_argument(f"--{name}", type=parse_value, default=None, metavar="VALUE",
-                            help=f"RunSpec.{name} (JSON or YAML: 3e-3, null, '{{inner_steps: 4}}')")
+        parser.add_argument(
+            f"--{name}",
+            type=parse_value,
+            default=None,
+            metavar="VALUE",
+            help=f"RunSpec.{name} (JSON or YAML: 3e-3, null, '{{inner_steps: 4}}')",
+        )
     return parser.parse_args(argv)
 
 

@@ -15,8 +15,17 @@ from gnlib.runs import RunSpec, run, summarize
 
 MODEL = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 # N = 4 inner steps, the line search on B = 3 batches over the default grid of K = 5 step sizes
-SPEC = RunSpec(optimizer="gn", lr=0.01, steps=2, batch_size=4, seq_len=16, eval_every=1, val_batches=1,
-               model_overrides=MODEL, hyperparameters={"inner_steps": 4, "line_search_batches": 3})
+SPEC = RunSpec(
+    optimizer="gn",
+    lr=0.01,
+    steps=2,
+    batch_size=4,
+    seq_len=16,
+    eval_every=1,
+    val_batches=1,
+    model_overrides=MODEL,
+    hyperparameters={"inner_steps": 4, "line_search_batches": 3},
+)
 
 
 @pytest.fixture(autouse=True)
@@ -125,8 +134,9 @@ def test_gauss_newton_names_bad_pass_costs():
 
 
 def test_bench_prints_the_pass_costs_a_run_uses_beside_its_ratios(capsys):
-    bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "1",
-                "--json"])
+    bench_main(
+        ["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "1", "--json"]
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["pass_costs"]["flops"] == FLOP_PASS_COSTS
     assert set(result["pass_costs"]["measured"]) == set(PASSES) and min(result["pass_costs"]["measured"].values()) > 0

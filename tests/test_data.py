@@ -65,7 +65,7 @@ def test_default_corpus_is_docs_then_stdlib_and_deterministic():
 
     documents = load_documents()  # default cap: past the documentation, into the library sources
     assert documents[: len(topics)] == [topics[k] for k in sorted(topics)]
-    assert any("def " in d and "import " in d for d in documents[len(topics):])
+    assert any("def " in d and "import " in d for d in documents[len(topics) :])
     assert len(DOCUMENT_SEPARATOR.join(documents).encode("utf-8")) == data.DEFAULT_MAX_BYTES
     data._default_documents.cache_clear()
     assert load_documents() == documents  # re-read from disk, same text

@@ -70,8 +70,14 @@ def _model(name: str) -> torch.nn.Module:
     return build_model("tiny", seed=0, dtype=torch.float64, **(SQUARE if name == "soap" else MODEL))
 
 
-def _run(name: str, batch_size: int, steps: int = STEPS, run_dir: Path | None = None, checkpoint_every: int = 0,
-         draws: float = float("inf")):
+def _run(
+    name: str,
+    batch_size: int,
+    steps: int = STEPS,
+    run_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    draws: float = float("inf"),
+):
     """Train the tiny float64 model with optimizer ``name`` at per-process ``batch_size``; (params, rows)."""
     config = SQUARE if name == "soap" else MODEL
     model = _model(name)
@@ -82,8 +88,20 @@ def _run(name: str, batch_size: int, steps: int = STEPS, run_dir: Path | None = 
         optimizer = make_gauss_newton(name, model, batches, GN[name], **options)
     else:
         optimizer = make_optimizer(name, model, lr=BASELINES[name])
-    history = train(model, optimizer, batches, val, steps=steps, accumulation=2, eval_every=1, run_dir=run_dir,
-                    checkpoint_every=checkpoint_every, metadata={"optimizer": name}, progress=False, max_grad_norm=1.0)
+    history = train(
+        model,
+        optimizer,
+        batches,
+        val,
+        steps=steps,
+        accumulation=2,
+        eval_every=1,
+        run_dir=run_dir,
+        checkpoint_every=checkpoint_every,
+        metadata={"optimizer": name},
+        progress=False,
+        max_grad_norm=1.0,
+    )
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return params, [{k: v for k, v in r.items() if k != "wall_time"} for r in history.rows]
 
@@ -201,19 +219,44 @@ def test_shards_partition_the_global_batch():
 
 
 def test_train_cli_under_torchrun_equals_one_process(tmp_path):
-    config = {"optimizer": "adamw", "lr": 3e-3, "preset": "tiny", "steps": 2, "batch_size": 2, "seq_len": 16,
-              "eval_every": 1, "val_batches": 2, "accumulation": 2,
-              "model_overrides": {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}}
+    config = {
+        "optimizer": "adamw",
+        "lr": 3e-3,
+        "preset": "tiny",
+        "steps": 2,
+        "batch_size": 2,
+        "seq_len": 16,
+        "eval_every": 1,
+        "val_batches": 2,
+        "accumulation": 2,
+        "model_overrides": {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32},
+    }
     (tmp_path / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "gnlib.train_cli", "--config", str(tmp_path / "run.yaml"),
-               "--output_dir", str(tmp_path / "two"), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "gnlib.train_cli",
+        "--config",
+        str(tmp_path / "run.yaml"),
+        "--output_dir",
+        str(tmp_path / "two"),
+        "--quiet",
+    ]
     subprocess.run(command, check=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
     from gnlib.train_cli import main
 
-    one = main(["--config", str(tmp_path / "run.yaml"), "--batch_size", "4", "--output_dir", str(tmp_path / "one"),
-                "--quiet"])
+    one = main(
+        ["--config", str(tmp_path / "run.yaml"), "--batch_size", "4", "--output_dir", str(tmp_path / "one"), "--quiet"]
+    )
     two = History.load(tmp_path / "two")
     assert two.metadata["world_size"] == 2 and two.status == "completed"
     for row, ref in zip(two.rows, one.rows, strict=True):

@@ -56,8 +56,9 @@ class _Stream:
 
 
 def _tiny_transformer(seed: int = 0, dtype=torch.float32):
-    return build_model("tiny", seed=seed, dtype=dtype, vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                       max_seq_len=16)
+    return build_model(
+        "tiny", seed=seed, dtype=dtype, vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16
+    )
 
 
 def _token_sampler(seed: int = 0, batch_size: int = 4, seq_len: int = 16) -> BatchSampler:
@@ -131,8 +132,18 @@ def _lstsq_solution(model, x, y):
 def test_cg_reaches_the_least_squares_minimizer_in_one_outer_step():
     x, y = _regression()
     model = _linear()
-    gn = GaussNewton(model, _fixed((x, y)), solver="cg", inner_steps=1, damping=0.0, cg_iters=50, cg_tol=1e-13,
-                     cg_progress_tol=0.0, cg_backtrack=False, loss=MSE())
+    gn = GaussNewton(
+        model,
+        _fixed((x, y)),
+        solver="cg",
+        inner_steps=1,
+        damping=0.0,
+        cg_iters=50,
+        cg_tol=1e-13,
+        cg_progress_tol=0.0,
+        cg_backtrack=False,
+        loss=MSE(),
+    )
     diagnostics = gn.step()
     torch.testing.assert_close(flatten(params_of(model)), _lstsq_solution(model, x, y), rtol=0, atol=1e-10)
     assert diagnostics["alpha"] == 1.0 and diagnostics["rejected"] == 0
@@ -147,8 +158,17 @@ def test_cg_reaches_the_least_squares_minimizer_in_one_outer_step():
 def test_first_order_inner_solver_reaches_the_least_squares_minimizer(solver, options, steps, lr, tolerance):
     x, y = _regression()
     model = _linear()
-    gn = GaussNewton(model, _fixed((x, y)), solver=solver, solver_options=options, inner_steps=steps, inner_lr=lr,
-                     grad_clip=None, line_search=None, loss=MSE())
+    gn = GaussNewton(
+        model,
+        _fixed((x, y)),
+        solver=solver,
+        solver_options=options,
+        inner_steps=steps,
+        inner_lr=lr,
+        grad_clip=None,
+        line_search=None,
+        loss=MSE(),
+    )
     gn.step()
     error = (flatten(params_of(model)) - _lstsq_solution(model, x, y)).abs().max()
     assert error < tolerance
@@ -168,8 +188,18 @@ def test_cg_direction_equals_the_dense_newton_direction_for_logistic_regression(
     theta = flatten(before)
     hessian = torch.func.hessian(loss_of)(theta)
     newton = -torch.linalg.solve(hessian + damping * torch.eye(len(theta), dtype=F64), torch.func.grad(loss_of)(theta))
-    gn = GaussNewton(model, _fixed((x, y)), solver="cg", inner_steps=1, damping=damping, cg_iters=200, cg_tol=1e-13,
-                     cg_progress_tol=0.0, cg_backtrack=False, line_search=None)
+    gn = GaussNewton(
+        model,
+        _fixed((x, y)),
+        solver="cg",
+        inner_steps=1,
+        damping=damping,
+        cg_iters=200,
+        cg_tol=1e-13,
+        cg_progress_tol=0.0,
+        cg_backtrack=False,
+        line_search=None,
+    )
     gn.step()
     torch.testing.assert_close(_move(model, before), newton, rtol=0, atol=1e-9)
 
@@ -206,8 +236,20 @@ def test_layerwise_cg_equals_the_dense_block_diagonal_solve():
         eye = torch.eye(width, dtype=F64)
         expected.append(-torch.linalg.solve(ggn[block, block] + damping * eye, grad[block]))
         offset += width
-    gn = GaussNewton(model, _fixed((x, y)), blocks="per_layer", solver="cg", inner_steps=1, damping=damping,
-                     cg_iters=200, cg_tol=1e-13, cg_progress_tol=0.0, cg_backtrack=False, line_search=None, loss=MSE())
+    gn = GaussNewton(
+        model,
+        _fixed((x, y)),
+        blocks="per_layer",
+        solver="cg",
+        inner_steps=1,
+        damping=damping,
+        cg_iters=200,
+        cg_tol=1e-13,
+        cg_progress_tol=0.0,
+        cg_backtrack=False,
+        line_search=None,
+        loss=MSE(),
+    )
     assert [g["block"] for g in gn.param_groups] == ["0", "2"]
     gn.step()
     torch.testing.assert_close(_move(model, before), torch.cat(expected), rtol=0, atol=1e-8)
@@ -237,9 +279,20 @@ def test_layerwise_sgd_inner_loop_matches_a_dense_jacobi_iteration_with_prox_and
             # layerwise q: ℓ0 + Σ_b (own quadratic change + own proximal term)
             q_end += (grad @ own + 0.5 * own @ ggn @ own + prox * (own**2 * inv_numel).sum()).item()
         delta = delta - update
-    gn = GaussNewton(model, _fixed((x, y)), blocks="per_layer", solver="sgd", solver_options={"momentum": 0.0},
-                     inner_steps=steps, inner_lr=lr, prox=prox, weight_decay=wd, grad_clip=None, line_search=None,
-                     loss=MSE())
+    gn = GaussNewton(
+        model,
+        _fixed((x, y)),
+        blocks="per_layer",
+        solver="sgd",
+        solver_options={"momentum": 0.0},
+        inner_steps=steps,
+        inner_lr=lr,
+        prox=prox,
+        weight_decay=wd,
+        grad_clip=None,
+        line_search=None,
+        loss=MSE(),
+    )
     diagnostics = gn.step()
     torch.testing.assert_close(_move(model, before), delta, rtol=0, atol=1e-12)
     assert diagnostics["q_start"] == pytest.approx(loss0, rel=1e-12)
@@ -252,8 +305,17 @@ def test_inner_gradient_is_clipped_to_grad_clip():
     before = params_of(model)
     grad = flatten(torch.func.grad(lambda p: MSE().value(torch.func.functional_call(model, p, (x,)), y))(before))
     assert grad.norm() > 0.1
-    gn = GaussNewton(model, _fixed((x, y)), solver="sgd", solver_options={"momentum": 0.0}, inner_steps=1,
-                     inner_lr=0.5, grad_clip=0.1, line_search=None, loss=MSE())
+    gn = GaussNewton(
+        model,
+        _fixed((x, y)),
+        solver="sgd",
+        solver_options={"momentum": 0.0},
+        inner_steps=1,
+        inner_lr=0.5,
+        grad_clip=0.1,
+        line_search=None,
+        loss=MSE(),
+    )
     gn.step()
     # torch.nn.utils.clip_grad_norm_ scales by max_norm / (norm + 1e-6)
     torch.testing.assert_close(_move(model, before), -0.5 * 0.1 * grad / (grad.norm() + 1e-6), rtol=0, atol=1e-12)
@@ -264,8 +326,16 @@ def test_warm_start_continues_from_the_pre_line_search_iterate(warm_start):
     x, y = _regression(n=80, seed=11)
     model = _linear()
     before = params_of(model)
-    gn = GaussNewton(model, _Stream(x, y, rows=20), solver="adamw", inner_steps=3, inner_lr=0.05,
-                     line_search=(0.25,), warm_start=warm_start, loss=MSE())
+    gn = GaussNewton(
+        model,
+        _Stream(x, y, rows=20),
+        solver="adamw",
+        inner_steps=3,
+        inner_lr=0.05,
+        line_search=(0.25,),
+        warm_start=warm_start,
+        loss=MSE(),
+    )
     diagnostics = gn.step()
     assert diagnostics["alpha"] == 0.25
     step = _move(model, before)  # α·Δ̂
@@ -283,8 +353,15 @@ def test_prox_linear_equals_gn_on_a_model_linear_in_its_parameters_with_mse():
     runs = []
     for objective in ("gn", "prox_linear"):
         model = _linear(seed=3)
-        gn = GaussNewton(model, _Stream(x, y, rows=20, seed=1), objective=objective, solver="adamw", inner_steps=4,
-                         inner_lr=0.05, loss=MSE())
+        gn = GaussNewton(
+            model,
+            _Stream(x, y, rows=20, seed=1),
+            objective=objective,
+            solver="adamw",
+            inner_steps=4,
+            inner_lr=0.05,
+            loss=MSE(),
+        )
         rows = [gn.step() for _ in range(3)]
         runs.append((flatten(params_of(model)), rows))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-12)
@@ -369,8 +446,16 @@ def test_line_search_picks_the_best_alpha_of_the_grid_and_rejects_an_increase():
     assert diagnostics["grad_equivalents"] == pytest.approx(15 / 3 + 5 * 2 / 3 + 3 * 2 / 3)
 
     # A wildly overshooting inner step increases the loss at every α: rejected, parameters unchanged.
-    overshoot = GaussNewton(model, source, solver="sgd", solver_options={"momentum": 0.0}, inner_steps=1,
-                            inner_lr=100.0, grad_clip=None, loss=MSE())
+    overshoot = GaussNewton(
+        model,
+        source,
+        solver="sgd",
+        solver_options={"momentum": 0.0},
+        inner_steps=1,
+        inner_lr=100.0,
+        grad_clip=None,
+        loss=MSE(),
+    )
     now = params_of(model)
     diagnostics = overshoot.step()
     assert diagnostics["rejected"] == 1 and diagnostics["reason"] == "no_decrease" and diagnostics["alpha"] == 0.0

@@ -75,7 +75,9 @@ def test_paper_presets_are_the_reference_architecture(preset):
     assert {k: getattr(config, k) for k in REFERENCE} == REFERENCE
     for llama in ("tiny", "small", "llama45m", "llama150m"):
         assert (model_config(llama).mlp, model_config(llama).qk_norm, model_config(llama).init) == (
-            "swiglu", False, "scaled"
+            "swiglu",
+            False,
+            "scaled",
         )
 
 

@@ -10,20 +10,27 @@ from papermill.exceptions import PapermillExecutionError
 from gnlib.checks import check_notebook_parameters
 
 REPO = Path(__file__).resolve().parents[1]
-DECLARED = '''steps: int = 30  # outer steps
+DECLARED = """steps: int = 30  # outer steps
 seed: int = 0  # seed
 optimizers: list = ["adamw", "gn"]  # optimizers
 lr: float = 0.0  # one LR
 learning_rates: dict = {"adamw": 0.003}  # LR per optimizer
 overwrite: bool = False  # replace
 output_dir: str = "outputs/00_quickstart"  # folder
-'''
+"""
 
 
 def namespace(injected: str = "", **values):
     """A notebook's globals after its parameters cell and papermill's injected cell ran."""
-    names = {"steps": 30, "seed": 0, "optimizers": ["adamw", "gn"], "lr": 0.0, "learning_rates": {"adamw": 0.003},
-             "overwrite": False, "output_dir": "outputs/00_quickstart"}
+    names = {
+        "steps": 30,
+        "seed": 0,
+        "optimizers": ["adamw", "gn"],
+        "lr": 0.0,
+        "learning_rates": {"adamw": 0.003},
+        "overwrite": False,
+        "output_dir": "outputs/00_quickstart",
+    }
     history = ["", DECLARED, *([f"# Parameters\n{injected}"] if injected else []), "import gnlib"]
     return {**names, **values, "In": history}
 
@@ -71,8 +78,12 @@ def test_notebooks_refuse_bad_parameters_before_any_work(tmp_path, notebook, par
     out = tmp_path / "out"
     with pytest.raises(PapermillExecutionError) as err:
         papermill.execute_notebook(
-            str(REPO / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "executed.ipynb"),
-            parameters={**parameters, "output_dir": str(out)}, cwd=str(REPO), progress_bar=False, kernel_name="python3",
+            str(REPO / "notebooks" / f"{notebook}.ipynb"),
+            str(tmp_path / "executed.ipynb"),
+            parameters={**parameters, "output_dir": str(out)},
+            cwd=str(REPO),
+            progress_bar=False,
+            kernel_name="python3",
         )
     # raised by the derived-values cell: the first after the parameters and the injected parameters
     assert (err.value.ename, err.value.exec_count) == ("ValueError", 3), (err.value.ename, err.value.evalue)

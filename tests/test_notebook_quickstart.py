@@ -16,8 +16,16 @@ def test_quickstart_writes_results_and_figure(tmp_path):
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
-        parameters={"optimizers": ["adamw", "gn"], "steps": 4, "micro_batches": 2, "eval_every": 2,
-                    "batch_size": 4, "seq_len": 32, "target_loss": 4.5, "output_dir": str(out)},
+        parameters={
+            "optimizers": ["adamw", "gn"],
+            "steps": 4,
+            "micro_batches": 2,
+            "eval_every": 2,
+            "batch_size": 4,
+            "seq_len": 32,
+            "target_loss": 4.5,
+            "output_dir": str(out),
+        },
         kernel_name="python3",
         progress_bar=False,
     )
@@ -47,6 +55,16 @@ def test_quickstart_writes_results_and_figure(tmp_path):
 
 def test_help_lists_typed_described_parameters():
     params = papermill.inspect_notebook(str(NOTEBOOK))
-    for name in ("preset", "corpus", "optimizers", "steps", "batch_size", "learning_rates", "seed", "device",
-                 "target_loss", "output_dir"):
+    for name in (
+        "preset",
+        "corpus",
+        "optimizers",
+        "steps",
+        "batch_size",
+        "learning_rates",
+        "seed",
+        "device",
+        "target_loss",
+        "output_dir",
+    ):
         assert params[name]["inferred_type_name"] != "None" and params[name]["help"], name

@@ -20,17 +20,26 @@ SMALL = {"max_steps": 6, "warmup_steps": 10, "target_loss": 3.3, "val_batches": 
 def execute(name, tmp_path, **parameters):
     out = tmp_path / name
     papermill.execute_notebook(
-        str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.executed.ipynb"),
+        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(tmp_path / f"{name}.executed.ipynb"),
         parameters={**SMALL, "warmup_dir": str(tmp_path / "warmup"), "output_dir": str(out), **parameters},
-        kernel_name="python3", progress_bar=False, cwd=str(ROOT),
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(ROOT),
     )
     assert figure_problems(nbformat.read(tmp_path / f"{name}.executed.ipynb", as_version=4)) == []
     return out
 
 
 def test_iteration_complexity_notebook(tmp_path):
-    out = execute("02_iteration_complexity", tmp_path, optimizers=["adamw", "gn"], micro_batches=[1, 2],
-                  lr_grids={"adamw": [1e-2], "gn": [1e-2, 3e-2]}, seeds=[0])
+    out = execute(
+        "02_iteration_complexity",
+        tmp_path,
+        optimizers=["adamw", "gn"],
+        micro_batches=[1, 2],
+        lr_grids={"adamw": [1e-2], "gn": [1e-2, 3e-2]},
+        seeds=[0],
+    )
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 6 and set(table["optimizer"]) == {"adamw", "gn"}
     assert table.groupby(["optimizer", "micro_batches"])["chosen"].sum().eq(1).all()
@@ -64,8 +73,14 @@ def test_iteration_complexity_reads_a_sweep(tmp_path):
 
 
 def test_layerwise_vs_full_notebook(tmp_path):
-    out = execute("03_layerwise_vs_full", tmp_path, partitions=["per_layer", "halves"], micro_batches=2,
-                  lr_grids={"adamw": [1e-2], "gn": [3e-2]}, cosine_steps=[0, 2])
+    out = execute(
+        "03_layerwise_vs_full",
+        tmp_path,
+        partitions=["per_layer", "halves"],
+        micro_batches=2,
+        lr_grids={"adamw": [1e-2], "gn": [3e-2]},
+        cosine_steps=[0, 2],
+    )
     table = pd.read_csv(out / "results.csv")
     assert set(table["optimizer"]) == {"adamw", "gn", "gn_per_layer", "gn_halves"}
     summary = pd.read_csv(out / "summary.csv", index_col=0)

@@ -20,9 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "notebooks" / "grids"
 NOTEBOOK = ROOT / "notebooks" / "02_iteration_complexity.ipynb"
 MINIATURE = {  # what the CPU miniature changes in the paper grid
-    "preset": "paper_tiny", "model_overrides": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64},
-    "corpus": "default", "tokenizer": "bpe:384", "corpus_bytes": 300_000, "device": "cpu", "batch_size": 4,
-    "seq_len": 32, "max_steps": 3, "warmup_steps": 4, "warmup_lr": 0.01, "target_loss": 5.7, "eval_every": 1,
+    "preset": "paper_tiny",
+    "model_overrides": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64},
+    "corpus": "default",
+    "tokenizer": "bpe:384",
+    "corpus_bytes": 300_000,
+    "device": "cpu",
+    "batch_size": 4,
+    "seq_len": 32,
+    "max_steps": 3,
+    "warmup_steps": 4,
+    "warmup_lr": 0.01,
+    "target_loss": 5.7,
+    "eval_every": 1,
     "val_batches": 2,
 }
 
@@ -46,20 +56,35 @@ def test_paper_grids_use_the_reference_model_t5_tokens_and_c4_streamed(preset):
 def test_cpu_miniature_of_the_paper_pipeline(tmp_path):
     grid = yaml.safe_load((GRIDS / "paper45m_study.yaml").read_text())
     parameters = {
-        **grid["parameters"], **MINIATURE, "optimizers": ["gn", "adamw"], "micro_batches": [2],
-        "lr_grids": {"gn": [0.01], "adamw": [0.01]}, "seeds": [0],
+        **grid["parameters"],
+        **MINIATURE,
+        "optimizers": ["gn", "adamw"],
+        "micro_batches": [2],
+        "lr_grids": {"gn": [0.01], "adamw": [0.01]},
+        "seeds": [0],
         "hyperparameters": {"gn": {"ema": 0.5}},  # the EMA of 0.999 would stay at the warm-up's loss for 3 steps
-        "warmup_dir": str(tmp_path / "warmup"), "output_dir": str(tmp_path / "study"),
+        "warmup_dir": str(tmp_path / "warmup"),
+        "output_dir": str(tmp_path / "study"),
     }
-    papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "executed.ipynb"), parameters=parameters,
-                               kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(tmp_path / "executed.ipynb"),
+        parameters=parameters,
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(tmp_path),
+    )
     warmup_tokens = 4 * 4 * 32
     for optimizer, batches_per_step in (("gn", 2 + 2), ("adamw", 2)):  # GN: 2 inner + 2 line-search batches
         run_dir = tmp_path / "study" / "runs" / optimizer / "m=2" / "lr=0.01" / "seed=0"
         metadata = json.loads((run_dir / "metadata.json").read_text())
         corpus, model = metadata["corpus"], metadata["model"]
         assert (corpus["data"], corpus["tokenizer"], corpus["vocab_size"], model["vocab_size"]) == (
-            "stream", "bpe:384", 384, 384)
+            "stream",
+            "bpe:384",
+            384,
+            384,
+        )
         assert (model["mlp"], model["qk_norm"], model["init"]) == ("gelu", True, "fan_in")
         assert corpus["data_start"] == warmup_tokens  # the studied runs continue after the warm-up's tokens
         assert corpus["tokens_needed"] == warmup_tokens + 3 * batches_per_step * 4 * 32 + 1

@@ -46,8 +46,9 @@ def test_gn_blow_up_without_line_search_is_diverged_with_reason():
 
 def test_gn_with_every_step_rejected_is_stalled(tmp_path):
     model, optimizer, batches, val = gn_run(line_search=(1.0, 0.5, 0.25))
-    history = train(model, optimizer, batches, val, steps=6, eval_every=1, stall_steps=3, run_dir=tmp_path,
-                    progress=False)
+    history = train(
+        model, optimizer, batches, val, steps=6, eval_every=1, stall_steps=3, run_dir=tmp_path, progress=False
+    )
     assert history.status == "stalled" and [r["alpha"] for r in history.rows[1:]] == [0.0] * 3
     assert "no step taken in the last 3 outer steps" in history.reason
     saved = json.loads((tmp_path / METADATA).read_text())
@@ -68,9 +69,16 @@ def test_a_run_with_other_settings_is_refused_naming_both_and_the_way_out(tmp_pa
 
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from gnlib.train import run_folder_lock\n"
-         "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from gnlib.train import run_folder_lock\n"
+            "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -196,8 +204,11 @@ def test_gn_trains_on_targets_with_ignore_index_like_the_baselines():
     val = [masked() for _ in range(2)]
     for name in ("gn", "adamw"):
         model = build_model("tiny", seed=0, **SMALL)
-        optimizer = (GaussNewton(model, masked, inner_lr=0.03, inner_steps=2, line_search_batches=1) if name == "gn"
-                     else torch.optim.AdamW(model.parameters(), lr=3e-3))
+        optimizer = (
+            GaussNewton(model, masked, inner_lr=0.03, inner_steps=2, line_search_batches=1)
+            if name == "gn"
+            else torch.optim.AdamW(model.parameters(), lr=3e-3)
+        )
         history = train(model, optimizer, masked, val, steps=3, eval_every=1, progress=False)
         assert history.status == "completed", (name, history.reason)
         assert history.rows[-1]["val_loss"] < history.rows[0]["val_loss"], name

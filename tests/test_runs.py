@@ -39,15 +39,19 @@ def test_steps_to_target_and_cost():
 
 @pytest.mark.parametrize(
     "change, field",
-    [({"optimizer": "lbfgs"}, "optimizer"), ({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr"),
-     ({"preset": "huge"}, "preset"), ({"seq_len": 4096}, "seq_len"),
-     ({"init_checkpoint": "/no/such.pt"}, "init_checkpoint"),
-     ({"device": "tpu"}, "device")],
+    [
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"preset": "huge"}, "preset"),
+        ({"seq_len": 4096}, "seq_len"),
+        ({"init_checkpoint": "/no/such.pt"}, "init_checkpoint"),
+        ({"device": "tpu"}, "device"),
+    ],
 )
 def test_runspec_validation_names_the_field(change, field):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(BASE, **change).validate()
-
 
 
 def test_validate_rejects_bad_corpus_target_and_optimizer_options():

@@ -109,8 +109,18 @@ def test_tensor_documents_serve_a_split_with_a_final_eos():
 # ------------------------------------------------------------------------------------------------ runs
 
 MODEL = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
-BASE = RunSpec(preset="paper_tiny", model_overrides=MODEL, data="stream", corpus_bytes=60_000, batch_size=4,
-               seq_len=16, steps=4, eval_every=1, val_batches=2, lr=0.01)
+BASE = RunSpec(
+    preset="paper_tiny",
+    model_overrides=MODEL,
+    data="stream",
+    corpus_bytes=60_000,
+    batch_size=4,
+    seq_len=16,
+    steps=4,
+    eval_every=1,
+    val_batches=2,
+    lr=0.01,
+)
 
 
 class Interrupted(Exception):
@@ -228,8 +238,18 @@ def _stream_run(name: str, batch_size: int, run_dir: Path | None = None):
         optimizer = make_gauss_newton("gn", model, stream, 0.05, inner_steps=2, line_search_batches=1)
     else:
         optimizer = make_optimizer("adamw", model, lr=1e-2)
-    history = train(model, optimizer, stream, val, steps=2, accumulation=2, eval_every=1, run_dir=run_dir,
-                    metadata={"optimizer": name}, progress=False)
+    history = train(
+        model,
+        optimizer,
+        stream,
+        val,
+        steps=2,
+        accumulation=2,
+        eval_every=1,
+        run_dir=run_dir,
+        metadata={"optimizer": name},
+        progress=False,
+    )
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return params, [{k: v for k, v in r.items() if k != "wall_time"} for r in history.rows], stream.state_dict()
 

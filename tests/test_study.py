@@ -28,13 +28,16 @@ BASE = RunSpec(steps=6, batch_size=8, seq_len=32, eval_every=1, val_batches=2, m
 
 
 def test_choose_lr_marks_best_and_edge():
-    table = pd.DataFrame({
-        "optimizer": ["a"] * 6 + ["b"] * 2, "micro_batches": [1] * 8,
-        "lr": [1e-3, 1e-3, 1e-2, 1e-2, 1e-1, 1e-1, 1e-3, 1e-2],
-        "seed": [0, 1] * 4,
-        "steps_to_target": [30, 32, 10, 14, None, 12, None, None],
-        "final_val_loss": [3.0, 3.0, 2.0, 2.1, 9.0, 2.0, 3.5, 3.2],
-    })
+    table = pd.DataFrame(
+        {
+            "optimizer": ["a"] * 6 + ["b"] * 2,
+            "micro_batches": [1] * 8,
+            "lr": [1e-3, 1e-3, 1e-2, 1e-2, 1e-1, 1e-1, 1e-3, 1e-2],
+            "seed": [0, 1] * 4,
+            "steps_to_target": [30, 32, 10, 14, None, 12, None, None],
+            "final_val_loss": [3.0, 3.0, 2.0, 2.1, 9.0, 2.0, 3.5, 3.2],
+        }
+    )
     marked = choose_lr(table)
     a = marked.loc[marked["optimizer"] == "a"]
     assert a.loc[a["chosen"], "lr"].unique().tolist() == [1e-2]  # median steps 12 beats inf-containing 1e-1
@@ -62,8 +65,9 @@ def test_warmup_checkpoint_is_cached_and_shared(tmp_path):
     state = torch.load(path, weights_only=True)
     fresh = build_model("tiny", seed=0, **MODEL).state_dict()
     assert state.keys() == fresh.keys() and not torch.equal(state["embed.weight"], fresh["embed.weight"])
-    starts = [run(dataclasses.replace(BASE, steps=1, seed=s, init_checkpoint=str(path)), progress=False)
-              for s in (0, 1)]
+    starts = [
+        run(dataclasses.replace(BASE, steps=1, seed=s, init_checkpoint=str(path)), progress=False) for s in (0, 1)
+    ]
     starts = [h.rows[0]["val_loss"] for h in starts]
     assert starts[0] == starts[1]  # every seed starts from the same point, evaluated on the same set
     with pytest.raises(ValueError, match="steps"):
@@ -90,8 +94,15 @@ def test_study_spec_gives_equal_tokens_per_outer_step():
 
 
 def test_batch_size_study_table(tmp_path):
-    table = batch_size_study(["adamw", "gn"], [1, 2], {"adamw": [1e-2], "gn": [1e-2, 3e-2]}, [0], 5.0,
-                             dataclasses.replace(BASE, steps=2), tmp_path)
+    table = batch_size_study(
+        ["adamw", "gn"],
+        [1, 2],
+        {"adamw": [1e-2], "gn": [1e-2, 3e-2]},
+        [0],
+        5.0,
+        dataclasses.replace(BASE, steps=2),
+        tmp_path,
+    )
     assert list(table.columns) == [*STUDY_COLUMNS, "chosen", "on_edge"] and len(table) == 6
     chosen = table.loc[table["chosen"]]
     assert (chosen["steps_to_target"] <= 2).all()  # 5.0: below the initial loss ln 256 ≈ 5.55 after a step or two
@@ -104,20 +115,33 @@ def test_batch_size_study_table(tmp_path):
 
 
 def study(steps: dict) -> pd.DataFrame:
-    rows = [{"optimizer": name, "micro_batches": m, "tokens_per_step": m * 100, "lr": 0.1, "seed": seed,
-             "steps_to_target": s, "final_val_loss": 1.0}
-            for name, per_batch in steps.items() for m, s in per_batch.items() for seed in (0, 1)]
+    rows = [
+        {
+            "optimizer": name,
+            "micro_batches": m,
+            "tokens_per_step": m * 100,
+            "lr": 0.1,
+            "seed": seed,
+            "steps_to_target": s,
+            "final_val_loss": 1.0,
+        }
+        for name, per_batch in steps.items()
+        for m, s in per_batch.items()
+        for seed in (0, 1)
+    ]
     return choose_lr(pd.DataFrame(rows))
 
 
 def test_critical_batch_size_on_hand_made_tables():
-    table = study({
-        "sgd": {1: 100, 2: 50, 4: 26, 8: 20},  # per-doubling ratios 0.5, 0.52, 0.77: critical 4
-        "gn": {1: 100, 2: 50, 4: 25, 8: 12.5},  # perfect scaling throughout: at least 8
-        "adamw": {1: None, 2: 80, 4: 40, 8: 20},  # misses at the smallest batch
-        "muon": {1: 100, 2: 60, 4: None, 8: 10},  # misses at 4: the walk stops at 2
-        "soap": {1: 100, 4: 30, 8: 20},  # 1 -> 4 is two doublings: (0.3)^(1/2) = 0.548 per doubling
-    })
+    table = study(
+        {
+            "sgd": {1: 100, 2: 50, 4: 26, 8: 20},  # per-doubling ratios 0.5, 0.52, 0.77: critical 4
+            "gn": {1: 100, 2: 50, 4: 25, 8: 12.5},  # perfect scaling throughout: at least 8
+            "adamw": {1: None, 2: 80, 4: 40, 8: 20},  # misses at the smallest batch
+            "muon": {1: 100, 2: 60, 4: None, 8: 10},  # misses at 4: the walk stops at 2
+            "soap": {1: 100, 4: 30, 8: 20},  # 1 -> 4 is two doublings: (0.3)^(1/2) = 0.548 per doubling
+        }
+    )
     got = critical_batch_size(table).set_index("optimizer")
     # bracketed: scaling held 1 -> 2 -> 4 and failed 4 -> 8
     assert got.loc["sgd", "critical_micro_batches"] == 4 and got.loc["sgd", "critical_tokens"] == 400
@@ -155,15 +179,28 @@ def test_ratio_table_and_gain_share():
 
 
 def test_study_table_from_sweep_reads_outcomes(tmp_path):
-    raw = pd.DataFrame({
-        "run_id": ["a", "b", "c"], "status": ["ok", "ok", "failed"], "optimizers": ["gn", "gn", "gn"],
-        "lr": [0.01, 0.03, 0.1], "micro_batches": [2, 2, 2],
-        "optimizer": ["gn"] * 3, "result_micro_batches": [2, 2, None], "tokens_per_step": [512] * 3,
-        "result_lr": [0.01, 0.03, None], "seed": [0, 0, None], "steps_to_target": [9, None, None],
-        "final_val_loss": [2.5, 2.9, None], "steps": [9, 30, None], "tokens": [1, 2, None],
-        "grad_equivalents": [1.0, 2.0, None], "grad_equivalents_to_target": [1.0, None, None],
-        "wall_time_s": [1.0, 1.0, None], "result_status": ["reached_target", "completed", None],
-    })
+    raw = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "status": ["ok", "ok", "failed"],
+            "optimizers": ["gn", "gn", "gn"],
+            "lr": [0.01, 0.03, 0.1],
+            "micro_batches": [2, 2, 2],
+            "optimizer": ["gn"] * 3,
+            "result_micro_batches": [2, 2, None],
+            "tokens_per_step": [512] * 3,
+            "result_lr": [0.01, 0.03, None],
+            "seed": [0, 0, None],
+            "steps_to_target": [9, None, None],
+            "final_val_loss": [2.5, 2.9, None],
+            "steps": [9, 30, None],
+            "tokens": [1, 2, None],
+            "grad_equivalents": [1.0, 2.0, None],
+            "grad_equivalents_to_target": [1.0, None, None],
+            "wall_time_s": [1.0, 1.0, None],
+            "result_status": ["reached_target", "completed", None],
+        }
+    )
     raw.to_csv(tmp_path / "results.csv", index=False)
     table = study_table_from_sweep(tmp_path / "results.csv")
     assert len(table) == 2 and table.loc[table["chosen"], "lr"].tolist() == [0.01]
@@ -173,22 +210,55 @@ def test_study_table_from_sweep_reads_outcomes(tmp_path):
 def test_a_setting_whose_seeds_mostly_miss_counts_as_missed():
     rows = []
     for seed, steps in enumerate([50.0, None, None]):
-        rows.append(dict(optimizer="gn", micro_batches=2, tokens_per_step=64, lr=0.01, seed=seed, steps_to_target=steps,
-                         chosen=True))
+        rows.append(
+            dict(
+                optimizer="gn",
+                micro_batches=2,
+                tokens_per_step=64,
+                lr=0.01,
+                seed=seed,
+                steps_to_target=steps,
+                chosen=True,
+            )
+        )
     for seed in range(3):
-        rows.append(dict(optimizer="adamw", micro_batches=2, tokens_per_step=64, lr=0.01, seed=seed,
-                         steps_to_target=90.0, chosen=True))
+        rows.append(
+            dict(
+                optimizer="adamw",
+                micro_batches=2,
+                tokens_per_step=64,
+                lr=0.01,
+                seed=seed,
+                steps_to_target=90.0,
+                chosen=True,
+            )
+        )
     ratios = ratio_table(pd.DataFrame(rows), reference="gn")
     assert ratios.isna().all().all()  # GN's median is a miss, so no finite ratio to it
 
 
 def test_gain_summary_by_hand():
     rows = []
-    for name, lr, steps in [("adamw", 0.01, (30, 30)), ("gn", 0.01, (10, 12)), ("gn", 0.03, (40, 40)),
-                            ("gn_per_layer", 0.01, (20, 20)), ("gn_halves", 0.01, (15, None))]:
+    for name, lr, steps in [
+        ("adamw", 0.01, (30, 30)),
+        ("gn", 0.01, (10, 12)),
+        ("gn", 0.03, (40, 40)),
+        ("gn_per_layer", 0.01, (20, 20)),
+        ("gn_halves", 0.01, (15, None)),
+    ]:
         for seed, s in enumerate(steps):
-            rows.append(dict(optimizer=name, micro_batches=4, tokens_per_step=512, lr=lr, seed=seed, steps_to_target=s,
-                             final_val_loss=2.0, grad_equivalents_to_target=None if s is None else 2.0 * s))
+            rows.append(
+                dict(
+                    optimizer=name,
+                    micro_batches=4,
+                    tokens_per_step=512,
+                    lr=lr,
+                    seed=seed,
+                    steps_to_target=s,
+                    final_val_loss=2.0,
+                    grad_equivalents_to_target=None if s is None else 2.0 * s,
+                )
+            )
     summary = gain_summary(choose_lr(pd.DataFrame(rows)), full="gn", baseline="adamw")
     assert list(summary.index) == ["adamw", "gn", "gn_per_layer", "gn_halves"]
     assert summary.loc["gn", "lr"] == 0.01 and summary.loc["gn", "steps_to_target"] == 11  # tuned LR, median of seeds

@@ -287,7 +287,9 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_orphans_and_the_rerun_is_complete(
     with open(tmp_path / "cli.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gnlib.sweep", str(grid), "--jobs", "2", "--output-root", str(tmp_path / "out")],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 120

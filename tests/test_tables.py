@@ -11,10 +11,26 @@ def summary_rows():
     common = dict(final_val_loss=2.71234, steps=30, tokens=100, grad_equivalents=120.4, wall_time_s=3.14159)
     return pd.DataFrame(
         [
-            dict(optimizer="adamw", steps_to_target=None, tokens_to_target=None, wall_time_to_target_s=None,
-                 grad_equivalents_to_target=None, cost_model=None, status="completed", **common),
-            dict(optimizer="gn", steps_to_target=12.0, tokens_to_target=65536, wall_time_to_target_s=1.26,
-                 grad_equivalents_to_target=64.2, cost_model="measured", status="reached_target", **common),
+            dict(
+                optimizer="adamw",
+                steps_to_target=None,
+                tokens_to_target=None,
+                wall_time_to_target_s=None,
+                grad_equivalents_to_target=None,
+                cost_model=None,
+                status="completed",
+                **common,
+            ),
+            dict(
+                optimizer="gn",
+                steps_to_target=12.0,
+                tokens_to_target=65536,
+                wall_time_to_target_s=1.26,
+                grad_equivalents_to_target=64.2,
+                cost_model="measured",
+                status="reached_target",
+                **common,
+            ),
         ]
     )
 
@@ -52,19 +68,57 @@ def test_refuses_a_table_without_summary_columns():
 def test_study_to_target_reports_medians_at_the_tuned_lr_and_spells_out_misses():
     rows = []
     for seed, (steps, tokens, time, cost) in enumerate([(4, 400, 2.0, 20.0), (6, 600, 3.0, 30.0), (None,) * 4]):
-        rows.append(dict(optimizer="gn", micro_batches=2, tokens_per_step=100, lr=0.01, seed=seed,
-                         steps_to_target=steps, tokens_to_target=tokens, wall_time_to_target_s=time,
-                         grad_equivalents_to_target=cost, final_val_loss=2.0))
-        rows.append(dict(optimizer="gn", micro_batches=2, tokens_per_step=100, lr=1.0, seed=seed,  # a worse LR
-                         steps_to_target=None, tokens_to_target=None, wall_time_to_target_s=None,
-                         grad_equivalents_to_target=None, final_val_loss=3.0))
-        rows.append(dict(optimizer="adamw", micro_batches=2, tokens_per_step=100, lr=0.01, seed=seed,
-                         steps_to_target=None if seed else 9, tokens_to_target=None if seed else 900,
-                         wall_time_to_target_s=None if seed else 1.0,
-                         grad_equivalents_to_target=None if seed else 18.0, final_val_loss=2.5))
+        rows.append(
+            dict(
+                optimizer="gn",
+                micro_batches=2,
+                tokens_per_step=100,
+                lr=0.01,
+                seed=seed,
+                steps_to_target=steps,
+                tokens_to_target=tokens,
+                wall_time_to_target_s=time,
+                grad_equivalents_to_target=cost,
+                final_val_loss=2.0,
+            )
+        )
+        rows.append(
+            dict(
+                optimizer="gn",
+                micro_batches=2,
+                tokens_per_step=100,
+                lr=1.0,
+                seed=seed,  # a worse LR
+                steps_to_target=None,
+                tokens_to_target=None,
+                wall_time_to_target_s=None,
+                grad_equivalents_to_target=None,
+                final_val_loss=3.0,
+            )
+        )
+        rows.append(
+            dict(
+                optimizer="adamw",
+                micro_batches=2,
+                tokens_per_step=100,
+                lr=0.01,
+                seed=seed,
+                steps_to_target=None if seed else 9,
+                tokens_to_target=None if seed else 900,
+                wall_time_to_target_s=None if seed else 1.0,
+                grad_equivalents_to_target=None if seed else 18.0,
+                final_val_loss=2.5,
+            )
+        )
     shown = study_to_target(choose_lr(pd.DataFrame(rows)))
-    assert list(shown.columns) == ["tokens/step", "seeds reached", "steps to target", "tokens to target",
-                                   "time to target (s)", "cost to target"]
+    assert list(shown.columns) == [
+        "tokens/step",
+        "seeds reached",
+        "steps to target",
+        "tokens to target",
+        "time to target (s)",
+        "cost to target",
+    ]
     gn = shown.loc[("gn", 2)]
     # median over 3 seeds with one miss (infinite): the larger of the two reached
     assert gn["seeds reached"] == "2/3" and gn["steps to target"] == "6" and gn["tokens to target"] == "600"

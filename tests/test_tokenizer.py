@@ -79,8 +79,12 @@ def test_unparsable_tokenizer_json_names_the_parameter_and_file(tmp_path):
 
 
 def test_unknown_forms_are_refused_with_the_allowed_ones():
-    for name, match in [("sentencepiece", "allowed forms"), ("bpe:abc", "integer >= 257"), ("bpe:10", "257"),
-                        (3, "must be a string")]:
+    for name, match in [
+        ("sentencepiece", "allowed forms"),
+        ("bpe:abc", "integer >= 257"),
+        ("bpe:10", "257"),
+        (3, "must be a string"),
+    ]:
         with pytest.raises(ValueError, match=match):
             make_tokenizer(name)
     with pytest.raises(ValueError, match="training_texts"):
@@ -102,7 +106,10 @@ def test_corpus_with_bpe_trains_on_its_train_split_only(tmp_path, monkeypatch):
     assert set(seen["texts"]) <= set(documents)
     meta = corpus.meta
     assert (meta["tokenizer_spec"], meta["vocab_size"], meta["tokenizer_sha256"]) == (
-        "bpe:400", 400, corpus.tokenizer.sha256)
+        "bpe:400",
+        400,
+        corpus.tokenizer.sha256,
+    )
     assert corpus.train.max() < 400 and (corpus.train == 0).sum() == meta["n_train_docs"] - 1  # EOS between docs
     [cached_tokens] = tmp_path.glob("tokens-*.pt")
     monkeypatch.setattr(tok_module.HFTokenizer, "encode_batch", lambda *a: pytest.fail("tokens must come from cache"))
@@ -113,8 +120,16 @@ def test_corpus_with_bpe_trains_on_its_train_split_only(tmp_path, monkeypatch):
 
 def test_vocabulary_flows_into_the_model_and_a_smaller_override_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # BPE vocabularies are cached under outputs/
-    spec = RunSpec(preset="paper_tiny", model_overrides=dict(d_model=16, n_layers=1, n_heads=2, d_ff=32),
-                   tokenizer="bpe:320", corpus_bytes=60_000, steps=1, batch_size=2, seq_len=16, val_batches=1)
+    spec = RunSpec(
+        preset="paper_tiny",
+        model_overrides=dict(d_model=16, n_layers=1, n_heads=2, d_ff=32),
+        tokenizer="bpe:320",
+        corpus_bytes=60_000,
+        steps=1,
+        batch_size=2,
+        seq_len=16,
+        val_batches=1,
+    )
     history = run(spec, tmp_path / "run", progress=False)
     assert history.metadata["model"]["vocab_size"] == 320
     corpus_meta = history.metadata["corpus"]

@@ -65,6 +65,7 @@ def test_target_loss_stops_early_and_evaluate_matches_history():
     assert history.status == "reached_target"
     assert history.rows[-1]["val_loss"] <= 4.5 < history.rows[-2 if history.rows[-2]["val_loss"] else 0]["val_loss"]
     assert history.rows[-1]["step"] < 200
+
     def cross_entropy(logits, targets):
         return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
@@ -160,8 +161,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_target_met_before_training_stops_at_step_zero():
     model, batches, val = setup()
-    history = train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, val, steps=5, target_loss=10.0,
-                    progress=False)
+    history = train(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), batches, val, steps=5, target_loss=10.0, progress=False
+    )
     assert history.status == "reached_target" and [r["step"] for r in history.rows] == [0]
 
 
