@@ -374,11 +374,18 @@ def batch_size_study(
     return table
 
 
+#: Notebook parameters a study sweep varies without making a new setting (the table's own columns).
+_STUDY_AXES = ("optimizers", "micro_batches", "lr", "seeds", "seed")
+
+
 def study_table_from_sweep(results_csv: str | Path) -> pd.DataFrame:
     """The study table from a sweep of the iteration-complexity notebook (``gnlib.sweep``'s ``results.csv``).
 
     Keeps the ``ok`` runs, takes each :data:`STUDY_COLUMNS` column from the run's outcomes (``result_<name>``
     where the sweep renamed it), and marks the tuned LRs again across the whole sweep (:func:`choose_lr`).
+    A grid key of the sweep (its ``sweep.json``, next to ``results.csv``) other than the optimizer, batch,
+    LR and seed, such as ``hyperparameters`` or ``batch_size`` in an ablation, makes each of its values a
+    setting of its own: the ``optimizer`` column reads e.g. ``gn (warm_start=False)`` (:func:`variant_label`).
     """
     raw = pd.read_csv(results_csv)
     raw = raw.loc[raw["status"] == "ok"]
@@ -388,7 +395,41 @@ def study_table_from_sweep(results_csv: str | Path) -> pd.DataFrame:
     }
     table = pd.DataFrame(columns).reset_index(drop=True)
     table["steps_to_target"] = table["steps_to_target"].astype(float)
+    axes = [key for key in _sweep_grid_keys(Path(results_csv).parent) if key not in _STUDY_AXES]
+    if axes:
+        values = raw[axes].reset_index(drop=True)
+        table["optimizer"] = [
+            variant_label(name, values.iloc[i].to_dict()) for i, name in enumerate(table["optimizer"])
+        ]
     return choose_lr(table)
+
+
+def variant_label(optimizer: str, values: Mapping[str, Any]) -> str:
+    """``optimizer`` with the values that set its run apart, e.g. ``gn (warm_start=False, batch_size=128)``.
+
+    ``hyperparameters`` (optimizer name → options, as JSON text or a dict) contributes the options of
+    ``optimizer`` only; any other key contributes ``key=value``. No values: the name alone.
+    """
+    parts = []
+    for key, value in values.items():
+        if key == "hyperparameters":
+            options = json.loads(value) if isinstance(value, str) else dict(value or {})
+            parts += [f"{k}={v!r}" for k, v in options.get(optimizer, {}).items()]
+        else:
+            parts.append(f"{key}={value}")
+    return f"{optimizer} ({', '.join(parts)})" if parts else optimizer
+
+
+def _sweep_grid_keys(sweep_dir: Path) -> list[str]:
+    """The grid keys of the sweep in ``sweep_dir`` (from its ``sweep.json``; [] without one)."""
+    from gnlib.sweep import MANIFEST_FILE  # here: ``python -m gnlib.sweep`` must not find itself imported
+
+    try:
+        grid = json.loads((sweep_dir / MANIFEST_FILE).read_text())["grid"]
+    except (OSError, ValueError, KeyError):
+        return []
+    parts = grid if isinstance(grid, list) else [grid]
+    return list(dict.fromkeys(key for part in parts for key in part))
 
 
 def _chosen_steps(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:

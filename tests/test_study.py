@@ -1,6 +1,7 @@
 """The study: LR choice, warm-up cache, equal-token study specs, the batch-size study, critical batch size, ratios."""
 
 import dataclasses
+import json
 import math
 
 import pandas as pd
@@ -20,6 +21,7 @@ from gnlib.study import (
     ratio_table,
     study_spec,
     study_table_from_sweep,
+    variant_label,
     warmup_checkpoint,
 )
 
@@ -205,6 +207,41 @@ def test_study_table_from_sweep_reads_outcomes(tmp_path):
     table = study_table_from_sweep(tmp_path / "results.csv")
     assert len(table) == 2 and table.loc[table["chosen"], "lr"].tolist() == [0.01]
     assert table["status"].tolist() == ["reached_target", "completed"]
+
+
+def test_study_table_from_an_ablation_sweep_labels_each_variant(tmp_path):
+    """Grid keys besides optimizer, batch, LR and seed (an ablation's options) make settings of their own."""
+    grid = [
+        {"hyperparameters": [{}, {"gn": {"warm_start": False}}], "batch_size": [32]},
+        {"hyperparameters": [{}], "batch_size": [128]},
+    ]
+    (tmp_path / "sweep.json").write_text(json.dumps({"grid": grid}))
+    options = ["{}", '{"gn": {"warm_start": false}}', "{}"]
+    raw = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "status": ["ok"] * 3,
+            "hyperparameters": options,
+            "batch_size": [32, 32, 128],
+            "optimizer": ["gn"] * 3,
+            "micro_batches": [8, 8, 2],
+            "tokens_per_step": [16384] * 3,
+            "lr": [0.01] * 3,
+            "seed": [0] * 3,
+            "steps_to_target": [5, 9, 6],
+        }
+    )
+    raw.to_csv(tmp_path / "results.csv", index=False)
+    table = study_table_from_sweep(tmp_path / "results.csv")
+    assert table["optimizer"].tolist() == [
+        "gn (batch_size=32)",
+        "gn (warm_start=False, batch_size=32)",
+        "gn (batch_size=128)",
+    ]
+    assert table["chosen"].all()  # each variant is its own setting, not an LR candidate of another
+    (tmp_path / "sweep.json").unlink()
+    assert study_table_from_sweep(tmp_path / "results.csv")["optimizer"].tolist() == ["gn"] * 3
+    assert variant_label("adamw", {"hyperparameters": {"gn": {"ema": 0.999}}}) == "adamw"
 
 
 def test_a_setting_whose_seeds_mostly_miss_counts_as_missed():
