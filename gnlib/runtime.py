@@ -25,6 +25,11 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_integer(value: Any) -> bool:
+    """True for an int that is not a bool (``True`` is never a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``None`` (cpu) into a usable device.
 
