@@ -245,7 +245,11 @@ def test_unknown_optimizer_names_the_allowed_ones():
         ("muon", dict(adamw_betas=(-0.1, 0.9)), "adamw_betas=(-0.1, 0.9) is invalid"),
         ("muon", dict(ns_steps=0), "ns_steps=0 is invalid; allowed: an integer in [1, 99]"),
         ("muon", dict(adamw_params="head.weight"), "adamw_params='head.weight' is invalid; allowed: None or a list"),
-        ("soap", dict(betas=(0.95, 1.5)), "betas=(0.95, 1.5) is invalid; allowed: a pair (beta1, beta2), each in [0, 1)"),
+        (
+            "soap",
+            dict(betas=(0.95, 1.5)),
+            "betas=(0.95, 1.5) is invalid; allowed: a pair (beta1, beta2), each in [0, 1)",
+        ),
         ("soap", dict(precondition_freq=5), "unknown option(s) ['precondition_freq']"),
         ("sgd", dict(nesterov=True, momentum=0.0), "nesterov=True needs momentum > 0"),
         ("sgd", dict(lr=float("nan")), "lr=nan is invalid"),
