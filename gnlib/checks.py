@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from gnlib.runtime import output_path
+from gnlib.runtime import is_finite_number, is_integer, numeric_text_hint, output_path
 
 #: Python types a notebook annotation allows (``float`` also takes an ``int``).
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
@@ -44,17 +43,6 @@ def _owner(owner: str) -> str:
     return f" for {owner}" if owner else ""
 
 
-def _numeric_text_hint(value: Any) -> str:
-    """A hint when a number arrived as text (YAML 1.1 reads ``3e-3`` as a string)."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return f" (a string: in YAML write floats with a dot and a signed exponent, e.g. {float(value):.1e})"
-    return ""
-
-
 def check_positive_int(parameter: str, value: Any, *, owner: str = "", minimum: int = 1) -> None:
     """Raise unless ``value`` is an int (not a bool) ``>= minimum``.
 
@@ -64,10 +52,10 @@ def check_positive_int(parameter: str, value: Any, *, owner: str = "", minimum: 
         owner: what the parameter belongs to, e.g. ``"optimizer 'gn'"`` or ``"config run.yaml"``.
         minimum: the smallest allowed value.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(
             f"{parameter}{_owner(owner)} must be an integer >= {minimum}, got {value!r}"
-            f"{' (a bool)' if isinstance(value, bool) else _numeric_text_hint(value)}"
+            f"{' (a bool)' if isinstance(value, bool) else numeric_text_hint(value)}"
         )
 
 
@@ -75,12 +63,12 @@ def check_positive_number(
     parameter: str, value: Any, *, owner: str = "", allow_zero: bool = False, example: str = "0.003"
 ) -> None:
     """Raise unless ``value`` is a finite int or float (not a bool) ``> 0`` (``>= 0`` with ``allow_zero``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_finite_number(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(
             f"{parameter}{_owner(owner)} must be a finite number {bound} (e.g. {example}), got {value!r}"
-            f"{_numeric_text_hint(value)}"
+            f"{numeric_text_hint(value)}"
         )
 
 
@@ -248,7 +236,7 @@ def check_notebook_parameters(
             kinds = " or ".join(t.__name__ for t in allowed[-1:] + extra)
             raise ValueError(
                 f"notebook parameter {name} must be of type {kinds} (declared `{name}: {annotation} = {default!r}`), "
-                f"got {value!r} ({type(value).__name__}){_numeric_text_hint(value)}; e.g. -p {name} {_example(default)}"
+                f"got {value!r} ({type(value).__name__}){numeric_text_hint(value)}; e.g. -p {name} {_example(default)}"
             )
     return NotebookParameters(
         declared=declared,

@@ -30,6 +30,21 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def numeric_text_hint(value: Any) -> str:
+    """A hint for a message when a number arrived as text; empty otherwise.
+
+    Numbers are never parsed from strings anywhere in gnlib: YAML 1.1 reads ``3e-3`` as a string, so the
+    hint says how to write it (a dot and a signed exponent: ``3.0e-03``).
+    """
+    if isinstance(value, str):
+        try:
+            parsed = float(value)
+        except ValueError:
+            return ""
+        return f" (a string: in YAML write floats with a dot and a signed exponent, e.g. {parsed:.1e})"
+    return ""
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``None`` (cpu) into a usable device.
 

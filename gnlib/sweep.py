@@ -77,7 +77,7 @@ from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
 from gnlib.checks import check_writable
-from gnlib.runtime import atomic_write_json, atomic_write_text
+from gnlib.runtime import atomic_write_json, atomic_write_text, is_integer
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout")
 KERNEL = "python3"
@@ -203,7 +203,7 @@ def run_sweep(
         spec = load_grid(grid, cwd=cwd)
     else:
         spec = _check_spec(grid, search=[cwd])
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+    if not is_integer(jobs) or jobs < 1:
         raise ValueError(f"jobs={jobs!r}: must be a positive integer")
     keys = list(_grid_parts(spec)[0])
     runs = [(run_id({key: params[key] for key in keys}), params) for params in expand_grid(spec)]

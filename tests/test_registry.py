@@ -56,7 +56,7 @@ def test_defaults_are_those_of_the_constructors():
         ("muon", {"ns_steps": True}, "optimizer 'muon': ns_steps=True is invalid; allowed: an integer in [1, 99]"),
         ("soap", {"precondition_frequency": True}, "precondition_frequency=True is invalid; allowed: an integer >= 1"),
         ("adamw", {"weight_decay": True}, "weight_decay=True is invalid; allowed: a finite number >= 0"),
-        ("gn", {"ema": "0.9"}, "ema='0.9' is invalid; allowed: None or a number in (0, 1) (a string: numbers are not"),
+        ("gn", {"ema": "0.9"}, "ema='0.9' is invalid; allowed: None or a number in (0, 1) (a string: in YAML write"),
         ("adamw", {"eps": "1e-8"}, "eps='1e-8' is invalid; allowed: a finite number >= 0 (a string"),
         ("gn", {"solver": "lbfgs"}, "solver='lbfgs' is invalid; allowed: one of ['muon', 'adamw', 'sgd', 'cg']"),
         ("gn_cg", {"solver": "muon"}, "solver='muon' is invalid; allowed: 'cg' ('gn_cg' fixes solver"),
@@ -90,3 +90,20 @@ def test_runspec_validation_builds_no_model(monkeypatch):
         dataclasses.replace(spec, hyperparameters={"inner_steps": True}).validate()
     with pytest.raises(ValueError, match=re.escape("optimizer 'muon': adjust_lr_fn='rms' is invalid")):
         RunSpec(optimizer="muon", hyperparameters={"adjust_lr_fn": "rms"}).validate()
+
+
+def test_a_bool_is_never_a_count_outside_the_optimizers_either():
+    from gnlib.checks import check_positive_int
+    from gnlib.data import BatchSampler
+    from gnlib.optim.schedules import make_schedule
+
+    tokens = torch.arange(100)
+    for call, parameter in [
+        (lambda: check_positive_int("steps", True), "steps"),
+        (lambda: make_schedule("constant", True), "total_steps"),
+        (lambda: make_schedule("warmup_cosine", 10, warmup_steps=True), "warmup_steps"),
+        (lambda: BatchSampler(tokens, True, 8, 0, shard=(0, 1)), "batch_size"),
+        (lambda: BatchSampler(tokens, 2, True, 0, shard=(0, 1)), "seq_len"),
+    ]:
+        with pytest.raises(ValueError, match=parameter):
+            call()

@@ -16,8 +16,8 @@ of gnlib (it comes in with JupyterLab), so it would add a pin for no gain.
 
 Conventions shared by every rule: a ``bool`` is never an integer or a number (``True`` is not a step
 count); numbers given as strings are refused, never parsed, with a hint when the string reads as a
-number (YAML 1.1 reads ``3e-3`` as a string: write ``3.0e-3``), so a config means the same value on every
-path.
+number (:func:`gnlib.runtime.numeric_text_hint`; YAML 1.1 reads ``3e-3`` as a string: write ``3.0e-3``), so
+a config means the same value on every path, as in :mod:`gnlib.checks`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gnlib.runtime import is_finite_number, is_integer
+from gnlib.runtime import is_finite_number, is_integer, numeric_text_hint
 
 
 @dataclass(frozen=True)
@@ -79,21 +79,10 @@ NAMES = Rule(
 ANY = Rule(lambda v: True, "any value")
 
 
-def _string_hint(value: Any) -> str:
-    """A hint when a number arrived as text (YAML 1.1 reads ``3e-3`` as a string)."""
-    if isinstance(value, str):
-        try:
-            parsed = float(value)
-        except ValueError:
-            return ""
-        return f" (a string: numbers are not parsed from text; in YAML write floats with a dot, e.g. {parsed:.1e})"
-    return ""
-
-
 def invalid(owner: str, key: str, value: Any, allowed: str) -> ValueError:
     """The error for ``key=value`` of ``owner`` (e.g. ``"optimizer 'gn'"``), naming the allowed values."""
     prefix = f"{owner}: " if owner else ""
-    return ValueError(f"{prefix}{key}={value!r} is invalid; allowed: {allowed}{_string_hint(value)}")
+    return ValueError(f"{prefix}{key}={value!r} is invalid; allowed: {allowed}{numeric_text_hint(value)}")
 
 
 @dataclass(frozen=True)
