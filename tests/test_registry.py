@@ -100,7 +100,7 @@ def test_a_bool_is_never_a_count_outside_the_optimizers_either():
     tokens = torch.arange(100)
     for call, parameter in [
         (lambda: check_positive_int("steps", True), "steps"),
-        (lambda: make_schedule("constant", True), "total_steps"),
+        (lambda: make_schedule("cosine_decay", True), "total_steps"),
         (lambda: make_schedule("warmup_cosine", 10, warmup_steps=True), "warmup_steps"),
         (lambda: BatchSampler(tokens, True, 8, 0, shard=(0, 1)), "batch_size"),
         (lambda: BatchSampler(tokens, 2, True, 0, shard=(0, 1)), "seq_len"),
