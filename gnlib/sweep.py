@@ -50,6 +50,7 @@ A finished run whose ``params.json`` differs from the grid's (fixed parameters w
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import ctypes
 import hashlib
@@ -77,6 +78,7 @@ from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
 from gnlib.checks import check_writable
+from gnlib.optim.registry import check_notebook_optimizers
 from gnlib.runtime import atomic_write_json, atomic_write_text, is_integer
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout")
@@ -383,7 +385,11 @@ def _check_json(what: str, value: Any) -> None:
 
 
 def _check_notebook_parameters(spec: dict) -> None:
-    """Every swept key must be a parameter of the notebook, with a value matching a simple annotation."""
+    """Every swept key must be a parameter of the notebook, with a value matching a simple annotation.
+
+    Every run's optimizer settings are checked against the optimizers' schemas
+    (:func:`gnlib.optim.registry.check_notebook_optimizers`).
+    """
     notebook = spec["notebook"]
     try:
         declared = papermill.inspect_notebook(notebook)
@@ -407,6 +413,20 @@ def _check_notebook_parameters(spec: dict) -> None:
         for value in candidates if expected else []:
             if not isinstance(value, expected) or (isinstance(value, bool) and annotation != "bool"):
                 raise ValueError(f"parameter {key!r}: value {value!r} does not match its annotation {annotation}")
+    defaults = {key: _literal(entry["default"]) for key, entry in declared.items()}
+    for params in expand_grid(spec):
+        try:
+            check_notebook_optimizers({**defaults, **params})
+        except ValueError as err:
+            raise ValueError(f"grid run {run_id(params)}: {err}") from None
+
+
+def _literal(source: str) -> Any:
+    """A parameter's default from its source text in the parameters cell (None when it is not a literal)."""
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return None
 
 
 def _format(value: Any) -> str:

@@ -63,8 +63,10 @@ REGISTRY: dict[str, OptimizerEntry] = {
 OPTIMIZERS: tuple[str, ...] = tuple(REGISTRY)
 
 
-def validate_options(name: str, lr: float, options: Mapping[str, Any]) -> dict[str, Any]:
+def validate_options(name: str, lr: float | None, options: Mapping[str, Any]) -> dict[str, Any]:
     """Check optimizer ``name`` with peak LR ``lr`` and further ``options``; return every option, defaults filled in.
+
+    ``lr`` None checks the options at the schema's default LR.
 
     Raises:
         ValueError: unknown name, unknown option, or an invalid value, naming the option and the allowed values.
@@ -77,7 +79,37 @@ def validate_options(name: str, lr: float, options: Mapping[str, Any]) -> dict[s
         return entry.schema.validate(variant_options(lr, options, name))
     if "lr" in options:
         raise ValueError(f"optimizer {name!r}: lr is set by the run's lr, not among its options")
-    return entry.schema.validate({**options, "lr": lr})
+    return entry.schema.validate({**options, **({} if lr is None else {"lr": lr})})
+
+
+def check_notebook_optimizers(parameters: Mapping[str, Any]) -> None:
+    """Check the optimizer settings among a notebook's parameters against the schemas; builds nothing.
+
+    Follows the workbook notebooks' parameter names: ``optimizer`` or ``optimizers`` (a name or a list
+    of names); the LR from ``lr`` when it is > 0, else ``learning_rates[name]`` or every LR of
+    ``lr_grids[name]`` (neither: the schema's default); the options from ``hyperparameters[name]``. A
+    notebook without these parameters passes unchecked.
+
+    Raises:
+        ValueError: an unknown optimizer name, or an option or LR its schema refuses (naming both).
+    """
+    names = parameters.get("optimizers", parameters.get("optimizer"))
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list):
+        return
+    per_name = parameters.get("hyperparameters") or {}
+    for name in names:
+        check_choice("optimizers", name, OPTIMIZERS)
+        options = per_name.get(name, {}) if isinstance(per_name, Mapping) else {}
+        lr = parameters.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0:
+            lrs = [lr]
+        elif name in (parameters.get("learning_rates") or {}):
+            lrs = [parameters["learning_rates"][name]]
+        else:
+            lrs = list((parameters.get("lr_grids") or {}).get(name, [None]))
+        for value in lrs:
+            validate_options(name, value, options)
 
 
 def build_optimizer(
