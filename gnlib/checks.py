@@ -5,6 +5,8 @@ optimizer, a file), the allowed values and the likely fix, before any long work 
 
 - :func:`check_positive_int`, :func:`check_positive_number`: sizes, step counts, learning rates;
 - :func:`check_writable`: an output folder can be written and has room, checked before training;
+- optimizer names, LRs and options: :mod:`gnlib.optim.registry` (declared schemas), also run from
+  :func:`notebook_output_dir`;
 - :func:`check_notebook_parameters`: inside a notebook, the values papermill injected are declared
   parameters of the notebook and match their annotations; :meth:`NotebookParameters.output_folder`
   derives a default output folder from the parameters that were changed, so runs never share one;
@@ -257,12 +259,16 @@ def notebook_output_dir(
 ) -> Path:
     """Return the notebook's checked output folder, from the derived-values cell: ``out = ...(globals())``.
 
-    Checks the parameters (:func:`check_notebook_parameters`), derives the folder
+    Checks the parameters (:func:`check_notebook_parameters`) and the optimizer settings among them against
+    the optimizers' schemas (:func:`gnlib.optim.registry.check_notebook_optimizers`), derives the folder
     (:meth:`NotebookParameters.output_folder`: ``output_dir`` as given, or its default plus the changed
     parameters), resolves it like every notebook output (:func:`gnlib.runtime.output_path`) and checks that
     it can be written (:func:`check_writable`), all before any work starts; then creates it.
     """
     parameters = check_notebook_parameters(namespace, also_accept)
+    from gnlib.optim.registry import check_notebook_optimizers  # optim sits above checks: imported on use
+
+    check_notebook_optimizers(parameters.values)
     # outside IPython (no cell history) the folder is output_dir as it stands
     folder = parameters.output_folder() if "output_dir" in parameters.declared else namespace["output_dir"]
     out = check_writable(output_path(folder))
