@@ -6,11 +6,13 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import yaml
 
 
 def check_choice(parameter: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -43,6 +45,23 @@ def numeric_text_hint(value: Any) -> str:
             return ""
         return f" (a string: in YAML write floats with a dot and a signed exponent, e.g. {parsed:.1e})"
     return ""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML loader for configs and sweep grids: ``1e-3`` is a float (YAML 1.1 alone reads it as a string).
+
+    Dates stay strings, as papermill reads them. Values are never parsed from strings after loading
+    (:func:`numeric_text_hint`): a quoted ``'1e-3'`` stays text and is refused where a number belongs.
+    """
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

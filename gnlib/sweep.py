@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 
 from gnlib.checks import check_writable
 from gnlib.optim.registry import check_notebook_optimizers
-from gnlib.runtime import atomic_write_json, atomic_write_text, is_integer
+from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, is_integer
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout")
 KERNEL = "python3"
@@ -92,19 +92,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 _MAX_ID = 96
 _ANNOTATIONS = {"int": int, "float": (int, float), "bool": bool, "str": str}
-
-
-class _GridLoader(yaml.SafeLoader):
-    """YAML loader for grid files: ``1e-3`` is a float and dates stay strings (as papermill reads them)."""
-
-
-_GridLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_GridLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
 
 
 def load_grid(path: str | Path, *, cwd: str | Path | None = None) -> dict:
@@ -124,7 +111,7 @@ def load_grid(path: str | Path, *, cwd: str | Path | None = None) -> dict:
     """
     path = Path(path)
     try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_GridLoader)
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader)
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"grid file {str(path)!r} cannot be read: {err}") from err
     if isinstance(spec, Mapping):
