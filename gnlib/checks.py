@@ -5,6 +5,8 @@ optimizer, a file), the allowed values and the likely fix, before any long work 
 
 - :func:`check_positive_int`, :func:`check_positive_number`: sizes, step counts, learning rates;
 - :func:`check_writable`: an output folder can be written and has room, checked before training;
+- optimizer names, LRs and options: :mod:`gnlib.optim.registry` (declared schemas), also run from
+  :func:`notebook_output_dir`;
 - :func:`check_notebook_parameters`: inside a notebook, the values papermill injected are declared
   parameters of the notebook and match their annotations; :meth:`NotebookParameters.output_folder`
   derives a default output folder from the parameters that were changed, so runs never share one;
@@ -16,7 +18,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import re
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from gnlib.runtime import output_path
+from gnlib.runtime import is_finite_number, is_integer, numeric_text_hint, output_path
 
 #: Python types a notebook annotation allows (``float`` also takes an ``int``).
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
@@ -44,17 +45,6 @@ def _owner(owner: str) -> str:
     return f" for {owner}" if owner else ""
 
 
-def _numeric_text_hint(value: Any) -> str:
-    """A hint when a number arrived as text (YAML 1.1 reads ``3e-3`` as a string)."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return f" (a string: in YAML write floats with a dot and a signed exponent, e.g. {float(value):.1e})"
-    return ""
-
-
 def check_positive_int(parameter: str, value: Any, *, owner: str = "", minimum: int = 1) -> None:
     """Raise unless ``value`` is an int (not a bool) ``>= minimum``.
 
@@ -64,10 +54,10 @@ def check_positive_int(parameter: str, value: Any, *, owner: str = "", minimum: 
         owner: what the parameter belongs to, e.g. ``"optimizer 'gn'"`` or ``"config run.yaml"``.
         minimum: the smallest allowed value.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(
             f"{parameter}{_owner(owner)} must be an integer >= {minimum}, got {value!r}"
-            f"{' (a bool)' if isinstance(value, bool) else _numeric_text_hint(value)}"
+            f"{' (a bool)' if isinstance(value, bool) else numeric_text_hint(value)}"
         )
 
 
@@ -75,12 +65,12 @@ def check_positive_number(
     parameter: str, value: Any, *, owner: str = "", allow_zero: bool = False, example: str = "0.003"
 ) -> None:
     """Raise unless ``value`` is a finite int or float (not a bool) ``> 0`` (``>= 0`` with ``allow_zero``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_finite_number(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(
             f"{parameter}{_owner(owner)} must be a finite number {bound} (e.g. {example}), got {value!r}"
-            f"{_numeric_text_hint(value)}"
+            f"{numeric_text_hint(value)}"
         )
 
 
@@ -248,7 +238,7 @@ def check_notebook_parameters(
             kinds = " or ".join(t.__name__ for t in allowed[-1:] + extra)
             raise ValueError(
                 f"notebook parameter {name} must be of type {kinds} (declared `{name}: {annotation} = {default!r}`), "
-                f"got {value!r} ({type(value).__name__}){_numeric_text_hint(value)}; e.g. -p {name} {_example(default)}"
+                f"got {value!r} ({type(value).__name__}){numeric_text_hint(value)}; e.g. -p {name} {_example(default)}"
             )
     return NotebookParameters(
         declared=declared,
@@ -269,12 +259,16 @@ def notebook_output_dir(
 ) -> Path:
     """Return the notebook's checked output folder, from the derived-values cell: ``out = ...(globals())``.
 
-    Checks the parameters (:func:`check_notebook_parameters`), derives the folder
+    Checks the parameters (:func:`check_notebook_parameters`) and the optimizer settings among them against
+    the optimizers' schemas (:func:`gnlib.optim.registry.check_notebook_optimizers`), derives the folder
     (:meth:`NotebookParameters.output_folder`: ``output_dir`` as given, or its default plus the changed
     parameters), resolves it like every notebook output (:func:`gnlib.runtime.output_path`) and checks that
     it can be written (:func:`check_writable`), all before any work starts; then creates it.
     """
     parameters = check_notebook_parameters(namespace, also_accept)
+    from gnlib.optim.registry import check_notebook_optimizers  # optim sits above checks: imported on use
+
+    check_notebook_optimizers(parameters.values)
     # outside IPython (no cell history) the folder is output_dir as it stands
     folder = parameters.output_folder() if "output_dir" in parameters.declared else namespace["output_dir"]
     out = check_writable(output_path(folder))

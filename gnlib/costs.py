@@ -57,7 +57,7 @@ from torch import nn
 from gnlib import curvature
 from gnlib.distributed import all_reduce_mean, is_distributed
 from gnlib.losses import CrossEntropy, Loss
-from gnlib.runtime import atomic_write_json, check_choice, is_finite_number, output_path
+from gnlib.runtime import atomic_write_json, check_choice, is_finite_number, is_integer, output_path
 
 #: The passes a Gauss-Newton step is counted in.
 PASSES = ("forward", "tangent", "backward")
@@ -199,12 +199,12 @@ def measure_pass_costs(
         ValueError: ``model`` has no ``config.vocab_size``, or a size is not a positive integer.
     """
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
+    if not is_integer(vocab):
         raise ValueError(
             f"model={type(model).__name__} is invalid; allowed values: a token model with config.vocab_size"
         )
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("repeats", repeats)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid; allowed values: an integer >= 1")
     key = cache_key(model, batch_size, seq_len)
     digest = key_hash(key)

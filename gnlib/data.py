@@ -38,7 +38,7 @@ from torch import Tensor
 
 from gnlib import distributed
 from gnlib.checks import check_positive_int
-from gnlib.runtime import atomic_torch_save, check_choice, output_path, resolve_device
+from gnlib.runtime import atomic_torch_save, check_choice, is_integer, output_path, resolve_device
 from gnlib.tokenizer import Tokenizer, make_tokenizer
 
 DOCUMENT_SEPARATOR = "\x00"
@@ -105,13 +105,13 @@ class BatchSampler:
         ``batch_size`` is the per-shard batch B; ``shard`` is ``(rank, world_size)`` (default: the
         process group's).
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
         rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
-        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+        if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
             raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
         self.rank, self.world_size = rank, world
-        if not isinstance(seq_len, int) or not 1 <= seq_len <= len(tokens) - 1:
+        if not is_integer(seq_len) or not 1 <= seq_len <= len(tokens) - 1:
             raise ValueError(
                 f"seq_len={seq_len!r} must be an integer in [1, {len(tokens) - 1}] for a split of "
                 f"{len(tokens)} tokens (a window holds seq_len + 1 tokens)"
@@ -178,7 +178,7 @@ class Corpus:
 
         Under torchrun each process gets its shard of every batch (:class:`BatchSampler`).
         """
-        if not isinstance(n_batches, int) or n_batches < 1:
+        if not is_integer(n_batches) or n_batches < 1:
             raise ValueError(f"n_batches={n_batches!r} must be an integer >= 1")
         sampler = self.sampler(split, batch_size, seq_len, seed, device)
         return [sampler() for _ in range(n_batches)]
@@ -210,7 +210,7 @@ def load_documents(
         FileNotFoundError: a ``text:`` path or glob matching no file.
         ConnectionError: an ``hf:`` source while the Hugging Face hub is unreachable.
     """
-    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+    if max_bytes is not None and (not is_integer(max_bytes) or max_bytes < 1):
         raise ValueError(f"max_bytes={max_bytes!r} must be an integer >= 1 or None (no cap)")
     if source == "default":
         return list(_default_documents(max_bytes))

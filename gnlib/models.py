@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gnlib.runtime import check_choice, resolve_device
+from gnlib.runtime import check_choice, is_integer, resolve_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +74,7 @@ class ModelConfig:
         """Validate the shape so that errors name the field instead of surfacing inside a matmul."""
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         for name in ("norm_eps", "rope_base", "init_std"):
             if not getattr(self, name) > 0:

@@ -14,7 +14,7 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -23,8 +23,8 @@ from gnlib.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pas
 from gnlib.data import SOURCE_FORMS
 from gnlib.distributed import is_main
 from gnlib.models import PRESETS, build_model, model_config
-from gnlib.optim import DEFAULTS, make_optimizer
-from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton, make_gauss_newton
+from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton
+from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
 from gnlib.optim.schedules import make_schedule
 from gnlib.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.protocols import PROTOCOLS
@@ -35,34 +35,13 @@ from gnlib.train import METADATA, History, train
 #: GaussNewton's default number of inner steps (its batches per outer step).
 GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
 
-#: Every optimizer a run can name: the baselines, then the Gauss-Newton variants.
-OPTIMIZERS: tuple[str, ...] = (*DEFAULTS, *GN_VARIANTS)
-
-
-def build_optimizer(
-    name: str, model: torch.nn.Module, batches: Callable[[], Any], lr: float, hyperparameters: dict[str, Any]
-) -> Any:
-    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``model``, peak LR ``lr``.
-
-    Baselines are stepped by the train loop on its batches; Gauss-Newton variants draw ``batches``
-    themselves (``lr`` is their inner LR).
-    """
-    check_choice("optimizer", name, OPTIMIZERS)
-    if name in GN_VARIANTS:
-        return make_gauss_newton(name, model, batches, lr, **hyperparameters)
-    return make_optimizer(name, model, lr=lr, **hyperparameters)
-
-
-def _no_batches() -> Any:
-    raise RuntimeError("validation builds the optimizer only; it must not draw batches")
-
 
 @dataclass
 class RunSpec:
     """Everything one training run depends on.
 
     Attributes:
-        optimizer: a name from :data:`OPTIMIZERS`.
+        optimizer: a name from :data:`OPTIMIZERS` (:mod:`gnlib.optim.registry`).
         lr: peak learning rate (for Gauss-Newton: the inner optimizer's LR).
         preset: model preset (``gnlib.models.PRESETS``).
         corpus: data source (``"default"``, ``"text:<glob>"``, ``"hf:<name>[:<config>]"``).
@@ -152,21 +131,8 @@ class RunSpec:
         check_data_fields(self)
         if self.target_loss is not None:
             check_positive_number("target_loss", self.target_loss, allow_zero=True, example="2.75, or None: no target")
-        # the optimizer's own checks, on a narrow model with the same parameter names (same depth and
-        # tying, so custom partitions resolve): a bad option fails now, not in the middle of a study
-        miniature = build_model(
-            "tiny",
-            d_model=8,
-            n_layers=config.n_layers,
-            n_heads=2,
-            d_ff=8,
-            vocab_size=16,
-            max_seq_len=8,
-            tie_embeddings=config.tie_embeddings,
-            mlp=config.mlp,
-            qk_norm=config.qk_norm,
-        )
-        build_optimizer(self.optimizer, miniature, _no_batches, self.lr, resolve_protocol(self).hyperparameters)
+        # the optimizer's options against its declared schema: a bad option fails now, not mid-study
+        validate_options(self.optimizer, self.lr, resolve_protocol(self).hyperparameters)
 
     @property
     def tokens_per_step(self) -> int:

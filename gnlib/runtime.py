@@ -6,11 +6,13 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import yaml
 
 
 def check_choice(parameter: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -23,6 +25,43 @@ def check_choice(parameter: str, value: Any, allowed: Iterable[Any]) -> None:
 def is_finite_number(value: Any) -> bool:
     """True for an int or float (not a bool) that is finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value: Any) -> bool:
+    """True for an int that is not a bool (``True`` is never a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def numeric_text_hint(value: Any) -> str:
+    """A hint for a message when a number arrived as text; empty otherwise.
+
+    Numbers are never parsed from strings anywhere in gnlib: YAML 1.1 reads ``3e-3`` as a string, so the
+    hint says how to write it (a dot and a signed exponent: ``3.0e-03``).
+    """
+    if isinstance(value, str):
+        try:
+            parsed = float(value)
+        except ValueError:
+            return ""
+        return f" (a string: in YAML write floats with a dot and a signed exponent, e.g. {parsed:.1e})"
+    return ""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML loader for configs and sweep grids: ``1e-3`` is a float (YAML 1.1 alone reads it as a string).
+
+    Dates stay strings, as papermill reads them. Values are never parsed from strings after loading
+    (:func:`numeric_text_hint`): a quoted ``'1e-3'`` stays text and is refused where a number belongs.
+    """
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from gnlib import distributed
-from gnlib.runtime import resolve_device
+from gnlib.runtime import is_integer, resolve_device
 
 Documents = Callable[[int], Iterator[Tensor]]
 
@@ -102,12 +102,12 @@ class PackedStream:
             ValueError: bad sizes or shard; :class:`StreamExhausted` when ``start`` lies past the end.
         """
         for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("epochs", epochs)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{label}={value!r} must be an integer >= 1")
-        if not isinstance(start, int) or start < 0:
+        if not is_integer(start) or start < 0:
             raise ValueError(f"start={start!r} must be an integer >= 0 (tokens to skip)")
         rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
-        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+        if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
             raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
         self.documents, self.batch_size, self.seq_len = documents, batch_size, seq_len
         self.rank, self.world_size, self.epochs = rank, world, epochs

@@ -50,6 +50,7 @@ A finished run whose ``params.json`` differs from the grid's (fixed parameters w
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import ctypes
 import hashlib
@@ -77,7 +78,8 @@ from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
 from gnlib.checks import check_writable
-from gnlib.runtime import atomic_write_json, atomic_write_text
+from gnlib.optim.registry import check_notebook_optimizers
+from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, is_integer
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout")
 KERNEL = "python3"
@@ -90,19 +92,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 _MAX_ID = 96
 _ANNOTATIONS = {"int": int, "float": (int, float), "bool": bool, "str": str}
-
-
-class _GridLoader(yaml.SafeLoader):
-    """YAML loader for grid files: ``1e-3`` is a float and dates stay strings (as papermill reads them)."""
-
-
-_GridLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_GridLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
 
 
 def load_grid(path: str | Path, *, cwd: str | Path | None = None) -> dict:
@@ -122,7 +111,7 @@ def load_grid(path: str | Path, *, cwd: str | Path | None = None) -> dict:
     """
     path = Path(path)
     try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_GridLoader)
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader)
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"grid file {str(path)!r} cannot be read: {err}") from err
     if isinstance(spec, Mapping):
@@ -203,7 +192,7 @@ def run_sweep(
         spec = load_grid(grid, cwd=cwd)
     else:
         spec = _check_spec(grid, search=[cwd])
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+    if not is_integer(jobs) or jobs < 1:
         raise ValueError(f"jobs={jobs!r}: must be a positive integer")
     keys = list(_grid_parts(spec)[0])
     runs = [(run_id({key: params[key] for key in keys}), params) for params in expand_grid(spec)]
@@ -383,7 +372,11 @@ def _check_json(what: str, value: Any) -> None:
 
 
 def _check_notebook_parameters(spec: dict) -> None:
-    """Every swept key must be a parameter of the notebook, with a value matching a simple annotation."""
+    """Every swept key must be a parameter of the notebook, with a value matching a simple annotation.
+
+    Every run's optimizer settings are checked against the optimizers' schemas
+    (:func:`gnlib.optim.registry.check_notebook_optimizers`).
+    """
     notebook = spec["notebook"]
     try:
         declared = papermill.inspect_notebook(notebook)
@@ -407,6 +400,20 @@ def _check_notebook_parameters(spec: dict) -> None:
         for value in candidates if expected else []:
             if not isinstance(value, expected) or (isinstance(value, bool) and annotation != "bool"):
                 raise ValueError(f"parameter {key!r}: value {value!r} does not match its annotation {annotation}")
+    defaults = {key: _literal(entry["default"]) for key, entry in declared.items()}
+    for params in expand_grid(spec):
+        try:
+            check_notebook_optimizers({**defaults, **params})
+        except ValueError as err:
+            raise ValueError(f"grid run {run_id(params)}: {err}") from None
+
+
+def _literal(source: str) -> Any:
+    """A parameter's default from its source text in the parameters cell (None when it is not a literal)."""
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return None
 
 
 def _format(value: Any) -> str:

@@ -33,7 +33,7 @@ from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import GaussNewton
-from gnlib.runtime import check_choice, resolve_device
+from gnlib.runtime import check_choice, is_integer, resolve_device
 
 
 def _random_batches(vocab_size: int, batch: int, seq_len: int, device: torch.device, seed: int):
@@ -92,7 +92,7 @@ def run_throughput(
     """
     check_choice("preset", preset, PRESETS)
     for name, value in (("vocab_size", vocab_size), ("batch", batch), ("seq_len", seq_len), ("steps", steps)):
-        if not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
     dev = resolve_device(device)
     model = build_model(preset, seed=seed, device=dev, vocab_size=vocab_size, **model_overrides)

@@ -28,24 +28,26 @@ import yaml
 
 from gnlib import distributed
 from gnlib.runs import RunSpec, run
+from gnlib.runtime import ConfigLoader
 from gnlib.train import History, RunFolderBusy
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 
 
 def parse_value(text: str) -> Any:
-    """A flag's value: JSON if it parses (``3e-3``, ``null``, ``{"inner_steps": 4}``), else YAML (``cuda``).
+    """A flag's value: JSON if it parses (``3e-3``, ``null``, ``{"inner_steps": 4}``), else YAML.
 
-    YAML alone would read ``3e-3`` as a string.
+    YAML (``cuda``, ``{ema: 1e-3}``) is read by :class:`~gnlib.runtime.ConfigLoader`, like config files:
+    ``1e-3`` is a float.
     """
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=ConfigLoader)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The RunSpec fields in a YAML (``.yaml``/``.yml``) or JSON file, as a dict.
+    """The RunSpec fields in a YAML (``.yaml``/``.yml``, read like sweep grids: ``3e-3`` is a float) or JSON file.
 
     Raises:
         ValueError: the file cannot be read or parsed (naming it, with the line), does not hold a mapping,
@@ -54,7 +56,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as stream:  # a named stream: YAML errors name the file
-            config = json.load(stream) if path.suffix == ".json" else yaml.safe_load(stream)
+            config = json.load(stream) if path.suffix == ".json" else yaml.load(stream, Loader=ConfigLoader)
     except OSError as err:
         raise ValueError(f"config {path} cannot be read ({err.strerror or err}); check --config's path") from None
     except UnicodeDecodeError as err:

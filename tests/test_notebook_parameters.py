@@ -7,7 +7,7 @@ import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from gnlib.checks import check_notebook_parameters
+from gnlib.checks import check_notebook_parameters, notebook_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DECLARED = """steps: int = 30  # outer steps
@@ -89,3 +89,25 @@ def test_notebooks_refuse_bad_parameters_before_any_work(tmp_path, notebook, par
     assert (err.value.ename, err.value.exec_count) == ("ValueError", 3), (err.value.ename, err.value.evalue)
     assert re.search(match, err.value.evalue), err.value.evalue
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "injected, values, match",
+    [
+        (
+            "optimizers = ['gnx']\n",
+            {"optimizers": ["gnx"]},
+            r"optimizers='gnx' is not supported; allowed values: \['adamw'",
+        ),
+        (
+            "learning_rates = {'adamw': True}\n",
+            {"learning_rates": {"adamw": True}},
+            r"optimizer 'adamw': lr=True is invalid",
+        ),
+    ],
+)
+def test_optimizer_settings_are_checked_against_their_schemas(tmp_path, injected, values, match):
+    given = namespace(injected, **values, output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=match):
+        notebook_output_dir(given)
+    assert not (tmp_path / "out").exists()

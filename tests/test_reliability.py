@@ -17,7 +17,7 @@ from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.runs import RunSpec, run, summarize
 from gnlib.study import _cached_warmup_problem, warmup_checkpoint
 from gnlib.train import CHECKPOINT, METADATA, RunFolderBusy, run_folder_lock, train
-from gnlib.train_cli import cli
+from gnlib.train_cli import cli, parse_value, read_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}
@@ -156,7 +156,7 @@ def test_diverged_warmup_is_not_cached_and_bad_cache_entries_are_rebuilt(tmp_pat
 @pytest.mark.parametrize(
     "config, flags, match",
     [
-        ("lr: 3e-3\n", [], r"lr for optimizer 'adamw' must be a finite number > 0.*a string: in YAML write floats"),
+        ("lr: '3e-3'\n", [], r"lr for optimizer 'adamw' must be a finite number > 0.*a string: in YAML write floats"),
         ("steps: true\n", [], r"steps must be an integer >= 1, got True \(a bool\).*settings from config"),
         ("optimizer: [gn\n", [], r"config .*run\.yaml is not valid YAML.*run\.yaml"),
         ('{"optimizer": "gn",}', [], r"config .*run\.json is not valid JSON.*line 1"),
@@ -172,6 +172,17 @@ def test_cli_bad_input_is_named_with_the_file_and_exits_2(tmp_path, capsys, conf
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "Traceback" not in error and "<unicode string>" not in error
     assert re.search(match, error, flags=re.S), error
+
+
+def test_cli_reads_exponents_as_numbers_in_files_and_flags_and_refuses_quoted_ones(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 3e-3\nhyperparameters: {ema: 1e-3, inner_steps: 4}\ndevice: cpu\n")
+    config = read_config(path)
+    assert config == {"lr": 0.003, "hyperparameters": {"ema": 0.001, "inner_steps": 4}, "device": "cpu"}
+    assert parse_value("{ema: 1e-3}") == {"ema": 0.001} and parse_value("3e-3") == 0.003
+    assert parse_value("'3e-3'") == "3e-3"  # quoted: text, refused where a number belongs
+    with pytest.raises(ValueError, match=re.escape("optimizer 'gn': ema='1e-3' is invalid")):
+        RunSpec(optimizer="gn", hyperparameters={"ema": parse_value("'1e-3'")}).validate()
 
 
 def test_cli_overwrite_flag_replaces_a_run_with_other_settings(tmp_path, capsys):

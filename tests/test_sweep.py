@@ -330,3 +330,20 @@ def test_shipped_grids_plan_runs_with_the_notebooks_parameters(tmp_path, grid):
     plan = run_sweep(REPO / "notebooks" / "grids" / grid, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
     assert len(plan) and plan["will_run"].all()
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"optimizers": [["adamw", "adam"]]}, "optimizers='adam' is not supported"),
+        ({"hyperparameters": [{"gn": {"inner_steps": True}}]}, "optimizer 'gn': inner_steps=True is invalid"),
+        ({"learning_rates": [{"adamw": "3e-3"}]}, "optimizer 'adamw': lr='3e-3' is invalid"),
+        ({"optimizers": [["gn_cg"]], "hyperparameters": [{"gn_cg": {"solver": "muon"}}]}, "'gn_cg' fixes solver"),
+    ],
+)
+def test_optimizer_options_of_every_run_are_checked_against_their_schema(tmp_path, grid, message):
+    """A grid run with a bad optimizer option is refused before any run, naming the run and the option."""
+    bad = {"name": "bad", "notebook": str(REPO / "notebooks" / "00_quickstart.ipynb"), "grid": grid}
+    with pytest.raises(ValueError, match=r"grid run .*: .*" + re.escape(message)):
+        run_sweep(bad, output_root=tmp_path, cwd=REPO, verbose=False)
+    assert not any(tmp_path.iterdir())

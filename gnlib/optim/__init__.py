@@ -9,6 +9,7 @@ from gnlib.optim.gauss_newton import (
     line_search_grid,
     make_gauss_newton,
 )
+from gnlib.optim.registry import OPTIMIZERS, REGISTRY, build_optimizer, validate_options
 from gnlib.optim.schedules import (
     constant,
     cosine_decay,
@@ -23,6 +24,10 @@ __all__ = [
     "GN_VARIANTS",
     "LINE_SEARCH",
     "GaussNewton",
+    "OPTIMIZERS",
+    "REGISTRY",
+    "build_optimizer",
+    "validate_options",
     "make_gauss_newton",
     "line_search_grid",
     "SOAP",

@@ -31,90 +31,87 @@ reference's ``optax.multi_transform`` chains do (:func:`clip_groups`). These are
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.muon import Muon
-from gnlib.optim.soap import SOAP
-from gnlib.runtime import check_choice, is_finite_number
+from gnlib.optim.options import BETAS, FLAG, NAMES, Rule, Schema, integer, number, optional
+from gnlib.optim.soap import SOAP, SOAP_SCHEMA
+from gnlib.runtime import check_choice
 
 NamedTensors = Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
 
 #: Names the study routes to AdamW under Muon: the embedding and the output head.
 EMBEDDING_AND_HEAD = ("embed.weight", "head.weight")
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "adamw": dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None),
-    "muon": dict(
-        lr=0.02,
-        momentum=0.95,
-        nesterov=True,
-        weight_decay=0.0,
-        ns_steps=5,
-        adjust_lr_fn="original",
-        bias_correction=False,
-        grad_clip=None,
-        adamw_lr=3e-3,
-        adamw_betas=(0.9, 0.95),
-        adamw_eps=1e-8,
-        adamw_weight_decay=0.0,
-        adamw_params=None,
-    ),
-    "soap": {
-        **{
-            name: p.default
-            for name, p in inspect.signature(SOAP.__init__).parameters.items()
-            if name not in ("self", "params")
-        },
-        "grad_clip": None,
-    },
-    "sgd": dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0, grad_clip=None),
-}
+_GRAD_CLIP = optional(number(0, strict=True))
 
 
-def _is_betas(v: Any) -> bool:
-    return isinstance(v, (tuple, list)) and len(v) == 2 and all(is_finite_number(b) and 0.0 <= b < 1.0 for b in v)
-
-
-# Hyperparameter (without its "adamw_" prefix) -> (test, allowed values). SOAP checks its own.
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "lr": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
-    "betas": (_is_betas, "a pair (beta1, beta2), each in [0, 1)"),
-    "eps": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
-    "weight_decay": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
-    "momentum": (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "nesterov": (lambda v: isinstance(v, bool), "True or False"),
-    "ns_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 100, "an integer in [1, 99]"),
-    "adjust_lr_fn": (lambda v: v in ("original", "match_rms_adamw"), "'original' or 'match_rms_adamw'"),
-    "bias_correction": (lambda v: isinstance(v, bool), "True or False"),
-    "grad_clip": (lambda v: v is None or (is_finite_number(v) and v > 0), "None or a finite number > 0"),
-    "params": (
-        lambda v: v is None or (not isinstance(v, str) and all(isinstance(n, str) for n in v)),
-        "None or a list of tensor names",
-    ),
-}
-
-
-def _check_hyperparameters(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``given`` into the defaults of optimizer ``name``; raise ``ValueError`` on anything invalid."""
-    allowed = DEFAULTS[name]
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ValueError(f"optimizer {name!r} got unknown hyperparameter(s) {unknown}; allowed: {sorted(allowed)}")
-    hp = {**allowed, **given}
-    for key, value in hp.items():
-        if (name == "soap" and key != "grad_clip") or (key == "adamw_lr" and value is None):
-            continue  # SOAP checks its own; adamw_lr None means Muon's LR
-        test, description = _RULES[key.removeprefix("adamw_")]
-        if not test(value):
-            raise ValueError(f"optimizer {name!r}: {key}={value!r} is invalid; allowed: {description}")
-    if name == "sgd" and hp["nesterov"] and hp["momentum"] == 0:
+def _sgd_nesterov_needs_momentum(hp: dict[str, Any]) -> None:
+    if hp["nesterov"] and hp["momentum"] == 0:
         raise ValueError("optimizer 'sgd': nesterov=True needs momentum > 0; allowed momentum: a number in (0, 1)")
-    return hp
+
+
+#: Each baseline's options: default and rule (the one place they are defined; ``DEFAULTS`` reads them).
+SCHEMAS: dict[str, Schema] = {
+    "adamw": Schema(
+        "adamw",
+        defaults=dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=None),
+        rules=dict(lr=number(0), betas=BETAS, eps=number(0), weight_decay=number(0), grad_clip=_GRAD_CLIP),
+    ),
+    "muon": Schema(
+        "muon",
+        defaults=dict(
+            lr=0.02,
+            momentum=0.95,
+            nesterov=True,
+            weight_decay=0.0,
+            ns_steps=5,
+            adjust_lr_fn="original",
+            bias_correction=False,
+            grad_clip=None,
+            adamw_lr=3e-3,
+            adamw_betas=(0.9, 0.95),
+            adamw_eps=1e-8,
+            adamw_weight_decay=0.0,
+            adamw_params=None,
+        ),
+        rules=dict(
+            lr=number(0),
+            momentum=number(0, below=1),
+            nesterov=FLAG,
+            weight_decay=number(0),
+            ns_steps=integer(1, 99),
+            adjust_lr_fn=Rule(lambda v: v in ("original", "match_rms_adamw"), "'original' or 'match_rms_adamw'"),
+            bias_correction=FLAG,
+            grad_clip=_GRAD_CLIP,
+            adamw_lr=optional(number(0)),
+            adamw_betas=BETAS,
+            adamw_eps=number(0),
+            adamw_weight_decay=number(0),
+            adamw_params=NAMES,
+        ),
+    ),
+    "soap": Schema(
+        "soap",
+        defaults={**SOAP_SCHEMA.defaults, "grad_clip": None},
+        rules={**SOAP_SCHEMA.rules, "grad_clip": _GRAD_CLIP},
+    ),
+    "sgd": Schema(
+        "sgd",
+        defaults=dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0, grad_clip=None),
+        rules=dict(
+            lr=number(0), momentum=number(0, below=1), nesterov=FLAG, weight_decay=number(0), grad_clip=_GRAD_CLIP
+        ),
+        checks=(_sgd_nesterov_needs_momentum,),
+    ),
+}
+
+#: Each baseline's default hyperparameters (read from :data:`SCHEMAS`).
+DEFAULTS: dict[str, dict[str, Any]] = {name: dict(schema.defaults) for name, schema in SCHEMAS.items()}
 
 
 def _named(model: nn.Module | NamedTensors) -> dict[str, Tensor]:
@@ -163,7 +160,7 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
     Args:
         name: ``"adamw"``, ``"muon"``, ``"soap"`` or ``"sgd"``.
         model: an ``nn.Module`` (its ``named_parameters()``), or named tensors (dict or pairs).
-        **hyperparameters: overrides of ``DEFAULTS[name]`` (see the module docstring).
+        **hyperparameters: overrides of ``DEFAULTS[name]`` (see the module docstring), checked by ``SCHEMAS[name]``.
 
     Returns:
         A torch optimizer (adamw, soap, sgd) or a :class:`CompositeOptimizer` (muon), with
@@ -173,8 +170,8 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
         ValueError: unknown ``name``, unknown hyperparameter, or an invalid value; raised before any
             state is allocated.
     """
-    check_choice("name", name, list(DEFAULTS))
-    hp = _check_hyperparameters(name, hyperparameters)
+    check_choice("name", name, list(SCHEMAS))
+    hp = SCHEMAS[name].validate(hyperparameters)
     grad_clip = hp.pop("grad_clip")
     named = _named(model)
     if name == "adamw":

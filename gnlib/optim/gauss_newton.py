@@ -101,15 +101,17 @@ from torch.func import functional_call
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from gnlib import curvature
-from gnlib.blocks import resolve_partition
+from gnlib.blocks import PARTITION_SPECS, resolve_partition
 from gnlib.costs import FLOP_PASS_COSTS, check_pass_costs, price
 from gnlib.distributed import all_reduce_mean
 from gnlib.losses import CrossEntropy, Loss
 from gnlib.optim.factory import EMBEDDING_AND_HEAD, clip_gradients, clip_groups, make_optimizer
+from gnlib.optim.factory import SCHEMAS as BASELINES
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
+from gnlib.optim.options import FLAG, Rule, Schema, choice, integer, invalid, number, optional
 from gnlib.optim.schedules import constant, cosine_decay
 from gnlib.params import Params, flatten, unflatten
-from gnlib.runtime import check_choice, is_finite_number
+from gnlib.runtime import check_choice, is_finite_number, is_integer
 
 Batch = tuple[Tensor, Tensor]
 
@@ -123,7 +125,8 @@ WEIGHT_DECAY_SCOPES = ("all", "except_muon")
 
 def line_search_grid(n: int) -> tuple[float, ...]:
     """The reference's line-search grid α_i = 2^(−i/2), i = 0..n−1 (``ls_range`` = n, gn.py:759-807)."""
-    _require("n", n, _is_int(n, 1), "an integer >= 1")
+    if not is_integer(n) or n < 1:
+        raise invalid("", "n", n, "an integer >= 1")
     return tuple(2 ** (-i / 2) for i in range(n))
 
 
@@ -140,10 +143,6 @@ DEFAULT_DAMPING = 1.0
 def _require(parameter: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{parameter}={value!r} is invalid; allowed values: {allowed}")
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _finite(*tensors: Tensor) -> bool:
@@ -273,80 +272,12 @@ class GaussNewton:
             "an nn.Module with parameters",
         )
         _require("batches", batches, callable(batches), "a zero-argument callable returning (inputs, targets)")
-        check_choice("objective", objective, OBJECTIVES)
-        check_choice("solver", solver, SOLVERS)
-        check_choice("inner_schedule", inner_schedule, INNER_SCHEDULES)
-        check_choice("line_search_accept", line_search_accept, LINE_SEARCH_ACCEPT)
-        check_choice("grad_clip_per", grad_clip_per, CLIP_PER)
-        check_choice("weight_decay_scope", weight_decay_scope, WEIGHT_DECAY_SCOPES)
-        _require("inner_steps", inner_steps, _is_int(inner_steps, 1), "an integer >= 1")
+        # every option but the model and its batch source, checked by the declared schema
+        GN_SCHEMA.validate({name: value for name, value in locals().items() if name in GN_SCHEMA.defaults})
         inner_lr = DEFAULT_INNER_LR[solver] if inner_lr is None else inner_lr
-        _require("inner_lr", inner_lr, is_finite_number(inner_lr) and inner_lr > 0, "a finite number > 0")
-        _require("warm_start", warm_start, isinstance(warm_start, bool), "True or False")
-        for name, value in (
-            ("prox", prox),
-            ("weight_decay", weight_decay),
-            ("cg_tol", cg_tol),
-            ("cg_progress_tol", cg_progress_tol),
-        ):
-            _require(name, value, is_finite_number(value) and value >= 0, "a finite number >= 0")
-        _require(
-            "grad_clip",
-            grad_clip,
-            grad_clip is None or (is_finite_number(grad_clip) and grad_clip > 0),
-            "None or a finite number > 0",
-        )
-        if line_search is not None:
-            ok = (
-                isinstance(line_search, Sequence)
-                and not isinstance(line_search, str)
-                and len(line_search) > 0
-                and all(is_finite_number(a) and a > 0 for a in line_search)
-                and len(set(line_search)) == len(line_search)
-            )
-            _require(
-                "line_search",
-                line_search,
-                ok,
-                "None or a non-empty sequence of distinct finite step sizes > 0 (α = 0 is always tried)",
-            )
-        _require(
-            "line_search_batches",
-            line_search_batches,
-            line_search_batches is None or _is_int(line_search_batches, 1),
-            "an integer >= 1, or None for inner_steps",
-        )
-        _require("ema", ema, ema is None or (is_finite_number(ema) and 0 < ema < 1), "None or a number in (0, 1)")
-        _require(
-            "damping",
-            damping,
-            damping is None or (solver == "cg" and is_finite_number(damping) and damping >= 0),
-            "None, or a finite number >= 0 with solver='cg' (first-order solvers use prox instead)",
-        )
-        _require("cg_iters", cg_iters, _is_int(cg_iters, 1), "an integer >= 1")
-        _require("cg_backtrack", cg_backtrack, isinstance(cg_backtrack, bool), "True or False")
-        if solver == "cg" and (prox or weight_decay):
-            raise ValueError(
-                f"prox={prox!r} and weight_decay={weight_decay!r} apply to the first-order solvers; "
-                "allowed values with solver='cg': 0 (CG is regularized by damping)"
-            )
-        if solver == "cg" and objective != "gn":
-            raise ValueError(
-                f"objective={objective!r} is invalid with solver='cg' (CG solves the quadratic); "
-                "allowed values: 'gn', or a first-order solver for 'prox_linear'"
-            )
         costs = check_pass_costs(FLOP_PASS_COSTS if pass_costs is None else pass_costs)
         solver_options = dict(solver_options or {})
-        fixed = sorted({"lr", "weight_decay", "adamw_weight_decay", "grad_clip"} & set(solver_options))
-        _require(
-            "solver_options",
-            solver_options,
-            not fixed and not (solver == "cg" and solver_options),
-            "a dict of the inner optimizer's other hyperparameters (inner_lr, weight_decay and grad_clip "
-            "set lr, weight decay and clipping; none for solver='cg')",
-        )
         loss = CrossEntropy() if loss is None else loss
-        _require("loss", loss, isinstance(loss, Loss), "a gnlib.losses.Loss")
         partition = resolve_partition(blocks, model)
 
         self.model, self.batches, self.loss = model, batches, loss
@@ -711,6 +642,124 @@ VARIANT_ALTERNATIVES: dict[tuple[str, str], tuple[Any, ...]] = {
 }
 
 
+def _is_grid(value: Any) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) > 0
+        and all(is_finite_number(a) and a > 0 for a in value)
+        and len(set(value)) == len(value)
+    )
+
+
+def _check_solver_combinations(options: dict[str, Any], owner: str) -> None:
+    """Options that only some solvers take; the inner solver's own options (its baseline schema)."""
+    solver = options["solver"]
+    if options["damping"] is not None and solver != "cg":
+        raise invalid(
+            owner,
+            "damping",
+            options["damping"],
+            "None, or a finite number >= 0 with solver='cg' (first-order solvers use prox instead)",
+        )
+    if solver == "cg" and (options["prox"] or options["weight_decay"]):
+        raise ValueError(
+            f"prox={options['prox']!r} and weight_decay={options['weight_decay']!r} apply to the first-order solvers; "
+            "allowed values with solver='cg': 0 (CG is regularized by damping)"
+        )
+    if solver == "cg" and options["objective"] != "gn":
+        raise ValueError(
+            f"objective={options['objective']!r} is invalid with solver='cg' (CG solves the quadratic); "
+            "allowed values: 'gn', or a first-order solver for 'prox_linear'"
+        )
+    solver_options = dict(options["solver_options"] or {})
+    fixed = sorted({"lr", "weight_decay", "adamw_weight_decay", "grad_clip"} & set(solver_options))
+    if fixed or (solver == "cg" and solver_options):
+        raise invalid(
+            owner,
+            "solver_options",
+            options["solver_options"],
+            "a dict of the inner optimizer's other hyperparameters (inner_lr, weight_decay and grad_clip "
+            "set lr, weight decay and clipping; none for solver='cg')",
+        )
+    if solver != "cg":
+        BASELINES[solver].validate({**SOLVER_DEFAULTS[solver], **solver_options})
+    if options["pass_costs"] is not None:
+        check_pass_costs(options["pass_costs"])
+
+
+def _gn_schema(name: str, fixed: Mapping[str, Any], alternatives: Mapping[str, tuple[Any, ...]]) -> Schema:
+    """The options of :class:`GaussNewton` as optimizer ``name``.
+
+    ``fixed`` options are set and accept only their value (or one of ``alternatives[option]``).
+    """
+    signature = inspect.signature(GaussNewton.__init__).parameters
+    defaults = {key: p.default for key, p in signature.items() if key not in ("self", "model", "batches")}
+    rules = dict(_GN_RULES)
+    for key, value in fixed.items():
+        allowed = (value, *alternatives.get(key, ()))
+        rules[key] = Rule(
+            lambda v, allowed=allowed: any(v == a and type(v) is type(a) for a in allowed),
+            f"{' or '.join(map(repr, allowed))} ({name!r} fixes {key}: pick another variant of "
+            f"{list(GN_VARIANTS)} or use GaussNewton directly)",
+        )
+    return Schema(
+        name,
+        defaults={**defaults, **fixed},
+        rules=rules,
+        checks=(lambda options: _check_solver_combinations(options, f"optimizer {name!r}"),),
+    )
+
+
+_GN_RULES: dict[str, Rule] = {
+    "objective": choice(OBJECTIVES),
+    "blocks": Rule(
+        lambda v: v is None or v in PARTITION_SPECS or isinstance(v, Mapping),
+        f"None, one of {PARTITION_SPECS}, or a dict block -> tensor names",
+    ),
+    "solver": choice(SOLVERS),
+    "inner_steps": integer(1),
+    "inner_lr": optional(number(0, strict=True)),
+    "inner_schedule": choice(INNER_SCHEDULES),
+    "warm_start": FLAG,
+    "prox": number(0),
+    "weight_decay": number(0),
+    "weight_decay_scope": choice(WEIGHT_DECAY_SCOPES),
+    "grad_clip": optional(number(0, strict=True)),
+    "grad_clip_per": choice(CLIP_PER),
+    "line_search": Rule(
+        lambda v: v is None or _is_grid(v),
+        "None or a non-empty sequence of distinct finite step sizes > 0 (α = 0 is always tried)",
+    ),
+    "line_search_batches": Rule(
+        lambda v: v is None or (is_integer(v) and v >= 1), "an integer >= 1, or None for inner_steps"
+    ),
+    "line_search_accept": choice(LINE_SEARCH_ACCEPT),
+    "ema": optional(number(0, strict=True, below=1)),
+    "damping": optional(number(0)),
+    "cg_iters": integer(1),
+    "cg_tol": number(0),
+    "cg_progress_tol": number(0),
+    "cg_backtrack": FLAG,
+    "solver_options": Rule(
+        lambda v: v is None or isinstance(v, Mapping), "None or a dict of the inner optimizer's hyperparameters"
+    ),
+    "pass_costs": Rule(
+        lambda v: v is None or isinstance(v, Mapping), "None or a dict with keys forward, tangent, backward"
+    ),
+    "loss": Rule(lambda v: v is None or isinstance(v, Loss), "None or a gnlib.losses.Loss"),
+}
+
+#: :class:`GaussNewton`'s options used directly: the defaults of its signature, each with its rule.
+GN_SCHEMA = _gn_schema("GaussNewton", {}, {})
+
+#: Each variant's options: :data:`GN_SCHEMA` with the options of :data:`GN_VARIANTS` fixed.
+VARIANT_SCHEMAS: dict[str, Schema] = {
+    name: _gn_schema(name, fixed, {k: v for (variant, k), v in VARIANT_ALTERNATIVES.items() if variant == name})
+    for name, fixed in GN_VARIANTS.items()
+}
+
+
 def make_gauss_newton(
     name: str, model: nn.Module, batches: Callable[[], Batch], lr: float, **hyperparameters: Any
 ) -> GaussNewton:
@@ -723,26 +772,19 @@ def make_gauss_newton(
         batches: the training batch source.
         lr: ``inner_lr``: the inner solver's peak LR; for ``"gn_cg"`` the scale of the CG step (1 = the
             damped Gauss-Newton step; the line search then shortens it).
-        **hyperparameters: further :class:`GaussNewton` options (not those the variant fixes).
+        **hyperparameters: further :class:`GaussNewton` options (not those the variant fixes), checked by
+            ``VARIANT_SCHEMAS[name]``.
 
     Raises:
         ValueError: unknown ``name``, unknown option, an option the variant fixes, or an invalid value.
     """
     check_choice("name", name, GN_VARIANTS)
-    fixed = GN_VARIANTS[name]
-    own = ("self", "model", "batches", "inner_lr")
-    allowed = [p for p in inspect.signature(GaussNewton.__init__).parameters if p not in own]
-    unknown = sorted(set(hyperparameters) - set(allowed))
-    if unknown:
-        raise ValueError(f"Gauss-Newton variant {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
-    clash = sorted(
-        k
-        for k in set(fixed) & set(hyperparameters)
-        if hyperparameters[k] != fixed[k] and hyperparameters[k] not in VARIANT_ALTERNATIVES.get((name, k), ())
-    )
-    if clash:
-        raise ValueError(
-            f"variant {name!r} fixes {clash} to {[fixed[k] for k in clash]}; pick another variant "
-            f"of {list(GN_VARIANTS)} or use GaussNewton directly"
-        )
-    return GaussNewton(model, batches, inner_lr=lr, **{**fixed, **hyperparameters})
+    options = VARIANT_SCHEMAS[name].validate(variant_options(lr, hyperparameters, name))
+    return GaussNewton(model, batches, **options)
+
+
+def variant_options(lr: float, hyperparameters: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The options of variant ``name`` given its ``lr`` (``inner_lr``) and further ``hyperparameters``."""
+    if "inner_lr" in hyperparameters:
+        raise ValueError(f"optimizer {name!r} got unknown option(s) ['inner_lr']; its lr sets the inner LR")
+    return {**hyperparameters, "inner_lr": lr}

@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from gnlib.runtime import is_integer
+
 Schedule = Callable[[int], float]
 
 
@@ -28,9 +30,9 @@ def _check_step(step: int) -> None:
 
 
 def _check_steps(total_steps: int, warmup_steps: int) -> None:
-    if not isinstance(total_steps, int) or total_steps < 1:
+    if not is_integer(total_steps) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps!r} must be an integer >= 1")
-    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
+    if not is_integer(warmup_steps) or not 0 <= warmup_steps < total_steps:
         raise ValueError(f"warmup_steps={warmup_steps!r} must be an integer in [0, total_steps={total_steps})")
 
 

@@ -48,19 +48,16 @@ December 2024) unless noted:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from gnlib.optim.options import BETAS, Schema, integer, number
+
 Bases = dict[int, Tensor]
-
-
-def _check_number(name: str, value: float, allowed: str, inside: Callable[[float], bool]) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (is_number and inside(value)):
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
 
 
 def _eigenvectors(matrix: Tensor) -> Tensor | None:
@@ -173,19 +170,18 @@ class SOAP(torch.optim.Optimizer):
         precondition_frequency: int = 10,
         max_precond_dim: int = 10000,
     ) -> None:
-        """Validate the hyperparameters and the parameter shapes."""
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas={betas!r} is invalid; allowed: a pair (beta1, beta2), each in [0, 1)")
-        for name, value in (("betas[0]", betas[0]), ("betas[1]", betas[1]), ("shampoo_beta", shampoo_beta)):
-            _check_number(name, value, "a number in [0, 1)", lambda v: 0 <= v < 1)
-        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            _check_number(name, value, "a finite number >= 0", lambda v: v >= 0)
-        for name, value, low in (
-            ("precondition_frequency", precondition_frequency, 1),
-            ("max_precond_dim", max_precond_dim, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {low}")
+        """Validate the hyperparameters (:data:`SOAP_SCHEMA`) and the parameter shapes."""
+        SOAP_SCHEMA.validate(
+            dict(
+                lr=lr,
+                betas=betas,
+                shampoo_beta=shampoo_beta,
+                eps=eps,
+                weight_decay=weight_decay,
+                precondition_frequency=precondition_frequency,
+                max_precond_dim=max_precond_dim,
+            )
+        )
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -273,3 +269,23 @@ class SOAP(torch.optim.Optimizer):
             state[f"basis_{d}"] = q
             state["exp_avg_sq"] = state["exp_avg_sq"].index_select(d, order)
         state["exp_avg"] = project(exp_avg, self._bases(state))
+
+
+#: SOAP's options: the defaults of :class:`SOAP`'s signature (the reference's), each with its rule.
+SOAP_SCHEMA = Schema(
+    "soap",
+    defaults={
+        name: p.default
+        for name, p in inspect.signature(SOAP.__init__).parameters.items()
+        if name not in ("self", "params")
+    },
+    rules={
+        "lr": number(0),
+        "betas": BETAS,
+        "shampoo_beta": number(0, below=1),
+        "eps": number(0),
+        "weight_decay": number(0),
+        "precondition_frequency": integer(1),
+        "max_precond_dim": integer(0),
+    },
+)
