@@ -254,6 +254,15 @@ def _example(default: Any) -> str:
     return str(default)
 
 
+def notebook_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """Every parameter the notebook declares, with its value in this run, for its results: ``(globals())``.
+
+    Read from the ``parameters`` cell (:func:`check_notebook_parameters`), so a results file records all
+    of them, including ones added later, without a hand-written copy. Empty outside IPython (no cells).
+    """
+    return dict(check_notebook_parameters(namespace).values)
+
+
 def notebook_output_dir(
     namespace: Mapping[str, Any], also_accept: Mapping[str, type | tuple[type, ...]] | None = None
 ) -> Path:

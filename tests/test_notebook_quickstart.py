@@ -43,6 +43,7 @@ def test_quickstart_writes_results_and_figure(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert (out / "val_loss.png").stat().st_size > 1000
     assert results["parameters"]["steps"] == 4 and len(results["corpus_sha256"]) == 64
+    assert set(results["parameters"]) == set(papermill.inspect_notebook(str(NOTEBOOK)))  # every parameter
     runs = {run["optimizer"]: run for run in results["runs"]}
     assert set(runs) == {"adamw", "gn"}
     for name, run in runs.items():
