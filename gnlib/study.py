@@ -285,6 +285,11 @@ def study_spec(
     fields = dict(variants.get(optimizer, {"optimizer": optimizer}))
     hp = {**fields.pop("hyperparameters", {}), **(hyperparameters or {}).get(optimizer, {})}
     if fields.get("optimizer", optimizer) in GN_VARIANTS:
+        if hp.get("inner_steps", micro_batches) != micro_batches:
+            raise ValueError(
+                f"hyperparameters of {optimizer!r} set inner_steps={hp['inner_steps']!r}, but a study's GN runs take "
+                f"one inner step per micro-batch (micro_batches={micro_batches}); set micro_batches instead"
+            )
         hp["inner_steps"], accumulation = micro_batches, 1
     else:
         accumulation = micro_batches

@@ -89,6 +89,11 @@ def test_study_spec_gives_equal_tokens_per_outer_step():
     assert paper.tokens_per_step == 122 * 32 * 1024
     with pytest.raises(ValueError, match="micro_batches"):
         study_spec(BASE, "gn", 0, 0.01, 0)
+    with pytest.raises(ValueError, match=r"inner_steps=8.*micro_batches=4"):  # not silently replaced
+        study_spec(BASE, "gn", 4, 0.01, 0, hyperparameters={"gn": {"inner_steps": 8}})
+    assert study_spec(BASE, "gn", 4, 0.01, 0, hyperparameters={"gn": {"inner_steps": 4}}).hyperparameters == {
+        "inner_steps": 4
+    }
     with pytest.raises(ValueError, match="optimizer"):
         study_spec(BASE, "gn_diagonal", 2, 0.01, 0)
     with pytest.raises(ValueError, match="lrs"):
