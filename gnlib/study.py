@@ -52,9 +52,14 @@ def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
     """The best LR of one setting's runs (columns lr, steps_to_target, final_val_loss) and whether it is on the edge.
 
     Best = fewest median steps to target over the runs at that LR (a run that misses the target counts
-    as infinitely many); ties, or no LR reaching it, are broken by the median final validation loss. The
-    best is *on the edge* when it is the smallest or largest LR of the grid, or the grid has one LR.
+    as infinitely many); ties, or no LR reaching it, are broken by the median final validation loss. LRs
+    are compared on the seeds that every LR of the setting ran (with a ``seed`` column), so seeds repeated
+    at the winner only (a sweep's ``replicate``) do not change the choice. The best is *on the edge* when
+    it is the smallest or largest LR of the grid, or the grid has one LR.
     """
+    if "seed" in group.columns:
+        shared = set.intersection(*(set(seeds) for _, seeds in group.groupby("lr")["seed"]))
+        group = group.loc[group["seed"].isin(shared)] if shared else group
     by_lr = (
         group.assign(
             _steps=group["steps_to_target"].astype(float).fillna(np.inf),

@@ -14,6 +14,11 @@ Grid file (YAML mapping; no other top-level keys are accepted)::
       lr: [1e-3, 3e-3]                # exponents without a dot are read as floats, unlike plain YAML 1.1
     seeds: [0, 1]                     # shorthand for a last grid key ``seed``
     timeout: 600                      # seconds per cell (optional)
+    replicate:                        # optional: after the grid, repeat each setting's best run (see below)
+      key: seed
+      values: [1, 2]
+      at_best: lr
+      minimize: [final_loss]
 
 ``grid`` may also be a list of such mappings, all naming the same keys: the runs are the union of their
 products, in list order (e.g. one LR grid per optimizer)::
@@ -21,6 +26,14 @@ products, in list order (e.g. one LR grid per optimizer)::
     grid:
       - {optimizer: [gn], lr: [0.01, 0.03]}
       - {optimizer: [adamw], lr: [0.001, 0.003, 0.01]}
+
+``replicate`` tunes on a few seeds and repeats only the winner, instead of the full product: once the grid's
+runs are done, the runs are grouped into *settings* (equal values of every grid key but ``key`` and
+``at_best``); in each, the value of ``at_best`` whose runs have the best outcomes (``minimize``, read from
+``results.json``: the median over the setting's runs at that value, a missing or non-finite outcome counting
+as +inf, later names breaking ties) is run again with each of ``values`` as ``key``. The repeats are named like
+grid runs (``lr=0.01,seed=1``), are listed in ``sweep.json`` after the grid's, and a re-run plans them from the
+grid's results again (a setting with a grid run not yet finished gets none).
 
 Every key in ``parameters`` and ``grid`` must be declared in the notebook's ``parameters`` cell
 (``papermill.inspect_notebook``); values must match simple annotations (``int``, ``float``, ``bool``, ``str``).
@@ -57,11 +70,13 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -81,7 +96,8 @@ from gnlib.checks import check_writable
 from gnlib.optim.registry import check_notebook_optimizers
 from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, is_integer
 
-GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout")
+GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate")
+REPLICATE_KEYS = ("key", "values", "at_best", "minimize")
 KERNEL = "python3"
 OUTPUT_PARAMETER = "output_dir"
 PARAMS_FILE, STATUS_FILE, LOG_FILE, NOTEBOOK_FILE = "params.json", "status.json", "log.txt", "notebook.ipynb"
@@ -205,11 +221,14 @@ def run_sweep(
     _check_notebook_parameters(spec)
     sweep_dir = cwd / output_root / spec["name"]
     states = {rid: _state(sweep_dir / rid, params) for rid, params in runs}
-    pending = [(rid, params) for rid, params in runs if _should_run(states[rid], retry_failed)]
     if dry_run:
+        runs += _replicates(spec, sweep_dir, runs, states)
+        states.update({rid: _state(sweep_dir / rid, params) for rid, params in runs if rid not in states})
         if verbose:
             for rid, params in runs:
                 print(f"{'run ' if _should_run(states[rid], retry_failed) else 'skip'} {rid} ({states[rid]})")
+            if spec["replicate"]:
+                print("replicates of settings whose grid runs are not all finished are planned after them")
         return pd.DataFrame(
             [
                 {"run_id": rid, "state": states[rid], "will_run": _should_run(states[rid], retry_failed), **params}
@@ -219,10 +238,38 @@ def run_sweep(
 
     check_writable(sweep_dir, parameter="--output-root")
     atomic_write_json(sweep_dir / MANIFEST_FILE, {**spec, "runs": [rid for rid, _ in runs]})
+    _execute_runs(spec, sweep_dir, runs, states, cwd, jobs, retry_failed, verbose)
+    if spec["replicate"]:
+        states.update({rid: _state(sweep_dir / rid, params) for rid, params in runs})
+        replicates = _replicates(spec, sweep_dir, runs, states)
+        states.update({rid: _state(sweep_dir / rid, params) for rid, params in replicates})
+        atomic_write_json(sweep_dir / MANIFEST_FILE, {**spec, "runs": [rid for rid, _ in runs + replicates]})
+        _execute_runs(spec, sweep_dir, replicates, states, cwd, jobs, retry_failed, verbose, what="replicate runs")
+    table = aggregate(sweep_dir)
+    atomic_write_text(sweep_dir / TABLE_FILE, table.to_csv(index=False))
+    if verbose:
+        counts = table["status"].value_counts().to_dict()
+        print(f"results: {sweep_dir / TABLE_FILE} ({', '.join(f'{n} {s}' for s, n in counts.items())})", flush=True)
+    return table
+
+
+def _execute_runs(
+    spec: dict,
+    sweep_dir: Path,
+    runs: list[tuple[str, dict]],
+    states: dict[str, str],
+    cwd: Path,
+    jobs: int,
+    retry_failed: bool,
+    verbose: bool,
+    what: str = "runs",
+) -> None:
+    """Execute the pending ones of ``runs`` (run id, parameters), ``jobs`` at a time."""
+    pending = [(rid, params) for rid, params in runs if _should_run(states[rid], retry_failed)]
     if verbose:
         done = sum(states[rid] == "ok" for rid, _ in runs)
         print(
-            f"sweep {spec['name']}: {len(runs)} runs, {done} already ok, running {len(pending)} "
+            f"sweep {spec['name']}: {len(runs)} {what}, {done} already ok, running {len(pending)} "
             f"with {jobs} job(s) -> {sweep_dir}",
             flush=True,
         )
@@ -231,12 +278,77 @@ def run_sweep(
         for rid, params in pending
     ]
     _execute(tasks, jobs, verbose)
-    table = aggregate(sweep_dir)
-    atomic_write_text(sweep_dir / TABLE_FILE, table.to_csv(index=False))
-    if verbose:
-        counts = table["status"].value_counts().to_dict()
-        print(f"results: {sweep_dir / TABLE_FILE} ({', '.join(f'{n} {s}' for s, n in counts.items())})", flush=True)
-    return table
+
+
+def best_points(
+    runs: list[tuple[dict, Mapping | None]], setting_keys: list[str], at_best: str, minimize: list[str]
+) -> list[dict]:
+    """Per setting, the parameters of a run at the best value of ``at_best`` (pure; see the module docstring).
+
+    Args:
+        runs: (parameters, outcomes) of the grid's runs, outcomes None for a run that is not ``ok`` (it does not
+            compete); a ``"pending"`` outcome marks a run not finished yet, and its setting is left out.
+        setting_keys: the grid keys whose values define a setting.
+        at_best: the grid key whose best value is chosen per setting.
+        minimize: outcome names compared in order (median over the runs at one value; missing, None or
+            non-finite counts as +inf).
+
+    Returns:
+        One parameters dict per setting with at least one ``ok`` run, in the order settings first appear.
+    """
+    settings: dict[str, list[tuple[dict, Mapping | None]]] = {}
+    for params, outcomes in runs:
+        settings.setdefault(run_id({key: params[key] for key in setting_keys}), []).append((params, outcomes))
+    best = []
+    for members in settings.values():
+        if any(outcomes == "pending" for _, outcomes in members):
+            continue
+        by_value: dict[str, list[Mapping]] = {}
+        first: dict[str, dict] = {}
+        for params, outcomes in members:
+            if outcomes is not None:
+                label = _format(params[at_best])
+                by_value.setdefault(label, []).append(outcomes)
+                first.setdefault(label, params)
+        if by_value:
+            winner = min(by_value, key=lambda label: [_median_outcome(by_value[label], name) for name in minimize])
+            best.append(first[winner])
+    return best
+
+
+def _median_outcome(outcomes: list[Mapping], name: str) -> float:
+    """Median of one outcome over runs; a missing, None, non-numeric or non-finite value counts as +inf."""
+    values = []
+    for outcome in outcomes:
+        value = outcome.get(name)
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        values.append(float(value) if finite else math.inf)
+    return statistics.median(values)
+
+
+def _replicates(spec: dict, sweep_dir: Path, runs: list[tuple[str, dict]], states: dict[str, str]) -> list[tuple]:
+    """The replicate runs (run id, parameters) planned from the grid runs' results so far, grid runs excluded."""
+    replicate = spec["replicate"]
+    if not replicate:
+        return []
+    keys = list(_grid_parts(spec)[0])
+    setting_keys = [key for key in keys if key not in (replicate["key"], replicate["at_best"])]
+    outcomes = []
+    for rid, params in runs:
+        state = states.get(rid)
+        if state == "ok":
+            outcomes.append((params, _read_json(sweep_dir / rid / RESULTS_FILE)))
+        else:
+            outcomes.append((params, None if state == "failed" else "pending"))
+    grid_ids = {rid for rid, _ in runs}
+    planned = []
+    for params in best_points(outcomes, setting_keys, replicate["at_best"], replicate["minimize"]):
+        for value in replicate["values"]:
+            repeat = {**params, replicate["key"]: value}
+            rid = run_id({key: repeat[key] for key in keys})
+            if rid not in grid_ids:
+                planned.append((rid, repeat))
+    return planned
 
 
 def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
@@ -332,7 +444,38 @@ def _check_structure(spec: Any) -> dict:
     timeout = spec.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds per cell, or omitted")
-    return {"name": name, "notebook": notebook, "parameters": dict(parameters), "grid": grid, "timeout": timeout}
+    replicate = _check_replicate(spec.get("replicate"), list(parts[0]))
+    return {
+        "name": name,
+        "notebook": notebook,
+        "parameters": dict(parameters),
+        "grid": grid,
+        "timeout": timeout,
+        "replicate": replicate,
+    }
+
+
+def _check_replicate(value: Any, grid_keys: list[str]) -> dict | None:
+    """``replicate`` checked against the grid's keys (None when absent)."""
+    if value is None:
+        return None
+    value = _check_mapping("replicate", value)
+    if set(value) != set(REPLICATE_KEYS):
+        raise ValueError(f"replicate: give exactly the keys {list(REPLICATE_KEYS)}, got {sorted(value)}")
+    for name in ("key", "at_best"):
+        if value[name] not in grid_keys:
+            raise ValueError(f"replicate {name}={value[name]!r}: must be one of the grid's keys {grid_keys}")
+    if value["key"] == value["at_best"]:
+        raise ValueError(f"replicate: key and at_best are both {value['key']!r}; repeat one key at the best of another")
+    values = value["values"]
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"replicate values={values!r}: must be a non-empty list of values for {value['key']!r}")
+    for item in values:
+        _check_json(f"replicate values of {value['key']!r}", item)
+    minimize = value["minimize"]
+    if not isinstance(minimize, list) or not minimize or not all(isinstance(name, str) for name in minimize):
+        raise ValueError(f"replicate minimize={minimize!r}: must be a non-empty list of results.json outcome names")
+    return {name: value[name] for name in REPLICATE_KEYS}
 
 
 def _check_grid(where: str, part: Any, parameters: Mapping, seeds: Any) -> dict:
@@ -392,6 +535,8 @@ def _check_notebook_parameters(spec: dict) -> None:
     for part in _grid_parts(spec):
         for key, candidates in part.items():
             values[key] = values.get(key, []) + candidates
+    if spec["replicate"]:
+        values[spec["replicate"]["key"]] += spec["replicate"]["values"]
     for key, candidates in values.items():
         if key not in declared:
             raise ValueError(f"parameter {key!r} is not in the parameters cell of {notebook}; allowed: {allowed}")

@@ -50,6 +50,24 @@ def test_choose_lr_marks_best_and_edge():
         choose_lr(table.drop(columns="lr"))
 
 
+def test_choose_lr_compares_lrs_on_the_seeds_they_share():
+    """Tuned on seed 0, repeated at the winner with seeds 1 and 2: worse repeats do not move the choice."""
+    table = pd.DataFrame(
+        {
+            "optimizer": ["a"] * 5,
+            "micro_batches": [1] * 5,
+            "lr": [1e-3, 1e-2, 1e-1, 1e-2, 1e-2],
+            "seed": [0, 0, 0, 1, 2],
+            "steps_to_target": [20, 10, 15, 30, 40],  # all seeds at 1e-2: median 30, worse than 1e-1's 15
+            "final_val_loss": [2.0] * 5,
+        }
+    )
+    marked = choose_lr(table)
+    assert marked.loc[marked["chosen"], "seed"].tolist() == [0, 1, 2]
+    assert set(marked.loc[marked["chosen"], "lr"]) == {1e-2}
+    assert choose_lr(table.drop(columns="seed")).loc[lambda t: t["chosen"], "lr"].tolist() == [1e-1]
+
+
 def test_lr_sweep_flags_an_optimum_at_the_grid_edge():
     spec = dataclasses.replace(BASE, steps=4, eval_every=4)
     table, best = lr_sweep(spec, [1e-4, 3e-4, 1e-3], target=0.0)  # unreachable: ranked by final loss

@@ -15,10 +15,13 @@ import nbformat
 import pandas as pd
 import pytest
 
-from gnlib.sweep import aggregate, expand_grid, load_grid, main, run_id, run_sweep
+from gnlib.sweep import aggregate, best_points, expand_grid, load_grid, main, run_id, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "tests/fixtures/sweep_probe.ipynb"
+
+
+REPLICATE = {"key": "seed", "values": [1, 2], "at_best": "x", "minimize": ["y"]}
 
 
 def spec(**overrides):
@@ -90,6 +93,11 @@ def test_run_ids_are_readable_filesystem_safe_and_distinct():
         (spec(grid=[{"x": [1]}, {"fail": [True]}]), "grid[1]"),
         (spec(grid=[{"x": [1]}, [2]]), "grid[1]"),
         (spec(grid=[{"x": [1]}, {"x": []}]), "grid[1] key 'x'"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={"key": "seed", "values": [1], "at_best": "x"}), "minimize"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "at_best": "lr"}), "at_best='lr'"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "key": "x"}), "key and at_best"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "values": []}), "values"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "minimize": "y"}), "minimize"),
     ],
 )
 def test_malformed_specs_are_refused_naming_the_key(bad, key):
@@ -110,6 +118,7 @@ def test_load_grid_reads_exponents_as_floats_and_resolves_the_notebook(tmp_path)
         "parameters": {},
         "grid": {"sleep": [0.001, 25.0], "x": [1, 2], "seed": [3]},
         "timeout": 60,
+        "replicate": None,
     }
     (tmp_path / PROBE).parent.mkdir(parents=True)
     shutil.copy(REPO / PROBE, tmp_path / PROBE)
@@ -347,3 +356,39 @@ def test_optimizer_options_of_every_run_are_checked_against_their_schema(tmp_pat
     with pytest.raises(ValueError, match=r"grid run .*: .*" + re.escape(message)):
         run_sweep(bad, output_root=tmp_path, cwd=REPO, verbose=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_best_points_pick_per_setting_the_value_with_the_best_median_outcomes():
+    """Median over a value's runs, missing or non-finite outcomes as +inf, later outcomes breaking ties."""
+    runs = [
+        ({"opt": "a", "lr": 1, "seed": 0}, {"steps": 10, "loss": 2.0}),
+        ({"opt": "a", "lr": 1, "seed": 1}, {"steps": None, "loss": 3.0}),  # missed: +inf, median of (10, inf)
+        ({"opt": "a", "lr": 2, "seed": 0}, {"steps": 12, "loss": 2.5}),
+        ({"opt": "a", "lr": 2, "seed": 1}, {"steps": 14, "loss": 2.5}),
+        ({"opt": "b", "lr": 1, "seed": 0}, {"steps": None, "loss": 3.0}),
+        ({"opt": "b", "lr": 2, "seed": 0}, {"steps": float("nan"), "loss": 2.0}),  # ties at +inf: loss decides
+        ({"opt": "b", "lr": 3, "seed": 0}, None),  # failed: does not compete
+        ({"opt": "c", "lr": 1, "seed": 0}, {"steps": 1, "loss": 1.0}),
+        ({"opt": "c", "lr": 2, "seed": 0}, "pending"),  # unfinished: the setting is not decided yet
+        ({"opt": "d", "lr": 1, "seed": 0}, None),  # nothing finished ok: no point
+    ]
+    best = best_points(runs, ["opt"], "lr", ["steps", "loss"])
+    assert best == [{"opt": "a", "lr": 2, "seed": 0}, {"opt": "b", "lr": 2, "seed": 0}]
+
+
+def test_replicate_repeats_each_settings_best_run_with_new_seeds(tmp_path):
+    """Tune on seed 0, repeat the winner (y = x² + seed, best x = 0) with seeds 1 and 2, named like grid runs."""
+    grid = spec(grid={"x": [-1, 0, 2]}, seeds=[0], replicate=REPLICATE)
+    plan = run_sweep(grid, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
+    assert list(plan["run_id"]) == ["x=-1,seed=0", "x=0,seed=0", "x=2,seed=0"]  # repeats wait for the grid
+    table = run_sweep(grid, jobs=2, output_root=tmp_path, cwd=REPO, verbose=False)
+    assert list(table["run_id"]) == ["x=-1,seed=0", "x=0,seed=0", "x=2,seed=0", "x=0,seed=1", "x=0,seed=2"]
+    assert list(table["y"]) == [1, 0, 4, 1, 2]
+    assert (table["status"] == "ok").all()
+    manifest = json.loads((tmp_path / "probe" / "sweep.json").read_text())
+    assert manifest["runs"] == list(table["run_id"]) and manifest["replicate"] == REPLICATE
+    plan = run_sweep(grid, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
+    assert list(plan["run_id"]) == list(table["run_id"]) and not plan["will_run"].any()
+    widened = spec(grid={"x": [-1, 0, 2, -3]}, seeds=[0], replicate={**REPLICATE, "minimize": ["missing", "y"]})
+    plan = run_sweep(widened, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
+    assert list(plan.loc[plan["will_run"], "run_id"]) == ["x=-3,seed=0"]  # the grid first; repeats after it
