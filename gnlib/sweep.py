@@ -42,8 +42,10 @@ Bad grids raise ``ValueError`` naming the key before any run folder is created (
 Sweepable notebook convention: the parameters cell declares ``output_dir: str = "..."``; the sweep passes
 each run's folder (an absolute path) there, and the notebook writes ``results.json`` into it: a flat JSON
 object of outcomes (``{"final_loss": 3.1, "steps_to_target": 120}``), written atomically at the end.
-Runs execute with kernel ``python3`` and the working directory (``cwd``, default: the current directory,
-normally the repository root) as their cwd, so relative paths in notebooks resolve from there.
+Runs execute with kernel ``python3``, each with the machine's cores shared out as math-library threads
+(:func:`threads_per_job`; an ``OMP_NUM_THREADS`` already set wins), and the working directory (``cwd``,
+default: the current directory, normally the repository root) as their cwd, so relative paths in notebooks
+resolve from there.
 
 Layout of ``<output-root>/<name>/``: ``sweep.json`` (the checked spec and the run ids in grid order),
 ``results.csv`` (one row per run folder: run_id, status, error, seconds, parameters, outcomes) and one
@@ -270,7 +272,7 @@ def _execute_runs(
         done = sum(states[rid] == "ok" for rid, _ in runs)
         print(
             f"sweep {spec['name']}: {len(runs)} {what}, {done} already ok, running {len(pending)} "
-            f"with {jobs} job(s) -> {sweep_dir}",
+            f"with {jobs} job(s) of {threads_per_job(jobs)} thread(s) -> {sweep_dir}",
             flush=True,
         )
     tasks = [
@@ -606,7 +608,8 @@ def _execute(tasks: list[tuple], jobs: int, verbose: bool) -> None:
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     bar = tqdm(total=len(tasks), desc="sweep", unit="run", disable=not verbose)
-    with bar, context.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+    workers = min(jobs, len(tasks))
+    with bar, context.Pool(workers, initializer=_init_worker, initargs=(os.getpid(), threads_per_job(jobs))) as pool:
         for k, status in enumerate(pool.imap_unordered(_run_one, tasks), start=1):
             bar.update()
             if verbose:
@@ -614,11 +617,24 @@ def _execute(tasks: list[tuple], jobs: int, verbose: bool) -> None:
                 bar.write(f"[{k}/{len(tasks)}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}")
 
 
-def _init_worker(parent: int) -> None:
+def threads_per_job(jobs: int) -> int:
+    """Math-library threads for each of ``jobs`` concurrent runs: the usable cores shared out, at least 1.
+
+    Runs that each start a thread per core oversubscribe the machine: with two runs of two threads on two
+    cores, OpenMP's waiting threads made one training run about 20 times slower than with one thread each.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+def _init_worker(parent: int, threads: int) -> None:
     """Worker setup: die with the sweep process ``parent``, leave Ctrl-C and SIGTERM to it, log to log.txt.
 
-    Papermill logs only to each run's log.txt.
+    The worker's kernels use ``threads`` math-library threads unless ``OMP_NUM_THREADS`` (or
+    ``MKL_NUM_THREADS``) is already set. Papermill logs only to each run's log.txt.
     """
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, str(threads))
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the sweep died before the line above took effect
