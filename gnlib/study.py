@@ -142,6 +142,7 @@ def warmup_checkpoint(
     *,
     lr: float = 3e-3,
     seed: int = 0,
+    batch_size: int | None = None,
     root: str | Path = "outputs/warmup",
     progress: bool = False,
 ) -> Path:
@@ -160,6 +161,8 @@ def warmup_checkpoint(
         steps: AdamW steps of the warm-up (``>= 1``).
         lr: AdamW's learning rate.
         seed: model initialisation and batch-stream seed of the warm-up.
+        batch_size: sequences per warm-up step (default: ``base.batch_size``); fixing it lets runs with other
+            micro-batch shapes start from one warm-up.
         root: cache folder (relative paths resolve like notebook outputs, :func:`gnlib.runtime.output_path`).
         progress: print the warm-up's evaluations.
 
@@ -175,6 +178,7 @@ def warmup_checkpoint(
         base,
         optimizer="adamw",
         lr=lr,
+        batch_size=base.batch_size if batch_size is None else batch_size,
         steps=steps,
         accumulation=1,
         schedule="constant",

@@ -92,6 +92,9 @@ def test_warmup_checkpoint_is_cached_and_shared(tmp_path):
     assert starts[0] == starts[1]  # every seed starts from the same point, evaluated on the same set
     with pytest.raises(ValueError, match="steps"):
         warmup_checkpoint(BASE, 0, root=tmp_path)
+    wide = dataclasses.replace(BASE, batch_size=4 * BASE.batch_size)  # other micro-batches, one warm-up
+    assert warmup_checkpoint(wide, 3, lr=1e-2, root=tmp_path, batch_size=BASE.batch_size) == path
+    assert warmup_checkpoint(wide, 3, lr=1e-2, root=tmp_path) not in (path, other)
 
 
 def test_study_spec_gives_equal_tokens_per_outer_step():
