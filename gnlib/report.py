@@ -208,7 +208,7 @@ def _runs(chosen: pd.DataFrame, optimizer: str, tokens: int) -> pd.DataFrame:
 
 
 def _steps_cell(chosen: pd.DataFrame, optimizer: str, tokens: int) -> str:
-    """ "12 (10-15)" over seeds, "12" for one seed, "missed (1/3)" when most missed, "-" when not run."""
+    """Steps over seeds as "12 (10-15)", "12" for one seed, "missed (1/3)" when most missed, "-" when not run."""
     runs = _runs(chosen, optimizer, tokens)["steps_to_target"].astype(float)
     if runs.empty:
         return "-"
@@ -221,7 +221,7 @@ def _steps_cell(chosen: pd.DataFrame, optimizer: str, tokens: int) -> str:
 
 
 def _ratio_cell(steps: pd.Series, cost: pd.Series, optimizer: str, reference: str, tokens: int) -> str:
-    """ "3.2 (1.9)": steps ratio (cost ratio) to the reference; "-" where either missed or did not run."""
+    """Steps ratio (cost ratio) to the reference as "3.2 (1.9)"; "-" where either missed or did not run."""
     try:
         ratio = steps[(optimizer, tokens)] / steps[(reference, tokens)]
         cost_ratio = cost[(optimizer, tokens)] / cost[(reference, tokens)]

@@ -87,11 +87,10 @@ def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_pa
 
 def test_update_readme_replaces_only_its_block_and_refuses_a_missing_one(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results: a -->\nold\n<!-- /results -->\nmiddle\n<!-- results: b -->\nb\n<!-- /results -->\n")
+    block_b = "<!-- results: b -->\nb\n<!-- /results -->\n"
+    readme.write_text("intro\n<!-- results: a -->\nold\n<!-- /results -->\nmiddle\n" + block_b)
     update_readme(readme, "a", "new\ntable\n")
-    assert readme.read_text() == (
-        "intro\n<!-- results: a -->\nnew\ntable\n<!-- /results -->\nmiddle\n<!-- results: b -->\nb\n<!-- /results -->\n"
-    )
+    assert readme.read_text() == "intro\n<!-- results: a -->\nnew\ntable\n<!-- /results -->\nmiddle\n" + block_b
     assert readme_blocks(readme) == {"a": "new\ntable\n", "b": "b\n"}
     with pytest.raises(ValueError, match=r"no block for 'c'.*<!-- results: c -->"):
         update_readme(readme, "c", "x\n")
