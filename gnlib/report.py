@@ -65,7 +65,8 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
     optimizers = sorted(set(chosen["optimizer"]), key=lambda n: (list(NAMES).index(n) if n in NAMES else 99, n))
     batches = sorted(set(chosen["tokens_per_step"]))
     seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
-    lines = [
+    lines = [_timing(raw), ""] if {"started", "finished", "seconds"} <= set(raw.columns) else []
+    lines += [
         f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seeds (min-max); "
         '"missed" when most seeds did not reach it.',
         "",
@@ -194,6 +195,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"tables in {target}, README block {Path(args.sweep_dir).name!r} regenerated")
     return 0
+
+
+def _timing(raw: pd.DataFrame) -> str:
+    """Runs, their wall time (the union of their execution intervals) and their run times summed."""
+    intervals = sorted(zip(pd.to_datetime(raw["started"].dropna()), pd.to_datetime(raw["finished"].dropna())))
+    wall, end = 0.0, None
+    for start, finish in intervals:
+        start = start if end is None else max(start, end)
+        wall += max((finish - start).total_seconds(), 0.0)
+        end = finish if end is None else max(end, finish)
+    ok = int((raw["status"] == "ok").sum())
+    return (
+        f"{len(raw)} runs ({ok} ok) took {_duration(wall)} of wall time, {_duration(raw['seconds'].sum())} of run "
+        "time summed over runs."
+    )
+
+
+def _duration(seconds: float) -> str:
+    """E.g. "1 h 05 min", "12 min"."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _medians(chosen: pd.DataFrame, value: str) -> pd.Series:

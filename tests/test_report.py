@@ -31,7 +31,8 @@ def sweep_table(path: Path) -> Path:
         *[("gn", 4, 0.03, 0, 9)],
     ]
     rows = []
-    for optimizer, m, lr, seed, steps in runs:
+    start = pd.Timestamp("2026-01-01T00:00:00+00:00")
+    for i, (optimizer, m, lr, seed, steps) in enumerate(runs):  # runs of 60 s started every 20 s
         cost = steps * m * (3.0 if optimizer == "gn" else 1.0)
         rows.append(
             {
@@ -53,6 +54,9 @@ def sweep_table(path: Path) -> Path:
                 "result_status": "reached_target" if steps == steps else "completed",
                 "status_reason": None,
                 "status": "ok",
+                "seconds": 60.0,
+                "started": (start + pd.Timedelta(seconds=20 * i)).isoformat(),
+                "finished": (start + pd.Timedelta(seconds=20 * i + 60)).isoformat(),
                 "target_loss": 2.2,
             }
         )
@@ -63,6 +67,7 @@ def sweep_table(path: Path) -> Path:
 
 def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_path):
     text = results_markdown(sweep_table(tmp_path))
+    assert text.startswith("24 runs (24 ok) took 9 min of wall time, 24 min of run time summed over runs.")
     assert "Outer steps to val loss 2.2" in text and "median over 3 seeds" in text
     assert "| AdamW | 110 (100-120) | 60 (50-missed) |" in text  # LR tuned on seed 0: 0.003, not 0.001
     assert "| Muon | 85 (80-90) | missed (1/3) |" in text
