@@ -45,24 +45,28 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
     Every number is taken at each setting's tuned LR (:func:`gnlib.study.choose_lr`); medians over seeds, a
-    seed that missed the target counting as infinitely many steps.
+    seed that missed the target counting as infinitely many steps. Settings are listed optimizers first
+    (AdamW, Muon, SOAP, GN, layerwise GN, GN-prox-linear), then in the order the sweep ran them (e.g. the
+    variants of an ablation, named by :func:`gnlib.study.variant_label`).
 
     Args:
         results_csv: ``results.csv`` of a :mod:`gnlib.sweep` run of notebook 02 (its ``sweep.json`` beside it).
-        reference: the optimizer the ratio table divides by.
+        reference: the setting the ratio table divides by (absent: the first setting listed).
 
     Returns:
-        The markdown text: steps to target per optimizer and tokens per step ("median (min-max)", "missed
-        (k/n)" when most seeds missed), steps and cost ratios to ``reference``, the critical batch size of each
-        optimizer, tokens, time and cost to target at the largest batch beside the study's 45M steps, and
-        the tuned LRs on their grid's edge.
+        The markdown text: the runs and their wall time; steps to target per setting and tokens per step
+        ("median (min-max)", "missed (k/n)" when most seeds missed); steps and cost ratios to ``reference``;
+        the critical batch size of each optimizer (with two batch sizes or more); tokens, time and cost to
+        target at the largest batch (beside the study's 45M steps, for the optimizers it reports); and the
+        tuned LRs on their grid's edge.
     """
     raw = pd.read_csv(results_csv)
     table = study_table_from_sweep(results_csv)
     chosen = table.loc[table["chosen"]].astype({"tokens_per_step": int})
     targets = raw["target_loss"].dropna().unique() if "target_loss" in raw.columns else []
     target = f"val loss {float(targets[0]):g}" if len(targets) == 1 else "the target"
-    optimizers = sorted(set(chosen["optimizer"]), key=lambda n: (list(NAMES).index(n) if n in NAMES else 99, n))
+    order = list(dict.fromkeys(chosen["optimizer"]))
+    settings = sorted(order, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), order.index(n)))
     batches = sorted(set(chosen["tokens_per_step"]))
     seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
     lines = [_timing(raw), ""] if {"started", "finished", "seconds"} <= set(raw.columns) else []
@@ -71,66 +75,75 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
         '"missed" when most seeds did not reach it.',
         "",
         _table(
-            ["optimizer", *[f"{b:,} tokens/step" for b in batches]],
-            [[NAMES.get(o, o), *[_steps_cell(chosen, o, b) for b in batches]] for o in optimizers],
+            ["setting", *[f"{b:,} tokens/step" for b in batches]],
+            [[NAMES.get(o, o), *[_steps_cell(chosen, o, b) for b in batches]] for o in settings],
         ),
         "",
     ]
-    steps = _medians(chosen, "steps_to_target")
-    cost = _medians(chosen, "grad_equivalents_to_target")
-    if reference in optimizers:
+    reference = reference if reference in settings else settings[0]
+    lines += _ratio_section(chosen, settings, batches, reference)
+    if len(batches) > 1:
+        critical = critical_batch_size(table).set_index("optimizer")["critical"]
         lines += [
-            f"Ratio to {NAMES.get(reference, reference)} of the median steps (and of the cost in gradient-step "
-            "equivalents) to the target:",
+            "Critical batch size (where doubling the batch stops nearly halving the steps; a number only where two "
+            "batch sizes bracket it):",
             "",
-            _table(
-                ["optimizer", *[f"{b:,}" for b in batches]],
-                [
-                    [NAMES.get(o, o), *[_ratio_cell(steps, cost, o, reference, b) for b in batches]]
-                    for o in optimizers
-                    if o != reference
-                ],
-            ),
+            _table(["setting", "critical batch"], [[NAMES.get(o, o), critical.get(o, "-")] for o in settings]),
             "",
         ]
-    critical = critical_batch_size(table).set_index("optimizer")["critical"]
-    lines += [
-        "Critical batch size (where doubling the batch stops nearly halving the steps; a number only where two "
-        "batch sizes bracket it):",
-        "",
-        _table(["optimizer", "critical batch"], [[NAMES.get(o, o), critical.get(o, "-")] for o in optimizers]),
-        "",
-    ]
-    largest = batches[-1]
-    lines += [
-        f"To the target at the largest batch ({largest:,} tokens per step), medians over seeds, beside the "
-        "study's steps on its 45M model past each optimizer's critical batch (docs/study.md):",
-        "",
-        _table(
-            ["optimizer", "steps", "tokens", "time (s)", "cost (gradient steps)", "study, 45M: steps to 3.25"],
-            [
-                [
-                    NAMES.get(o, o),
-                    *[
-                        _median_cell(chosen, o, largest, column, fmt)
-                        for column, fmt in [
-                            ("steps_to_target", "g"),
-                            ("tokens_to_target", ",.0f"),
-                            ("wall_time_to_target_s", ".0f"),
-                            ("grad_equivalents_to_target", ",.0f"),
-                        ]
-                    ],
-                    STUDY_45M_STEPS.get(o, "-"),
-                ]
-                for o in optimizers
-            ],
-        ),
-        "",
-    ]
+    lines += _largest_batch_section(chosen, settings, batches[-1])
     edge = chosen.loc[chosen["on_edge"], ["optimizer", "tokens_per_step", "lr"]].drop_duplicates()
     edges = ", ".join(f"{NAMES.get(o, o)} at {int(b):,} ({lr:g})" for o, b, lr in edge.itertuples(index=False))
     lines.append(f"Tuned LRs on the edge of their grid: {edges or 'none'}.")
     return "\n".join(lines) + "\n"
+
+
+def _ratio_section(chosen: pd.DataFrame, settings: list[str], batches: list[int], reference: str) -> list[str]:
+    """Lines of the ratio table: each setting's median steps (and cost) over the reference's, per batch."""
+    steps = _medians(chosen, "steps_to_target")
+    cost = _medians(chosen, "grad_equivalents_to_target")
+    rows = [
+        [NAMES.get(o, o), *[_ratio_cell(steps, cost, o, reference, b) for b in batches]]
+        for o in settings
+        if o != reference
+    ]
+    if not rows:
+        return []
+    return [
+        f"Ratio to {NAMES.get(reference, reference)} of the median steps (and of the cost in gradient-step "
+        "equivalents) to the target:",
+        "",
+        _table(["setting", *[f"{b:,}" for b in batches]], rows),
+        "",
+    ]
+
+
+def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: int) -> list[str]:
+    """Lines of the table of steps, tokens, time and cost to target at the largest batch (and the study's)."""
+    columns = [
+        ("steps_to_target", "g"),
+        ("tokens_to_target", ",.0f"),
+        ("wall_time_to_target_s", ".0f"),
+        ("grad_equivalents_to_target", ",.0f"),
+    ]
+    study = any(o in STUDY_45M_STEPS for o in settings)
+    header = ["setting", "steps", "tokens", "time (s)", "cost (gradient steps)"]
+    rows = [
+        [NAMES.get(o, o), *[_median_cell(chosen, o, largest, c, fmt) for c, fmt in columns]]
+        + ([STUDY_45M_STEPS.get(o, "-")] if study else [])
+        for o in settings
+    ]
+    beside = (
+        ", beside the study's steps on its 45M model past each optimizer's critical batch (docs/study.md)"
+        if study
+        else ""
+    )
+    return [
+        f"To the target at the largest batch ({largest:,} tokens per step), medians over seeds{beside}:",
+        "",
+        _table(header + (["study, 45M: steps to 3.25"] if study else []), rows),
+        "",
+    ]
 
 
 def update_readme(readme: str | Path, name: str, markdown: str) -> None:

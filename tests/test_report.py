@@ -128,3 +128,27 @@ def test_readme_results_are_regenerated_from_the_committed_sweep_tables():
             f"README's {name} tables differ from notebooks/results/{name}/results.csv: "
             f"run python -m gnlib.report outputs/{name} --figures outputs/{name}/summary"
         )
+
+
+def test_an_ablation_at_one_batch_names_its_settings_and_compares_them_to_the_first(tmp_path):
+    """Variants of one optimizer at one batch: named by what they change, ratios to the default, no critical batch."""
+    rows = [
+        {"hyperparameters": options, "lr": lr, "seed": seed, "steps_to_target": steps}
+        for options, lr, seed, steps in [
+            ("{}", 0.01, 0, 6),
+            ("{}", 0.03, 0, 8),
+            ('{"gn": {"warm_start": false}}', 0.01, 0, 12),
+            ('{"gn": {"warm_start": false}}', 0.03, 0, 9),
+        ]
+    ]
+    common = {"optimizer": "gn", "micro_batches": 4, "tokens_per_step": 4096, "status": "ok", "target_loss": 2.2}
+    table = pd.DataFrame([{**common, **row, "final_val_loss": 2.1} for row in rows])
+    for column in ("tokens_to_target", "wall_time_to_target_s", "grad_equivalents_to_target"):
+        table[column] = table["steps_to_target"] * 10
+    table.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.json").write_text('{"grid": [{"micro_batches": [4], "hyperparameters": ["{}"], "lr": [0.01]}]}')
+    text = results_markdown(tmp_path / "results.csv")
+    assert "| full GN | 6 |" in text and "| gn (warm_start=False) | 9 |" in text
+    assert "Ratio to full GN of the median steps" in text and "| gn (warm_start=False) | 1.5 (1.5) |" in text
+    assert "Critical batch" not in text
+    assert "| gn (warm_start=False) | 9 | 90 | 90 | 90 | - |" in text
