@@ -83,12 +83,19 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
     reference = reference if reference in settings else settings[0]
     lines += _ratio_section(chosen, settings, batches, reference)
     if len(batches) > 1:
-        critical = critical_batch_size(table).set_index("optimizer")["critical"]
+        critical = critical_batch_size(table).set_index("optimizer")
         lines += [
-            "Critical batch size (where doubling the batch stops nearly halving the steps; a number only where two "
-            "batch sizes bracket it):",
+            "Critical batch size, two ways: where doubling the batch stops nearly halving the steps (a per-doubling "
+            "steps ratio above 0.65; a number only where two batch sizes bracket it), and B_crit of the fit "
+            "S = S_min (1 + B_crit / B) to the median steps (McCandlish et al. 2018):",
             "",
-            _table(["setting", "critical batch"], [[NAMES.get(o, o), critical.get(o, "-")] for o in settings]),
+            _table(
+                ["setting", "doubling rule", "fit"],
+                [
+                    [NAMES.get(o, o), *(critical.loc[o, ["critical", "fit"]] if o in critical.index else ["-", "-"])]
+                    for o in settings
+                ],
+            ),
             "",
         ]
     lines += _largest_batch_section(chosen, settings, batches[-1])

@@ -75,8 +75,8 @@ def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_pa
     # ratios: steps (cost); GN's cost is 3 per micro-batch step here
     assert "| AdamW | 5.0 (1.7) | 10.0 (3.3) |" in text
     assert "| Muon | 3.9 (1.3) | - |" in text
-    assert "| AdamW | below the grid (at most 1,024 tokens) |" in text
-    assert "| full GN | beyond the grid (at least 4,096 tokens) |" in text
+    assert "| AdamW | below the grid (at most 1,024 tokens) | needs three batch sizes reached |" in text
+    assert "| full GN | beyond the grid (at least 4,096 tokens) | needs three batch sizes reached |" in text
     assert "| full GN | 6 | 24,576 | 3 | 72 | 54 |" in text  # steps, tokens, seconds, cost, the study's steps
     assert "| Muon | - | - | - | - | about 864 |" in text
     edges = re.search(r"Tuned LRs on the edge of their grid: (.*)\.", text).group(1)
