@@ -71,7 +71,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
     seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
     lines = [_timing(raw), ""] if {"started", "finished", "seconds"} <= set(raw.columns) else []
     lines += [
-        f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seeds (min-max); "
+        f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seed(s) (min-max); "
         '"missed" when most seeds did not reach it.',
         "",
         _table(

@@ -68,7 +68,7 @@ def sweep_table(path: Path) -> Path:
 def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_path):
     text = results_markdown(sweep_table(tmp_path))
     assert text.startswith("24 runs (24 ok) took 9 min of wall time, 24 min of run time summed over runs.")
-    assert "Outer steps to val loss 2.2" in text and "median over 3 seeds" in text
+    assert "Outer steps to val loss 2.2" in text and "median over 3 seed(s)" in text
     assert "| AdamW | 110 (100-120) | 60 (50-missed) |" in text  # LR tuned on seed 0: 0.003, not 0.001
     assert "| Muon | 85 (80-90) | missed (1/3) |" in text
     assert "| full GN | 22 (20-24) | 6 (5-7) |" in text
