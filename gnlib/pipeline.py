@@ -100,15 +100,22 @@ def tokens_drawn(spec: Any, steps: int | None = None) -> int:
     return steps * batches_per_step(spec) * spec.batch_size * spec.seq_len * distributed.world_size()
 
 
-def after_warmup(base: Any, warmup_steps: int) -> Any:
+def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None) -> Any:
     """``base`` moved past the tokens a warm-up of ``warmup_steps`` AdamW steps (one micro-batch each) consumed.
 
     With ``data="stream"`` the studied runs continue where the warm-up stopped (``data_start`` += its
-    tokens); random windows have no position and are returned unchanged.
+    tokens, at ``batch_size`` sequences per warm-up step, default ``base.batch_size``); random windows have
+    no position and are returned unchanged.
     """
     if base.data != "stream":
         return base
-    warmup = dataclasses.replace(base, optimizer="adamw", accumulation=1, hyperparameters={})
+    warmup = dataclasses.replace(
+        base,
+        optimizer="adamw",
+        accumulation=1,
+        hyperparameters={},
+        batch_size=base.batch_size if batch_size is None else batch_size,
+    )
     return dataclasses.replace(base, data_start=base.data_start + tokens_drawn(warmup, warmup_steps))
 
 

@@ -477,17 +477,17 @@ def to_png(figure: Figure, dpi: int = 100) -> bytes:
 def steps_vs_batch(
     table: pd.DataFrame, *, value: str = "steps_to_target", x: str = "tokens_per_step", title: str | None = None
 ) -> Figure:
-    """Log-log steps (or cost) to target against the token batch, one line per optimizer: the critical-batch picture.
+    """Log-log steps (cost, time) to target against the token batch, one line per optimizer: the critical batch.
 
     Only runs at each setting's tuned LR count (column ``chosen`` when present). Each seed is a dot (none
     for a run that missed the target); the line joins the medians over seeds, a miss counting as
-    infinitely many steps, so a setting most seeds missed has no point; the dotted grey line has slope −1
-    (perfect scaling: doubling the batch halves the steps), anchored at the highest median of the
-    smallest batch.
+    infinitely many steps, so a setting most seeds missed has no point; the dotted grey line is perfect
+    scaling (doubling the batch halves the steps): slope −1 for steps, flat for cost and time, which grow
+    with the steps times the batch; it is anchored at the highest median of the smallest batch.
 
     Args:
         table: study table (:func:`gnlib.study.batch_size_study`): columns ``optimizer``, ``x``, ``value``.
-        value: ``"steps_to_target"`` or ``"grad_equivalents_to_target"``.
+        value: ``"steps_to_target"``, ``"grad_equivalents_to_target"`` or ``"wall_time_to_target_s"``.
         x: ``"tokens_per_step"`` or ``"micro_batches"``.
         title: axes title.
     """
@@ -521,7 +521,8 @@ def steps_vs_batch(
             smallest = medians[x].min()
             start = medians.loc[medians[x] == smallest, value].max()
             xs = np.array(sorted(medians[x].unique()))
-            ax.plot(xs, start * smallest / xs, linestyle=":", color="0.5", label="perfect scaling")
+            ideal = start * smallest / xs if value == "steps_to_target" else np.full(len(xs), start)
+            ax.plot(xs, ideal, linestyle=":", color="0.5", label="perfect scaling")
             ax.legend()
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

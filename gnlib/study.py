@@ -142,6 +142,7 @@ def warmup_checkpoint(
     *,
     lr: float = 3e-3,
     seed: int = 0,
+    batch_size: int | None = None,
     root: str | Path = "outputs/warmup",
     progress: bool = False,
 ) -> Path:
@@ -160,6 +161,8 @@ def warmup_checkpoint(
         steps: AdamW steps of the warm-up (``>= 1``).
         lr: AdamW's learning rate.
         seed: model initialisation and batch-stream seed of the warm-up.
+        batch_size: sequences per warm-up step (default: ``base.batch_size``); fixing it lets runs with other
+            micro-batch shapes start from one warm-up.
         root: cache folder (relative paths resolve like notebook outputs, :func:`gnlib.runtime.output_path`).
         progress: print the warm-up's evaluations.
 
@@ -175,6 +178,7 @@ def warmup_checkpoint(
         base,
         optimizer="adamw",
         lr=lr,
+        batch_size=base.batch_size if batch_size is None else batch_size,
         steps=steps,
         accumulation=1,
         schedule="constant",
@@ -479,8 +483,10 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
     Returns:
         One row per optimizer: ``critical`` (the finding in words, e.g. "between 4,096 and 16,384 tokens",
         "beyond the grid (at least 65,536 tokens)"), ``critical_micro_batches``, ``critical_tokens``,
-        ``next_tokens`` (None unless bracketed), ``beyond_grid``, ``below_grid`` and ``ratios`` (the
-        per-doubling ratios, as text).
+        ``next_tokens`` (None unless bracketed), ``beyond_grid``, ``below_grid``, ``ratios`` (the
+        per-doubling ratios, as text), and the model fit of :func:`fit_critical_batch` to the batches
+        reached: ``fit`` ("about 2,100 tokens" when B_crit lies inside the grid, else beyond or below it),
+        ``fit_steps_min`` and ``fit_critical_tokens``.
     """
     if not 0.5 < max_ratio < 1:
         raise ValueError(f"max_ratio={max_ratio!r} must lie in (0.5, 1)")
@@ -499,6 +505,7 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
             "beyond_grid": False,
             "below_grid": False,
             "ratios": "",
+            **_fit_columns([t for t, hit in zip(tokens, reached) if hit], group["steps_to_target"].dropna(), tokens),
         }
         if len(batches) < 2 or not reached[0]:
             row["critical"] = "needs two batch sizes" if len(batches) < 2 else "target missed at the smallest batch"
@@ -527,6 +534,50 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
             )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def fit_critical_batch(tokens: Sequence[float], steps: Sequence[float]) -> tuple[float, float]:
+    """Fit S(B) = S_min (1 + B_crit / B) to steps S at token batches B (McCandlish et al. 2018, eq. 2.11).
+
+    S is linear in 1/B, S = a + c/B with a = S_min and c = S_min·B_crit, fitted by least squares on
+    relative errors (each row divided by S_i: steps span orders of magnitude). Below B_crit doubling the
+    batch nearly halves the steps; above it, it barely helps.
+
+    Args:
+        tokens: token batches B (three or more, distinct, > 0).
+        steps: steps to target S at those batches (> 0).
+
+    Returns:
+        ``(S_min, B_crit)``; ``(nan, inf)`` when the fit has no floor (a ≤ 0: still scaling perfectly
+        across the batches) and ``(nan, 0.0)`` when the steps do not fall with the batch (c ≤ 0).
+
+    Raises:
+        ValueError: fewer than three batches, or non-positive values.
+    """
+    b, s = np.asarray(tokens, dtype=float), np.asarray(steps, dtype=float)
+    if len(b) < 3 or len(b) != len(s) or len(set(b)) != len(b) or (b <= 0).any() or (s <= 0).any():
+        raise ValueError(f"need three or more distinct batches with positive steps, got tokens={b}, steps={s}")
+    design = np.stack([np.ones_like(b), 1 / b], axis=1) / s[:, None]
+    (a, c), *_ = np.linalg.lstsq(design, np.ones_like(s), rcond=None)
+    if c <= 0:
+        return math.nan, 0.0
+    if a <= 0:
+        return math.nan, math.inf
+    return float(a), float(c / a)
+
+
+def _fit_columns(tokens: list[int], steps: pd.Series, grid: list[int]) -> dict:
+    """``fit`` (in words), ``fit_steps_min`` and ``fit_critical_tokens`` of :func:`fit_critical_batch`."""
+    if len(tokens) < 3:
+        return {"fit": "needs three batch sizes reached", "fit_steps_min": None, "fit_critical_tokens": None}
+    steps_min, critical = fit_critical_batch(tokens, steps.to_numpy())
+    if critical > grid[-1]:
+        text = f"beyond the grid (above {grid[-1]:,} tokens)"
+    elif critical < grid[0]:
+        text = f"below the grid (under {grid[0]:,} tokens)"
+    else:
+        text = f"about {float(f'{critical:.2g}'):,.0f} tokens"
+    return {"fit": text, "fit_steps_min": steps_min, "fit_critical_tokens": critical}
 
 
 def ratio_table(table: pd.DataFrame, reference: str = "gn", value: str = "steps_to_target") -> pd.DataFrame:

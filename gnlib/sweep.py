@@ -357,9 +357,9 @@ def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
     """Table of every run folder (one holding ``params.json``) under ``sweep_dir``, re-read from disk.
 
     Columns: run_id, status (``ok``, ``failed``, or ``incomplete`` without ``status.json``), error, seconds,
-    the parameters (fixed ones, then grid keys), then the outcomes of ``results.json`` (ok runs only; a name
-    already taken gets the prefix ``result_``). Lists and dicts are stored as JSON text. Rows follow
-    ``sweep.json``'s grid order, then folders it does not list, by name.
+    started and finished (ISO times), the parameters (fixed ones, then grid keys), then the outcomes of
+    ``results.json`` (ok runs only; a name already taken gets the prefix ``result_``). Lists and dicts are
+    stored as JSON text. Rows follow ``sweep.json``'s grid order, then folders it does not list, by name.
     """
     sweep_dir = Path(sweep_dir)
     manifest = sweep_dir / MANIFEST_FILE
@@ -367,9 +367,8 @@ def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
     rank = {rid: i for i, rid in enumerate(order)}
     folders = [p for p in sweep_dir.iterdir() if (p / PARAMS_FILE).is_file()] if sweep_dir.is_dir() else []
     folders.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
-    return pd.DataFrame(
-        [_row(p) for p in folders], columns=None if folders else ["run_id", "status", "error", "seconds"]
-    )
+    empty = ["run_id", "status", "error", "seconds", "started", "finished"]
+    return pd.DataFrame([_row(p) for p in folders], columns=None if folders else empty)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,6 +751,8 @@ def _row(run_dir: Path) -> dict:
         "status": status["status"],
         "error": status.get("error"),
         "seconds": status.get("seconds"),
+        "started": status.get("started"),
+        "finished": status.get("finished"),
     }
     row.update({key: _cell(value) for key, value in _read_json(run_dir / PARAMS_FILE).items()})
     results = run_dir / RESULTS_FILE

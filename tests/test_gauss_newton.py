@@ -581,3 +581,17 @@ def test_train_drives_gauss_newton_on_a_tiny_transformer():
     assert {"q_start", "q_end", "alpha", "rho", "rejected", "grad_equivalents", "forward_passes"} <= set(rows[-1])
     assert rows[-1]["tokens"] == 3 * (3 + 1) * 4 * 16
     assert all(r["train_loss"] is not None for r in rows[1:])
+
+
+def test_a_nonfinite_middle_inner_step_is_caught_at_the_last_and_the_next_step_starts_clean():
+    """The inner loop reads its device-side finiteness flag at the first and last inner step only."""
+    x, y = _regression(seed=7)
+    model = _linear()
+    before = params_of(model)
+    gn = GaussNewton(model, _Poisoned((x, y), bad=1), solver="sgd", inner_steps=3, loss=MSE())
+    diagnostics = gn.step()
+    assert diagnostics["rejected"] == 1 and diagnostics["reason"] == "nonfinite"
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(torch.isfinite(t).all() for block in gn._blocks.values() for t in block.delta.values())
+    diagnostics = gn.step()
+    assert diagnostics["rejected"] == 0 and diagnostics["loss"] < diagnostics["loss_before"]

@@ -72,6 +72,7 @@ def test_bad_notebook_parameters_are_named(injected, values, match):
         ("02_iteration_complexity", {"lr": -0.01}, r"lr must be a finite number >= 0"),
         ("02_iteration_complexity", {"target_loss": -1.0}, r"target_loss must be a finite number > 0"),
         ("02_iteration_complexity", {"warmup_steps": -1}, r"warmup_steps must be an integer >= 1, got -1"),
+        ("02_iteration_complexity", {"warmup_batch_size": -1}, r"warmup_batch_size for .* must be an integer >= 0"),
     ],
 )
 def test_notebooks_refuse_bad_parameters_before_any_work(tmp_path, notebook, parameters, match):

@@ -127,6 +127,17 @@ def test_steps_vs_batch_draws_medians_with_misses_counted_and_seed_dots():
         plots.steps_vs_batch(pd.DataFrame(rows).drop(columns="steps_to_target"))
 
 
+def test_perfect_scaling_halves_steps_and_keeps_cost_and_time_flat():
+    rows = [
+        dict(optimizer="gn", tokens_per_step=tokens, steps_to_target=steps, grad_equivalents_to_target=cost)
+        for tokens, steps, cost in [(512, 40.0, 80.0), (2048, 20.0, 160.0), (8192, 10.0, 320.0)]
+    ]
+    for value, ideal in [("steps_to_target", [40.0, 10.0, 2.5]), ("grad_equivalents_to_target", [80.0] * 3)]:
+        ax = plots.steps_vs_batch(pd.DataFrame(rows), value=value).axes[0]
+        (line,) = [line for line in ax.lines if line.get_label() == "perfect scaling"]
+        assert list(line.get_xdata()) == [512, 2048, 8192] and list(line.get_ydata()) == ideal
+
+
 def png_size(png: bytes) -> tuple[int, int]:
     return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 

@@ -182,6 +182,9 @@ def test_warmup_reads_the_first_tokens_and_studied_runs_continue_after_them(tmp_
         assert torch.equal(a, c) and torch.equal(b, d)
     history = run(spec, tmp_path / "study", progress=False)
     assert history.metadata["corpus"]["data_start"] == 192 and history.status == "completed"
+    wide = dataclasses.replace(BASE, batch_size=2 * BASE.batch_size)  # runs of wider micro-batches, same warm-up
+    assert after_warmup(wide, 3, batch_size=BASE.batch_size).data_start == 192
+    assert after_warmup(wide, 3).data_start == 2 * 192
 
 
 def test_validation_is_fixed_and_disjoint_from_training():

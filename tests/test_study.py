@@ -15,6 +15,7 @@ from gnlib.study import (
     batch_size_study,
     choose_lr,
     critical_batch_size,
+    fit_critical_batch,
     gain_share,
     gain_summary,
     lr_sweep,
@@ -92,6 +93,9 @@ def test_warmup_checkpoint_is_cached_and_shared(tmp_path):
     assert starts[0] == starts[1]  # every seed starts from the same point, evaluated on the same set
     with pytest.raises(ValueError, match="steps"):
         warmup_checkpoint(BASE, 0, root=tmp_path)
+    wide = dataclasses.replace(BASE, batch_size=4 * BASE.batch_size)  # other micro-batches, one warm-up
+    assert warmup_checkpoint(wide, 3, lr=1e-2, root=tmp_path, batch_size=BASE.batch_size) == path
+    assert warmup_checkpoint(wide, 3, lr=1e-2, root=tmp_path) not in (path, other)
 
 
 def test_study_spec_gives_equal_tokens_per_outer_step():
@@ -332,3 +336,21 @@ def test_gain_summary_by_hand():
         gain_summary(choose_lr(pd.DataFrame(rows).assign(micro_batches=[1, 2] * 5)))
     with pytest.raises(ValueError, match="baseline"):
         gain_summary(choose_lr(pd.DataFrame(rows)), baseline="soap")
+
+
+def test_fit_critical_batch_recovers_the_model_and_flags_no_floor_or_no_gain():
+    """Steps made by S = S_min (1 + B_crit/B) give back S_min and B_crit; a pure 1/B law has no floor."""
+    tokens = [1024, 4096, 16384, 131072]
+    steps = [50 * (1 + 2000 / b) for b in tokens]
+    steps_min, critical = fit_critical_batch(tokens, steps)
+    assert steps_min == pytest.approx(50) and critical == pytest.approx(2000)
+    assert fit_critical_batch(tokens, [1e6 / b for b in tokens])[1] == math.inf  # perfect scaling throughout
+    assert fit_critical_batch(tokens, [40, 40, 41, 42])[1] == 0.0  # no gain from the batch
+    with pytest.raises(ValueError, match="three or more"):
+        fit_critical_batch(tokens[:2], steps[:2])
+    rows = [
+        {"optimizer": "sgd", "micro_batches": b // 1024, "tokens_per_step": b, "steps_to_target": s}
+        for b, s in zip(tokens, steps)
+    ]
+    found = critical_batch_size(pd.DataFrame(rows)).iloc[0]
+    assert found["fit"] == "about 2,000 tokens" and found["fit_critical_tokens"] == pytest.approx(2000)

@@ -47,7 +47,9 @@ One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol,
 5. **Safety**: a non-finite value anywhere (inner value or gradient, CG product, direction, line-search
    loss) rejects the step with ``reason="nonfinite"``; the model never receives it. The first-order
    solvers then halve every block's peak LR (``param_groups[b]["lr"]``, persistently); CG raises λ (ρ is
-   undefined) and forgets its warm start.
+   undefined) and forgets its warm start. The first-order inner loop keeps its check on the device and
+   reads it, with the inner objective it records, at its first and last inner step only: no host sync
+   per inner step on a GPU.
 6. **EMA** (``ema=β``): ema ← β·ema + (1 − β)·θ_{t+1} after every outer step (initialized at θ_0, no bias
    correction, like the reference; the update is ``torch.optim.swa_utils.get_ema_multi_avg_fn``'s);
    :meth:`GaussNewton.eval_parameters` returns it for evaluation.
@@ -147,6 +149,11 @@ def _require(parameter: str, value: Any, ok: bool, allowed: str) -> None:
 
 def _finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _all_finite(*tensors: Tensor) -> Tensor:
+    """Whether every entry is finite, as a bool tensor on the tensors' device: no host sync (unlike :func:`_finite`)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 #: The study's line-search grid: α ∈ {1, 2^-1/2, 1/2, 2^-3/2, 1/4} (with ``line_search_accept="decrease"``,
@@ -458,6 +465,7 @@ class GaussNewton:
         schedule = cosine_decay(self.inner_steps) if self.inner_schedule == "cosine" else constant()
         layerwise = len(self._blocks) > 1
         q: dict[int, float] = {}
+        finite = torch.ones((), dtype=torch.bool)
         for k in range(self.inner_steps):
             batch = self._draw(cost)
             multiplier = schedule(k)
@@ -473,16 +481,17 @@ class GaussNewton:
                     penalty, prox_grad = self._prox(block.delta)
                     value = value + penalty
                     grad = {n: g + prox_grad[n] for n, g in grad.items()}
-                if not _finite(value, *grad.values()):
-                    return _Direction(None)
-                values.append(float(value))
+                finite = _all_finite(value, *grad.values()) & finite.to(value.device)
+                values.append(value.detach())
                 self._inner_update(block, grad, anchor, group["lr"] * multiplier)
-            if k in (0, self.inner_steps - 1):
+            if k in (0, self.inner_steps - 1):  # the only host syncs of the loop (a nonfinite Δ is discarded)
+                if not bool(finite):
+                    return _Direction(None)
                 if layerwise:
                     base = self._anchor_loss(anchor, batch, cost)
-                    q[k] = base + sum(v - base for v in values)
+                    q[k] = base + sum(float(v) - base for v in values)
                 else:
-                    q[k] = values[0]
+                    q[k] = float(values[0])
         direction = {n: t.detach().clone() for b in self._blocks.values() for n, t in b.delta.items()}
         return _Direction(self._in_model_order(direction), q[0], q[self.inner_steps - 1])
 

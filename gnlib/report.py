@@ -1,0 +1,294 @@
+"""README's results, regenerated from a sweep of notebook 02, never typed by hand.
+
+Usage::
+
+    python -m gnlib.report outputs/cpu_study --figures outputs/cpu_study/summary [--readme README.md]
+
+copies the sweep's ``results.csv`` and ``sweep.json`` to ``notebooks/results/<sweep name>/`` (small files,
+kept in git), the summary's figures to ``notebooks/figures/<sweep name>_<figure>.png``, and rewrites the
+block of README between ``<!-- results: <sweep name> -->`` and ``<!-- /results -->`` with
+:func:`results_markdown` of the copied table. ``tests/test_report.py`` regenerates every such block from
+the committed tables and fails when README differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gnlib.runtime import atomic_write_text
+from gnlib.study import critical_batch_size, study_table_from_sweep
+
+#: Display names of the optimizers, in the order tables list them.
+NAMES = {
+    "adamw": "AdamW",
+    "muon": "Muon",
+    "soap": "SOAP",
+    "gn": "full GN",
+    "gn_layerwise": "layerwise GN",
+    "gn_prox": "GN-prox-linear",
+}
+#: Outer steps to val loss 3.25 on the study's 45M model, each optimizer past its critical batch
+#: (docs/study.md, "Reported results"); AdamW is reported only as "more than Muon".
+STUDY_45M_STEPS = {"gn": "54", "gn_layerwise": "78", "soap": "292", "muon": "about 864", "adamw": "more than Muon"}
+RESULTS_DIR, FIGURES_DIR = Path("notebooks/results"), Path("notebooks/figures")
+_BLOCK = r"(?P<open><!-- results: (?P<name>{name}) -->\n)(?P<body>.*?)(?P<close><!-- /results -->)"
+
+
+def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
+    """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
+
+    Every number is taken at each setting's tuned LR (:func:`gnlib.study.choose_lr`); medians over seeds, a
+    seed that missed the target counting as infinitely many steps. Settings are listed optimizers first
+    (AdamW, Muon, SOAP, GN, layerwise GN, GN-prox-linear), then in the order the sweep ran them (e.g. the
+    variants of an ablation, named by :func:`gnlib.study.variant_label`).
+
+    Args:
+        results_csv: ``results.csv`` of a :mod:`gnlib.sweep` run of notebook 02 (its ``sweep.json`` beside it).
+        reference: the setting the ratio table divides by (absent: the first setting listed).
+
+    Returns:
+        The markdown text: the runs and their wall time; steps to target per setting and tokens per step
+        ("median (min-max)", "missed (k/n)" when most seeds missed); steps and cost ratios to ``reference``;
+        the critical batch size of each optimizer (with two batch sizes or more); tokens, time and cost to
+        target at the largest batch (beside the study's 45M steps, for the optimizers it reports); and the
+        tuned LRs on their grid's edge.
+    """
+    raw = pd.read_csv(results_csv)
+    table = study_table_from_sweep(results_csv)
+    chosen = table.loc[table["chosen"]].astype({"tokens_per_step": int})
+    targets = raw["target_loss"].dropna().unique() if "target_loss" in raw.columns else []
+    target = f"val loss {float(targets[0]):g}" if len(targets) == 1 else "the target"
+    order = list(dict.fromkeys(chosen["optimizer"]))
+    settings = sorted(order, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), order.index(n)))
+    batches = sorted(set(chosen["tokens_per_step"]))
+    seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
+    lines = [_timing(raw), ""] if {"started", "finished", "seconds"} <= set(raw.columns) else []
+    lines += [
+        f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seed(s) (min-max); "
+        '"missed" when most seeds did not reach it.',
+        "",
+        _table(
+            ["setting", *[f"{b:,} tokens/step" for b in batches]],
+            [[NAMES.get(o, o), *[_steps_cell(chosen, o, b) for b in batches]] for o in settings],
+        ),
+        "",
+    ]
+    reference = reference if reference in settings else settings[0]
+    lines += _ratio_section(chosen, settings, batches, reference)
+    if len(batches) > 1:
+        critical = critical_batch_size(table).set_index("optimizer")
+        lines += [
+            "Critical batch size, two ways: where doubling the batch stops nearly halving the steps (a per-doubling "
+            "steps ratio above 0.65; a number only where two batch sizes bracket it), and B_crit of the fit "
+            "S = S_min (1 + B_crit / B) to the median steps (McCandlish et al. 2018):",
+            "",
+            _table(
+                ["setting", "doubling rule", "fit"],
+                [
+                    [NAMES.get(o, o), *(critical.loc[o, ["critical", "fit"]] if o in critical.index else ["-", "-"])]
+                    for o in settings
+                ],
+            ),
+            "",
+        ]
+    lines += _largest_batch_section(chosen, settings, batches[-1])
+    edge = chosen.loc[chosen["on_edge"], ["optimizer", "tokens_per_step", "lr"]].drop_duplicates()
+    edges = ", ".join(f"{NAMES.get(o, o)} at {int(b):,} ({lr:g})" for o, b, lr in edge.itertuples(index=False))
+    lines.append(f"Tuned LRs on the edge of their grid: {edges or 'none'}.")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_section(chosen: pd.DataFrame, settings: list[str], batches: list[int], reference: str) -> list[str]:
+    """Lines of the ratio table: each setting's median steps (and cost) over the reference's, per batch."""
+    steps = _medians(chosen, "steps_to_target")
+    cost = _medians(chosen, "grad_equivalents_to_target")
+    rows = [
+        [NAMES.get(o, o), *[_ratio_cell(steps, cost, o, reference, b) for b in batches]]
+        for o in settings
+        if o != reference
+    ]
+    if not rows:
+        return []
+    return [
+        f"Ratio to {NAMES.get(reference, reference)} of the median steps (and of the cost in gradient-step "
+        "equivalents) to the target:",
+        "",
+        _table(["setting", *[f"{b:,}" for b in batches]], rows),
+        "",
+    ]
+
+
+def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: int) -> list[str]:
+    """Lines of the table of steps, tokens, time and cost to target at the largest batch (and the study's)."""
+    columns = [
+        ("steps_to_target", "g"),
+        ("tokens_to_target", ",.0f"),
+        ("wall_time_to_target_s", ".0f"),
+        ("grad_equivalents_to_target", ",.0f"),
+    ]
+    study = any(o in STUDY_45M_STEPS for o in settings)
+    header = ["setting", "steps", "tokens", "time (s)", "cost (gradient steps)"]
+    rows = [
+        [NAMES.get(o, o), *[_median_cell(chosen, o, largest, c, fmt) for c, fmt in columns]]
+        + ([STUDY_45M_STEPS.get(o, "-")] if study else [])
+        for o in settings
+    ]
+    beside = (
+        ", beside the study's steps on its 45M model past each optimizer's critical batch (docs/study.md)"
+        if study
+        else ""
+    )
+    return [
+        f"To the target at the largest batch ({largest:,} tokens per step), medians over seeds{beside}:",
+        "",
+        _table(header + (["study, 45M: steps to 3.25"] if study else []), rows),
+        "",
+    ]
+
+
+def update_readme(readme: str | Path, name: str, markdown: str) -> None:
+    """Replace README's block ``<!-- results: name -->`` ... ``<!-- /results -->`` with ``markdown`` (atomic).
+
+    Raises:
+        ValueError: README has no such block, naming the markers to add.
+    """
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    pattern = re.compile(_BLOCK.format(name=re.escape(name)), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(
+            f"{path} has no block for {name!r}: add the lines '<!-- results: {name} -->' and '<!-- /results -->' "
+            "where its tables go"
+        )
+    atomic_write_text(path, pattern.sub(lambda m: m["open"] + markdown + m["close"], text))
+
+
+def readme_blocks(readme: str | Path) -> dict[str, str]:
+    """README's results blocks: sweep name → the text between its markers."""
+    text = Path(readme).read_text(encoding="utf-8")
+    return {m["name"]: m["body"] for m in re.finditer(_BLOCK.format(name=r"[\w.-]+"), text, re.DOTALL)}
+
+
+def publish(sweep_dir: str | Path, figures: str | Path | None = None, readme: str | Path = "README.md") -> Path:
+    """Copy a sweep's tables (and figures) into the repository and regenerate its README block.
+
+    Returns:
+        The folder the tables were copied to, ``notebooks/results/<sweep name>``.
+
+    Raises:
+        ValueError: ``sweep_dir`` lacks results.csv or sweep.json, or README lacks the block.
+    """
+    sweep_dir = Path(sweep_dir)
+    missing = [f for f in ("results.csv", "sweep.json") if not (sweep_dir / f).is_file()]
+    if missing:
+        raise ValueError(f"sweep_dir={str(sweep_dir)!r} lacks {missing}: run `python -m gnlib.sweep GRID` first")
+    name = sweep_dir.name
+    markdown = results_markdown(sweep_dir / "results.csv")
+    update_readme(readme, name, markdown)  # refuses a README without the block before anything is copied
+    target = RESULTS_DIR / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in ("results.csv", "sweep.json"):
+        shutil.copyfile(sweep_dir / file, target / file)
+    for png in sorted(Path(figures).glob("*.png")) if figures else []:
+        shutil.copyfile(png, FIGURES_DIR / f"{name}_{png.name}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit code (0 done, 2 bad input)."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="a sweep folder of notebook 02 (results.csv, sweep.json)")
+    parser.add_argument("--figures", help="folder of the summary's PNG figures (notebook 02's output_dir)")
+    parser.add_argument("--readme", default="README.md", help="README to update (default README.md)")
+    args = parser.parse_args(argv)
+    try:
+        target = publish(args.sweep_dir, args.figures, args.readme)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"tables in {target}, README block {Path(args.sweep_dir).name!r} regenerated")
+    return 0
+
+
+def _timing(raw: pd.DataFrame) -> str:
+    """Runs, their wall time (the union of their execution intervals) and their run times summed."""
+    intervals = sorted(zip(pd.to_datetime(raw["started"].dropna()), pd.to_datetime(raw["finished"].dropna())))
+    wall, end = 0.0, None
+    for start, finish in intervals:
+        start = start if end is None else max(start, end)
+        wall += max((finish - start).total_seconds(), 0.0)
+        end = finish if end is None else max(end, finish)
+    ok = int((raw["status"] == "ok").sum())
+    return (
+        f"{len(raw)} runs ({ok} ok) took {_duration(wall)} of wall time, {_duration(raw['seconds'].sum())} of run "
+        "time summed over runs."
+    )
+
+
+def _duration(seconds: float) -> str:
+    """E.g. "1 h 05 min", "12 min"."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _medians(chosen: pd.DataFrame, value: str) -> pd.Series:
+    """Median of ``value`` per (optimizer, tokens_per_step), a miss as +inf (NaN when most seeds missed)."""
+    values = chosen.assign(**{value: chosen[value].astype(float).fillna(np.inf)})
+    return values.groupby(["optimizer", "tokens_per_step"])[value].median().replace(np.inf, np.nan)
+
+
+def _runs(chosen: pd.DataFrame, optimizer: str, tokens: int) -> pd.DataFrame:
+    """The tuned-LR runs of one optimizer at one batch (one row per seed)."""
+    return chosen.loc[(chosen["optimizer"] == optimizer) & (chosen["tokens_per_step"] == tokens)]
+
+
+def _steps_cell(chosen: pd.DataFrame, optimizer: str, tokens: int) -> str:
+    """Steps over seeds as "12 (10-15)", "12" for one seed, "missed (1/3)" when most missed, "-" when not run."""
+    runs = _runs(chosen, optimizer, tokens)["steps_to_target"].astype(float)
+    if runs.empty:
+        return "-"
+    median = runs.fillna(np.inf).median()
+    if not np.isfinite(median):
+        return f"missed ({runs.notna().sum()}/{len(runs)})"
+    low, high = runs.fillna(np.inf).min(), runs.fillna(np.inf).max()
+    spread = "" if len(runs) == 1 else f" ({low:g}-{'missed' if not np.isfinite(high) else format(high, 'g')})"
+    return f"{median:g}{spread}"
+
+
+def _ratio_cell(steps: pd.Series, cost: pd.Series, optimizer: str, reference: str, tokens: int) -> str:
+    """Steps ratio (cost ratio) to the reference as "3.2 (1.9)"; "-" where either missed or did not run."""
+    try:
+        ratio = steps[(optimizer, tokens)] / steps[(reference, tokens)]
+        cost_ratio = cost[(optimizer, tokens)] / cost[(reference, tokens)]
+    except KeyError:
+        return "-"
+    return "-" if not np.isfinite(ratio) else f"{ratio:.1f} ({cost_ratio:.1f})"
+
+
+def _median_cell(chosen: pd.DataFrame, optimizer: str, tokens: int, value: str, fmt: str) -> str:
+    """The median of ``value`` over the seeds of one setting, formatted; "-" when most missed or not run."""
+    median = _medians(_runs(chosen, optimizer, tokens), value)
+    return "-" if median.empty or not np.isfinite(median.iloc[0]) else format(float(median.iloc[0]), fmt)
+
+
+def _count(seeds: pd.Series) -> str:
+    """The number of seeds per setting, "2-3" when it varies."""
+    low, high = int(seeds.min()), int(seeds.max())
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

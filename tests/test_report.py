@@ -1,0 +1,154 @@
+"""Tests of gnlib.report: README's results tables come from committed sweep tables, never by hand."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gnlib.report import main, readme_blocks, results_markdown, update_readme
+from gnlib.study import STUDY_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+NAN = np.nan
+
+
+def sweep_table(path: Path) -> Path:
+    """A results.csv as a sweep of notebook 02 writes it: tuned on seed 0, winners repeated with seeds 1-2."""
+    runs = [  # optimizer, micro_batches, lr, seed, steps to target (NaN: missed)
+        *[("adamw", 1, 0.001, 0, 150)],
+        *[("adamw", 1, 0.003, s, v) for s, v in enumerate([100, 110, 120])],
+        *[("adamw", 4, 0.001, 0, 90)],
+        *[("adamw", 4, 0.003, s, v) for s, v in enumerate([50, NAN, 60])],
+        *[("muon", 1, 0.01, s, v) for s, v in enumerate([80, 90, 85])],
+        *[("muon", 1, 0.03, 0, 95)],
+        *[("muon", 4, 0.01, s, v) for s, v in enumerate([NAN, NAN, 30])],
+        *[("muon", 4, 0.03, 0, NAN)],
+        *[("gn", 1, 0.01, s, v) for s, v in enumerate([20, 22, 24])],
+        *[("gn", 1, 0.03, 0, 30)],
+        *[("gn", 4, 0.01, s, v) for s, v in enumerate([5, 6, 7])],
+        *[("gn", 4, 0.03, 0, 9)],
+    ]
+    rows = []
+    start = pd.Timestamp("2026-01-01T00:00:00+00:00")
+    for i, (optimizer, m, lr, seed, steps) in enumerate(runs):  # runs of 60 s started every 20 s
+        cost = steps * m * (3.0 if optimizer == "gn" else 1.0)
+        rows.append(
+            {
+                "optimizer": optimizer,
+                "micro_batches": m,
+                "tokens_per_step": 1024 * m,
+                "lr": lr,
+                "seed": seed,
+                "steps_to_target": steps,
+                "tokens_to_target": steps * 1024 * m,
+                "wall_time_to_target_s": steps * 0.5,
+                "grad_equivalents_to_target": cost,
+                "final_val_loss": 2.1 if steps == steps else 2.4,
+                "steps": steps if steps == steps else 300,
+                "tokens": 0,
+                "grad_equivalents": 0.0,
+                "wall_time_s": 1.0,
+                "cost_model": "measured" if optimizer == "gn" else None,
+                "result_status": "reached_target" if steps == steps else "completed",
+                "status_reason": None,
+                "status": "ok",
+                "seconds": 60.0,
+                "started": (start + pd.Timedelta(seconds=20 * i)).isoformat(),
+                "finished": (start + pd.Timedelta(seconds=20 * i + 60)).isoformat(),
+                "target_loss": 2.2,
+            }
+        )
+    assert set(STUDY_COLUMNS) - {"status"} <= set(rows[0])
+    pd.DataFrame(rows).to_csv(path / "results.csv", index=False)
+    return path / "results.csv"
+
+
+def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_path):
+    text = results_markdown(sweep_table(tmp_path))
+    assert text.startswith("24 runs (24 ok) took 9 min of wall time, 24 min of run time summed over runs.")
+    assert "Outer steps to val loss 2.2" in text and "median over 3 seed(s)" in text
+    assert "| AdamW | 110 (100-120) | 60 (50-missed) |" in text  # LR tuned on seed 0: 0.003, not 0.001
+    assert "| Muon | 85 (80-90) | missed (1/3) |" in text
+    assert "| full GN | 22 (20-24) | 6 (5-7) |" in text
+    # ratios: steps (cost); GN's cost is 3 per micro-batch step here
+    assert "| AdamW | 5.0 (1.7) | 10.0 (3.3) |" in text
+    assert "| Muon | 3.9 (1.3) | - |" in text
+    assert "| AdamW | below the grid (at most 1,024 tokens) | needs three batch sizes reached |" in text
+    assert "| full GN | beyond the grid (at least 4,096 tokens) | needs three batch sizes reached |" in text
+    assert "| full GN | 6 | 24,576 | 3 | 72 | 54 |" in text  # steps, tokens, seconds, cost, the study's steps
+    assert "| Muon | - | - | - | - | about 864 |" in text
+    edges = re.search(r"Tuned LRs on the edge of their grid: (.*)\.", text).group(1)
+    assert edges.split(", ") == [
+        "AdamW at 1,024 (0.003)",
+        "AdamW at 4,096 (0.003)",
+        "Muon at 1,024 (0.01)",
+        "Muon at 4,096 (0.01)",
+        "full GN at 1,024 (0.01)",
+        "full GN at 4,096 (0.01)",
+    ]
+
+
+def test_update_readme_replaces_only_its_block_and_refuses_a_missing_one(tmp_path):
+    readme = tmp_path / "README.md"
+    block_b = "<!-- results: b -->\nb\n<!-- /results -->\n"
+    readme.write_text("intro\n<!-- results: a -->\nold\n<!-- /results -->\nmiddle\n" + block_b)
+    update_readme(readme, "a", "new\ntable\n")
+    assert readme.read_text() == "intro\n<!-- results: a -->\nnew\ntable\n<!-- /results -->\nmiddle\n" + block_b
+    assert readme_blocks(readme) == {"a": "new\ntable\n", "b": "b\n"}
+    with pytest.raises(ValueError, match=r"no block for 'c'.*<!-- results: c -->"):
+        update_readme(readme, "c", "x\n")
+
+
+def test_cli_publishes_tables_and_refuses_a_folder_without_a_sweep(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "outputs" / "demo"
+    sweep.mkdir(parents=True)
+    sweep_table(sweep)
+    (sweep / "sweep.json").write_text('{"grid": [{"optimizers": ["gn"]}]}')
+    (tmp_path / "notebooks" / "figures").mkdir(parents=True)
+    (sweep / "summary").mkdir()
+    (sweep / "summary" / "steps_vs_batch.png").write_bytes(b"png")
+    (tmp_path / "README.md").write_text("<!-- results: demo -->\n<!-- /results -->\n")
+    assert main([str(sweep), "--figures", str(sweep / "summary")]) == 0
+    assert readme_blocks("README.md")["demo"] == results_markdown(sweep / "results.csv")
+    assert (tmp_path / "notebooks" / "results" / "demo" / "results.csv").is_file()
+    assert (tmp_path / "notebooks" / "figures" / "demo_steps_vs_batch.png").read_bytes() == b"png"
+    assert main([str(tmp_path / "outputs")]) == 2
+    assert "lacks ['results.csv', 'sweep.json']" in capsys.readouterr().err
+
+
+def test_readme_results_are_regenerated_from_the_committed_sweep_tables():
+    """Every results block of README equals the markdown made from its committed table: none is typed by hand."""
+    blocks = readme_blocks(REPO / "README.md")
+    assert "cpu_study" in blocks
+    for name, block in blocks.items():
+        assert block == results_markdown(REPO / "notebooks" / "results" / name / "results.csv"), (
+            f"README's {name} tables differ from notebooks/results/{name}/results.csv: "
+            f"run python -m gnlib.report outputs/{name} --figures outputs/{name}/summary"
+        )
+
+
+def test_an_ablation_at_one_batch_names_its_settings_and_compares_them_to_the_first(tmp_path):
+    """Variants of one optimizer at one batch: named by what they change, ratios to the default, no critical batch."""
+    rows = [
+        {"hyperparameters": options, "lr": lr, "seed": seed, "steps_to_target": steps}
+        for options, lr, seed, steps in [
+            ("{}", 0.01, 0, 6),
+            ("{}", 0.03, 0, 8),
+            ('{"gn": {"warm_start": false}}', 0.01, 0, 12),
+            ('{"gn": {"warm_start": false}}', 0.03, 0, 9),
+        ]
+    ]
+    common = {"optimizer": "gn", "micro_batches": 4, "tokens_per_step": 4096, "status": "ok", "target_loss": 2.2}
+    table = pd.DataFrame([{**common, **row, "final_val_loss": 2.1} for row in rows])
+    for column in ("tokens_to_target", "wall_time_to_target_s", "grad_equivalents_to_target"):
+        table[column] = table["steps_to_target"] * 10
+    table.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.json").write_text('{"grid": [{"micro_batches": [4], "hyperparameters": ["{}"], "lr": [0.01]}]}')
+    text = results_markdown(tmp_path / "results.csv")
+    assert "| full GN | 6 |" in text and "| gn (warm_start=False) | 9 |" in text
+    assert "Ratio to full GN of the median steps" in text and "| gn (warm_start=False) | 1.5 (1.5) |" in text
+    assert "Critical batch" not in text
+    assert "| gn (warm_start=False) | 9 | 90 | 90 | 90 | - |" in text
