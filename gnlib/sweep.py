@@ -31,9 +31,9 @@ products, in list order (e.g. one LR grid per optimizer)::
 runs are done, the runs are grouped into *settings* (equal values of every grid key but ``key`` and
 ``at_best``); in each, the value of ``at_best`` whose runs have the best outcomes (``minimize``, read from
 ``results.json``: the median over the setting's runs at that value, a missing or non-finite outcome counting
-as +inf, later names breaking ties) is run again with each of ``values`` as ``key``. The repeats are named like
-grid runs (``lr=0.01,seed=1``), are listed in ``sweep.json`` after the grid's, and a re-run plans them from the
-grid's results again (a setting with a grid run not yet finished gets none).
+as +inf, the later names of ``minimize`` breaking ties) is run again with each of ``values`` as ``key``.
+The repeats are named like grid runs (``lr=0.01,seed=1``), are listed in ``sweep.json`` after the grid's,
+and a re-run plans them from the grid's results again (a setting with a grid run not yet finished gets none).
 
 Every key in ``parameters`` and ``grid`` must be declared in the notebook's ``parameters`` cell
 (``papermill.inspect_notebook``); values must match simple annotations (``int``, ``float``, ``bool``, ``str``).
