@@ -270,9 +270,10 @@ def _execute_runs(
     pending = [(rid, params) for rid, params in runs if _should_run(states[rid], retry_failed)]
     if verbose:
         done = sum(states[rid] == "ok" for rid, _ in runs)
+        threads = os.environ.get("OMP_NUM_THREADS") or threads_per_job(jobs)
         print(
             f"sweep {spec['name']}: {len(runs)} {what}, {done} already ok, running {len(pending)} "
-            f"with {jobs} job(s) of {threads_per_job(jobs)} thread(s) -> {sweep_dir}",
+            f"with {jobs} job(s) of {threads} thread(s) -> {sweep_dir}",
             flush=True,
         )
     tasks = [
