@@ -595,3 +595,15 @@ def test_a_nonfinite_middle_inner_step_is_caught_at_the_last_and_the_next_step_s
     assert all(torch.isfinite(t).all() for block in gn._blocks.values() for t in block.delta.values())
     diagnostics = gn.step()
     assert diagnostics["rejected"] == 0 and diagnostics["loss"] < diagnostics["loss_before"]
+
+
+def test_the_inner_muon_orthogonalizes_in_float32_and_a_bad_ns_dtype_is_named():
+    """GN's inner Muon runs Newton-Schulz in float32 (as optax); ns_dtype takes bfloat16 or float32 only."""
+    x, y = _regression(seed=3)
+    model = mlp([x.shape[1], 8, y.shape[1]]).to(x.dtype)
+    gn = GaussNewton(model, lambda: (x, y), solver="muon", inner_steps=1, loss=MSE())
+    gn.step()
+    groups = [g for b in gn._blocks.values() for g in b.optimizer.param_groups if "ns_dtype" in g]
+    assert groups and {g["ns_dtype"] for g in groups} == {"float32"}
+    with pytest.raises(ValueError, match=r"ns_dtype.*'bfloat16', 'float32'"):
+        GaussNewton(model, lambda: (x, y), solver="muon", solver_options={"ns_dtype": "float16"})

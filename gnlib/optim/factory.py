@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gnlib.optim.composite import CompositeOptimizer
-from gnlib.optim.muon import Muon
+from gnlib.optim.muon import NS_DTYPES, Muon
 from gnlib.optim.options import BETAS, FLAG, NAMES, Rule, Schema, integer, number, optional
 from gnlib.optim.soap import SOAP, SOAP_SCHEMA
 from gnlib.runtime import check_choice
@@ -72,6 +72,7 @@ SCHEMAS: dict[str, Schema] = {
             ns_steps=5,
             adjust_lr_fn="original",
             bias_correction=False,
+            ns_dtype="bfloat16",
             grad_clip=None,
             adamw_lr=3e-3,
             adamw_betas=(0.9, 0.95),
@@ -87,6 +88,7 @@ SCHEMAS: dict[str, Schema] = {
             ns_steps=integer(1, 99),
             adjust_lr_fn=Rule(lambda v: v in ("original", "match_rms_adamw"), "'original' or 'match_rms_adamw'"),
             bias_correction=FLAG,
+            ns_dtype=Rule(lambda v: v in NS_DTYPES, f"one of {list(NS_DTYPES)}"),
             grad_clip=_GRAD_CLIP,
             adamw_lr=optional(number(0)),
             adamw_betas=BETAS,
@@ -219,6 +221,7 @@ def _muon_with_adamw(named: dict[str, Tensor], hp: dict[str, Any]) -> CompositeO
         inner["muon"] = Muon(
             [(n, named[n]) for n in matrices],
             bias_correction=hp["bias_correction"],
+            ns_dtype=hp["ns_dtype"],
             lr=hp["lr"],
             momentum=hp["momentum"],
             nesterov=hp["nesterov"],

@@ -135,7 +135,7 @@ def line_search_grid(n: int) -> tuple[float, ...]:
 #: Inner-solver settings that differ from :data:`gnlib.optim.factory.DEFAULTS`: the study's betas.
 SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"betas": (0.9, 0.999)},
-    "muon": {"adamw_betas": (0.9, 0.999)},
+    "muon": {"adamw_betas": (0.9, 0.999), "ns_dtype": "float32"},
     "sgd": {},
 }
 DEFAULT_INNER_LR = {"muon": 0.01, "adamw": 0.01, "sgd": 0.01, "cg": 1.0}

@@ -10,7 +10,9 @@ of the zero-initialized EMA, as Adam does, with t = 1, 2, … the step count:
 
 Newton-Schulz then normalizes U_t by its Frobenius norm, so the correction changes the *mix* of
 momentum and fresh gradient in the first ~1/(1 − μ) steps (at t = 1 both forms are ∝ g_1), not the
-step's scale. Everything else (Newton-Schulz, shape scaling, decoupled weight decay) is torch's.
+step's scale. Everything else (Newton-Schulz, shape scaling, decoupled weight decay) is torch's, except
+that ``ns_dtype="float32"`` runs torch's Newton-Schulz iteration in float32, as optax does, instead of
+casting to bfloat16 (:func:`newton_schulz`).
 """
 
 from __future__ import annotations
@@ -21,26 +23,37 @@ import torch
 from torch import Tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
+from gnlib.runtime import check_choice
+
+NS_DTYPES = ("bfloat16", "float32")
+
 
 class Muon(torch.optim.Muon):
-    """``torch.optim.Muon`` plus ``bias_correction`` (module docstring); the same otherwise.
+    """``torch.optim.Muon`` plus ``bias_correction`` and ``ns_dtype`` (module docstring); the same otherwise.
 
     Args:
         params: 2-D tensors (or param groups), as for ``torch.optim.Muon``.
-        bias_correction: correct the momentum as optax's Muon does; False is exactly ``torch.optim.Muon``.
+        bias_correction: correct the momentum as optax's Muon does.
+        ns_dtype: ``"bfloat16"`` (torch's Newton-Schulz, cast to bfloat16: fast on GPUs) or ``"float32"`` (the
+            same iteration in float32, as optax runs it; on a CPU without bfloat16 matrix units it is also
+            about 10x faster). With ``bias_correction=False`` and ``"bfloat16"`` this is exactly
+            ``torch.optim.Muon``.
         **kwargs: ``torch.optim.Muon``'s options (lr, weight_decay, momentum, nesterov, ns_steps, ...).
     """
 
-    def __init__(self, params: Any, *, bias_correction: bool = False, **kwargs: Any) -> None:
-        """Build torch's Muon and record ``bias_correction`` in every group."""
+    def __init__(
+        self, params: Any, *, bias_correction: bool = False, ns_dtype: str = "bfloat16", **kwargs: Any
+    ) -> None:
+        """Build torch's Muon and record ``bias_correction`` and ``ns_dtype`` in every group."""
+        check_choice("ns_dtype", ns_dtype, NS_DTYPES)
         super().__init__(params, **kwargs)
         for group in self.param_groups:
-            group["bias_correction"] = bias_correction
+            group["bias_correction"], group["ns_dtype"] = bias_correction, ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One step; groups without ``bias_correction`` take torch's own step."""
-        if not any(group.get("bias_correction") for group in self.param_groups):
+        """One step; torch's own step when no group corrects the bias or orthogonalizes in float32."""
+        if not any(group.get("bias_correction") or group.get("ns_dtype") == "float32" for group in self.param_groups):
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -64,7 +77,30 @@ class Muon(torch.optim.Muon):
                     update = buf * (mu / (1 - mu ** (t + 1))) + p.grad * ((1 - mu) / (1 - mu**t))
                 else:
                     update = buf / (1 - mu**t)
-                update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if group["ns_dtype"] == "float32":
+                    update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                else:
+                    update = _zeropower_via_newtonschulz(
+                        update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                    )
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
+
+
+def newton_schulz(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> Tensor:
+    """The quintic Newton-Schulz orthogonalization of torch's Muon for a matrix (m, n), in float32 or wider.
+
+    X ← G/‖G‖_F (transposed when m > n), then ``ns_steps`` times X ← aX + (bA + cA²)X with A = XXᵀ:
+    ``torch.optim._muon._zeropower_via_newtonschulz`` without its cast to bfloat16. Returns (m, n) in
+    float32, or in ``grad``'s dtype when that is wider (float64).
+    """
+    a, b, c = ns_coefficients
+    x = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if grad.size(0) > grad.size(1) else x
