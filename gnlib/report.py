@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _timing(raw: pd.DataFrame) -> str:
     """Runs, their wall time (the union of their execution intervals) and their run times summed."""
-    intervals = sorted(zip(pd.to_datetime(raw["started"].dropna()), pd.to_datetime(raw["finished"].dropna())))
+    timed = raw[["started", "finished"]].dropna()
+    intervals = sorted(zip(pd.to_datetime(timed["started"]), pd.to_datetime(timed["finished"])))
     wall, end = 0.0, None
     for start, finish in intervals:
         start = start if end is None else max(start, end)
