@@ -55,7 +55,8 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
 
     Returns:
         The markdown text: the runs and their wall time; steps to target per setting and tokens per step
-        ("median (min-max)", "missed (k/n)" when most seeds missed); steps and cost ratios to ``reference``;
+        ("median (min-max)", "missed (k/n)" when most seeds missed); steps and cost ratios to ``reference``
+        (costs in gradient steps on the table's smallest micro-batch, scaled by tokens per micro-batch);
         the critical batch size of each optimizer (with two batch sizes or more); tokens, time and cost to
         target at the largest batch (beside the study's 45M steps, for the optimizers it reports); and the
         tuned LRs on their grid's edge.
@@ -63,6 +64,11 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
     raw = pd.read_csv(results_csv)
     table = study_table_from_sweep(results_csv)
     chosen = table.loc[table["chosen"]].astype({"tokens_per_step": int})
+    # Gradient-step equivalents count gradient steps on the run's own micro-batch: put them in one unit,
+    # a gradient step on the smallest micro-batch of the table (FLOPs scale with the tokens of a pass).
+    micro_tokens = chosen["tokens_per_step"] / chosen["micro_batches"]
+    unit = int(micro_tokens.min())
+    chosen = chosen.assign(grad_equivalents_to_target=chosen["grad_equivalents_to_target"] * micro_tokens / unit)
     targets = raw["target_loss"].dropna().unique() if "target_loss" in raw.columns else []
     target = f"val loss {float(targets[0]):g}" if len(targets) == 1 else "the target"
     order = list(dict.fromkeys(chosen["optimizer"]))
@@ -81,7 +87,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
         "",
     ]
     reference = reference if reference in settings else settings[0]
-    lines += _ratio_section(chosen, settings, batches, reference)
+    lines += _ratio_section(chosen, settings, batches, reference, unit)
     if len(batches) > 1:
         critical = critical_batch_size(table).set_index("optimizer")
         lines += [
@@ -98,14 +104,16 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
             ),
             "",
         ]
-    lines += _largest_batch_section(chosen, settings, batches[-1])
+    lines += _largest_batch_section(chosen, settings, batches[-1], unit)
     edge = chosen.loc[chosen["on_edge"], ["optimizer", "tokens_per_step", "lr"]].drop_duplicates()
     edges = ", ".join(f"{NAMES.get(o, o)} at {int(b):,} ({lr:g})" for o, b, lr in edge.itertuples(index=False))
     lines.append(f"Tuned LRs on the edge of their grid: {edges or 'none'}.")
     return "\n".join(lines) + "\n"
 
 
-def _ratio_section(chosen: pd.DataFrame, settings: list[str], batches: list[int], reference: str) -> list[str]:
+def _ratio_section(
+    chosen: pd.DataFrame, settings: list[str], batches: list[int], reference: str, unit: int
+) -> list[str]:
     """Lines of the ratio table: each setting's median steps (and cost) over the reference's, per batch."""
     steps = _medians(chosen, "steps_to_target")
     cost = _medians(chosen, "grad_equivalents_to_target")
@@ -117,15 +125,15 @@ def _ratio_section(chosen: pd.DataFrame, settings: list[str], batches: list[int]
     if not rows:
         return []
     return [
-        f"Ratio to {NAMES.get(reference, reference)} of the median steps (and of the cost in gradient-step "
-        "equivalents) to the target:",
+        f"Ratio to {NAMES.get(reference, reference)} of the median steps (and of the cost in gradient steps "
+        f"on {unit:,} tokens) to the target:",
         "",
         _table(["setting", *[f"{b:,}" for b in batches]], rows),
         "",
     ]
 
 
-def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: int) -> list[str]:
+def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: int, unit: int) -> list[str]:
     """Lines of the table of steps, tokens, time and cost to target at the largest batch (and the study's)."""
     columns = [
         ("steps_to_target", "g"),
@@ -134,7 +142,7 @@ def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: i
         ("grad_equivalents_to_target", ",.0f"),
     ]
     study = any(o in STUDY_45M_STEPS for o in settings)
-    header = ["setting", "steps", "tokens", "time (s)", "cost (gradient steps)"]
+    header = ["setting", "steps", "tokens", "time (s)", f"cost (gradient steps on {unit:,} tokens)"]
     rows = [
         [NAMES.get(o, o), *[_median_cell(chosen, o, largest, c, fmt) for c, fmt in columns]]
         + ([STUDY_45M_STEPS.get(o, "-")] if study else [])

@@ -1,5 +1,6 @@
 """Tests of gnlib.report: README's results tables come from committed sweep tables, never by hand."""
 
+import json
 import re
 from pathlib import Path
 
@@ -152,3 +153,21 @@ def test_an_ablation_at_one_batch_names_its_settings_and_compares_them_to_the_fi
     assert "Ratio to full GN of the median steps" in text and "| gn (warm_start=False) | 1.5 (1.5) |" in text
     assert "Critical batch" not in text
     assert "| gn (warm_start=False) | 9 | 90 | 90 | 90 | - |" in text
+
+
+def test_costs_of_different_micro_batches_are_put_in_one_unit(tmp_path):
+    """A run's gradient-step equivalents count gradient steps on its own micro-batch; tables use the smallest."""
+    rows = [  # micro-batches of 16 sequences (128 per step) vs of 64 (32 per step): 2,048 vs 8,192 tokens
+        {"batch_size": 16, "micro_batches": 128, "lr": 0.01, "steps_to_target": 5, "grad_equivalents_to_target": 1000},
+        {"batch_size": 64, "micro_batches": 32, "lr": 0.01, "steps_to_target": 5, "grad_equivalents_to_target": 400},
+    ]
+    common = {"optimizer": "gn", "hyperparameters": "{}", "seed": 0, "seq_len": 128, "status": "ok"}
+    table = pd.DataFrame([{**common, **row, "tokens_per_step": 262_144, "final_val_loss": 2.1} for row in rows])
+    table["tokens_to_target"] = table["wall_time_to_target_s"] = 0
+    table.to_csv(tmp_path / "results.csv", index=False)
+    grid = [{"batch_size": [16], "micro_batches": [128]}, {"batch_size": [64], "micro_batches": [32]}]
+    (tmp_path / "sweep.json").write_text(json.dumps({"grid": grid}))
+    text = results_markdown(tmp_path / "results.csv")
+    assert "cost in gradient steps on 2,048 tokens" in text and "cost (gradient steps on 2,048 tokens)" in text
+    assert "| gn (batch_size=64) | 1.0 (1.6) |" in text  # 400 steps on 8,192 tokens = 1,600 on 2,048
+    assert "| gn (batch_size=64) | 5 | 0 | 0 | 1,600 |" in text
