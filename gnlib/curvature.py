@@ -15,9 +15,10 @@ Output-space vectors have the shape of z.
 
 Implementations (F = one forward pass; a gradient step is about 3F, matmul flops counted):
 
-- :func:`gn_inner_step`, :func:`ggn_vp`, :func:`jvp`: one forward carrying dual numbers
-  (``torch.autograd.forward_ad``: z and J·Δ in one pass, about 3F since the tangent of a product
-  W·x is dW·x + W·dx) that records the reverse graph of the primal, then one backward
+- :func:`gn_inner_step`, :func:`ggn_vp`, :func:`jvp`: one forward carrying the tangent Δ (z and J·Δ in
+  one pass, about 3F since the tangent of a product W·x is dW·x + W·dx; by the model's own forward-mode
+  rules where it has them, :mod:`gnlib.models`, else by dual numbers of ``torch.autograd.forward_ad``)
+  that records the reverse graph of the primal, then one backward
   Jᵀu = ``autograd.grad(z, θ, u)`` (2F) with u from the loss in closed form: 5F, 1.67x a gradient
   step in matmul flops; elementwise tangent arithmetic comes on top (:mod:`gnlib.costs` holds this FLOP
   model and measures the real ratio, about 2x on a CPU).
@@ -108,9 +109,11 @@ def _forward(
 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
     """One forward pass at ``params``, recording the reverse graph to the parameters named in ``wrt``.
 
-    With a ``tangent`` (a params dict over exactly the names ``wrt``), the pass carries dual numbers
-    (``torch.autograd.forward_ad``) and also returns J·tangent, at the cost of one forward carrying a
-    tangent. Two details keep that cost down:
+    With a ``tangent`` (a params dict over exactly the names ``wrt``), the pass also returns J·tangent.
+    A model that declares ``computes_jvp`` (gnlib's :class:`~gnlib.models.Transformer`) computes it
+    with its own forward-mode rules: ``model(inputs, dots=tangent)`` returns ``(z, J·tangent)``, the
+    tangent arithmetic recording no graph. Any other model carries dual numbers
+    (``torch.autograd.forward_ad``), and two details keep that cost down:
 
     - floating buffers (RoPE tables, masks) get explicit zero tangents: an operand without a tangent
       would get a symbolic zero tangent, whose arithmetic PyTorch routes through slow Python reference
@@ -131,6 +134,9 @@ def _forward(
     call.update(zip(wrt, leaves))
     if tangent is None:
         return functional_call(model, call, (inputs,)), None, leaves
+    if getattr(model, "computes_jvp", False):
+        z, jt = functional_call(model, call, (inputs,), {"dots": {name: tangent[name].detach() for name in wrt}})
+        return z, torch.zeros_like(z) if jt is None else jt, leaves
     with fwad.dual_level(), torch.autograd.graph.saved_tensors_hooks(_pack_primal, _unpack):
         for name in wrt:
             call[name] = fwad.make_dual(call[name], tangent[name].detach())

@@ -17,12 +17,21 @@ Two variants, chosen by config fields (the presets name them):
 Attention is written out with batched matmuls instead of ``F.scaled_dot_product_attention``: the fused
 CPU kernel has no forward-mode derivative, and every Gauss-Newton product needs a Jacobian-vector
 product (``torch.func.jvp`` or ``torch.autograd.forward_ad``) through the whole model.
+
+Forward-mode rules. Every layer of the transformer computes, beside its output y, the tangent
+ẏ = ∂y/∂x · ẋ + ∂y/∂θ · θ̇ for a tangent ẋ of its input and tangents θ̇ (``dots``) of some of its
+parameters, written out by hand (e.g. ẏ = ẋWᵀ + xẆᵀ for y = xWᵀ) and computed without recording a graph.
+``Transformer.forward(tokens, dots)`` thus returns the logits z, recorded for the backward as usual,
+and J·θ̇ in one pass, which is what a Gauss-Newton product needs (:mod:`gnlib.curvature`). Against
+``torch.autograd.forward_ad`` this runs no dual-tensor bookkeeping and skips every term that is zero:
+a tangent that starts at layer l costs nothing below it. A missing tangent is ``None`` (zero).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +159,37 @@ def _replace(config: ModelConfig, overrides: dict) -> ModelConfig:
     return dataclasses.replace(config, **overrides)
 
 
+#: Tangents θ̇ of some of a module's parameters, keyed by their names relative to that module.
+Dots = Mapping[str, Tensor]
+NO_DOTS: Dots = {}
+
+
+def _sub(dots: Dots, prefix: str) -> dict[str, Tensor]:
+    """The tangents under ``prefix`` (e.g. ``"attn."``), named relative to it."""
+    n = len(prefix)
+    return {name[n:]: t for name, t in dots.items() if name.startswith(prefix)}
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The sum a + b of two tangents, ``None`` standing for a zero one."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def linear_jvp(layer: nn.Linear, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
+    """The layer's y = xWᵀ + b and ẏ = ẋWᵀ + xẆᵀ + ḃ for x (..., in), y (..., out); both products fill one buffer."""
+    y = layer(x)
+    w_dot, b_dot = dots.get("weight"), dots.get("bias")
+    with torch.no_grad():
+        y_dot = None if x_dot is None else F.linear(x_dot, layer.weight)
+        if w_dot is not None and y_dot is None:
+            y_dot = F.linear(x, w_dot)
+        elif w_dot is not None:
+            y_dot.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w_dot.T)
+        return y, _plus(y_dot, b_dot)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x², last axis) + ε) · g, with a learned gain g of shape (d,)."""
 
@@ -161,7 +201,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize x (..., d) over its last axis."""
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return self.jvp(x, None, NO_DOTS)[0]
+
+    def jvp(self, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
+        """(y, ẏ) for x (..., d): with n = x r, r = (mean(x²) + ε)^(-1/2), ṅ = r (ẋ − n · mean(n ẋ)), ẏ = ṅ g + n ġ."""
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        n = x * r
+        with torch.no_grad():
+            n_dot = None if x_dot is None else (x_dot - n * (n * x_dot).mean(-1, keepdim=True)).mul_(r)
+            y_dot = _norm_tangent(n, n_dot, self.weight, dots.get("weight"), dots.get("bias"))
+        return n * self.weight, y_dot
+
+
+def _norm_tangent(
+    n: Tensor, n_dot: Tensor | None, g: Tensor, g_dot: Tensor | None, b_dot: Tensor | None
+) -> Tensor | None:
+    """Tangent of y = n g (+ b) from the tangents of the normalized n, the gain g and the bias b."""
+    return _plus(_plus(None if n_dot is None else n_dot.mul_(g), None if g_dot is None else n * g_dot), b_dot)
 
 
 def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
@@ -200,8 +256,20 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize x (..., d) over its last axis (biased variance, as ``nn.LayerNorm``)."""
+        return self.jvp(x, None, NO_DOTS)[0]
+
+    def jvp(self, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
+        """(y, ẏ) for x (..., d): with c = x − mean(x), n = c r, ċ = ẋ − mean(ẋ), ṅ = r (ċ − n · mean(n ċ))."""
         centered = x - x.mean(-1, keepdim=True)
-        return centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+        r = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps)
+        n = centered * r
+        with torch.no_grad():
+            n_dot = None
+            if x_dot is not None:
+                c_dot = x_dot - x_dot.mean(-1, keepdim=True)
+                n_dot = c_dot.sub_(n * (n * c_dot).mean(-1, keepdim=True)).mul_(r)
+            y_dot = _norm_tangent(n, n_dot, self.weight, dots.get("weight"), dots.get("bias"))
+        return n * self.weight + self.bias, y_dot
 
 
 class Attention(nn.Module):
@@ -228,16 +296,47 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         """Attend over x (B, T, d) with RoPE tables cos, sin (T, d_head) and additive causal mask (T, T)."""
+        return self.jvp(x, None, NO_DOTS, cos, sin, mask)[0]
+
+    def jvp(
+        self, x: Tensor, x_dot: Tensor | None, dots: Dots, cos: Tensor, sin: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """(y, ẏ) for x (B, T, d): with s = q kᵀ and p = softmax(s + M), ṡ = q̇ kᵀ + q k̇ᵀ and ṗ = p ⊙ (ṡ − Σ p ⊙ ṡ)."""
         B, T, d = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        (q, q_dot), (k, k_dot), (v, v_dot) = (
+            linear_jvp(layer, x, x_dot, _sub(dots, f"{name}.")) for name, layer in self._projections()
+        )
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
-        scale = q.shape[-1] ** -0.5  # folded into the (small, constant) tables of q
-        q = apply_rope(q, cos * scale, sin * scale)
-        k = apply_rope(k, cos, sin)
+            q, q_dot = self.q_norm.jvp(q, q_dot, _sub(dots, "q_norm."))
+            k, k_dot = self.k_norm.jvp(k, k_dot, _sub(dots, "k_norm."))
+        scale = (d // self.n_heads) ** -0.5  # folded into the (small, constant) tables of q
+        tables = {"q": (cos * scale, sin * scale), "k": (cos, sin), "v": None}
+        heads = {}
+        for name, t, t_dot in (("q", q, q_dot), ("k", k, k_dot), ("v", v, v_dot)):
+            t, t_dot = (None if u is None else u.view(B, T, self.n_heads, -1).transpose(1, 2) for u in (t, t_dot))
+            if tables[name] is not None:  # RoPE is linear: the same rotation for the tangent
+                t = apply_rope(t, *tables[name])
+                with torch.no_grad():
+                    t_dot = None if t_dot is None else apply_rope(t_dot, *tables[name])
+            heads[name] = (t, t_dot)
+        (q, q_dot), (k, k_dot), (v, v_dot) = heads.values()
         weights = torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1)  # (B, H, T, T)
-        return self.wo((weights @ v).transpose(1, 2).reshape(B, T, d))
+        out = weights @ v
+        with torch.no_grad():
+            s_dot = _plus(
+                None if q_dot is None else q_dot @ k.transpose(-2, -1),
+                None if k_dot is None else q @ k_dot.transpose(-2, -1),
+            )
+            w_dot = None
+            if s_dot is not None:
+                w_dot = s_dot.mul_(weights)
+                w_dot.sub_(weights * w_dot.sum(-1, keepdim=True))
+            out_dot = _plus(None if w_dot is None else w_dot @ v, None if v_dot is None else weights @ v_dot)
+            out_dot = None if out_dot is None else out_dot.transpose(1, 2).reshape(B, T, d)
+        return linear_jvp(self.wo, out.transpose(1, 2).reshape(B, T, d), out_dot, _sub(dots, "wo."))
+
+    def _projections(self) -> tuple[tuple[str, nn.Linear], ...]:
+        return (("wq", self.wq), ("wk", self.wk), ("wv", self.wv))
 
 
 class SwiGLU(nn.Module):
@@ -252,7 +351,19 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map x (..., d) to (..., d)."""
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.jvp(x, None, NO_DOTS)[0]
+
+    def jvp(self, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
+        """(y, ẏ) for x (..., d): h = silu(a) ⊙ b has ḣ = silu'(a) ⊙ ȧ ⊙ b + silu(a) ⊙ ḃ."""
+        a, a_dot = linear_jvp(self.w_gate, x, x_dot, _sub(dots, "w_gate."))
+        b, b_dot = linear_jvp(self.w_up, x, x_dot, _sub(dots, "w_up."))
+        silu = F.silu(a)
+        with torch.no_grad():  # silu_backward(ȧ, a) = silu'(a) ⊙ ȧ
+            h_dot = _plus(
+                None if a_dot is None else torch.ops.aten.silu_backward(a_dot, a).mul_(b),
+                None if b_dot is None else silu * b_dot,
+            )
+        return linear_jvp(self.w_down, silu * b, h_dot, _sub(dots, "w_down."))
 
 
 class GeluMLP(nn.Module):
@@ -266,7 +377,14 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map x (..., d) to (..., d)."""
-        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+        return self.jvp(x, None, NO_DOTS)[0]
+
+    def jvp(self, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
+        """(y, ẏ) for x (..., d): h = gelu(a) has ḣ = gelu'(a) ⊙ ȧ."""
+        a, a_dot = linear_jvp(self.w1, x, x_dot, _sub(dots, "w1."))
+        with torch.no_grad():  # gelu_backward(ȧ, a) = gelu'(a) ⊙ ȧ
+            h_dot = None if a_dot is None else torch.ops.aten.gelu_backward(a_dot, a, approximate="tanh")
+        return linear_jvp(self.w2, F.gelu(a, approximate="tanh"), h_dot, _sub(dots, "w2."))
 
 
 _MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
@@ -285,8 +403,22 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         """Map x (B, T, d) to (B, T, d)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+        return self.jvp(x, None, NO_DOTS, cos, sin, mask)[0]
+
+    def jvp(
+        self, x: Tensor, x_dot: Tensor | None, dots: Dots, cos: Tensor, sin: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """(y, ẏ) for x (B, T, d); the residual adds the tangents."""
+        h, h_dot = self.attn_norm.jvp(x, x_dot, _sub(dots, "attn_norm."))
+        a, a_dot = self.attn.jvp(h, h_dot, _sub(dots, "attn."), cos, sin, mask)
+        x = x + a
+        with torch.no_grad():
+            x_dot = _plus(x_dot, a_dot)
+        h, h_dot = self.mlp_norm.jvp(x, x_dot, _sub(dots, "mlp_norm."))
+        m, m_dot = self.mlp.jvp(h, h_dot, _sub(dots, "mlp."))
+        with torch.no_grad():
+            x_dot = _plus(x_dot, m_dot)
+        return x + m, x_dot
 
 
 class Transformer(nn.Module):
@@ -345,8 +477,17 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    #: ``forward(tokens, dots)`` also returns J·θ̇ (see the module docstring); :mod:`gnlib.curvature` uses it.
+    computes_jvp = True
+
+    def forward(self, tokens: Tensor, dots: Dots | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
         """Logits (B, T, V) for token ids (B, T), T ≤ max_seq_len; position t sees tokens 0..t only.
+
+        Args:
+            tokens: token ids (B, T).
+            dots: tangents θ̇ of some parameters, by their names in ``named_parameters()`` (the tied
+                head uses ``embed.weight``'s). With them the result is ``(z, J·θ̇)``: the logits and their
+                directional derivative (B, T, V), or ``None`` where no tangent reaches the logits.
 
         Raises:
             ValueError: ``tokens`` is not 2-D or longer than ``max_seq_len``.
@@ -357,10 +498,16 @@ class Transformer(nn.Module):
         if T > self.config.max_seq_len:
             raise ValueError(f"tokens has seq_len={T} > max_seq_len={self.config.max_seq_len} of this model")
         cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], self.causal_mask[:T, :T]
+        given = NO_DOTS if dots is None else dots
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)
-        return self.head(self.norm(x))
+        with torch.no_grad():
+            x_dot = None if "embed.weight" not in given else F.embedding(tokens, given["embed.weight"])
+        for i, block in enumerate(self.blocks):
+            x, x_dot = block.jvp(x, x_dot, _sub(given, f"blocks.{i}."), cos, sin, mask)
+        x, x_dot = self.norm.jvp(x, x_dot, _sub(given, "norm."))
+        head = "embed." if self.config.tie_embeddings else "head."
+        z, z_dot = linear_jvp(self.head, x, x_dot, _sub(given, head))
+        return z if dots is None else (z, z_dot)
 
 
 def build_model(

@@ -288,6 +288,44 @@ def test_jvp_matches_central_finite_difference(tie, device, variant):
     torch.testing.assert_close(jv_func, fd, rtol=1e-6, atol=1e-8 * scale)
     torch.testing.assert_close(jv_dual, fd, rtol=1e-6, atol=1e-8 * scale)
     torch.testing.assert_close(jv_dual, jv_func, rtol=1e-12, atol=1e-12)
+    z_rules, jv_rules = model(x, dots=v)  # the model's hand-written forward-mode rules
+    torch.testing.assert_close(z_rules, f(params), rtol=0, atol=0)
+    torch.testing.assert_close(jv_rules, fd, rtol=1e-6, atol=1e-8 * scale)
+    torch.testing.assert_close(jv_rules, jv_func, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["embed.weight"],
+        ["blocks.1.attn.wk.weight", "blocks.1.mlp_norm.weight"],
+        ["blocks.0.attn_norm.weight", "blocks.0.attn.wq.weight", "blocks.0.attn.wv.weight", "blocks.1.mlp.w_up.weight"],
+        ["norm.weight"],
+    ],
+    ids=["embedding", "one-layer-subset", "two-layers", "final-norm"],
+)
+def test_forward_rules_for_a_subset_of_parameters(names, tie, variant):
+    """J_S v_S for a subset S of the parameters (a layerwise block), the rest fixed; gains and biases not trivial."""
+    model = build_model(ModelConfig(**MICRO, tie_embeddings=tie, **VARIANTS[variant]), dtype=torch.float64)
+    params = params_of(model)
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype))
+    rename = {"blocks.1.mlp.w_up.weight": "blocks.1.mlp.w1.weight"} if variant == "reference" else {}
+    names = [rename.get(name, name) for name in names]
+    x = tokens(3, 6, 11)
+    v = {name: t for name, t in random_tangent(params).items() if name in names}
+    assert list(v) == names
+    subset = {name: params[name] for name in names}
+    reference = jvp(lambda sub: functional_call(model, {**params, **sub}, (x,)), (subset,), (v,))[1]
+    z, jv = functional_call(model, params, (x,), {"dots": v})
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(z, functional_call(model, params, (x,)), rtol=0, atol=0)
+    torch.testing.assert_close(jv, reference, rtol=1e-12, atol=1e-12)
+    assert model(x, dots={})[1] is None  # no tangent: J·0, returned as None
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper_tiny"])
@@ -305,6 +343,12 @@ def test_backward_through_a_dual_forward_gives_the_plain_gradient(device, preset
     for a, b in zip(grads, plain):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(jv, jvp(lambda p: functional_call(model, p, (x,)), (params,), (v,))[1])
+    z, jv_rules = functional_call(model, params, (x,), {"dots": v})  # the same with the model's own rules
+    grads = torch.autograd.grad(F.cross_entropy(z.flatten(0, 1), y.flatten()), list(params.values()))
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(jv_rules, jv)
+    assert not jv_rules.requires_grad  # the tangent arithmetic records no graph
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
