@@ -22,6 +22,10 @@ divided by the median time of the gradient step:
 
 ``layerwise_over_full`` = ``layerwise_inner_step`` / ``gn_inner_step``.
 
+With ``--compile``, two more: ``grad_compiled`` (the gradient step through ``torch.compile(model)``) and
+``gn_inner_step_compiled`` (``torch.compile(gnlib.curvature.gn_inner_step)``). Their first call compiles:
+it is timed apart as ``compile_seconds``, and ``compiled_inner_over_grad`` compares the two compiled steps.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On
 the CPU, the allocations and frees the CPU allocator reports to ``torch.profiler`` (``profile_memory``)
 are replayed in time order and the peak of the running sum (bytes allocated during the call and not yet
@@ -73,6 +77,7 @@ MEASUREMENTS = (
     "outer_step_full",
     "outer_step_layerwise",
 )
+COMPILED = ("grad_compiled", "gn_inner_step_compiled")
 #: Measurements timed in the first ``outer_repeats`` rounds only.
 OUTER = ("outer_step_full", "outer_step_layerwise")
 PEAK_MEASUREMENTS = ("grad", "gn_inner_step", "layerwise_inner_step")
@@ -126,6 +131,7 @@ def run_benchmark(
     seed: int = 0,
     threads: int | None = None,
     outer_repeats: int = 2,
+    compile: bool = False,
     **model_overrides,
 ) -> dict:
     """Time every measurement of the module docstring and return the summary (the ``--json`` object).
@@ -139,6 +145,7 @@ def run_benchmark(
         seed: seed of the model and the batch.
         threads: ``torch.set_num_threads`` for the run (default: leave torch's setting).
         outer_repeats: timed rounds of the outer steps (0 leaves them out; at most ``repeats`` are run).
+        compile: also time the gradient step and the inner step under ``torch.compile``.
         **model_overrides: config fields to replace, e.g. ``n_layers=1`` for a quick run.
 
     Returns:
@@ -152,7 +159,8 @@ def run_benchmark(
         ``peak_mem_ratio``, ``memory_measure`` (what the peak means on this device), ``pass_costs``
         (``measured`` and ``flops``: forward, tangent, backward in gradient steps), ``passes`` (the pass
         counts of the inner steps, line search and outer steps) and ``priced`` (their cost under each
-        model, to compare with ``ratio``).
+        model, to compare with ``ratio``). With ``compile``: ``compile_seconds`` (first call of each
+        compiled measurement) and ``compiled_inner_over_grad``.
     """
     check_choice("preset", preset, PRESETS)
     dev = resolve_device(device)
@@ -217,7 +225,12 @@ def run_benchmark(
         layerwise = GaussNewton(copy.deepcopy(model), lambda: data, blocks="per_layer")
         fns["outer_step_full"] = recorded("outer_step_full", full)
         fns["outer_step_layerwise"] = recorded("outer_step_layerwise", layerwise)
-    fns = {name: fns[name] for name in MEASUREMENTS if name in fns}
+    compile_seconds: dict[str, float] = {}
+    if compile:
+        compiled_model, compiled_inner = torch.compile(model), torch.compile(curvature.gn_inner_step)
+        fns["grad_compiled"] = lambda: torch.autograd.grad(loss.value(compiled_model(data[0]), data[1]), weights)
+        fns["gn_inner_step_compiled"] = lambda: compiled_inner(model, params, v, data, loss)
+    fns = {name: fns[name] for name in MEASUREMENTS + COMPILED if name in fns}
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
@@ -228,9 +241,11 @@ def run_benchmark(
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             synchronize(dev)
-            if round_:  # round 0 is the warmup
+            if round_:  # round 0 is the warmup (and compiles)
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
+            elif name in COMPILED:
+                compile_seconds[name] = time.perf_counter() - start
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
     peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS}
@@ -242,6 +257,12 @@ def run_benchmark(
         name: {model_: price(dict(zip(PASSES, n)), weights) for model_, weights in pass_costs.items()}
         for name, n in counts.items()
     }
+    compiled = {}
+    if compile:
+        compiled = {
+            "compile_seconds": compile_seconds,
+            "compiled_inner_over_grad": ms["gn_inner_step_compiled"] / ms["grad_compiled"],
+        }
     return {
         "preset": preset,
         "device": str(dev),
@@ -264,6 +285,7 @@ def run_benchmark(
         "pass_costs": pass_costs,
         "passes": {name: dict(zip(PASSES, n)) for name, n in counts.items()},
         "priced": priced,
+        **compiled,
     }
 
 
@@ -273,11 +295,11 @@ def format_table(result: dict) -> str:
         f"preset={result['preset']} device={result['device']} params={result['params']:,} "
         f"batch={result['batch']}x{result['seq_len']} repeats={result['repeats']} threads={result['threads']} "
         f"load={result['load_average']:.1f}",
-        f"{'measurement':<20} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11}",
+        f"{'measurement':<24} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11}",
     ]
     for name, ms in result["ms"].items():
         cpu_ratio = result["cpu_ms"][name] / result["cpu_ms"]["grad"]
-        lines.append(f"{name:<20} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f}")
+        lines.append(f"{name:<24} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f}")
     peak = result["peak_mem_bytes"]
     lines.append(
         f"layerwise_inner_step / gn_inner_step = {result['layerwise_over_full']:.2f} "
@@ -288,6 +310,12 @@ def format_table(result: dict) -> str:
         + ", ".join(f"{name} {peak[name] / 2**20:.1f} MiB" for name in peak)
         + f"; gn_inner_step / grad {result['peak_mem_ratio']:.2f}"
     )
+    if "compile_seconds" in result:
+        lines.append(
+            f"compiled: gn_inner_step_compiled / grad_compiled = {result['compiled_inner_over_grad']:.2f}; "
+            "compile time "
+            + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["compile_seconds"].items())
+        )
     costs = result["pass_costs"]
     lines.append(f"{'pass costs (x grad)':<20} {'measured':>10} {'flops':>8}")
     for name in costs["measured"]:
@@ -309,10 +337,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--outer-repeats", type=int, default=2, help="timed rounds of the outer steps (0: skip)")
+    parser.add_argument("--compile", action="store_true", help="also time the steps under torch.compile")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     result = run_benchmark(
-        args.preset, args.device, args.batch, args.seq_len, args.repeats, args.seed, args.threads, args.outer_repeats
+        args.preset,
+        args.device,
+        args.batch,
+        args.seq_len,
+        args.repeats,
+        args.seed,
+        args.threads,
+        args.outer_repeats,
+        args.compile,
     )
     print(json.dumps(result) if args.json else format_table(result))
 

@@ -106,7 +106,10 @@ def price(counts: Mapping[str, int | float], costs: Mapping[str, float]) -> floa
 
 
 def cache_key(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]:
-    """What a measurement depends on: the model's config, batch shape, device, dtype, threads, torch, host."""
+    """What a measurement depends on: model config, batch shape, device, dtype, threads, torch, host, tangents.
+
+    ``tangents`` says how a forward carries them: the model's own rules or ``torch.autograd.forward_ad``.
+    """
     first = next(model.parameters())
     device = first.device
     config = getattr(model, "config", None)
@@ -120,6 +123,7 @@ def cache_key(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "host": platform.node(),
+        "tangents": "model rules" if getattr(model, "computes_jvp", False) else "forward_ad",
     }
 
 

@@ -9,7 +9,7 @@ import torch
 from gnlib import costs
 from gnlib.bench import main as bench_main
 from gnlib.costs import FLOP_PASS_COSTS, PASSES, cache_key, measure_pass_costs, price
-from gnlib.models import build_model
+from gnlib.models import build_model, mlp
 from gnlib.optim import GaussNewton
 from gnlib.runs import RunSpec, run, summarize
 
@@ -89,6 +89,7 @@ def test_measurements_are_cached_per_configuration(tmp_path):
     assert cache_key(model, 8, 16) != key and cache_key(model, 4, 32) != key
     assert cache_key(build_model("tiny", seed=0, **{**MODEL, "d_model": 32}), 4, 16) != key
     assert cache_key(build_model("tiny", seed=0, **MODEL).double(), 4, 16)["dtype"] == "torch.float64"
+    assert key["tangents"] == "model rules" and cache_key(mlp([3, 4, 2]), 4, 16)["tangents"] == "forward_ad"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)

@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call
 
 from gnlib import curvature as C
-from gnlib.bench import MEASUREMENTS, OUTER
+from gnlib.bench import MEASUREMENTS, OUTER, format_table, run_benchmark
 from gnlib.bench import main as bench_main
 from gnlib.blocks import per_layer
 from gnlib.losses import MSE, CrossEntropy, Loss
@@ -495,3 +495,12 @@ def test_bench_table_is_clean(capsys):
     end = next(i for i, line in enumerate(lines) if line.startswith("layerwise_inner_step / gn_inner_step = "))
     assert [line.split()[0] for line in lines[2:end]] == [m for m in MEASUREMENTS if m not in OUTER]
     assert lines[end + 1].startswith("peak memory")
+
+
+def test_bench_times_compiled_steps_apart_from_their_compilation():
+    result = run_benchmark("tiny", batch=2, seq_len=8, repeats=1, outer_repeats=0, compile=True, n_layers=1)
+    assert set(result["compile_seconds"]) == {"grad_compiled", "gn_inner_step_compiled"}
+    assert all(seconds > 0 for seconds in result["compile_seconds"].values())
+    assert {"grad_compiled", "gn_inner_step_compiled"} <= set(result["ratio"])
+    assert result["compiled_inner_over_grad"] == result["ms"]["gn_inner_step_compiled"] / result["ms"]["grad_compiled"]
+    assert "gn_inner_step_compiled / grad_compiled" in format_table(result)
