@@ -304,22 +304,23 @@ class Attention(nn.Module):
         """(y, ẏ) for x (B, T, d): with s = q kᵀ and p = softmax(s + M), ṡ = q̇ kᵀ + q k̇ᵀ and ṗ = p ⊙ (ṡ − Σ p ⊙ ṡ)."""
         B, T, d = x.shape
         (q, q_dot), (k, k_dot), (v, v_dot) = (
-            linear_jvp(layer, x, x_dot, _sub(dots, f"{name}.")) for name, layer in self._projections()
+            linear_jvp(layer, x, x_dot, _sub(dots, f"{name}."))
+            for name, layer in (("wq", self.wq), ("wk", self.wk), ("wv", self.wv))
         )
         if self.qk_norm:
             q, q_dot = self.q_norm.jvp(q, q_dot, _sub(dots, "q_norm."))
             k, k_dot = self.k_norm.jvp(k, k_dot, _sub(dots, "k_norm."))
-        scale = (d // self.n_heads) ** -0.5  # folded into the (small, constant) tables of q
-        tables = {"q": (cos * scale, sin * scale), "k": (cos, sin), "v": None}
-        heads = {}
-        for name, t, t_dot in (("q", q, q_dot), ("k", k, k_dot), ("v", v, v_dot)):
-            t, t_dot = (None if u is None else u.view(B, T, self.n_heads, -1).transpose(1, 2) for u in (t, t_dot))
-            if tables[name] is not None:  # RoPE is linear: the same rotation for the tangent
-                t = apply_rope(t, *tables[name])
-                with torch.no_grad():
-                    t_dot = None if t_dot is None else apply_rope(t_dot, *tables[name])
-            heads[name] = (t, t_dot)
-        (q, q_dot), (k, k_dot), (v, v_dot) = heads.values()
+
+        def heads(t: Tensor | None) -> Tensor | None:  # (B, T, d) -> (B, H, T, d_head)
+            return None if t is None else t.view(B, T, self.n_heads, -1).transpose(1, 2)
+
+        q, q_dot, k, k_dot, v, v_dot = map(heads, (q, q_dot, k, k_dot, v, v_dot))
+        scale = q.shape[-1] ** -0.5  # folded into the (small, constant) tables of q
+        q_tables, k_tables = (cos * scale, sin * scale), (cos, sin)
+        q, k = apply_rope(q, *q_tables), apply_rope(k, *k_tables)
+        with torch.no_grad():  # RoPE is linear: tangents rotate alike
+            q_dot = None if q_dot is None else apply_rope(q_dot, *q_tables)
+            k_dot = None if k_dot is None else apply_rope(k_dot, *k_tables)
         weights = torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1)  # (B, H, T, T)
         out = weights @ v
         with torch.no_grad():
@@ -334,9 +335,6 @@ class Attention(nn.Module):
             out_dot = _plus(None if w_dot is None else w_dot @ v, None if v_dot is None else weights @ v_dot)
             out_dot = None if out_dot is None else out_dot.transpose(1, 2).reshape(B, T, d)
         return linear_jvp(self.wo, out.transpose(1, 2).reshape(B, T, d), out_dot, _sub(dots, "wo."))
-
-    def _projections(self) -> tuple[tuple[str, nn.Linear], ...]:
-        return (("wq", self.wq), ("wk", self.wk), ("wv", self.wv))
 
 
 class SwiGLU(nn.Module):
