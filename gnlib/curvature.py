@@ -190,10 +190,21 @@ def gradient(
 
 def jvp(model: nn.Module, params: Mapping[str, Tensor], batch: Batch, v: Mapping[str, Tensor]) -> Tensor:
     """J v, shape of z (one forward carrying the tangent ``v``; no graph is recorded)."""
+    return outputs_and_jvp(model, params, batch[0], v)[1]
+
+
+def outputs_and_jvp(
+    model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, v: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """(z, J v): the outputs and their tangent along ``v``, from one forward carrying it; no graph is recorded.
+
+    z + α J v is the linearized model at the step αv (the Gauss-Newton line search's prediction).
+    """
     _check_params(model, params)
     _check_params_vector(v, params, "v")
     with torch.no_grad():
-        return _forward(model, dict(params), batch[0], list(v), v)[1]
+        z, jv, _ = _forward(model, dict(params), inputs, list(v), v)
+        return z.detach(), jv
 
 
 def vjp(

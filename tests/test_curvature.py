@@ -183,6 +183,9 @@ def test_jvp_and_vjp_match_dense_jacobian(case):
     g = torch.Generator().manual_seed(5)
     for v in case.random_vectors(3):
         close(C.jvp(case.model, case.params, case.batch, case.as_dict(v)).reshape(-1), case.J @ v)
+        z, jv = C.outputs_and_jvp(case.model, case.params, case.batch[0], case.as_dict(v))
+        close(z, case.z)
+        close(jv.reshape(-1), case.J @ v)
         u = torch.randn(case.z.shape, generator=g, dtype=torch.float64)
         close(flatten(C.vjp(case.model, case.params, case.batch, u)), case.J.T @ u.reshape(-1))
 

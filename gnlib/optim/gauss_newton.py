@@ -581,7 +581,7 @@ class GaussNewton:
         before, model_at = 0.0, {a: 0.0 for a in grid}
         losses = {a: 0.0 for a in grid}
         for inputs, targets in batches:
-            z, jd = torch.func.jvp(lambda p: functional_call(self.model, p, (inputs,)), (anchor,), (direction,))
+            z, jd = curvature.outputs_and_jvp(self.model, anchor, inputs, direction)
             cost.forward, cost.tangent = cost.forward + 1, cost.tangent + 1
             with torch.no_grad():
                 value = self.loss.value(z, targets)
