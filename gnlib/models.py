@@ -185,8 +185,10 @@ def linear_jvp(layer: nn.Linear, x: Tensor, x_dot: Tensor | None, dots: Dots) ->
         y_dot = None if x_dot is None else F.linear(x_dot, layer.weight)
         if w_dot is not None and y_dot is None:
             y_dot = F.linear(x, w_dot)
-        elif w_dot is not None:
+        elif w_dot is not None and y_dot.dtype == x.dtype == w_dot.dtype:
             y_dot.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w_dot.T)
+        elif w_dot is not None:  # under autocast: F.linear casts its operands, the in-place addmm_ would not
+            y_dot = y_dot + F.linear(x, w_dot)
         return y, _plus(y_dot, b_dot)
 
 

@@ -457,3 +457,17 @@ def test_toy_model_errors():
         mlp([2, 3], activation="swish")
     with pytest.raises(ValueError, match="sizes"):
         mlp([2])
+
+
+def test_forward_rules_run_under_bfloat16_autocast():
+    """Mixed precision: the tangent follows autocast's dtype and stays close to the float32 one."""
+    model = build_model(ModelConfig(**MICRO))
+    x = tokens(2, 6, 11)
+    params = params_of(model)
+    v = random_tangent(params)
+    z32, jv32 = model(x, dots=v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, jv = model(x, dots=v)
+    assert z.dtype == jv.dtype == torch.bfloat16
+    torch.testing.assert_close(jv.float(), jv32, rtol=0.05, atol=0.05 * jv32.abs().max().item())
+    torch.testing.assert_close(z.float(), z32, rtol=0.05, atol=0.05 * z32.abs().max().item())
