@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gnlib.losses import CrossEntropy, Loss
+from gnlib.models import Slot
 from gnlib.operators import LinearOperator
 from gnlib.params import Params, check_like, flatten, numel, unflatten
 from gnlib.runtime import check_choice
@@ -134,8 +135,8 @@ def _forward(
     call.update(zip(wrt, leaves))
     if tangent is None:
         return functional_call(model, call, (inputs,)), None, leaves
-    if getattr(model, "computes_jvp", False):
-        z, jt = functional_call(model, call, (inputs,), {"dots": {name: tangent[name].detach() for name in wrt}})
+    if getattr(model, "computes_jvp", False):  # the rules run without a graph: no need to detach
+        z, jt = functional_call(model, call, (inputs,), {"dots": {name: tangent[name] for name in wrt}})
         return z, torch.zeros_like(z) if jt is None else jt, leaves
     with fwad.dual_level(), torch.autograd.graph.saved_tensors_hooks(_pack_primal, _unpack):
         for name in wrt:
@@ -310,14 +311,17 @@ def layerwise_inner_steps(
     ``gn_inner_step(model, anchor, deltas[b], batch, loss, objective)``.
 
     With several blocks, instead of one tangent-carrying forward per block (each repeating the whole
-    primal, its tangent running through every layer):
+    primal, its tangent running through every layer), one forward at θ_t records the reverse graph (z_t)
+    and the J_bΔ_b come from it:
 
-    1. one forward at θ_t recording the reverse graph (z_t);
-    2. one backward that records its own graph, Jᵀw over the blocks' parameters as a function of an
-       output-space w (as in :class:`Linearization`);
-    3. per block, J_bΔ_b = ∂⟨(Jᵀw)_b, Δ_b⟩/∂w: a backward through that graph that starts at the
-       block's parameters, so it only runs through the layers above the block;
-    4. per block, J_bᵀu_b through the primal graph, which stops at the block's parameters.
+    - a model with its own forward-mode rules (``computes_jvp``, :class:`~gnlib.models.Transformer`)
+      carries all of them in that same forward, stacked, block b in :class:`~gnlib.models.Slot` b: each
+      starts at its block's first parameter and costs nothing below it;
+    - any other model gets them from one backward that records its own graph, Jᵀw over the blocks'
+      parameters as a function of an output-space w (as in :class:`Linearization`), then per block
+      J_bΔ_b = ∂⟨(Jᵀw)_b, Δ_b⟩/∂w, a backward through that graph that starts at the block's parameters.
+
+    Then per block, J_bᵀu_b through the primal graph, which stops at the block's parameters.
 
     A single block (full GN) and ``"loss"`` (the true loss at θ_t + Δ_b, one plain gradient step per
     block) call :func:`gn_inner_step`.
@@ -354,15 +358,20 @@ def layerwise_inner_steps(
         return [gn_inner_step(model, anchor, delta, batch, loss, objective) for delta in deltas]
     inputs, targets = batch
     wrt = [name for name in anchor if name in set(names)]
-    z, _, leaves = _forward(model, dict(anchor), inputs, wrt)
+    if getattr(model, "computes_jvp", False):  # one forward carrying every block's tangent in its own slot
+        slots = {name: Slot(index, delta[name]) for index, delta in enumerate(deltas) for name in delta}
+        z, stack, leaves = _forward(model, dict(anchor), inputs, wrt, {name: slots[name] for name in wrt})
+        tangents = [stack[index] if index < len(stack) else torch.zeros_like(z) for index in range(len(deltas))]
+    else:
+        z, _, leaves = _forward(model, dict(anchor), inputs, wrt)
+        w = torch.zeros_like(z, requires_grad=True)
+        jt_w = dict(zip(wrt, torch.autograd.grad(z, leaves, w, create_graph=True, allow_unused=True)))
+        tangents = (_grad_of_sum(jt_w, delta, [w], retain=True)[0] for delta in deltas)
     leaf = dict(zip(wrt, leaves))
-    w = torch.zeros_like(z, requires_grad=True)
-    jt_w = dict(zip(wrt, torch.autograd.grad(z, leaves, w, create_graph=True, allow_unused=True)))
     z_t = z.detach()
     results = []
-    for delta in deltas:
+    for delta, jd in zip(deltas, tangents):
         block = list(delta)
-        jd = _grad_of_sum(jt_w, delta, [w], retain=True)[0]
         with torch.no_grad():
             if objective == "gn":
                 value, u = loss.quadratic(z_t, targets, jd)

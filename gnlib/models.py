@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,22 +160,62 @@ def _replace(config: ModelConfig, overrides: dict) -> ModelConfig:
     return dataclasses.replace(config, **overrides)
 
 
-#: Tangents θ̇ of some of a module's parameters, keyed by their names relative to that module.
-Dots = Mapping[str, Tensor]
+class Slot(NamedTuple):
+    """A parameter's tangent that belongs to tangent number ``index`` of a stack of tangents.
+
+    Stacked tangents carry several directions through one forward (layerwise GN: one per block, each
+    moving only its block's parameters): a tangent then has a leading axis, its slots, and a term made
+    from a slotted parameter tangent adds into its own slot only (:func:`_plus`).
+    """
+
+    index: int
+    tensor: Tensor
+
+
+#: Tangents θ̇ of some of a module's parameters, keyed by their names relative to that module; either all
+#: plain tensors (one direction) or all :class:`Slot` s (a stack of directions).
+Dots = Mapping[str, "Tensor | Slot"]
 NO_DOTS: Dots = {}
 
 
-def _sub(dots: Dots, prefix: str) -> dict[str, Tensor]:
+def _sub(dots: Dots, prefix: str) -> dict[str, Tensor | Slot]:
     """The tangents under ``prefix`` (e.g. ``"attn."``), named relative to it."""
     n = len(prefix)
     return {name[n:]: t for name, t in dots.items() if name.startswith(prefix)}
 
 
-def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    """The sum a + b of two tangents, ``None`` standing for a zero one."""
-    if a is None:
-        return b
-    return a if b is None else a + b
+def _term(dot: Tensor | Slot | None, fn: Callable[[Tensor], Tensor]) -> Tensor | Slot | None:
+    """``fn`` (linear) applied to a parameter's tangent, in the same slot."""
+    if dot is None:
+        return None
+    return Slot(dot.index, fn(dot.tensor)) if isinstance(dot, Slot) else fn(dot)
+
+
+def _plus(a: Tensor | Slot | None, b: Tensor | Slot | None) -> Tensor | None:
+    """The sum a + b of two tangents, ``None`` standing for a zero one.
+
+    Stacked tangents (leading slot axis) may hold different numbers of slots, the slots a direction has
+    reached so far: the shorter counts as zero in the missing ones. A :class:`Slot` term adds into its
+    slot, growing the stack as needed; a stack it adds into is updated in place (always a temporary).
+    """
+    if isinstance(a, Slot):
+        a = _plus(None, a)
+    if b is None:
+        return a
+    if not isinstance(b, Slot):
+        if a is None:
+            return b
+        if a.shape[0] != b.shape[0] and a.shape[1:] == b.shape[1:]:  # stacks of different lengths
+            a, b = (a, b) if a.shape[0] > b.shape[0] else (b, a)
+            return torch.cat((a[: b.shape[0]] + b, a[b.shape[0] :]))
+        return a + b
+    index, term = b
+    size = index + 1 if a is None else max(index + 1, a.shape[0])
+    stack = term.new_zeros((size, *term.shape)) if a is None or a.shape[0] < size else a
+    if a is not None and stack is not a:
+        stack[: a.shape[0]] = a
+    stack[index] += term
+    return stack
 
 
 def linear_jvp(layer: nn.Linear, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
@@ -183,12 +224,11 @@ def linear_jvp(layer: nn.Linear, x: Tensor, x_dot: Tensor | None, dots: Dots) ->
     w_dot, b_dot = dots.get("weight"), dots.get("bias")
     with torch.no_grad():
         y_dot = None if x_dot is None else F.linear(x_dot, layer.weight)
-        if w_dot is not None and y_dot is None:
-            y_dot = F.linear(x, w_dot)
-        elif w_dot is not None and y_dot.dtype == x.dtype == w_dot.dtype:
+        fused = isinstance(w_dot, Tensor) and y_dot is not None and y_dot.dtype == x.dtype == w_dot.dtype
+        if fused:  # not under autocast, which casts F.linear's operands but not an in-place addmm_'s
             y_dot.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w_dot.T)
-        elif w_dot is not None:  # under autocast: F.linear casts its operands, the in-place addmm_ would not
-            y_dot = y_dot + F.linear(x, w_dot)
+        else:
+            y_dot = _plus(y_dot, _term(w_dot, lambda w: F.linear(x, w)))
         return y, _plus(y_dot, b_dot)
 
 
@@ -216,10 +256,10 @@ class RMSNorm(nn.Module):
 
 
 def _norm_tangent(
-    n: Tensor, n_dot: Tensor | None, g: Tensor, g_dot: Tensor | None, b_dot: Tensor | None
+    n: Tensor, n_dot: Tensor | None, g: Tensor, g_dot: Tensor | Slot | None, b_dot: Tensor | Slot | None
 ) -> Tensor | None:
     """Tangent of y = n g (+ b) from the tangents of the normalized n, the gain g and the bias b."""
-    return _plus(_plus(None if n_dot is None else n_dot.mul_(g), None if g_dot is None else n * g_dot), b_dot)
+    return _plus(_plus(None if n_dot is None else n_dot.mul_(g), _term(g_dot, lambda t: n * t)), b_dot)
 
 
 def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
@@ -313,8 +353,8 @@ class Attention(nn.Module):
             q, q_dot = self.q_norm.jvp(q, q_dot, _sub(dots, "q_norm."))
             k, k_dot = self.k_norm.jvp(k, k_dot, _sub(dots, "k_norm."))
 
-        def heads(t: Tensor | None) -> Tensor | None:  # (B, T, d) -> (B, H, T, d_head)
-            return None if t is None else t.view(B, T, self.n_heads, -1).transpose(1, 2)
+        def heads(t: Tensor | None) -> Tensor | None:  # (..., B, T, d) -> (..., B, H, T, d_head)
+            return None if t is None else t.view(*t.shape[:-1], self.n_heads, -1).transpose(-3, -2)
 
         q, q_dot, k, k_dot, v, v_dot = map(heads, (q, q_dot, k, k_dot, v, v_dot))
         scale = q.shape[-1] ** -0.5  # folded into the (small, constant) tables of q
@@ -335,7 +375,7 @@ class Attention(nn.Module):
                 w_dot = s_dot.mul_(weights)
                 w_dot.sub_(weights * w_dot.sum(-1, keepdim=True))
             out_dot = _plus(None if w_dot is None else w_dot @ v, None if v_dot is None else weights @ v_dot)
-            out_dot = None if out_dot is None else out_dot.transpose(1, 2).reshape(B, T, d)
+            out_dot = None if out_dot is None else out_dot.transpose(-3, -2).flatten(-2)  # (..., B, T, d)
         return linear_jvp(self.wo, out.transpose(1, 2).reshape(B, T, d), out_dot, _sub(dots, "wo."))
 
 
@@ -487,7 +527,9 @@ class Transformer(nn.Module):
             tokens: token ids (B, T).
             dots: tangents θ̇ of some parameters, by their names in ``named_parameters()`` (the tied
                 head uses ``embed.weight``'s). With them the result is ``(z, J·θ̇)``: the logits and their
-                directional derivative (B, T, V), or ``None`` where no tangent reaches the logits.
+                directional derivative (B, T, V), or ``None`` where no tangent reaches the logits. With
+                :class:`Slot` s, a stack of directions: J·θ̇ is (S, B, T, V), slot k the derivative along
+                the tangents in slot k (S = the highest slot reached, plus one).
 
         Raises:
             ValueError: ``tokens`` is not 2-D or longer than ``max_seq_len``.
@@ -501,7 +543,7 @@ class Transformer(nn.Module):
         given = NO_DOTS if dots is None else dots
         x = self.embed(tokens)
         with torch.no_grad():
-            x_dot = None if "embed.weight" not in given else F.embedding(tokens, given["embed.weight"])
+            x_dot = _plus(None, _term(given.get("embed.weight"), lambda e: F.embedding(tokens, e)))
         for i, block in enumerate(self.blocks):
             x, x_dot = block.jvp(x, x_dot, _sub(given, f"blocks.{i}."), cos, sin, mask)
         x, x_dot = self.norm.jvp(x, x_dot, _sub(given, "norm."))

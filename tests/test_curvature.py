@@ -353,9 +353,17 @@ def test_subset_products_are_diagonal_blocks(transformer_case):
 
 
 @pytest.mark.parametrize("objective", ["gn", "prox_linear", "loss"])
-def test_layerwise_inner_steps_are_the_block_diagonal_inner_steps(case, objective):
-    """Each block's value and gradient, from one shared pass, equal the dense block-diagonal references."""
+@pytest.mark.parametrize("blocks", ["per_layer", "interleaved"])
+def test_layerwise_inner_steps_are_the_block_diagonal_inner_steps(case, objective, blocks):
+    """Each block's value and gradient, from one shared pass, equal the dense block-diagonal references.
+
+    "interleaved": three blocks that each take every third parameter across all layers, listed out of the
+    forward's order, so that stacked tangents start in any order and meet stacks of other lengths.
+    """
     partition = per_layer(case.model)
+    if blocks == "interleaved":
+        names = list(case.params)
+        partition = {f"every third from {r}": names[r::3] for r in (2, 0, 1) if names[r::3]}
     assert len(partition) >= 2
     (v,) = case.random_vectors(1, seed=12)
     indices = [_block_slice(case, names) for names in partition.values()]

@@ -14,6 +14,7 @@ from gnlib.models import (
     LayerNorm,
     ModelConfig,
     RMSNorm,
+    Slot,
     apply_rope,
     build_model,
     count_parameters,
@@ -471,3 +472,23 @@ def test_forward_rules_run_under_bfloat16_autocast():
     assert z.dtype == jv.dtype == torch.bfloat16
     torch.testing.assert_close(jv.float(), jv32, rtol=0.05, atol=0.05 * jv32.abs().max().item())
     torch.testing.assert_close(z.float(), z32, rtol=0.05, atol=0.05 * z32.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stacked_tangents_equal_one_forward_per_slot(variant):
+    """Slots carry several directions through one forward; slot k is J_k v_k of its own parameters only."""
+    model = build_model(ModelConfig(**MICRO, tie_embeddings=True, **VARIANTS[variant]), dtype=torch.float64)
+    x = tokens(2, 6, 11)
+    params = params_of(model)
+    v = random_tangent(params)
+    names = list(params)
+    slot_of = {name: [1, 3, 0][i % 3] if i < len(names) - 2 else 2 for i, name in enumerate(names)}  # out of order
+    z, stack = model(x, dots={name: Slot(slot_of[name], v[name]) for name in names})
+    torch.testing.assert_close(z, model(x), rtol=0, atol=0)
+    assert stack.shape == (4, *z.shape)
+    for k in range(4):
+        subset = {name: params[name] for name in names if slot_of[name] == k}
+        reference = jvp(
+            lambda sub: functional_call(model, {**params, **sub}, (x,)), (subset,), ({n: v[n] for n in subset},)
+        )[1]
+        torch.testing.assert_close(stack[k], reference, rtol=1e-12, atol=1e-12)
