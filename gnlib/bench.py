@@ -206,7 +206,7 @@ def run_benchmark(
     partition = per_layer(model)
     blocks = [{name: v[name] for name in names} for names in partition.values()]
     fns["layerwise_inner_step"] = lambda: curvature.layerwise_inner_steps(model, params, blocks, data, loss)
-    counts = {"gn_inner_step": (1, 1, 1), "layerwise_inner_step": (1, len(partition), len(partition) + 1)}
+    counts = {"gn_inner_step": (1, 1, 1), "layerwise_inner_step": curvature.layerwise_passes(model, len(partition))}
     search = GaussNewton(model, lambda: data)
     search_costs: list[_Cost] = []
 

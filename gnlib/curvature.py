@@ -382,6 +382,16 @@ def layerwise_inner_steps(
     return results
 
 
+def layerwise_passes(model: nn.Module, blocks: int) -> tuple[int, int, int]:
+    """(forwards, tangents, backwards) one :func:`layerwise_inner_steps` call makes on ``blocks`` blocks.
+
+    A tangent or backward per block (each through part of the model only, counted whole); with several
+    blocks, a model without its own forward-mode rules adds the backward that records Jᵀw.
+    """
+    extra = 0 if blocks == 1 or getattr(model, "computes_jvp", False) else 1
+    return 1, blocks, blocks + extra
+
+
 # ---------------------------------------------------------------------------------------------------
 # cached linearization
 

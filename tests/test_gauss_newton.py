@@ -607,3 +607,24 @@ def test_the_inner_muon_orthogonalizes_in_float32_and_a_bad_ns_dtype_is_named():
     assert groups and {g["ns_dtype"] for g in groups} == {"float32"}
     with pytest.raises(ValueError, match=r"ns_dtype.*'bfloat16', 'float32'"):
         GaussNewton(model, lambda: (x, y), solver="muon", solver_options={"ns_dtype": "float16"})
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_layerwise_pass_counts(kind):
+    """Layerwise GN's passes: per inner step one forward, and a tangent and a backward per block.
+
+    A model without its own forward-mode rules adds the backward that records Jᵀw. Line search per batch:
+    a forward carrying the direction, then one forward per α.
+    """
+    if kind == "transformer":
+        model, batches, loss, extra = _tiny_transformer(), _token_sampler(), CrossEntropy(), 0
+    else:
+        model, batches, loss, extra = mlp([3, 4, 2]).to(F64), _fixed(_regression()), MSE(), 1
+    gn = GaussNewton(model, batches, blocks="per_layer", inner_steps=3, loss=loss)
+    blocks = len(gn._blocks)
+    diagnostics = gn.step()
+    passes = (diagnostics["forward_passes"], diagnostics["tangent_passes"], diagnostics["backward_passes"])
+    line_search = (2 * (1 + len(LINE_SEARCH)), 2, 0)
+    inner = (3, 3 * blocks, 3 * (blocks + extra))
+    anchor_losses = (2, 0, 0)  # layerwise: the loss at the anchor on the first and last inner batches
+    assert passes == tuple(a + b + c for a, b, c in zip(inner, line_search, anchor_losses))

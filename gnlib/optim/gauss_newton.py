@@ -473,8 +473,12 @@ class GaussNewton:
             steps = curvature.layerwise_inner_steps(
                 self.model, anchor, [b.delta for b in self._blocks.values()], batch, self.loss, self.objective
             )
-            cost.forward, cost.tangent = cost.forward + 1, cost.tangent + len(steps)
-            cost.backward += len(steps) + layerwise  # layerwise: one more backward, recording Jᵀw
+            forward, tangent, backward = curvature.layerwise_passes(self.model, len(steps))
+            cost.forward, cost.tangent, cost.backward = (
+                cost.forward + forward,
+                cost.tangent + tangent,
+                cost.backward + backward,
+            )
             for block, group, step in zip(self._blocks.values(), self.param_groups, steps):
                 value, grad = all_reduce_mean(step)
                 if self.prox:
