@@ -38,7 +38,7 @@ parameter axis follows :func:`gnlib.params.flatten` and the Jacobian's output ax
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -301,6 +301,7 @@ def layerwise_inner_steps(
     batch: Batch,
     loss: Loss = DEFAULT_LOSS,
     objective: str = "gn",
+    slots: int | None = None,
 ) -> list[tuple[Tensor, Params]]:
     """:func:`gn_inner_step` of every block of a partition on one batch, sharing one primal forward.
 
@@ -334,6 +335,9 @@ def layerwise_inner_steps(
         batch: ``(inputs, targets)``.
         loss: the loss ℓ.
         objective: ``"gn"``, ``"prox_linear"`` or ``"loss"`` (see :func:`gn_inner_step`).
+        slots: with a model's own forward-mode rules, at most this many blocks' tangents per forward
+            (None: all in one). The stacked tangents take ``slots`` times one layer's tangent memory;
+            each further forward repeats the primal.
 
     Returns:
         ``[(value_b, gradient_b)]`` in the order of ``deltas``: a scalar tensor and a params dict over the
@@ -344,6 +348,7 @@ def layerwise_inner_steps(
             in two blocks.
     """
     check_choice("objective", objective, OBJECTIVES)
+    _check_slots(slots)
     _check_params(model, anchor)
     if isinstance(deltas, Mapping) or not isinstance(deltas, Sequence) or not deltas:
         kind = type(deltas).__name__
@@ -356,18 +361,47 @@ def layerwise_inner_steps(
         raise ValueError(f"deltas must be disjoint blocks; parameters in more than one block: {shared}")
     if len(deltas) == 1 or objective == "loss":
         return [gn_inner_step(model, anchor, delta, batch, loss, objective) for delta in deltas]
-    inputs, targets = batch
+    if getattr(model, "computes_jvp", False):  # one forward carrying the blocks' tangents, each in its slot
+        size = len(deltas) if slots is None else slots
+        return [
+            result
+            for start in range(0, len(deltas), size)
+            for result in _stacked_inner_steps(model, anchor, deltas[start : start + size], batch, loss, objective)
+        ]
     wrt = [name for name in anchor if name in set(names)]
-    if getattr(model, "computes_jvp", False):  # one forward carrying every block's tangent in its own slot
-        slots = {name: Slot(index, delta[name]) for index, delta in enumerate(deltas) for name in delta}
-        z, stack, leaves = _forward(model, dict(anchor), inputs, wrt, {name: slots[name] for name in wrt})
-        tangents = [stack[index] if index < len(stack) else torch.zeros_like(z) for index in range(len(deltas))]
-    else:
-        z, _, leaves = _forward(model, dict(anchor), inputs, wrt)
-        w = torch.zeros_like(z, requires_grad=True)
-        jt_w = dict(zip(wrt, torch.autograd.grad(z, leaves, w, create_graph=True, allow_unused=True)))
-        tangents = (_grad_of_sum(jt_w, delta, [w], retain=True)[0] for delta in deltas)
-    leaf = dict(zip(wrt, leaves))
+    z, _, leaves = _forward(model, dict(anchor), batch[0], wrt)
+    w = torch.zeros_like(z, requires_grad=True)
+    jt_w = dict(zip(wrt, torch.autograd.grad(z, leaves, w, create_graph=True, allow_unused=True)))
+    tangents = (_grad_of_sum(jt_w, delta, [w], retain=True)[0] for delta in deltas)
+    return _block_results(z, dict(zip(wrt, leaves)), deltas, tangents, batch[1], loss, objective)
+
+
+def _stacked_inner_steps(
+    model: nn.Module,
+    anchor: Mapping[str, Tensor],
+    deltas: Sequence[Mapping[str, Tensor]],
+    batch: Batch,
+    loss: Loss,
+    objective: str,
+) -> list[tuple[Tensor, Params]]:
+    """The blocks' inner steps from one forward carrying J_bΔ_b in slot b (a model with ``computes_jvp``)."""
+    slots = {name: Slot(index, delta[name]) for index, delta in enumerate(deltas) for name in delta}
+    wrt = [name for name in anchor if name in slots]
+    z, stack, leaves = _forward(model, dict(anchor), batch[0], wrt, {name: slots[name] for name in wrt})
+    tangents = [stack[index] if index < len(stack) else torch.zeros_like(z) for index in range(len(deltas))]
+    return _block_results(z, dict(zip(wrt, leaves)), deltas, tangents, batch[1], loss, objective)
+
+
+def _block_results(
+    z: Tensor,
+    leaf: Mapping[str, Tensor],
+    deltas: Sequence[Mapping[str, Tensor]],
+    tangents: Iterable[Tensor],
+    targets: Tensor,
+    loss: Loss,
+    objective: str,
+) -> list[tuple[Tensor, Params]]:
+    """Per block, the inner objective at z_t + J_bΔ_b and its gradient J_bᵀu_b through the primal graph of z."""
     z_t = z.detach()
     results = []
     for delta, jd in zip(deltas, tangents):
@@ -377,19 +411,28 @@ def layerwise_inner_steps(
                 value, u = loss.quadratic(z_t, targets, jd)
             else:
                 value, u = loss.value_and_grad(z_t + jd, targets)
-        grads = _backward(z, [leaf[name] for name in block], u, block, retain=True)
-        results.append((value, grads))
+        results.append((value, _backward(z, [leaf[name] for name in block], u, block, retain=True)))
     return results
 
 
-def layerwise_passes(model: nn.Module, blocks: int) -> tuple[int, int, int]:
+def _check_slots(slots: int | None) -> None:
+    if slots is not None and not (isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1):
+        raise ValueError(f"slots={slots!r} is invalid; allowed values: an integer >= 1, or None for all blocks")
+
+
+def layerwise_passes(model: nn.Module, blocks: int, slots: int | None = None) -> tuple[int, int, int]:
     """(forwards, tangents, backwards) one :func:`layerwise_inner_steps` call makes on ``blocks`` blocks.
 
     A tangent or backward per block (each through part of the model only, counted whole); with several
-    blocks, a model without its own forward-mode rules adds the backward that records Jᵀw.
+    blocks, a model with its own forward-mode rules makes one forward per ``slots`` blocks, any other
+    model one forward and the backward that records Jᵀw.
     """
-    extra = 0 if blocks == 1 or getattr(model, "computes_jvp", False) else 1
-    return 1, blocks, blocks + extra
+    _check_slots(slots)
+    if blocks == 1:
+        return 1, 1, 1
+    if getattr(model, "computes_jvp", False):
+        return -(-blocks // (blocks if slots is None else slots)), blocks, blocks
+    return 1, blocks, blocks + 1
 
 
 # ---------------------------------------------------------------------------------------------------

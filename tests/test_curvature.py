@@ -384,6 +384,24 @@ def test_layerwise_inner_steps_are_the_block_diagonal_inner_steps(case, objectiv
             close(flatten(grad), case.J[:, index].T @ case.g_z + case.G[index][:, index] @ v[index])
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_layerwise_slots_split_the_blocks_over_forwards_with_the_same_results(transformer_case, slots):
+    case = transformer_case
+    partition = per_layer(case.model)
+    (v,) = case.random_vectors(1, seed=12)
+    deltas = [{name: d for name, d in case.as_dict(v).items() if name in names} for names in partition.values()]
+    together = C.layerwise_inner_steps(case.model, case.params, deltas, case.batch, case.loss)
+    apart = C.layerwise_inner_steps(case.model, case.params, deltas, case.batch, case.loss, slots=slots)
+    for (value, grad), (value_apart, grad_apart) in zip(together, apart):
+        close(value_apart, value)
+        close(flatten(grad_apart), flatten(grad))
+    forwards = -(-len(deltas) // slots)
+    assert C.layerwise_passes(case.model, len(deltas), slots) == (forwards, len(deltas), len(deltas))
+    assert C.layerwise_passes(case.model, len(deltas)) == (1, len(deltas), len(deltas))
+    with pytest.raises(ValueError, match="slots=0 is invalid; allowed values: an integer >= 1, or None"):
+        C.layerwise_inner_steps(case.model, case.params, deltas, case.batch, case.loss, slots=0)
+
+
 def test_layerwise_inner_steps_reject_bad_blocks(transformer_case):
     case = transformer_case
     names = list(case.params)

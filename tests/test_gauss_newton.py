@@ -532,6 +532,7 @@ def test_load_state_dict_rejects_another_partition():
         (dict(line_search=(1.0, 0.0)), "line_search"),
         (dict(line_search=(1.0, 1.0)), "line_search"),
         (dict(line_search_batches=0), "line_search_batches"),
+        (dict(layerwise_slots=0), "layerwise_slots"),
         (dict(ema=1.0), "ema"),
         (dict(damping=1.0), "damping"),
         (dict(solver="cg", damping=-1.0), "damping"),
@@ -609,22 +610,24 @@ def test_the_inner_muon_orthogonalizes_in_float32_and_a_bad_ns_dtype_is_named():
         GaussNewton(model, lambda: (x, y), solver="muon", solver_options={"ns_dtype": "float16"})
 
 
-@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+@pytest.mark.parametrize("kind", ["transformer", "transformer_slots", "mlp"])
 def test_layerwise_pass_counts(kind):
     """Layerwise GN's passes: per inner step one forward, and a tangent and a backward per block.
 
     A model without its own forward-mode rules adds the backward that records Jᵀw. Line search per batch:
     a forward carrying the direction, then one forward per α.
     """
-    if kind == "transformer":
+    slots = 2 if kind == "transformer_slots" else None
+    if kind.startswith("transformer"):
         model, batches, loss, extra = _tiny_transformer(), _token_sampler(), CrossEntropy(), 0
     else:
         model, batches, loss, extra = mlp([3, 4, 2]).to(F64), _fixed(_regression()), MSE(), 1
-    gn = GaussNewton(model, batches, blocks="per_layer", inner_steps=3, loss=loss)
+    gn = GaussNewton(model, batches, blocks="per_layer", inner_steps=3, loss=loss, layerwise_slots=slots)
     blocks = len(gn._blocks)
     diagnostics = gn.step()
     passes = (diagnostics["forward_passes"], diagnostics["tangent_passes"], diagnostics["backward_passes"])
     line_search = (2 * (1 + len(LINE_SEARCH)), 2, 0)
-    inner = (3, 3 * blocks, 3 * (blocks + extra))
+    forwards = 1 if slots is None else -(-blocks // slots)  # one forward per `slots` blocks
+    inner = (3 * forwards, 3 * blocks, 3 * (blocks + extra))
     anchor_losses = (2, 0, 0)  # layerwise: the loss at the anchor on the first and last inner batches
     assert passes == tuple(a + b + c for a, b, c in zip(inner, line_search, anchor_losses))

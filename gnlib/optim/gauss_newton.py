@@ -205,6 +205,9 @@ class GaussNewton:
         objective: ``"gn"`` (quadratic model) or ``"prox_linear"`` (loss of the linearized model).
         blocks: ``None`` / ``"full"`` (full GN), ``"per_layer"`` (the study's layerwise partition),
             ``"per_tensor"``, ``"halves"`` or a partition dict (:func:`gnlib.blocks.resolve_partition`).
+        layerwise_slots: with several blocks and a model with its own forward-mode rules, at most this
+            many blocks' tangents per forward (:func:`gnlib.curvature.layerwise_inner_steps`); None: all
+            in one. Lower it when the stacked tangents do not fit in memory.
         solver: ``"muon"``, ``"adamw"``, ``"sgd"`` (first-order inner solvers) or ``"cg"`` (Hessian-free).
         inner_steps: N, inner steps (first-order) or batches concatenated for CG, per outer step.
         inner_lr: peak inner LR (first-order; default 0.01) or CG step scale (default 1.0); the initial
@@ -248,6 +251,7 @@ class GaussNewton:
         *,
         objective: str = "gn",
         blocks: str | Mapping[str, list[str]] | None = None,
+        layerwise_slots: int | None = None,
         solver: str = "muon",
         inner_steps: int = 8,
         inner_lr: float | None = None,
@@ -295,6 +299,7 @@ class GaussNewton:
         self.line_search = None if line_search is None else tuple(float(a) for a in line_search)
         self.line_search_batches = inner_steps if line_search_batches is None else line_search_batches
         self.line_search_accept = line_search_accept
+        self.layerwise_slots = layerwise_slots
         self.ema_decay = ema
         self.damping = (DEFAULT_DAMPING if damping is None else float(damping)) if solver == "cg" else None
         self.cg_iters, self.cg_tol, self.cg_progress_tol = cg_iters, cg_tol, cg_progress_tol
@@ -470,10 +475,11 @@ class GaussNewton:
             batch = self._draw(cost)
             multiplier = schedule(k)
             values = []
+            deltas = [b.delta for b in self._blocks.values()]
             steps = curvature.layerwise_inner_steps(
-                self.model, anchor, [b.delta for b in self._blocks.values()], batch, self.loss, self.objective
+                self.model, anchor, deltas, batch, self.loss, self.objective, self.layerwise_slots
             )
-            forward, tangent, backward = curvature.layerwise_passes(self.model, len(steps))
+            forward, tangent, backward = curvature.layerwise_passes(self.model, len(steps), self.layerwise_slots)
             cost.forward, cost.tangent, cost.backward = (
                 cost.forward + forward,
                 cost.tangent + tangent,
@@ -748,6 +754,7 @@ _GN_RULES: dict[str, Rule] = {
         lambda v: v is None or (is_integer(v) and v >= 1), "an integer >= 1, or None for inner_steps"
     ),
     "line_search_accept": choice(LINE_SEARCH_ACCEPT),
+    "layerwise_slots": optional(integer(1)),
     "ema": optional(number(0, strict=True, below=1)),
     "damping": optional(number(0)),
     "cg_iters": integer(1),
