@@ -23,8 +23,9 @@ Implementations (F = one forward pass; a gradient step is about 3F, matmul flops
   step in matmul flops; elementwise tangent arithmetic comes on top (:mod:`gnlib.costs` holds this FLOP
   model and measures the real ratio, about 2x on a CPU).
 - :func:`layerwise_inner_steps`: the inner step of every block of a partition (layerwise GN) from one
-  forward, one backward recording its graph, then per block a tangent that starts at the block (a
-  backward of that backward, through the layers above the block only) and a backward that stops there.
+  forward that carries every block's tangent, stacked, each starting at its block (the model's own
+  rules; else one backward recording its graph and, per block, a backward of that backward through the
+  layers above the block), then per block a backward that stops at the block.
 - :func:`linearize` (:class:`GGNOperator`): one forward and one backward that records its own graph,
   then each G·v costs two backward passes without any forward (about 4F).
 - :func:`hvp` (:class:`HessianOperator`): reverse-over-reverse, ∂⟨∇ℓ, v⟩/∂θ through the recorded
@@ -110,7 +111,8 @@ def _forward(
 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
     """One forward pass at ``params``, recording the reverse graph to the parameters named in ``wrt``.
 
-    With a ``tangent`` (a params dict over exactly the names ``wrt``), the pass also returns J·tangent.
+    With a ``tangent`` (a params dict over exactly the names ``wrt``; :class:`~gnlib.models.Slot` s for
+    a stack of tangents, with a model's own rules), the pass also returns J·tangent.
     A model that declares ``computes_jvp`` (gnlib's :class:`~gnlib.models.Transformer`) computes it
     with its own forward-mode rules: ``model(inputs, dots=tangent)`` returns ``(z, J·tangent)``, the
     tangent arithmetic recording no graph. Any other model carries dual numbers

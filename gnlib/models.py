@@ -218,6 +218,13 @@ def _plus(a: Tensor | Slot | None, b: Tensor | Slot | None) -> Tensor | None:
     return stack
 
 
+def _plus_bias(y_dot: Tensor | None, b_dot: Tensor | Slot | None, y: Tensor) -> Tensor | None:
+    """ẏ + ḃ for an output y (..., n) and a bias tangent ḃ (n,), broadcast to y's shape when alone."""
+    if b_dot is not None and y_dot is None:
+        b_dot = _term(b_dot, lambda b: b.expand_as(y).clone())
+    return _plus(y_dot, b_dot)
+
+
 def linear_jvp(layer: nn.Linear, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
     """The layer's y = xWᵀ + b and ẏ = ẋWᵀ + xẆᵀ + ḃ for x (..., in), y (..., out); both products fill one buffer."""
     y = layer(x)
@@ -229,7 +236,7 @@ def linear_jvp(layer: nn.Linear, x: Tensor, x_dot: Tensor | None, dots: Dots) ->
             y_dot.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w_dot.T)
         else:
             y_dot = _plus(y_dot, _term(w_dot, lambda w: F.linear(x, w)))
-        return y, _plus(y_dot, b_dot)
+        return y, _plus_bias(y_dot, b_dot, y)
 
 
 class RMSNorm(nn.Module):
@@ -259,7 +266,7 @@ def _norm_tangent(
     n: Tensor, n_dot: Tensor | None, g: Tensor, g_dot: Tensor | Slot | None, b_dot: Tensor | Slot | None
 ) -> Tensor | None:
     """Tangent of y = n g (+ b) from the tangents of the normalized n, the gain g and the bias b."""
-    return _plus(_plus(None if n_dot is None else n_dot.mul_(g), _term(g_dot, lambda t: n * t)), b_dot)
+    return _plus_bias(_plus(None if n_dot is None else n_dot.mul_(g), _term(g_dot, lambda t: n * t)), b_dot, n)
 
 
 def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:

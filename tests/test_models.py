@@ -304,8 +304,9 @@ def test_jvp_matches_central_finite_difference(tie, device, variant):
         ["blocks.1.attn.wk.weight", "blocks.1.mlp_norm.weight"],
         ["blocks.0.attn_norm.weight", "blocks.0.attn.wq.weight", "blocks.0.attn.wv.weight", "blocks.1.mlp.w_up.weight"],
         ["norm.weight"],
+        ["blocks.0.attn.q_norm.bias"],
     ],
-    ids=["embedding", "one-layer-subset", "two-layers", "final-norm"],
+    ids=["embedding", "one-layer-subset", "two-layers", "final-norm", "bias-alone"],
 )
 def test_forward_rules_for_a_subset_of_parameters(names, tie, variant):
     """J_S v_S for a subset S of the parameters (a layerwise block), the rest fixed; gains and biases not trivial."""
@@ -315,7 +316,11 @@ def test_forward_rules_for_a_subset_of_parameters(names, tie, variant):
         for name, p in params.items():
             if p.dim() == 1:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype))
-    rename = {"blocks.1.mlp.w_up.weight": "blocks.1.mlp.w1.weight"} if variant == "reference" else {}
+    rename = (
+        {"blocks.1.mlp.w_up.weight": "blocks.1.mlp.w1.weight"}
+        if variant == "reference"
+        else {"blocks.0.attn.q_norm.bias": "blocks.0.attn_norm.weight"}  # no biases in the LLaMA variant
+    )
     names = [rename.get(name, name) for name in names]
     x = tokens(3, 6, 11)
     v = {name: t for name, t in random_tangent(params).items() if name in names}
