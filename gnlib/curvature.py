@@ -207,7 +207,7 @@ def outputs_and_jvp(
     _check_params_vector(v, params, "v")
     with torch.no_grad():
         z, jv, _ = _forward(model, dict(params), inputs, list(v), v)
-        return z.detach(), jv
+        return z, jv
 
 
 def vjp(

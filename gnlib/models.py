@@ -174,7 +174,7 @@ class Slot(NamedTuple):
 
 #: Tangents θ̇ of some of a module's parameters, keyed by their names relative to that module; either all
 #: plain tensors (one direction) or all :class:`Slot` s (a stack of directions).
-Dots = Mapping[str, "Tensor | Slot"]
+Dots = Mapping[str, Tensor | Slot]
 NO_DOTS: Dots = {}
 
 

@@ -480,11 +480,9 @@ class GaussNewton:
                 self.model, anchor, deltas, batch, self.loss, self.objective, self.layerwise_slots
             )
             forward, tangent, backward = curvature.layerwise_passes(self.model, len(steps), self.layerwise_slots)
-            cost.forward, cost.tangent, cost.backward = (
-                cost.forward + forward,
-                cost.tangent + tangent,
-                cost.backward + backward,
-            )
+            cost.forward += forward
+            cost.tangent += tangent
+            cost.backward += backward
             for block, group, step in zip(self._blocks.values(), self.param_groups, steps):
                 value, grad = all_reduce_mean(step)
                 if self.prox:
