@@ -22,6 +22,13 @@ divided by the median time of the gradient step:
 
 ``layerwise_over_full`` = ``layerwise_inner_step`` / ``gn_inner_step``.
 
+FLOPs: each measurement also runs once under :func:`gnlib.costs.count_flops`, which counts the matrix
+products the call executes (``mm``, ``addmm``, ``bmm``, ... and the in-place ``addmm_`` that fuses a
+linear layer's two tangent products). ``flop_ratio`` divides them by the gradient step's, so
+beside each timed ratio stands the ratio of the matmul work: a timed ratio above its FLOP ratio is time
+spent outside the matrix products (elementwise passes, Python, small kernels), one at its FLOP ratio can
+only get cheaper by doing fewer products.
+
 With ``--compile``, two more: ``grad_compiled`` (the gradient step through ``torch.compile(model)``) and
 ``gn_inner_step_compiled`` (``torch.compile(gnlib.curvature.gn_inner_step)``). Their first call compiles:
 it is timed apart as ``compile_seconds``, and ``compiled_inner_over_grad`` compares the two compiled steps.
@@ -58,7 +65,15 @@ from torch.func import functional_call
 
 from gnlib import curvature
 from gnlib.blocks import per_layer
-from gnlib.costs import FLOP_PASS_COSTS, PASSES, measure_pass_costs, price, synchronize
+from gnlib.costs import (
+    FLOP_PASS_COSTS,
+    PASSES,
+    count_flops,
+    layerwise_pass_counts,
+    measure_pass_costs,
+    price,
+    synchronize,
+)
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim.gauss_newton import GaussNewton, _Cost
@@ -206,7 +221,10 @@ def run_benchmark(
     partition = per_layer(model)
     blocks = [{name: v[name] for name in names} for names in partition.values()]
     fns["layerwise_inner_step"] = lambda: curvature.layerwise_inner_steps(model, params, blocks, data, loss)
-    counts = {"gn_inner_step": (1, 1, 1), "layerwise_inner_step": curvature.layerwise_passes(model, len(partition))}
+    counts = {
+        "gn_inner_step": (1, 1, 1),
+        "layerwise_inner_step": layerwise_pass_counts(model, list(partition.values()), data[0]),
+    }
     search = GaussNewton(model, lambda: data)
     search_costs: list[_Cost] = []
 
@@ -249,6 +267,7 @@ def run_benchmark(
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
     peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS}
+    flops = {name: count_flops(fn) for name, fn in fns.items() if name not in COMPILED}
     counts["line_search"] = (search_costs[-1].forward, search_costs[-1].tangent, search_costs[-1].backward)
     counts.update({name: tuple(d[f"{k}_passes"] for k in PASSES) for name, d in outer.items()})
     measured = measure_pass_costs(model, batch, seq_len, repeats=repeats, use_cache=False)
@@ -278,6 +297,9 @@ def run_benchmark(
         "cpu_ms": cpu_ms,
         "cpu_ratio": {name: cpu_ms[name] / cpu_ms["grad"] for name in fns if name != "grad"},
         "layerwise_over_full": ms["layerwise_inner_step"] / ms["gn_inner_step"],
+        "flops": flops,
+        "flop_ratio": {name: flops[name] / flops["grad"] for name in flops if name != "grad"},
+        "layerwise_over_full_flops": flops["layerwise_inner_step"] / flops["gn_inner_step"],
         "layerwise_blocks": len(partition),
         "peak_mem_bytes": peak,
         "peak_mem_ratio": peak["gn_inner_step"] / peak["grad"],
@@ -295,15 +317,16 @@ def format_table(result: dict) -> str:
         f"preset={result['preset']} device={result['device']} params={result['params']:,} "
         f"batch={result['batch']}x{result['seq_len']} repeats={result['repeats']} threads={result['threads']} "
         f"load={result['load_average']:.1f}",
-        f"{'measurement':<24} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11}",
+        f"{'measurement':<24} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11} {'flops x grad':>13}",
     ]
     for name, ms in result["ms"].items():
         cpu_ratio = result["cpu_ms"][name] / result["cpu_ms"]["grad"]
-        lines.append(f"{name:<24} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f}")
+        flops = f"{result['flops'][name] / result['flops']['grad']:.2f}" if name in result["flops"] else "-"
+        lines.append(f"{name:<24} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f} {flops:>13}")
     peak = result["peak_mem_bytes"]
     lines.append(
         f"layerwise_inner_step / gn_inner_step = {result['layerwise_over_full']:.2f} "
-        f"({result['layerwise_blocks']} blocks)"
+        f"({result['layerwise_blocks']} blocks; FLOPs {result['layerwise_over_full_flops']:.2f})"
     )
     lines.append(
         f"peak memory ({result['memory_measure']}): "

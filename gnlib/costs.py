@@ -34,9 +34,11 @@ with c_F + c_B = 1. Two models give the weights c (:data:`COST_MODELS`):
 
 The same weights price every pass GaussNewton counts (its module docstring lists them): a line search's
 forwards without graph cost c_F, its forward with a tangent and no graph c_F + c_T (slightly
-overpriced: the measured tangent includes recording the graph); layerwise GN's per-block tangents (a
-backward through the recorded backward) and backwards are priced like full GN's tangent and backward
-(``layerwise_inner_step`` in the bench shows what they cost).
+overpriced: the measured tangent includes recording the graph). Layerwise GN's per-block tangents and
+backwards run through part of the model only: for a model with its own forward-mode rules each is
+counted as the share of a whole pass's matrix-product FLOPs it does (:func:`layerwise_pass_counts`,
+counted once by :func:`count_flops`), for any other model as a whole pass (``layerwise_inner_step`` in
+the bench shows what they cost).
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 from gnlib import curvature
 from gnlib.distributed import all_reduce_mean, is_distributed
 from gnlib.losses import CrossEntropy, Loss
+from gnlib.models import Slot
 from gnlib.runtime import atomic_write_json, check_choice, is_finite_number, is_integer, output_path
 
 #: The passes a Gauss-Newton step is counted in.
@@ -103,6 +108,78 @@ def check_pass_costs(value: Any, parameter: str = "pass_costs") -> dict[str, flo
 def price(counts: Mapping[str, int | float], costs: Mapping[str, float]) -> float:
     """Gradient-step equivalents of ``counts`` passes (keys :data:`PASSES`) at weights ``costs``."""
     return float(sum(costs[k] * counts[k] for k in PASSES))
+
+
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``c.addmm_(a, b)`` for a (m, k), b (k, n): 2mkn, as the counter charges ``addmm``."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Matrix-product FLOPs of one call ``fn()``, as ``torch.utils.flop_counter`` counts them.
+
+    The counter sees every ``mm``, ``addmm``, ``bmm``, ... the call dispatches, forward and backward; the
+    in-place ``addmm_`` (which fuses a linear layer's two tangent products) is added to what it knows.
+    Elementwise work is not counted.
+    """
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flops}) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def layerwise_pass_counts(
+    model: nn.Module, blocks: Sequence[Collection[str]], inputs: Tensor, slots: int | None = None
+) -> tuple[float, float, float]:
+    """(forwards, tangents, backwards) of one layerwise inner step (:func:`gnlib.curvature.layerwise_inner_steps`).
+
+    For a model with its own forward-mode rules (``computes_jvp``), the blocks' tangents ride in one
+    forward per ``slots`` blocks, block b's starting at its block, and block b's backward stops at its
+    block: the tangents count as the matrix-product FLOPs those forwards add to the primal ones, and the
+    backwards as the sum of the blocks' own, each in whole passes (a forward carrying every parameter's
+    tangent, a gradient in every parameter). All are counted by :func:`count_flops` on the first sequence
+    of ``inputs`` (every count scales with the batch). Any other model:
+    :func:`gnlib.curvature.layerwise_passes`, whole passes.
+
+    Args:
+        model: the model.
+        blocks: the parameter names of each block (disjoint).
+        inputs: a batch of inputs (B, T); only its first sequence runs.
+        slots: blocks per forward, as in :func:`gnlib.curvature.layerwise_inner_steps` (None: all).
+
+    Returns:
+        Pass counts in whole passes (floats for tangents and backwards).
+    """
+    forwards, tangents, backwards = curvature.layerwise_passes(model, len(blocks), slots)
+    if len(blocks) == 1 or not getattr(model, "computes_jvp", False):
+        return forwards, tangents, backwards
+    params = dict(model.named_parameters())
+    x = inputs[:1]
+    size = len(blocks) if slots is None else slots
+    groups = [blocks[start : start + size] for start in range(0, len(blocks), size)]
+
+    def forward(dots: Mapping[str, Tensor | Slot]) -> int:
+        return count_flops(lambda: functional_call(model, params, (x,), {"dots": dots} if dots else {}))
+
+    def backward(names: Collection[str]) -> int:
+        return count_flops(lambda: torch.autograd.grad(model(x).sum(), [params[name] for name in names]))
+
+    with torch.no_grad():
+        primal = forward({})
+        whole_tangent = forward({name: torch.zeros_like(p) for name, p in params.items()}) - primal
+        stacked = [
+            forward(
+                {
+                    name: Slot(index, torch.zeros_like(params[name]))
+                    for index, names in enumerate(group)
+                    for name in names
+                }
+            )
+            - primal
+            for group in groups
+        ]
+    whole_backward = backward(list(params)) - primal
+    per_block = [backward(names) - primal for names in blocks]
+    return forwards, sum(stacked) / whole_tangent, sum(per_block) / whole_backward
 
 
 def cache_key(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]:

@@ -6,10 +6,20 @@ import json
 import pytest
 import torch
 
-from gnlib import costs
+from gnlib import costs, curvature
 from gnlib.bench import main as bench_main
-from gnlib.costs import FLOP_PASS_COSTS, PASSES, cache_key, measure_pass_costs, price
-from gnlib.models import build_model, mlp
+from gnlib.blocks import resolve_partition
+from gnlib.costs import (
+    FLOP_PASS_COSTS,
+    PASSES,
+    cache_key,
+    count_flops,
+    layerwise_pass_counts,
+    measure_pass_costs,
+    price,
+)
+from gnlib.losses import CrossEntropy
+from gnlib.models import build_model, linear_jvp, mlp
 from gnlib.optim import GaussNewton
 from gnlib.runs import RunSpec, run, summarize
 
@@ -45,6 +55,54 @@ def test_flop_model_prices_a_gn_step_by_hand():
         assert (row["forward_passes"], row["tangent_passes"], row["backward_passes"]) == (4 + 3 * 6, 4 + 3, 4)
         assert row["grad_equivalents"] == pytest.approx(22 / 3 + 7 * 2 / 3 + 4 * 2 / 3)  # 44/3
     assert summarize(history)["cost_model"] == "flops"
+
+
+def test_count_flops_counts_a_linear_layer_and_its_fused_tangent_by_hand():
+    layer = torch.nn.Linear(3, 5)
+    x, x_dot = torch.randn(7, 3), torch.randn(7, 3)
+    assert count_flops(lambda: layer(x)) == 2 * 7 * 3 * 5
+    # y, then ẋWᵀ and xẆᵀ summed into one buffer by an in-place addmm_
+    with torch.no_grad():
+        flops = count_flops(lambda: linear_jvp(layer, x, x_dot, {"weight": torch.randn(5, 3)}))
+    assert flops == 3 * 2 * 7 * 3 * 5
+
+
+def test_flop_model_equals_the_counted_flops_of_a_transformer():
+    model = build_model("tiny", seed=0, **MODEL)
+    tokens = torch.randint(model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch, loss = (tokens[:, :-1], tokens[:, 1:]), CrossEntropy()
+    params = dict(model.named_parameters())
+    delta = {name: torch.randn_like(p) for name, p in params.items()}
+    grad = count_flops(lambda: torch.autograd.grad(loss.value(model(batch[0]), batch[1]), list(params.values())))
+    with torch.no_grad():
+        forward = count_flops(lambda: model(batch[0]))
+    inner = count_flops(lambda: curvature.gn_inner_step(model, params, delta, batch, loss))
+    assert forward / grad == pytest.approx(FLOP_PASS_COSTS["forward"], rel=1e-12)
+    assert inner / grad == pytest.approx(price({"forward": 1, "tangent": 1, "backward": 1}, FLOP_PASS_COSTS), rel=1e-12)
+
+
+@pytest.mark.parametrize("partition", ["per_layer", "per_tensor"])
+@pytest.mark.parametrize("slots", [None, 2])
+def test_layerwise_pass_counts_price_the_counted_layerwise_step(partition, slots):
+    """Under the FLOP model the counted passes cost what the stacked layerwise step's products count."""
+    model = build_model("tiny", seed=0, **{**MODEL, "n_layers": 2})
+    tokens = torch.randint(model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch, loss = (tokens[:, :-1], tokens[:, 1:]), CrossEntropy()
+    params = dict(model.named_parameters())
+    blocks = list(resolve_partition(partition, model).values())
+    deltas = [{name: torch.randn_like(params[name]) for name in names} for names in blocks]
+    grad = count_flops(lambda: torch.autograd.grad(loss.value(model(batch[0]), batch[1]), list(params.values())))
+    step = count_flops(lambda: curvature.layerwise_inner_steps(model, params, deltas, batch, loss, slots=slots))
+    counts = layerwise_pass_counts(model, blocks, batch[0], slots)
+    assert counts[0] == -(-len(blocks) // (slots or len(blocks)))
+    assert counts[1] < len(blocks) and counts[2] < len(blocks)  # partial passes, cheaper than whole ones
+    assert price(dict(zip(PASSES, counts)), FLOP_PASS_COSTS) == pytest.approx(step / grad, rel=1e-12)
+
+
+def test_layerwise_pass_counts_are_whole_passes_without_forward_mode_rules():
+    model = mlp([3, 4, 2])
+    blocks = list(resolve_partition("per_layer", model).values())
+    assert layerwise_pass_counts(model, blocks, torch.randn(5, 3)) == (1, len(blocks), len(blocks) + 1)
 
 
 def test_measured_costs_are_positive_recorded_and_change_no_training_number():

@@ -513,6 +513,12 @@ def test_bench_runs_end_to_end_in_json_mode(capsys):
     assert set(result["ratio"]) == set(MEASUREMENTS) - {"grad"}
     assert result["preset"] == "tiny" and result["device"] == "cpu" and result["peak_mem_ratio"] > 0
     assert result["layerwise_blocks"] == 4  # embed, block0, block1, head
+    assert set(result["flop_ratio"]) == set(MEASUREMENTS) - {"grad"}
+    assert result["flop_ratio"]["gn_inner_step"] == pytest.approx(5 / 3, rel=1e-12)  # primal, 2 tangent, 2 backward
+    assert result["flop_ratio"]["ggn_vp_cached"] == pytest.approx(4 / 3, rel=1e-12)  # two backward passes
+    assert result["layerwise_over_full_flops"] == pytest.approx(
+        result["flop_ratio"]["layerwise_inner_step"] / result["flop_ratio"]["gn_inner_step"]
+    )
 
 
 def test_bench_table_is_clean(capsys):
@@ -520,7 +526,7 @@ def test_bench_table_is_clean(capsys):
     captured = capsys.readouterr()
     assert "USDT" not in captured.out + captured.err
     lines = captured.out.splitlines()
-    assert lines[1].split() == ["measurement", "median", "ms", "x", "grad", "cpu", "x", "grad"]
+    assert lines[1].split() == ["measurement", "median", "ms", "x", "grad", "cpu", "x", "grad", "flops", "x", "grad"]
     end = next(i for i, line in enumerate(lines) if line.startswith("layerwise_inner_step / gn_inner_step = "))
     assert [line.split()[0] for line in lines[2:end]] == [m for m in MEASUREMENTS if m not in OUTER]
     assert lines[end + 1].startswith("peak memory")

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from gnlib.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import build_model, linear_model, mlp
@@ -612,22 +613,30 @@ def test_the_inner_muon_orthogonalizes_in_float32_and_a_bad_ns_dtype_is_named():
 
 @pytest.mark.parametrize("kind", ["transformer", "transformer_slots", "mlp"])
 def test_layerwise_pass_counts(kind):
-    """Layerwise GN's passes: per inner step one forward, and a tangent and a backward per block.
+    """Layerwise GN's passes: per inner step one forward per ``slots`` blocks, and a tangent and a backward per block.
 
-    A model without its own forward-mode rules adds the backward that records Jᵀw. Line search per batch:
-    a forward carrying the direction, then one forward per α.
+    The transformer's per-block tangents and backwards run through part of the model and count as their
+    share of a whole pass's FLOPs (fewer than one each per block); a model without its own forward-mode
+    rules counts them whole and adds the backward that records Jᵀw. Line search per batch: a forward
+    carrying the direction, then one forward per α.
     """
     slots = 2 if kind == "transformer_slots" else None
     if kind.startswith("transformer"):
-        model, batches, loss, extra = _tiny_transformer(), _token_sampler(), CrossEntropy(), 0
+        model, batches, loss = _tiny_transformer(), _token_sampler(), CrossEntropy()
     else:
-        model, batches, loss, extra = mlp([3, 4, 2]).to(F64), _fixed(_regression()), MSE(), 1
+        model, batches, loss = mlp([3, 4, 2]).to(F64), _fixed(_regression()), MSE()
     gn = GaussNewton(model, batches, blocks="per_layer", inner_steps=3, loss=loss, layerwise_slots=slots)
-    blocks = len(gn._blocks)
+    blocks = [block.names for block in gn._blocks.values()]
+    inputs = batches()[0]
     diagnostics = gn.step()
     passes = (diagnostics["forward_passes"], diagnostics["tangent_passes"], diagnostics["backward_passes"])
     line_search = (2 * (1 + len(LINE_SEARCH)), 2, 0)
-    forwards = 1 if slots is None else -(-blocks // slots)  # one forward per `slots` blocks
-    inner = (3 * forwards, 3 * blocks, 3 * (blocks + extra))
+    forwards = 1 if slots is None else -(-len(blocks) // slots)  # one forward per `slots` blocks
+    per_step = layerwise_pass_counts(model, blocks, inputs, slots)
+    if kind == "mlp":
+        assert per_step == (1, len(blocks), len(blocks) + 1)
+    else:
+        assert per_step[0] == forwards and 1 < per_step[1] < len(blocks) and 1 < per_step[2] < len(blocks)
+    inner = tuple(3 * n for n in per_step)
     anchor_losses = (2, 0, 0)  # layerwise: the loss at the anchor on the first and last inner batches
-    assert passes == tuple(a + b + c for a, b, c in zip(inner, line_search, anchor_losses))
+    assert passes == pytest.approx(tuple(a + b + c for a, b, c in zip(inner, line_search, anchor_losses)))

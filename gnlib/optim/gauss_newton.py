@@ -76,8 +76,11 @@ whole batches. Counters and ``tokens`` are per process.
 
 **Cost accounting.** A pass over one batch drawn from ``batches`` counts 1 (the CG batch of N
 concatenated batches counts N per pass). A forward carrying a tangent counts one forward and one tangent.
-Per batch: inner step = (1 forward, 1 tangent, 1 backward); layerwise, 1 forward and 1 backward shared
-by the blocks plus (1 tangent, 1 backward) per block; line search = 1 forward + 1 tangent
+Per batch: inner step = (1 forward, 1 tangent, 1 backward); layerwise, 1 forward per ``layerwise_slots``
+blocks and per block a tangent from its block up and a backward down to it, each counted as its share of
+a whole pass's matrix-product FLOPs (:func:`gnlib.costs.layerwise_pass_counts`; a model without its own
+forward-mode rules: 1 forward and 1 backward shared by the blocks plus 1 tangent and 1 backward per
+block, whole); line search = 1 forward + 1 tangent
 (α = 0 with the model prediction) and 1 forward per α; layerwise q_start/q_end add 1 forward each;
 CG: linearization = 2 forwards (graph + traced JVP), gradient = 1 backward, product = 1 tangent + 1
 backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes by
@@ -104,7 +107,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from gnlib import curvature
 from gnlib.blocks import PARTITION_SPECS, resolve_partition
-from gnlib.costs import FLOP_PASS_COSTS, check_pass_costs, price
+from gnlib.costs import FLOP_PASS_COSTS, check_pass_costs, layerwise_pass_counts, price
 from gnlib.distributed import all_reduce_mean
 from gnlib.losses import CrossEntropy, Loss
 from gnlib.optim.factory import EMBEDDING_AND_HEAD, clip_gradients, clip_groups, make_optimizer
@@ -307,6 +310,7 @@ class GaussNewton:
         self.solver_options = solver_options
         self.pass_costs = costs
         self.steps = 0
+        self._layerwise_counts: dict[tuple[int, ...], tuple[float, float, float]] = {}
 
         named = dict(model.named_parameters())
         self.param_groups: list[dict[str, Any]] = [
@@ -465,6 +469,14 @@ class GaussNewton:
         cost.forward += weight
         return all_reduce_mean(float(self.loss.value(curvature.logits(self.model, anchor, batch[0]), batch[1])))
 
+    def _layerwise_pass_counts(self, inputs: Tensor) -> tuple[float, float, float]:
+        """Passes of one inner step of all blocks on ``inputs``, counted once per sequence shape."""
+        shape = tuple(inputs.shape[1:])
+        if shape not in self._layerwise_counts:
+            blocks = [block.names for block in self._blocks.values()]
+            self._layerwise_counts[shape] = layerwise_pass_counts(self.model, blocks, inputs, self.layerwise_slots)
+        return self._layerwise_counts[shape]
+
     def _solve_first_order(self, anchor: Params, cost: _Cost) -> _Direction:
         """N inner steps of every block's first-order solver on shared fresh batches (Jacobi)."""
         schedule = cosine_decay(self.inner_steps) if self.inner_schedule == "cosine" else constant()
@@ -479,7 +491,7 @@ class GaussNewton:
             steps = curvature.layerwise_inner_steps(
                 self.model, anchor, deltas, batch, self.loss, self.objective, self.layerwise_slots
             )
-            forward, tangent, backward = curvature.layerwise_passes(self.model, len(steps), self.layerwise_slots)
+            forward, tangent, backward = self._layerwise_pass_counts(batch[0])
             cost.forward += forward
             cost.tangent += tangent
             cost.backward += backward
