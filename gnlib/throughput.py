@@ -14,14 +14,21 @@ memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measurement (mode
 activations: whether the run fits), on the CPU the peak of allocations made during one step as seen by
 ``torch.profiler`` (:func:`gnlib.bench.peak_memory`).
 
-The GPU check of the study's setting (32 × 1024 tokens, T5's 32k vocabulary)::
+With ``autocast="bfloat16"`` (``--autocast bfloat16``) both run under ``torch.autocast`` in bfloat16:
+parameters, optimizer state and the GN inner steps' Δ stay float32, the matrix products (primal and
+tangent) run in bfloat16. The study trained in float32 (the default here).
+
+The GPU check of the study's setting (32 × 1024 tokens, T5's 32k vocabulary), float32 then bfloat16::
 
     python -m gnlib.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda
+    python -m gnlib.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda \
+        --autocast bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -34,6 +41,9 @@ from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.runtime import check_choice, is_integer, resolve_device
+
+#: ``autocast`` values: the dtype the matrix products run in under ``torch.autocast``.
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 
 
 def _random_batches(vocab_size: int, batch: int, seq_len: int, device: torch.device, seed: int):
@@ -70,6 +80,7 @@ def run_throughput(
     steps: int = 3,
     lr: float = 0.01,
     seed: int = 0,
+    autocast: str | None = None,
     **model_overrides,
 ) -> dict:
     """Measure gradient steps and GN inner steps of ``preset`` at ``batch`` × ``seq_len`` (module docstring).
@@ -83,14 +94,17 @@ def run_throughput(
         steps: gradient steps, and GN inner steps, per measurement.
         lr: AdamW's LR and the GN inner LR.
         seed: model and token seed.
+        autocast: None (float32) or a key of :data:`AUTOCAST_DTYPES` to run both under ``torch.autocast``.
         **model_overrides: config fields to replace (a tiny shape for a quick run).
 
     Returns:
-        ``preset``, ``device``, ``params``, ``vocab_size``, ``batch``, ``seq_len``, ``steps``,
+        ``preset``, ``device``, ``params``, ``vocab_size``, ``batch``, ``seq_len``, ``steps``, ``autocast``,
         ``memory_measure`` and ``rows``: per measurement ``name``, ``seconds``, ``tokens``,
         ``tokens_per_s``, ``peak_mem_bytes``.
     """
     check_choice("preset", preset, PRESETS)
+    if autocast is not None:
+        check_choice("autocast", autocast, AUTOCAST_DTYPES)
     for name, value in (("vocab_size", vocab_size), ("batch", batch), ("seq_len", seq_len), ("steps", steps)):
         if not is_integer(value) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -110,9 +124,20 @@ def run_throughput(
             adamw.step()
 
     gn = GaussNewton(model, batches, inner_steps=steps, inner_lr=lr, line_search=None, line_search_batches=1)
+
+    def autocasting(fn):
+        def call() -> None:
+            context = (
+                contextlib.nullcontext() if autocast is None else torch.autocast(dev.type, AUTOCAST_DTYPES[autocast])
+            )
+            with context:
+                fn()
+
+        return call
+
     rows = []
     for name, fn in (("gradient_step", gradient_steps), ("gn_inner_steps", gn.step)):
-        seconds, peak = _measure(fn, dev)
+        seconds, peak = _measure(autocasting(fn), dev)
         tokens = steps * batch * seq_len
         rows.append(
             {
@@ -131,6 +156,7 @@ def run_throughput(
         "batch": batch,
         "seq_len": seq_len,
         "steps": steps,
+        "autocast": autocast,
         "rows": rows,
         "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
     }
@@ -140,7 +166,8 @@ def format_table(result: dict) -> str:
     """Human-readable table of a :func:`run_throughput` result."""
     lines = [
         f"preset={result['preset']} device={result['device']} params={result['params']:,} "
-        f"vocab={result['vocab_size']} batch={result['batch']}x{result['seq_len']} steps={result['steps']}",
+        f"vocab={result['vocab_size']} batch={result['batch']}x{result['seq_len']} steps={result['steps']} "
+        f"autocast={result['autocast'] or 'off (float32)'}",
         f"{'measurement':<16} {'tokens/s':>12} {'seconds':>9} {'peak MiB':>10}  ({result['memory_measure']})",
     ]
     for row in result["rows"]:
@@ -160,9 +187,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=3, help="gradient steps and GN inner steps per measurement")
+    parser.add_argument(
+        "--autocast", default=None, help=f"run under torch.autocast in this dtype: {', '.join(AUTOCAST_DTYPES)}"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    result = run_throughput(args.preset, args.vocab, args.device, args.batch, args.seq_len, args.steps)
+    result = run_throughput(
+        args.preset, args.vocab, args.device, args.batch, args.seq_len, args.steps, autocast=args.autocast
+    )
     print(json.dumps(result) if args.json else format_table(result))
     return result
 
