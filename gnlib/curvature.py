@@ -405,14 +405,13 @@ def _block_results(
 ) -> list[tuple[Tensor, Params]]:
     """Per block, the inner objective at z_t + J_bΔ_b and its gradient J_bᵀu_b through the primal graph of z."""
     z_t = z.detach()
+    with torch.no_grad():
+        quadratic = loss.quadratic_model(z_t, targets) if objective == "gn" else None
     results = []
     for delta, jd in zip(deltas, tangents):
         block = list(delta)
         with torch.no_grad():
-            if objective == "gn":
-                value, u = loss.quadratic(z_t, targets, jd)
-            else:
-                value, u = loss.value_and_grad(z_t + jd, targets)
+            value, u = quadratic(jd) if quadratic else loss.value_and_grad(z_t + jd, targets)
         results.append((value, _backward(z, [leaf[name] for name in block], u, block, retain=True)))
     return results
 

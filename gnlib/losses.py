@@ -14,6 +14,7 @@ positions, ``z.numel() // V`` (tokens for a language model, rows for regression)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,20 @@ class Loss(ABC):
             ``(ℓ(z) + gᵀdz + ½ dzᵀ H_z dz, g + H_z dz)`` with ``g = ∇_z ℓ(z)``; the second has the shape
             of ``z``. This is the Gauss-Newton model when ``dz = JΔ``.
         """
+        return self.quadratic_model(z, y)(dz)
+
+    def quadratic_model(self, z: Tensor, y: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """:meth:`quadratic` around ``z`` as a function of ``dz``, computing what depends on ``z`` alone once.
+
+        For several steps around one point (layerwise GN: one J_bΔ_b per block).
+        """
         value, g = self.value_and_grad(z, y)
-        h_dz = self.hvp(z, y, dz)
-        q = value + (g * dz).sum() + 0.5 * (dz * h_dz).sum()
-        return q, g + h_dz
+
+        def at(dz: Tensor) -> tuple[Tensor, Tensor]:
+            h_dz = self.hvp(z, y, dz)
+            return value + (g * dz).sum() + 0.5 * (dz * h_dz).sum(), g + h_dz
+
+        return at
 
 
 def _n_positions(z: Tensor) -> int:
@@ -86,13 +97,19 @@ class CrossEntropy(Loss):
         counted, n = _counted(y, z.dtype)
         return self._hvp(torch.softmax(z, dim=-1), v, counted, n)
 
-    def quadratic(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor]:
-        """See :meth:`Loss.quadratic`; one softmax shared by the value, gradient and Hessian product."""
+    def quadratic_model(self, z: Tensor, y: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """See :meth:`Loss.quadratic_model`; one softmax shared by the value, gradient and every Hessian product."""
         value, p, y, counted, n = self._value_and_probs(z, y)
-        h_dz = self._hvp(p, dz, counted, n)
-        u = _add_at_targets_((p / n).mul_(counted).add_(h_dz), y, counted.neg().div_(n))
-        # uᵀdz = gᵀdz + dzᵀH dz, so q = ℓ + uᵀdz − ½ dzᵀH dz.
-        return value + (u * dz).sum() - 0.5 * (dz * h_dz).sum(), u
+        g = _add_at_targets_((p / n).mul_(counted), y, counted.neg().div_(n))
+
+        def at(dz: Tensor) -> tuple[Tensor, Tensor]:
+            h_dz = self._hvp(p, dz, counted, n)
+            curvature = (dz * h_dz).sum()
+            u = h_dz.add_(g)
+            # uᵀdz = gᵀdz + dzᵀH dz, so q = ℓ + uᵀdz − ½ dzᵀH dz.
+            return value + (u * dz).sum() - 0.5 * curvature, u
+
+        return at
 
     @staticmethod
     def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

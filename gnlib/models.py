@@ -218,6 +218,13 @@ def _plus(a: Tensor | Slot | None, b: Tensor | Slot | None) -> Tensor | None:
     return stack
 
 
+def _plus_fresh(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """:func:`_plus` of two temporaries: in place into ``a`` when the shapes agree (no third buffer)."""
+    if a is not None and b is not None and a.shape == b.shape:
+        return a.add_(b)
+    return _plus(a, b)
+
+
 def _plus_bias(y_dot: Tensor | None, b_dot: Tensor | Slot | None, y: Tensor) -> Tensor | None:
     """ẏ + ḃ for an output y (..., n) and a bias tangent ḃ (n,), broadcast to y's shape when alone."""
     if b_dot is not None and y_dot is None:
@@ -373,15 +380,15 @@ class Attention(nn.Module):
         weights = torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1)  # (B, H, T, T)
         out = weights @ v
         with torch.no_grad():
-            s_dot = _plus(
+            s_dot = _plus_fresh(
                 None if q_dot is None else q_dot @ k.transpose(-2, -1),
                 None if k_dot is None else q @ k_dot.transpose(-2, -1),
             )
             w_dot = None
             if s_dot is not None:
                 w_dot = s_dot.mul_(weights)
-                w_dot.sub_(weights * w_dot.sum(-1, keepdim=True))
-            out_dot = _plus(None if w_dot is None else w_dot @ v, None if v_dot is None else weights @ v_dot)
+                w_dot.addcmul_(weights, w_dot.sum(-1, keepdim=True), value=-1)
+            out_dot = _plus_fresh(None if w_dot is None else w_dot @ v, None if v_dot is None else weights @ v_dot)
             out_dot = None if out_dot is None else out_dot.transpose(-3, -2).flatten(-2)  # (..., B, T, d)
         return linear_jvp(self.wo, out.transpose(1, 2).reshape(B, T, d), out_dot, _sub(dots, "wo."))
 
@@ -406,7 +413,7 @@ class SwiGLU(nn.Module):
         b, b_dot = linear_jvp(self.w_up, x, x_dot, _sub(dots, "w_up."))
         silu = F.silu(a)
         with torch.no_grad():  # silu_backward(ȧ, a) = silu'(a) ⊙ ȧ
-            h_dot = _plus(
+            h_dot = _plus_fresh(
                 None if a_dot is None else torch.ops.aten.silu_backward(a_dot, a).mul_(b),
                 None if b_dot is None else silu * b_dot,
             )
