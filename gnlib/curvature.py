@@ -424,7 +424,8 @@ def _check_slots(slots: int | None) -> None:
 def layerwise_passes(model: nn.Module, blocks: int, slots: int | None = None) -> tuple[int, int, int]:
     """(forwards, tangents, backwards) one :func:`layerwise_inner_steps` call makes on ``blocks`` blocks.
 
-    A tangent or backward per block (each through part of the model only, counted whole); with several
+    A tangent or backward per block, each counted whole although it runs through part of the model only
+    (:func:`gnlib.costs.layerwise_pass_counts` counts their share of a whole pass's FLOPs); with several
     blocks, a model with its own forward-mode rules makes one forward per ``slots`` blocks, any other
     model one forward and the backward that records Jᵀw.
     """

@@ -122,7 +122,7 @@ class CrossEntropy(Loss):
     @staticmethod
     def _hvp(p: Tensor, v: Tensor, counted: Tensor, n: Tensor) -> Tensor:
         pv = p * v
-        return (pv - p * pv.sum(-1, keepdim=True)).div_(n).mul_(counted)
+        return pv.addcmul_(p, pv.sum(-1, keepdim=True), value=-1).div_(n).mul_(counted)
 
 
 def _counted(y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
