@@ -8,7 +8,7 @@ import torch
 
 from gnlib import costs, curvature
 from gnlib.bench import main as bench_main
-from gnlib.blocks import resolve_partition
+from gnlib.blocks import per_layer, resolve_partition
 from gnlib.costs import (
     FLOP_PASS_COSTS,
     PASSES,
@@ -97,6 +97,19 @@ def test_layerwise_pass_counts_price_the_counted_layerwise_step(partition, slots
     assert counts[0] == -(-len(blocks) // (slots or len(blocks)))
     assert counts[1] < len(blocks) and counts[2] < len(blocks)  # partial passes, cheaper than whole ones
     assert price(dict(zip(PASSES, counts)), FLOP_PASS_COSTS) == pytest.approx(step / grad, rel=1e-12)
+
+
+def test_stacked_layerwise_step_does_the_products_of_one_inner_step_per_block_less_the_shared_primal():
+    model = build_model("tiny", seed=0, **{**MODEL, "n_layers": 2})
+    tokens = torch.randint(model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch, loss = (tokens[:, :-1], tokens[:, 1:]), CrossEntropy()
+    params = dict(model.named_parameters())
+    deltas = [{name: torch.randn_like(params[name]) for name in names} for names in per_layer(model).values()]
+    with torch.no_grad():
+        primal = count_flops(lambda: model(batch[0]))
+    apart = [count_flops(lambda d=d: curvature.gn_inner_step(model, params, d, batch, loss)) for d in deltas]
+    stacked = count_flops(lambda: curvature.layerwise_inner_steps(model, params, deltas, batch, loss))
+    assert stacked == sum(apart) - (len(deltas) - 1) * primal
 
 
 def test_layerwise_pass_counts_are_whole_passes_without_forward_mode_rules():
