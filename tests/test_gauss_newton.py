@@ -627,7 +627,7 @@ def test_layerwise_pass_counts(kind):
         model, batches, loss = mlp([3, 4, 2]).to(F64), _fixed(_regression()), MSE()
     gn = GaussNewton(model, batches, blocks="per_layer", inner_steps=3, loss=loss, layerwise_slots=slots)
     blocks = [block.names for block in gn._blocks.values()]
-    inputs = batches()[0]
+    inputs = (_token_sampler() if kind.startswith("transformer") else batches)()[0]  # the batches' shape
     diagnostics = gn.step()
     passes = (diagnostics["forward_passes"], diagnostics["tangent_passes"], diagnostics["backward_passes"])
     line_search = (2 * (1 + len(LINE_SEARCH)), 2, 0)
