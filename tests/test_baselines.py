@@ -159,6 +159,27 @@ def test_muon_update_is_orthogonalized_within_the_band(shape, ns_dtype, tol):
     assert NS_BAND[0] - tol <= sigma.min() and sigma.max() <= NS_BAND[1] + tol
 
 
+def test_muon_orthogonalizes_matrices_of_every_shape_alone_when_it_batches_them():
+    """float32 Newton-Schulz batches matrices of one oriented shape; each step is still U p⁵(Σ/‖G‖_F) Vᵀ of its own G.
+
+    In float64 (kept: wider than float32) the only error is rounding: tall (8, 4), wide (4, 8) and another
+    tall (8, 4) share one batch, the square (6, 6) has its own.
+    """
+    shapes = {"tall": (8, 4), "wide": (4, 8), "tall_again": (8, 4), "square": (6, 6)}
+    weights = {name: torch.zeros(shape, dtype=torch.float64, requires_grad=True) for name, shape in shapes.items()}
+    opt = make_optimizer("muon", weights, lr=1.0, ns_dtype="float32")
+    generator = torch.Generator().manual_seed(3)
+    grads = {name: torch.randn(shape, generator=generator, dtype=torch.float64) for name, shape in shapes.items()}
+    for name, w in weights.items():
+        w.grad = grads[name].clone()
+    opt.step()
+    for name, (rows, cols) in shapes.items():
+        u, sigma, vh = torch.linalg.svd(grads[name], full_matrices=False)
+        expected = u @ torch.diag(_quintic_five_times(sigma / grads[name].norm())) @ vh
+        update = -weights[name].detach() / math.sqrt(max(1.0, rows / cols))
+        torch.testing.assert_close(update, expected, rtol=0, atol=1e-12)
+
+
 def test_muon_composite_equals_separate_muon_and_adamw():
     model, reference = build_model("tiny", seed=1), build_model("tiny", seed=1)
     opt = make_optimizer("muon", model, lr=0.03, adamw_lr=0.01, adamw_betas=(0.8, 0.9), adamw_weight_decay=0.05)

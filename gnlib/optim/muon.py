@@ -17,7 +17,8 @@ casting to bfloat16 (:func:`newton_schulz`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,6 +62,7 @@ class Muon(torch.optim.Muon):
                 loss = closure()
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
+            params, updates = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -77,30 +79,44 @@ class Muon(torch.optim.Muon):
                     update = buf * (mu / (1 - mu ** (t + 1))) + p.grad * ((1 - mu) / (1 - mu**t))
                 else:
                     update = buf / (1 - mu**t)
-                if group["ns_dtype"] == "float32":
-                    update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                else:
-                    update = _zeropower_via_newtonschulz(
-                        update, group["ns_coefficients"], group["ns_steps"], group["eps"]
-                    )
+                params.append(p)
+                updates.append(update)
+            coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+            if group["ns_dtype"] == "float32":
+                updates = newton_schulz(updates, coefficients, steps, eps)
+            else:
+                updates = [_zeropower_via_newtonschulz(u, coefficients, steps, eps) for u in updates]
+            for p, update in zip(params, updates):
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 
-def newton_schulz(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> Tensor:
-    """The quintic Newton-Schulz orthogonalization of torch's Muon for a matrix (m, n), in float32 or wider.
+def newton_schulz(
+    grads: Sequence[Tensor], ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> list[Tensor]:
+    """The quintic Newton-Schulz orthogonalization of torch's Muon for matrices (m, n), in float32 or wider.
 
-    X ← G/‖G‖_F (transposed when m > n), then ``ns_steps`` times X ← aX + (bA + cA²)X with A = XXᵀ:
-    ``torch.optim._muon._zeropower_via_newtonschulz`` without its cast to bfloat16. Returns (m, n) in
-    float32, or in ``grad``'s dtype when that is wider (float64).
+    Per matrix, X ← G/‖G‖_F (transposed when m > n), then ``ns_steps`` times X ← aX + (bA + cA²)X with
+    A = XXᵀ: ``torch.optim._muon._zeropower_via_newtonschulz`` without its cast to bfloat16. Matrices of
+    one (oriented) shape, dtype and device iterate together as one batch of matrix products. Returns
+    each (m, n) in float32, or in its gradient's dtype when that is wider (float64), in input order.
     """
     a, b, c = ns_coefficients
-    x = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if grad.size(0) > grad.size(1) else x
+    batches: dict[tuple, list[int]] = {}
+    oriented = []
+    for index, grad in enumerate(grads):
+        x = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        x = x.T if grad.size(0) > grad.size(1) else x
+        oriented.append(x)
+        batches.setdefault((tuple(x.shape), x.dtype, x.device), []).append(index)
+    results: list[Tensor] = [grad for grad in grads]
+    for indices in batches.values():
+        x = torch.stack([oriented[i] for i in indices])  # (k, m, n), m <= n
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(ns_steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        for i, orthogonal in zip(indices, x):
+            results[i] = orthogonal.T if grads[i].size(0) > grads[i].size(1) else orthogonal
+    return results
