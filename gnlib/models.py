@@ -225,6 +225,18 @@ def _plus_fresh(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return _plus(a, b)
 
 
+def _times_stack(m: Tensor, t: Tensor) -> Tensor:
+    """Product m @ t of a matrix batch m (..., n, k) and a tangent t (..., k, p) or a stack of them (S, ..., k, p).
+
+    A stack is multiplied as one (..., k, S·p) matrix batch: ``m @ t`` would broadcast m, copying it S
+    times (for attention weights, S × B × H × T × T numbers) before its batched product.
+    """
+    if t.dim() == m.dim():
+        return m @ t
+    slots, p = t.shape[0], t.shape[-1]
+    return (m @ t.movedim(0, -2).flatten(-2)).unflatten(-1, (slots, p)).movedim(-2, 0)
+
+
 def _plus_bias(y_dot: Tensor | None, b_dot: Tensor | Slot | None, y: Tensor) -> Tensor | None:
     """ẏ + ḃ for an output y (..., n) and a bias tangent ḃ (n,), broadcast to y's shape when alone."""
     if b_dot is not None and y_dot is None:
@@ -388,7 +400,9 @@ class Attention(nn.Module):
             if s_dot is not None:
                 w_dot = s_dot.mul_(weights)
                 w_dot.addcmul_(weights, w_dot.sum(-1, keepdim=True), value=-1)
-            out_dot = _plus_fresh(None if w_dot is None else w_dot @ v, None if v_dot is None else weights @ v_dot)
+            out_dot = _plus_fresh(
+                None if w_dot is None else w_dot @ v, None if v_dot is None else _times_stack(weights, v_dot)
+            )
             out_dot = None if out_dot is None else out_dot.transpose(-3, -2).flatten(-2)  # (..., B, T, d)
         return linear_jvp(self.wo, out.transpose(1, 2).reshape(B, T, d), out_dot, _sub(dots, "wo."))
 
