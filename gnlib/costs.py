@@ -161,7 +161,8 @@ def layerwise_pass_counts(
         return count_flops(lambda: functional_call(model, params, (x,), {"dots": dots} if dots else {}))
 
     def backward(names: Collection[str]) -> int:
-        return count_flops(lambda: torch.autograd.grad(model(x).sum(), [params[name] for name in names]))
+        wrt = [params[name] for name in names]
+        return count_flops(lambda: torch.autograd.grad(model(x).sum(), wrt, allow_unused=True))
 
     with torch.no_grad():
         primal = forward({})

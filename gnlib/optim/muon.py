@@ -110,7 +110,7 @@ def newton_schulz(
         x = x.T if grad.size(0) > grad.size(1) else x
         oriented.append(x)
         batches.setdefault((tuple(x.shape), x.dtype, x.device), []).append(index)
-    results: list[Tensor] = [grad for grad in grads]
+    results = list(grads)  # each replaced by its orthogonalized matrix below
     for indices in batches.values():
         x = torch.stack([oriented[i] for i in indices])  # (k, m, n), m <= n
         x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
