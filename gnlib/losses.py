@@ -122,7 +122,7 @@ class CrossEntropy(Loss):
     @staticmethod
     def _hvp(p: Tensor, v: Tensor, counted: Tensor, n: Tensor) -> Tensor:
         pv = p * v
-        return pv.addcmul_(p, pv.sum(-1, keepdim=True), value=-1).div_(n).mul_(counted)
+        return pv.sub_(p * pv.sum(-1, keepdim=True)).div_(n).mul_(counted)  # in place, and batched by vmap
 
 
 def _counted(y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

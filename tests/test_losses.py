@@ -1,5 +1,7 @@
 """Losses: values against torch's own, gradients and Hessian products against torch.func references."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,32 @@ def test_quadratic_is_second_order_taylor_model(loss, case):
     value, u = loss.quadratic(z, y, dz)
     torch.testing.assert_close(value, taylor(dz), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(u, torch.func.grad(taylor)(dz), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss, case", [(CrossEntropy(), _ce_case), (MSE(), _mse_case)])
+def test_quadratic_model_serves_several_steps_around_one_point(loss, case):
+    """The shared work on z is reused, not consumed: every step gets its own exact Taylor model."""
+    z, y, g = case()
+    model = loss.quadratic_model(z, y)
+    for _ in range(3):
+        dz = torch.randn(z.shape, generator=g, dtype=z.dtype)
+        value, u = model(dz)
+        expected_value, expected_u = loss.quadratic(z, y, dz)
+        hessian_dz = (_dense_hessian(loss, z, y) @ dz.reshape(-1)).reshape(z.shape)
+        torch.testing.assert_close(u, loss.grad(z, y) + hessian_dz, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(u, expected_u, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss, case", [(CrossEntropy(), _ce_case), (MSE(), _mse_case)])
+def test_hvp_is_batched_by_vmap(loss, case):
+    """Dense GGN blocks vmap the Hessian product over columns: it must run batched, not in a per-column fallback."""
+    z, y, _ = case()
+    columns = torch.eye(z.numel(), dtype=z.dtype).reshape(-1, *z.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when an operation has no batching rule
+        batched = torch.func.vmap(lambda c: loss.hvp(z, y, c))(columns)
+    torch.testing.assert_close(batched.reshape(z.numel(), -1), _dense_hessian(loss, z, y), rtol=1e-10, atol=1e-12)
 
 
 def test_cross_entropy_hessian_is_psd_with_constant_null_space():
