@@ -560,8 +560,17 @@ class Transformer(nn.Module):
                 the tangents in slot k (S = the highest slot reached, plus one).
 
         Raises:
-            ValueError: ``tokens`` is not 2-D or longer than ``max_seq_len``.
+            ValueError: ``tokens`` is not 2-D or longer than ``max_seq_len``, or ``dots`` names a tensor
+                that is not a parameter.
         """
+        if dots:
+            names = [name for name, _ in self.named_parameters()]
+            unknown = sorted(set(dots) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"dots names {unknown}, which are not parameters; allowed: names from named_parameters(), "
+                    f"e.g. {names[:2]}"
+                )
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}")
         T = tokens.shape[1]

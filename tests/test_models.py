@@ -332,6 +332,8 @@ def test_forward_rules_for_a_subset_of_parameters(names, tie, variant):
     torch.testing.assert_close(z, functional_call(model, params, (x,)), rtol=0, atol=0)
     torch.testing.assert_close(jv, reference, rtol=1e-12, atol=1e-12)
     assert model(x, dots={})[1] is None  # no tangent: J·0, returned as None
+    with pytest.raises(ValueError, match=r"dots names \['blocks.0.attn.wq'\], which are not parameters; allowed"):
+        model(x, dots={"blocks.0.attn.wq": torch.zeros(1)})  # a module's name, not its weight's
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper_tiny"])
