@@ -45,11 +45,6 @@ Pass costs (:mod:`gnlib.costs`): the weights a run on this model and batch would
 pass counts weighed by the pass costs), next to the timed ratio: the measured model's prices of the inner
 step match the timed ``gn_inner_step`` up to timing noise, the FLOP model's do not.
 
-Host memory (``--host-memory retain``, :mod:`gnlib.host_memory`): on the CPU, large temporaries that
-glibc returns to the kernel when freed are zeroed again page by page at their next allocation; layerwise
-GN's stacked tangents pay this most. ``retain`` keeps freed memory in the process; the header and
-``host_memory`` say which policy a run used.
-
 Example: ``python -m gnlib.bench --preset small --json``.
 """
 
@@ -79,7 +74,6 @@ from gnlib.costs import (
     price,
     synchronize,
 )
-from gnlib.host_memory import HOST_MEMORY, host_memory_policy, set_host_memory
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim.gauss_newton import GaussNewton, _Cost
@@ -153,7 +147,6 @@ def run_benchmark(
     threads: int | None = None,
     outer_repeats: int = 2,
     compile: bool = False,
-    host_memory: str | None = None,
     **model_overrides,
 ) -> dict:
     """Time every measurement of the module docstring and return the summary (the ``--json`` object).
@@ -168,8 +161,6 @@ def run_benchmark(
         threads: ``torch.set_num_threads`` for the run (default: leave torch's setting).
         outer_repeats: timed rounds of the outer steps (0 leaves them out; at most ``repeats`` are run).
         compile: also time the gradient step and the inner step under ``torch.compile``.
-        host_memory: :func:`gnlib.host_memory.set_host_memory` for the rest of the process
-            (default: leave it).
         **model_overrides: config fields to replace, e.g. ``n_layers=1`` for a quick run.
 
     Returns:
@@ -193,8 +184,6 @@ def run_benchmark(
     if outer_repeats < 0:
         raise ValueError(f"outer_repeats={outer_repeats} must be >= 0")
     outer_repeats = min(outer_repeats, repeats)
-    if host_memory is not None:
-        set_host_memory(host_memory)
     if threads is not None:
         torch.set_num_threads(threads)
     model = build_model(preset, seed=seed, device=dev, **model_overrides)
@@ -301,7 +290,6 @@ def run_benchmark(
         "seq_len": seq_len,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
-        "host_memory": host_memory_policy(),
         "load_average": os.getloadavg()[0],
         "grad_ms": ms["grad"],
         "ms": ms,
@@ -328,7 +316,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"preset={result['preset']} device={result['device']} params={result['params']:,} "
         f"batch={result['batch']}x{result['seq_len']} repeats={result['repeats']} threads={result['threads']} "
-        f"host_memory={result['host_memory']} load={result['load_average']:.1f}",
+        f"load={result['load_average']:.1f}",
         f"{'measurement':<24} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11} {'flops x grad':>13}",
     ]
     for name, ms in result["ms"].items():
@@ -373,12 +361,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--outer-repeats", type=int, default=2, help="timed rounds of the outer steps (0: skip)")
     parser.add_argument("--compile", action="store_true", help="also time the steps under torch.compile")
-    parser.add_argument(
-        "--host-memory",
-        choices=HOST_MEMORY,
-        default=None,
-        help="freed CPU memory: returned to the system or retained for reuse (default: this process's, system)",
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     result = run_benchmark(
@@ -391,7 +373,6 @@ def main(argv: list[str] | None = None) -> None:
         args.threads,
         args.outer_repeats,
         args.compile,
-        args.host_memory,
     )
     print(json.dumps(result) if args.json else format_table(result))
 

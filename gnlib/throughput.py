@@ -36,7 +36,6 @@ import torch
 
 from gnlib.bench import peak_memory
 from gnlib.costs import synchronize
-from gnlib.host_memory import HOST_MEMORY, host_memory_policy, set_host_memory
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim import make_optimizer
@@ -82,7 +81,6 @@ def run_throughput(
     lr: float = 0.01,
     seed: int = 0,
     autocast: str | None = None,
-    host_memory: str | None = None,
     **model_overrides,
 ) -> dict:
     """Measure gradient steps and GN inner steps of ``preset`` at ``batch`` × ``seq_len`` (module docstring).
@@ -97,12 +95,11 @@ def run_throughput(
         lr: AdamW's LR and the GN inner LR.
         seed: model and token seed.
         autocast: None (float32) or a key of :data:`AUTOCAST_DTYPES` to run both under ``torch.autocast``.
-        host_memory: :func:`gnlib.host_memory.set_host_memory` for the rest of the process (default: leave it).
         **model_overrides: config fields to replace (a tiny shape for a quick run).
 
     Returns:
         ``preset``, ``device``, ``params``, ``vocab_size``, ``batch``, ``seq_len``, ``steps``, ``autocast``,
-        ``host_memory``, ``memory_measure`` and ``rows``: per measurement ``name``, ``seconds``, ``tokens``,
+        ``memory_measure`` and ``rows``: per measurement ``name``, ``seconds``, ``tokens``,
         ``tokens_per_s``, ``peak_mem_bytes``.
     """
     check_choice("preset", preset, PRESETS)
@@ -112,8 +109,6 @@ def run_throughput(
         if not is_integer(value) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
     dev = resolve_device(device)
-    if host_memory is not None:
-        set_host_memory(host_memory)
     model = build_model(preset, seed=seed, device=dev, vocab_size=vocab_size, **model_overrides)
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds preset {preset!r}'s max_seq_len={model.config.max_seq_len}")
@@ -162,7 +157,6 @@ def run_throughput(
         "seq_len": seq_len,
         "steps": steps,
         "autocast": autocast,
-        "host_memory": host_memory_policy(),
         "rows": rows,
         "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
     }
@@ -173,7 +167,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"preset={result['preset']} device={result['device']} params={result['params']:,} "
         f"vocab={result['vocab_size']} batch={result['batch']}x{result['seq_len']} steps={result['steps']} "
-        f"autocast={result['autocast'] or 'off (float32)'} host_memory={result['host_memory']}",
+        f"autocast={result['autocast'] or 'off (float32)'}",
         f"{'measurement':<16} {'tokens/s':>12} {'seconds':>9} {'peak MiB':>10}  ({result['memory_measure']})",
     ]
     for row in result["rows"]:
@@ -196,23 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--autocast", default=None, help=f"run under torch.autocast in this dtype: {', '.join(AUTOCAST_DTYPES)}"
     )
-    parser.add_argument(
-        "--host-memory",
-        choices=HOST_MEMORY,
-        default=None,
-        help="freed CPU memory: returned to the system or retained for reuse (default: this process's, system)",
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     result = run_throughput(
-        args.preset,
-        args.vocab,
-        args.device,
-        args.batch,
-        args.seq_len,
-        args.steps,
-        autocast=args.autocast,
-        host_memory=args.host_memory,
+        args.preset, args.vocab, args.device, args.batch, args.seq_len, args.steps, autocast=args.autocast
     )
     print(json.dumps(result) if args.json else format_table(result))
     return result

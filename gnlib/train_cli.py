@@ -13,8 +13,6 @@ field; a flag overrides the file)::
 ``batch_size`` K·b (:mod:`gnlib.distributed`). History, metadata and checkpoints go to
 ``outputs/<name>/`` (``--output_dir`` to choose), written by rank 0; rerunning the same command resumes
 from the last checkpoint (``--checkpoint_every``) with the same number of processes.
-``--host_memory retain`` keeps freed CPU memory for reuse (:mod:`gnlib.host_memory`); it changes speed
-and resident memory, never a result.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from typing import Any, Sequence
 import yaml
 
 from gnlib import distributed
-from gnlib.host_memory import HOST_MEMORY, set_host_memory
 from gnlib.runs import RunSpec, run
 from gnlib.runtime import ConfigLoader
 from gnlib.train import History, RunFolderBusy
@@ -78,11 +75,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line: one flag per RunSpec field, and the run's own options (``--config``, ...).
-
-    Own options: ``--config``, ``--name``, ``--output_dir``, ``--checkpoint_every``, ``--quiet``, ``--overwrite``,
-    ``--host_memory``.
-    """
+    """Parse ``--config``, ``--name``, ``--output_dir``, ``--checkpoint_every`` and one flag per RunSpec field."""
     parser = argparse.ArgumentParser(prog="python -m gnlib.train_cli", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML or JSON file of RunSpec fields")
     parser.add_argument("--name", help="run name: outputs/<name>/ (default: the config file's stem, else 'run')")
@@ -90,12 +83,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint_every", type=int, default=0, help="checkpoint period in steps (0: at the end)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in the output dir")
-    parser.add_argument(
-        "--host_memory",
-        choices=HOST_MEMORY,
-        default="system",
-        help="freed CPU memory: returned to the system or retained for reuse (gnlib.host_memory)",
-    )
     for name in FIELDS:
         parser.add_argument(
             f"--{name}",
@@ -131,7 +118,6 @@ def main(argv: Sequence[str] | None = None) -> History:
     spec = spec_from_args(args)
     name = args.name or (Path(args.config).stem if args.config else "run")
     output_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / name
-    set_host_memory(args.host_memory)
     distributed.init_from_env(spec.device)
     try:
         return run(
