@@ -504,14 +504,15 @@ class GaussNewton:
                 finite = _all_finite(value, *grad.values()) & finite.to(value.device)
                 values.append(value.detach())
                 self._inner_update(block, grad, anchor, group["lr"] * multiplier)
-            if k in (0, self.inner_steps - 1):  # the only host syncs of the loop (a nonfinite Δ is discarded)
-                if not bool(finite):
+            if k in (0, self.inner_steps - 1):  # the loop's only host reads, one each (a nonfinite Δ is discarded)
+                ok, *read = torch.stack([finite.to(values[0]), *values]).tolist()
+                if not ok:
                     return _Direction(None)
                 if layerwise:
                     base = self._anchor_loss(anchor, batch, cost)
-                    q[k] = base + sum(float(v) - base for v in values)
+                    q[k] = base + sum(v - base for v in read)
                 else:
-                    q[k] = float(values[0])
+                    q[k] = read[0]
         direction = {n: t.detach().clone() for b in self._blocks.values() for n, t in b.delta.items()}
         return _Direction(self._in_model_order(direction), q[0], q[self.inner_steps - 1])
 
@@ -592,31 +593,33 @@ class GaussNewton:
             "inner_lr": self.param_groups[0]["lr"],
             "reason": "nonfinite",
         }
-        if direction is None or not _finite(*direction.values()):
+        finite = False
+        if direction is not None:  # one host read: whether d is finite, and its norm
+            norm = torch.linalg.vector_norm(flatten(direction))
+            finite, norm = torch.stack([_all_finite(*direction.values()).to(norm), norm]).tolist()
+        if not finite:
             values = [self._anchor_loss(anchor, b, cost) for b in batches]
             out["loss"] = out["loss_before"] = sum(values) / len(values)
             return out
-        out["direction_norm"] = float(torch.linalg.vector_norm(flatten(direction)))
+        out["direction_norm"] = norm
         grid = self.line_search or (1.0,)
-        before, model_at = 0.0, {a: 0.0 for a in grid}
-        losses = {a: 0.0 for a in grid}
+        rows = []  # per batch: loss at θ_t, then per α the model's prediction and the loss at θ_t + αd
         for inputs, targets in batches:
             z, jd = curvature.outputs_and_jvp(self.model, anchor, inputs, direction)
             cost.forward, cost.tangent = cost.forward + 1, cost.tangent + 1
             with torch.no_grad():
-                value = self.loss.value(z, targets)
-                before += float(value) / len(batches)
+                row = [self.loss.value(z, targets)]
                 for a in grid:
                     if self.objective == "gn":
-                        m = self.loss.quadratic(z, targets, a * jd)[0]
+                        row.append(self.loss.quadratic(z, targets, a * jd)[0])
                     else:
-                        m = self.loss.value(z + a * jd, targets)
-                    model_at[a] += float(m) / len(batches)
+                        row.append(self.loss.value(z + a * jd, targets))
                     point = {n: anchor[n] + a * direction[n] for n in anchor}
-                    value = self.loss.value(functional_call(self.model, point, (inputs,)), targets)
-                    losses[a] += float(value) / len(batches)
+                    row.append(self.loss.value(functional_call(self.model, point, (inputs,)), targets))
                     cost.forward += 1
-        before, losses, model_at = all_reduce_mean((before, losses, model_at))
+            rows.append(torch.stack(row))
+        before, *pairs = all_reduce_mean(torch.stack(rows).double().mean(0)).tolist()  # the search's one host read
+        model_at, losses = dict(zip(grid, pairs[0::2])), dict(zip(grid, pairs[1::2]))
         out["loss"] = out["loss_before"] = before
         if not all(math.isfinite(v) for v in (before, *losses.values(), *model_at.values())):
             return out
