@@ -168,11 +168,11 @@ def evaluate(
     """Mean of ``loss_fn`` over ``batches`` (each batch weighted equally), without gradients."""
     if not batches:
         raise ValueError("evaluation needs at least one validation batch")
-    total = 0.0
+    losses = []
     for inputs, targets in batches:
         logits = model(inputs) if params is None else functional_call(model, params, (inputs,))
-        total += float(loss_fn(logits, targets))
-    return total / len(batches)
+        losses.append(loss_fn(logits, targets))
+    return sum(torch.stack(losses).tolist()) / len(batches)  # one host read
 
 
 def _fingerprint(metadata: dict[str, Any]) -> str:
@@ -455,17 +455,18 @@ class _Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
+        losses, tokens = [], 0
         for _ in range(s.accumulation):
             inputs, targets = self.train_batches()
             loss = s.loss_fn(self.model(inputs), targets)
             (loss / s.accumulation).backward()
-            total += float(loss.detach())
+            losses.append(loss.detach())
             tokens += targets.numel() * self.world
         distributed.average_gradients(self.model.parameters())
         if s.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.optimizer.step()
+        total = sum(torch.stack(losses).tolist())  # one host read, after the step's work is queued
         train_loss = distributed.all_reduce_mean(total / s.accumulation)
         return {"train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens}
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gnlib.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
@@ -467,33 +465,6 @@ def test_line_search_picks_the_best_alpha_of_the_grid_and_rejects_an_increase():
     assert all(torch.equal(now[n], p) for n, p in model.named_parameters())
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts the host's reads of tensor values, each a device sync on a GPU.
-
-    ``item``, ``float`` and ``bool`` dispatch ``_local_scalar_dense``; ``tolist`` is counted by a wrapper.
-    Torch optimizers' step counters are not counted: they live on the CPU.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        super().__init__()
-        self.count = 0
-        tolist = torch.Tensor.tolist
-
-        def counted(tensor: torch.Tensor):
-            self.count += 1
-            return tolist(tensor)
-
-        monkeypatch.setattr(torch.Tensor, "tolist", counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            frame = sys._getframe()
-            while frame and not (frame.f_code.co_name == "_get_value" and "optim" in frame.f_code.co_filename):
-                frame = frame.f_back
-            self.count += frame is None
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     "options, reads",
     [
@@ -503,7 +474,7 @@ class _HostReads(TorchDispatchMode):
         ({"blocks": "per_layer"}, 6),  # and the anchor loss of the first and last inner steps' batches
     ],
 )
-def test_an_outer_step_reads_the_device_a_fixed_few_times(options, reads, monkeypatch):
+def test_an_outer_step_reads_the_device_a_fixed_few_times(options, reads, host_reads):
     # whatever the inner steps, the line-search grid and its batches: no host sync per inner step or per α
     counted = []
     for inner_steps, line_search, batches in ((2, LINE_SEARCH, 1), (6, LINE_SEARCH[:2], 3)):
@@ -516,11 +487,10 @@ def test_an_outer_step_reads_the_device_a_fixed_few_times(options, reads, monkey
             **options,
         )
         gn.step()  # the inner optimizers' state is created
-        with _HostReads(monkeypatch) as host:
+        with host_reads() as host:
             diagnostics = gn.step()
         assert diagnostics["reason"] in (None, "no_decrease")
         counted.append(host.count)
-        monkeypatch.undo()
     assert counted == [reads, reads]
 
 

@@ -58,6 +58,22 @@ def test_accumulation_equals_one_big_batch():
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-12, atol=1e-14)
 
 
+def test_a_training_step_and_an_evaluation_read_the_device_once(host_reads):
+    # each read is a device sync on a GPU: the step's comes after its optimizer step is queued
+    model, batches, val = setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train(model, optimizer, batches, val, steps=1, accumulation=3, progress=False)
+    with host_reads() as reads:
+        history = train(model, optimizer, batches, val, steps=5, eval_every=10, accumulation=3, progress=False)
+    evaluations = [row["step"] for row in history.rows if row["val_loss"] is not None]
+    assert evaluations == [0, 5] and reads.count == 5 + 2
+    with host_reads() as reads:
+        loss = evaluate(model, val, lambda z, y: torch.nn.functional.cross_entropy(z.flatten(0, -2), y.flatten()))
+    assert reads.count == 1 and len(val) == 4
+    expected = [torch.nn.functional.cross_entropy(model(x).flatten(0, -2), y.flatten()).item() for x, y in val]
+    assert loss == sum(expected) / 4
+
+
 def test_target_loss_stops_early_and_evaluate_matches_history():
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
