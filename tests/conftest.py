@@ -53,7 +53,8 @@ class HostReads(TorchDispatchMode):
         """Run ``func``, counting it if it is a read of a value by the host."""
         if func is torch.ops.aten._local_scalar_dense.default:
             frame = sys._getframe()
-            while frame and not (frame.f_code.co_name == "_get_value" and "optim" in frame.f_code.co_filename):
+            counter = os.path.join("torch", "optim", "optimizer.py")
+            while frame and not (frame.f_code.co_name == "_get_value" and frame.f_code.co_filename.endswith(counter)):
                 frame = frame.f_back
             self.count += frame is None
         return func(*args, **(kwargs or {}))

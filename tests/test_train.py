@@ -59,7 +59,7 @@ def test_accumulation_equals_one_big_batch():
 
 
 def test_a_training_step_and_an_evaluation_read_the_device_once(host_reads):
-    # each read is a device sync on a GPU: the step's comes after its optimizer step is queued
+    # each read is a device sync on a GPU
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     train(model, optimizer, batches, val, steps=1, accumulation=3, progress=False)
