@@ -49,7 +49,8 @@ One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol,
    solvers then halve every block's peak LR (``param_groups[b]["lr"]``, persistently); CG raises λ (ρ is
    undefined) and forgets its warm start. The first-order inner loop keeps its check on the device and
    reads it, with the inner objective it records, at its first and last inner step only: no host sync
-   per inner step on a GPU.
+   per inner step on a GPU. The line search reads its losses and predictions once, after all its
+   forwards, and the direction's finiteness and norm once before them.
 6. **EMA** (``ema=β``): ema ← β·ema + (1 − β)·θ_{t+1} after every outer step (initialized at θ_0, no bias
    correction, like the reference; the update is ``torch.optim.swa_utils.get_ema_multi_avg_fn``'s);
    :meth:`GaussNewton.eval_parameters` returns it for evaluation.
