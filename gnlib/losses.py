@@ -62,6 +62,16 @@ class Loss(ABC):
 
         return at
 
+    def quadratic_along(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The quadratic model on the line ``α dz``, as its three coefficients.
+
+        Returns:
+            ``(ℓ(z), gᵀdz, dzᵀH_z dz)``, scalars: the model at ``α dz`` is ``ℓ(z) + α gᵀdz + ½α² dzᵀH_z dz``
+            for every α, from one gradient and one Hessian product (the line search's predictions).
+        """
+        value, g = self.value_and_grad(z, y)
+        return value, (g * dz).sum(), (dz * self.hvp(z, y, dz)).sum()
+
 
 def _n_positions(z: Tensor) -> int:
     return z.numel() // z.shape[-1]
@@ -110,6 +120,19 @@ class CrossEntropy(Loss):
             return value + (u * dz).sum() - 0.5 * curvature, u
 
         return at
+
+    def quadratic_along(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """See :meth:`Loss.quadratic_along`; one softmax and one product p ⊙ dz serve the three.
+
+        Per counted position i, with s_i = p_iᵀdz_i: gᵀdz sums (s_i − dz_{i,y_i}) / n and dzᵀH dz sums
+        (dz_iᵀ(p_i ⊙ dz_i) − s_i²) / n.
+        """
+        value, p, y, counted, n = self._value_and_probs(z, y)
+        p_dz = p.mul_(dz)
+        s = p_dz.sum(-1, keepdim=True)
+        slope = (s - dz.gather(-1, y)).mul_(counted).sum() / n
+        bend = ((dz * p_dz).sum(-1, keepdim=True) - s.square()).mul_(counted).sum() / n
+        return value, slope, bend
 
     @staticmethod
     def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

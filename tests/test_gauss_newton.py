@@ -12,11 +12,12 @@ import math
 import pytest
 import torch
 
+from gnlib import curvature
 from gnlib.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import build_model, linear_model, mlp
-from gnlib.optim.gauss_newton import GN_VARIANTS, LINE_SEARCH, GaussNewton, make_gauss_newton
+from gnlib.optim.gauss_newton import GN_VARIANTS, LINE_SEARCH, GaussNewton, _Cost, make_gauss_newton
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, kept_iterations, lm_damping
 from gnlib.params import flatten, params_of, unflatten
 from gnlib.train import train
@@ -463,6 +464,30 @@ def test_line_search_picks_the_best_alpha_of_the_grid_and_rejects_an_increase():
     assert diagnostics["loss"] == diagnostics["loss_before"] and diagnostics["actual_reduction"] < 0
     assert diagnostics["delta_norm"] == 0.0
     assert all(torch.equal(now[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("objective", ["gn", "prox_linear"])
+def test_line_search_predicts_each_alpha_with_the_model_of_each_batch(objective):
+    # GN: the quadratic ℓ(z) + gᵀ(αJd) + ½(αJd)ᵀH(αJd); prox-linear: ℓ(z + αJd); averaged over the batches
+    model = _tiny_transformer(dtype=F64)
+    sampler = _token_sampler()
+    batches = [sampler(), sampler()]
+    anchor = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    direction = {n: 0.05 * torch.randn(p.shape, generator=g, dtype=F64) for n, p in anchor.items()}
+    for alpha in LINE_SEARCH:
+        gn = GaussNewton(model, sampler, objective=objective, line_search=[alpha], line_search_accept="argmin")
+        out = gn._line_search(anchor, direction, batches, _Cost())
+        expected_before, expected_model = 0.0, 0.0
+        for inputs, targets in batches:
+            z, jd = curvature.outputs_and_jvp(model, anchor, inputs, direction)
+            loss = CrossEntropy()
+            at = loss.quadratic(z, targets, alpha * jd)[0] if objective == "gn" else loss.value(z + alpha * jd, targets)
+            expected_before += loss.value(z, targets).item() / 2
+            expected_model += at.item() / 2
+        assert out["alpha"] == alpha
+        assert out["loss_before"] == pytest.approx(expected_before, rel=1e-12)
+        assert out["predicted_reduction"] == pytest.approx(expected_before - expected_model, rel=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,37 @@ def test_quadratic_model_serves_several_steps_around_one_point(loss, case):
         torch.testing.assert_close(u, expected_u, rtol=1e-12, atol=1e-12)
 
 
+def _with_ignored_targets(shape=(3, 4), vocab=5, seed=0):
+    z, y, g = _ce_case(shape, vocab, seed)
+    y[0, 1], y[2, :3] = -100, -100
+    return z, y, g
+
+
+@pytest.mark.parametrize(
+    "loss, case", [(CrossEntropy(), _ce_case), (CrossEntropy(), _with_ignored_targets), (MSE(), _mse_case)]
+)
+def test_quadratic_along_a_line_has_the_derivatives_of_the_loss_and_predicts_every_step(loss, case):
+    """(ℓ, gᵀdz, dzᵀH dz) are ℓ(z + α dz) and its first two α-derivatives at 0, by nested torch.func.jvp."""
+    z, y, g = case()
+    dz = torch.randn(z.shape, generator=g, dtype=z.dtype)
+    value, slope, bend = loss.quadratic_along(z, y, dz)
+
+    def along(alpha: torch.Tensor) -> torch.Tensor:
+        return loss.value(z + alpha * dz, y)
+
+    def first(alpha: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(along, (alpha,), (torch.ones_like(alpha),))[1]
+
+    zero = torch.zeros((), dtype=z.dtype)
+    torch.testing.assert_close(value, along(zero), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(slope, first(zero), rtol=1e-10, atol=1e-12)
+    second = torch.func.jvp(first, (zero,), (torch.ones_like(zero),))[1]
+    torch.testing.assert_close(bend, second, rtol=1e-10, atol=1e-12)
+    for alpha in (1.0, 0.5, 2**-1.5, -3.0):
+        predicted = value + alpha * slope + 0.5 * alpha**2 * bend
+        torch.testing.assert_close(predicted, loss.quadratic(z, y, alpha * dz)[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("loss, case", [(CrossEntropy(), _ce_case), (MSE(), _mse_case)])
 def test_hvp_is_batched_by_vmap(loss, case):
     """Dense GGN blocks vmap the Hessian product over columns: it must run batched, not in a per-column fallback."""

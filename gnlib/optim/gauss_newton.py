@@ -609,10 +609,14 @@ class GaussNewton:
             z, jd = curvature.outputs_and_jvp(self.model, anchor, inputs, direction)
             cost.forward, cost.tangent = cost.forward + 1, cost.tangent + 1
             with torch.no_grad():
-                row = [self.loss.value(z, targets)]
+                if self.objective == "gn":  # m(α) = ℓ + α gᵀJd + ½α² (Jd)ᵀH(Jd): three numbers serve every α
+                    value, slope, bend = self.loss.quadratic_along(z, targets, jd)
+                else:
+                    value = self.loss.value(z, targets)
+                row = [value]
                 for a in grid:
                     if self.objective == "gn":
-                        row.append(self.loss.quadratic(z, targets, a * jd)[0])
+                        row.append(value + a * slope + 0.5 * a * a * bend)
                     else:
                         row.append(self.loss.value(z + a * jd, targets))
                     point = {n: anchor[n] + a * direction[n] for n in anchor}
