@@ -164,7 +164,7 @@ def run_benchmark(
         **model_overrides: config fields to replace, e.g. ``n_layers=1`` for a quick run.
 
     Returns:
-        Dict with ``preset``, ``device``, ``params``, ``batch``, ``seq_len``, ``repeats``, ``threads``,
+        Dict with ``preset``, ``device``, ``params``, ``vocab_size``, ``batch``, ``seq_len``, ``repeats``, ``threads``,
         ``load_average`` (1-minute load of the machine when the run ended: timings on a busy machine are
         noisy), ``grad_ms``, ``ms`` (median ms per measurement), ``ratio`` (median / median of ``grad``,
         every measurement but ``grad``), ``cpu_ms`` and ``cpu_ratio`` (the same with the process's CPU
@@ -286,6 +286,7 @@ def run_benchmark(
         "preset": preset,
         "device": str(dev),
         "params": count_parameters(model),
+        "vocab_size": model.config.vocab_size,
         "batch": batch,
         "seq_len": seq_len,
         "repeats": repeats,
@@ -314,7 +315,7 @@ def run_benchmark(
 def format_table(result: dict) -> str:
     """Human-readable table of a :func:`run_benchmark` result."""
     lines = [
-        f"preset={result['preset']} device={result['device']} params={result['params']:,} "
+        f"preset={result['preset']} vocab={result['vocab_size']} device={result['device']} params={result['params']:,} "
         f"batch={result['batch']}x{result['seq_len']} repeats={result['repeats']} threads={result['threads']} "
         f"load={result['load_average']:.1f}",
         f"{'measurement':<24} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11} {'flops x grad':>13}",
@@ -356,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds after one warmup round")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         args.threads,
         args.outer_repeats,
         args.compile,
+        **({} if args.vocab is None else {"vocab_size": args.vocab}),
     )
     print(json.dumps(result) if args.json else format_table(result))
 

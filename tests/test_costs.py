@@ -210,6 +210,7 @@ def test_bench_prints_the_pass_costs_a_run_uses_beside_its_ratios(capsys):
         ["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "1", "--json"]
     )
     result = json.loads(capsys.readouterr().out)
+    assert result["vocab_size"] == 256
     assert result["pass_costs"]["flops"] == FLOP_PASS_COSTS
     assert set(result["pass_costs"]["measured"]) == set(PASSES) and min(result["pass_costs"]["measured"].values()) > 0
     # each priced measurement: its passes weighed by each model (checked here for the FLOP model by hand)
@@ -219,8 +220,10 @@ def test_bench_prints_the_pass_costs_a_run_uses_beside_its_ratios(capsys):
     assert result["passes"]["outer_step_full"] == {"forward": 8 + 12, "tangent": 8 + 2, "backward": 8}
     assert result["priced"]["outer_step_full"]["flops"] == pytest.approx(56 / 3)
     assert set(result["priced"]) <= set(result["ratio"])
-    bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "0"])
+    small = ["--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "0"]
+    bench_main(["--preset", "tiny", "--vocab", "300", *small])
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("preset=tiny vocab=300 ")
     start = lines.index(next(line for line in lines if line.startswith("pass costs (x grad)")))
     assert lines[start].split()[-2:] == ["measured", "flops"]
     assert [line.split()[0] for line in lines[start + 1 : start + 4]] == list(PASSES)
