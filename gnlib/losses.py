@@ -114,10 +114,10 @@ class CrossEntropy(Loss):
 
         def at(dz: Tensor) -> tuple[Tensor, Tensor]:
             h_dz = self._hvp(p, dz, counted, n)
-            curvature = (dz * h_dz).sum()
+            curvature = _dot(dz, h_dz)
             u = h_dz.add_(g)
             # uᵀdz = gᵀdz + dzᵀH dz, so q = ℓ + uᵀdz − ½ dzᵀH dz.
-            return value + (u * dz).sum() - 0.5 * curvature, u
+            return value + _dot(u, dz) - 0.5 * curvature, u
 
         return at
 
@@ -146,6 +146,11 @@ class CrossEntropy(Loss):
     def _hvp(p: Tensor, v: Tensor, counted: Tensor, n: Tensor) -> Tensor:
         pv = p * v
         return pv.sub_(p * pv.sum(-1, keepdim=True)).div_(n).mul_(counted)  # in place, and batched by vmap
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a ⊙ b over all entries of two same-shape tensors, without an elementwise product in memory."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _counted(y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
