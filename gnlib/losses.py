@@ -149,8 +149,12 @@ class CrossEntropy(Loss):
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Σ a ⊙ b over all entries of two same-shape tensors, without an elementwise product in memory."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+    """Σ a ⊙ b over all entries of two same-shape tensors, without an elementwise product in memory.
+
+    In their promoted dtype, as ``(a * b).sum()`` would be (``torch.dot`` itself refuses mixed dtypes).
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
 
 
 def _counted(y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -87,6 +87,9 @@ def test_quadratic_model_serves_several_steps_around_one_point(loss, case):
         torch.testing.assert_close(u, loss.grad(z, y) + hessian_dz, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(u, expected_u, rtol=1e-12, atol=1e-12)
+    # a float32 step around a float64 point is promoted, as elementwise products would be
+    step = torch.randn(z.shape, generator=g).to(torch.float32)
+    torch.testing.assert_close(model(step)[0], model(step.double())[0], rtol=1e-6, atol=1e-9)
 
 
 def _with_ignored_targets(shape=(3, 4), vocab=5, seed=0):
