@@ -160,8 +160,7 @@ def test_mse_hessian_is_identity_over_rows():
 
 
 def test_ignored_targets_count_in_no_value_gradient_or_curvature():
-    z, y, g = _ce_case(shape=(3, 4))
-    y[0, 1], y[2, :3] = -100, -100
+    z, y, g = _with_ignored_targets()
     loss, v = CrossEntropy(), torch.randn(z.shape, generator=g, dtype=torch.float64)
     kept = y != -100
     expected = F.cross_entropy(z[kept], y[kept])
