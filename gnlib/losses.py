@@ -128,11 +128,10 @@ class CrossEntropy(Loss):
         (dz_iᵀ(p_i ⊙ dz_i) − s_i²) / n.
         """
         value, p, y, counted, n = self._value_and_probs(z, y)
-        p_dz = p.mul_(dz)
+        p_dz = p.mul_(dz).mul_(counted)  # zero at ignored positions, so every sum below skips them
         s = p_dz.sum(-1, keepdim=True)
-        slope = (s - dz.gather(-1, y)).mul_(counted).sum() / n
-        bend = ((dz * p_dz).sum(-1, keepdim=True) - s.square()).mul_(counted).sum() / n
-        return value, slope, bend
+        slope = (s.sum() - _dot(dz.gather(-1, y), counted)) / n
+        return value, slope, (_dot(dz, p_dz) - s.square().sum()) / n
 
     @staticmethod
     def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

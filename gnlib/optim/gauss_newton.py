@@ -611,16 +611,14 @@ class GaussNewton:
             with torch.no_grad():
                 if self.objective == "gn":  # m(α) = ℓ + α gᵀJd + ½α² (Jd)ᵀH(Jd): three numbers serve every α
                     value, slope, bend = self.loss.quadratic_along(z, targets, jd)
+                    predicted = [value + a * slope + 0.5 * a * a * bend for a in grid]
                 else:
                     value = self.loss.value(z, targets)
+                    predicted = [self.loss.value(z + a * jd, targets) for a in grid]
                 row = [value]
-                for a in grid:
-                    if self.objective == "gn":
-                        row.append(value + a * slope + 0.5 * a * a * bend)
-                    else:
-                        row.append(self.loss.value(z + a * jd, targets))
+                for a, m in zip(grid, predicted):
                     point = {n: anchor[n] + a * direction[n] for n in anchor}
-                    row.append(self.loss.value(functional_call(self.model, point, (inputs,)), targets))
+                    row += [m, self.loss.value(functional_call(self.model, point, (inputs,)), targets)]
                     cost.forward += 1
             rows.append(torch.stack(row))
         before, *pairs = all_reduce_mean(torch.stack(rows).double().mean(0)).tolist()  # the search's one host read
