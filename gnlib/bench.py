@@ -33,6 +33,11 @@ With ``--compile``, two more: ``grad_compiled`` (the gradient step through ``tor
 ``gn_inner_step_compiled`` (``torch.compile(gnlib.curvature.gn_inner_step)``). Their first call compiles:
 it is timed apart as ``compile_seconds``, and ``compiled_inner_over_grad`` compares the two compiled steps.
 
+Page faults: the process's minor page faults during each timed call (``getrusage``), median over the rounds.
+On the CPU a fresh buffer larger than the C library keeps for reuse (glibc: 32 MiB at most) is mapped
+anew and the kernel zeroes each page on first touch: time in neither the matrix products nor the
+elementwise passes, which the ``page faults`` column shows where a timed ratio exceeds its FLOP ratio.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On
 the CPU, the allocations and frees the CPU allocator reports to ``torch.profiler`` (``profile_memory``)
 are replayed in time order and the peak of the running sum (bytes allocated during the call and not yet
@@ -55,6 +60,7 @@ import contextlib
 import copy
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -110,6 +116,11 @@ def _quiet_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel mapped (and zeroed) on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
@@ -169,8 +180,9 @@ def run_benchmark(
         noisy), ``grad_ms``, ``ms`` (median ms per measurement), ``ratio`` (median / median of ``grad``,
         every measurement but ``grad``), ``cpu_ms`` and ``cpu_ratio`` (the same with the process's CPU
         time, steadier than wall time when other processes compete for the cores; with several threads
-        it also counts their waiting), ``layerwise_over_full``, ``layerwise_blocks`` (blocks of the
-        layerwise partition), ``peak_mem_bytes`` (``grad``, ``gn_inner_step``, ``layerwise_inner_step``),
+        it also counts their waiting), ``minor_faults`` (median minor page faults per call, see the
+        module docstring), ``layerwise_over_full``, ``layerwise_blocks`` (blocks of the layerwise
+        partition), ``peak_mem_bytes`` (``grad``, ``gn_inner_step``, ``layerwise_inner_step``),
         ``peak_mem_ratio``, ``memory_measure`` (what the peak means on this device), ``pass_costs``
         (``measured`` and ``flops``: forward, tangent, backward in gradient steps), ``passes`` (the pass
         counts of the inner steps, line search and outer steps) and ``priced`` (their cost under each
@@ -251,21 +263,24 @@ def run_benchmark(
     fns = {name: fns[name] for name in MEASUREMENTS + COMPILED if name in fns}
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
             if name in OUTER and round_ > outer_repeats:
                 continue
             synchronize(dev)
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_page_faults()
             fn()
             synchronize(dev)
             if round_:  # round 0 is the warmup (and compiles)
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
+                faults[name].append(minor_page_faults() - start_faults)
             elif name in COMPILED:
                 compile_seconds[name] = time.perf_counter() - start
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
+    minor_faults = {name: round(statistics.median(n)) for name, n in faults.items()}
     peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS}
     flops = {name: count_flops(fn) for name, fn in fns.items() if name not in COMPILED}
     counts["line_search"] = (search_costs[-1].forward, search_costs[-1].tangent, search_costs[-1].backward)
@@ -297,6 +312,7 @@ def run_benchmark(
         "ratio": {name: ms[name] / ms["grad"] for name in fns if name != "grad"},
         "cpu_ms": cpu_ms,
         "cpu_ratio": {name: cpu_ms[name] / cpu_ms["grad"] for name in fns if name != "grad"},
+        "minor_faults": minor_faults,
         "layerwise_over_full": ms["layerwise_inner_step"] / ms["gn_inner_step"],
         "flops": flops,
         "flop_ratio": {name: flops[name] / flops["grad"] for name in flops if name != "grad"},
@@ -318,12 +334,16 @@ def format_table(result: dict) -> str:
         f"preset={result['preset']} vocab={result['vocab_size']} device={result['device']} params={result['params']:,} "
         f"batch={result['batch']}x{result['seq_len']} repeats={result['repeats']} threads={result['threads']} "
         f"load={result['load_average']:.1f}",
-        f"{'measurement':<24} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11} {'flops x grad':>13}",
+        f"{'measurement':<24} {'median ms':>10} {'x grad':>8} {'cpu x grad':>11} {'flops x grad':>13} "
+        f"{'page faults':>12}",
     ]
     for name, ms in result["ms"].items():
         cpu_ratio = result["cpu_ms"][name] / result["cpu_ms"]["grad"]
         flops = f"{result['flops'][name] / result['flops']['grad']:.2f}" if name in result["flops"] else "-"
-        lines.append(f"{name:<24} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f} {flops:>13}")
+        lines.append(
+            f"{name:<24} {ms:>10.2f} {ms / result['grad_ms']:>8.2f} {cpu_ratio:>11.2f} {flops:>13} "
+            f"{result['minor_faults'][name]:>12,}"
+        )
     peak = result["peak_mem_bytes"]
     lines.append(
         f"layerwise_inner_step / gn_inner_step = {result['layerwise_over_full']:.2f} "

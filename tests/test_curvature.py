@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call
 
 from gnlib import curvature as C
-from gnlib.bench import MEASUREMENTS, OUTER, format_table, run_benchmark
+from gnlib.bench import MEASUREMENTS, OUTER, format_table, minor_page_faults, run_benchmark
 from gnlib.bench import main as bench_main
 from gnlib.blocks import per_layer
 from gnlib.losses import MSE, CrossEntropy, Loss
@@ -512,6 +512,8 @@ def test_bench_runs_end_to_end_in_json_mode(capsys):
         assert key in result
     assert set(result["ratio"]) == set(MEASUREMENTS) - {"grad"}
     assert result["preset"] == "tiny" and result["device"] == "cpu" and result["peak_mem_ratio"] > 0
+    assert set(result["minor_faults"]) == set(MEASUREMENTS)
+    assert all(isinstance(n, int) and n >= 0 for n in result["minor_faults"].values())
     assert result["layerwise_blocks"] == 4  # embed, block0, block1, head
     assert set(result["flop_ratio"]) == set(MEASUREMENTS) - {"grad"}
     assert result["flop_ratio"]["gn_inner_step"] == pytest.approx(5 / 3, rel=1e-12)  # primal, 2 tangent, 2 backward
@@ -526,10 +528,20 @@ def test_bench_table_is_clean(capsys):
     captured = capsys.readouterr()
     assert "USDT" not in captured.out + captured.err
     lines = captured.out.splitlines()
-    assert lines[1].split() == ["measurement", "median", "ms", "x", "grad", "cpu", "x", "grad", "flops", "x", "grad"]
+    header = ["measurement", "median", "ms", "x", "grad", "cpu", "x", "grad", "flops", "x", "grad", "page", "faults"]
+    assert lines[1].split() == header
     end = next(i for i, line in enumerate(lines) if line.startswith("layerwise_inner_step / gn_inner_step = "))
     assert [line.split()[0] for line in lines[2:end]] == [m for m in MEASUREMENTS if m not in OUTER]
     assert lines[end + 1].startswith("peak memory")
+
+
+def test_bench_counts_the_pages_a_fresh_buffer_takes():
+    nbytes = 64 * 2**20  # above glibc's largest mmap threshold: a fresh mapping the kernel zeroes on first touch
+    before = minor_page_faults()
+    buffer = torch.ones(nbytes // 4)
+    faults = minor_page_faults() - before
+    assert buffer.sum().item() == nbytes // 4
+    assert faults >= nbytes // (2 * 2**20)  # at least one fault per page, even with 2 MiB transparent huge pages
 
 
 def test_bench_times_compiled_steps_apart_from_their_compilation():
