@@ -100,24 +100,32 @@ class CrossEntropy(Loss):
     def value_and_grad(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy and ``(softmax(z) − onehot(y)) / n`` (zero at ignored positions) from one log-softmax."""
         value, p, y, counted, n = self._value_and_probs(z, y)
-        return value, _add_at_targets_(p.div_(n).mul_(counted), y, counted.neg().div_(n))
+        weight = counted / n
+        return value, _add_at_targets_(p.mul_(weight), y, weight.neg())
 
     def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """``(p ⊙ v − p (pᵀv)) / n`` per counted position (zero at ignored ones), ``p = softmax(z)``."""
         counted, n = _counted(y, z.dtype)
-        return self._hvp(torch.softmax(z, dim=-1), v, counted, n)
+        p = torch.softmax(z, dim=-1)
+        pv = p * v
+        return pv.sub_(p * pv.sum(-1, keepdim=True)).mul_(counted / n)  # in place, and batched by vmap
 
     def quadratic_model(self, z: Tensor, y: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-        """See :meth:`Loss.quadratic_model`; one softmax shared by the value, gradient and every Hessian product."""
+        """See :meth:`Loss.quadratic_model`; one softmax shared by every step, one new logits-sized buffer per step.
+
+        Per position i, with weight w_i (1/n if counted, else 0) and s_i = p_iᵀdz_i: g_i = (p_i − e_{y_i}) w_i
+        and H_i dz_i = p_i ⊙ (dz_i − s_i) w_i, so u_i = (p_i ⊙ dz_i − p_i (s_i − 1)) w_i − e_{y_i} w_i and
+        gᵀdz = Σ (s_i − dz_{i,y_i}) w_i. As uᵀdz = gᵀdz + dzᵀH dz, q = ℓ + ½ (gᵀdz + uᵀdz).
+        """
         value, p, y, counted, n = self._value_and_probs(z, y)
-        g = _add_at_targets_((p / n).mul_(counted), y, counted.neg().div_(n))
+        weight = counted / n
 
         def at(dz: Tensor) -> tuple[Tensor, Tensor]:
-            h_dz = self._hvp(p, dz, counted, n)
-            curvature = _dot(dz, h_dz)
-            u = h_dz.add_(g)
-            # uᵀdz = gᵀdz + dzᵀH dz, so q = ℓ + uᵀdz − ½ dzᵀH dz.
-            return value + _dot(u, dz) - 0.5 * curvature, u
+            p_dz = p * dz
+            s = p_dz.sum(-1, keepdim=True)
+            slope = _dot(s - dz.gather(-1, y), weight)
+            u = _add_at_targets_(p_dz.addcmul_(p, s - 1, value=-1).mul_(weight), y, weight.neg())
+            return value + 0.5 * (slope + _dot(u, dz)), u
 
         return at
 
@@ -140,11 +148,6 @@ class CrossEntropy(Loss):
         counted, n = _counted(y, z.dtype)
         y = y.clamp(min=0).unsqueeze(-1)
         return -(log_p.gather(-1, y) * counted).sum() / n, log_p.exp_(), y, counted, n
-
-    @staticmethod
-    def _hvp(p: Tensor, v: Tensor, counted: Tensor, n: Tensor) -> Tensor:
-        pv = p * v
-        return pv.sub_(p * pv.sum(-1, keepdim=True)).div_(n).mul_(counted)  # in place, and batched by vmap
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
