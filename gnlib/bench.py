@@ -34,8 +34,9 @@ With ``--compile``, two more: ``grad_compiled`` (the gradient step through ``tor
 it is timed apart as ``compile_seconds``, and ``compiled_inner_over_grad`` compares the two compiled steps.
 
 Page faults: the process's minor page faults during each timed call (``getrusage``), median over the rounds.
-On the CPU a fresh buffer larger than the C library keeps for reuse (glibc: 32 MiB at most) is mapped
-anew and the kernel zeroes each page on first touch: time in neither the matrix products nor the
+On the CPU, memory the C library has handed back to the kernel (glibc unmaps a freed block above its
+mmap threshold, at most 32 MiB, and trims the top of its heap) is mapped anew by the next allocation,
+and the kernel zeroes each page on first touch: time spent in neither the matrix products nor the
 elementwise passes, which the ``page faults`` column shows where a timed ratio exceeds its FLOP ratio.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On
