@@ -292,7 +292,7 @@ def gn_inner_step(
             if objective == "gn":
                 value, u = loss.quadratic(z.detach(), targets, jd)
             else:
-                value, u = loss.value_and_grad(z.detach() + jd, targets)
+                value, u = loss.value_and_grad(_shifted(z.detach(), jd), targets)
     return value, _backward(z, leaves, u, names)
 
 
@@ -411,9 +411,19 @@ def _block_results(
     for delta, jd in zip(deltas, tangents):
         block = list(delta)
         with torch.no_grad():
-            value, u = quadratic(jd) if quadratic else loss.value_and_grad(z_t + jd, targets)
+            value, u = quadratic(jd) if quadratic else loss.value_and_grad(_shifted(z_t, jd), targets)
         results.append((value, _backward(z, [leaf[name] for name in block], u, block, retain=True)))
     return results
+
+
+def _shifted(z: Tensor, dz: Tensor) -> Tensor:
+    """The sum z + dz, in dz's buffer (a temporary the caller is done with) where that buffer can hold it.
+
+    That is where dz has the sum's shape and dtype and owns its memory (contiguous, not a broadcast view).
+    """
+    if dz.shape == z.shape and dz.dtype == torch.promote_types(dz.dtype, z.dtype) and dz.is_contiguous():
+        return dz.add_(z)
+    return z + dz
 
 
 def _check_slots(slots: int | None) -> None:

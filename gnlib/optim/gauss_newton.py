@@ -614,7 +614,7 @@ class GaussNewton:
                     predicted = [value + a * slope + 0.5 * a * a * bend for a in grid]
                 else:
                     value = self.loss.value(z, targets)
-                    predicted = [self.loss.value(z + a * jd, targets) for a in grid]
+                    predicted = [self.loss.value(torch.add(z, jd, alpha=a), targets) for a in grid]
                 row = [value]
                 for a, m in zip(grid, predicted):
                     point = {n: anchor[n] + a * direction[n] for n in anchor}
