@@ -292,7 +292,8 @@ def gn_inner_step(
             if objective == "gn":
                 value, u = loss.quadratic(z.detach(), targets, jd)
             else:
-                value, u = loss.value_and_grad(_shifted(z.detach(), jd), targets)
+                owned = getattr(model, "computes_jvp", False)  # dual numbers' J·Δ may share memory with Δ
+                value, u = loss.value_and_grad(_shifted(z.detach(), jd, owned), targets)
     return value, _backward(z, leaves, u, names)
 
 
@@ -375,7 +376,7 @@ def layerwise_inner_steps(
     w = torch.zeros_like(z, requires_grad=True)
     jt_w = dict(zip(wrt, torch.autograd.grad(z, leaves, w, create_graph=True, allow_unused=True)))
     tangents = (_grad_of_sum(jt_w, delta, [w], retain=True)[0] for delta in deltas)
-    return _block_results(z, dict(zip(wrt, leaves)), deltas, tangents, batch[1], loss, objective)
+    return _block_results(z, dict(zip(wrt, leaves)), deltas, tangents, batch[1], loss, objective, owned=False)
 
 
 def _stacked_inner_steps(
@@ -391,7 +392,7 @@ def _stacked_inner_steps(
     wrt = [name for name in anchor if name in slots]
     z, stack, leaves = _forward(model, dict(anchor), batch[0], wrt, {name: slots[name] for name in wrt})
     tangents = [stack[index] if index < len(stack) else torch.zeros_like(z) for index in range(len(deltas))]
-    return _block_results(z, dict(zip(wrt, leaves)), deltas, tangents, batch[1], loss, objective)
+    return _block_results(z, dict(zip(wrt, leaves)), deltas, tangents, batch[1], loss, objective, owned=True)
 
 
 def _block_results(
@@ -402,8 +403,13 @@ def _block_results(
     targets: Tensor,
     loss: Loss,
     objective: str,
+    owned: bool,
 ) -> list[tuple[Tensor, Params]]:
-    """Per block, the inner objective at z_t + J_bΔ_b and its gradient J_bᵀu_b through the primal graph of z."""
+    """Per block, the inner objective at z_t + J_bΔ_b and its gradient J_bᵀu_b through the primal graph of z.
+
+    ``owned``: the tangents are this call's own buffers (the model's forward-mode rules make them), so
+    prox-linear may shift the logits inside them; autograd's may share memory with a block's Δ_b.
+    """
     z_t = z.detach()
     with torch.no_grad():
         quadratic = loss.quadratic_model(z_t, targets) if objective == "gn" else None
@@ -411,17 +417,17 @@ def _block_results(
     for delta, jd in zip(deltas, tangents):
         block = list(delta)
         with torch.no_grad():
-            value, u = quadratic(jd) if quadratic else loss.value_and_grad(_shifted(z_t, jd), targets)
+            value, u = quadratic(jd) if quadratic else loss.value_and_grad(_shifted(z_t, jd, owned), targets)
         results.append((value, _backward(z, [leaf[name] for name in block], u, block, retain=True)))
     return results
 
 
-def _shifted(z: Tensor, dz: Tensor) -> Tensor:
-    """The sum z + dz, in dz's buffer (a temporary the caller is done with) where that buffer can hold it.
+def _shifted(z: Tensor, dz: Tensor, owned: bool) -> Tensor:
+    """The sum z + dz, in dz's buffer where the caller ``owned`` it and is done with it and it can hold the sum.
 
-    That is where dz has the sum's shape and dtype and owns its memory (contiguous, not a broadcast view).
+    That is where dz has the sum's shape and dtype and is contiguous (not a broadcast view).
     """
-    if dz.shape == z.shape and dz.dtype == torch.promote_types(dz.dtype, z.dtype) and dz.is_contiguous():
+    if owned and dz.shape == z.shape and dz.dtype == torch.promote_types(dz.dtype, z.dtype) and dz.is_contiguous():
         return dz.add_(z)
     return z + dz
 

@@ -352,6 +352,40 @@ def test_subset_products_are_diagonal_blocks(transformer_case):
     assert list(grad) == names
 
 
+class _ParameterLogits(torch.nn.Module):
+    """Logits (2, 3, 5) made of the parameters alone: z = a, or z = a + b. J·Δ may then share Δ's memory."""
+
+    def __init__(self, names: str) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        for name in names:
+            self.register_parameter(
+                name, torch.nn.Parameter(torch.randn(2, 3, 5, dtype=torch.float64, generator=generator))
+            )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.a.view(2, 3, 5) if len(self._parameters) == 1 else self.a + self.b
+
+
+@pytest.mark.parametrize("names", ["a", "ab"])
+def test_prox_linear_shifts_the_logits_without_writing_into_the_step(names):
+    """ℓ(z_t + JΔ) may be formed inside J·Δ's buffer, never inside Δ's (dual numbers and autograd share it)."""
+    model, loss = _ParameterLogits(names), CrossEntropy()
+    params = dict(model.named_parameters())
+    targets = torch.randint(5, (2, 3), generator=torch.Generator().manual_seed(1))
+    batch = (torch.zeros(2, 3, dtype=torch.long), targets)
+    delta = {name: torch.randn_like(p) for name, p in params.items()}
+    kept = {name: t.clone() for name, t in delta.items()}
+    z_t = model(batch[0]).detach()
+    value, _ = C.gn_inner_step(model, params, delta, batch, loss, "prox_linear")
+    close(value, loss.value(z_t + sum(kept.values()), targets))
+    if len(names) > 1:
+        blocks = [{name: delta[name]} for name in names]
+        for (value, _), name in zip(C.layerwise_inner_steps(model, params, blocks, batch, loss, "prox_linear"), names):
+            close(value, loss.value(z_t + kept[name], targets))
+    assert all(torch.equal(delta[name], kept[name]) for name in delta)
+
+
 @pytest.mark.parametrize("objective", ["gn", "prox_linear", "loss"])
 @pytest.mark.parametrize("blocks", ["per_layer", "interleaved"])
 def test_layerwise_inner_steps_are_the_block_diagonal_inner_steps(case, objective, blocks):
