@@ -123,23 +123,28 @@ class CrossEntropy(Loss):
         def at(dz: Tensor) -> tuple[Tensor, Tensor]:
             p_dz = p * dz
             s = p_dz.sum(-1, keepdim=True)
-            slope = _dot(s - dz.gather(-1, y), weight)
             u = _add_at_targets_(p_dz.addcmul_(p, s - 1, value=-1).mul_(weight), y, weight.neg())
-            return value + 0.5 * (slope + _dot(u, dz)), u
+            return value + 0.5 * (self._slope(s, dz, y, weight) + _dot(u, dz)), u
 
         return at
 
     def quadratic_along(self, z: Tensor, y: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """See :meth:`Loss.quadratic_along`; one softmax and one product p ⊙ dz serve the three.
 
-        Per counted position i, with s_i = p_iᵀdz_i: gᵀdz sums (s_i − dz_{i,y_i}) / n and dzᵀH dz sums
-        (dz_iᵀ(p_i ⊙ dz_i) − s_i²) / n.
+        Per position i, with weight w_i (1/n if counted, else 0) and s_i = p_iᵀdz_i: gᵀdz sums
+        (s_i − dz_{i,y_i}) w_i and dzᵀH dz sums (dz_iᵀ(p_i ⊙ dz_i) − s_i²) w_i.
         """
         value, p, y, counted, n = self._value_and_probs(z, y)
-        p_dz = p.mul_(dz).mul_(counted)  # zero at ignored positions, so every sum below skips them
+        weight = counted / n
+        p_dz = p.mul_(dz)
         s = p_dz.sum(-1, keepdim=True)
-        slope = (s.sum() - _dot(dz.gather(-1, y), counted)) / n
-        return value, slope, (_dot(dz, p_dz) - s.square().sum()) / n
+        bend = _dot(dz, p_dz.mul_(weight)) - _dot(s.square(), weight)
+        return value, self._slope(s, dz, y, weight), bend
+
+    @staticmethod
+    def _slope(s: Tensor, dz: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+        """gᵀdz = Σ_i (s_i − dz_{i,y_i}) w_i from the row sums s_i = p_iᵀdz_i (shapes (..., 1))."""
+        return _dot(s - dz.gather(-1, y), weight)
 
     @staticmethod
     def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
