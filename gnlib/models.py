@@ -210,10 +210,14 @@ def _plus(a: Tensor | Slot | None, b: Tensor | Slot | None) -> Tensor | None:
             return torch.cat((a[: b.shape[0]] + b, a[b.shape[0] :]))
         return a + b
     index, term = b
-    size = index + 1 if a is None else max(index + 1, a.shape[0])
-    stack = term.new_zeros((size, *term.shape)) if a is None or a.shape[0] < size else a
-    if a is not None and stack is not a:
+    if a is None:
+        stack = term.new_zeros((index + 1, *term.shape))
+    elif a.shape[0] <= index:  # a term that broadcasts (a bias's) takes the slot shape of the stack
+        shape, dtype = torch.broadcast_shapes(a.shape[1:], term.shape), torch.promote_types(a.dtype, term.dtype)
+        stack = a.new_zeros((index + 1, *shape), dtype=dtype)
         stack[: a.shape[0]] = a
+    else:
+        stack = a
     stack[index] += term
     return stack
 

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from gnlib import curvature as C
 from gnlib.bench import MEASUREMENTS, OUTER, format_table, minor_page_faults, run_benchmark
 from gnlib.bench import main as bench_main
-from gnlib.blocks import per_layer
+from gnlib.blocks import per_layer, per_tensor
 from gnlib.losses import MSE, CrossEntropy, Loss
 from gnlib.models import build_model, linear_model, mlp
 from gnlib.params import flatten, offsets, params_of, unflatten
@@ -387,14 +387,15 @@ def test_prox_linear_shifts_the_logits_without_writing_into_the_step(names):
 
 
 @pytest.mark.parametrize("objective", ["gn", "prox_linear", "loss"])
-@pytest.mark.parametrize("blocks", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("blocks", ["per_layer", "interleaved", "per_tensor"])
 def test_layerwise_inner_steps_are_the_block_diagonal_inner_steps(case, objective, blocks):
     """Each block's value and gradient, from one shared pass, equal the dense block-diagonal references.
 
     "interleaved": three blocks that each take every third parameter across all layers, listed out of the
     forward's order, so that stacked tangents start in any order and meet stacks of other lengths.
+    "per_tensor": a block per parameter, so that a bias's tangent starts a slot beyond the stack it meets.
     """
-    partition = per_layer(case.model)
+    partition = per_tensor(case.model) if blocks == "per_tensor" else per_layer(case.model)
     if blocks == "interleaved":
         names = list(case.params)
         partition = {f"every third from {r}": names[r::3] for r in (2, 0, 1) if names[r::3]}
