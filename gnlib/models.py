@@ -241,6 +241,47 @@ def _times_stack(m: Tensor, t: Tensor) -> Tensor:
     return (m @ t.movedim(0, -2).flatten(-2)).unflatten(-1, (slots, p)).movedim(-2, 0)
 
 
+def _weights_tangent_term(
+    q: Tensor, k: Tensor, v: Tensor, p: Tensor, q_dot: Tensor | None, k_dot: Tensor | None
+) -> Tensor | None:
+    """ṗv for one direction, with ṗ = p ⊙ (ṡ − Σ p ⊙ ṡ) and ṡ = q̇kᵀ + qk̇ᵀ, p = softmax(q kᵀ + M).
+
+    q, k, v, q̇, k̇ and the result: (B, H, T, d_head); p and ṗ: (B, H, T, T), ṗ freed on return.
+    ``None`` if q̇ and k̇ are both zero (``None``).
+    """
+    s_dot = _plus_fresh(
+        None if q_dot is None else q_dot @ k.transpose(-2, -1),
+        None if k_dot is None else q @ k_dot.transpose(-2, -1),
+    )
+    if s_dot is None:
+        return None
+    p_dot = s_dot.mul_(p)
+    return p_dot.addcmul_(p, p_dot.sum(-1, keepdim=True), value=-1) @ v
+
+
+def _attention_tangent(
+    q: Tensor, k: Tensor, v: Tensor, p: Tensor, q_dot: Tensor | None, k_dot: Tensor | None, v_dot: Tensor | None
+) -> Tensor | None:
+    """The tangent ṗv + pv̇ of attention's output pv, for q, k, v (B, H, T, d_head) and weights p (B, H, T, T).
+
+    The tangents q̇, k̇, v̇ are each ``None`` (zero), one direction (B, H, T, d_head) or a stack of them
+    (S, B, H, T, d_head). A stack's ṗ (B, H, T, T per slot) is made, used and freed slot by slot, so the
+    step holds one such tensor, not S (at the study's T = 1024 these are a layer's largest tensors); its
+    pv̇ is one product.
+    """
+    slots = [0 if t is None or t.dim() == q.dim() else t.shape[0] for t in (q_dot, k_dot)]
+    if max(slots) == 0:  # one direction, or no q̇ and k̇
+        out = _weights_tangent_term(q, k, v, p, q_dot, k_dot)
+    else:
+        out = None
+        for index in reversed(range(max(slots))):  # the highest slot first: the stack is made once
+            q_i, k_i = (t[index] if index < n else None for t, n in zip((q_dot, k_dot), slots))
+            term = _weights_tangent_term(q, k, v, p, q_i, k_i)
+            if term is not None:
+                out = _plus(out, Slot(index, term))
+    return _plus_fresh(out, None if v_dot is None else _times_stack(p, v_dot))
+
+
 def _plus_bias(y_dot: Tensor | None, b_dot: Tensor | Slot | None, y: Tensor) -> Tensor | None:
     """ẏ + ḃ for an output y (..., n) and a bias tangent ḃ (n,), broadcast to y's shape when alone."""
     if b_dot is not None and y_dot is None:
@@ -396,17 +437,7 @@ class Attention(nn.Module):
         weights = torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1)  # (B, H, T, T)
         out = weights @ v
         with torch.no_grad():
-            s_dot = _plus_fresh(
-                None if q_dot is None else q_dot @ k.transpose(-2, -1),
-                None if k_dot is None else q @ k_dot.transpose(-2, -1),
-            )
-            w_dot = None
-            if s_dot is not None:
-                w_dot = s_dot.mul_(weights)
-                w_dot.addcmul_(weights, w_dot.sum(-1, keepdim=True), value=-1)
-            out_dot = _plus_fresh(
-                None if w_dot is None else w_dot @ v, None if v_dot is None else _times_stack(weights, v_dot)
-            )
+            out_dot = _attention_tangent(q, k, v, weights, q_dot, k_dot, v_dot)
             out_dot = None if out_dot is None else out_dot.transpose(-3, -2).flatten(-2)  # (..., B, T, d)
         return linear_jvp(self.wo, out.transpose(1, 2).reshape(B, T, d), out_dot, _sub(dots, "wo."))
 

@@ -7,6 +7,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call, jvp, vjp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gnlib.models import (
     PRESETS,
@@ -499,3 +500,34 @@ def test_stacked_tangents_equal_one_forward_per_slot(variant):
             lambda sub: functional_call(model, {**params, **sub}, (x,)), (subset,), ({n: v[n] for n in subset},)
         )[1]
         torch.testing.assert_close(stack[k], reference, rtol=1e-12, atol=1e-12)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an operation returns inside a ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stacked_tangents_hold_one_attention_weights_tangent_at_a_time(variant):
+    """A stack's attention-weights tangent ṗ (B, H, T, T) is made slot by slot, never as (S, B, H, T, T)."""
+    config = ModelConfig(**MICRO, **VARIANTS[variant])
+    model = build_model(config, dtype=torch.float64)
+    batch, seq = 3, config.max_seq_len
+    x = tokens(batch, seq, config.vocab_size)
+    params = params_of(model)
+    v = random_tangent(params)
+    names = list(params)
+    with _Shapes() as seen:
+        _, stack = model(x, dots={name: Slot(i % 4, v[name]) for i, name in enumerate(names)})
+    assert stack.shape[0] == 4
+    weights = (batch, config.n_heads, seq, seq)
+    assert seen.shapes.count(weights) > 0  # the recorder sees the attention's products
+    assert [shape for shape in seen.shapes if shape[1:] == weights] == []
