@@ -61,7 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gnlib import curvature
 from gnlib.distributed import all_reduce_mean, is_distributed
 from gnlib.losses import CrossEntropy, Loss
-from gnlib.models import Slot
+from gnlib.models import Slot, SlotTangents
 from gnlib.runtime import atomic_write_json, check_choice, is_finite_number, is_integer, output_path
 
 #: The passes a Gauss-Newton step is counted in.
@@ -158,7 +158,12 @@ def layerwise_pass_counts(
     groups = [blocks[start : start + size] for start in range(0, len(blocks), size)]
 
     def forward(dots: Mapping[str, Tensor | Slot]) -> int:
-        return count_flops(lambda: functional_call(model, params, (x,), {"dots": dots} if dots else {}))
+        def run() -> None:
+            out = functional_call(model, params, (x,), {"dots": dots} if dots else {})
+            if isinstance(out, tuple) and isinstance(out[1], SlotTangents):
+                list(out[1])  # stacked logits tangents are made slot by slot, on access
+
+        return count_flops(run)
 
     def backward(names: Collection[str]) -> int:
         wrt = [params[name] for name in names]

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gnlib.losses import CrossEntropy, Loss
-from gnlib.models import Slot
+from gnlib.models import Slot, SlotTangents
 from gnlib.operators import LinearOperator
 from gnlib.params import Params, check_like, flatten, numel, unflatten
 from gnlib.runtime import check_choice
@@ -108,7 +108,7 @@ def _check_wrt(params: Mapping[str, Tensor], wrt: Sequence[str] | None) -> list[
 
 def _forward(
     model: nn.Module, params: Params, inputs: Tensor, wrt: Sequence[str], tangent: Mapping[str, Tensor] | None = None
-) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+) -> tuple[Tensor, Tensor | SlotTangents | None, list[Tensor]]:
     """One forward pass at ``params``, recording the reverse graph to the parameters named in ``wrt``.
 
     With a ``tangent`` (a params dict over exactly the names ``wrt``; :class:`~gnlib.models.Slot` s for
@@ -130,7 +130,8 @@ def _forward(
 
     Returns:
         ``(z, Jt or None, leaves)``: outputs with a reverse graph to ``leaves`` (the ``wrt`` tensors, in
-        order) and, with a tangent, J·tangent (detached, shape of z).
+        order) and, with a tangent, J·tangent (detached, shape of z; for ``Slot`` s the model's
+        :class:`~gnlib.models.SlotTangents`, slot by slot on access).
     """
     leaves = [params[name].detach().requires_grad_() for name in wrt]
     call = {name: t.detach() for name, t in params.items()}
@@ -391,7 +392,7 @@ def _stacked_inner_steps(
     slots = {name: Slot(index, delta[name]) for index, delta in enumerate(deltas) for name in delta}
     wrt = [name for name in anchor if name in slots]
     z, stack, leaves = _forward(model, dict(anchor), batch[0], wrt, {name: slots[name] for name in wrt})
-    tangents = [stack[index] if index < len(stack) else torch.zeros_like(z) for index in range(len(deltas))]
+    tangents = (stack[index] if index < len(stack) else torch.zeros_like(z) for index in range(len(deltas)))
     return _block_results(z, dict(zip(wrt, leaves)), deltas, tangents, batch[1], loss, objective, owned=True)
 
 
@@ -419,6 +420,7 @@ def _block_results(
         with torch.no_grad():
             value, u = quadratic(jd) if quadratic else loss.value_and_grad(_shifted(z_t, jd, owned), targets)
         results.append((value, _backward(z, [leaf[name] for name in block], u, block, retain=True)))
+        del jd, u  # output-sized: freed before the next block's tangent is made (tangents may be lazy)
     return results
 
 

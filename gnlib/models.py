@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -178,6 +178,35 @@ Dots = Mapping[str, Tensor | Slot]
 NO_DOTS: Dots = {}
 
 
+class SlotTangents(Sequence[Tensor]):
+    """The output tangents of a stack of directions through a final linear layer y = xWᵀ + b, made per slot.
+
+    Item k is slot k's ẏ_k = ẋ_k Wᵀ + x Ẇ_kᵀ + ḃ_k, computed when asked for (a fresh tensor each time,
+    zeros where slot k has no tangent) and not kept: a language model's logits tangents, (B, T, V) per
+    slot, then exist one at a time instead of as one (S, B, T, V) stack. ``len`` is S, the highest slot
+    reached plus one.
+    """
+
+    def __init__(self, x: Tensor, x_dot: Tensor | None, weight: Tensor, dots: Dots, y: Tensor) -> None:
+        """Input x (..., in), its stacked tangent ẋ (S, ..., in) or None, W (out, in), ``dots``, y (..., out)."""
+        self._x, self._x_dot, self._weight, self._dots, self._y = x, x_dot, weight, dots, y
+        reached = [0 if x_dot is None else x_dot.shape[0]] + [slot.index + 1 for slot in dots.values()]
+        self._size = max(reached)
+
+    def __len__(self) -> int:
+        """S, the number of slots."""
+        return self._size
+
+    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+        """Slot ``index``'s ẏ (..., out), made now."""
+        if not 0 <= index < self._size:
+            raise IndexError(f"slot {index} out of range for {self._size} slots")
+        x_dot = None if self._x_dot is None or index >= self._x_dot.shape[0] else self._x_dot[index]
+        dots = {name: slot.tensor for name, slot in self._dots.items() if slot.index == index}
+        y_dot = linear_tangent(self._x, x_dot, self._weight, dots, self._y)
+        return torch.zeros_like(self._y) if y_dot is None else y_dot
+
+
 def _sub(dots: Dots, prefix: str) -> dict[str, Tensor | Slot]:
     """The tangents under ``prefix`` (e.g. ``"attn."``), named relative to it."""
     n = len(prefix)
@@ -292,15 +321,20 @@ def _plus_bias(y_dot: Tensor | None, b_dot: Tensor | Slot | None, y: Tensor) -> 
 def linear_jvp(layer: nn.Linear, x: Tensor, x_dot: Tensor | None, dots: Dots) -> tuple[Tensor, Tensor | None]:
     """The layer's y = xWᵀ + b and ẏ = ẋWᵀ + xẆᵀ + ḃ for x (..., in), y (..., out); both products fill one buffer."""
     y = layer(x)
+    return y, linear_tangent(x, x_dot, layer.weight, dots, y)
+
+
+def linear_tangent(x: Tensor, x_dot: Tensor | None, weight: Tensor, dots: Dots, y: Tensor) -> Tensor | None:
+    """ẏ = ẋWᵀ + xẆᵀ + ḃ of y = xWᵀ + b (y given, for its shape), without a graph; both products fill one buffer."""
     w_dot, b_dot = dots.get("weight"), dots.get("bias")
     with torch.no_grad():
-        y_dot = None if x_dot is None else F.linear(x_dot, layer.weight)
+        y_dot = None if x_dot is None else F.linear(x_dot, weight)
         fused = isinstance(w_dot, Tensor) and y_dot is not None and y_dot.dtype == x.dtype == w_dot.dtype
         if fused:  # not under autocast, which casts F.linear's operands but not an in-place addmm_'s
             y_dot.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), w_dot.T)
         else:
             y_dot = _plus(y_dot, _term(w_dot, lambda w: F.linear(x, w)))
-        return y, _plus_bias(y_dot, b_dot, y)
+        return _plus_bias(y_dot, b_dot, y)
 
 
 class RMSNorm(nn.Module):
@@ -591,8 +625,9 @@ class Transformer(nn.Module):
             dots: tangents θ̇ of some parameters, by their names in ``named_parameters()`` (the tied
                 head uses ``embed.weight``'s). With them the result is ``(z, J·θ̇)``: the logits and their
                 directional derivative (B, T, V), or ``None`` where no tangent reaches the logits. With
-                :class:`Slot` s, a stack of directions: J·θ̇ is (S, B, T, V), slot k the derivative along
-                the tangents in slot k (S = the highest slot reached, plus one).
+                :class:`Slot` s, a stack of directions: J·θ̇ is a :class:`SlotTangents`, item k (B, T, V)
+                the derivative along the tangents in slot k, made when asked for (S = ``len``, the highest
+                slot reached, plus one).
 
         Raises:
             ValueError: ``tokens`` is not 2-D or longer than ``max_seq_len``, or ``dots`` names a tensor
@@ -619,8 +654,11 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, x_dot = block.jvp(x, x_dot, _sub(given, f"blocks.{i}."), cos, sin, mask)
         x, x_dot = self.norm.jvp(x, x_dot, _sub(given, "norm."))
-        head = "embed." if self.config.tie_embeddings else "head."
-        z, z_dot = linear_jvp(self.head, x, x_dot, _sub(given, head))
+        head = _sub(given, "embed." if self.config.tie_embeddings else "head.")
+        if any(isinstance(t, Slot) for t in given.values()):
+            z = self.head(x)
+            return z, SlotTangents(x, x_dot, self.head.weight, head, z)
+        z, z_dot = linear_jvp(self.head, x, x_dot, head)
         return z if dots is None else (z, z_dot)
 
 

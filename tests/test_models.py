@@ -17,6 +17,7 @@ from gnlib.models import (
     ModelConfig,
     RMSNorm,
     Slot,
+    SlotTangents,
     apply_rope,
     build_model,
     count_parameters,
@@ -494,7 +495,7 @@ def test_stacked_tangents_equal_one_forward_per_slot(variant):
     slot_of = {name: [1, 3, 0][i % 3] if i < len(names) - 2 else 2 for i, name in enumerate(names)}  # out of order
     z, stack = model(x, dots={name: Slot(slot_of[name], v[name]) for name in names})
     torch.testing.assert_close(z, model(x), rtol=0, atol=0)
-    assert stack.shape == (4, *z.shape)
+    assert len(stack) == 4
     for k in range(4):
         subset = {name: params[name] for name in names if slot_of[name] == k}
         reference = jvp(
@@ -517,8 +518,12 @@ class _Shapes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_stacked_tangents_hold_one_attention_weights_tangent_at_a_time(variant):
-    """A stack's attention-weights tangent ṗ (B, H, T, T) is made slot by slot, never as (S, B, H, T, T)."""
+def test_stacked_tangents_hold_one_attention_weights_and_one_logits_tangent_at_a_time(variant):
+    """A stack's attention-weights tangents (B, H, T, T) and logits tangents (B, T, V) are made slot by slot.
+
+    Neither exists as one (S, ...) stack: the weights' are made and used per slot inside the forward, the
+    logits' when the caller asks for slot k (``SlotTangents``), a fresh tensor each time.
+    """
     config = ModelConfig(**MICRO, **VARIANTS[variant])
     model = build_model(config, dtype=torch.float64)
     batch, seq = 3, config.max_seq_len
@@ -527,8 +532,13 @@ def test_stacked_tangents_hold_one_attention_weights_tangent_at_a_time(variant):
     v = random_tangent(params)
     names = list(params)
     with _Shapes() as seen:
-        _, stack = model(x, dots={name: Slot(i % 4, v[name]) for i, name in enumerate(names)})
-    assert stack.shape[0] == 4
+        z, stack = model(x, dots={name: Slot(i % 4, v[name]) for i, name in enumerate(names)})
+        assert isinstance(stack, SlotTangents) and len(stack) == 4
+        slots = list(stack)
+    assert [t.shape for t in slots] == [z.shape] * 4
+    assert slots[0].data_ptr() != stack[0].data_ptr()  # made anew on each access, not kept
     weights = (batch, config.n_heads, seq, seq)
     assert seen.shapes.count(weights) > 0  # the recorder sees the attention's products
-    assert [shape for shape in seen.shapes if shape[1:] == weights] == []
+    assert [shape for shape in seen.shapes if shape[1:] in (weights, tuple(z.shape))] == []
+    with pytest.raises(IndexError, match="slot 4 out of range for 4 slots"):
+        stack[4]
