@@ -22,9 +22,11 @@ Forward-mode rules. Every layer of the transformer computes, beside its output y
 ẏ = ∂y/∂x · ẋ + ∂y/∂θ · θ̇ for a tangent ẋ of its input and tangents θ̇ (``dots``) of some of its
 parameters, written out by hand (e.g. ẏ = ẋWᵀ + xẆᵀ for y = xWᵀ) and computed without recording a graph.
 ``Transformer.forward(tokens, dots)`` thus returns the logits z, recorded for the backward as usual,
-and J·θ̇ in one pass, which is what a Gauss-Newton product needs (:mod:`gnlib.curvature`). Against
-``torch.autograd.forward_ad`` this runs no dual-tensor bookkeeping and skips every term that is zero:
-a tangent that starts at layer l costs nothing below it. A missing tangent is ``None`` (zero).
+and J·θ̇ in one pass, which is what a Gauss-Newton product needs (:mod:`gnlib.curvature`); for a stack
+of directions (:class:`Slot`) the head's products wait until a slot's logits tangent is asked for
+(:class:`SlotTangents`). Against ``torch.autograd.forward_ad`` this runs no dual-tensor bookkeeping
+and skips every term that is zero: a tangent that starts at layer l costs nothing below it. A missing
+tangent is ``None`` (zero).
 """
 
 from __future__ import annotations
