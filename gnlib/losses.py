@@ -99,8 +99,7 @@ class CrossEntropy(Loss):
 
     def value_and_grad(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy and ``(softmax(z) − onehot(y)) / n`` (zero at ignored positions) from one log-softmax."""
-        value, p, y, counted, n = self._value_and_probs(z, y)
-        weight = counted / n
+        value, p, y, weight = self._value_and_probs(z, y)
         return value, _add_at_targets_(p.mul_(weight), y, weight.neg())
 
     def hvp(self, z: Tensor, y: Tensor, v: Tensor) -> Tensor:
@@ -117,8 +116,7 @@ class CrossEntropy(Loss):
         and H_i dz_i = p_i ⊙ (dz_i − s_i) w_i, so u_i = (p_i ⊙ dz_i − p_i (s_i − 1)) w_i − e_{y_i} w_i and
         gᵀdz = Σ (s_i − dz_{i,y_i}) w_i. As uᵀdz = gᵀdz + dzᵀH dz, q = ℓ + ½ (gᵀdz + uᵀdz).
         """
-        value, p, y, counted, n = self._value_and_probs(z, y)
-        weight = counted / n
+        value, p, y, weight = self._value_and_probs(z, y)
 
         def at(dz: Tensor) -> tuple[Tensor, Tensor]:
             p_dz = p * dz
@@ -134,8 +132,7 @@ class CrossEntropy(Loss):
         Per position i, with weight w_i (1/n if counted, else 0) and s_i = p_iᵀdz_i: gᵀdz sums
         (s_i − dz_{i,y_i}) w_i and dzᵀH dz sums (dz_iᵀ(p_i ⊙ dz_i) − s_i²) w_i.
         """
-        value, p, y, counted, n = self._value_and_probs(z, y)
-        weight = counted / n
+        value, p, y, weight = self._value_and_probs(z, y)
         p_dz = p.mul_(dz)
         s = p_dz.sum(-1, keepdim=True)
         bend = _dot(dz, p_dz.mul_(weight)) - _dot(s.square(), weight)
@@ -147,12 +144,15 @@ class CrossEntropy(Loss):
         return _dot(s - dz.gather(-1, y), weight)
 
     @staticmethod
-    def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(mean cross-entropy, softmax(z), y with a trailing unit dim (ignored ids as 0), counted (..., 1), n)."""
+    def _value_and_probs(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean cross-entropy, softmax(z), y with a trailing unit dim (ignored ids as 0), weights w (..., 1)).
+
+        w_i = 1/n where position i counts, 0 where it is ignored.
+        """
         log_p = torch.log_softmax(z, dim=-1)
         counted, n = _counted(y, z.dtype)
         y = y.clamp(min=0).unsqueeze(-1)
-        return -(log_p.gather(-1, y) * counted).sum() / n, log_p.exp_(), y, counted, n
+        return -(log_p.gather(-1, y) * counted).sum() / n, log_p.exp_(), y, counted / n
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
