@@ -24,6 +24,7 @@ import pandas as pd
 
 from gnlib.runtime import atomic_write_text
 from gnlib.study import critical_batch_size, study_table_from_sweep
+from gnlib.sweep import read_results_table
 
 #: Display names of the optimizers, in the order tables list them.
 NAMES = {
@@ -60,9 +61,13 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
         the critical batch size of each optimizer (with two batch sizes or more); tokens, time and cost to
         target at the largest batch (beside the study's 45M steps, for the optimizers it reports); and the
         tuned LRs on their grid's edge.
+
+    Raises:
+        ValueError: ``results_csv`` is cut short, damaged or not a sweep's table
+            (:func:`gnlib.sweep.read_results_table`), naming the file and the fix.
     """
-    raw = pd.read_csv(results_csv)
-    table = study_table_from_sweep(results_csv)
+    raw = read_results_table(results_csv)
+    table = study_table_from_sweep(results_csv, parameter="results_csv")
     chosen = table.loc[table["chosen"]].astype({"tokens_per_step": int})
     # Gradient-step equivalents count gradient steps on the run's own micro-batch: put them in one unit,
     # a gradient step on the smallest micro-batch of the table (FLOPs scale with the tokens of a pass).
@@ -191,7 +196,8 @@ def publish(sweep_dir: str | Path, figures: str | Path | None = None, readme: st
         The folder the tables were copied to, ``notebooks/results/<sweep name>``.
 
     Raises:
-        ValueError: ``sweep_dir`` lacks results.csv or sweep.json, or README lacks the block.
+        ValueError: ``sweep_dir`` lacks results.csv or sweep.json, its results.csv is cut short or damaged,
+            or README lacks the block; nothing is written then.
     """
     sweep_dir = Path(sweep_dir)
     missing = [f for f in ("results.csv", "sweep.json") if not (sweep_dir / f).is_file()]

@@ -390,26 +390,52 @@ def batch_size_study(
 
 #: Notebook parameters a study sweep varies without making a new setting (the table's own columns).
 _STUDY_AXES = ("optimizers", "micro_batches", "lr", "seeds", "seed")
+#: Columns a sweep's table must hold (as a parameter or an outcome) to be read as a study.
+_SWEEP_COLUMNS = ("optimizer", "micro_batches", "lr", "steps_to_target")
 
 
-def study_table_from_sweep(results_csv: str | Path) -> pd.DataFrame:
+def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep_results") -> pd.DataFrame:
     """The study table from a sweep of the iteration-complexity notebook (``gnlib.sweep``'s ``results.csv``).
 
-    Keeps the ``ok`` runs, takes each :data:`STUDY_COLUMNS` column from the run's outcomes (``result_<name>``
-    where the sweep renamed it), and marks the tuned LRs again across the whole sweep (:func:`choose_lr`).
-    A grid key of the sweep (its ``sweep.json``, next to ``results.csv``) other than the optimizer, batch,
-    LR and seed, such as ``hyperparameters`` or ``batch_size`` in an ablation, makes each of its values a
-    setting of its own: the ``optimizer`` column reads e.g. ``gn (warm_start=False)`` (:func:`variant_label`).
+    The file is checked whole first (:func:`gnlib.sweep.read_results_table`: complete, and matching the
+    ``sweep.json`` beside it). Keeps the ``ok`` runs, takes each :data:`STUDY_COLUMNS` column from the
+    run's outcomes (``result_<name>`` where the sweep renamed it), and marks the tuned LRs again across the
+    whole sweep (:func:`choose_lr`). A grid key of the sweep (its ``sweep.json``) other than the optimizer,
+    batch, LR and seed, such as ``hyperparameters`` or ``batch_size`` in an ablation, makes each of its
+    values a setting of its own: the ``optimizer`` column reads e.g. ``gn (warm_start=False)``
+    (:func:`variant_label`).
+
+    Args:
+        sweep_results: the sweep's ``results.csv``.
+        parameter: the name the caller gave the file, for messages.
+
+    Raises:
+        ValueError: naming ``parameter`` and the file: a file cut short, damaged or not a sweep's table, a
+            table without the study's columns, or one without an ``ok`` run.
     """
-    raw = pd.read_csv(results_csv)
+    from gnlib.sweep import read_results_table  # here: ``python -m gnlib.sweep`` must not find itself imported
+
+    raw = read_results_table(sweep_results, parameter=parameter)
+    label = f"{parameter}={str(sweep_results)!r}"
+    absent = [c for c in _SWEEP_COLUMNS if c not in raw.columns and f"result_{c}" not in raw.columns]
+    if absent:
+        raise ValueError(
+            f"{label} lacks the column(s) {absent}: it is not the table of a sweep of notebook 02 "
+            "(02_iteration_complexity.ipynb); give the results.csv of such a sweep"
+        )
     raw = raw.loc[raw["status"] == "ok"]
+    if raw.empty:
+        raise ValueError(
+            f"{label} has no run with status ok; read each run's error in its column 'error' and log.txt, "
+            "fix it and run the sweep again with --retry-failed"
+        )
     columns = {
         c: raw[f"result_{c}"] if f"result_{c}" in raw.columns else raw[c] if c in raw.columns else None
         for c in STUDY_COLUMNS
     }
     table = pd.DataFrame(columns).reset_index(drop=True)
     table["steps_to_target"] = table["steps_to_target"].astype(float)
-    axes = [key for key in _sweep_grid_keys(Path(results_csv).parent) if key not in _STUDY_AXES]
+    axes = [key for key in _sweep_grid_keys(Path(sweep_results).parent) if key not in _STUDY_AXES]
     if axes:
         values = raw[axes].reset_index(drop=True)
         table["optimizer"] = [
