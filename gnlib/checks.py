@@ -5,8 +5,9 @@ optimizer, a file), the allowed values and the likely fix, before any long work 
 
 - :func:`check_positive_int`, :func:`check_positive_number`: sizes, step counts, learning rates;
 - :func:`check_writable`: an output folder can be written and has room, checked before training;
-- optimizer names, LRs and options: :mod:`gnlib.optim.registry` (declared schemas), also run from
-  :func:`notebook_output_dir`;
+- optimizer names, LRs and options: :mod:`gnlib.optim.registry` (declared schemas), and the values of the
+  parameters the workbook's notebooks share by name: :func:`check_notebook_values`, run from
+  :func:`notebook_output_dir` before the folder is made and by the sweep before any kernel starts;
 - :func:`check_notebook_parameters`: inside a notebook, the values papermill injected are declared
   parameters of the notebook and match their annotations; :meth:`NotebookParameters.output_folder`
   derives a default output folder from the parameters that were changed, so runs never share one;
@@ -263,21 +264,103 @@ def notebook_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
     return dict(check_notebook_parameters(namespace).values)
 
 
+#: Workbook parameters that are integers ``>= 1`` and ``>= 0`` wherever a notebook declares them.
+_POSITIVE_INTS = ("steps", "max_steps", "batch_size", "seq_len", "warmup_steps", "data_epochs")
+_NON_NEGATIVE_INTS = ("seed", "checkpoint_every", "eval_every", "val_batches", "warmup_batch_size", "corpus_bytes")
+#: Workbook parameters that take one integer or a non-empty list of them: name → smallest value.
+_INT_OR_LISTS = {"micro_batches": 1, "seeds": 0}
+#: Workbook parameters that are finite numbers: name → whether 0 is allowed.
+_NUMBERS = {"lr": True, "warmup_lr": False, "target_loss": False}
+#: What a workbook parameter belongs to, for messages (as the notebooks' own checks name it).
+_OWNERS = {"warmup_batch_size": "the shared AdamW warm-up (0: batch_size)"}
+
+
+def check_notebook_values(values: Mapping[str, Any]) -> None:
+    """Check the values of a notebook's parameters by the workbook's names; builds, reads and writes nothing.
+
+    Run by :func:`notebook_output_dir` before the output folder is made, and by :mod:`gnlib.sweep` on every
+    run of a grid before the first kernel starts. A notebook's parameters that are not named here pass:
+
+    - optimizer names, LRs and options (:func:`gnlib.optim.registry.check_notebook_optimizers`);
+    - step counts and sizes (``steps``, ``max_steps``, ``batch_size``, ``seq_len``, ...: integers ``>= 1``),
+      seeds and periods (``seed``, ``eval_every``, ``corpus_bytes``, ...: ``>= 0``), ``micro_batches`` and
+      ``seeds`` (one integer or a non-empty list), LRs and the target (``lr``, ``warmup_lr``, ``target_loss``);
+    - ``preset`` (and ``seq_len`` within its ``max_seq_len`` under ``model_overrides``), ``data``,
+      ``protocol``, ``costs``, ``tokenizer``, ``corpus`` (a ``text:`` glob must match two files or more);
+    - ``sweep_results``, when given: the whole table (:func:`gnlib.sweep.read_results_table`).
+
+    Raises:
+        ValueError: naming the first bad parameter, its value and what is allowed.
+    """
+    from gnlib.optim.registry import check_notebook_optimizers  # optim sits above checks: imported on use
+
+    check_notebook_optimizers(values)
+    for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+        if name in values:
+            check_positive_int(name, values[name], owner=_OWNERS.get(name, ""), minimum=int(name in _POSITIVE_INTS))
+    for name, minimum in _INT_OR_LISTS.items():
+        if name in values:
+            _check_int_or_list(name, values[name], minimum)
+    for name, allow_zero in _NUMBERS.items():
+        if name in values:
+            check_positive_number(name, values[name], allow_zero=allow_zero)
+    _check_named_choices(values)
+    if values.get("sweep_results"):
+        from gnlib.sweep import read_results_table  # the sweep sits above checks: imported on use
+
+        read_results_table(values["sweep_results"], parameter="sweep_results")
+
+
+def _check_int_or_list(name: str, value: Any, minimum: int) -> None:
+    """``value`` must be an integer ``>= minimum`` or a non-empty list of them."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(is_integer(item) and item >= minimum for item in items):
+        raise ValueError(
+            f"{name} must be an integer >= {minimum} or a non-empty list of them, got {value!r}"
+            f"{numeric_text_hint(value)}"
+        )
+
+
+def _check_named_choices(values: Mapping[str, Any]) -> None:
+    """Check ``preset`` (``seq_len`` within its context), ``data``, ``protocol``, ``costs``, ``tokenizer``, corpus."""
+    from gnlib.costs import COST_MODELS  # these modules sit above checks: imported on use
+    from gnlib.data import check_corpus_source
+    from gnlib.models import PRESETS, model_config
+    from gnlib.pipeline import DATA_KINDS
+    from gnlib.protocols import PROTOCOLS
+    from gnlib.runtime import check_choice
+    from gnlib.tokenizer import check_tokenizer_name
+
+    for name, allowed in (("preset", PRESETS), ("data", DATA_KINDS), ("protocol", PROTOCOLS), ("costs", COST_MODELS)):
+        if name in values:
+            check_choice(name, values[name], allowed)
+    if "preset" in values and "seq_len" in values:
+        overrides = values.get("model_overrides")
+        context = model_config(values["preset"], **(overrides if isinstance(overrides, dict) else {})).max_seq_len
+        if values["seq_len"] > context:
+            raise ValueError(
+                f"seq_len={values['seq_len']} exceeds the {values['preset']} preset's max_seq_len={context}; "
+                "lower seq_len or raise max_seq_len in model_overrides"
+            )
+    if "tokenizer" in values:
+        check_tokenizer_name(values["tokenizer"])
+    if "corpus" in values:
+        check_corpus_source(values["corpus"])
+
+
 def notebook_output_dir(
     namespace: Mapping[str, Any], also_accept: Mapping[str, type | tuple[type, ...]] | None = None
 ) -> Path:
     """Return the notebook's checked output folder, from the derived-values cell: ``out = ...(globals())``.
 
-    Checks the parameters (:func:`check_notebook_parameters`) and the optimizer settings among them against
-    the optimizers' schemas (:func:`gnlib.optim.registry.check_notebook_optimizers`), derives the folder
+    Checks the parameters' types (:func:`check_notebook_parameters`) and the values of those that follow the
+    workbook's names (:func:`check_notebook_values`: optimizers, sizes, preset, corpus, ...), derives the folder
     (:meth:`NotebookParameters.output_folder`: ``output_dir`` as given, or its default plus the changed
     parameters), resolves it like every notebook output (:func:`gnlib.runtime.output_path`) and checks that
     it can be written (:func:`check_writable`), all before any work starts; then creates it.
     """
     parameters = check_notebook_parameters(namespace, also_accept)
-    from gnlib.optim.registry import check_notebook_optimizers  # optim sits above checks: imported on use
-
-    check_notebook_optimizers(parameters.values)
+    check_notebook_values(parameters.values)
     # outside IPython (no cell history) the folder is output_dir as it stands
     folder = parameters.output_folder() if "output_dir" in parameters.declared else namespace["output_dir"]
     out = check_writable(output_path(folder))

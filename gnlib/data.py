@@ -184,16 +184,19 @@ class Corpus:
         return [sampler() for _ in range(n_batches)]
 
 
-def split_indices(n_documents: int, val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
+def split_indices(
+    n_documents: int, val_fraction: float, split_seed: int, *, max_bytes_name: str = "max_bytes"
+) -> tuple[list[int], list[int]]:
     """Sorted document indices of (train, val): a seeded permutation's first ``round(val_fraction·n)`` are val.
 
     Val and train each get at least one document; the two lists are disjoint and cover ``range(n)``.
+    ``max_bytes_name`` is the caller's name of the text cap, for the message on too few documents.
     """
     _check_val_fraction(val_fraction)
     if n_documents < 2:
         raise ValueError(
             f"a train/val split needs at least 2 documents, got {n_documents}; "
-            "split the text into several files or raise max_bytes"
+            f"split the text into several files or raise {max_bytes_name}"
         )
     n_val = min(max(1, round(val_fraction * n_documents)), n_documents - 1)
     order = torch.randperm(n_documents, generator=torch.Generator().manual_seed(split_seed)).tolist()
@@ -201,9 +204,15 @@ def split_indices(n_documents: int, val_fraction: float, split_seed: int) -> tup
 
 
 def load_documents(
-    source: str = "default", *, max_bytes: int | None = DEFAULT_MAX_BYTES, text_field: str = "text"
+    source: str = "default",
+    *,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    text_field: str = "text",
+    max_bytes_name: str = "max_bytes",
 ) -> list[str]:
     """Documents of ``source`` in order, taken until their joined text reaches ``max_bytes`` (None: all).
+
+    ``max_bytes_name`` is the caller's name of ``max_bytes``, for messages.
 
     Raises:
         ValueError: unknown source form, bad ``max_bytes``, a dataset without ``text_field``.
@@ -211,7 +220,7 @@ def load_documents(
         ConnectionError: an ``hf:`` source while the Hugging Face hub is unreachable.
     """
     if max_bytes is not None and (not is_integer(max_bytes) or max_bytes < 1):
-        raise ValueError(f"max_bytes={max_bytes!r} must be an integer >= 1 or None (no cap)")
+        raise ValueError(f"{max_bytes_name}={max_bytes!r} must be an integer >= 1 or None (no cap)")
     if source == "default":
         return list(_default_documents(max_bytes))
     if source.startswith("text:"):
@@ -230,6 +239,7 @@ def load_corpus(
     text_field: str = "text",
     tokenizer: str = "bytes",
     tokenizer_cache: str = "outputs/tokenizers",
+    max_bytes_name: str = "max_bytes",
 ) -> Corpus:
     """Load ``source`` (see the module docstring), split its documents, and tokenize them.
 
@@ -241,10 +251,11 @@ def load_corpus(
         text_field: the column holding the text (``hf:`` sources).
         tokenizer: a form of :data:`gnlib.tokenizer.TOKENIZER_FORMS`; ``bpe:<n>`` is trained on the train split.
         tokenizer_cache: where trained BPE vocabularies are cached.
+        max_bytes_name: the caller's name of ``max_bytes`` (e.g. a RunSpec's ``corpus_bytes``), for messages.
     """
     _check_val_fraction(val_fraction)
-    documents = load_documents(source, max_bytes=max_bytes, text_field=text_field)
-    train_idx, val_idx = split_indices(len(documents), val_fraction, split_seed)
+    documents = load_documents(source, max_bytes=max_bytes, text_field=text_field, max_bytes_name=max_bytes_name)
+    train_idx, val_idx = split_indices(len(documents), val_fraction, split_seed, max_bytes_name=max_bytes_name)
     text = DOCUMENT_SEPARATOR.join(documents).encode("utf-8")
     tok = make_tokenizer(tokenizer, training_texts=lambda: [documents[i] for i in train_idx], cache_dir=tokenizer_cache)
     train, val = _encoded_splits(
@@ -353,9 +364,29 @@ def _default_documents(max_bytes: int | None) -> tuple[str, ...]:
     return tuple(_take(itertools.chain((topics[k] for k in sorted(topics)), sources), max_bytes))
 
 
+def check_corpus_source(source: str, *, parameter: str = "corpus") -> None:
+    """Raise ``ValueError`` unless ``source`` can make a corpus; reads nothing but the names of files.
+
+    The form must be one of :data:`SOURCE_FORMS`; a ``text:`` glob must match at least two files, since each
+    file is one document and the train/val split needs two. ``parameter`` names ``source`` in the message.
+    """
+    if not isinstance(source, str) or not (source == "default" or source.startswith(("text:", "hf:"))):
+        raise ValueError(f"{parameter}={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
+    if source.startswith("text:") and len(files := _text_files(source[len("text:") :])) < 2:
+        raise ValueError(
+            f"{parameter}={source!r} matches {len(files)} file(s); a text corpus is one document per file and "
+            "its train/val split needs at least 2: name a glob such as 'text:data/my_corpus/*.txt'"
+        )
+
+
+def _text_files(pattern: str) -> list[str]:
+    """The files matching ``pattern`` (``~`` expanded, ``**`` recursive), sorted."""
+    return sorted(p for p in glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+
+
 def _text_documents(pattern: str, max_bytes: int | None) -> list[str]:
     """One document per file matching ``pattern`` (sorted paths), read by ``datasets``' text builder."""
-    files = sorted(p for p in glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    files = _text_files(pattern)
     if not files:
         raise FileNotFoundError(
             f"source='text:{pattern}': no file matches {pattern!r}; "

@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 
 from gnlib import distributed
-from gnlib.data import DEFAULT_MAX_BYTES, Corpus, _hub_reachable, load_corpus
-from gnlib.runtime import check_choice
+from gnlib.data import DEFAULT_MAX_BYTES, Corpus, _hub_reachable, check_corpus_source, load_corpus
+from gnlib.runtime import check_choice, is_integer
 from gnlib.stream import PackedStream, hf_documents, tensor_documents
 from gnlib.tokenizer import check_tokenizer_name, make_tokenizer
 
@@ -59,10 +59,11 @@ class RunData:
 
 
 def check_data_fields(spec: Any) -> None:
-    """Raise ``ValueError`` naming the first bad data field of a RunSpec (tokenizer, data, data_epochs, ...).
+    """Raise ``ValueError`` naming the first bad data field of a RunSpec (corpus, tokenizer, data, data_epochs, ...).
 
-    Cheap: nothing is loaded, trained or downloaded.
+    Cheap: nothing is loaded, trained or downloaded (a ``text:`` corpus's file names are listed).
     """
+    check_corpus_source(spec.corpus)
     check_tokenizer_name(spec.tokenizer)
     check_choice("data", spec.data, DATA_KINDS)
     if not isinstance(spec.data_epochs, int) or isinstance(spec.data_epochs, bool) or spec.data_epochs < 1:
@@ -74,8 +75,10 @@ def check_data_fields(spec: Any) -> None:
             f"data_start={spec.data_start!r} and data_epochs={spec.data_epochs!r} apply to "
             "data='stream' only (random windows have no position)"
         )
-    if spec.corpus_bytes is not None and (not isinstance(spec.corpus_bytes, int) or spec.corpus_bytes < 1):
-        raise ValueError(f"corpus_bytes={spec.corpus_bytes!r} must be an integer >= 1 or None")
+    if spec.corpus_bytes is not None and (not is_integer(spec.corpus_bytes) or spec.corpus_bytes < 1):
+        raise ValueError(
+            f"corpus_bytes={spec.corpus_bytes!r} must be an integer >= 1 (bytes of text to read) or None (the default)"
+        )
     vocab = spec.model_overrides.get("vocab_size")
     if vocab is not None and spec.tokenizer == "bytes" and vocab < 256:
         raise ValueError(f"model_overrides['vocab_size']={vocab} is smaller than tokenizer='bytes''s 256 ids")
@@ -137,7 +140,11 @@ def build_run_data(spec: Any, device: torch.device, *, tokenizer_cache: str = "o
             else (DEFAULT_MAX_BYTES if spec.data == "windows" else None)
         )
         corpus = load_corpus(
-            spec.corpus, max_bytes=max_bytes, tokenizer=spec.tokenizer, tokenizer_cache=tokenizer_cache
+            spec.corpus,
+            max_bytes=max_bytes,
+            tokenizer=spec.tokenizer,
+            tokenizer_cache=tokenizer_cache,
+            max_bytes_name="corpus_bytes",
         )
         data = _in_memory(spec, corpus, device) if spec.data == "stream" else _windows(spec, corpus, device)
     vocab = spec.model_overrides.get("vocab_size")

@@ -36,7 +36,8 @@ The repeats are named like grid runs (``lr=0.01,seed=1``), are listed in ``sweep
 and a re-run plans them from the grid's results again (a setting with a grid run not yet finished gets none).
 
 Every key in ``parameters`` and ``grid`` must be declared in the notebook's ``parameters`` cell
-(``papermill.inspect_notebook``); values must match simple annotations (``int``, ``float``, ``bool``, ``str``).
+(``papermill.inspect_notebook``); values must match simple annotations (``int``, ``float``, ``bool``, ``str``),
+and every run's values pass the checks the workbook's notebooks make first (:func:`gnlib.checks.check_notebook_values`).
 Bad grids raise ``ValueError`` naming the key before any run folder is created (the CLI exits with code 2).
 
 Sweepable notebook convention: the parameters cell declares ``output_dir: str = "..."``; the sweep passes
@@ -67,6 +68,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import contextlib
 import csv
 import ctypes
 import hashlib
@@ -82,6 +84,7 @@ import shutil
 import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -96,8 +99,7 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
-from gnlib.checks import check_writable
-from gnlib.optim.registry import check_notebook_optimizers
+from gnlib.checks import check_notebook_values, check_writable
 from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, is_integer
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate")
@@ -105,13 +107,16 @@ REPLICATE_KEYS = ("key", "values", "at_best", "minimize")
 KERNEL = "python3"
 OUTPUT_PARAMETER = "output_dir"
 PARAMS_FILE, STATUS_FILE, LOG_FILE, NOTEBOOK_FILE = "params.json", "status.json", "log.txt", "notebook.ipynb"
+STOPPED_FILE = "stopped.json"
 RESULTS_FILE, TABLE_FILE, MANIFEST_FILE = "results.json", "results.csv", "sweep.json"
 LOCKS_DIR = ".locks"
+STOPPED_MESSAGE = "stopped: runs in progress keep their checkpoints and no status.json; run the same command to resume"
 _PR_SET_PDEATHSIG = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 _MAX_ID = 96
 _ANNOTATIONS = {"int": int, "float": (int, float), "bool": bool, "str": str}
+_STOPPING = threading.Event()  # set in a worker when the sweep stops it (:func:`_stop_runs`)
 
 
 def load_grid(path: str | Path, *, cwd: str | Path | None = None) -> dict:
@@ -492,8 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: unfinished runs keep no status.json and run again next time", file=sys.stderr)
+        print(STOPPED_MESSAGE, file=sys.stderr)
         return 130
+    except SystemExit:
+        print(STOPPED_MESSAGE, file=sys.stderr)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0 if args.dry_run or (table["status"] == "ok").all() else 1
@@ -588,6 +596,8 @@ def _check_grid(where: str, part: Any, parameters: Mapping, seeds: Any) -> dict:
     """One grid mapping checked: non-empty lists of plain values, ``seeds`` folded in as the last key ``seed``."""
     grid = dict(_check_mapping(where, part))
     if seeds is not None:
+        if not isinstance(seeds, list) or not seeds:
+            raise ValueError(f"seeds={seeds!r}: must be a non-empty list of seeds, e.g. seeds: [0, 1]")
         if "seed" in grid or "seed" in parameters:
             raise ValueError("seeds: 'seed' is already set in grid or parameters; give it once")
         grid["seed"] = seeds
@@ -623,8 +633,9 @@ def _check_json(what: str, value: Any) -> None:
 def _check_notebook_parameters(spec: dict) -> None:
     """Every swept key must be a parameter of the notebook, with a value matching a simple annotation.
 
-    Every run's optimizer settings are checked against the optimizers' schemas
-    (:func:`gnlib.optim.registry.check_notebook_optimizers`).
+    Every run's values (over the notebook's defaults) are checked as the notebook itself checks them first
+    (:func:`gnlib.checks.check_notebook_values`: optimizers, sizes, preset, corpus, ...), so a run the
+    notebook would refuse stops the sweep before the first kernel starts.
     """
     notebook = spec["notebook"]
     try:
@@ -654,7 +665,7 @@ def _check_notebook_parameters(spec: dict) -> None:
     defaults = {key: _literal(entry["default"]) for key, entry in declared.items()}
     for params in expand_grid(spec):
         try:
-            check_notebook_optimizers({**defaults, **params})
+            check_notebook_values({**defaults, **params})
         except ValueError as err:
             raise ValueError(f"grid run {run_id(params)}: {err}") from None
 
@@ -677,35 +688,49 @@ def _format(value: Any) -> str:
 
 
 def _state(run_dir: Path, params: dict) -> str:
-    """``new``, ``incomplete`` (no status), ``ok`` or ``failed``; refuse finished runs made with other params."""
+    """``new``, ``incomplete`` (no status), ``ok``, ``failed`` or ``changed`` (failed, made with other params).
+
+    A run that ended ``ok`` with other parameters is refused: its results would be read as this grid's.
+    """
     if not run_dir.exists():
         return "new"
     status_file = run_dir / STATUS_FILE
     if not status_file.is_file():
         return "incomplete"
-    recorded = _read_json(run_dir / PARAMS_FILE)
-    expected = json.loads(json.dumps(params))
-    if recorded != expected:
-        changed = sorted(k for k in recorded.keys() | expected.keys() if recorded.get(k) != expected.get(k))
+    status = _read_json(status_file)["status"]
+    changed = _changed_params(run_dir, params)
+    if changed and status == "ok":
         raise ValueError(
             f"run {run_dir} was made with other values of {changed}; give the sweep a new name or delete that folder"
         )
-    return _read_json(status_file)["status"]
+    return "changed" if changed else status
+
+
+def _changed_params(run_dir: Path, params: dict) -> list[str]:
+    """Names of the parameters whose value in the run folder's ``params.json`` differs from ``params``."""
+    try:
+        recorded = _read_json(run_dir / PARAMS_FILE)
+    except (OSError, ValueError):
+        return ["params.json"]
+    expected = json.loads(json.dumps(params))
+    return sorted(k for k in recorded.keys() | expected.keys() if recorded.get(k) != expected.get(k))
 
 
 def _should_run(state: str, retry_failed: bool) -> bool:
-    """New and killed runs always execute, failed ones only on request."""
-    return state in ("new", "incomplete") or (retry_failed and state == "failed")
+    """New, killed and stopped runs and failed runs of other parameters always execute, failed ones on request."""
+    return state in ("new", "incomplete", "changed") or (retry_failed and state == "failed")
 
 
 def _execute(tasks: list[tuple], jobs: int, verbose: bool) -> None:
     """Run ``tasks`` in ``jobs`` worker processes, printing ``[k/n] run-id status seconds`` as each ends.
 
-    Workers are forked where possible, so papermill is imported once. On any exception here (Ctrl-C, SIGTERM
-    through :func:`main`) the pool is terminated: interrupted runs keep no status and are redone next time.
-    On Linux the workers also die with this process when it is killed outright (``kill -9``), and their
-    kernels follow within a second (a kernel exits when its parent does); each run holds a lock on its
-    folder while it executes (:func:`_run_one`).
+    Workers are forked where possible, so papermill is imported once. On Ctrl-C or SIGTERM (through
+    :func:`main`) the runs in progress are stopped as a kernel interrupt stops them (:func:`_stop_runs`): the
+    training loop finishes its step and writes a checkpoint, the run keeps no status, and the next sweep
+    resumes it in its folder; no further run starts. A second Ctrl-C or SIGTERM terminates the workers at
+    once. On Linux the workers also die with this process when it is killed outright (``kill -9``), and
+    their kernels follow within a second (a kernel exits when its parent does); each run holds a lock on
+    its folder while it executes (:func:`_run_one`).
     """
     if not tasks:
         return
@@ -714,11 +739,27 @@ def _execute(tasks: list[tuple], jobs: int, verbose: bool) -> None:
     bar = tqdm(total=len(tasks), desc="sweep", unit="run", disable=not verbose)
     workers = min(jobs, len(tasks))
     with bar, context.Pool(workers, initializer=_init_worker, initargs=(os.getpid(), threads_per_job(jobs))) as pool:
-        for k, status in enumerate(pool.imap_unordered(_run_one, tasks), start=1):
-            bar.update()
-            if verbose:
-                error = f": {status['error'][:200]}" if status["error"] else ""
-                bar.write(f"[{k}/{len(tasks)}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}")
+        statuses = pool.imap_unordered(_run_one, tasks)
+        try:
+            _report(statuses, bar, len(tasks), verbose)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through main: runs write a checkpoint
+            bar.write("stopping: the runs in progress finish their step and write a checkpoint (again: stop now)")
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGTERM)
+            _report(statuses, bar, len(tasks), verbose)  # a second Ctrl-C leaves here: the pool is terminated
+            raise
+        finally:
+            pool.close()
+        pool.join()
+
+
+def _report(statuses: Any, bar: tqdm, total: int, verbose: bool) -> None:
+    """Consume the workers' statuses, printing ``[k/n] run-id status seconds`` as each run ends."""
+    for status in statuses:
+        bar.update()
+        if verbose:
+            error = f": {status['error'][:200]}" if status["error"] else ""
+            bar.write(f"[{bar.n}/{total}] {status['run_id']} {status['status']} {status['seconds']:.1f}s{error}")
 
 
 def threads_per_job(jobs: int) -> int:
@@ -744,11 +785,36 @@ def _init_worker(parent: int, threads: int) -> None:
     if os.getppid() != parent:  # the sweep died before the line above took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _stop_runs)
     logger = logging.getLogger("papermill")
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def _stop_runs(signum: int, frame: Any) -> None:
+    """A worker's first SIGTERM (from the sweep): interrupt its kernel, start no further run; the next kills it.
+
+    The kernel gets SIGINT, as JupyterLab's interrupt sends: a ``KeyboardInterrupt`` in the running cell,
+    on which the training loop finishes its step and writes a checkpoint. The run then ends with
+    ``stopped.json`` instead of ``status.json`` (:func:`_execute_run`). A kernel interrupted between
+    cells goes on with the next cell.
+    """
+    _STOPPING.set()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for pid in _children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+
+
+def _children() -> list[int]:
+    """Ids of this process's child processes (its kernel), read from ``/proc``; none where there is no ``/proc``."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                children.append(int(stat.parent.name))
+    return children
 
 
 def _status_mtime(run_dir: Path) -> int | None:
@@ -768,6 +834,8 @@ def _run_one(task: tuple) -> dict:
     """
     run_dir, notebook, params, cwd, timeout, planned = task
     run_dir = Path(run_dir)
+    if _STOPPING.is_set():
+        return _stopped(run_dir, 0.0)
     locks = run_dir.parent / LOCKS_DIR
     locks.mkdir(exist_ok=True)
     with filelock.FileLock(locks / f"{run_dir.name}.lock"):
@@ -777,15 +845,26 @@ def _run_one(task: tuple) -> dict:
 
 
 def _execute_run(run_dir: Path, notebook: str, params: dict, cwd: str, timeout: float | None) -> dict:
-    """Execute one run from scratch in ``run_dir`` (its lock held); returns its status."""
-    if run_dir.exists():  # what a killed or failed attempt left
+    """Execute one run in ``run_dir`` (its lock held); returns its status.
+
+    A run stopped by the sweep (:func:`_stop_runs`) writes ``stopped.json`` instead of ``status.json``; its
+    folder is kept by the next attempt with the same parameters, so the notebook resumes its training runs
+    from their checkpoints and the log goes on. Any other folder (a killed or failed attempt, or one of
+    other parameters) is replaced.
+    """
+    resumed = (run_dir / STOPPED_FILE).is_file() and not (run_dir / STATUS_FILE).exists()
+    if run_dir.exists() and not (resumed and not _changed_params(run_dir, params)):
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     atomic_write_text(run_dir / PARAMS_FILE, json.dumps(params, indent=2) + "\n")  # spec order: table columns
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    with open(run_dir / LOG_FILE, "w", encoding="utf-8", buffering=1) as log:
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8", buffering=1) as log:
         error = _execute_notebook(notebook, run_dir, params, cwd, timeout, log)
+    if error and _STOPPING.is_set():
+        atomic_write_json(run_dir / STOPPED_FILE, {"stopped": datetime.now(timezone.utc).isoformat(), "error": error})
+        return _stopped(run_dir, time.perf_counter() - clock)
     status = {
         "run_id": run_dir.name,
         "status": "failed" if error else "ok",
@@ -796,6 +875,11 @@ def _execute_run(run_dir: Path, notebook: str, params: dict, cwd: str, timeout: 
     }
     atomic_write_json(run_dir / STATUS_FILE, status)
     return status
+
+
+def _stopped(run_dir: Path, seconds: float) -> dict:
+    """The status of a run the sweep stopped or never started once stopping (not written: it runs next time)."""
+    return {"run_id": run_dir.name, "status": "stopped", "error": None, "seconds": round(seconds, 3)}
 
 
 def _execute_notebook(notebook: str, run_dir: Path, params: dict, cwd: str, timeout: float | None, log) -> str | None:

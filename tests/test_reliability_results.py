@@ -1,14 +1,24 @@
 """A results table cut short or damaged is refused by name; refused runs and sweeps leave nothing behind."""
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import papermill
 import pytest
+import torch
 
+from gnlib.checks import notebook_output_dir
+from gnlib.pipeline import build_run_data
 from gnlib.report import main as report_main
-from gnlib.study import study_table_from_sweep
+from gnlib.runs import RunSpec
+from gnlib.study import study_table_from_sweep, warmup_checkpoint
 from gnlib.sweep import read_results_table, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,3 +142,154 @@ def test_notebook_02_refuses_a_cut_sweep_results_before_writing_anything(tmp_pat
         )
     assert "sweep_results=" in str(err.value) and "cut short" in str(err.value)
     assert not out.exists()
+
+
+def notebook_namespace(notebook: Path, **injected) -> dict:
+    """A notebook's namespace after its parameters cell and papermill's injected cell, with IPython's ``In``."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    parameters = next(c.source for c in cells if "parameters" in c.metadata.get("tags", []))
+    injection = "# Parameters\n" + "".join(f"{name} = {value!r}\n" for name, value in injected.items())
+    namespace = {"In": ["", parameters, injection]}
+    for source in namespace["In"]:
+        exec(source, {"nan": float("nan"), "inf": float("inf")}, namespace)
+    return namespace
+
+
+def one_file_corpus(tmp_path: Path) -> str:
+    (tmp_path / "only.txt").write_text("one document\n")
+    return f"text:{tmp_path}/only.txt"
+
+
+@pytest.mark.parametrize(
+    ("notebook", "change", "message"),
+    [
+        ("00_quickstart", {"preset": "huge"}, "preset='huge'"),
+        ("00_quickstart", {"steps": -1}, "steps must be an integer >= 1, got -1"),
+        ("00_quickstart", {"steps": 0}, "got 0"),
+        ("00_quickstart", {"seq_len": 100_000}, "seq_len=100000 exceeds the tiny preset's max_seq_len"),
+        ("00_quickstart", {"corpus": "text:/nonexistent/*.txt"}, "matches 0 file(s)"),
+        ("00_quickstart", {"corpus": "one-file"}, "matches 1 file(s)"),
+        ("00_quickstart", {"tokenizer": "bpe:0"}, "tokenizer='bpe:0'"),
+        ("02_iteration_complexity", {"max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
+        ("02_iteration_complexity", {"lr": float("nan")}, "lr must be a finite number"),
+        ("02_iteration_complexity", {"seeds": [-1]}, "seeds must be an integer >= 0"),
+        ("02_iteration_complexity", {"warmup_lr": float("inf")}, "warmup_lr must be a finite number > 0"),
+        ("02_iteration_complexity", {"seq_len": 0}, "seq_len must be an integer >= 1, got 0"),
+        ("02_iteration_complexity", {"corpus": "text:/nonexistent/*.txt"}, "corpus='text:/nonexistent/*.txt'"),
+        ("02_iteration_complexity", {"sweep_results": "nowhere.csv"}, "sweep_results='nowhere.csv' does not exist"),
+    ],
+)
+def test_a_refused_notebook_run_leaves_no_folder(tmp_path, notebook, change, message):
+    """The values are checked before notebook_output_dir makes the run's folder."""
+    if change.get("corpus") == "one-file":
+        change = {"corpus": one_file_corpus(tmp_path)}
+    out = tmp_path / "out"
+    namespace = notebook_namespace(REPO / "notebooks" / f"{notebook}.ipynb", output_dir=str(out), **change)
+    also = {"optimizers": str, "micro_batches": int, "seeds": int}
+    with pytest.raises(ValueError) as err:
+        notebook_output_dir(namespace, also_accept=also)
+    assert message in str(err.value)
+    assert not out.exists()
+    notebook_output_dir(notebook_namespace(REPO / "notebooks" / f"{notebook}.ipynb", output_dir=str(out)), also)
+    assert out.is_dir()  # the defaults pass, and then the folder is made
+
+
+def test_a_bad_corpus_leaves_no_lock_in_the_warmup_cache(tmp_path):
+    spec = RunSpec(corpus=one_file_corpus(tmp_path), steps=2, batch_size=2, seq_len=16)
+    with pytest.raises(ValueError, match=r"corpus=.* matches 1 file\(s\)"):
+        warmup_checkpoint(spec, 2, root=tmp_path / "warmup")
+    assert not (tmp_path / "warmup").exists()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "grid", "message"),
+    [
+        ({"max_steps": -6}, {"seeds": [0]}, "max_steps must be an integer >= 1, got -6"),
+        ({"preset": "huge"}, {"seeds": [0]}, "preset='huge'"),
+        ({}, {"micro_batches": [2.5]}, "micro_batches must be an integer >= 1"),
+    ],
+)
+def test_a_sweep_refuses_a_grid_the_notebook_would_refuse_before_any_kernel(tmp_path, parameters, grid, message):
+    spec = {"name": "bad", "notebook": str(NOTEBOOK_02), "parameters": parameters, "grid": grid}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_sweep(spec, output_root=tmp_path, verbose=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_run_of_other_values_does_not_block_the_corrected_sweep(tmp_path):
+    """A run that failed with a value since corrected runs again; an ok run of other values is still refused."""
+    folder = tmp_path / "probe" / "seed=0"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"x": -6, "seed": 0}))
+    (folder / "status.json").write_text(json.dumps({"run_id": "seed=0", "status": "failed", "error": "bad x"}))
+    spec = {"name": "probe", "notebook": str(PROBE), "parameters": {"x": 2}, "seeds": [0]}
+    plan = run_sweep(spec, output_root=tmp_path, dry_run=True, verbose=False)
+    assert plan[["state", "will_run"]].values.tolist() == [["changed", True]]
+    assert run_sweep(spec, output_root=tmp_path, verbose=False)[["status", "y"]].values.tolist() == [["ok", 4]]
+    with pytest.raises(ValueError, match=r"made with other values of \['x'\]"):
+        run_sweep({**spec, "parameters": {"x": 3}}, output_root=tmp_path, verbose=False)
+
+
+def test_seeds_given_as_text_are_named_as_seeds(tmp_path):
+    spec = {"name": "probe", "notebook": str(PROBE), "seeds": "0"}
+    with pytest.raises(ValueError, match=r"^seeds='0': must be a non-empty list of seeds, e.g. seeds: \[0, 1\]$"):
+        run_sweep(spec, output_root=tmp_path, dry_run=True, verbose=False)
+
+
+def test_corpus_bytes_is_named_as_corpus_bytes(tmp_path):
+    with pytest.raises(ValueError, match=r"^corpus_bytes=True must be an integer >= 1"):
+        RunSpec(corpus_bytes=True).validate()
+    with pytest.raises(ValueError, match=r"raise corpus_bytes$"):
+        build_run_data(RunSpec(corpus_bytes=10, batch_size=2, seq_len=4), torch.device("cpu"))
+
+
+def checkpointing_notebook(path: Path) -> Path:
+    """A sweepable notebook whose loop writes a checkpoint on KeyboardInterrupt and resumes from it."""
+    notebook = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell('steps: int = 40  # loop steps\noutput_dir: str = "outputs/loop"')
+    parameters.metadata["tags"] = ["parameters"]
+    loop = """import json, time
+from pathlib import Path
+
+out = Path(output_dir)
+saved = out / "checkpoint.json"
+start = done = json.loads(saved.read_text())["step"] if saved.is_file() else 0
+(out / "started").write_text("")
+try:
+    while done < steps:
+        time.sleep(0.25)
+        done += 1
+except KeyboardInterrupt:
+    saved.write_text(json.dumps({"step": done}))
+    raise
+(out / "results.json").write_text(json.dumps({"resumed_from": start, "steps": done}))"""
+    notebook.cells = [parameters, nbformat.v4.new_code_cell(loop)]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_sweep_lets_its_runs_checkpoint_and_the_rerun_resumes_them(tmp_path, signum):
+    notebook = checkpointing_notebook(tmp_path / "loop.ipynb")
+    grid = tmp_path / "loop.yaml"
+    grid.write_text(f"notebook: {notebook}\nparameters: {{steps: 40}}\n")
+    command = [sys.executable, "-m", "gnlib.sweep", str(grid), "--output-root", str(tmp_path / "out")]
+    run_dir = tmp_path / "out" / "loop" / "default"
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (run_dir / "started").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signum, output
+    assert "run the same command to resume" in output
+    step = json.loads((run_dir / "checkpoint.json").read_text())["step"]
+    assert step > 0 and not (run_dir / "status.json").exists() and (run_dir / "stopped.json").is_file()
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert json.loads((run_dir / "results.json").read_text()) == {"resumed_from": step, "steps": 40}
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "ok"
