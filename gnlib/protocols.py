@@ -16,9 +16,11 @@ section "Reference configuration", gives each value's file and line), for every 
 - AdamW: β (0.9, 0.95), weight decay 0, clip 1.0. Muon: β 0.95 Nesterov with bias correction, the AdamW
   part at the same LR with β (0.9, 0.95) and weight decay 1e-4, clip 1.0 per group. SOAP: β (0.9, 0.95),
   weight decay 1e-4, preconditioner every 10 steps, clip 1.0. (Constant LR is RunSpec's default schedule.)
-- Evaluation: every ``eval_every`` (10) steps in the first half of the run, then every step
-  (:func:`paper_eval_schedule`); a validation set of :data:`PAPER_VAL_SEQUENCES` sequences per preset
-  (100 × 128 sequences of 1024 tokens at the study's scale).
+- Evaluation: GN variants after updates 1, 11, 21, ... while at most half the run is done, then after
+  every update (:func:`paper_eval_schedule`); the baselines after every update (atpl:42); a validation
+  set of :data:`PAPER_VAL_SEQUENCES` sequences per preset (100 × 128 sequences of 1024 tokens at the
+  study's scale). The reference logs a GN evaluation under the loop index, one less than the updates
+  made; gnlib records the updates made, so the reference's GN steps to target read one lower.
 
 ``"gnlib"`` keeps the library defaults (:data:`gnlib.optim.factory.DEFAULTS`, :class:`~gnlib.optim.GaussNewton`),
 a deliberate, cheaper difference, each choice with what it costs and changes:
@@ -97,20 +99,29 @@ PAPER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 #: ``protocol="paper"``: validation sequences per preset (reference: 100 batches × 128 sequences, gn.py:825-852);
-#: presets not listed get the reference's 12,800.
-PAPER_VAL_SEQUENCES: dict[str, int] = {"tiny": 128, "small": 1024, "paper45m": 100 * 128, "paper150m": 100 * 128}
+#: the CPU presets get a set their size affords.
+PAPER_VAL_SEQUENCES: dict[str, int] = {
+    "tiny": 128,
+    "paper_tiny": 128,
+    "small": 1024,
+    "paper45m": 100 * 128,
+    "paper150m": 100 * 128,
+    "llama45m": 100 * 128,
+    "llama150m": 100 * 128,
+}
 
-#: ``protocol="paper"``: evaluation every this many steps in the first half of a run (then every step).
+#: ``protocol="paper"``: GN evaluates every this many updates in the first half of a run (then every update).
 PAPER_EVAL_EVERY = 10
 
 
 def paper_eval_schedule(steps: int, every: int = PAPER_EVAL_EVERY) -> Callable[[int], bool]:
-    """The reference's evaluation steps: every ``every`` steps while step ≤ steps/2, then every step.
+    """The reference GN script's evaluations, as ``updates made -> bool`` for a run of ``steps`` updates.
 
-    gn.py:825-852: ``(step % eval_freq == 0 and step <= total_steps * 0.5) or step > total_steps * 0.5``
-    (its GN template logs every step).
+    gn.py:825: after the update of loop index i (the (i + 1)-th update) it evaluates when
+    ``(i % eval_freq == 0 and i <= total_steps * 0.5) or i > total_steps * 0.5`` (tpl: log_freq 1):
+    after updates 1, 11, 21, ... then after every update.
     """
-    return lambda step: step > steps * 0.5 or step % every == 0
+    return lambda step: step - 1 > steps * 0.5 or (step - 1) % every == 0
 
 
 @dataclass
@@ -172,20 +183,17 @@ def resolve(spec: Any) -> Resolved:
     hyperparameters, kept, overridden = _merge(options, given)
     defaults = {f.name: f.default for f in dataclasses.fields(spec)}
     # under torchrun a batch holds batch_size sequences per process
-    val_batches = math.ceil(PAPER_VAL_SEQUENCES.get(spec.preset, 100 * 128) / (spec.batch_size * world_size()))
-    run_settings = {"val_batches": val_batches, "eval_every": PAPER_EVAL_EVERY}
+    val_batches = math.ceil(PAPER_VAL_SEQUENCES[spec.preset] / (spec.batch_size * world_size()))
+    gn = spec.optimizer.startswith("gn")
+    run_settings = {"val_batches": val_batches, "eval_every": PAPER_EVAL_EVERY if gn else 1}
     for name, value in run_settings.items():
         if getattr(spec, name) != defaults[name]:
             overridden[name] = {"protocol": value, "given": getattr(spec, name)}
             run_settings[name] = getattr(spec, name)
         else:
             kept[name] = value
-    kept["eval_schedule"] = "every eval_every steps in the first half, then every step"
+    if gn:
+        kept["eval_schedule"] = "after updates 1, 1 + eval_every, ... in the first half, then after every update"
     record = {"protocol": "paper", "from_protocol": kept, "overridden": overridden}
-    return Resolved(
-        hyperparameters,
-        run_settings["val_batches"],
-        run_settings["eval_every"],
-        paper_eval_schedule(spec.steps, run_settings["eval_every"]),
-        record,
-    )
+    schedule = paper_eval_schedule(spec.steps, run_settings["eval_every"]) if gn else None
+    return Resolved(hyperparameters, run_settings["val_batches"], run_settings["eval_every"], schedule, record)

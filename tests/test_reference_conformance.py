@@ -1,11 +1,15 @@
 """Conformance of ``protocol="paper"`` with the reference code, setting by setting.
 
 One table of (optimizer, setting, reference value, reference file:line, how to read the setting off what
-``protocol="paper"`` builds). Every value is read from the objects a run uses (the optimizer
-``gnlib.runs`` builds for the spec, its param groups, inner optimizers, line search, EMA, clipping
-hooks, the evaluation schedule and validation set the run is given), never from the protocol's constants.
+``protocol="paper"`` builds), on the reference architecture (``paper_tiny``, made smaller). Every value is
+read from the objects a run uses (the optimizer ``gnlib.runs`` builds for the spec, its param groups,
+inner optimizers, clipping hooks, the evaluation schedule the run is given), never from the protocol's
+constants; where a mechanism carries the setting, the row reads what the mechanism does: the EMA's
+arithmetic over three outer steps, the warm-start iterate (1 − α)Δ̂, the α the line search takes when
+every α raises the loss, the tensors weight decay moves (all set non-zero first), the clipped norms.
 The same table read off ``protocol="gnlib"`` must differ exactly on the rows listed in
-:data:`GNLIB_DIFFERS`, gnlib's documented, deliberate differences.
+:data:`GNLIB_DIFFERS`, gnlib's documented, deliberate differences, and a drift of each kind of row
+fails it (:func:`test_a_drifted_setting_fails_its_row`).
 
 Files (docs/study.md, section "Reference configuration"; full-gauss-newton at 0c14e7e): gn.py =
 EasyLM/models/llama/llama_train_gn.py, lw.py = .../llama_train_gn_layerwise.py, opt = EasyLM/optimizers.py,
@@ -15,6 +19,7 @@ tpl = templates/gn-template.sbatch, atpl = templates/adam-template.sbatch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +27,11 @@ import papermill
 import pytest
 import torch
 import yaml
+from torch.func import functional_call
 
+from gnlib import protocols
 from gnlib.losses import CrossEntropy
+from gnlib.models import PRESETS
 from gnlib.optim.factory import clip_gradients
 from gnlib.protocols import resolve
 from gnlib.runs import RunSpec, build_run, run
@@ -48,6 +56,7 @@ def _build_run(optimizer: str, protocol: str, **fields: Any) -> Built:
     gn = optimizer.startswith("gn")
     spec = RunSpec(
         optimizer=optimizer,
+        preset="paper_tiny",
         lr=0.01,
         steps=20,
         batch_size=4,
@@ -73,9 +82,12 @@ def _inner(built: Built, part: str) -> dict:
 
 
 def _decayed(built: Built) -> set[str]:
-    """Tensors the inner loop decays: one inner update with a zero gradient moves exactly those (by -lr·wd·θ)."""
+    """Tensors the inner loop decays: one inner update with a zero gradient moves exactly those (by -lr·wd·θ).
+
+    The anchor is all ones, so a tensor that starts at zero (a LayerNorm bias) shows its decay too.
+    """
     gn = built.optimizer
-    anchor = {n: p.detach() for n, p in built.model.named_parameters()}
+    anchor = {n: torch.ones_like(p) for n, p in built.model.named_parameters()}
     moved = set()
     for block in gn._blocks.values():
         gn._inner_update(block, {n: torch.zeros_like(t) for n, t in block.delta.items()}, anchor, 1.0)
@@ -124,6 +136,101 @@ def _baseline_group(built: Built, tag: str) -> dict:
     return next(g for g in built.optimizer.param_groups if g.get("optimizer", tag) == tag)
 
 
+def _params(built: Built) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in built.model.named_parameters()}
+
+
+def _fresh(built: Built) -> Built:
+    """The same run built anew, for a reader that trains it or changes it."""
+    return _build_run(built.spec.optimizer, built.spec.protocol)
+
+
+def _ema_decay(built: Built) -> float | str | None:
+    """β read off the EMA after one outer step, ema₁ = βθ₀ + (1 − β)θ₁, then checked over two more steps.
+
+    β is the least-squares solution over every tensor (float64); rounded to 4 decimals, since float32
+    iterates carry rounding of order eps·|θ| into it. None when the run evaluates the raw iterate;
+    "inconsistent" when steps 2 and 3 break ema_k = β ema_{k−1} + (1 − β)θ_k by more than 1% of ema_k − θ_k.
+    """
+    built = _fresh(built)
+    gn = built.optimizer
+    if gn.eval_parameters() is None:
+        return None
+
+    def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].double().flatten() for n in sorted(tensors)])
+
+    iterates, emas = [flat(_params(built))], []
+    for _ in range(3):
+        gn.step()
+        iterates.append(flat(_params(built)))
+        emas.append(flat(gn.eval_parameters()))
+    moved = iterates[0] - iterates[1]
+    beta = float((emas[0] - iterates[1]) @ moved / (moved @ moved))
+    expected = iterates[0]
+    for step in range(1, 4):
+        expected = beta * expected + (1 - beta) * iterates[step]
+        if (emas[step - 1] - expected).norm() > 1e-2 * (expected - iterates[step]).norm():
+            return "inconsistent"
+    return round(beta, 4)
+
+
+def _warm_start(built: Built) -> str:
+    """What the next inner loop starts from, after one outer step whose line search can only take α = 1/2.
+
+    θ_{t+1} = θ_t + αΔ̂, so the pre-line-search iterate is Δ̂ = (θ_{t+1} − θ_t)/α; the reference starts the
+    next inner loop at θ̂ − θ_{t+1} = (1 − α)Δ̂ with the inner optimizer's state kept.
+    """
+    built = _fresh(built)
+    gn = built.optimizer
+    gn.line_search = (0.5,)  # the line search's only choice: α = 1/2
+    before = _params(built)
+    gn.step()
+    after = _params(built)
+    start = {n: t.detach() for block in gn._blocks.values() for n, t in block.delta.items()}
+    if all(torch.count_nonzero(t) == 0 for t in start.values()):
+        return "cold (Δ = 0)"
+    alpha = 0.5
+    hat = {n: (after[n] - before[n]) / alpha for n in start}
+    # float32 iterates: θ_{t+1} − θ_t carries rounding of order eps·|θ|, so the tensors are compared in norm
+    warm = all((start[n] - (1 - alpha) * hat[n]).norm() <= 1e-3 * start[n].norm() for n in start)
+    return "(1 − α)Δ̂" if warm else "other"
+
+
+def _uphill_line_search(built: Built) -> str:
+    """The α the line search takes along the solved direction reversed, where every α raises the loss.
+
+    The line-search batches are recorded and the loss at θ_t + αd recomputed for every α of the grid.
+    """
+    built = _fresh(built)
+    gn, drawn = built.optimizer, []
+    source, search = gn.batches, gn._line_search
+
+    def record():
+        drawn.append(source())
+        return drawn[-1]
+
+    def reversed_search(anchor, direction, batches, cost):
+        reversed_search.direction = {n: -d for n, d in direction.items()}
+        return search(anchor, reversed_search.direction, batches, cost)
+
+    gn.batches, gn._line_search = record, reversed_search
+    anchor = _params(built)
+    alpha = gn.step()["alpha"]
+    batches, d = drawn[-gn.line_search_batches :], reversed_search.direction
+
+    def loss(a: float) -> float:
+        point = {n: anchor[n] + a * d[n] for n in anchor}
+        return sum(float(CrossEntropy().value(functional_call(built.model, point, (x,)), y)) for x, y in batches)
+
+    losses = {a: loss(a) for a in gn.line_search}
+    if min(losses.values()) <= loss(0.0):
+        return "not uphill"
+    if alpha == 0:
+        return "rejected (α = 0)"
+    return "argmin" if math.isclose(alpha, min(losses, key=losses.get)) else f"α = {alpha}"
+
+
 HEAD = ["embed.weight", "head.weight"]
 
 
@@ -132,7 +239,12 @@ def _hidden(built: Built) -> list[str]:
 
 
 def _gains(built: Built) -> set[str]:
+    """The 1-D tensors: norm gains and biases."""
     return {n for n, p in built.model.named_parameters() if p.dim() == 1}
+
+
+def _matrices(built: Built) -> list[str]:
+    return [n for n, p in built.model.named_parameters() if p.dim() >= 2]
 
 
 def _grid(n: int) -> tuple[float, ...]:
@@ -196,13 +308,6 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
     ),
     (
         "gn",
-        "inner peak LR",
-        0.01,
-        "tpl:52 (inner_loop_lr=0.01; here the spec's lr)",
-        lambda b: b.optimizer.param_groups[0]["lr"],
-    ),
-    (
-        "gn",
         "inner schedule",
         "cosine",
         "tpl:51 (constant_with_inner_cosine); gn.py:248-285",
@@ -229,7 +334,7 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
             else [sorted(g) for g in _inner_clip_groups(b)]
         ),
     ),
-    ("gn", "warm start", True, "gn.py:718-732, 800", lambda b: b.optimizer.warm_start),
+    ("gn", "warm start from (1 − α)Δ̂", "(1 − α)Δ̂", "gn.py:718-732, 800", _warm_start),
     (
         "gn",
         "line-search grid",
@@ -244,15 +349,8 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
         "gn.py:763-770 (inner_loop_iter new batches)",
         lambda b: b.optimizer.line_search_batches,
     ),
-    (
-        "gn",
-        "line search takes the argmin (never α = 0)",
-        "argmin",
-        "gn.py:788",
-        lambda b: b.optimizer.line_search_accept,
-    ),
-    ("gn", "EMA of outer iterates", 0.999, "tpl:61-62; gn.py:809-811", lambda b: b.optimizer.ema_decay),
-    ("gn", "evaluation on the EMA", True, "gn.py:833-836", lambda b: b.optimizer.eval_parameters() is not None),
+    ("gn", "line search takes the argmin, even uphill", "argmin", "gn.py:788", _uphill_line_search),
+    ("gn", "EMA of outer iterates, evaluated", 0.999, "tpl:61-62; gn.py:809-811, 833-836", _ema_decay),
     # ---- layerwise GN
     (
         "gn_layerwise",
@@ -277,13 +375,13 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
     ),
     (
         "gn_layerwise",
-        "line search takes the argmin",
+        "line search takes the argmin, even uphill",
         "argmin",
         "lw.py (as gn.py:788)",
-        lambda b: b.optimizer.line_search_accept,
+        _uphill_line_search,
     ),
     ("gn_layerwise", "inner weight decay", 1e-3, "tpl:57", lambda b: b.optimizer.weight_decay),
-    ("gn_layerwise", "EMA", 0.999, "tpl:61-62", lambda b: b.optimizer.ema_decay),
+    ("gn_layerwise", "EMA", 0.999, "tpl:61-62", _ema_decay),
     (
         "gn_layerwise",
         "inner Muon bias correction",
@@ -293,13 +391,8 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
     ),
     # ---- GN-prox-linear
     ("gn_prox", "objective", "prox_linear", "gn.py:396-415", lambda b: b.optimizer.objective),
-    (
-        "gn_prox",
-        "line search takes the argmin on N batches",
-        ("argmin", N),
-        "gn.py:759-807",
-        lambda b: (b.optimizer.line_search_accept, b.optimizer.line_search_batches),
-    ),
+    ("gn_prox", "line search takes the argmin, even uphill", "argmin", "gn.py:759-807", _uphill_line_search),
+    ("gn_prox", "line-search batches = N", N, "gn.py:763-770", lambda b: b.optimizer.line_search_batches),
     (
         "gn_prox",
         "inner clipping groups",
@@ -307,7 +400,7 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
         "gn.py:316-335",
         lambda b: "embedding+head | hidden" if _inner_clip_groups(b) == [set(HEAD), set(_hidden(b))] else "other",
     ),
-    ("gn_prox", "EMA", 0.999, "tpl:61-62", lambda b: b.optimizer.ema_decay),
+    ("gn_prox", "EMA", 0.999, "tpl:61-62", _ema_decay),
     # ---- AdamW baseline
     ("adamw", "betas", (0.9, 0.95), "atpl:60-61", lambda b: tuple(b.optimizer.param_groups[0]["betas"])),
     ("adamw", "weight decay", 0.0, "atpl:54", lambda b: b.optimizer.param_groups[0]["weight_decay"]),
@@ -318,7 +411,6 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
         "opt:398, 436 (AdamW factory clip_gradient=1.0)",
         lambda b: round(_clipped_norms(b, [[n for n, _ in b.model.named_parameters()]])[0], 4),
     ),
-    ("adamw", "constant LR", "constant", "atpl:53 (constant_with_warmup, 0 warm-up)", lambda b: b.spec.schedule),
     # ---- Muon baseline
     ("muon", "momentum", 0.95, "opt:89 (beta=0.95)", lambda b: _baseline_group(b, "muon")["momentum"]),
     (
@@ -363,32 +455,25 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
     ("soap", "precondition every", 10, "opt:216", lambda b: b.optimizer.param_groups[0]["precondition_frequency"]),
     (
         "soap",
-        "gradient clipping (global norm)",
-        1.0,
-        "opt:212, 271",
-        lambda b: round(_clipped_norms(b, [[n for n, _ in b.model.named_parameters()]])[0], 4),
+        "clipping per chain: ≥2-D | 1-D",
+        (1.0, 1.0),
+        "opt:212, 271 (clip_by_global_norm in the SOAP chain and in the 1-D AdamW chain)",
+        lambda b: tuple(round(v, 4) for v in _clipped_norms(b, [_matrices(b), sorted(_gains(b))])),
     ),
     # ---- evaluation (any optimizer)
     (
         "gn",
-        "evaluation steps (20-step run)",
-        [10, *range(11, 21)],
-        "gn.py:825; tpl:38-39 (eval_freq=10 while step <= steps/2, then log_freq=1)",
+        "evaluations after updates (20-step run; logged one lower)",
+        [1, 11, *range(12, 21)],
+        "gn.py:825 (loop index i: i % eval_freq == 0 and i <= steps/2, or i > steps/2); tpl:38-39",
         lambda b: [s for s in range(1, 21) if (b.schedule(s) if b.schedule else s % b.eval_every == 0)],
     ),
     (
         "adamw",
-        "evaluation steps (20-step run)",
-        [10, *range(11, 21)],
-        "gn.py:825 (the issue's schedule for every method; atpl:42 evaluates baselines every outer step)",
+        "evaluations after updates (20-step run)",
+        list(range(1, 21)),
+        "atpl:42 (eval_freq=1)",
         lambda b: [s for s in range(1, 21) if (b.schedule(s) if b.schedule else s % b.eval_every == 0)],
-    ),
-    (
-        "gn",
-        "validation set at the tiny preset: 128 sequences",
-        128,
-        "gn.py:830; tpl:40, 82 (eval_steps=100 × 128), scaled to the tiny preset",
-        lambda b: sum(x.shape[0] for x, _ in b.val),
     ),
 ]
 
@@ -399,16 +484,16 @@ GNLIB_DIFFERS = {
     ("gn", "decayed tensors: embedding, head, gains"),
     ("gn", "inner clipping groups"),
     ("gn", "line-search batches = N"),
-    ("gn", "line search takes the argmin (never α = 0)"),
-    ("gn", "EMA of outer iterates"),
-    ("gn", "evaluation on the EMA"),
+    ("gn", "line search takes the argmin, even uphill"),
+    ("gn", "EMA of outer iterates, evaluated"),
     ("gn_layerwise", "final norm joins the last block"),
     ("gn_layerwise", "line-search grid"),
-    ("gn_layerwise", "line search takes the argmin"),
+    ("gn_layerwise", "line search takes the argmin, even uphill"),
     ("gn_layerwise", "inner weight decay"),
     ("gn_layerwise", "EMA"),
     ("gn_layerwise", "inner Muon bias correction"),
-    ("gn_prox", "line search takes the argmin on N batches"),
+    ("gn_prox", "line search takes the argmin, even uphill"),
+    ("gn_prox", "line-search batches = N"),
     ("gn_prox", "inner clipping groups"),
     ("gn_prox", "EMA"),
     ("adamw", "weight decay"),
@@ -419,10 +504,9 @@ GNLIB_DIFFERS = {
     ("muon", "clipping per group"),
     ("soap", "betas"),
     ("soap", "weight decay"),
-    ("soap", "gradient clipping (global norm)"),
-    ("gn", "evaluation steps (20-step run)"),
-    ("adamw", "evaluation steps (20-step run)"),
-    ("gn", "validation set at the tiny preset: 128 sequences"),
+    ("soap", "clipping per chain: ≥2-D | 1-D"),
+    ("gn", "evaluations after updates (20-step run; logged one lower)"),
+    ("adamw", "evaluations after updates (20-step run)"),
 }
 
 
@@ -521,7 +605,8 @@ def test_paper_protocol_miniature_runs_end_to_end():
         history = run(spec, progress=False)
         assert history.status == "completed" and history.metadata["protocol"]["overridden"] == {}
         evaluated = history.evaluations()
-        assert evaluated["step"].tolist() == [0, 3, 4]  # none in the first half (every 10), then every step
+        # GN: after update 1 (loop index 0), then after every update past half the run; baselines: every update
+        assert evaluated["step"].tolist() == ([0, 1, 4] if gn else [0, 1, 2, 3, 4])
         assert ("val_loss_raw" in evaluated) == gn
         last = history.rows[-1]
         if gn:  # validation on the EMA (0.999: still near θ_0), the raw iterate beside it
@@ -542,3 +627,69 @@ def test_paper_grids_run_the_paper_protocol_with_known_parameters():
         known = papermill.inspect_notebook(str(root / grid["notebook"]))
         unknown = sorted((set(grid["parameters"]) | set(grid["grid"])) - set(known))
         assert not unknown, f"{path.name}: {unknown} are not parameters of {grid['notebook']}"
+
+
+def _row(optimizer: str, setting: str) -> tuple[Any, Callable[[Built], Any]]:
+    return next((reference, reader) for o, s, reference, _, reader in TABLE if (o, s) == (optimizer, setting))
+
+
+# (row, what drifts in the paper protocol: an option of PAPER_OPTIONS[optimizer], or a protocol constant)
+DRIFTS = [
+    (("gn", "inner weight decay"), ("weight_decay", 1e-2)),
+    (("gn", "decayed tensors: embedding, head, gains"), ("weight_decay_scope", "all")),
+    (("gn", "inner clipping groups"), ("grad_clip_per", "block")),
+    (("gn", "warm start from (1 − α)Δ̂"), ("warm_start", False)),
+    (("gn", "line-search grid"), ("line_search", _grid(4))),
+    (("gn", "line search takes the argmin, even uphill"), ("line_search_accept", "decrease")),
+    (("gn", "EMA of outer iterates, evaluated"), ("ema", 0.99)),
+    (("gn", "EMA of outer iterates, evaluated"), ("ema", None)),
+    (("soap", "clipping per chain: ≥2-D | 1-D"), ("grad_clip", 2.0)),
+    (("muon", "AdamW part weight decay"), ("adamw_weight_decay", 0.0)),
+    (("gn", "evaluations after updates (20-step run; logged one lower)"), ("PAPER_EVAL_EVERY", 5)),
+]
+
+
+@pytest.mark.parametrize(("row", "drift"), DRIFTS, ids=[f"{r[0]}: {r[1]} <- {d[0]}={d[1]!r}" for r, d in DRIFTS])
+def test_a_drifted_setting_fails_its_row(monkeypatch, row, drift):
+    """Each kind of row reads the setting through what the run does, so a drift of it changes the reading."""
+    name, value = drift
+    if name.isupper():
+        monkeypatch.setattr(protocols, name, value)
+    else:
+        monkeypatch.setitem(protocols.PAPER_OPTIONS[row[0]], name, value)
+    reference, reader = _row(*row)
+    assert reader(_build_run(row[0], "paper")) != reference
+
+
+def test_every_preset_has_a_paper_validation_set_its_size_affords():
+    assert set(protocols.PAPER_VAL_SEQUENCES) == set(PRESETS)
+    built = _build_run("gn", "paper")
+    assert sum(x.shape[0] for x, _ in built.val) == protocols.PAPER_VAL_SEQUENCES["paper_tiny"] == 128
+
+
+#: The study's grids: what the reference runs (docs/study.md, "Reference configuration"; tpl, atpl).
+PAPER_GRID_VALUES = {
+    "protocol": "paper",
+    "model_overrides": {},
+    "corpus": "hf:allenai/c4:en",
+    "tokenizer": "t5",
+    "data": "stream",
+    "data_epochs": 1,
+    "batch_size": 32,
+    "seq_len": 1024,
+    "warmup_steps": 1000,
+    "target_loss": 3.25,
+    "eval_every": 0,
+    "val_batches": 0,
+}
+
+
+@pytest.mark.parametrize("preset", ["paper45m", "paper150m"])
+def test_paper_grids_hold_the_reference_values(preset):
+    root = Path(__file__).resolve().parents[1]
+    grid = yaml.safe_load((root / "notebooks" / "grids" / f"{preset}_study.yaml").read_text())
+    parameters = grid["parameters"]
+    assert {key: parameters.get(key) for key in PAPER_GRID_VALUES} == PAPER_GRID_VALUES
+    assert parameters["preset"] == preset
+    assert max(grid["grid"]["micro_batches"]) == 122  # tpl:41: N = 122 inner steps of 32 × 1024 tokens
+    assert set(grid["grid"]["optimizers"]) >= {"adamw", "muon", "soap", "gn", "gn_layerwise"}

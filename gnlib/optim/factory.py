@@ -23,9 +23,10 @@ and ``load_state_dict``. Defaults (``DEFAULTS``) and their sources:
 * ``"sgd"``: ``torch.optim.SGD``; lr 0.1, momentum 0.9, nesterov False, weight_decay 0 (for teaching).
 
 Every optimizer also takes ``grad_clip`` (default None): before each step the gradients are clipped
-with ``torch.nn.utils.clip_grad_norm_`` to this norm, one norm over all tensors, except under Muon,
-where the embedding/head (``adamw_params``) and the hidden tensors are clipped separately, as the
-reference's ``optax.multi_transform`` chains do (:func:`clip_groups`). These are gnlib's defaults
+with ``torch.nn.utils.clip_grad_norm_`` to this norm, one norm over all tensors for AdamW and SGD. Under
+Muon the embedding/head (``adamw_params``) and the hidden tensors are clipped separately, and under SOAP
+the ≥2-D and the 1-D tensors, as the reference's two ``optax.multi_transform`` chains of each do
+(:func:`clip_groups`). These are gnlib's defaults
 (``protocol="gnlib"``); :mod:`gnlib.protocols` holds the reference's (``protocol="paper"``).
 """
 
@@ -187,24 +188,32 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
     if grad_clip is not None:
-        keep_out = split_params(named, hp["adamw_params"])[1] if name == "muon" else []
-        groups = clip_groups(list(named), [n for n in keep_out if named[n].dim() == 2])
+        groups = clip_groups(list(named), _clipped_apart(name, named, hp))
         opt.register_step_pre_hook(
             lambda *_: clip_gradients([[named[n] for n in group] for group in groups], grad_clip)
         )
     return opt
 
 
-def clip_groups(names: Sequence[str], embedding_and_head: Sequence[str]) -> list[list[str]]:
-    """The reference's gradient-clipping groups: ``embedding_and_head``, then every other name; empty ones dropped.
+def clip_groups(names: Sequence[str], apart: Sequence[str]) -> list[list[str]]:
+    """The reference's gradient-clipping groups: the names in ``apart``, then every other name; empty ones dropped.
 
-    The reference clips the gradient of its ``{wte, lm_head}`` chain and of its hidden chain (Muon's
-    matrices and the norm gains) each to its own global norm (``optax.multi_transform`` over two
-    ``optax.chain(clip_by_global_norm(c), ...)``).
+    The reference clips each chain of an ``optax.multi_transform`` to its own global norm (two
+    ``optax.chain(clip_by_global_norm(c), ...)``): under Muon and GN's inner loop the ``{wte, lm_head}``
+    chain and the hidden chain (Muon's matrices and the norm gains); under SOAP the ≥2-D chain and the 1-D one.
     """
-    first = [n for n in names if n in set(embedding_and_head)]
-    rest = [n for n in names if n not in set(embedding_and_head)]
+    first = [n for n in names if n in set(apart)]
+    rest = [n for n in names if n not in set(apart)]
     return [group for group in (first, rest) if group]
+
+
+def _clipped_apart(name: str, named: dict[str, Tensor], hp: dict[str, Any]) -> list[str]:
+    """The tensors baseline ``name`` clips apart from the rest (:func:`clip_groups`); none: one global norm."""
+    if name == "muon":
+        return [n for n in split_params(named, hp["adamw_params"])[1] if named[n].dim() == 2]
+    if name == "soap":
+        return [n for n, tensor in named.items() if tensor.dim() >= 2]
+    return []
 
 
 def clip_gradients(groups: Sequence[Sequence[Tensor]], max_norm: float) -> None:
