@@ -151,9 +151,33 @@ def build_run(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
         spec.preset, seed=spec.seed, device=device, **{"vocab_size": data.vocab_size, **spec.model_overrides}
     )
     if spec.init_checkpoint is not None:
-        model.load_state_dict(torch.load(spec.init_checkpoint, map_location=device, weights_only=True))
+        load_init_checkpoint(model, spec.init_checkpoint, device)
     optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, protocol.hyperparameters)
     return data, model, data.train, data.val, optimizer
+
+
+def load_init_checkpoint(model: torch.nn.Module, path: str, device: torch.device) -> None:
+    """Load the model state dict in ``path`` into ``model``, every tensor checked by name and shape first.
+
+    Raises:
+        ValueError: naming ``init_checkpoint`` and the first tensor whose shape differs (both shapes), or the
+            tensors missing from the file or unknown to the model.
+    """
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"init_checkpoint={path!r} holds a {type(state).__name__}, not a model's state dict")
+    fix = "make it with this run's preset, model_overrides and tokenizer (or drop init_checkpoint)"
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"init_checkpoint={path!r}: tensor {name!r} has shape {tuple(state[name].shape)} there, the "
+                f"model's is {tuple(tensor.shape)}; {fix}"
+            )
+    missing, unknown = [n for n in own if n not in state], [n for n in state if n not in own]
+    if missing or unknown:
+        raise ValueError(f"init_checkpoint={path!r} lacks the tensors {missing} and has unknown ones {unknown}; {fix}")
+    model.load_state_dict(state)
 
 
 def run(

@@ -152,8 +152,9 @@ def warmup_checkpoint(
     (``protocol="gnlib"`` whatever ``base``'s) at constant ``lr`` and one micro-batch per step, seeded by
     ``seed`` (not the runs' seeds: every run of a study starts from the same checkpoint). It is stored at
     ``root/<hash of these settings>/model.pt`` (written atomically, with ``settings.json`` and the run's
-    History beside it) only when the warm-up completed with finite losses, and reused only after checking
-    it: settings hash, status and finite weights (otherwise it is made again). Processes making the same
+    History beside it, and the SHA-256 of ``model.pt`` in ``settings.json``) only when the warm-up completed
+    with finite losses, and reused only after checking it: settings hash, status, finite weights and that
+    SHA-256 (otherwise it is made again, with a notice). Processes making the same
     warm-up at once wait for the first.
 
     Args:
@@ -201,8 +202,8 @@ def warmup_checkpoint(
     with run_folder_lock(folder if is_main() else None, wait=True):  # concurrent notebooks wait for one warm-up
         problem = _cached_warmup_problem(folder, key) if path.is_file() else "absent"
         if problem is not None:
-            if problem != "absent" and progress:
-                print(f"warm-up cache {folder}: {problem}; making it again")
+            if problem != "absent" and is_main():
+                print(f"warm-up cache {folder}: {problem}; making it again", flush=True)
             # under torchrun every process trains the warm-up, rank 0 alone writes it
             history = run(spec, folder / "run", progress=progress, overwrite=True)
             if history.status != "completed":
@@ -212,8 +213,9 @@ def warmup_checkpoint(
                 )
             if is_main():
                 state = torch.load(folder / "run" / CHECKPOINT, map_location="cpu", weights_only=True)
-                atomic_write_json(folder / "settings.json", {**settings, "hash": key, "status": history.status})
                 atomic_torch_save(state["model"], path)
+                record = {**settings, "hash": key, "status": history.status, "weights_sha256": _sha256(path)}
+                atomic_write_json(folder / "settings.json", record)  # last: the warm-up's completion marker
         barrier()
     return path.resolve()
 
@@ -223,24 +225,34 @@ def _settings_hash(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, in hex."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _cached_warmup_problem(folder: Path, key: str) -> str | None:
     """Why the warm-up cached in ``folder`` cannot be reused (None: it can).
 
-    It must record its settings with the hash ``key`` and a ``completed`` status, and its weights must load
-    and be finite.
+    It must record its settings with the hash ``key``, a ``completed`` status and the SHA-256 of its weights
+    when it completed; its weights must load, be finite and still have that SHA-256 (not another warm-up's,
+    nor a tensor changed since).
     """
     try:
         settings = json.loads((folder / "settings.json").read_text())
         weights = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: report it and rebuild
         return f"unreadable ({type(err).__name__})"
-    recorded = {k: v for k, v in settings.items() if k not in ("hash", "status")}
+    recorded = {k: v for k, v in settings.items() if k not in ("hash", "status", "weights_sha256")}
     if settings.get("hash", _settings_hash(recorded)) != key or _settings_hash(recorded) != key:
         return "its settings.json does not match its folder's hash"
     if settings.get("status", "completed") != "completed":
         return f"its warm-up ended {settings['status']!r}"
     finite = isinstance(weights, dict) and all(torch.is_tensor(t) and torch.isfinite(t).all() for t in weights.values())
-    return None if finite else "its weights are not finite"
+    if not finite:
+        return "its weights are not finite"
+    if settings.get("weights_sha256") != _sha256(folder / "model.pt"):
+        return "its model.pt is not the file recorded (SHA-256 in settings.json) when the warm-up completed"
+    return None
 
 
 #: Columns of :func:`batch_size_study`'s table, in order.

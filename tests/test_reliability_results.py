@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from gnlib.checks import notebook_output_dir
+from gnlib.models import build_model
 from gnlib.pipeline import build_run_data
 from gnlib.report import main as report_main
-from gnlib.runs import RunSpec
-from gnlib.study import study_table_from_sweep, warmup_checkpoint
+from gnlib.runs import RunSpec, run
+from gnlib.study import _cached_warmup_problem, study_table_from_sweep, warmup_checkpoint
 from gnlib.sweep import read_results_table, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,3 +294,32 @@ def test_a_stopped_sweep_lets_its_runs_checkpoint_and_the_rerun_resumes_them(tmp
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert json.loads((run_dir / "results.json").read_text()) == {"resumed_from": step, "steps": 40}
     assert json.loads((run_dir / "status.json").read_text())["status"] == "ok"
+
+
+WARMUP_RUN = dict(preset="tiny", steps=2, batch_size=2, seq_len=16, eval_every=1, val_batches=1)
+SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}
+
+
+def test_the_warmup_cache_refuses_weights_other_than_the_ones_it_recorded(tmp_path, capsys):
+    """Another warm-up's weights of the same shapes, or one changed tensor, fail the recorded SHA-256: made again."""
+    base = RunSpec(**WARMUP_RUN, model_overrides=SMALL)
+    path = warmup_checkpoint(base, 2, lr=3e-3, root=tmp_path)
+    good = torch.load(path, weights_only=True)
+    other = warmup_checkpoint(base, 2, lr=1e-3, root=tmp_path)
+    assert other != path
+    path.write_bytes(other.read_bytes())  # same shapes, other values
+    assert "not the file recorded" in _cached_warmup_problem(path.parent, path.parent.name)
+    capsys.readouterr()
+    assert warmup_checkpoint(base, 2, lr=3e-3, root=tmp_path) == path
+    assert "not the file recorded (SHA-256 in settings.json)" in capsys.readouterr().out
+    rebuilt = torch.load(path, weights_only=True)
+    assert all(torch.equal(rebuilt[k], good[k]) for k in good)
+
+
+def test_an_init_checkpoint_of_another_shape_names_the_tensor_and_both_shapes(tmp_path):
+    small = build_model("tiny", seed=0, **SMALL)
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    spec = RunSpec(**WARMUP_RUN, model_overrides={**SMALL, "d_model": 32}, init_checkpoint=str(tmp_path / "small.pt"))
+    shapes = r"tensor '.*' has shape \(\d+, 16\) there, the model's is \(\d+, 32\)"
+    with pytest.raises(ValueError, match=r"init_checkpoint='.*small\.pt': " + shapes):
+        run(spec, progress=False)
