@@ -55,12 +55,16 @@ folder per run, named by :func:`run_id`, holding ``params.json``, ``notebook.ipy
 (``{"status": "ok" | "failed", "error": ...}``), written atomically last: it is the completion marker.
 
 Re-running a sweep skips runs whose status is ``ok`` and, unless ``retry_failed``, ``failed``; a folder
-without ``status.json`` (a run that was killed) is deleted and executed again from scratch. Workers and
-their kernels die with the sweep, even under ``kill -9`` (Linux), and each run holds a lock
-(``.locks/<run id>.lock``) while it executes, so two sweeps over one folder never run the same run at once.
-A finished run whose ``params.json`` differs from the grid's (fixed parameters were edited) stops the sweep with a
-``ValueError``: pick a new ``name`` instead. Folders of runs that a later grid no longer lists stay, and stay in
-``results.csv``. The CLI exits 0 when every run is ``ok``, 1 otherwise, 2 on bad input, 130 on Ctrl-C.
+without ``status.json`` (a run that was killed) is deleted and executed again from scratch. Ctrl-C or SIGTERM
+stops a sweep gently: each run in progress gets a kernel interrupt, so its training loop finishes the step
+and writes a checkpoint, and the run is marked ``stopped.json``; re-running resumes it in its folder (a
+second Ctrl-C stops at once). Workers and their kernels die with the sweep, even under ``kill -9`` (Linux),
+and each run holds a lock (``.locks/<run id>.lock``) while it executes, so two sweeps over one folder never
+run the same run at once. A finished ``ok`` run whose ``params.json`` differs from the grid's (fixed
+parameters were edited) stops the sweep with a ``ValueError``: pick a new ``name`` instead; a failed run
+made with other values is executed again. Folders of runs that a later grid no longer lists stay, and stay
+in ``results.csv``. The CLI exits 0 when every run is ``ok``, 1 otherwise, 2 on bad input, 130 on Ctrl-C
+and 143 on SIGTERM.
 """
 
 from __future__ import annotations
