@@ -14,7 +14,10 @@ nothing. Backends: Gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -27,6 +30,7 @@ from gnlib.runtime import resolve_device
 
 #: Environment variables torchrun sets for every process.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_PR_SET_PDEATHSIG = 1
 
 
 def is_distributed() -> bool:
@@ -42,6 +46,11 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def in_process_group() -> bool:
+    """True when this process joined a process group (it was started by torchrun), even one of one process."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_main() -> bool:
@@ -62,6 +71,8 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
         device: ``"cpu"`` (Gloo backend) or ``"cuda"`` (NCCL; each process takes GPU ``LOCAL_RANK``).
         timeout_s: how long a collective may wait for the other processes.
 
+    A process that joins stops with its launcher (:func:`stop_with_launcher`).
+
     Returns:
         The device this process computes on (``cuda:LOCAL_RANK`` under NCCL).
 
@@ -77,6 +88,7 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
         raise ValueError(
             f"environment has {present} but not {missing}; start with torchrun (it sets all of {list(TORCHRUN_ENV)})"
         )
+    stop_with_launcher()
     if device.type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
@@ -88,6 +100,17 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
         device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return device
+
+
+def stop_with_launcher() -> None:
+    """Have the kernel kill this process (SIGKILL) when its parent, the launcher, dies; Linux only.
+
+    torchrun stops its ranks when it is interrupted or one of them fails, but a ``kill -9`` of torchrun
+    itself would leave them training as orphans that hold the run folder's lock. Work since the last
+    checkpoint is lost, as when the ranks themselves are killed.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def shutdown() -> None:
@@ -158,6 +181,15 @@ def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     for p, g in zip(params, all_reduce_mean(grads)):
         p.grad = g
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of the integers the processes pass (``value`` itself without a process group)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_buffer_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0])
 
 
 def check_same(what: str, value: int | float) -> None:

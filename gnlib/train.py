@@ -26,6 +26,9 @@ import contextlib
 import hashlib
 import json
 import math
+import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,14 +55,35 @@ HISTORY_JSONL = "history.jsonl"
 HISTORY_CSV = "history.csv"
 METADATA = "metadata.json"
 LOCK = ".lock"
+#: Key of a ``history.jsonl`` row naming the values that were not finite (written as null): ``{"val_loss": "nan"}``.
+NONFINITE = "nonfinite"
 #: Keys ``train`` adds to the metadata it saves (not part of a run's settings).
 _RUN_KEYS = ("status", "status_reason", "fingerprint", "world_size")
 #: Metadata that describes how a run is priced, not what it computes: a run resumes whatever it says.
 _NOT_FINGERPRINTED = ("pass_costs",)
+#: How a stopped run is resumed, as the messages say it.
+RESUME = "(the same command line) to resume"
 
 
 class RunFolderBusy(RuntimeError):
     """Another process is writing to the run folder (it holds the folder's lock)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C, a kernel interrupt) or SIGTERM stopped a run after a step; its checkpoint is written.
+
+    Attributes:
+        signum: the signal (a shell reports exit status ``128 + signum``).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        """``message`` says where the run stopped and how to resume it."""
+        super().__init__(message)
+        self.signum = signum
+
+
+class CheckpointNotWritten(OSError):
+    """History or checkpoint could not be written (e.g. a full disk); the message says what was kept."""
 
 
 @contextlib.contextmanager
@@ -132,23 +156,48 @@ class History:
         return values[-1] if values else None
 
     def save(self, run_dir: str | Path) -> None:
-        """Write ``history.jsonl``, ``history.csv`` and ``metadata.json`` (with the status) atomically."""
+        """Write ``history.jsonl``, ``history.csv`` and ``metadata.json`` (with the status) atomically.
+
+        ``history.jsonl`` is strict JSON: a value that is not finite is written null and named, with its
+        value, in the row's ``nonfinite`` mapping. In ``history.csv`` such a value reads ``nan``, ``inf`` or
+        ``-inf``, and an empty cell is a value not measured at that step.
+        """
         run_dir = Path(run_dir)
-        atomic_write_text(
-            run_dir / HISTORY_JSONL, "".join(json.dumps(r, default=_json_default) + "\n" for r in self.rows)
-        )
-        atomic_write_text(run_dir / HISTORY_CSV, self.to_frame().to_csv(index=False))
+        atomic_write_text(run_dir / HISTORY_JSONL, "".join(json.dumps(_json_row(r)) + "\n" for r in self.rows))
+        atomic_write_text(run_dir / HISTORY_CSV, self._csv())
         atomic_write_json(run_dir / METADATA, {**self.metadata, "status": self.status, "status_reason": self.reason})
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "History":
         """Read a History written by :meth:`save`."""
         run_dir = Path(run_dir)
-        rows = [json.loads(line) for line in (run_dir / HISTORY_JSONL).read_text().splitlines() if line]
+        rows = [_row_from_json(json.loads(line)) for line in (run_dir / HISTORY_JSONL).read_text().splitlines() if line]
         metadata = json.loads((run_dir / METADATA).read_text())
         status = metadata.pop("status", "completed")
         reason = metadata.pop("status_reason", None)
         return cls(rows=rows, status=status, metadata=metadata, reason=reason)
+
+    def _csv(self) -> str:
+        """``history.csv``'s text: non-finite values as ``nan``/``inf``, values not measured as empty cells."""
+        rows = [{k: str(v) if _non_finite(v) else v for k, v in row.items()} for row in self.rows]
+        return pd.DataFrame(rows).to_csv(index=False)
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` for ``history.jsonl``: tensors as numbers, non-finite values null and listed under ``nonfinite``."""
+    row = {k: _json_default(v) if isinstance(v, Tensor) else v for k, v in row.items()}
+    bad = {k: str(v) for k, v in row.items() if _non_finite(v)}
+    return {**{k: None if k in bad else v for k, v in row.items()}, **({NONFINITE: bad} if bad else {})}
+
+
+def _row_from_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read from ``history.jsonl``, with its non-finite values restored."""
+    bad = row.pop(NONFINITE, {})
+    return {**row, **{k: float(v) for k, v in bad.items()}}
 
 
 def _fmt(value: float | None) -> str:
@@ -213,11 +262,56 @@ def _read_checkpoint(path: Path, device: torch.device, *, move_aside: bool) -> d
             aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
             path.rename(aside)
             print(
-                f"{path} cannot be read ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); moved it "
-                f"to {aside.name} and starting this run afresh"
+                f"{path} cannot be read ({type(err).__name__}: {_load_failure(err)}); moved it to {aside.name} and "
+                "starting this run afresh"
             )
         return None
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load`` failed, as its first whole sentence.
+
+    Torch's advice to load with ``weights_only=False`` is left out: that runs whatever code the file holds,
+    which no one should do for a file that is not what it claims to be.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("WeightsUnpickler error:")[-1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "no details")
+    return re.split(r"(?<=\.)\s", first, maxsplit=1)[0]
+
+
+def load_weights(path: str | Path, device: str | torch.device, *, parameter: str) -> dict[str, Tensor]:
+    """The model weights (a state dict saved by ``torch.save``) in the file ``path``, loaded onto ``device``.
+
+    Loaded with ``weights_only=True``: nothing in the file is run.
+
+    Args:
+        path: the file.
+        device: where the tensors go.
+        parameter: the setting that named the file, for the error message (e.g. ``"init_checkpoint"``).
+
+    Raises:
+        ValueError: the file cannot be read, or holds something other than a mapping of names to tensors.
+    """
+    fix = "give a file saved by torch.save(model.state_dict(), path), e.g. a warm-up's model.pt"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch.load raises many types on a torn or foreign file
+        failure = f"{type(err).__name__}: {_load_failure(err)}"
+        raise ValueError(f"{parameter}={str(path)!r} cannot be read as model weights ({failure}); {fix}") from None
+    stray = _not_a_tensor(state)
+    if stray is not None:
+        raise ValueError(f"{parameter}={str(path)!r} holds {stray}, where model weights hold tensors only; {fix}")
+    return state
+
+
+def _not_a_tensor(state: Any) -> str | None:
+    """What in ``state`` is not a named tensor, in words (None when it is a mapping of names to tensors)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    return next(
+        (f"{key!r}: a {type(value).__name__}" for key, value in state.items() if not isinstance(value, Tensor)), None
+    )
 
 
 def _saved_fingerprint(run_dir: Path) -> str | None:
@@ -395,6 +489,7 @@ class _Loop:
     fingerprint: str
     world: int
     main: bool
+    saved_step: int | None = None  # the step the checkpoint in run_dir holds (None: no checkpoint yet)
 
     @property
     def draws_batches(self) -> bool:
@@ -441,6 +536,7 @@ class _Loop:
         self.history.rows = json.loads(state["rows"])
         self.history.status = state["status"]
         self.history.reason = state.get("reason")
+        self.saved_step = self.history.rows[-1]["step"]
         return self.history.rows[-1]["wall_time"]
 
     def step(self, step: int) -> dict[str, Any]:
@@ -486,14 +582,15 @@ class _Loop:
         start_loss = history.rows[0]["val_loss"]
         limit = s.divergence_factor * start_loss if math.isfinite(start_loss) else math.inf
         rejected = _rejected_steps(history.rows)
+        exploded = [key for key, value in losses.items() if value > limit]
         if not all(math.isfinite(value) for value in losses.values()):
             bad = ", ".join(f"{key} {value}" for key, value in losses.items() if not math.isfinite(value))
             history.status, history.reason = "diverged", f"non-finite loss at step {row['step']} ({bad})"
-        elif losses.get("val_loss", -math.inf) > limit:
+        elif exploded:
             history.status = "diverged"
             history.reason = (
-                f"val_loss {losses['val_loss']:.4g} at step {row['step']} exceeds {s.divergence_factor:g}x the "
-                f"start's {start_loss:.4g} (divergence_factor)"
+                f"{exploded[0]} {losses[exploded[0]]:.4g} at step {row['step']} exceeds {s.divergence_factor:g}x "
+                f"the start's validation loss {start_loss:.4g} (divergence_factor)"
             )
         elif rejected >= s.stall_steps:
             history.status = "stalled"
@@ -504,14 +601,45 @@ class _Loop:
             )
         elif s.target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= s.target_loss:
             history.status = "reached_target"
+        elif last and row["val_loss"] > start_loss:
+            history.status = "diverged"
+            history.reason = (
+                f"val_loss {row['val_loss']:.4g} at the last step is above the start's {start_loss:.4g}: the run "
+                "made the model worse"
+            )
         elif last:
             history.status = "completed"
 
     def checkpoint(self) -> None:
-        """Write History and a resumable checkpoint to ``run_dir`` (rank 0 only; nothing without a folder)."""
+        """Write History and a resumable checkpoint to ``run_dir`` (rank 0 only; nothing without a folder).
+
+        Raises:
+            CheckpointNotWritten: a write failed (e.g. the disk is full); the last checkpoint is intact.
+        """
         run_dir = self.settings.run_dir
         if run_dir is None or not self.main:
             return
+        try:
+            self.write_checkpoint(run_dir)
+        except OSError as err:
+            raise CheckpointNotWritten(self.not_written(err)) from err
+        self.saved_step = self.history.rows[-1]["step"]
+
+    def not_written(self, err: OSError) -> str:
+        """Why this run's outputs could not be written (``err``), what the folder still holds, how to resume."""
+        run_dir, step = self.settings.run_dir, self.history.rows[-1]["step"]
+        kept = (
+            f"nothing was lost: {run_dir / CHECKPOINT} still holds step {self.saved_step}, the last checkpoint"
+            if self.saved_step is not None
+            else "no checkpoint had been written yet, so the run will start again from step 0"
+        )
+        return (
+            f"cannot write the outputs of step {step} to {run_dir} ({err.strerror or err}); {kept}. Make room "
+            f"there, then run again with the same settings and output folder {RESUME}"
+        )
+
+    def write_checkpoint(self, run_dir: Path) -> None:
+        """History and the state ``resume`` reads, written atomically to ``run_dir``."""
         self.history.save(run_dir)
         sampler = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else {}
         atomic_torch_save(
@@ -530,7 +658,11 @@ class _Loop:
         )
 
     def run(self) -> History:
-        """Resume, evaluate step 0, then step, evaluate when due, judge and checkpoint until the run ends."""
+        """Resume, evaluate step 0, then step, evaluate when due, judge and checkpoint until the run ends.
+
+        Raises:
+            RunInterrupted: SIGINT or SIGTERM came; the step under way was finished and checkpointed.
+        """
         s, history = self.settings, self.history
         start = time.perf_counter() - self.resume()
         distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
@@ -539,26 +671,11 @@ class _Loop:
         if not history.rows:
             history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **self.evaluate()})
             self.judge(history.rows[0], last=False)
-        first = history.rows[-1]["step"] + 1 if history.status == "running" else s.steps + 1
-        bar = tqdm(total=s.steps, initial=first - 1, desc=s.label, unit="step", disable=not s.progress, mininterval=1.0)
-        for step in range(first, s.steps + 1):
-            row = {"step": step, **self.step(step)}
-            row["tokens"] += history.rows[-1]["tokens"]
-            last = step == s.steps
-            due = s.eval_schedule(step) if s.eval_schedule is not None else step % s.eval_every == 0
-            row.update(self.evaluate() if (due or last) else {"val_loss": None})
-            row["wall_time"] = time.perf_counter() - start
-            history.rows.append(row)
-            self.judge(row, last)
-            bar.update()
-            if row["val_loss"] is not None:
-                bar.set_postfix_str(f"train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}", refresh=False)
-            if history.status != "running":
-                break
-            if s.checkpoint_every and step % s.checkpoint_every == 0:
-                self.checkpoint()
-        bar.close()
-        self.checkpoint()
+        with _StopSignals(repeat_aborts=not distributed.in_process_group()) as signals:
+            stopped_by = self.train_steps(start, signals)
+            self.checkpoint()
+            if stopped_by:
+                raise self.interrupted(stopped_by)
         if s.progress:
             last_row = history.rows[-1]
             print(
@@ -567,6 +684,95 @@ class _Loop:
                 + (f" ({history.reason})" if history.reason else "")
             )
         return history
+
+    def train_steps(self, start: float, signals: "_StopSignals") -> int:
+        """Step, evaluate when due, judge and checkpoint until the run ends or a signal stops it.
+
+        Args:
+            start: ``time.perf_counter()`` at the run's start (resumed runs: minus their earlier wall time).
+            signals: the signals noted while the run lasts.
+
+        Returns:
+            The signal that stopped the run after a step (the same on every process), else 0.
+        """
+        s, history = self.settings, self.history
+        first = history.rows[-1]["step"] + 1 if history.status == "running" else s.steps + 1
+        bar = tqdm(total=s.steps, initial=first - 1, desc=s.label, unit="step", disable=not s.progress, mininterval=1.0)
+        with bar:
+            for step in range(first, s.steps + 1):
+                row = {"step": step, **self.step(step)}
+                row["tokens"] += history.rows[-1]["tokens"]
+                last = step == s.steps
+                due = s.eval_schedule(step) if s.eval_schedule is not None else step % s.eval_every == 0
+                row.update(self.evaluate() if (due or last) else {"val_loss": None})
+                row["wall_time"] = time.perf_counter() - start
+                history.rows.append(row)
+                self.judge(row, last)
+                bar.update()
+                if row["val_loss"] is not None:
+                    bar.set_postfix_str(f"train {_fmt(row['train_loss'])}  val {_fmt(row['val_loss'])}", refresh=False)
+                if history.status != "running":
+                    break
+                stopped_by = signals.agreed()
+                if stopped_by:
+                    return stopped_by
+                if s.checkpoint_every and step % s.checkpoint_every == 0:
+                    self.checkpoint()
+        return 0
+
+    def interrupted(self, signum: int) -> RunInterrupted:
+        """The exception that ends a run stopped by ``signum``: one line, where it stopped and how to resume."""
+        s, step = self.settings, self.history.rows[-1]["step"]
+        kept = (
+            f"checkpoint written to {s.run_dir / CHECKPOINT}; run again with the same settings and output folder "
+            f"{RESUME} from step {step}"
+            if s.run_dir is not None
+            else "nothing was saved (no run_dir), so it cannot be resumed"
+        )
+        return RunInterrupted(
+            f"{s.label}: stopped by {signal.Signals(signum).name} after step {step}/{s.steps}; {kept}", signum
+        )
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM while a run trains: noted, so that the run stops once the step under way is done.
+
+    Handlers are installed in the main thread only (Python runs them there; elsewhere the signals keep
+    their effect). A second signal aborts at once (``KeyboardInterrupt``) when ``repeat_aborts``; under
+    torchrun it does not, since the launcher passes on the user's signal (and kills after a timeout). A
+    signal noted but not acted on (it came during the last step or checkpoint) is raised again on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, *, repeat_aborts: bool) -> None:
+        """Nothing noted yet; ``repeat_aborts``: a second signal raises ``KeyboardInterrupt`` at once."""
+        self.repeat_aborts = repeat_aborts
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        """Install the handlers (main thread only)."""
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.note) for signum in self.SIGNALS}
+        return self
+
+    def note(self, signum: int, frame: Any) -> None:
+        """The handler: remember the first signal; on a second one abort if ``repeat_aborts``."""
+        if self.received is not None and self.repeat_aborts:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def agreed(self) -> int:
+        """The signal that stops the run on every process (the largest any process noted), else 0."""
+        return distributed.all_reduce_max(self.received or 0)
+
+    def __exit__(self, *exc: Any) -> None:
+        """Restore the handlers; raise a signal noted but not acted on, unless an exception is under way."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.received is not None and exc[0] is None:
+            signal.raise_signal(self.received)
 
 
 def train_to_checkpoints(

@@ -13,6 +13,11 @@ field; a flag overrides the file)::
 ``batch_size`` K·b (:mod:`gnlib.distributed`). History, metadata and checkpoints go to
 ``outputs/<name>/`` (``--output_dir`` to choose), written by rank 0; rerunning the same command resumes
 from the last checkpoint (``--checkpoint_every``) with the same number of processes.
+
+Ctrl-C (SIGINT) or SIGTERM ends the step under way, writes a checkpoint, prints one line saying how to
+resume, and exits with status 130 or 143. Unusable input (a bad setting, a corpus or tokenizer that
+cannot be had, an unreadable ``--init_checkpoint``, an output folder in use or that cannot be written)
+is one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +36,7 @@ import yaml
 from gnlib import distributed
 from gnlib.runs import RunSpec, run
 from gnlib.runtime import ConfigLoader
-from gnlib.train import History, RunFolderBusy
+from gnlib.train import CheckpointNotWritten, History, RunFolderBusy, RunInterrupted, load_weights
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 
@@ -97,6 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The RunSpec of the config file updated by the flags given; validated.
 
+    ``init_checkpoint`` is read here, so that a file that holds no model weights is named before the
+    corpus is built.
+
     Raises:
         ValueError: unknown config keys or any invalid field (before data or model are built).
     """
@@ -109,6 +119,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     except ValueError as err:
         source = " and ".join([f"config {args.config}"] * bool(args.config) + ["flags"] * bool(flags))
         raise ValueError(f"{err} (settings from {source or 'defaults'})") from err
+    if spec.init_checkpoint is not None:
+        load_weights(spec.init_checkpoint, "cpu", parameter="init_checkpoint")
     return spec
 
 
@@ -127,13 +139,33 @@ def main(argv: Sequence[str] | None = None) -> History:
         distributed.shutdown()
 
 
+#: What :func:`cli` reports as ``error: <message>`` and exit status 2: input that cannot be used (the
+#: data and tokenizer modules raise FileNotFoundError and ConnectionError naming the source), a busy
+#: output folder, and outputs that cannot be written.
+INPUT_ERRORS = (ValueError, RunFolderBusy, FileNotFoundError, ConnectionError, CheckpointNotWritten)
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
-    """:func:`main` for the shell: bad input and a busy output folder print ``error: ...`` and exit 2."""
+    """:func:`main` for the shell: exit status 0, 2 (``error: ...`` on unusable input) or 128 + the signal.
+
+    A run stopped by SIGINT or SIGTERM prints (rank 0 only) the line saying how to resume it; an interrupt
+    outside the training steps (before training, or a second Ctrl-C) one line too.
+    """
     try:
         main(argv)
-    except (ValueError, RunFolderBusy) as err:
+    except INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(err, file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the output folder keeps its last checkpoint; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
     return 0
 
 
