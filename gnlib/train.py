@@ -18,6 +18,10 @@ clipping), the training and validation losses are averaged (each process evaluat
 is the loss on the whole batches), ``tokens`` counts the tokens of all processes, and rank 0 alone prints
 and writes History and checkpoints (every process keeps History in memory). Every process resumes from
 the same checkpoint, which records the number of processes; resuming with another number is refused.
+
+SIGINT (Ctrl-C, a Jupyter kernel interrupt) or SIGTERM during the steps does not cut a step short: the
+step under way is finished and checkpointed, then :class:`RunInterrupted` (a ``KeyboardInterrupt``) says
+how to resume; the rerun continues exactly where it stopped. A second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -126,7 +130,8 @@ class History:
             ``val_loss_raw`` (the raw iterate's, only with such parameters), ``lr`` and the optimizer's
             diagnostics.
         status: ``"running"``, ``"completed"`` (all steps done), ``"reached_target"``, ``"diverged"``
-            (non-finite or exploding loss) or ``"stalled"`` (the optimizer took no step several times in a row).
+            (non-finite or exploding loss, or a last validation loss above the start's) or ``"stalled"``
+            (the optimizer took no step several times in a row).
         metadata: free-form run description (corpus hash, model config, optimizer settings, seed, ...).
         reason: why a run diverged or stalled, in words (None otherwise).
     """
@@ -403,8 +408,9 @@ def train(
         overwrite: replace a run with other settings found in ``run_dir`` instead of refusing.
         stall_steps: status ``"stalled"`` after this many consecutive outer steps in which the optimizer
             reported that it took no step (diagnostic ``alpha == 0``: a rejected Gauss-Newton line search).
-        divergence_factor: status ``"diverged"`` when a loss is not finite or exceeds this multiple of the
-            validation loss at step 0.
+        divergence_factor: status ``"diverged"`` when a training or validation loss is not finite or
+            exceeds this multiple of the validation loss at step 0 (a run whose last validation loss is
+            above the start's is ``"diverged"`` too: it made the model worse).
         label: name of the run in its progress bar and final line (e.g. the optimizer).
 
     Returns:
@@ -414,6 +420,9 @@ def train(
         ValueError: bad arguments, ``run_dir`` holds a run with other settings (and not ``overwrite``), or
             this run's checkpoint written by another number of processes.
         RunFolderBusy: another process is running into ``run_dir``.
+        RunInterrupted: SIGINT or SIGTERM stopped the run after a step, checkpointed in ``run_dir``.
+        CheckpointNotWritten: History or the checkpoint could not be written (e.g. a full disk); the
+            message says which step the last checkpoint holds.
     """
     for name, value, low in (
         ("steps", steps, 1),
