@@ -122,8 +122,14 @@ def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None) ->
     return dataclasses.replace(base, data_start=base.data_start + tokens_drawn(warmup, warmup_steps))
 
 
+#: Fixed validation batches of a spec that leaves ``val_batches`` unset (``gnlib.runs`` passes its protocol's).
+DEFAULT_VAL_BATCHES = 8
+
+
 def build_run_data(spec: Any, device: torch.device, *, tokenizer_cache: str = "outputs/tokenizers") -> RunData:
     """Tokenizer, training batches and validation set of ``spec`` (module docstring).
+
+    ``spec.val_batches`` None means :data:`DEFAULT_VAL_BATCHES`.
 
     Raises:
         ValueError: the tokenizer's vocabulary exceeds ``model_overrides['vocab_size']``, a split too short for
@@ -131,6 +137,8 @@ def build_run_data(spec: Any, device: torch.device, *, tokenizer_cache: str = "o
         ConnectionError: ``t5`` or an ``hf:`` corpus while the hub is unreachable.
     """
     check_data_fields(spec)
+    if spec.val_batches is None:
+        spec = dataclasses.replace(spec, val_batches=DEFAULT_VAL_BATCHES)
     if spec.data == "stream" and spec.corpus.startswith("hf:"):
         data = _hf_stream(spec, device, tokenizer_cache)
     else:

@@ -42,13 +42,13 @@ a deliberate, cheaper difference, each choice with what it costs and changes:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from gnlib.distributed import world_size
 from gnlib.optim.gauss_newton import line_search_grid
+from gnlib.pipeline import DEFAULT_VAL_BATCHES
 from gnlib.runtime import check_choice
 
 PROTOCOLS = ("gnlib", "paper")
@@ -113,6 +113,9 @@ PAPER_VAL_SEQUENCES: dict[str, int] = {
 #: ``protocol="paper"``: GN evaluates every this many updates in the first half of a run (then every update).
 PAPER_EVAL_EVERY = 10
 
+#: ``protocol="gnlib"``: evaluation period of a spec that leaves ``eval_every`` unset.
+GNLIB_EVAL_EVERY = 10
+
 
 def paper_eval_schedule(steps: int, every: int = PAPER_EVAL_EVERY) -> Callable[[int], bool]:
     """The reference GN script's evaluations, as ``updates made -> bool`` for a run of ``steps`` updates.
@@ -164,8 +167,8 @@ def _merge(protocol: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[
 def resolve(spec: Any) -> Resolved:
     """The options and evaluation settings of ``spec`` (a RunSpec) under ``spec.protocol``.
 
-    RunSpec fields left at their dataclass default (``eval_every``, ``val_batches``) take the protocol's
-    value; a field set to another value, and every key of ``spec.hyperparameters``, overrides it.
+    ``eval_every`` and ``val_batches`` left unset (None) take the protocol's value; set to any value, even
+    the protocol's own, they win, as does every key of ``spec.hyperparameters``.
 
     Raises:
         ValueError: unknown protocol, naming the allowed ones.
@@ -174,24 +177,27 @@ def resolve(spec: Any) -> Resolved:
     given = dict(spec.hyperparameters)
     if spec.protocol == "gnlib":
         record = {"protocol": "gnlib", "from_protocol": {}, "overridden": {}}
-        return Resolved(given, spec.val_batches, spec.eval_every, None, record)
+        val_batches = DEFAULT_VAL_BATCHES if spec.val_batches is None else spec.val_batches
+        eval_every = GNLIB_EVAL_EVERY if spec.eval_every is None else spec.eval_every
+        return Resolved(given, val_batches, eval_every, None, record)
     options = PAPER_OPTIONS.get(spec.optimizer, {})
     if given.get("solver") == "cg":
         options = PAPER_OPTIONS["gn_cg"]
     elif given.get("solver", "muon") != "muon":  # the protocol's solver options are Muon's
         options = {k: v for k, v in options.items() if k != "solver_options"}
     hyperparameters, kept, overridden = _merge(options, given)
-    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
     # under torchrun a batch holds batch_size sequences per process
     val_batches = math.ceil(PAPER_VAL_SEQUENCES[spec.preset] / (spec.batch_size * world_size()))
     gn = spec.optimizer.startswith("gn")
     run_settings = {"val_batches": val_batches, "eval_every": PAPER_EVAL_EVERY if gn else 1}
     for name, value in run_settings.items():
-        if getattr(spec, name) != defaults[name]:
-            overridden[name] = {"protocol": value, "given": getattr(spec, name)}
-            run_settings[name] = getattr(spec, name)
-        else:
+        given_value = getattr(spec, name)
+        if given_value is None:
             kept[name] = value
+            continue
+        if given_value != value:
+            overridden[name] = {"protocol": value, "given": given_value}
+        run_settings[name] = given_value
     if gn:
         kept["eval_schedule"] = "after updates 1, 1 + eval_every, ... in the first half, then after every update"
     record = {"protocol": "paper", "from_protocol": kept, "overridden": overridden}

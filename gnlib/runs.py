@@ -52,8 +52,8 @@ class RunSpec:
             accumulation·batch_size·seq_len); Gauss-Newton draws ``inner_steps`` micro-batches itself.
         schedule: LR schedule for first-order optimizers (``gnlib.optim.schedules``).
         target_loss: stop at this validation loss (None: run all steps).
-        eval_every: evaluate every this many steps.
-        val_batches: number of fixed validation batches.
+        eval_every: evaluate every this many steps (None: the protocol's; 10 under ``"gnlib"``).
+        val_batches: number of fixed validation batches (None: the protocol's; 8 under ``"gnlib"``).
         seed: seeds the model initialisation and the training batch stream.
         device: ``"cpu"``, ``"cuda"``, ...
         hyperparameters: further keyword arguments for the optimizer.
@@ -68,8 +68,9 @@ class RunSpec:
         corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
             streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
         protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
-            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and non-default
-            ``eval_every``/``val_batches`` override it, recorded in ``metadata["protocol"]``.
+            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and ``eval_every``/
+            ``val_batches`` given (not None) override it, whatever their value, recorded in
+            ``metadata["protocol"]``.
         costs: how Gauss-Newton's passes are priced in gradient-step equivalents (:mod:`gnlib.costs`):
             ``"measured"`` (timed on this run's model and micro-batch before training, cached per
             configuration) or ``"flops"`` (the FLOP model); a ``pass_costs`` dict in ``hyperparameters``
@@ -86,8 +87,8 @@ class RunSpec:
     accumulation: int = 1
     schedule: str = "constant"
     target_loss: float | None = None
-    eval_every: int = 10
-    val_batches: int = 8
+    eval_every: int | None = None
+    val_batches: int | None = None
     seed: int = 0
     device: str = "cpu"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -109,7 +110,8 @@ class RunSpec:
         check_choice("costs", self.costs, COST_MODELS)
         resolve_device(self.device)
         for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches", "seed"):
-            check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
+            if getattr(self, name) is not None or name not in ("eval_every", "val_batches"):
+                check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
         check_positive_number("lr", self.lr, owner=f"optimizer {self.optimizer!r}")
         if not isinstance(self.hyperparameters, dict) or not isinstance(self.model_overrides, dict):
             raise ValueError(

@@ -693,3 +693,16 @@ def test_paper_grids_hold_the_reference_values(preset):
     assert parameters["preset"] == preset
     assert max(grid["grid"]["micro_batches"]) == 122  # tpl:41: N = 122 inner steps of 32 × 1024 tokens
     assert set(grid["grid"]["optimizers"]) >= {"adamw", "muon", "soap", "gn", "gn_layerwise"}
+
+
+@pytest.mark.parametrize("optimizer", ["gn", "adamw"])
+def test_a_setting_the_user_gave_wins_even_at_the_old_default(optimizer):
+    """eval_every=10 and val_batches=8 given under the paper protocol are used, not read as "unset"."""
+    spec = RunSpec(
+        optimizer=optimizer, preset="paper_tiny", protocol="paper", batch_size=4, eval_every=10, val_batches=8
+    )
+    resolved = resolve(spec)
+    assert (resolved.val_batches, resolved.eval_every) == (8, 10)
+    unset = resolve(dataclasses.replace(spec, eval_every=None, val_batches=None))
+    assert unset.val_batches == 128 // 4 and unset.eval_every == (10 if optimizer == "gn" else 1)
+    assert "val_batches" in resolved.record["overridden"] and "val_batches" in unset.record["from_protocol"]
