@@ -6,7 +6,8 @@
   end-of-document token is the NUL byte 0.
 * ``"t5"``: T5's SentencePiece vocabulary (the study's) through the ``tokenizers`` library, fetched from the
   Hugging Face hub as ``google-t5/t5-base`` (online only); ``"t5:<path/to/tokenizer.json>"`` reads a
-  local copy (offline). End of document: ``</s>``.
+  local copy (offline). End of document: ``</s>``. The model gets 32,000 ids, as the study's: T5's 100
+  sentinel ids after them never occur in text (a text holding one is refused).
 * ``"bpe:<vocab size>"``: byte-level BPE trained with ``tokenizers`` on the training documents handed in
   (the run's own training split), cached as ``<cache>/bpe-<hash>.json`` (hash of the vocabulary size and
   the training text), so a CPU user gets subword tokens offline. End of document: ``<eos>``, id 0.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -30,6 +32,8 @@ from gnlib.runtime import atomic_write_text
 
 TOKENIZER_FORMS = ["bytes", "t5", "t5:<path to tokenizer.json>", "bpe:<vocab size>"]
 T5_HUB_NAME = "google-t5/t5-base"
+#: T5's sentinel tokens, the last 100 ids of its vocabulary (span corruption only).
+SENTINEL = re.compile(r"<extra_id_\d+>")
 BPE_EOS = "<eos>"
 BPE_MIN_VOCAB = 257  # 256 byte symbols + the end-of-document token
 
@@ -56,20 +60,39 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` with an end-of-document token, behind gnlib's tokenizer interface."""
+    """A ``tokenizers.Tokenizer`` with an end-of-document token, behind gnlib's tokenizer interface.
 
-    def __init__(self, spec: str, tokenizer, eos_token: str) -> None:
+    ``vocab_size`` counts the ids a model needs: T5's (``sentinels=True``) stops before its 100 sentinel
+    tokens ``<extra_id_N>`` (32,000 of 32,100 ids, as the study's model), which never occur in text; a
+    text that holds one is refused when encoded.
+    """
+
+    def __init__(self, spec: str, tokenizer, eos_token: str, *, sentinels: bool = False) -> None:
         """Wrap ``tokenizer`` (a ``tokenizers.Tokenizer``) whose vocabulary holds ``eos_token``."""
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
             raise ValueError(f"tokenizer={spec!r} has no end-of-document token {eos_token!r} in its vocabulary")
         self.spec, self.name, self.hf, self.eos_id = spec, spec, tokenizer, eos_id
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if sentinels:
+            ids = [i for token, i in tokenizer.get_vocab(with_added_tokens=True).items() if SENTINEL.fullmatch(token)]
+            self.vocab_size = min(ids, default=self.vocab_size)
         self.sha256 = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self._covered(self.hf.encode(text, add_special_tokens=False).ids)
+
+    def _covered(self, ids: list[int]) -> list[int]:
+        """``ids``, or a ValueError naming the first id beyond ``vocab_size`` (a T5 sentinel in the text)."""
+        beyond = [i for i in ids if i >= self.vocab_size]
+        if beyond:
+            raise ValueError(
+                f"tokenizer={self.spec!r}: the text holds {self.hf.id_to_token(beyond[0])!r} (id {beyond[0]}), a "
+                f"sentinel id beyond the model's {self.vocab_size} ids, which never occurs in natural text; "
+                f"remove it from the corpus"
+            )
+        return ids
 
     def encode_tensor(self, text: str) -> Tensor:
         """Token ids of ``text`` as a LongTensor (n,)."""
@@ -77,7 +100,7 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (the library tokenizes them in parallel)."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        return [self._covered(e.ids) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         """Text of ``ids``."""
@@ -137,7 +160,7 @@ def make_tokenizer(
     if name == "t5":
         return _t5_from_hub()
     if name.startswith("t5:"):
-        return _from_file(name, Path(os.path.expanduser(name[len("t5:") :])), eos_token="</s>")
+        return _from_file(name, Path(os.path.expanduser(name[len("t5:") :])), eos_token="</s>", sentinels=True)
     if training_texts is None:
         raise ValueError(f"tokenizer={name!r} is trained on the run's training documents; pass training_texts")
     return _bpe(name, int(name[len("bpe:") :]), training_texts, cache_dir)
@@ -156,14 +179,14 @@ def _t5_from_hub() -> HFTokenizer:
     from tokenizers import Tokenizer as HF
 
     try:
-        return HFTokenizer("t5", HF.from_pretrained(T5_HUB_NAME), eos_token="</s>")
+        return HFTokenizer("t5", HF.from_pretrained(T5_HUB_NAME), eos_token="</s>", sentinels=True)
     except Exception as err:  # the hub raises many types; report them as one, with the way out
         raise ConnectionError(
             f"tokenizer='t5': could not fetch {T5_HUB_NAME} ({type(err).__name__}: {err}); use {local}"
         ) from err
 
 
-def _from_file(spec: str, path: Path, eos_token: str) -> HFTokenizer:
+def _from_file(spec: str, path: Path, eos_token: str, *, sentinels: bool = False) -> HFTokenizer:
     """A tokenizer from a ``tokenizer.json`` file, or a ValueError naming the file when it does not parse."""
     from tokenizers import Tokenizer as HF
 
@@ -171,7 +194,7 @@ def _from_file(spec: str, path: Path, eos_token: str) -> HFTokenizer:
         tokenizer = HF.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
         raise ValueError(f"tokenizer={spec!r}: {str(path)!r} is not a valid tokenizer.json ({err})") from err
-    return HFTokenizer(spec, tokenizer, eos_token)
+    return HFTokenizer(spec, tokenizer, eos_token, sentinels=sentinels)
 
 
 def _bpe(spec: str, vocab_size: int, training_texts: Callable[[], Iterable[str]], cache_dir: str | Path) -> HFTokenizer:

@@ -71,6 +71,18 @@ def test_t5_from_a_local_tokenizer_json(tmp_path):
         make_tokenizer(f"t5:{_t5_like_file(tmp_path / 'other.json', eos='<eos>')}")
 
 
+def test_t5_vocabulary_stops_before_its_sentinels_and_refuses_text_holding_one(tmp_path):
+    path = _t5_like_file(tmp_path / "tokenizer.json")
+    hf = Tokenizer.from_file(str(path))
+    hf.add_special_tokens([f"<extra_id_{i}>" for i in range(3)])  # T5's sentinels follow its 32,000 ids
+    hf.save(str(path))
+    tok = make_tokenizer(f"t5:{path}")
+    assert (hf.get_vocab_size(with_added_tokens=True), tok.vocab_size) == (33, 30)
+    assert max(tok.encode("hello world")) < tok.vocab_size
+    with pytest.raises(ValueError, match=r"t5:.*holds '<extra_id_1>' \(id 31\).*beyond the model's 30 ids"):
+        tok.encode_batch(["plain text", "a span <extra_id_1> left by a masking tool"])
+
+
 def test_unparsable_tokenizer_json_names_the_parameter_and_file(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"model": {"type": "Unigram", "vocab": [[1, 2')
