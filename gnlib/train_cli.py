@@ -161,10 +161,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
             print(err, file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
-        print(
-            "interrupted: the output folder keeps its last checkpoint; rerun the same command to resume",
-            file=sys.stderr,
-        )
+        kept = "the output folder keeps the last checkpoint written, if any"
+        print(f"interrupted: {kept}; run the same command again to resume", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
 
