@@ -25,6 +25,7 @@ import pandas as pd
 from gnlib.runtime import atomic_write_text
 from gnlib.study import critical_batch_size, study_table_from_sweep
 from gnlib.sweep import read_results_table
+from gnlib.tables import has_ema
 
 #: Display names of the optimizers, in the order tables list them.
 NAMES = {
@@ -85,12 +86,17 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
         f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seed(s) (min-max); "
         '"missed" when most seeds did not reach it.',
         "",
-        _table(
-            ["setting", *[f"{b:,} tokens/step" for b in batches]],
-            [[NAMES.get(o, o), *[_steps_cell(chosen, o, b) for b in batches]] for o in settings],
-        ),
+        _steps_table(chosen, settings, batches, "steps_to_target"),
         "",
     ]
+    if has_ema(chosen):
+        lines += [
+            f"The same on the raw iterate: runs evaluated on an EMA of their iterates read steps to {target} off the "
+            "EMA above and off the iterate itself here (the others read the same here as above).",
+            "",
+            _steps_table(chosen, settings, batches, "steps_to_target_raw"),
+            "",
+        ]
     reference = reference if reference in settings else settings[0]
     lines += _ratio_section(chosen, settings, batches, reference, unit)
     if len(batches) > 1:
@@ -264,9 +270,17 @@ def _runs(chosen: pd.DataFrame, optimizer: str, tokens: int) -> pd.DataFrame:
     return chosen.loc[(chosen["optimizer"] == optimizer) & (chosen["tokens_per_step"] == tokens)]
 
 
-def _steps_cell(chosen: pd.DataFrame, optimizer: str, tokens: int) -> str:
+def _steps_table(chosen: pd.DataFrame, settings: list[str], batches: list[int], value: str) -> str:
+    """Steps to target (``value``) per setting and tokens per step, as :func:`_steps_cell` writes them."""
+    return _table(
+        ["setting", *[f"{b:,} tokens/step" for b in batches]],
+        [[NAMES.get(o, o), *[_steps_cell(chosen, o, b, value) for b in batches]] for o in settings],
+    )
+
+
+def _steps_cell(chosen: pd.DataFrame, optimizer: str, tokens: int, value: str = "steps_to_target") -> str:
     """Steps over seeds as "12 (10-15)", "12" for one seed, "missed (1/3)" when most missed, "-" when not run."""
-    runs = _runs(chosen, optimizer, tokens)["steps_to_target"].astype(float)
+    runs = _runs(chosen, optimizer, tokens)[value].astype(float)
     if runs.empty:
         return "-"
     median = runs.fillna(np.inf).median()

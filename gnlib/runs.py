@@ -285,10 +285,15 @@ def checkpoint_bytes(spec: RunSpec) -> int:
     return 2 * 4 * 4 * model_config(spec.preset, **spec.model_overrides).n_params + 2**20
 
 
-def steps_to_target(history: History, target: float) -> int | None:
-    """First outer step at which the validation loss is ``<= target``; None if never reached."""
+def steps_to_target(history: History, target: float, loss: str = "val_loss") -> int | None:
+    """First outer step at which the validation loss is ``<= target``; None if never reached.
+
+    ``loss="val_loss_raw"`` reads the raw iterate of a run evaluated on an EMA (where there is no EMA,
+    ``val_loss`` is the raw iterate's, and it is read instead).
+    """
+    key = loss if any(loss in row for row in history.rows) else "val_loss"
     for row in history.rows:
-        if row.get("val_loss") is not None and row["val_loss"] <= target:
+        if row.get(key) is not None and row[key] <= target:
             return int(row["step"])
     return None
 
@@ -307,27 +312,39 @@ def grad_equivalents(history: History, upto: int | None = None) -> float:
     return float(accumulation * len(steps))
 
 
+def _to_target(history: History, target: float | None, loss: str, suffix: str) -> dict[str, Any]:
+    """Steps, tokens, seconds and cost to the first evaluation of ``loss`` at or below ``target``."""
+    reached = steps_to_target(history, target, loss) if target is not None else None
+    at_target = None if reached is None else next(r for r in history.rows if r["step"] == reached)
+    return {
+        f"steps_to_target{suffix}": reached,
+        f"tokens_to_target{suffix}": None if at_target is None else int(at_target["tokens"]),
+        f"wall_time_to_target{suffix}_s": None if at_target is None else float(at_target["wall_time"]),
+        f"grad_equivalents_to_target{suffix}": None if reached is None else grad_equivalents(history, reached),
+    }
+
+
 def summarize(history: History, target: float | None = None) -> dict[str, Any]:
     """One results-table row: outer steps, tokens, wall time and cost to target, and the same for the whole run.
 
     ``*_to_target`` are taken at the first evaluation at or below ``target`` (None when not reached):
     ``steps_to_target`` outer steps, ``tokens_to_target`` training tokens drawn (GN's line-search batches
     included), ``wall_time_to_target_s`` seconds of training (evaluations included, pass-cost measurement
-    not) and ``grad_equivalents_to_target`` gradient-step equivalents (:func:`grad_equivalents`);
+    not) and ``grad_equivalents_to_target`` gradient-step equivalents (:func:`grad_equivalents`), on the
+    evaluated parameters (an EMA of the iterates where the optimizer keeps one); the same with ``_raw`` (and
+    ``final_val_loss_raw``) on the raw iterate, equal to them for a run without an EMA;
     ``steps``, ``tokens``, ``wall_time_s`` and ``grad_equivalents`` are the whole run's. ``cost_model``
     says how GN's passes were priced (``metadata["pass_costs"]["model"]``: ``"measured"``, ``"flops"`` or
     ``"given"``; None for first-order runs, whose micro-batch costs one gradient step under any model).
     """
     last = history.rows[-1]
-    reached = steps_to_target(history, target) if target is not None else None
-    at_target = None if reached is None else next(r for r in history.rows if r["step"] == reached)
     pass_costs = history.metadata.get("pass_costs")
+    raw = [r["val_loss_raw"] for r in history.rows if r.get("val_loss_raw") is not None]
     return {
-        "steps_to_target": reached,
-        "tokens_to_target": None if at_target is None else int(at_target["tokens"]),
-        "wall_time_to_target_s": None if at_target is None else float(at_target["wall_time"]),
-        "grad_equivalents_to_target": None if reached is None else grad_equivalents(history, reached),
+        **_to_target(history, target, "val_loss", ""),
+        **_to_target(history, target, "val_loss_raw", "_raw"),
         "final_val_loss": history.final_val_loss,
+        "final_val_loss_raw": raw[-1] if raw else history.final_val_loss,
         "steps": int(last["step"]),
         "tokens": int(last["tokens"]),
         "grad_equivalents": grad_equivalents(history),

@@ -2,7 +2,8 @@
 
 The tidy tables of :mod:`gnlib.runs` and :mod:`gnlib.study` keep every column and NaN for a target that was not
 reached (what files and code need); these functions turn them into the few columns a notebook page shows.
-Every table reports, to the target: outer steps, training tokens, wall time and gradient-step equivalents.
+Every table reports, to the target: outer steps, training tokens, wall time and gradient-step equivalents;
+where a run is evaluated on an EMA of its iterates, the same for the raw iterate beside them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,23 @@ TO_TARGET_COLUMNS = {
     "wall_time_to_target_s": "time to target (s)",
     "grad_equivalents_to_target": "cost to target",
 }
+
+#: :data:`TO_TARGET_COLUMNS`' values on the raw iterate, shown beside them when a run has an EMA.
+RAW_TO_TARGET_COLUMNS = {
+    "reached_raw": "seeds reached (raw)",
+    "steps_to_target_raw": "steps to target (raw)",
+    "tokens_to_target_raw": "tokens to target (raw)",
+    "wall_time_to_target_raw_s": "time to target (s, raw)",
+    "grad_equivalents_to_target_raw": "cost to target (raw)",
+}
+
+
+def has_ema(table: pd.DataFrame) -> bool:
+    """Whether some run of ``table`` was evaluated on an EMA: its raw iterate's final loss differs."""
+    if "final_val_loss_raw" not in table.columns:
+        return False
+    raw, evaluated = table["final_val_loss_raw"].astype(float), table["final_val_loss"].astype(float)
+    return bool((raw.notna() & (raw != evaluated)).any())
 
 
 def _to_target(values: pd.Series, reached: pd.Series, fmt: str) -> list[str]:
@@ -83,7 +101,8 @@ def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
 
     Medians over seeds of the outer steps, training tokens, wall time (s) and gradient-step equivalents
     to the target; a seed that missed the target counts as infinitely many, so a setting is reported only
-    when most of its seeds reached it ("-" otherwise), and ``seeds reached`` says how many did.
+    when most of its seeds reached it ("-" otherwise), and ``seeds reached`` says how many did. When a run
+    was evaluated on an EMA (:func:`has_ema`), the same on the raw iterate follow (:data:`RAW_TO_TARGET_COLUMNS`).
 
     Args:
         table: :func:`gnlib.study.batch_size_study`'s table (columns ``optimizer``, ``micro_batches``,
@@ -100,23 +119,33 @@ def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"table lacks column(s) {missing}; it has {list(table.columns)}")
     chosen = table.loc[table["chosen"].astype(bool)] if "chosen" in table.columns else table
-    chosen = chosen.assign(**{v: chosen[v].astype(float).fillna(np.inf) for v in values})
     groups = chosen.groupby(["optimizer", "micro_batches"], sort=False)
-    medians = groups[values].median().replace(np.inf, np.nan)
-    reached = medians["steps_to_target"].notna()
-    hits = groups["steps_to_target"].apply(lambda s: int(np.isfinite(s).sum()))
-    shown = pd.DataFrame(
+    shown = pd.DataFrame({"tokens_per_step": groups["tokens_per_step"].first().map("{:,}".format)})
+    shown = shown.join(_medians_to_target(chosen, ""))
+    if has_ema(chosen):
+        shown = shown.join(_medians_to_target(chosen, "_raw"))
+    return shown.rename(columns={**TO_TARGET_COLUMNS, **RAW_TO_TARGET_COLUMNS})
+
+
+def _medians_to_target(chosen: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    """Seeds reached and the medians to target of the ``*_to_target{suffix}`` columns, per (optimizer, batch)."""
+    steps, tokens = f"steps_to_target{suffix}", f"tokens_to_target{suffix}"
+    time, cost = f"wall_time_to_target{suffix}_s", f"grad_equivalents_to_target{suffix}"
+    chosen = chosen.assign(**{v: chosen[v].astype(float).fillna(np.inf) for v in (steps, tokens, time, cost)})
+    groups = chosen.groupby(["optimizer", "micro_batches"], sort=False)
+    medians = groups[[steps, tokens, time, cost]].median().replace(np.inf, np.nan)
+    reached = medians[steps].notna()
+    hits = groups[steps].apply(lambda s: int(np.isfinite(s).sum()))
+    return pd.DataFrame(
         {
-            "tokens_per_step": groups["tokens_per_step"].first().map("{:,}".format),
-            "reached": [f"{h}/{n}" for h, n in zip(hits, groups.size())],
-            "steps_to_target": _to_target(medians["steps_to_target"], reached, "g"),
-            "tokens_to_target": _to_target(medians["tokens_to_target"], reached, ",.0f"),
-            "wall_time_to_target_s": _to_target(medians["wall_time_to_target_s"], reached, ".1f"),
-            "grad_equivalents_to_target": _to_target(medians["grad_equivalents_to_target"], reached, ".0f"),
+            f"reached{suffix}": [f"{h}/{n}" for h, n in zip(hits, groups.size())],
+            steps: _to_target(medians[steps], reached, "g"),
+            tokens: _to_target(medians[tokens], reached, ",.0f"),
+            time: _to_target(medians[time], reached, ".1f"),
+            cost: _to_target(medians[cost], reached, ".0f"),
         },
         index=medians.index,
     )
-    return shown.rename(columns=TO_TARGET_COLUMNS)
 
 
 def pass_costs_line(name: str, metadata: dict) -> str:

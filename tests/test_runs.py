@@ -63,3 +63,18 @@ def test_validate_rejects_bad_corpus_target_and_optimizer_options():
     ]:
         with pytest.raises(ValueError, match=match):
             RunSpec(**kwargs).validate()
+
+
+def test_a_run_evaluated_on_an_ema_reports_the_raw_iterate_beside_it():
+    """The EMA trails the iterate: steps, tokens, time and cost to target on both, the raw one sooner."""
+    h = history([5.0, 4.5, 4.0, 3.5, 3.0], costs=[2.0] * 4)
+    for row, raw in zip(h.rows, [5.0, 3.9, 2.9, 2.5, 2.2]):
+        row["val_loss_raw"] = raw
+    row = summarize(h, 3.0)
+    assert (row["steps_to_target"], row["steps_to_target_raw"]) == (4, 2)
+    assert (row["tokens_to_target"], row["tokens_to_target_raw"]) == (400, 200)
+    assert (row["grad_equivalents_to_target"], row["grad_equivalents_to_target_raw"]) == (8.0, 4.0)
+    assert row["wall_time_to_target_raw_s"] == pytest.approx(0.2) and row["final_val_loss_raw"] == 2.2
+    plain = summarize(history([5.0, 4.0, 3.0]), 3.0)  # no EMA: the raw iterate is the evaluated one
+    assert plain["steps_to_target_raw"] == plain["steps_to_target"] == 2
+    assert plain["final_val_loss_raw"] == plain["final_val_loss"]

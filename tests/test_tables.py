@@ -127,3 +127,27 @@ def test_study_to_target_reports_medians_at_the_tuned_lr_and_spells_out_misses()
     assert adamw["seeds reached"] == "1/3" and adamw["steps to target"] == "-" and adamw["cost to target"] == "-"
     with pytest.raises(ValueError, match="tokens_to_target"):
         study_to_target(pd.DataFrame(rows).drop(columns="tokens_to_target"))
+
+
+def test_study_to_target_shows_the_raw_iterate_beside_an_ema_and_only_then():
+    base = dict(micro_batches=2, tokens_per_step=100, lr=0.01, seed=0, final_val_loss=2.0)
+    to_target = dict(steps_to_target=9, tokens_to_target=900, wall_time_to_target_s=9.0, grad_equivalents_to_target=9)
+    raw = dict(steps_to_target_raw=5, tokens_to_target_raw=500, wall_time_to_target_raw_s=5.0)
+    rows = [
+        {**base, **to_target, **raw, "optimizer": "gn", "grad_equivalents_to_target_raw": 5, "final_val_loss_raw": 1.8},
+        {
+            **base,
+            **to_target,
+            "optimizer": "muon",
+            "steps_to_target_raw": 9,
+            "tokens_to_target_raw": 900,
+            "wall_time_to_target_raw_s": 9.0,
+            "grad_equivalents_to_target_raw": 9,
+            "final_val_loss_raw": 2.0,
+        },
+    ]
+    shown = study_to_target(pd.DataFrame(rows))
+    assert shown.loc[("gn", 2), ["steps to target", "steps to target (raw)"]].tolist() == ["9", "5"]
+    assert shown.loc[("muon", 2), "steps to target (raw)"] == "9"
+    no_ema = study_to_target(pd.DataFrame(rows[1:]))
+    assert "steps to target (raw)" not in no_ema.columns
