@@ -673,14 +673,14 @@ class _Loop:
             RunInterrupted: SIGINT or SIGTERM came; the step under way was finished and checkpointed.
         """
         s, history = self.settings, self.history
-        start = time.perf_counter() - self.resume()
-        distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
-        if history.status != "running":
-            return history
-        if not history.rows:
-            history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **self.evaluate()})
-            self.judge(history.rows[0], last=False)
         with _StopSignals(repeat_aborts=not distributed.in_process_group()) as signals:
+            start = time.perf_counter() - self.resume()
+            distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
+            if history.status != "running":
+                return history
+            if not history.rows:
+                history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **self.evaluate()})
+                self.judge(history.rows[0], last=False)
             stopped_by = self.train_steps(start, signals)
             self.checkpoint()
             if stopped_by:
