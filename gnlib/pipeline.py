@@ -4,9 +4,13 @@ Two kinds of training data (``RunSpec.data``):
 
 * ``"windows"``: random windows drawn with replacement from the train split (:class:`gnlib.data.BatchSampler`),
   the teaching notebooks' default; ``corpus_bytes`` defaults to the first 4 MB of the source.
-* ``"stream"``: the study's pipeline (:class:`gnlib.stream.PackedStream`): the train split's documents in
-  order, each followed by EOS, packed into ``seq_len``-token rows, no token reused unless ``data_epochs``
-  allows more than one pass; it starts ``data_start`` tokens in (after a warm-up's tokens). Validation is
+* ``"stream"``: the study's pipeline (:class:`gnlib.stream.PackedStream`): the train split's documents,
+  each followed by EOS, packed into ``seq_len``-token rows, no token reused unless ``data_epochs``
+  allows more than one pass; it starts ``data_start`` tokens in (after a warm-up's tokens). A local
+  corpus's documents come in an order drawn from the run's ``seed`` (as C4's own order is a shuffle), the
+  warm-up's documents first in the warm-up's order (``data_start_seed``,
+  :func:`gnlib.stream.shuffled_documents`), so a seed varies the data and no run reads a warm-up token;
+  an ``hf:`` dataset streams in its own order. Validation is
   the first ``val_batches`` packed batches of the validation split (disjoint documents, the same for every
   run). The embedded and local corpora are read whole by default (``corpus_bytes=None``) and split by
   document; ``hf:`` datasets are streamed (train split for training, ``validation`` for validation).
@@ -30,7 +34,7 @@ import torch
 from gnlib import distributed
 from gnlib.data import DEFAULT_MAX_BYTES, Corpus, _hub_reachable, check_corpus_source, load_corpus
 from gnlib.runtime import check_choice, is_integer
-from gnlib.stream import PackedStream, hf_documents, tensor_documents
+from gnlib.stream import PackedStream, hf_documents, shuffled_documents, tensor_documents
 from gnlib.tokenizer import check_tokenizer_name, make_tokenizer
 
 DATA_KINDS = ("windows", "stream")
@@ -70,10 +74,13 @@ def check_data_fields(spec: Any) -> None:
         raise ValueError(f"data_epochs={spec.data_epochs!r} must be an integer >= 1 (passes over the training data)")
     if not isinstance(spec.data_start, int) or isinstance(spec.data_start, bool) or spec.data_start < 0:
         raise ValueError(f"data_start={spec.data_start!r} must be an integer >= 0 (training tokens to skip)")
-    if spec.data == "windows" and (spec.data_start or spec.data_epochs != 1):
+    seed = spec.data_start_seed
+    if seed is not None and (not is_integer(seed) or seed < 0):
+        raise ValueError(f"data_start_seed={seed!r} must be an integer >= 0 (the warm-up's seed) or None (seed)")
+    if spec.data == "windows" and (spec.data_start or spec.data_epochs != 1 or seed is not None):
         raise ValueError(
-            f"data_start={spec.data_start!r} and data_epochs={spec.data_epochs!r} apply to "
-            "data='stream' only (random windows have no position)"
+            f"data_start={spec.data_start!r}, data_start_seed={seed!r} and data_epochs={spec.data_epochs!r} apply "
+            "to data='stream' only (random windows have no position)"
         )
     if spec.corpus_bytes is not None and (not is_integer(spec.corpus_bytes) or spec.corpus_bytes < 1):
         raise ValueError(
@@ -103,12 +110,13 @@ def tokens_drawn(spec: Any, steps: int | None = None) -> int:
     return steps * batches_per_step(spec) * spec.batch_size * spec.seq_len * distributed.world_size()
 
 
-def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None) -> Any:
+def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None, seed: int = 0) -> Any:
     """``base`` moved past the tokens a warm-up of ``warmup_steps`` AdamW steps (one micro-batch each) consumed.
 
-    With ``data="stream"`` the studied runs continue where the warm-up stopped (``data_start`` += its
-    tokens, at ``batch_size`` sequences per warm-up step, default ``base.batch_size``); random windows have
-    no position and are returned unchanged.
+    With ``data="stream"`` the studied runs continue where the warm-up of seed ``seed`` stopped
+    (``data_start`` += its tokens, at ``batch_size`` sequences per warm-up step, default
+    ``base.batch_size``; ``data_start_seed`` = ``seed``, whose document order the warm-up read); random
+    windows have no position and are returned unchanged.
     """
     if base.data != "stream":
         return base
@@ -119,7 +127,9 @@ def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None) ->
         hyperparameters={},
         batch_size=base.batch_size if batch_size is None else batch_size,
     )
-    return dataclasses.replace(base, data_start=base.data_start + tokens_drawn(warmup, warmup_steps))
+    return dataclasses.replace(
+        base, data_start=base.data_start + tokens_drawn(warmup, warmup_steps), data_start_seed=seed
+    )
 
 
 #: Fixed validation batches of a spec that leaves ``val_batches`` unset (``gnlib.runs`` passes its protocol's).
@@ -186,8 +196,11 @@ def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
             f"{spec.data_epochs} allows {spec.data_epochs}. Lower steps or data_start, load more text, or set "
             f"data_epochs={passes}"
         )
+    documents, order = shuffled_documents(
+        corpus.train, eos, spec.seed, prefix_tokens=spec.data_start, prefix_seed=spec.data_start_seed
+    )
     train = PackedStream(
-        tensor_documents(corpus.train, eos),
+        documents,
         spec.batch_size,
         spec.seq_len,
         device=device,
@@ -214,6 +227,7 @@ def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
         "data_start": spec.data_start,
         "data_epochs": spec.data_epochs,
         "passes": passes,
+        "document_order": order,
     }
     return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
 

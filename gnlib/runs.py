@@ -65,6 +65,8 @@ class RunSpec:
             order, no token reused; :mod:`gnlib.pipeline`).
         data_epochs: passes over the training data a stream may make (1: never reuse a token).
         data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
+        data_start_seed: the seed whose document order those tokens were read in (the warm-up's; None:
+            ``seed``): a local corpus's stream puts those documents first, the rest in ``seed``'s order.
         corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
             streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
         protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
@@ -98,6 +100,7 @@ class RunSpec:
     data: str = "windows"
     data_epochs: int = 1
     data_start: int = 0
+    data_start_seed: int | None = None
     corpus_bytes: int | None = None
     protocol: str = "gnlib"
     costs: str = "measured"

@@ -46,6 +46,46 @@ def tensor_documents(tokens: Tensor, eos_id: int) -> Documents:
     return lambda first: iter([whole] if first == 0 else [])
 
 
+def shuffled_documents(
+    tokens: Tensor, eos_id: int, seed: int, *, prefix_tokens: int = 0, prefix_seed: int | None = None
+) -> tuple[Documents, dict]:
+    """An in-memory split's documents in a seeded order, a warm-up's documents first in the warm-up's order.
+
+    ``tokens`` (N,) are the split's documents joined by EOS. The order: the documents that the first
+    ``prefix_tokens`` tokens of the ``prefix_seed`` order cover (a warm-up's, the last one possibly in
+    part), in that order, then every other document in the ``seed`` order. A run of seed s that starts
+    ``prefix_tokens`` in thus continues exactly where a run of seed ``prefix_seed`` stopped and never reads
+    a document of it again; with ``prefix_seed`` None (or ``seed``) the order is the ``seed`` order.
+    An order is ``torch.randperm`` of the document count under ``torch.Generator().manual_seed(seed)``.
+
+    Returns:
+        The document source (the reordered split with a final EOS, as one piece, like
+        :func:`tensor_documents`) and a record for metadata: ``order_seed``, ``prefix_seed``,
+        ``prefix_documents`` (documents placed first), ``documents``.
+    """
+    ends = (torch.nonzero(tokens == eos_id).flatten() + 1).tolist()
+    eos = torch.tensor([eos_id], dtype=torch.long)
+    docs = [*torch.tensor_split(tokens.long(), ends)[:-1], torch.cat((tokens[ends[-1] if ends else 0 :].long(), eos))]
+    prefix_seed = seed if prefix_seed is None else prefix_seed
+    first: list[int] = []
+    if prefix_tokens > 0:
+        covered = 0
+        for index in _permutation(len(docs), prefix_seed):
+            if covered >= prefix_tokens:
+                break
+            first.append(index)
+            covered += len(docs[index])
+    placed = set(first)
+    order = first + [i for i in _permutation(len(docs), seed) if i not in placed]
+    whole = torch.cat([docs[i] for i in order])
+    record = {"order_seed": seed, "prefix_seed": prefix_seed, "prefix_documents": len(first), "documents": len(docs)}
+    return (lambda start: iter([whole] if start == 0 else [])), record
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def hf_documents(
     name: str, config: str | None, split: str, tokenizer, *, text_field: str = "text", batch: int = 256
 ) -> Documents:

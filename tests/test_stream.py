@@ -18,7 +18,7 @@ from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
 from gnlib.pipeline import after_warmup, build_run_data, tokens_drawn
 from gnlib.runs import RunSpec, run
-from gnlib.stream import PackedStream, StreamExhausted, tensor_documents
+from gnlib.stream import PackedStream, StreamExhausted, shuffled_documents, tensor_documents
 from gnlib.study import warmup_checkpoint
 from gnlib.train import CHECKPOINT, History, train
 
@@ -347,3 +347,31 @@ def test_hf_stream_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(pipeline, "_hub_reachable", lambda: False)
     with pytest.raises(ConnectionError, match="corpus='hf:allenai/c4:en'.*unreachable.*text:"):
         build_run_data(dataclasses.replace(BASE, corpus="hf:allenai/c4:en"), torch.device("cpu"))
+
+
+def _documents(lengths: list[int], eos: int = 0) -> torch.Tensor:
+    """Documents of distinct tokens (document d: tokens 1000·(d+1) + i) joined by EOS."""
+    docs = [torch.arange(n) + 1000 * (d + 1) for d, n in enumerate(lengths)]
+    return torch.cat([torch.cat((doc, torch.tensor([eos]))) for doc in docs])[:-1]
+
+
+def _read(documents) -> torch.Tensor:
+    return torch.cat(list(documents(0)))
+
+
+def test_shuffled_documents_follow_the_seed_and_keep_a_warmups_documents_first():
+    tokens = _documents([5, 9, 3, 7, 4, 8, 6, 2])
+    orders = {seed: _read(shuffled_documents(tokens, 0, seed)[0]) for seed in (0, 1, 2)}
+    every_token_once = sorted([*tokens.tolist(), 0])  # and the final EOS
+    assert all(sorted(order.tolist()) == every_token_once for order in orders.values())
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])  # a seed varies the data
+    warm = orders[0]
+    start = 12  # a warm-up of seed 0 read warm[:12], ending inside a document
+    for seed in (1, 2):
+        documents, record = shuffled_documents(tokens, 0, seed, prefix_tokens=start, prefix_seed=0)
+        run = _read(documents)
+        covered = {int(t) // 1000 for t in warm[:start] if t}
+        assert torch.equal(run[: start + 1], warm[: start + 1])  # continues exactly where the warm-up stopped
+        end = next(i for i in range(start, len(run)) if run[i] == 0) + 1  # the end of the document it stopped in
+        assert {int(t) // 1000 for t in run[end:] if t}.isdisjoint(covered)  # no warm-up document read again
+        assert record == {"order_seed": seed, "prefix_seed": 0, "prefix_documents": len(covered), "documents": 8}
