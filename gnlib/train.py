@@ -9,7 +9,8 @@ Two kinds of optimizer are driven (``train`` imports none of them):
 
 An optimizer may also offer ``eval_parameters() -> dict | None`` (e.g. an EMA of its iterates); the
 validation loss ``val_loss`` (the one the target and steps to target use) is then computed with those
-parameters, and ``val_loss_raw`` with the model's own (the raw iterate) at the same evaluations.
+parameters, and ``val_loss_raw`` with the model's own (the raw iterate) at the same evaluations; such a
+run stops at ``target_loss`` once both have reached it.
 
 Under ``torchrun`` (:mod:`gnlib.distributed`) every process runs this loop on its shard of the data:
 torch-like optimizers get their gradients averaged over processes after back-propagation (before
@@ -608,7 +609,7 @@ class _Loop:
                 f"line-search step rejected; last reason: {row.get('reason')}); lower the LR or change the "
                 "line search"
             )
-        elif s.target_loss is not None and row["val_loss"] is not None and row["val_loss"] <= s.target_loss:
+        elif s.target_loss is not None and row["val_loss"] is not None and self.reached(row, s.target_loss):
             history.status = "reached_target"
         elif last and row["val_loss"] > start_loss:
             history.status = "diverged"
@@ -618,6 +619,15 @@ class _Loop:
             )
         elif last:
             history.status = "completed"
+
+    def reached(self, row: dict[str, Any], target: float) -> bool:
+        """Whether ``val_loss`` has reached ``target``, and ``val_loss_raw`` too where the run evaluates an EMA.
+
+        The raw iterate usually gets there first, the EMA later; a run stops when both have, so that steps to
+        target can be read off either.
+        """
+        keys = ["val_loss", "val_loss_raw"] if "val_loss_raw" in row else ["val_loss"]
+        return all(any(r.get(key) is not None and r[key] <= target for r in self.history.rows) for key in keys)
 
     def checkpoint(self) -> None:
         """Write History and a resumable checkpoint to ``run_dir`` (rank 0 only; nothing without a folder).

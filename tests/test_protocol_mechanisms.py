@@ -20,6 +20,7 @@ from gnlib.optim.gauss_newton import GaussNewton, line_search_grid
 from gnlib.optim.muon import Muon
 from gnlib.params import flatten, params_of, unflatten
 from gnlib.protocols import paper_eval_schedule
+from gnlib.runs import summarize
 from gnlib.train import evaluate, train
 
 F64 = torch.float64
@@ -254,6 +255,45 @@ def test_ema_evaluation_reports_ema_and_raw_val_loss():
         assert row["val_loss"] == pytest.approx(at_ema, rel=1e-12)
         assert row["val_loss_raw"] == pytest.approx(at_raw, rel=1e-12)
     assert history.rows[-1]["val_loss"] != pytest.approx(history.rows[-1]["val_loss_raw"])
+
+
+def test_a_run_on_an_ema_stops_at_its_target_once_the_ema_and_the_raw_iterate_both_reached_it():
+    """Here the EMA gets below the target at step 2, the raw iterate at step 4: the run stops at 4."""
+    model = linear_model(1, 1, bias=False)
+    x, y = torch.ones(4, 1), torch.zeros(4, 1)
+    raw, ema = [2.0, 1.5, 1.2, 0.9, 0.5, 0.3, 0.2], [2.0, 1.0, 0.4, 0.3, 0.2, 0.1, 0.1]  # the weight, step by step
+
+    class Scripted:
+        """Moves the weight along ``raw`` and evaluates on ``ema``."""
+
+        draws_batches, step_count = True, 0
+
+        def step(self):
+            self.step_count += 1
+            with torch.no_grad():
+                model.weight.fill_(raw[self.step_count])
+            return {}
+
+        def eval_parameters(self):
+            return {"weight": torch.full((1, 1), ema[self.step_count])}
+
+    with torch.no_grad():
+        model.weight.fill_(raw[0])
+    target = MSE().value(torch.full((4, 1), 0.6), y).item()
+    history = train(
+        model,
+        Scripted(),
+        None,
+        [(x, y)],
+        steps=6,
+        eval_every=1,
+        loss_fn=MSE().value,
+        target_loss=target,
+        progress=False,
+    )
+    assert history.status == "reached_target" and history.rows[-1]["step"] == 4
+    row = summarize(history, target)
+    assert (row["steps_to_target"], row["steps_to_target_raw"]) == (2, 4)
 
 
 # ------------------------------------------------------------------------------------------ baselines
