@@ -14,10 +14,7 @@ nothing. Backends: Gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -26,11 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gnlib.runtime import resolve_device
+from gnlib.runtime import die_with_parent, resolve_device
 
 #: Environment variables torchrun sets for every process.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_PR_SET_PDEATHSIG = 1
 
 
 def is_distributed() -> bool:
@@ -71,7 +67,8 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
         device: ``"cpu"`` (Gloo backend) or ``"cuda"`` (NCCL; each process takes GPU ``LOCAL_RANK``).
         timeout_s: how long a collective may wait for the other processes.
 
-    A process that joins stops with its launcher (:func:`stop_with_launcher`).
+    A process that joins dies with its launcher (:func:`gnlib.runtime.die_with_parent`): a ``kill -9`` of
+    torchrun itself would otherwise leave its ranks training as orphans.
 
     Returns:
         The device this process computes on (``cuda:LOCAL_RANK`` under NCCL).
@@ -88,7 +85,7 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
         raise ValueError(
             f"environment has {present} but not {missing}; start with torchrun (it sets all of {list(TORCHRUN_ENV)})"
         )
-    stop_with_launcher()
+    die_with_parent()
     if device.type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
@@ -100,17 +97,6 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
         device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return device
-
-
-def stop_with_launcher() -> None:
-    """Have the kernel kill this process (SIGKILL) when its parent, the launcher, dies; Linux only.
-
-    torchrun stops its ranks when it is interrupted or one of them fails, but a ``kill -9`` of torchrun
-    itself would leave them training as orphans that hold the run folder's lock. Work since the last
-    checkpoint is lost, as when the ranks themselves are killed.
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def shutdown() -> None:

@@ -30,7 +30,7 @@ from gnlib.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.protocols import PROTOCOLS
 from gnlib.protocols import resolve as resolve_protocol
 from gnlib.runtime import check_choice, resolve_device
-from gnlib.train import METADATA, History, train
+from gnlib.train import METADATA, History, load_weights, train
 
 #: GaussNewton's default number of inner steps (its batches per outer step).
 GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
@@ -165,12 +165,11 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, device: torch.device
     """Load the model state dict in ``path`` into ``model``, every tensor checked by name and shape first.
 
     Raises:
-        ValueError: naming ``init_checkpoint`` and the first tensor whose shape differs (both shapes), or the
-            tensors missing from the file or unknown to the model.
+        ValueError: naming ``init_checkpoint``: a file that is not model weights (:func:`gnlib.train.load_weights`),
+            the first tensor whose shape differs (both shapes), or the tensors missing from the file or unknown
+            to the model.
     """
-    state = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"init_checkpoint={path!r} holds a {type(state).__name__}, not a model's state dict")
+    state = load_weights(path, device, parameter="init_checkpoint")  # a readable file of named tensors
     fix = "make it with this run's preset, model_overrides and tokenizer (or drop init_checkpoint)"
     own = model.state_dict()
     for name, tensor in own.items():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import math
 import os
 import re
 import secrets
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -159,3 +162,17 @@ def output_path(path: str | Path) -> Path:
     if not path.is_absolute() and cwd.name == "notebooks" and (cwd.parent / "gnlib").is_dir():
         return cwd.parent / path
     return path
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process (SIGKILL) when its parent dies; Linux only (elsewhere a no-op).
+
+    For processes that must not outlive their launcher, such as torchrun's ranks or a sweep's workers: a
+    ``kill -9`` of the launcher would otherwise leave them running as orphans that hold their run folder's
+    lock. Work since a run's last checkpoint is lost, as when the process itself is killed.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

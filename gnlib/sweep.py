@@ -74,7 +74,6 @@ import ast
 import collections
 import contextlib
 import csv
-import ctypes
 import hashlib
 import io
 import itertools
@@ -104,7 +103,7 @@ from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
 from gnlib.checks import check_notebook_values, check_writable
-from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, is_integer
+from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, die_with_parent, is_integer
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate")
 REPLICATE_KEYS = ("key", "values", "at_best", "minimize")
@@ -115,7 +114,6 @@ STOPPED_FILE = "stopped.json"
 RESULTS_FILE, TABLE_FILE, MANIFEST_FILE = "results.json", "results.csv", "sweep.json"
 LOCKS_DIR = ".locks"
 STOPPED_MESSAGE = "stopped: runs in progress keep their checkpoints and no status.json; run the same command to resume"
-_PR_SET_PDEATHSIG = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 _MAX_ID = 96
@@ -784,8 +782,7 @@ def _init_worker(parent: int, threads: int) -> None:
     """
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, str(threads))
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     if os.getppid() != parent:  # the sweep died before the line above took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
