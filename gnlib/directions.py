@@ -855,7 +855,7 @@ def direction_cosines(
     check_choice("optimizer", spec.optimizer, ["gn"])
     if not at_steps or min(at_steps) < 0:
         raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
-    data, model, _, val, optimizer = build_run(spec)
+    data, model, _, val, optimizer, _ = build_run(spec)
     if data.corpus is None:
         raise ValueError(f"corpus={spec.corpus!r} is streamed; direction probes need an in-memory corpus")
     corpus = data.corpus

@@ -24,7 +24,6 @@ vocabulary size), the tokens needed and available, and the passes over the data 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -93,13 +92,13 @@ def check_data_fields(spec: Any) -> None:
 
 def batches_per_step(spec: Any) -> int:
     """Training batches one outer step draws: GN's inner steps plus its line-search batches, else ``accumulation``."""
-    from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton
+    from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 
     if spec.optimizer not in GN_VARIANTS:
         return spec.accumulation
-    defaults = inspect.signature(GaussNewton).parameters
+    defaults = GaussNewtonOptions()
     options = {
-        name: spec.hyperparameters.get(name, defaults[name].default) for name in ("inner_steps", "line_search_batches")
+        name: spec.hyperparameters.get(name, getattr(defaults, name)) for name in ("inner_steps", "line_search_batches")
     }
     return options["inner_steps"] + options["line_search_batches"]
 

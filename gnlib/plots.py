@@ -69,7 +69,7 @@ def style() -> Iterator[None]:
         yield
 
 
-def _require(frame: pd.DataFrame, columns: list[str]) -> None:
+def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"frame lacks column(s) {missing}; it has {list(frame.columns)}")
@@ -96,7 +96,7 @@ def loss_curves(
         logx: logarithmic horizontal axis.
         title: axes title.
     """
-    _require(frame, [c for c in (x, y, hue) if c is not None])
+    _require_columns(frame, [c for c in (x, y, hue) if c is not None])
     data = frame.dropna(subset=[y])
     with style():
         fig = new_figure(figsize=(6, 4))
@@ -445,7 +445,7 @@ def bars(
     Raises:
         ValueError: ``frame`` lacks a named column.
     """
-    _require(frame, [c for c in (x, y, hue) if c is not None])
+    _require_columns(frame, [c for c in (x, y, hue) if c is not None])
     data = frame.assign(**{hue: frame[hue].astype(str)}) if hue is not None else frame  # categorical colours
     with style():
         fig = new_figure(
@@ -491,7 +491,7 @@ def steps_vs_batch(
         x: ``"tokens_per_step"`` or ``"micro_batches"``.
         title: axes title.
     """
-    _require(table, ["optimizer", x, value])
+    _require_columns(table, ["optimizer", x, value])
     data = table.loc[table["chosen"]] if "chosen" in table.columns else table
     data = data.astype({value: float, x: float})
     # a seed that missed counts as infinitely many steps, so a setting most seeds missed has no median
@@ -540,7 +540,7 @@ def direction_cosines(frame: pd.DataFrame, *, title: str | None = None) -> Figur
         frame: :func:`gnlib.directions.direction_cosines` table: columns ``step``, ``partition``, ``cosine``.
         title: axes title.
     """
-    _require(frame, ["step", "partition", "cosine"])
+    _require_columns(frame, ["step", "partition", "cosine"])
     with style():
         fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()

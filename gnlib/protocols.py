@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from gnlib.distributed import world_size
-from gnlib.optim.gauss_newton import line_search_grid
+from gnlib.optim.gn_options import line_search_grid
 from gnlib.pipeline import DEFAULT_VAL_BATCHES
 from gnlib.runtime import check_choice
 

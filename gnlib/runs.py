@@ -10,11 +10,10 @@ equivalents, wall time, status). The study built on runs lives in :mod:`gnlib.st
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -23,7 +22,7 @@ from gnlib.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pas
 from gnlib.data import SOURCE_FORMS
 from gnlib.distributed import is_main
 from gnlib.models import PRESETS, build_model, model_config
-from gnlib.optim.gauss_newton import GN_VARIANTS, GaussNewton
+from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
 from gnlib.optim.schedules import make_schedule
 from gnlib.pipeline import RunData, build_run_data, check_data_fields
@@ -33,7 +32,7 @@ from gnlib.runtime import check_choice, resolve_device
 from gnlib.train import METADATA, History, load_weights, train
 
 #: GaussNewton's default number of inner steps (its batches per outer step).
-GN_INNER_STEPS: int = inspect.signature(GaussNewton).parameters["inner_steps"].default
+GN_INNER_STEPS: int = GaussNewtonOptions().inner_steps
 
 
 @dataclass
@@ -147,8 +146,23 @@ class RunSpec:
         return micro * self.batch_size * self.seq_len
 
 
-def build_run(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
-    """Run data, model (from ``init_checkpoint`` if set), training batches, fixed validation set, optimizer."""
+class BuiltRun(NamedTuple):
+    """What :func:`build_run` makes of a spec."""
+
+    data: RunData
+    model: torch.nn.Module
+    train: Any
+    val: list
+    optimizer: Any
+    pass_costs: dict[str, Any] | None
+
+
+def build_run(spec: RunSpec, output_dir: str | Path | None = None) -> BuiltRun:
+    """Run data, model (from ``init_checkpoint`` if set), training batches, fixed validation set, optimizer.
+
+    A Gauss-Newton optimizer gets its pass costs (:func:`_pass_costs`, the record kept in ``pass_costs``)
+    at construction; ``output_dir`` is where a resumed run's measured costs are read from.
+    """
     device = resolve_device(spec.device)
     protocol = resolve_protocol(spec)
     data = build_run_data(dataclasses.replace(spec, val_batches=protocol.val_batches), device)
@@ -157,8 +171,12 @@ def build_run(spec: RunSpec) -> tuple[RunData, torch.nn.Module, Any, list, Any]:
     )
     if spec.init_checkpoint is not None:
         load_init_checkpoint(model, spec.init_checkpoint, device)
-    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, protocol.hyperparameters)
-    return data, model, data.train, data.val, optimizer
+    options = dict(protocol.hyperparameters)
+    record = _pass_costs(spec, model, options, output_dir)
+    if record is not None:
+        options["pass_costs"] = weights(record)
+    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, options)
+    return BuiltRun(data, model, data.train, data.val, optimizer, record)
 
 
 def load_init_checkpoint(model: torch.nn.Module, path: str, device: torch.device) -> None:
@@ -211,11 +229,8 @@ def run(
     check_positive_int("checkpoint_every", checkpoint_every, minimum=0)
     if output_dir is not None and is_main():
         check_writable(output_dir, need_bytes=checkpoint_bytes(spec))
-    data, model, train_batches, val, optimizer = build_run(spec)
+    data, model, train_batches, val, optimizer, pass_costs = build_run(spec, output_dir)
     protocol = resolve_protocol(spec)
-    pass_costs = _pass_costs(spec, model, protocol.hyperparameters, output_dir)
-    if pass_costs is not None:
-        optimizer.pass_costs = weights(pass_costs)
     metadata = {
         "spec": dataclasses.asdict(spec),
         "corpus": data.meta,

@@ -35,7 +35,7 @@ import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
 from gnlib.distributed import barrier, is_main
-from gnlib.optim.gauss_newton import GN_VARIANTS
+from gnlib.optim.gn_options import GN_VARIANTS
 from gnlib.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
 from gnlib.runtime import (
     atomic_torch_save,

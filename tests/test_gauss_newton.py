@@ -17,7 +17,8 @@ from gnlib.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import build_model, linear_model, mlp
-from gnlib.optim.gauss_newton import GN_VARIANTS, LINE_SEARCH, GaussNewton, _Cost, make_gauss_newton
+from gnlib.optim.gauss_newton import GaussNewton, _Cost, make_gauss_newton
+from gnlib.optim.gn_options import GN_VARIANTS, LINE_SEARCH
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, kept_iterations, lm_damping
 from gnlib.params import flatten, params_of, unflatten
 from gnlib.train import train

@@ -16,7 +16,8 @@ from torch.func import functional_call
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import build_model, linear_model
 from gnlib.optim import make_optimizer
-from gnlib.optim.gauss_newton import GaussNewton, line_search_grid
+from gnlib.optim.gauss_newton import GaussNewton
+from gnlib.optim.gn_options import line_search_grid
 from gnlib.optim.muon import Muon
 from gnlib.params import flatten, params_of, unflatten
 from gnlib.protocols import paper_eval_schedule

@@ -67,9 +67,9 @@ def _build_run(optimizer: str, protocol: str, **fields: Any) -> Built:
         **fields,
     )
     spec.validate()
-    _, model, _, val, optimizer_object = build_run(spec)
+    built = build_run(spec)
     resolved = resolve(spec)
-    return Built(spec, model, optimizer_object, val, resolved.eval_schedule, resolved.eval_every)
+    return Built(spec, built.model, built.optimizer, built.val, resolved.eval_schedule, resolved.eval_every)
 
 
 # ------------------------------------------------------------------------------------ readers
@@ -565,7 +565,7 @@ def test_explicit_options_override_the_protocol_and_are_recorded():
         },
     )
     spec.validate()
-    gn = build_run(spec)[-1]
+    gn = build_run(spec).optimizer
     assert gn.ema is None and gn.line_search_batches == 1 and gn.line_search_accept == "argmin"
     record = run(spec, progress=False).metadata["protocol"]
     assert record["protocol"] == "paper"

@@ -2,13 +2,8 @@
 
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.factory import DEFAULTS, make_optimizer, split_params
-from gnlib.optim.gauss_newton import (
-    GN_VARIANTS,
-    LINE_SEARCH,
-    GaussNewton,
-    line_search_grid,
-    make_gauss_newton,
-)
+from gnlib.optim.gauss_newton import GaussNewton, make_gauss_newton
+from gnlib.optim.gn_options import GN_VARIANTS, LINE_SEARCH, GaussNewtonOptions, line_search_grid
 from gnlib.optim.registry import OPTIMIZERS, REGISTRY, build_optimizer, validate_options
 from gnlib.optim.schedules import (
     constant,
@@ -24,6 +19,7 @@ __all__ = [
     "GN_VARIANTS",
     "LINE_SEARCH",
     "GaussNewton",
+    "GaussNewtonOptions",
     "OPTIMIZERS",
     "REGISTRY",
     "build_optimizer",

@@ -95,9 +95,8 @@ measured on their own model and batch (:func:`gnlib.costs.measure_pass_costs`). 
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,48 +106,28 @@ from torch.func import functional_call
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from gnlib import curvature
-from gnlib.blocks import PARTITION_SPECS, resolve_partition
+from gnlib.blocks import resolve_partition
 from gnlib.costs import FLOP_PASS_COSTS, check_pass_costs, layerwise_pass_counts, price
 from gnlib.distributed import all_reduce_mean
-from gnlib.losses import CrossEntropy, Loss
+from gnlib.losses import CrossEntropy
 from gnlib.optim.factory import EMBEDDING_AND_HEAD, clip_gradients, clip_groups, make_optimizer
-from gnlib.optim.factory import SCHEMAS as BASELINES
+from gnlib.optim.gn_options import (
+    DEFAULT_DAMPING,
+    DEFAULT_INNER_LR,
+    GN_SCHEMA,
+    GN_VARIANTS,
+    SOLVER_DEFAULTS,
+    VARIANT_SCHEMAS,
+    GaussNewtonOptions,
+    variant_options,
+)
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
-from gnlib.optim.options import FLAG, Rule, Schema, choice, integer, invalid, number, optional
+from gnlib.optim.options import invalid
 from gnlib.optim.schedules import constant, cosine_decay
 from gnlib.params import Params, flatten, unflatten
-from gnlib.runtime import check_choice, is_finite_number, is_integer
+from gnlib.runtime import check_choice
 
 Batch = tuple[Tensor, Tensor]
-
-OBJECTIVES = ("gn", "prox_linear")
-SOLVERS = ("muon", "adamw", "sgd", "cg")
-INNER_SCHEDULES = ("cosine", "constant")
-LINE_SEARCH_ACCEPT = ("decrease", "argmin")
-CLIP_PER = ("block", "group")
-WEIGHT_DECAY_SCOPES = ("all", "except_muon")
-
-
-def line_search_grid(n: int) -> tuple[float, ...]:
-    """The reference's line-search grid α_i = 2^(−i/2), i = 0..n−1 (``ls_range`` = n, gn.py:759-807)."""
-    if not is_integer(n) or n < 1:
-        raise invalid("", "n", n, "an integer >= 1")
-    return tuple(2 ** (-i / 2) for i in range(n))
-
-
-#: Inner-solver settings that differ from :data:`gnlib.optim.factory.DEFAULTS`: the study's betas.
-SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adamw": {"betas": (0.9, 0.999)},
-    "muon": {"adamw_betas": (0.9, 0.999), "ns_dtype": "float32"},
-    "sgd": {},
-}
-DEFAULT_INNER_LR = {"muon": 0.01, "adamw": 0.01, "sgd": 0.01, "cg": 1.0}
-DEFAULT_DAMPING = 1.0
-
-
-def _require(parameter: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{parameter}={value!r} is invalid; allowed values: {allowed}")
 
 
 def _finite(*tensors: Tensor) -> bool:
@@ -158,11 +137,6 @@ def _finite(*tensors: Tensor) -> bool:
 def _all_finite(*tensors: Tensor) -> Tensor:
     """Whether every entry is finite, as a bool tensor on the tensors' device: no host sync (unlike :func:`_finite`)."""
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
-#: The study's line-search grid: α ∈ {1, 2^-1/2, 1/2, 2^-3/2, 1/4} (with ``line_search_accept="decrease"``,
-#: α = 0, rejecting, is also tried).
-LINE_SEARCH = line_search_grid(5)
 
 
 @dataclass
@@ -206,41 +180,8 @@ class GaussNewton:
     Args:
         model: the model; its parameters are updated in place by :meth:`step`.
         batches: zero-argument callable returning the next ``(inputs, targets)`` training batch.
-        objective: ``"gn"`` (quadratic model) or ``"prox_linear"`` (loss of the linearized model).
-        blocks: ``None`` / ``"full"`` (full GN), ``"per_layer"`` (the study's layerwise partition),
-            ``"per_tensor"``, ``"halves"`` or a partition dict (:func:`gnlib.blocks.resolve_partition`).
-        layerwise_slots: with several blocks and a model with its own forward-mode rules, at most this
-            many blocks' tangents per forward (:func:`gnlib.curvature.layerwise_inner_steps`); None: all
-            in one. Lower it when the stacked tangents do not fit in memory.
-        solver: ``"muon"``, ``"adamw"``, ``"sgd"`` (first-order inner solvers) or ``"cg"`` (Hessian-free).
-        inner_steps: N, inner steps (first-order) or batches concatenated for CG, per outer step.
-        inner_lr: peak inner LR (first-order; default 0.01) or CG step scale (default 1.0); the initial
-            ``"lr"`` of every param group.
-        inner_schedule: ``"cosine"`` (decay to 0 within each inner loop) or ``"constant"``.
-        warm_start: start each inner loop from the previous pre-line-search iterate and inner state.
-        prox: λ_prox of the proximal penalty λ_prox·Σ_tensors mean(Δ²) (first-order solvers).
-        weight_decay: decoupled weight decay of the inner iterate θ_t + Δ (first-order solvers).
-        weight_decay_scope: the tensors the weight decay applies to: ``"all"``, or ``"except_muon"`` (all
-            but Muon's matrices, as the reference).
-        grad_clip: clip the inner gradient to this global norm (first-order solvers); None disables.
-        grad_clip_per: one norm per ``"block"``, or per ``"group"`` (embedding/head, hidden) within a block.
-        line_search: grid of step sizes α > 0 (:func:`line_search_grid`), or None for α = 1 without a test.
-        line_search_batches: fresh batches on which the line search evaluates the true loss (None: N).
-        line_search_accept: ``"decrease"`` (reject unless the loss decreases) or ``"argmin"`` (always take
-            the best α of the grid).
-        ema: β of an EMA of the outer iterates for :meth:`eval_parameters`, or None.
-        damping: initial λ for ``solver="cg"`` (default 1.0); not used by the other solvers.
-        cg_iters: CG iteration cap per block.
-        cg_tol: CG stops at relative residual ‖r‖/‖g‖ ≤ cg_tol.
-        cg_progress_tol: ε of Martens's relative-progress stopping rule (0 disables).
-        cg_backtrack: backtrack over the kept CG iterates on the true loss of the CG batch.
-        solver_options: extra hyperparameters of the inner optimizer (:func:`gnlib.optim.make_optimizer`
-            of the solver, e.g. ``{"momentum": 0.0}`` for sgd, ``{"adamw_lr": 3e-3}`` for muon); the
-            solver's ``lr`` and ``weight_decay`` are set by ``inner_lr`` and ``weight_decay``.
-        pass_costs: weights of forward / tangent / backward passes in gradient-step equivalents, a dict
-            with keys ``forward``, ``tangent``, ``backward`` (:mod:`gnlib.costs`; default, None: the FLOP
-            model :data:`gnlib.costs.FLOP_PASS_COSTS`; e.g. :func:`gnlib.costs.measure_pass_costs`'s).
-        loss: the training loss (default :class:`~gnlib.losses.CrossEntropy`).
+        **options: the fields of :class:`~gnlib.optim.gn_options.GaussNewtonOptions` (objective, blocks,
+            solver, inner_steps, inner_lr, line search, EMA, ...), checked by :data:`GN_SCHEMA`.
 
     Raises:
         ValueError: any invalid option, naming the parameter and its allowed values, before any work.
@@ -248,66 +189,33 @@ class GaussNewton:
 
     draws_batches = True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        batches: Callable[[], Batch],
-        *,
-        objective: str = "gn",
-        blocks: str | Mapping[str, list[str]] | None = None,
-        layerwise_slots: int | None = None,
-        solver: str = "muon",
-        inner_steps: int = 8,
-        inner_lr: float | None = None,
-        inner_schedule: str = "cosine",
-        warm_start: bool = True,
-        prox: float = 0.0,
-        weight_decay: float = 0.0,
-        weight_decay_scope: str = "all",
-        grad_clip: float | None = 1.0,
-        grad_clip_per: str = "block",
-        line_search: Sequence[float] | None = LINE_SEARCH,
-        line_search_batches: int | None = 2,
-        line_search_accept: str = "decrease",
-        ema: float | None = None,
-        damping: float | None = None,
-        cg_iters: int = 50,
-        cg_tol: float = 1e-4,
-        cg_progress_tol: float = 5e-4,
-        cg_backtrack: bool = True,
-        solver_options: Mapping[str, Any] | None = None,
-        pass_costs: Mapping[str, float] | None = None,
-        loss: Loss | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, batches: Callable[[], Batch], **options: Any) -> None:
         """Validate every option (see the class docstring), resolve the partition, build the inner states."""
-        _require(
-            "model",
-            model,
-            isinstance(model, nn.Module) and any(True for _ in model.parameters()),
-            "an nn.Module with parameters",
-        )
-        _require("batches", batches, callable(batches), "a zero-argument callable returning (inputs, targets)")
-        # every option but the model and its batch source, checked by the declared schema
-        GN_SCHEMA.validate({name: value for name, value in locals().items() if name in GN_SCHEMA.defaults})
-        inner_lr = DEFAULT_INNER_LR[solver] if inner_lr is None else inner_lr
-        costs = check_pass_costs(FLOP_PASS_COSTS if pass_costs is None else pass_costs)
-        solver_options = dict(solver_options or {})
-        loss = CrossEntropy() if loss is None else loss
-        partition = resolve_partition(blocks, model)
+        if not (isinstance(model, nn.Module) and any(True for _ in model.parameters())):
+            raise invalid("GaussNewton", "model", model, "an nn.Module with parameters")
+        if not callable(batches):
+            raise invalid("GaussNewton", "batches", batches, "a zero-argument callable returning (inputs, targets)")
+        o = self.options = GaussNewtonOptions(**GN_SCHEMA.validate(options))
+        solver, inner_steps, ema, grad_clip_per = o.solver, o.inner_steps, o.ema, o.grad_clip_per
+        inner_lr = DEFAULT_INNER_LR[solver] if o.inner_lr is None else o.inner_lr
+        costs = check_pass_costs(FLOP_PASS_COSTS if o.pass_costs is None else o.pass_costs)
+        solver_options = dict(o.solver_options or {})
+        loss = CrossEntropy() if o.loss is None else o.loss
+        partition = resolve_partition(o.blocks, model)
 
         self.model, self.batches, self.loss = model, batches, loss
-        self.objective, self.solver, self.inner_steps = objective, solver, inner_steps
-        self.inner_schedule, self.warm_start = inner_schedule, warm_start
-        self.prox, self.weight_decay, self.grad_clip = float(prox), float(weight_decay), grad_clip
-        self.weight_decay_scope, self.grad_clip_per = weight_decay_scope, grad_clip_per
-        self.line_search = None if line_search is None else tuple(float(a) for a in line_search)
-        self.line_search_batches = inner_steps if line_search_batches is None else line_search_batches
-        self.line_search_accept = line_search_accept
-        self.layerwise_slots = layerwise_slots
+        self.objective, self.solver, self.inner_steps = o.objective, solver, inner_steps
+        self.inner_schedule, self.warm_start = o.inner_schedule, o.warm_start
+        self.prox, self.weight_decay, self.grad_clip = float(o.prox), float(o.weight_decay), o.grad_clip
+        self.weight_decay_scope, self.grad_clip_per = o.weight_decay_scope, grad_clip_per
+        self.line_search = None if o.line_search is None else tuple(float(a) for a in o.line_search)
+        self.line_search_batches = inner_steps if o.line_search_batches is None else o.line_search_batches
+        self.line_search_accept = o.line_search_accept
+        self.layerwise_slots = o.layerwise_slots
         self.ema_decay = ema
-        self.damping = (DEFAULT_DAMPING if damping is None else float(damping)) if solver == "cg" else None
-        self.cg_iters, self.cg_tol, self.cg_progress_tol = cg_iters, cg_tol, cg_progress_tol
-        self.cg_backtrack = cg_backtrack
+        self.damping = (DEFAULT_DAMPING if o.damping is None else float(o.damping)) if solver == "cg" else None
+        self.cg_iters, self.cg_tol, self.cg_progress_tol = o.cg_iters, o.cg_tol, o.cg_progress_tol
+        self.cg_backtrack = o.cg_backtrack
         self.solver_options = solver_options
         self.pass_costs = costs
         self.steps = 0
@@ -662,140 +570,6 @@ class GaussNewton:
                 self._ema_update([self.ema[n] for n in names], [params[n].detach() for n in names], self.steps)
 
 
-#: Named variants for ``gnlib.runs``: name → the GaussNewton options that define it.
-GN_VARIANTS: dict[str, dict[str, Any]] = {
-    "gn": {},
-    "gn_prox": {"objective": "prox_linear"},
-    "gn_layerwise": {"blocks": "per_layer"},
-    "gn_cg": {"solver": "cg"},
-}
-
-
-#: Other values a variant accepts for an option it fixes: layerwise GN may place the final norm with the last block.
-VARIANT_ALTERNATIVES: dict[tuple[str, str], tuple[Any, ...]] = {
-    ("gn_layerwise", "blocks"): ("per_layer_norm_with_last",),
-}
-
-
-def _is_grid(value: Any) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and len(value) > 0
-        and all(is_finite_number(a) and a > 0 for a in value)
-        and len(set(value)) == len(value)
-    )
-
-
-def _check_solver_combinations(options: dict[str, Any], owner: str) -> None:
-    """Options that only some solvers take; the inner solver's own options (its baseline schema)."""
-    solver = options["solver"]
-    if options["damping"] is not None and solver != "cg":
-        raise invalid(
-            owner,
-            "damping",
-            options["damping"],
-            "None, or a finite number >= 0 with solver='cg' (first-order solvers use prox instead)",
-        )
-    if solver == "cg" and (options["prox"] or options["weight_decay"]):
-        raise ValueError(
-            f"prox={options['prox']!r} and weight_decay={options['weight_decay']!r} apply to the first-order solvers; "
-            "allowed values with solver='cg': 0 (CG is regularized by damping)"
-        )
-    if solver == "cg" and options["objective"] != "gn":
-        raise ValueError(
-            f"objective={options['objective']!r} is invalid with solver='cg' (CG solves the quadratic); "
-            "allowed values: 'gn', or a first-order solver for 'prox_linear'"
-        )
-    solver_options = dict(options["solver_options"] or {})
-    fixed = sorted({"lr", "weight_decay", "adamw_weight_decay", "grad_clip"} & set(solver_options))
-    if fixed or (solver == "cg" and solver_options):
-        raise invalid(
-            owner,
-            "solver_options",
-            options["solver_options"],
-            "a dict of the inner optimizer's other hyperparameters (inner_lr, weight_decay and grad_clip "
-            "set lr, weight decay and clipping; none for solver='cg')",
-        )
-    if solver != "cg":
-        BASELINES[solver].validate({**SOLVER_DEFAULTS[solver], **solver_options})
-    if options["pass_costs"] is not None:
-        check_pass_costs(options["pass_costs"])
-
-
-def _gn_schema(name: str, fixed: Mapping[str, Any], alternatives: Mapping[str, tuple[Any, ...]]) -> Schema:
-    """The options of :class:`GaussNewton` as optimizer ``name``.
-
-    ``fixed`` options are set and accept only their value (or one of ``alternatives[option]``).
-    """
-    signature = inspect.signature(GaussNewton.__init__).parameters
-    defaults = {key: p.default for key, p in signature.items() if key not in ("self", "model", "batches")}
-    rules = dict(_GN_RULES)
-    for key, value in fixed.items():
-        allowed = (value, *alternatives.get(key, ()))
-        rules[key] = Rule(
-            lambda v, allowed=allowed: any(v == a and type(v) is type(a) for a in allowed),
-            f"{' or '.join(map(repr, allowed))} ({name!r} fixes {key}: pick another variant of "
-            f"{list(GN_VARIANTS)} or use GaussNewton directly)",
-        )
-    return Schema(
-        name,
-        defaults={**defaults, **fixed},
-        rules=rules,
-        checks=(lambda options: _check_solver_combinations(options, f"optimizer {name!r}"),),
-    )
-
-
-_GN_RULES: dict[str, Rule] = {
-    "objective": choice(OBJECTIVES),
-    "blocks": Rule(
-        lambda v: v is None or v in PARTITION_SPECS or isinstance(v, Mapping),
-        f"None, one of {PARTITION_SPECS}, or a dict block -> tensor names",
-    ),
-    "solver": choice(SOLVERS),
-    "inner_steps": integer(1),
-    "inner_lr": optional(number(0, strict=True)),
-    "inner_schedule": choice(INNER_SCHEDULES),
-    "warm_start": FLAG,
-    "prox": number(0),
-    "weight_decay": number(0),
-    "weight_decay_scope": choice(WEIGHT_DECAY_SCOPES),
-    "grad_clip": optional(number(0, strict=True)),
-    "grad_clip_per": choice(CLIP_PER),
-    "line_search": Rule(
-        lambda v: v is None or _is_grid(v),
-        "None or a non-empty sequence of distinct finite step sizes > 0 (α = 0 is always tried)",
-    ),
-    "line_search_batches": Rule(
-        lambda v: v is None or (is_integer(v) and v >= 1), "an integer >= 1, or None for inner_steps"
-    ),
-    "line_search_accept": choice(LINE_SEARCH_ACCEPT),
-    "layerwise_slots": optional(integer(1)),
-    "ema": optional(number(0, strict=True, below=1)),
-    "damping": optional(number(0)),
-    "cg_iters": integer(1),
-    "cg_tol": number(0),
-    "cg_progress_tol": number(0),
-    "cg_backtrack": FLAG,
-    "solver_options": Rule(
-        lambda v: v is None or isinstance(v, Mapping), "None or a dict of the inner optimizer's hyperparameters"
-    ),
-    "pass_costs": Rule(
-        lambda v: v is None or isinstance(v, Mapping), "None or a dict with keys forward, tangent, backward"
-    ),
-    "loss": Rule(lambda v: v is None or isinstance(v, Loss), "None or a gnlib.losses.Loss"),
-}
-
-#: :class:`GaussNewton`'s options used directly: the defaults of its signature, each with its rule.
-GN_SCHEMA = _gn_schema("GaussNewton", {}, {})
-
-#: Each variant's options: :data:`GN_SCHEMA` with the options of :data:`GN_VARIANTS` fixed.
-VARIANT_SCHEMAS: dict[str, Schema] = {
-    name: _gn_schema(name, fixed, {k: v for (variant, k), v in VARIANT_ALTERNATIVES.items() if variant == name})
-    for name, fixed in GN_VARIANTS.items()
-}
-
-
 def make_gauss_newton(
     name: str, model: nn.Module, batches: Callable[[], Batch], lr: float, **hyperparameters: Any
 ) -> GaussNewton:
@@ -817,10 +591,3 @@ def make_gauss_newton(
     check_choice("name", name, GN_VARIANTS)
     options = VARIANT_SCHEMAS[name].validate(variant_options(lr, hyperparameters, name))
     return GaussNewton(model, batches, **options)
-
-
-def variant_options(lr: float, hyperparameters: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The options of variant ``name`` given its ``lr`` (``inner_lr``) and further ``hyperparameters``."""
-    if "inner_lr" in hyperparameters:
-        raise ValueError(f"optimizer {name!r} got unknown option(s) ['inner_lr']; its lr sets the inner LR")
-    return {**hyperparameters, "inner_lr": lr}

@@ -14,7 +14,6 @@ Conventions (shared by all schedules, with ``T = total_steps`` and ``W = warmup_
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -138,11 +137,12 @@ def cosine_decay(n_steps: int) -> WarmupCosine:
     return WarmupCosine(n_steps, 0, 0.0)
 
 
-_FACTORIES: dict[str, Callable[..., Schedule]] = {
-    "constant": lambda total_steps: constant(),
-    "warmup_cosine": warmup_cosine,
-    "warmup_stable_decay": warmup_stable_decay,
-    "cosine_decay": cosine_decay,
+#: Schedule name -> (factory of ``total_steps`` and keywords, the keywords it takes).
+_FACTORIES: dict[str, tuple[Callable[..., Schedule], tuple[str, ...]]] = {
+    "constant": (lambda total_steps: constant(), ()),
+    "warmup_cosine": (warmup_cosine, ("warmup_steps", "final_fraction")),
+    "warmup_stable_decay": (warmup_stable_decay, ("warmup_steps", "decay_fraction")),
+    "cosine_decay": (cosine_decay, ()),
 }
 
 
@@ -159,9 +159,8 @@ def make_schedule(name: str, total_steps: int, **kwargs) -> Schedule:
     """
     if name not in _FACTORIES:
         raise ValueError(f"schedule name={name!r} is not supported; allowed values: {sorted(_FACTORIES)}")
-    factory = _FACTORIES[name]
-    allowed = list(inspect.signature(factory).parameters)[1:]
+    factory, allowed = _FACTORIES[name]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"schedule {name!r} got unknown argument(s) {unknown}; allowed: {allowed}")
+        raise ValueError(f"schedule {name!r} got unknown argument(s) {unknown}; allowed: {list(allowed)}")
     return factory(total_steps, **kwargs)

@@ -48,9 +48,8 @@ December 2024) unless noted:
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -142,6 +141,30 @@ def _outer(grad: Tensor, dim: int) -> Tensor:
     return grad @ grad.T if dim == 0 else grad.T @ grad
 
 
+#: SOAP's options: each default (the reference's) with its rule.
+SOAP_SCHEMA = Schema(
+    "soap",
+    defaults=dict(
+        lr=3e-3,
+        betas=(0.95, 0.95),
+        shampoo_beta=0.95,
+        eps=1e-8,
+        weight_decay=0.01,
+        precondition_frequency=10,
+        max_precond_dim=10000,
+    ),
+    rules={
+        "lr": number(0),
+        "betas": BETAS,
+        "shampoo_beta": number(0, below=1),
+        "eps": number(0),
+        "weight_decay": number(0),
+        "precondition_frequency": integer(1),
+        "max_precond_dim": integer(0),
+    },
+)
+
+
 class SOAP(torch.optim.Optimizer):
     r"""SOAP optimizer for 0-D, 1-D and 2-D parameters; see the module docstring for the math.
 
@@ -159,38 +182,14 @@ class SOAP(torch.optim.Optimizer):
         ValueError: a hyperparameter out of range, or a parameter with more than 2 dimensions.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 3e-3,
-        betas: tuple[float, float] = (0.95, 0.95),
-        shampoo_beta: float = 0.95,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        max_precond_dim: int = 10000,
-    ) -> None:
-        """Validate the hyperparameters (:data:`SOAP_SCHEMA`) and the parameter shapes."""
-        SOAP_SCHEMA.validate(
-            dict(
-                lr=lr,
-                betas=betas,
-                shampoo_beta=shampoo_beta,
-                eps=eps,
-                weight_decay=weight_decay,
-                precondition_frequency=precondition_frequency,
-                max_precond_dim=max_precond_dim,
-            )
-        )
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
-        )
+    def __init__(self, params, **options: Any) -> None:
+        """``params`` as any torch optimizer takes them; ``options`` of :data:`SOAP_SCHEMA` (lr, betas, ...).
+
+        Raises:
+            ValueError: an unknown option or an invalid value (naming it), or a parameter of more than 2 dimensions.
+        """
+        defaults = SOAP_SCHEMA.validate(options)
+        defaults["betas"] = tuple(defaults["betas"])
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -269,23 +268,3 @@ class SOAP(torch.optim.Optimizer):
             state[f"basis_{d}"] = q
             state["exp_avg_sq"] = state["exp_avg_sq"].index_select(d, order)
         state["exp_avg"] = project(exp_avg, self._bases(state))
-
-
-#: SOAP's options: the defaults of :class:`SOAP`'s signature (the reference's), each with its rule.
-SOAP_SCHEMA = Schema(
-    "soap",
-    defaults={
-        name: p.default
-        for name, p in inspect.signature(SOAP.__init__).parameters.items()
-        if name not in ("self", "params")
-    },
-    rules={
-        "lr": number(0),
-        "betas": BETAS,
-        "shampoo_beta": number(0, below=1),
-        "eps": number(0),
-        "weight_decay": number(0),
-        "precondition_frequency": integer(1),
-        "max_precond_dim": integer(0),
-    },
-)
