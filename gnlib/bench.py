@@ -65,7 +65,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch.func import functional_call
@@ -149,6 +149,21 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def _inner_step_ratios(ms: dict[str, float], flops: dict[str, int], peak: dict[str, int]) -> dict[str, float]:
+    """``layerwise_over_full`` (time), ``layerwise_over_full_flops`` and ``peak_mem_ratio``, where measured.
+
+    The first two divide ``layerwise_inner_step`` by ``gn_inner_step``, the last divides the peak memory of
+    ``gn_inner_step`` by that of ``grad``; each is left out when a measurement it divides was not run.
+    """
+    ratios = {}
+    if "layerwise_inner_step" in ms and "gn_inner_step" in ms:
+        ratios["layerwise_over_full"] = ms["layerwise_inner_step"] / ms["gn_inner_step"]
+        ratios["layerwise_over_full_flops"] = flops["layerwise_inner_step"] / flops["gn_inner_step"]
+    if "gn_inner_step" in peak:
+        ratios["peak_mem_ratio"] = peak["gn_inner_step"] / peak["grad"]
+    return ratios
+
+
 def run_benchmark(
     preset: str = "tiny",
     device: str = "cpu",
@@ -159,6 +174,7 @@ def run_benchmark(
     threads: int | None = None,
     outer_repeats: int = 2,
     compile: bool = False,
+    measurements: Collection[str] | None = None,
     **model_overrides,
 ) -> dict:
     """Time every measurement of the module docstring and return the summary (the ``--json`` object).
@@ -173,6 +189,8 @@ def run_benchmark(
         threads: ``torch.set_num_threads`` for the run (default: leave torch's setting).
         outer_repeats: timed rounds of the outer steps (0 leaves them out; at most ``repeats`` are run).
         compile: also time the gradient step and the inner step under ``torch.compile``.
+        measurements: names of :data:`MEASUREMENTS` to run besides ``grad`` (default: all of them); the
+            others, and every figure derived from them, are left out of the result.
         **model_overrides: config fields to replace, e.g. ``n_layers=1`` for a quick run.
 
     Returns:
@@ -197,6 +215,9 @@ def run_benchmark(
     if outer_repeats < 0:
         raise ValueError(f"outer_repeats={outer_repeats} must be >= 0")
     outer_repeats = min(outer_repeats, repeats)
+    chosen = set(MEASUREMENTS if measurements is None else measurements) | {"grad"}
+    for name in chosen:
+        check_choice("measurements", name, MEASUREMENTS)
     if threads is not None:
         torch.set_num_threads(threads)
     model = build_model(preset, seed=seed, device=dev, **model_overrides)
@@ -234,10 +255,9 @@ def run_benchmark(
     partition = per_layer(model)
     blocks = [{name: v[name] for name in names} for names in partition.values()]
     fns["layerwise_inner_step"] = lambda: curvature.layerwise_inner_steps(model, params, blocks, data, loss)
-    counts = {
-        "gn_inner_step": (1, 1, 1),
-        "layerwise_inner_step": layerwise_pass_counts(model, list(partition.values()), data[0]),
-    }
+    counts = {"gn_inner_step": (1, 1, 1)}
+    if "layerwise_inner_step" in chosen:
+        counts["layerwise_inner_step"] = layerwise_pass_counts(model, list(partition.values()), data[0])
     search = GaussNewton(model, lambda: data)
     search_costs: list[_Cost] = []
 
@@ -251,17 +271,17 @@ def run_benchmark(
     def recorded(name: str, optimizer: GaussNewton) -> Callable[[], None]:
         return lambda: outer.update({name: optimizer.step()})
 
-    if outer_repeats:
-        full = GaussNewton(copy.deepcopy(model), lambda: data)
+    if outer_repeats and "outer_step_full" in chosen:
+        fns["outer_step_full"] = recorded("outer_step_full", GaussNewton(copy.deepcopy(model), lambda: data))
+    if outer_repeats and "outer_step_layerwise" in chosen:
         layerwise = GaussNewton(copy.deepcopy(model), lambda: data, blocks="per_layer")
-        fns["outer_step_full"] = recorded("outer_step_full", full)
         fns["outer_step_layerwise"] = recorded("outer_step_layerwise", layerwise)
     compile_seconds: dict[str, float] = {}
     if compile:
         compiled_model, compiled_inner = torch.compile(model), torch.compile(curvature.gn_inner_step)
         fns["grad_compiled"] = lambda: torch.autograd.grad(loss.value(compiled_model(data[0]), data[1]), weights)
         fns["gn_inner_step_compiled"] = lambda: compiled_inner(model, params, v, data, loss)
-    fns = {name: fns[name] for name in MEASUREMENTS + COMPILED if name in fns}
+    fns = {name: fns[name] for name in MEASUREMENTS + COMPILED if name in fns and name in chosen | set(COMPILED)}
     wall: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     faults: dict[str, list[int]] = {name: [] for name in fns}
@@ -282,10 +302,12 @@ def run_benchmark(
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
     minor_faults = {name: round(statistics.median(n)) for name, n in faults.items()}
-    peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS}
+    peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS if name in fns}
     flops = {name: count_flops(fn) for name, fn in fns.items() if name not in COMPILED}
-    counts["line_search"] = (search_costs[-1].forward, search_costs[-1].tangent, search_costs[-1].backward)
+    if search_costs:
+        counts["line_search"] = (search_costs[-1].forward, search_costs[-1].tangent, search_costs[-1].backward)
     counts.update({name: tuple(d[f"{k}_passes"] for k in PASSES) for name, d in outer.items()})
+    counts = {name: n for name, n in counts.items() if name in fns}
     measured = measure_pass_costs(model, batch, seq_len, repeats=repeats, use_cache=False)
     pass_costs = {"measured": {k: measured[k] for k in PASSES}, "flops": dict(FLOP_PASS_COSTS)}
     priced = {
@@ -314,13 +336,11 @@ def run_benchmark(
         "cpu_ms": cpu_ms,
         "cpu_ratio": {name: cpu_ms[name] / cpu_ms["grad"] for name in fns if name != "grad"},
         "minor_faults": minor_faults,
-        "layerwise_over_full": ms["layerwise_inner_step"] / ms["gn_inner_step"],
         "flops": flops,
         "flop_ratio": {name: flops[name] / flops["grad"] for name in flops if name != "grad"},
-        "layerwise_over_full_flops": flops["layerwise_inner_step"] / flops["gn_inner_step"],
         "layerwise_blocks": len(partition),
         "peak_mem_bytes": peak,
-        "peak_mem_ratio": peak["gn_inner_step"] / peak["grad"],
+        **_inner_step_ratios(ms, flops, peak),
         "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
         "pass_costs": pass_costs,
         "passes": {name: dict(zip(PASSES, n)) for name, n in counts.items()},
@@ -346,14 +366,15 @@ def format_table(result: dict) -> str:
             f"{result['minor_faults'][name]:>12,}"
         )
     peak = result["peak_mem_bytes"]
-    lines.append(
-        f"layerwise_inner_step / gn_inner_step = {result['layerwise_over_full']:.2f} "
-        f"({result['layerwise_blocks']} blocks; FLOPs {result['layerwise_over_full_flops']:.2f})"
-    )
+    if "layerwise_over_full" in result:
+        lines.append(
+            f"layerwise_inner_step / gn_inner_step = {result['layerwise_over_full']:.2f} "
+            f"({result['layerwise_blocks']} blocks; FLOPs {result['layerwise_over_full_flops']:.2f})"
+        )
     lines.append(
         f"peak memory ({result['memory_measure']}): "
         + ", ".join(f"{name} {peak[name] / 2**20:.1f} MiB" for name in peak)
-        + f"; gn_inner_step / grad {result['peak_mem_ratio']:.2f}"
+        + (f"; gn_inner_step / grad {result['peak_mem_ratio']:.2f}" if "peak_mem_ratio" in result else "")
     )
     if "compile_seconds" in result:
         lines.append(
