@@ -1,14 +1,15 @@
-"""README's results, regenerated from a sweep of notebook 02, never typed by hand.
+"""The documentation's results tables, regenerated from a sweep of notebook 02, never typed by hand.
 
 Usage::
 
-    python -m gnlib.report outputs/cpu_study --figures outputs/cpu_study/summary [--readme README.md]
+    python -m gnlib.report outputs/cpu_study --figures outputs/cpu_study/summary [--page docs/results.md ...]
 
 copies the sweep's ``results.csv`` and ``sweep.json`` to ``notebooks/results/<sweep name>/`` (small files,
-kept in git), the summary's figures to ``notebooks/figures/<sweep name>_<figure>.png``, and rewrites the
-block of README between ``<!-- results: <sweep name> -->`` and ``<!-- /results -->`` with
-:func:`results_markdown` of the copied table. ``tests/test_report.py`` regenerates every such block from
-the committed tables and fails when README differs.
+kept in git), the summary's figures to ``notebooks/figures/<sweep name>_<figure>.png``, and rewrites, in
+every page given (default: README.md and docs/*.md), each block between ``<!-- results: <sweep name> -->``
+and ``<!-- /results -->`` with :func:`results_markdown` of the copied table, and each block opened by
+``<!-- results: <sweep name> headline -->`` with its steps and ratio tables only. ``tests/test_report.py``
+regenerates every such block from the committed tables and fails when a page differs.
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ NAMES = {
 #: (docs/study.md, "Reported results"); AdamW is reported only as "more than Muon".
 STUDY_45M_STEPS = {"gn": "54", "gn_layerwise": "78", "soap": "292", "muon": "about 864", "adamw": "more than Muon"}
 RESULTS_DIR, FIGURES_DIR = Path("notebooks/results"), Path("notebooks/figures")
-_BLOCK = r"(?P<open><!-- results: (?P<name>{name}) -->\n)(?P<body>.*?)(?P<close><!-- /results -->)"
+#: The pages whose blocks are regenerated when none is given: README and every page under docs/.
+PAGES = (Path("README.md"), Path("docs"))
+#: A generated block: ``<!-- results: NAME -->`` (every table) or ``<!-- results: NAME headline -->`` (steps and
+#: ratios), its body, ``<!-- /results -->``.
+_BLOCK = (
+    r"(?P<open><!-- results: (?P<label>(?P<name>{name})(?: (?P<part>headline))?) -->\n)"
+    r"(?P<body>.*?)(?P<close><!-- /results -->)"
+)
 
 
-def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
+def results_markdown(results_csv: str | Path, reference: str = "gn", headline: bool = False) -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
     Every number is taken at each setting's tuned LR (:func:`gnlib.study.choose_lr`); medians over seeds, a
@@ -54,6 +62,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
     Args:
         results_csv: ``results.csv`` of a :mod:`gnlib.sweep` run of notebook 02 (its ``sweep.json`` beside it).
         reference: the setting the ratio table divides by (absent: the first setting listed).
+        headline: only the steps to target and the ratios (the tables a front page quotes).
 
     Returns:
         The markdown text: the runs and their wall time; steps to target per setting and tokens per step
@@ -61,7 +70,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
         (costs in gradient steps on the table's smallest micro-batch, scaled by tokens per micro-batch);
         the critical batch size of each optimizer (with two batch sizes or more); tokens, time and cost to
         target at the largest batch (beside the study's 45M steps, for the optimizers it reports); and the
-        tuned LRs on their grid's edge.
+        tuned LRs on their grid's edge. With ``headline``, the steps and ratio tables alone.
 
     Raises:
         ValueError: ``results_csv`` is cut short, damaged or not a sweep's table
@@ -81,8 +90,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
     settings = sorted(order, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), order.index(n)))
     batches = sorted(set(chosen["tokens_per_step"]))
     seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
-    lines = [_timing(raw), ""] if {"started", "finished", "seconds"} <= set(raw.columns) else []
-    lines += [
+    lines = [
         f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seed(s) (min-max); "
         '"missed" when most seeds did not reach it.',
         "",
@@ -99,6 +107,10 @@ def results_markdown(results_csv: str | Path, reference: str = "gn") -> str:
         ]
     reference = reference if reference in settings else settings[0]
     lines += _ratio_section(chosen, settings, batches, reference, unit)
+    if headline:
+        return "\n".join(lines).rstrip("\n") + "\n"
+    if {"started", "finished", "seconds"} <= set(raw.columns):
+        lines = [_timing(raw), "", *lines]
     if len(batches) > 1:
         critical = critical_batch_size(table).set_index("optimizer")
         lines += [
@@ -172,46 +184,73 @@ def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: i
     ]
 
 
-def update_readme(readme: str | Path, name: str, markdown: str) -> None:
-    """Replace README's block ``<!-- results: name -->`` ... ``<!-- /results -->`` with ``markdown`` (atomic).
+def default_pages() -> list[Path]:
+    """The pages searched for blocks when none is given: README.md and docs/*.md (relative to the working folder)."""
+    readme, docs = PAGES
+    return [readme, *sorted(docs.glob("*.md"))]
+
+
+def page_blocks(page: str | Path) -> dict[str, str]:
+    """A page's results blocks: the marker's label (``"cpu_study"``, ``"cpu_study headline"``) → its text."""
+    text = Path(page).read_text(encoding="utf-8")
+    return {m["label"]: m["body"] for m in re.finditer(_BLOCK.format(name=r"[\w.-]+"), text, re.DOTALL)}
+
+
+def block_markdown(results_csv: str | Path, label: str) -> str:
+    """The text a block labelled ``label`` (``"NAME"`` or ``"NAME headline"``) holds for ``results_csv``."""
+    return results_markdown(results_csv, headline=label.endswith(" headline"))
+
+
+def update_pages(pages: list[str | Path], name: str, results_csv: str | Path) -> list[Path]:
+    """Regenerate every block of sweep ``name`` in ``pages`` from ``results_csv``; each page written atomically.
+
+    Returns:
+        The pages that hold a block of ``name``.
 
     Raises:
-        ValueError: README has no such block, naming the markers to add.
+        ValueError: a page does not exist, or none holds a block of ``name`` (naming the markers to add);
+            nothing is written then.
     """
-    path = Path(readme)
-    text = path.read_text(encoding="utf-8")
     pattern = re.compile(_BLOCK.format(name=re.escape(name)), re.DOTALL)
-    if not pattern.search(text):
+    absent = [str(page) for page in pages if not Path(page).is_file()]
+    if absent:
+        raise ValueError(f"page {', '.join(absent)} does not exist: give a page that holds a block of {name!r}")
+    texts = {Path(page): Path(page).read_text(encoding="utf-8") for page in pages}
+    holding = {page: text for page, text in texts.items() if pattern.search(text)}
+    if not holding:
         raise ValueError(
-            f"{path} has no block for {name!r}: add the lines '<!-- results: {name} -->' and '<!-- /results -->' "
+            f"{', '.join(map(str, texts)) or 'no page'} has no block for {name!r}: add the lines "
+            f"'<!-- results: {name} -->' (or '<!-- results: {name} headline -->') and '<!-- /results -->' "
             "where its tables go"
         )
-    atomic_write_text(path, pattern.sub(lambda m: m["open"] + markdown + m["close"], text))
+    labels = {m["label"] for text in holding.values() for m in pattern.finditer(text)}
+    markdown = {label: block_markdown(results_csv, label) for label in sorted(labels)}  # before any page is written
+    for page, text in holding.items():
+        atomic_write_text(page, pattern.sub(lambda m: m["open"] + markdown[m["label"]] + m["close"], text))
+    return list(holding)
 
 
-def readme_blocks(readme: str | Path) -> dict[str, str]:
-    """README's results blocks: sweep name → the text between its markers."""
-    text = Path(readme).read_text(encoding="utf-8")
-    return {m["name"]: m["body"] for m in re.finditer(_BLOCK.format(name=r"[\w.-]+"), text, re.DOTALL)}
+def publish(sweep_dir: str | Path, figures: str | Path | None = None, pages: list[str | Path] | None = None) -> Path:
+    """Copy a sweep's tables (and figures) into the repository and regenerate its blocks in ``pages``.
 
-
-def publish(sweep_dir: str | Path, figures: str | Path | None = None, readme: str | Path = "README.md") -> Path:
-    """Copy a sweep's tables (and figures) into the repository and regenerate its README block.
+    Args:
+        sweep_dir: a sweep folder of notebook 02 (``results.csv``, ``sweep.json``).
+        figures: folder of the summary's PNG figures, copied to ``notebooks/figures/``.
+        pages: the pages whose blocks of this sweep to regenerate (default :func:`default_pages`).
 
     Returns:
         The folder the tables were copied to, ``notebooks/results/<sweep name>``.
 
     Raises:
         ValueError: ``sweep_dir`` lacks results.csv or sweep.json, its results.csv is cut short or damaged,
-            or README lacks the block; nothing is written then.
+            or no page holds a block of the sweep; nothing is written then.
     """
     sweep_dir = Path(sweep_dir)
     missing = [f for f in ("results.csv", "sweep.json") if not (sweep_dir / f).is_file()]
     if missing:
         raise ValueError(f"sweep_dir={str(sweep_dir)!r} lacks {missing}: run `python -m gnlib.sweep GRID` first")
     name = sweep_dir.name
-    markdown = results_markdown(sweep_dir / "results.csv")
-    update_readme(readme, name, markdown)  # refuses a README without the block before anything is copied
+    update_pages(default_pages() if pages is None else pages, name, sweep_dir / "results.csv")
     target = RESULTS_DIR / name
     target.mkdir(parents=True, exist_ok=True)
     for file in ("results.csv", "sweep.json"):
@@ -226,14 +265,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gnlib.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a sweep folder of notebook 02 (results.csv, sweep.json)")
     parser.add_argument("--figures", help="folder of the summary's PNG figures (notebook 02's output_dir)")
-    parser.add_argument("--readme", default="README.md", help="README to update (default README.md)")
+    parser.add_argument(
+        "--page",
+        dest="pages",
+        action="append",
+        help="a page whose blocks of this sweep to regenerate; repeatable (default README.md and docs/*.md)",
+    )
+    parser.add_argument("--readme", dest="pages", action="append", help=argparse.SUPPRESS)  # the same as --page
     args = parser.parse_args(argv)
+    pages = default_pages() if args.pages is None else [Path(page) for page in args.pages]
+    name = Path(args.sweep_dir).name
     try:
-        target = publish(args.sweep_dir, args.figures, args.readme)
+        target = publish(args.sweep_dir, args.figures, pages)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"tables in {target}, README block {Path(args.sweep_dir).name!r} regenerated")
+    held = [str(page) for page in pages if any(label.split()[0] == name for label in page_blocks(page))]
+    print(f"tables in {target}; blocks of {name!r} regenerated in {', '.join(held)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Tests of gnlib.report: README's results tables come from committed sweep tables, never by hand."""
+"""Tests of gnlib.report: the docs' results tables come from committed sweep tables, never by hand."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gnlib.report import main, readme_blocks, results_markdown, update_readme
+from gnlib.report import default_pages, main, page_blocks, results_markdown, update_pages
 from gnlib.study import STUDY_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,15 +109,23 @@ def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_pa
     ]
 
 
-def test_update_readme_replaces_only_its_block_and_refuses_a_missing_one(tmp_path):
-    readme = tmp_path / "README.md"
+def test_update_pages_replaces_only_the_sweeps_blocks_and_refuses_pages_without_one(tmp_path):
+    csv = sweep_table(tmp_path)
+    (tmp_path / "sweep.json").write_text('{"grid": [{"optimizers": ["gn"]}]}')
+    readme, page, other = tmp_path / "README.md", tmp_path / "results.md", tmp_path / "other.md"
     block_b = "<!-- results: b -->\nb\n<!-- /results -->\n"
-    readme.write_text("intro\n<!-- results: a -->\nold\n<!-- /results -->\nmiddle\n" + block_b)
-    update_readme(readme, "a", "new\ntable\n")
-    assert readme.read_text() == "intro\n<!-- results: a -->\nnew\ntable\n<!-- /results -->\nmiddle\n" + block_b
-    assert readme_blocks(readme) == {"a": "new\ntable\n", "b": "b\n"}
+    readme.write_text("intro\n<!-- results: a headline -->\nold\n<!-- /results -->\nmiddle\n" + block_b)
+    page.write_text("<!-- results: a -->\nold\n<!-- /results -->\n")
+    other.write_text("no blocks\n")
+    assert update_pages([readme, page, other], "a", csv) == [readme, page]
+    headline, full = results_markdown(csv, headline=True), results_markdown(csv)
+    assert readme.read_text() == f"intro\n<!-- results: a headline -->\n{headline}<!-- /results -->\nmiddle\n" + block_b
+    assert page_blocks(readme) == {"a headline": headline, "b": "b\n"}
+    assert page_blocks(page) == {"a": full} and other.read_text() == "no blocks\n"
+    assert full.startswith("24 runs") and headline.startswith("Outer steps to val loss 2.2")
+    assert headline.rstrip("\n") in full and "Critical batch" not in headline and "Ratio to full GN" in headline
     with pytest.raises(ValueError, match=r"no block for 'c'.*<!-- results: c -->"):
-        update_readme(readme, "c", "x\n")
+        update_pages([readme, page], "c", csv)
 
 
 def test_cli_publishes_tables_and_refuses_a_folder_without_a_sweep(tmp_path, capsys, monkeypatch):
@@ -129,22 +137,34 @@ def test_cli_publishes_tables_and_refuses_a_folder_without_a_sweep(tmp_path, cap
     (tmp_path / "notebooks" / "figures").mkdir(parents=True)
     (sweep / "summary").mkdir()
     (sweep / "summary" / "steps_vs_batch.png").write_bytes(b"png")
-    (tmp_path / "README.md").write_text("<!-- results: demo -->\n<!-- /results -->\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("<!-- results: demo headline -->\n<!-- /results -->\n")
+    (tmp_path / "docs" / "results.md").write_text("<!-- results: demo -->\n<!-- /results -->\n")
     assert main([str(sweep), "--figures", str(sweep / "summary")]) == 0
-    assert readme_blocks("README.md")["demo"] == results_markdown(sweep / "results.csv")
+    assert "regenerated in README.md, docs/results.md" in capsys.readouterr().out
+    assert page_blocks("README.md")["demo headline"] == results_markdown(sweep / "results.csv", headline=True)
+    assert page_blocks("docs/results.md")["demo"] == results_markdown(sweep / "results.csv")
     assert (tmp_path / "notebooks" / "results" / "demo" / "results.csv").is_file()
     assert (tmp_path / "notebooks" / "figures" / "demo_steps_vs_batch.png").read_bytes() == b"png"
+    (tmp_path / "docs" / "results.md").write_text("<!-- results: demo -->\n<!-- /results -->\n")
+    assert main([str(sweep), "--page", "docs/results.md"]) == 0  # only the pages given
+    assert page_blocks("docs/results.md")["demo"] == results_markdown(sweep / "results.csv")
     assert main([str(tmp_path / "outputs")]) == 2
     assert "lacks ['results.csv', 'sweep.json']" in capsys.readouterr().err
+    assert main([str(sweep), "--page", "none.md"]) == 2
+    assert "none.md does not exist" in capsys.readouterr().err
 
 
-def test_readme_results_are_regenerated_from_the_committed_sweep_tables():
-    """Every results block of README equals the markdown made from its committed table: none is typed by hand."""
-    blocks = readme_blocks(REPO / "README.md")
-    assert "cpu_study" in blocks
-    for name, block in blocks.items():
-        assert block == results_markdown(REPO / "notebooks" / "results" / name / "results.csv"), (
-            f"README's {name} tables differ from notebooks/results/{name}/results.csv: "
+def test_the_docs_results_are_regenerated_from_the_committed_sweep_tables(monkeypatch):
+    """Every results block of README and docs/ equals the markdown made from its committed table: none is typed."""
+    monkeypatch.chdir(REPO)
+    blocks = {(page, label): body for page in default_pages() for label, body in page_blocks(page).items()}
+    assert {(Path("README.md"), "cpu_study headline"), (Path("docs/results.md"), "cpu_study")} <= set(blocks)
+    for (page, label), block in blocks.items():
+        name = label.split()[0]
+        expected = results_markdown(REPO / "notebooks" / "results" / name / "results.csv", headline=label != name)
+        assert block == expected, (
+            f"{page}'s {label} tables differ from notebooks/results/{name}/results.csv: "
             f"run python -m gnlib.report outputs/{name} --figures outputs/{name}/summary"
         )
 
