@@ -1,12 +1,12 @@
 """Partitions and block views, checked against slices of dense matrices (a real float64 GGN included)."""
 
+import oracles
 import pytest
 import scipy.sparse.linalg
 import torch
-from torch.func import functional_call, jacrev
 
 from gnlib import blocks, curvature, spectra
-from gnlib.models import build_model, mlp
+from gnlib.models import mlp
 from gnlib.params import flatten, numel, offsets, params_of, unflatten
 
 LAYER_NAMES = [
@@ -20,21 +20,6 @@ LAYER_NAMES = [
     "mlp.w_up.weight",
     "mlp.w_down.weight",
 ]
-
-
-def tiny_transformer(tied: bool, n_layers: int = 2):
-    """A float64 transformer small enough for dense matrices (n = 372 tied, 404 untied at 2 layers)."""
-    return build_model(
-        "tiny",
-        n_layers=n_layers,
-        d_model=4,
-        n_heads=1,
-        d_ff=8,
-        vocab_size=8,
-        max_seq_len=8,
-        tie_embeddings=tied,
-        dtype=torch.float64,
-    )
 
 
 def random_symmetric(n: int, seed: int = 0) -> torch.Tensor:
@@ -52,25 +37,17 @@ def flat_positions(names: list[str], like: dict) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def ggn_setup():
     """(model, params, G, batch): dense float64 GGN G = Jᵀ H_z J of token-mean cross-entropy, tied 2-layer model."""
-    model = tiny_transformer(tied=True)
+    model = oracles.dense_transformer(tied=True)
     like = params_of(model)
     gen = torch.Generator().manual_seed(0)
     tokens, targets = torch.randint(0, 8, (2, 2, 5), generator=gen)
-
-    def logits(flat):
-        return functional_call(model, unflatten(flat, like), (tokens,)).reshape(-1, 8)
-
-    flat = flatten(like)
-    jac = jacrev(logits)(flat)  # (tokens, vocab, n)
-    probs = torch.softmax(logits(flat), dim=-1)
-    h_z = (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]) / probs.shape[0]
-    ggn = torch.einsum("tvn,tvw,twm->nm", jac, h_z, jac)
+    ggn = oracles.dense_ggn(model, like, (tokens, targets), oracles.token_cross_entropy)
     return model, like, ggn, (tokens, targets)
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_partitions_cover_and_are_disjoint(tied):
-    model = tiny_transformer(tied, n_layers=3)
+    model = oracles.dense_transformer(tied, n_layers=3)
     names = [name for name, _ in model.named_parameters()]
     for partition in (blocks.per_tensor(model), blocks.per_layer(model), blocks.coarse_halves(model)):
         members = [name for group in partition.values() for name in group]
@@ -80,7 +57,7 @@ def test_partitions_cover_and_are_disjoint(tied):
 
 
 def test_per_layer_untied_matches_study_layout():
-    model = tiny_transformer(tied=False)
+    model = oracles.dense_transformer(tied=False)
     expected = {
         "embed": ["embed.weight"],
         "block0": [f"blocks.0.{name}" for name in LAYER_NAMES],
@@ -92,7 +69,7 @@ def test_per_layer_untied_matches_study_layout():
 
 
 def test_per_layer_tied_merges_embedding_and_head_and_puts_final_norm_in_last_block():
-    model = tiny_transformer(tied=True)
+    model = oracles.dense_transformer(tied=True)
     expected = {
         "embed+head": ["embed.weight"],
         "block0": [f"blocks.0.{name}" for name in LAYER_NAMES],
@@ -112,7 +89,7 @@ def test_per_layer_generic_model_groups_by_module():
 
 
 def test_per_layer_rejects_stray_transformer_parameter():
-    like = dict(params_of(tiny_transformer(tied=False)), **{"extra.bias": torch.zeros(3)})
+    like = dict(params_of(oracles.dense_transformer(tied=False)), **{"extra.bias": torch.zeros(3)})
     with pytest.raises(ValueError, match="extra.bias"):
         blocks.per_layer(like)
 
@@ -125,7 +102,7 @@ def test_per_tensor_is_named_parameters():
 @pytest.mark.parametrize("n_layers, first_layers", [(4, 2), (3, 2), (2, 1)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_coarse_halves_splits_layers(n_layers, first_layers, tied):
-    halves = blocks.coarse_halves(tiny_transformer(tied, n_layers=n_layers))
+    halves = blocks.coarse_halves(oracles.dense_transformer(tied, n_layers=n_layers))
     first_layer_names = [f"blocks.{i}.{name}" for i in range(first_layers) for name in LAYER_NAMES]
     assert halves["first_half"] == ["embed.weight"] + first_layer_names
     rest = [f"blocks.{i}.{name}" for i in range(first_layers, n_layers) for name in LAYER_NAMES]
@@ -142,7 +119,7 @@ def test_coarse_halves_generic_and_too_small():
 
 
 def test_by_patterns_builds_custom_blocks():
-    model = tiny_transformer(tied=False)
+    model = oracles.dense_transformer(tied=False)
     partition = blocks.by_patterns(model, {"attention": [r"\.attn\."], "rest": [r"^embed", r"mlp", r"norm", r"^head"]})
     assert partition["attention"] == [f"blocks.{i}.attn.w{c}.weight" for i in range(2) for c in "qkvo"]
     assert len(partition["attention"]) + len(partition["rest"]) == len(list(model.parameters()))
@@ -180,7 +157,7 @@ def test_validate_partition_errors(partition, message):
 
 
 def test_resolve_partition():
-    model = tiny_transformer(tied=False)
+    model = oracles.dense_transformer(tied=False)
     names = [name for name, _ in model.named_parameters()]
     assert blocks.resolve_partition(None, model) == {"full": names}
     assert blocks.resolve_partition("full", model) == {"full": names}
@@ -199,7 +176,7 @@ def test_resolve_partition():
 
 
 def test_block_indices_follow_flattening_order():
-    model = tiny_transformer(tied=False)
+    model = oracles.dense_transformer(tied=False)
     like = params_of(model)
     slices = offsets(like)
     reordered = {
@@ -217,7 +194,7 @@ def test_block_indices_follow_flattening_order():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_block_views_equal_slices_of_full_matrix(tied):
-    model = tiny_transformer(tied)
+    model = oracles.dense_transformer(tied)
     like = params_of(model)
     matrix = random_symmetric(numel(like))
     attention = {"attn": [r"\.attn\."], "other": [r"^(?!.*\.attn\.)"]}
@@ -356,7 +333,7 @@ def test_block_diagonal_operator_and_lanczos_on_a_ggn_operator(ggn_setup):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_per_layer_norm_with_last_puts_the_final_norm_in_the_last_block(tied):
-    model = tiny_transformer(tied=tied)
+    model = oracles.dense_transformer(tied=tied)
     plain, reference = blocks.per_layer(model), blocks.resolve_partition("per_layer_norm_with_last", model)
     last = [b for b in plain if b.startswith("block")][-1]
     assert list(reference) == list(plain)

@@ -2,12 +2,13 @@
 
 import math
 
+import oracles
 import pytest
 import torch
 
 from gnlib import blocks, curvature, directions
 from gnlib.losses import MSE, CrossEntropy
-from gnlib.models import build_model, linear_model, mlp
+from gnlib.models import linear_model
 from gnlib.params import flatten, numel, params_of, unflatten
 
 F64 = torch.float64
@@ -37,17 +38,15 @@ class Bare:
 @pytest.fixture(scope="module")
 def mlp_setup():
     """(model, params, batch, G) for a float64 tanh MLP 3 → 5 → 4 with cross-entropy on 6 rows."""
-    model = mlp([3, 5, 4], seed=0).to(F64)
+    model, batch = oracles.mlp_problem()
     params = params_of(model)
-    gen = torch.Generator().manual_seed(1)
-    batch = (torch.randn(6, 3, generator=gen, dtype=F64), torch.randint(0, 4, (6,), generator=gen))
     return model, params, batch, curvature.dense_ggn(model, params, batch, CrossEntropy())
 
 
 @pytest.fixture(scope="module")
 def transformer_setup():
     """(model, params, batch, G, g) for a 2-layer float64 transformer with 404 parameters."""
-    model = build_model("tiny", n_layers=2, d_model=4, n_heads=1, d_ff=8, vocab_size=8, max_seq_len=8, dtype=F64)
+    model = oracles.dense_transformer()
     params = params_of(model)
     tokens = torch.randint(0, 8, (3, 6), generator=torch.Generator().manual_seed(0))
     batch = (tokens[:, :-1], tokens[:, 1:])

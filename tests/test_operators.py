@@ -1,16 +1,16 @@
 """The linear-operator base class, through its three subclasses, against dense float64 matrices.
 
-References are built with plain autograd on a tiny tanh MLP (3 → 4 → 3, 31 parameters) and
+References come from ``oracles``, plain autograd on a tiny tanh MLP (3 → 4 → 3, 31 parameters) and
 ``torch.nn.functional.cross_entropy``: J = ``torch.func.jacrev`` of the logits, H_z and H =
 ``torch.func.hessian`` of the loss in the logits and in the flat parameters, G = Jᵀ H_z J, and
 blockdiag(G) masks G to the per-layer blocks, whose flat ranges are read off the parameter shapes.
 """
 
 import numpy as np
+import oracles
 import pytest
 import scipy.sparse.linalg
 import torch
-from torch.func import functional_call
 
 from gnlib import LinearOperator
 from gnlib.blocks import BlockDiagonalOperator, per_layer
@@ -32,19 +32,8 @@ class Dense:
         params = params_of(model)
         gen = torch.Generator().manual_seed(1)
         inputs, targets = torch.randn(5, 3, generator=gen, dtype=F64), torch.randint(0, 3, (5,), generator=gen)
-        flat = torch.cat([t.reshape(-1) for t in params.values()])
-
-        def logits(theta: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, unflatten(theta, params), (inputs,))
-
-        def loss_of_logits(z: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(z, targets)
-
-        z = logits(flat).detach()
-        jac = torch.func.jacrev(logits)(flat).reshape(z.numel(), -1)
-        h_z = torch.func.hessian(loss_of_logits)(z).reshape(z.numel(), z.numel())
-        self.G = jac.T @ h_z @ jac
-        self.H = torch.func.hessian(lambda theta: loss_of_logits(logits(theta)))(flat)
+        self.G = oracles.dense_ggn(model, params, (inputs, targets), torch.nn.functional.cross_entropy)
+        self.H = oracles.dense_hessian(model, params, (inputs, targets), torch.nn.functional.cross_entropy)
         mask = torch.zeros_like(self.G, dtype=torch.bool)
         start = 0
         for layer in ("0", "2"):
@@ -52,7 +41,7 @@ class Dense:
             mask[start : start + size, start : start + size] = True
             start += size
         self.blockdiag_G = self.G * mask
-        self.n = flat.numel()
+        self.n = len(self.G)
 
         cast = model.to(dtype)
         cast_params = {name: t.to(dtype) for name, t in params.items()}
