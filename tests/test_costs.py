@@ -1,13 +1,11 @@
 """Pass costs: the FLOP model priced by hand, measured costs recorded and cached, explicit costs winning."""
 
 import dataclasses
-import json
 
 import pytest
 import torch
 
 from gnlib import costs, curvature
-from gnlib.bench import main as bench_main
 from gnlib.blocks import per_layer, resolve_partition
 from gnlib.costs import (
     FLOP_PASS_COSTS,
@@ -203,32 +201,6 @@ def test_gauss_newton_names_bad_pass_costs():
         GaussNewton(model, lambda: None, pass_costs={"forward": 1.0})
     with pytest.raises(ValueError, match="model=Linear is invalid"):
         measure_pass_costs(torch.nn.Linear(2, 2), 2, 2)
-
-
-def test_bench_prints_the_pass_costs_a_run_uses_beside_its_ratios(capsys):
-    bench_main(
-        ["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "1", "--json"]
-    )
-    result = json.loads(capsys.readouterr().out)
-    assert result["vocab_size"] == 256
-    assert result["pass_costs"]["flops"] == FLOP_PASS_COSTS
-    assert set(result["pass_costs"]["measured"]) == set(PASSES) and min(result["pass_costs"]["measured"].values()) > 0
-    # each priced measurement: its passes weighed by each model (checked here for the FLOP model by hand)
-    assert result["passes"]["gn_inner_step"] == {"forward": 1, "tangent": 1, "backward": 1}
-    assert result["priced"]["gn_inner_step"]["flops"] == pytest.approx(5 / 3)
-    assert result["passes"]["line_search"] == {"forward": 2 * 6, "tangent": 2, "backward": 0}  # 2 batches, 5 α
-    assert result["passes"]["outer_step_full"] == {"forward": 8 + 12, "tangent": 8 + 2, "backward": 8}
-    assert result["priced"]["outer_step_full"]["flops"] == pytest.approx(56 / 3)
-    assert set(result["priced"]) <= set(result["ratio"])
-    small = ["--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "0"]
-    bench_main(["--preset", "tiny", "--vocab", "300", *small])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("preset=tiny vocab=300 ")
-    start = lines.index(next(line for line in lines if line.startswith("pass costs (x grad)")))
-    assert lines[start].split()[-2:] == ["measured", "flops"]
-    assert [line.split()[0] for line in lines[start + 1 : start + 4]] == list(PASSES)
-    assert lines[start + 4].split()[-3:] == ["measured", "flops", "timed"]
-    assert [line.split()[0] for line in lines[start + 5 :]] == ["gn_inner_step", "layerwise_inner_step", "line_search"]
 
 
 def test_a_resumed_run_keeps_the_costs_it_started_with(tmp_path, monkeypatch):

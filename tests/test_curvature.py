@@ -2,25 +2,22 @@
 
 Models: a small MLP (cross-entropy and MSE), a one-layer LLaMA-style transformer with tied embeddings, the
 study's reference transformer (GELU MLP, LayerNorm-ed queries and keys, fan-in init, untied), and a linear
-model (a GLM: with cross-entropy, multinomial logistic regression). References: J from
+model (a GLM: with cross-entropy, multinomial logistic regression). References from ``oracles``: J from
 ``torch.func.jacrev``, H_z and H from ``torch.func.hessian``, G = Jᵀ H_z J.
 """
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
+import oracles
 import pytest
 import scipy.sparse.linalg
 import torch
-from torch.func import functional_call
 
 from gnlib import curvature as C
-from gnlib.bench import MEASUREMENTS, OUTER, format_table, minor_page_faults, run_benchmark
-from gnlib.bench import main as bench_main
 from gnlib.blocks import per_layer, per_tensor
 from gnlib.losses import MSE, CrossEntropy, Loss
-from gnlib.models import build_model, linear_model, mlp
+from gnlib.models import build_model, linear_model
 from gnlib.params import flatten, offsets, params_of, unflatten
 
 RTOL, ATOL = 1e-6, 1e-10
@@ -59,41 +56,24 @@ class Case:
 def _make_case(model, batch, loss) -> Case:
     params = params_of(model)
     inputs, targets = batch
-    flat = flatten(params)
-
-    def outputs(theta):
-        return functional_call(model, unflatten(theta, params), (inputs,))
-
-    z = outputs(flat).detach()
-    J = torch.func.jacrev(lambda t: outputs(t).reshape(-1))(flat)
-    Hz = torch.func.hessian(lambda f: loss.value(f.reshape(z.shape), targets))(z.reshape(-1))
-    H = torch.func.hessian(lambda t: loss.value(outputs(t), targets))(flat)
-    g_z = torch.func.grad(lambda f: loss.value(f.reshape(z.shape), targets))(z.reshape(-1))
+    z = oracles.outputs_of(model, params, inputs)(oracles.flat_params(params)).detach()
+    J = oracles.dense_jacobian(model, params, inputs)
+    Hz = oracles.output_hessian(loss.value, z, targets)
+    H = oracles.dense_hessian(model, params, batch, loss.value)
+    g_z = oracles.output_gradient(loss.value, z, targets)
     return Case(model, params, batch, loss, J, Hz, J.T @ Hz @ J, H, z, g_z)
 
 
 def _mlp_case(loss_name: str) -> Case:
-    model = mlp([3, 5, 4], activation="tanh", seed=0).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
-    if loss_name == "ce":
-        return _make_case(model, (x, torch.randint(4, (6,), generator=g)), CrossEntropy())
-    return _make_case(model, (x, torch.randn(6, 4, generator=g, dtype=torch.float64)), MSE())
+    model, batch = oracles.mlp_problem("classes" if loss_name == "ce" else "values")
+    return _make_case(model, batch, CrossEntropy() if loss_name == "ce" else MSE())
+
+
+TRANSFORMER_SHAPE = dict(n_layers=1, d_model=8, n_heads=2, d_ff=16, vocab_size=7, max_seq_len=4, seed=0)
 
 
 def _transformer(dtype=torch.float64, preset: str = "tiny", tie: bool = True):
-    return build_model(
-        preset,
-        n_layers=1,
-        d_model=8,
-        n_heads=2,
-        d_ff=16,
-        vocab_size=7,
-        max_seq_len=4,
-        tie_embeddings=tie,
-        seed=0,
-        dtype=dtype,
-    )
+    return build_model(preset, tie_embeddings=tie, dtype=dtype, **TRANSFORMER_SHAPE)
 
 
 def _transformer_batch():
@@ -258,17 +238,7 @@ def test_ggn_equals_hessian_for_a_linear_model_with_cross_entropy():
 
 def test_hessian_minus_ggn_is_the_residual_term(case):
     """H − G = Σ_k (∂ℓ/∂z_k) ∇²_θ z_k."""
-    flat = flatten(case.params)
-    inputs = case.batch[0]
-
-    def outputs(theta):
-        return functional_call(case.model, unflatten(theta, case.params), (inputs,)).reshape(-1)
-
-    if case.J.shape[0] * case.n**2 <= 2_000_000:  # each output's Hessian, one by one
-        per_output = torch.func.hessian(outputs)(flat)  # (n_out, n, n)
-        residual = torch.einsum("k,kij->ij", case.g_z, per_output)
-    else:  # the same sum as the Hessian of θ ↦ Σ_k g_k z_k(θ), g fixed
-        residual = torch.func.hessian(lambda t: case.g_z @ outputs(t))(flat)
+    residual = oracles.residual_hessian(case.model, case.params, case.batch[0], case.g_z)
     H = C.dense_hessian(case.model, case.params, case.batch, case.loss)
     G = C.dense_ggn(case.model, case.params, case.batch, case.loss)
     close(H - G, residual)
@@ -283,8 +253,7 @@ def _reference_inner(case: Case, delta_flat: torch.Tensor, objective: str):
     targets = case.batch[1]
     delta = delta_flat.clone().requires_grad_()
     if objective == "loss":
-        theta = flatten(case.params) + delta
-        z = functional_call(case.model, unflatten(theta, case.params), (case.batch[0],))
+        z = oracles.outputs_of(case.model, case.params, case.batch[0])(flatten(case.params) + delta)
         value = case.loss.value(z, targets)
     else:
         dz = case.J @ delta
@@ -534,55 +503,3 @@ def test_dense_refuses_models_that_are_too_big(transformer_case):
         C.dense_hessian(big, params_of(big), _transformer_batch())
     with pytest.raises(ValueError, match="max_bytes"):
         C.dense_jacobian(case.model, case.params, case.batch, max_bytes=1000)
-
-
-# ------------------------------------------------------------------------------------------------
-# benchmark smoke test (keys only, never timings)
-
-
-def test_bench_runs_end_to_end_in_json_mode(capsys):
-    bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--json"])
-    result = json.loads(capsys.readouterr().out)
-    for key in ("preset", "device", "params", "grad_ms", "ratio", "peak_mem_ratio", "layerwise_over_full"):
-        assert key in result
-    assert set(result["ratio"]) == set(MEASUREMENTS) - {"grad"}
-    assert result["preset"] == "tiny" and result["device"] == "cpu" and result["peak_mem_ratio"] > 0
-    assert set(result["minor_faults"]) == set(MEASUREMENTS)
-    assert all(isinstance(n, int) and n >= 0 for n in result["minor_faults"].values())
-    assert result["layerwise_blocks"] == 4  # embed, block0, block1, head
-    assert set(result["flop_ratio"]) == set(MEASUREMENTS) - {"grad"}
-    assert result["flop_ratio"]["gn_inner_step"] == pytest.approx(5 / 3, rel=1e-12)  # primal, 2 tangent, 2 backward
-    assert result["flop_ratio"]["ggn_vp_cached"] == pytest.approx(4 / 3, rel=1e-12)  # two backward passes
-    assert result["layerwise_over_full_flops"] == pytest.approx(
-        result["flop_ratio"]["layerwise_inner_step"] / result["flop_ratio"]["gn_inner_step"]
-    )
-
-
-def test_bench_table_is_clean(capsys):
-    bench_main(["--preset", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--outer-repeats", "0"])
-    captured = capsys.readouterr()
-    assert "USDT" not in captured.out + captured.err
-    lines = captured.out.splitlines()
-    header = ["measurement", "median", "ms", "x", "grad", "cpu", "x", "grad", "flops", "x", "grad", "page", "faults"]
-    assert lines[1].split() == header
-    end = next(i for i, line in enumerate(lines) if line.startswith("layerwise_inner_step / gn_inner_step = "))
-    assert [line.split()[0] for line in lines[2:end]] == [m for m in MEASUREMENTS if m not in OUTER]
-    assert lines[end + 1].startswith("peak memory")
-
-
-def test_bench_counts_the_pages_a_fresh_buffer_takes():
-    nbytes = 64 * 2**20  # above glibc's largest mmap threshold: a fresh mapping the kernel zeroes on first touch
-    before = minor_page_faults()
-    buffer = torch.ones(nbytes // 4)
-    faults = minor_page_faults() - before
-    del buffer
-    assert faults >= nbytes // (2 * 2**20)  # one fault per 2 MiB at least, should transparent huge pages back it
-
-
-def test_bench_times_compiled_steps_apart_from_their_compilation():
-    result = run_benchmark("tiny", batch=2, seq_len=8, repeats=1, outer_repeats=0, compile=True, n_layers=1)
-    assert set(result["compile_seconds"]) == {"grad_compiled", "gn_inner_step_compiled"}
-    assert all(seconds > 0 for seconds in result["compile_seconds"].values())
-    assert {"grad_compiled", "gn_inner_step_compiled"} <= set(result["ratio"])
-    assert result["compiled_inner_over_grad"] == result["ms"]["gn_inner_step_compiled"] / result["ms"]["grad_compiled"]
-    assert "gn_inner_step_compiled / grad_compiled" in format_table(result)
