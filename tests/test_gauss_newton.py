@@ -1,6 +1,6 @@
 """Gauss-Newton optimizer (gnlib.optim.gauss_newton) and its CG pieces (gnlib.optim.hessian_free).
 
-Oracles: least squares (lstsq), logistic regression (dense Newton with torch.func.hessian), dense
+Oracles: least squares (lstsq), logistic regression (dense Newton with the Hessian from ``oracles``), dense
 block-diagonal solves and a dense simulation of the inner loop on a tiny MLP, all in float64.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 
+import oracles
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from gnlib import curvature
 from gnlib.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
 from gnlib.losses import MSE, CrossEntropy
-from gnlib.models import build_model, linear_model, mlp
+from gnlib.models import linear_model, mlp
 from gnlib.optim.gauss_newton import GaussNewton, _Cost, make_gauss_newton
 from gnlib.optim.gn_options import GN_VARIANTS, LINE_SEARCH
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, kept_iterations, lm_damping
@@ -24,6 +25,8 @@ from gnlib.params import flatten, params_of, unflatten
 from gnlib.train import train
 
 F64 = torch.float64
+# one CG solve per outer step, run until its residual is negligible: the exact (damped) GN direction
+EXACT_CG = dict(solver="cg", inner_steps=1, cg_tol=1e-13, cg_progress_tol=0.0, cg_backtrack=False)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -58,12 +61,6 @@ class _Stream:
         return self.drawn[-1]
 
 
-def _tiny_transformer(seed: int = 0, dtype=torch.float32):
-    return build_model(
-        "tiny", seed=seed, dtype=dtype, vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16
-    )
-
-
 def _token_sampler(seed: int = 0, batch_size: int = 4, seq_len: int = 16) -> BatchSampler:
     # A learnable stream: a repeated pattern of 32 symbols with some noise.
     g = torch.Generator().manual_seed(123)
@@ -75,16 +72,6 @@ def _token_sampler(seed: int = 0, batch_size: int = 4, seq_len: int = 16) -> Bat
 
 def _move(model: torch.nn.Module, before: dict) -> torch.Tensor:
     return flatten(params_of(model)) - flatten(before)
-
-
-def _flat_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Dense J = ∂ z.reshape(-1) / ∂θ (float64), columns in gnlib's flattening order."""
-    like = params_of(model)
-
-    def outputs(theta):
-        return torch.func.functional_call(model, unflatten(theta, like), (x,)).reshape(-1)
-
-    return torch.func.jacrev(outputs)(flatten(like))
 
 
 # --------------------------------------------------------------------------------------------- CG pieces
@@ -135,18 +122,7 @@ def _lstsq_solution(model, x, y):
 def test_cg_reaches_the_least_squares_minimizer_in_one_outer_step():
     x, y = _regression()
     model = _linear()
-    gn = GaussNewton(
-        model,
-        _fixed((x, y)),
-        solver="cg",
-        inner_steps=1,
-        damping=0.0,
-        cg_iters=50,
-        cg_tol=1e-13,
-        cg_progress_tol=0.0,
-        cg_backtrack=False,
-        loss=MSE(),
-    )
+    gn = GaussNewton(model, _fixed((x, y)), damping=0.0, cg_iters=50, loss=MSE(), **EXACT_CG)
     diagnostics = gn.step()
     torch.testing.assert_close(flatten(params_of(model)), _lstsq_solution(model, x, y), rtol=0, atol=1e-10)
     assert diagnostics["alpha"] == 1.0 and diagnostics["rejected"] == 0
@@ -185,24 +161,10 @@ def test_cg_direction_equals_the_dense_newton_direction_for_logistic_regression(
     before = params_of(model)
     damping = 1e-3
 
-    def loss_of(theta):
-        return CrossEntropy().value(torch.func.functional_call(model, unflatten(theta, before), (x,)), y)
-
-    theta = flatten(before)
-    hessian = torch.func.hessian(loss_of)(theta)
-    newton = -torch.linalg.solve(hessian + damping * torch.eye(len(theta), dtype=F64), torch.func.grad(loss_of)(theta))
-    gn = GaussNewton(
-        model,
-        _fixed((x, y)),
-        solver="cg",
-        inner_steps=1,
-        damping=damping,
-        cg_iters=200,
-        cg_tol=1e-13,
-        cg_progress_tol=0.0,
-        cg_backtrack=False,
-        line_search=None,
-    )
+    hessian = oracles.dense_hessian(model, before, (x, y), CrossEntropy().value)
+    grad = flatten(oracles.loss_gradient(model, before, (x, y), CrossEntropy().value))
+    newton = -torch.linalg.solve(hessian + damping * torch.eye(len(grad), dtype=F64), grad)
+    gn = GaussNewton(model, _fixed((x, y)), damping=damping, cg_iters=200, line_search=None, **EXACT_CG)
     gn.step()
     torch.testing.assert_close(_move(model, before), newton, rtol=0, atol=1e-9)
 
@@ -226,7 +188,7 @@ def test_layerwise_cg_equals_the_dense_block_diagonal_solve():
     x, y = _regression(seed=4)
     model = mlp([3, 5, 2], seed=1).to(F64)
     before = params_of(model)
-    jac = _flat_jacobian(model, x)
+    jac = oracles.dense_jacobian(model, before, x)
     n = len(x)
     residual = (model(x) - y).detach().reshape(-1)
     ggn, grad = jac.T @ jac / n, jac.T @ residual / n  # MSE: H_z = I/n, g_z = (z − y)/n
@@ -243,15 +205,11 @@ def test_layerwise_cg_equals_the_dense_block_diagonal_solve():
         model,
         _fixed((x, y)),
         blocks="per_layer",
-        solver="cg",
-        inner_steps=1,
         damping=damping,
         cg_iters=200,
-        cg_tol=1e-13,
-        cg_progress_tol=0.0,
-        cg_backtrack=False,
         line_search=None,
         loss=MSE(),
+        **EXACT_CG,
     )
     assert [g["block"] for g in gn.param_groups] == ["0", "2"]
     gn.step()
@@ -263,7 +221,7 @@ def test_layerwise_sgd_inner_loop_matches_a_dense_jacobi_iteration_with_prox_and
     model = mlp([3, 4, 2], seed=2).to(F64)
     before = params_of(model)
     theta = flatten(before)
-    jac = _flat_jacobian(model, x)
+    jac = oracles.dense_jacobian(model, before, x)
     n = len(x)
     ggn, grad = jac.T @ jac / n, jac.T @ (model(x) - y).detach().reshape(-1) / n
     lr, prox, wd, steps = 0.3, 0.7, 0.2, 4
@@ -306,7 +264,7 @@ def test_inner_gradient_is_clipped_to_grad_clip():
     x, y = _regression(seed=10)
     model = _linear()
     before = params_of(model)
-    grad = flatten(torch.func.grad(lambda p: MSE().value(torch.func.functional_call(model, p, (x,)), y))(before))
+    grad = flatten(oracles.loss_gradient(model, before, (x, y), MSE().value))
     assert grad.norm() > 0.1
     gn = GaussNewton(
         model,
@@ -374,7 +332,7 @@ def test_prox_linear_equals_gn_on_a_model_linear_in_its_parameters_with_mse():
 
 
 def test_the_quadratic_decreases_along_the_inner_loop_with_a_small_inner_lr():
-    model = _tiny_transformer()
+    model = oracles.small_transformer()
     batch = _token_sampler()()
     gn = GaussNewton(model, _fixed(batch), inner_steps=5, inner_lr=1e-3, line_search_batches=1)
     diagnostics = gn.step()
@@ -470,7 +428,7 @@ def test_line_search_picks_the_best_alpha_of_the_grid_and_rejects_an_increase():
 @pytest.mark.parametrize("objective", ["gn", "prox_linear"])
 def test_line_search_predicts_each_alpha_with_the_model_of_each_batch(objective):
     # GN: the quadratic ℓ(z) + gᵀ(αJd) + ½(αJd)ᵀH(αJd); prox-linear: ℓ(z + αJd); averaged over the batches
-    model = _tiny_transformer(dtype=F64)
+    model = oracles.small_transformer(dtype=F64)
     sampler = _token_sampler()
     batches = [sampler(), sampler()]
     anchor = {n: p.detach() for n, p in model.named_parameters()}
@@ -505,7 +463,7 @@ def test_an_outer_step_reads_the_device_a_fixed_few_times(options, reads, host_r
     counted = []
     for inner_steps, line_search, batches in ((2, LINE_SEARCH, 1), (6, LINE_SEARCH[:2], 3)):
         gn = GaussNewton(
-            _tiny_transformer(),
+            oracles.small_transformer(),
             _token_sampler(),
             inner_steps=inner_steps,
             line_search=line_search,
@@ -537,7 +495,7 @@ def test_ema_of_outer_iterates_is_returned_for_evaluation():
 @pytest.mark.parametrize("options", [dict(solver="muon", ema=0.9, blocks="per_layer"), dict(solver="cg", cg_iters=3)])
 def test_state_dict_round_trip_continues_identically(options):
     def setup():
-        model = _tiny_transformer(seed=4)
+        model = oracles.small_transformer(seed=4)
         sampler = _token_sampler(seed=5)
         return model, sampler, GaussNewton(model, sampler, inner_steps=2, line_search_batches=1, **options)
 
@@ -608,7 +566,7 @@ def test_bad_options_raise_naming_the_parameter(options, parameter):
 
 
 def test_make_gauss_newton_builds_each_variant():
-    model = _tiny_transformer()
+    model = oracles.small_transformer()
     sampler = _token_sampler()
     built = {name: make_gauss_newton(name, model, sampler, lr=0.02) for name in GN_VARIANTS}
     assert built["gn"].objective == "gn" and [g["block"] for g in built["gn"].param_groups] == ["full"]
@@ -628,7 +586,7 @@ def test_make_gauss_newton_builds_each_variant():
 
 
 def test_train_drives_gauss_newton_on_a_tiny_transformer():
-    model = _tiny_transformer(seed=6)
+    model = oracles.small_transformer(seed=6)
     sampler = _token_sampler(seed=7)
     val = [_token_sampler(seed=100 + i)() for i in range(2)]
     gn = make_gauss_newton("gn", model, sampler, lr=0.02, inner_steps=3, line_search_batches=1)
@@ -677,7 +635,7 @@ def test_layerwise_pass_counts(kind):
     """
     slots = 2 if kind == "transformer_slots" else None
     if kind.startswith("transformer"):
-        model, batches, loss = _tiny_transformer(), _token_sampler(), CrossEntropy()
+        model, batches, loss = oracles.small_transformer(), _token_sampler(), CrossEntropy()
     else:
         model, batches, loss = mlp([3, 4, 2]).to(F64), _fixed(_regression()), MSE()
     gn = GaussNewton(model, batches, blocks="per_layer", inner_steps=3, loss=loss, layerwise_slots=slots)

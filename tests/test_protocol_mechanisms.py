@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 
+import oracles
 import pytest
 import torch
-from torch.func import functional_call
 
 from gnlib.losses import MSE, CrossEntropy
-from gnlib.models import build_model, linear_model
+from gnlib.models import linear_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.optim.gn_options import line_search_grid
@@ -51,7 +51,7 @@ def _linear_problem(seed: int = 0):
 
 def _mse_gradient(model, x, y):
     params = params_of(model)
-    return flatten(torch.func.grad(lambda p: MSE().value(functional_call(model, p, (x,)), y))(params))
+    return flatten(oracles.loss_gradient(model, params, (x, y), MSE().value))
 
 
 # ------------------------------------------------------------------------------------------ line search
@@ -91,9 +91,7 @@ def test_argmin_line_search_takes_the_best_alpha_even_when_every_alpha_raises_th
     assert diagnostics["tokens"] == 2 * n * y_here.numel()
     # GN on a linear model with MSE is exact: N SGD steps of lr η on the same quadratic, d = -(I - (I - ηH)^N) H^-1 g
     like = params_of(model)
-    hessian = torch.func.hessian(lambda v: MSE().value(functional_call(model, unflatten(v, like), (x,)), y_inner))(
-        before.clone()
-    )
+    hessian = oracles.dense_hessian(model, unflatten(before, like), (x, y_inner), MSE().value)
     step = torch.zeros_like(before)
     for _ in range(n):
         step = step - 0.1 * (gradient + hessian @ step)
@@ -118,12 +116,6 @@ def test_line_search_batches_none_means_inner_steps():
 # --------------------------------------------------------------------------------- inner groups
 
 
-def _transformer(seed: int = 0, dtype: torch.dtype = F64):
-    return build_model(
-        "tiny", seed=seed, dtype=dtype, vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16
-    )
-
-
 def _tokens(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 32, (4, 16), generator=g)
@@ -145,7 +137,7 @@ def _one_inner_step(model, batch, **options):
 
 
 def test_weight_decay_except_muon_decays_the_adamw_part_and_gains_only():
-    model, batch = _transformer(), _tokens()
+    model, batch = oracles.small_transformer(dtype=F64), _tokens()
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     lr, wd = 0.01, 0.5
     common = dict(solver="muon", inner_lr=lr, grad_clip=None)
@@ -163,9 +155,9 @@ def test_weight_decay_except_muon_decays_the_adamw_part_and_gains_only():
 
 @pytest.mark.parametrize("per", ["block", "group"])
 def test_inner_gradient_is_clipped_per_block_or_per_group(per):
-    model, batch = _transformer(), _tokens()
+    model, batch = oracles.small_transformer(dtype=F64), _tokens()
     params = params_of(model)
-    gradient = torch.func.grad(lambda p: CrossEntropy().value(functional_call(model, p, (batch[0],)), batch[1]))(params)
+    gradient = oracles.loss_gradient(model, params, batch, CrossEntropy().value)
     lr, clip = 0.1, 1e-3
     delta = _one_inner_step(
         model, batch, solver="sgd", solver_options={"momentum": 0.0}, inner_lr=lr, grad_clip=clip, grad_clip_per=per
@@ -301,7 +293,7 @@ def test_a_run_on_an_ema_stops_at_its_target_once_the_ema_and_the_raw_iterate_bo
 
 
 def test_baseline_grad_clip_is_global_muon_and_soap_clip_per_chain():
-    model = _transformer()
+    model = oracles.small_transformer(dtype=F64)
     batch = _tokens()
     for name in ("adamw", "soap", "sgd", "muon"):
         opt = make_optimizer(name, model, lr=0.0, grad_clip=1e-3)
@@ -322,10 +314,10 @@ def test_baseline_grad_clip_is_global_muon_and_soap_clip_per_chain():
 
 
 def test_muon_adamw_lr_none_is_muons_lr():
-    opt = make_optimizer("muon", _transformer(), lr=0.07, adamw_lr=None)
+    opt = make_optimizer("muon", oracles.small_transformer(dtype=F64), lr=0.07, adamw_lr=None)
     assert {group["optimizer"]: group["lr"] for group in opt.param_groups} == {"muon": 0.07, "adamw": 0.07}
     with pytest.raises(ValueError, match="grad_clip=-1"):
-        make_optimizer("adamw", _transformer(), grad_clip=-1)
+        make_optimizer("adamw", oracles.small_transformer(dtype=F64), grad_clip=-1)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
