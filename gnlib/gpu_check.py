@@ -29,7 +29,7 @@ after every part and summarized in ``OUT_DIR/gpu_check.md`` with the goals met o
    host and device, which also wait for the queued work.
 
 ``--size tiny`` runs every part on the CPU with tiny models in seconds (the test suite does); the
-default, ``--size study``, takes about 6 minutes on an H200 (caps: :data:`SIZES`). Asking for
+default, ``--size study``, takes at most about 7 minutes on an H200 (caps: :data:`SIZES`). Asking for
 ``--device cuda`` where torch sees no CUDA device exits with status 2 and a one-line message.
 
 Example (from a checkout, with torch and the packages of ``requirements.txt``)::
@@ -132,36 +132,36 @@ class CheckSize:
     caps: Mapping[str, float]
 
 
-#: ``study``: the study's shapes on a GPU (about 6 minutes on an H200); ``tiny``: the code path on a CPU.
+#: ``study``: the study's shapes on a GPU (at most 410 s of caps on an H200); ``tiny``: the code path on a CPU.
 SIZES: dict[str, CheckSize] = {
     "study": CheckSize(
-        "paper45m",
-        "paper150m",
-        32000,
-        32,
-        1024,
-        2,
-        3,
-        8,
-        50,
-        4,
-        None,
-        {"throughput": 110, "large": 45, "study": 200, "host_reads": 40},
-    ),  # fmt: skip
+        preset="paper45m",
+        large_preset="paper150m",
+        vocab_size=32000,
+        batch=32,
+        seq_len=1024,
+        repeats=2,
+        throughput_steps=3,
+        micro_batches=8,
+        warmup_steps=50,
+        val_batches=2,
+        corpus_bytes=2**26,
+        caps={"throughput": 110, "large": 60, "study": 200, "host_reads": 40},
+    ),
     "tiny": CheckSize(
-        "tiny",
-        "small",
-        256,
-        2,
-        32,
-        1,
-        1,
-        2,
-        2,
-        1,
-        2**20,
-        {"throughput": 60, "large": 30, "study": 12, "host_reads": 30},
-    ),  # fmt: skip
+        preset="tiny",
+        large_preset="small",
+        vocab_size=256,
+        batch=2,
+        seq_len=32,
+        repeats=1,
+        throughput_steps=1,
+        micro_batches=2,
+        warmup_steps=2,
+        val_batches=1,
+        corpus_bytes=2**20,
+        caps={"throughput": 60, "large": 30, "study": 12, "host_reads": 30},
+    ),
 }
 
 
