@@ -30,16 +30,16 @@ from gnlib.curvature import (
     vjp,
 )
 from gnlib.data import Corpus, load_corpus
+from gnlib.data.pipeline import after_warmup, build_run_data
+from gnlib.data.stream import PackedStream
+from gnlib.data.tokenizers import make_tokenizer
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
 from gnlib.operators import LinearOperator
 from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
-from gnlib.pipeline import after_warmup, build_run_data
 from gnlib.runs import OPTIMIZERS, RunSpec, run, steps_to_target
 from gnlib.spectra import hutchinson_trace, lanczos, spectral_density
-from gnlib.stream import PackedStream
 from gnlib.study import lr_sweep
-from gnlib.tokenizer import make_tokenizer
 from gnlib.train import History, train
 
 __version__ = "0.1.0"

@@ -325,11 +325,11 @@ def _check_named_choices(values: Mapping[str, Any]) -> None:
     """Check ``preset`` (``seq_len`` within its context), ``data``, ``protocol``, ``costs``, ``tokenizer``, corpus."""
     from gnlib.costs import COST_MODELS  # these modules sit above checks: imported on use
     from gnlib.data import check_corpus_source
+    from gnlib.data.pipeline import DATA_KINDS
+    from gnlib.data.tokenizers import check_tokenizer_name
     from gnlib.models import PRESETS, model_config
-    from gnlib.pipeline import DATA_KINDS
     from gnlib.protocols import PROTOCOLS
     from gnlib.runtime import check_choice
-    from gnlib.tokenizer import check_tokenizer_name
 
     for name, allowed in (("preset", PRESETS), ("data", DATA_KINDS), ("protocol", PROTOCOLS), ("costs", COST_MODELS)):
         if name in values:

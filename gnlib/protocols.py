@@ -46,9 +46,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from gnlib.data.pipeline import DEFAULT_VAL_BATCHES
 from gnlib.distributed import world_size
 from gnlib.optim.gn_options import line_search_grid
-from gnlib.pipeline import DEFAULT_VAL_BATCHES
 from gnlib.runtime import check_choice
 
 PROTOCOLS = ("gnlib", "paper")

@@ -271,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="a page whose blocks of this sweep to regenerate; repeatable (default README.md and docs/*.md)",
     )
-    parser.add_argument("--readme", dest="pages", action="append", help=argparse.SUPPRESS)  # the same as --page
     args = parser.parse_args(argv)
     pages = default_pages() if args.pages is None else [Path(page) for page in args.pages]
     name = Path(args.sweep_dir).name

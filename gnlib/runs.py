@@ -20,12 +20,12 @@ import torch
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
 from gnlib.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pass_costs, weights
 from gnlib.data import SOURCE_FORMS
+from gnlib.data.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.distributed import is_main
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
 from gnlib.optim.schedules import make_schedule
-from gnlib.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.protocols import PROTOCOLS
 from gnlib.protocols import resolve as resolve_protocol
 from gnlib.runtime import check_choice, resolve_device
@@ -59,11 +59,11 @@ class RunSpec:
         model_overrides: overrides of the preset's config (e.g. ``{"tie_embeddings": True}``).
         init_checkpoint: a model state-dict file to start from (the shared warm-up checkpoint).
         tokenizer: ``"bytes"``, ``"t5"``, ``"t5:<tokenizer.json>"`` or ``"bpe:<vocab size>"``
-            (:mod:`gnlib.tokenizer`); the model's vocabulary follows it.
+            (:mod:`gnlib.data.tokenizers`); the model's vocabulary follows it.
         data: ``"windows"`` (random windows, with replacement) or ``"stream"`` (documents + EOS packed in
-            order, no token reused; :mod:`gnlib.pipeline`).
+            order, no token reused; :mod:`gnlib.data.pipeline`).
         data_epochs: passes over the training data a stream may make (1: never reuse a token).
-        data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.pipeline.after_warmup`).
+        data_start: training tokens a stream skips first (the warm-up's: :func:`gnlib.data.pipeline.after_warmup`).
         data_start_seed: the seed whose document order those tokens were read in (the warm-up's; None:
             ``seed``): a local corpus's stream puts those documents first, the rest in ``seed``'s order.
         corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from gnlib import distributed
 from gnlib.checks import check_positive_int, check_positive_number
+from gnlib.data.source import BatchSource
 from gnlib.losses import CrossEntropy
 from gnlib.runtime import atomic_torch_save, atomic_write_json, atomic_write_text
 
@@ -540,7 +541,7 @@ class _Loop:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if hasattr(self.train_batches, "load_state_dict"):
+        if isinstance(self.train_batches, BatchSource):
             self.train_batches.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"].cpu())
         self.history.rows = json.loads(state["rows"])
@@ -660,7 +661,7 @@ class _Loop:
     def write_checkpoint(self, run_dir: Path) -> None:
         """History and the state ``resume`` reads, written atomically to ``run_dir``."""
         self.history.save(run_dir)
-        sampler = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else {}
+        sampler = self.train_batches.state_dict() if isinstance(self.train_batches, BatchSource) else {}
         atomic_torch_save(
             {
                 "fingerprint": self.fingerprint,

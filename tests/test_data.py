@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gnlib import data
-from gnlib.data import DOCUMENT_SEPARATOR, ByteTokenizer, load_corpus, load_documents, split_indices
+from gnlib.data import DOCUMENT_SEPARATOR, ByteTokenizer, hub, load_corpus, load_documents, split_indices
+from gnlib.data import corpus as corpus_module
 
 SMALL = 300_000
 
@@ -67,14 +68,14 @@ def test_default_corpus_is_docs_then_stdlib_and_deterministic():
     assert documents[: len(topics)] == [topics[k] for k in sorted(topics)]
     assert any("def " in d and "import " in d for d in documents[len(topics) :])
     assert len(DOCUMENT_SEPARATOR.join(documents).encode("utf-8")) == data.DEFAULT_MAX_BYTES
-    data._default_documents.cache_clear()
+    corpus_module._default_documents.cache_clear()
     assert load_documents() == documents  # re-read from disk, same text
 
 
 def test_stdlib_paths_skip_excluded_folders():
-    paths = data._stdlib_paths()
+    paths = corpus_module._stdlib_paths()
     assert paths and all(p.suffix == ".py" for p in paths)
-    assert not any(set(p.parts) & data._EXCLUDED_DIRS for p in paths)
+    assert not any(set(p.parts) & corpus_module._EXCLUDED_DIRS for p in paths)
 
 
 def test_default_corpus_is_large_enough_to_train_on():
@@ -138,14 +139,14 @@ def test_hf_offline_fails_fast_with_local_file_hint(monkeypatch):
 
 
 def test_hub_unreachable_when_connect_fails(monkeypatch):
-    for var in data._OFFLINE_VARS:
+    for var in hub._OFFLINE_VARS:
         monkeypatch.delenv(var, raising=False)
 
     def refuse(*args, **kwargs):
         raise OSError("connection refused")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    assert data._hub_reachable() is False
+    assert hub.hub_reachable() is False
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ def fake_hub(monkeypatch):
             raise FileNotFoundError("Dataset 'missing/name' doesn't exist on the Hub")
         return ({"text": f"row {i} ", "id": i} for i in itertools.count())
 
-    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     return calls
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from gnlib.checks import notebook_output_dir
+from gnlib.data.pipeline import build_run_data
 from gnlib.models import build_model
-from gnlib.pipeline import build_run_data
 from gnlib.report import main as report_main
 from gnlib.runs import RunSpec, run
 from gnlib.study import _cached_warmup_problem, study_table_from_sweep, warmup_checkpoint
@@ -74,7 +74,7 @@ def test_report_refuses_a_results_csv_cut_short_and_writes_nothing(tmp_path, mon
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results: demo -->\nold\n<!-- /results -->\n")
     cut(results, 0.8)
-    assert report_main([str(results.parent), "--readme", str(readme)]) == 2
+    assert report_main([str(results.parent), "--page", str(readme)]) == 2
     err = capsys.readouterr().err
     assert f"results_csv={str(results)!r}" in err and "python -m gnlib.sweep GRID" in err
     assert readme.read_text() == "<!-- results: demo -->\nold\n<!-- /results -->\n"

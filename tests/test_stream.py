@@ -13,12 +13,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gnlib.data import load_corpus
+from gnlib.data.pipeline import after_warmup, build_run_data, tokens_drawn
+from gnlib.data.stream import PackedStream, StreamExhausted, shuffled_documents, tensor_documents
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
-from gnlib.pipeline import after_warmup, build_run_data, tokens_drawn
 from gnlib.runs import RunSpec, run
-from gnlib.stream import PackedStream, StreamExhausted, shuffled_documents, tensor_documents
 from gnlib.study import warmup_checkpoint
 from gnlib.train import CHECKPOINT, History, train
 
@@ -297,7 +297,7 @@ def fake_hub(monkeypatch):
     """``hf:`` sources served from in-memory datasets (train and validation splits); nothing is downloaded."""
     import datasets
 
-    import gnlib.pipeline as pipeline
+    import gnlib.data.pipeline as pipeline
 
     splits = {
         "train": [{"text": f"train document {i}: " + "lorem ipsum dolor " * (i % 7 + 1)} for i in range(300)],
@@ -311,7 +311,7 @@ def fake_hub(monkeypatch):
         return datasets.Dataset.from_list(splits[split]).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(pipeline, "hub_reachable", lambda: True)
     return splits, opened
 
 
@@ -342,9 +342,9 @@ def test_hf_dataset_is_streamed_in_order_packed_and_resumed_by_document(fake_hub
 
 
 def test_hf_stream_offline_is_a_clear_error(monkeypatch):
-    import gnlib.pipeline as pipeline
+    import gnlib.data.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(pipeline, "hub_reachable", lambda: False)
     with pytest.raises(ConnectionError, match="corpus='hf:allenai/c4:en'.*unreachable.*text:"):
         build_run_data(dataclasses.replace(BASE, corpus="hf:allenai/c4:en"), torch.device("cpu"))
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from gnlib import tokenizer as tok_module
 from gnlib.data import ByteTokenizer, load_corpus, load_documents
+from gnlib.data import tokenizers as tok_module
+from gnlib.data.tokenizers import make_tokenizer
 from gnlib.runs import RunSpec, run
-from gnlib.tokenizer import make_tokenizer
 
 TEXTS = [f"def function_{i}(x):\n    return x * {i} + 'héllo wörld'\n" * 3 for i in range(40)]
 

@@ -13,7 +13,7 @@ Documents are taken in order until ``max_bytes`` (the last one truncated to fit)
 documents joined by ``DOCUMENT_SEPARATOR`` (the NUL byte, which never occurs in ordinary text, so every
 document boundary is one unambiguous token); ``meta["sha256"]`` hashes that exact text. Documents, not
 tokens, are split into train and val by a seeded permutation, so no document lies in both. Tokens are
-bytes by default; ``tokenizer=`` picks another (:mod:`gnlib.tokenizer`: T5's vocabulary, or BPE trained on
+bytes by default; ``tokenizer=`` picks another (:mod:`gnlib.data.tokenizers`: T5's vocabulary, or BPE trained on
 the train split), and the documents of a split are then joined by that tokenizer's end-of-document token.
 """
 
@@ -25,116 +25,27 @@ import itertools
 import json
 import os
 import platform
-import socket
 import sysconfig
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
 
-from gnlib import distributed
 from gnlib.checks import check_positive_int
-from gnlib.runtime import atomic_torch_save, check_choice, is_integer, output_path, resolve_device
-from gnlib.tokenizer import Tokenizer, make_tokenizer
+from gnlib.data.hub import hf_corpus_documents
+from gnlib.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
+from gnlib.data.windows import BatchSampler
+from gnlib.runtime import atomic_torch_save, check_choice, is_integer, output_path
 
 DOCUMENT_SEPARATOR = "\x00"
 DEFAULT_MAX_BYTES = 4_000_000
 SOURCE_FORMS = ["default", "text:<path or glob>", "hf:<name>[:<config>]"]
 SPLITS = ["train", "val"]
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # installed packages differ between machines
 _LATER_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo"}  # read after the rest of the library
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary of 256 ids, no training, lossless on valid text."""
-
-    name = "byte"
-    spec = "bytes"
-    vocab_size = 256
-    eos_id = 0  # DOCUMENT_SEPARATOR, the NUL byte
-    sha256 = hashlib.sha256(b"utf-8 bytes, 256 ids").hexdigest()
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids (the UTF-8 bytes) of ``text``."""
-        return list(text.encode("utf-8"))
-
-    def encode_tensor(self, text: str) -> Tensor:
-        """Token ids of ``text`` as a LongTensor of shape (n_bytes,), without a Python list in between."""
-        data = bytearray(text.encode("utf-8"))
-        return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text."""
-        return [self.encode(text) for text in texts]
-
-    def decode(self, ids: Iterable[int] | Tensor) -> str:
-        """Text of the byte ids ``ids``; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
-        ids = ids.tolist() if isinstance(ids, Tensor) else ids
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-class BatchSampler:
-    """Random windows of one token stream as (inputs, targets), each (B, T), drawn with its own generator.
-
-    A window is ``seq_len + 1`` consecutive tokens starting uniformly in the stream; inputs are its first
-    T tokens and targets its last T, so ``targets[:, t] = inputs[:, t + 1]`` for t < T − 1.
-
-    Data-parallel runs: shard ``(r, K)`` makes each call draw the K·B windows of a sampler at batch
-    K·B (the same generator calls) and return windows [r·B, (r+1)·B), so K shards together see exactly
-    the batches of one sampler at batch K·B. The default shard is this process's
-    ``(gnlib.distributed.rank(), gnlib.distributed.world_size())``, i.e. ``(0, 1)`` outside torchrun.
-    """
-
-    def __init__(
-        self,
-        tokens: Tensor,
-        batch_size: int,
-        seq_len: int,
-        seed: int,
-        device: str | torch.device = "cpu",
-        *,
-        shard: tuple[int, int] | None = None,
-    ):
-        """Validate the shape request against ``tokens`` (LongTensor (N,)) and seed a CPU generator.
-
-        ``batch_size`` is the per-shard batch B; ``shard`` is ``(rank, world_size)`` (default: the
-        process group's).
-        """
-        if not is_integer(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
-        rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
-        if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
-            raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
-        self.rank, self.world_size = rank, world
-        if not is_integer(seq_len) or not 1 <= seq_len <= len(tokens) - 1:
-            raise ValueError(
-                f"seq_len={seq_len!r} must be an integer in [1, {len(tokens) - 1}] for a split of "
-                f"{len(tokens)} tokens (a window holds seq_len + 1 tokens)"
-            )
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
-        self.device = resolve_device(device)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self) -> tuple[Tensor, Tensor]:
-        """The next batch: (inputs, targets), LongTensors of shape (batch_size, seq_len) on ``device``."""
-        starts = torch.randint(
-            0, len(self.tokens) - self.seq_len, (self.world_size * self.batch_size,), generator=self.generator
-        )[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].to(self.device)
-        return windows[:, :-1], windows[:, 1:]
-
-    def state_dict(self) -> dict:
-        """The generator state: restoring it replays the same batches from this point on."""
-        return {"generator_state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue the stream saved by :meth:`state_dict`."""
-        self.generator.set_state(state["generator_state"])
 
 
 @dataclass
@@ -144,7 +55,7 @@ class Corpus:
     Attributes:
         train: LongTensor (N_train,), the training documents' tokens joined by the separator token.
         val: LongTensor (N_val,), the same for the validation documents.
-        tokenizer: a :class:`gnlib.tokenizer.Tokenizer` (``vocab_size``, ``eos_id``, ``encode``, ``decode``).
+        tokenizer: a :class:`gnlib.data.tokenizers.Tokenizer` (``vocab_size``, ``eos_id``, ``encode``, ``decode``).
         meta: provenance: source, counts, size, sha256, Python version, tokenizer, split settings.
     """
 
@@ -226,7 +137,7 @@ def load_documents(
     if source.startswith("text:"):
         return _text_documents(source[len("text:") :], max_bytes)
     if source.startswith("hf:"):
-        return _hf_documents(source, max_bytes, text_field)
+        return _take(hf_corpus_documents(source, text_field), max_bytes)
     raise ValueError(f"source={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
 
 
@@ -249,7 +160,7 @@ def load_corpus(
         split_seed: seed of the document split.
         max_bytes: cap on the text read (None: all of it).
         text_field: the column holding the text (``hf:`` sources).
-        tokenizer: a form of :data:`gnlib.tokenizer.TOKENIZER_FORMS`; ``bpe:<n>`` is trained on the train split.
+        tokenizer: a form of :data:`gnlib.data.tokenizers.TOKENIZER_FORMS`; ``bpe:<n>`` is trained on the train split.
         tokenizer_cache: where trained BPE vocabularies are cached.
         max_bytes_name: the caller's name of ``max_bytes`` (e.g. a RunSpec's ``corpus_bytes``), for messages.
     """
@@ -412,42 +323,6 @@ def _undecodable(files: list[str]) -> str:
         except UnicodeDecodeError:
             return repr(path)
     return "a file"
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """False when offline mode is set or a TCP connection to the hub's host fails within ``timeout`` s."""
-    if any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in _OFFLINE_VARS):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hf_documents(source: str, max_bytes: int | None, text_field: str) -> list[str]:
-    """Stream the ``train`` split of ``hf:<name>[:<config>]``, taking ``text_field`` of each row."""
-    name, _, config = source[len("hf:") :].partition(":")
-    hint = "use a local file instead, e.g. source='text:/path/to/*.txt'"
-    if not _hub_reachable():
-        raise ConnectionError(
-            f"source={source!r}: the Hugging Face hub is unreachable (offline or "
-            f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set); {hint}"
-        )
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        rows = iter(ds)
-        first = next(rows)
-    except Exception as err:  # datasets raises many types (hub, config, network); report them as one
-        raise ValueError(
-            f"source={source!r}: datasets could not load it ({type(err).__name__}: {err}); {hint}"
-        ) from err
-    if text_field not in first:
-        raise ValueError(f"text_field={text_field!r} is not a column of {source!r}; allowed values: {list(first)}")
-    return _take((row[text_field] for row in itertools.chain([first], rows)), max_bytes)
 
 
 def frequency_remap(tokens: Tensor, vocab_size: int, *, base_vocab: int = 256) -> Tensor:

@@ -59,6 +59,34 @@ class Tokenizer(Protocol):
         """Text of ``ids``."""
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary of 256 ids, no training, lossless on valid text."""
+
+    name = "byte"
+    spec = "bytes"
+    vocab_size = 256
+    eos_id = 0  # DOCUMENT_SEPARATOR, the NUL byte
+    sha256 = hashlib.sha256(b"utf-8 bytes, 256 ids").hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids (the UTF-8 bytes) of ``text``."""
+        return list(text.encode("utf-8"))
+
+    def encode_tensor(self, text: str) -> Tensor:
+        """Token ids of ``text`` as a LongTensor of shape (n_bytes,), without a Python list in between."""
+        data = bytearray(text.encode("utf-8"))
+        return torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text."""
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        """Text of the byte ids ``ids``; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
+        ids = ids.tolist() if isinstance(ids, Tensor) else ids
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` with an end-of-document token, behind gnlib's tokenizer interface.
 
@@ -152,8 +180,6 @@ def make_tokenizer(
         ValueError: an unknown form, a ``tokenizer.json`` that does not parse, a BPE size too small.
         ConnectionError: ``"t5"`` while the Hugging Face hub is unreachable (the message names both ways).
     """
-    from gnlib.data import ByteTokenizer
-
     check_tokenizer_name(name)
     if name == "bytes":
         return ByteTokenizer()
@@ -168,10 +194,10 @@ def make_tokenizer(
 
 def _t5_from_hub() -> HFTokenizer:
     """T5's tokenizer from the hub, or a ConnectionError that names the local-file alternative."""
-    from gnlib.data import _hub_reachable
+    from gnlib.data.hub import hub_reachable
 
     local = "tokenizer='t5:/path/to/tokenizer.json' (a local copy of T5's tokenizer.json)"
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ConnectionError(
             f"tokenizer='t5' fetches {T5_HUB_NAME}'s tokenizer.json from the Hugging Face hub, "
             f"which is unreachable (offline or HF_HUB_OFFLINE set); go online, or use {local}"

@@ -4,12 +4,12 @@ Two kinds of training data (``RunSpec.data``):
 
 * ``"windows"``: random windows drawn with replacement from the train split (:class:`gnlib.data.BatchSampler`),
   the teaching notebooks' default; ``corpus_bytes`` defaults to the first 4 MB of the source.
-* ``"stream"``: the study's pipeline (:class:`gnlib.stream.PackedStream`): the train split's documents,
+* ``"stream"``: the study's pipeline (:class:`gnlib.data.stream.PackedStream`): the train split's documents,
   each followed by EOS, packed into ``seq_len``-token rows, no token reused unless ``data_epochs``
   allows more than one pass; it starts ``data_start`` tokens in (after a warm-up's tokens). A local
   corpus's documents come in an order drawn from the run's ``seed`` (as C4's own order is a shuffle), the
   warm-up's documents first in the warm-up's order (``data_start_seed``,
-  :func:`gnlib.stream.shuffled_documents`), so a seed varies the data and no run reads a warm-up token;
+  :func:`gnlib.data.stream.shuffled_documents`), so a seed varies the data and no run reads a warm-up token;
   an ``hf:`` dataset streams in its own order. Validation is
   the first ``val_batches`` packed batches of the validation split (disjoint documents, the same for every
   run). The embedded and local corpora are read whole by default (``corpus_bytes=None``) and split by
@@ -31,10 +31,11 @@ from typing import Any, Callable
 import torch
 
 from gnlib import distributed
-from gnlib.data import DEFAULT_MAX_BYTES, Corpus, _hub_reachable, check_corpus_source, load_corpus
+from gnlib.data.corpus import DEFAULT_MAX_BYTES, Corpus, check_corpus_source, load_corpus
+from gnlib.data.hub import hf_documents, hub_reachable
+from gnlib.data.stream import PackedStream, shuffled_documents, tensor_documents
+from gnlib.data.tokenizers import check_tokenizer_name, make_tokenizer
 from gnlib.runtime import check_choice, is_integer
-from gnlib.stream import PackedStream, hf_documents, shuffled_documents, tensor_documents
-from gnlib.tokenizer import check_tokenizer_name, make_tokenizer
 
 DATA_KINDS = ("windows", "stream")
 HF_VALIDATION_SPLIT = "validation"
@@ -48,7 +49,7 @@ class RunData:
         train: batch source ``() -> (inputs, targets)`` with ``state_dict``/``load_state_dict``.
         val: the fixed validation batches (this process's rows).
         vocab_size: the tokenizer's vocabulary size (the model's embedding and head must cover it).
-        tokenizer: the tokenizer (:mod:`gnlib.tokenizer`).
+        tokenizer: the tokenizer (:mod:`gnlib.data.tokenizers`).
         corpus: the in-memory corpus (None for a streamed ``hf:`` dataset).
         meta: provenance for the run's metadata.
     """
@@ -233,7 +234,7 @@ def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
 
 def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData:
     name, _, config = spec.corpus[len("hf:") :].partition(":")
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ConnectionError(
             f"corpus={spec.corpus!r} with data='stream' streams from the Hugging Face hub, which "
             "is unreachable (offline or HF_HUB_OFFLINE set); use a local corpus, e.g. "

@@ -15,12 +15,12 @@ generator, so a killed run resumes with the same next batch.
 
 Document sources are callables ``documents(first) -> iterator of LongTensors``: the tokens (EOS included)
 of documents ``first, first + 1, ...``. :func:`tensor_documents` serves an in-memory split (the embedded
-corpus, local files); :func:`hf_documents` streams a Hugging Face dataset and tokenizes as it goes.
+corpus, local files); :func:`gnlib.data.hub.hf_documents` streams a Hugging Face dataset and tokenizes as
+it goes.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable, Iterator
 
 import torch
@@ -84,25 +84,6 @@ def shuffled_documents(
 
 def _permutation(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def hf_documents(
-    name: str, config: str | None, split: str, tokenizer, *, text_field: str = "text", batch: int = 256
-) -> Documents:
-    """Documents of a Hugging Face dataset split, streamed in order and tokenized ``batch`` at a time, EOS appended.
-
-    Resuming at document ``first`` skips the first ``first`` rows of the stream (read, not tokenized).
-    """
-
-    def documents(first: int) -> Iterator[Tensor]:
-        import datasets
-
-        rows = iter(datasets.load_dataset(name, config, split=split, streaming=True).skip(first))
-        while chunk := [row[text_field] for row in itertools.islice(rows, batch)]:
-            for ids in tokenizer.encode_batch(chunk):
-                yield torch.tensor([*ids, tokenizer.eos_id], dtype=torch.long)
-
-    return documents
 
 
 class PackedStream:
