@@ -2,10 +2,13 @@
 
 The suite runs in two worker processes (pytest-xdist, one file per worker at a time); each worker and
 every notebook kernel it starts uses one thread, so the two never oversubscribe a 2-core machine.
+Relative outputs go to a fresh temporary folder (``GNLIB_OUTPUT_ROOT``), never to the checkout's outputs/.
 """
 
 import os
+import tempfile
 
+os.environ.setdefault("GNLIB_OUTPUT_ROOT", tempfile.mkdtemp(prefix="gnlib-test-outputs-"))
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

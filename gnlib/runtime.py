@@ -150,16 +150,21 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def output_path(path: str | Path) -> Path:
-    """Where a notebook's relative ``output_dir`` goes: the repository's ``outputs/``, wherever it runs.
+    """Where a relative output path (a notebook's ``output_dir``, a cache folder) goes, wherever it runs.
 
-    JupyterLab and nbval start kernels in ``notebooks/``, papermill usually in the repository root; a
-    relative path given inside ``notebooks/`` of a checkout (a folder next to ``gnlib/``) is resolved
-    from the repository root, so every way of running a notebook writes to the same place. Absolute
-    paths are returned unchanged.
+    With ``GNLIB_OUTPUT_ROOT`` set, relative paths resolve from that folder (the test suite points it at a
+    fresh temporary folder, so tests never read or change a user's ``outputs/``). Otherwise they resolve
+    from the repository root when run inside ``notebooks/`` of a checkout (JupyterLab and nbval start
+    kernels there, papermill usually in the root), so every way of running a notebook writes to the same
+    place. Absolute paths are returned unchanged.
     """
     path = Path(path)
+    if path.is_absolute():
+        return path
+    if os.environ.get("GNLIB_OUTPUT_ROOT"):
+        return Path(os.environ["GNLIB_OUTPUT_ROOT"]) / path
     cwd = Path.cwd()
-    if not path.is_absolute() and cwd.name == "notebooks" and (cwd.parent / "gnlib").is_dir():
+    if cwd.name == "notebooks" and (cwd.parent / "gnlib").is_dir():
         return cwd.parent / path
     return path
 

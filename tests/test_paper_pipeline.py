@@ -54,7 +54,8 @@ def test_paper_grids_use_the_reference_model_t5_tokens_and_c4_streamed(preset):
     RunSpec(**fields, optimizer="gn", hyperparameters={"inner_steps": 122}).validate()  # no hub needed to check
 
 
-def test_cpu_miniature_of_the_paper_pipeline(tmp_path):
+def test_cpu_miniature_of_the_paper_pipeline(tmp_path, monkeypatch):
+    monkeypatch.setenv("GNLIB_OUTPUT_ROOT", str(tmp_path))  # the tokenizer cache goes under tmp_path/outputs
     grid = yaml.safe_load((GRIDS / "paper45m_study.yaml").read_text())
     parameters = {
         **grid["parameters"],

@@ -131,7 +131,7 @@ def test_corpus_with_bpe_trains_on_its_train_split_only(tmp_path, monkeypatch):
 
 
 def test_vocabulary_flows_into_the_model_and_a_smaller_override_is_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # BPE vocabularies are cached under outputs/
+    monkeypatch.setenv("GNLIB_OUTPUT_ROOT", str(tmp_path))  # BPE vocabularies are cached under outputs/
     spec = RunSpec(
         preset="paper_tiny",
         model_overrides=dict(d_model=16, n_layers=1, n_heads=2, d_ff=32),
