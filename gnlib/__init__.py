@@ -1,20 +1,11 @@
 """gnlib: exact Gauss-Newton optimization of transformer language models, as a research workbook.
 
-The public API is what this module exports; each name lives in the module that owns its job
-(``gnlib.data``, ``gnlib.models``, ``gnlib.losses``, ``gnlib.operators``, ``gnlib.curvature``, ``gnlib.blocks``,
-``gnlib.spectra``, ``gnlib.optim``, ``gnlib.train``, ``gnlib.runs``, ``gnlib.study``). Notebook-only pieces
-(``gnlib.plots``, ``gnlib.widgets``, ``gnlib.sweep``, ``gnlib.directions``) are imported from their modules.
+The public API is what this module exports; each name lives in the module that owns its job: ``gnlib.models``,
+``gnlib.losses``, ``gnlib.curvature`` (products, operators, blocks, spectra, costs), ``gnlib.optim``,
+``gnlib.data``, ``gnlib.train``, ``gnlib.runs``, ``gnlib.study``. Notebook-only pieces (``gnlib.plots``,
+``gnlib.widgets``, ``gnlib.sweep``, ``gnlib.directions``) are imported from their modules.
 """
 
-from gnlib.blocks import (
-    BlockDiagonalOperator,
-    block_norms,
-    by_patterns,
-    coarse_halves,
-    off_diagonal_share,
-    per_layer,
-    per_tensor,
-)
 from gnlib.curvature import (
     GGNOperator,
     HessianOperator,
@@ -29,16 +20,25 @@ from gnlib.curvature import (
     linearize,
     vjp,
 )
+from gnlib.curvature.blocks import (
+    BlockDiagonalOperator,
+    block_norms,
+    by_patterns,
+    coarse_halves,
+    off_diagonal_share,
+    per_layer,
+    per_tensor,
+)
+from gnlib.curvature.operators import LinearOperator
+from gnlib.curvature.spectra import hutchinson_trace, lanczos, spectral_density
 from gnlib.data import Corpus, load_corpus
 from gnlib.data.pipeline import after_warmup, build_run_data
 from gnlib.data.stream import PackedStream
 from gnlib.data.tokenizers import make_tokenizer
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
-from gnlib.operators import LinearOperator
 from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
 from gnlib.runs import OPTIMIZERS, RunSpec, run, steps_to_target
-from gnlib.spectra import hutchinson_trace, lanczos, spectral_density
 from gnlib.study import lr_sweep
 from gnlib.train import History, train
 

@@ -12,7 +12,7 @@ divided by the median time of the gradient step:
 - ``ggn_vp_torch_func``: the naive composition ``torch.func.jvp`` + ``torch.func.vjp`` (reference);
 - ``linearize``: building the cached linearization (forward with graph + tracing the JVP), for scale;
 - ``layerwise_inner_step``: :func:`gnlib.curvature.layerwise_inner_steps` over the study's layerwise
-  partition (:func:`gnlib.blocks.per_layer`): the inner step of every block on the batch;
+  partition (:func:`gnlib.curvature.blocks.per_layer`): the inner step of every block on the batch;
 - ``line_search``: the line search of :class:`~gnlib.optim.gauss_newton.GaussNewton` (its default grid and
   ``line_search_batches``, each batch the bench's batch) along a fixed direction;
 - ``outer_step_full`` / ``outer_step_layerwise``: one whole :meth:`GaussNewton.step` (default options:
@@ -22,7 +22,7 @@ divided by the median time of the gradient step:
 
 ``layerwise_over_full`` = ``layerwise_inner_step`` / ``gn_inner_step``.
 
-FLOPs: each measurement also runs once under :func:`gnlib.costs.count_flops`, which counts the matrix
+FLOPs: each measurement also runs once under :func:`gnlib.curvature.costs.count_flops`, which counts the matrix
 products the call executes (``mm``, ``addmm``, ``bmm``, ... and the in-place ``addmm_`` that fuses a
 linear layer's two tangent products). ``flop_ratio`` divides them by the gradient step's, so
 beside each timed ratio stands the ratio of the matmul work: a timed ratio above its FLOP ratio is time
@@ -45,8 +45,8 @@ are replayed in time order and the peak of the running sum (bytes allocated duri
 freed) is taken; the profiler's own log lines (written to the process's stderr) are silenced meanwhile.
 ``peak_mem_ratio`` = peak of ``gn_inner_step`` / peak of ``grad``.
 
-Pass costs (:mod:`gnlib.costs`): the weights a run on this model and batch would use, measured by
-:func:`gnlib.costs.measure_pass_costs` (timed anew, not cached), beside the FLOP model's; and, under
+Pass costs (:mod:`gnlib.curvature.costs`): the weights a run on this model and batch would use, measured by
+:func:`gnlib.curvature.costs.measure_pass_costs` (timed anew, not cached), beside the FLOP model's; and, under
 ``priced``, what each model charges for the inner step, line search and outer steps timed above (their
 pass counts weighed by the pass costs), next to the timed ratio: the measured model's prices of the inner
 step match the timed ``gn_inner_step`` up to timing noise, the FLOP model's do not.
@@ -71,8 +71,8 @@ import torch
 from torch.func import functional_call
 
 from gnlib import curvature
-from gnlib.blocks import per_layer
-from gnlib.costs import (
+from gnlib.curvature.blocks import per_layer
+from gnlib.curvature.costs import (
     FLOP_PASS_COSTS,
     PASSES,
     count_flops,

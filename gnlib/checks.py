@@ -323,7 +323,7 @@ def _check_int_or_list(name: str, value: Any, minimum: int) -> None:
 
 def _check_named_choices(values: Mapping[str, Any]) -> None:
     """Check ``preset`` (``seq_len`` within its context), ``data``, ``protocol``, ``costs``, ``tokenizer``, corpus."""
-    from gnlib.costs import COST_MODELS  # these modules sit above checks: imported on use
+    from gnlib.curvature.costs import COST_MODELS  # these modules sit above checks: imported on use
     from gnlib.data import check_corpus_source
     from gnlib.data.pipeline import DATA_KINDS
     from gnlib.data.tokenizers import check_tokenizer_name

@@ -25,7 +25,7 @@ ratio to the exact direction's reduction ½ gᵀ(G + λI)⁻¹g is the squared c
 (G + λI) inner product, so it lies in [0, 1], equals 1 only along d*, and ignores the scale of d.
 
 Shapes and forms. A *curvature* is a dense symmetric (n, n) tensor or an operator (the protocol of
-:class:`gnlib.operators.LinearOperator`, e.g. :class:`gnlib.curvature.GGNOperator`); dense ones are
+:class:`gnlib.curvature.operators.LinearOperator`, e.g. :class:`gnlib.curvature.GGNOperator`); dense ones are
 solved by ``torch.linalg.solve``, operators by conjugate gradients. Gradients and
 directions are params dicts or their flat view (:func:`gnlib.params.flatten`); functions that only need
 flat vectors give back the form they were given, the others (Shampoo, SOAP, K-FAC, Muon) need dicts.
@@ -49,8 +49,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gnlib.blocks import BlockDiagonalOperator, block_indices, resolve_partition
 from gnlib.curvature import gradient
+from gnlib.curvature.blocks import BlockDiagonalOperator, block_indices, resolve_partition
 from gnlib.losses import MSE, CrossEntropy, Loss
 from gnlib.optim.factory import split_params
 from gnlib.optim.gauss_newton import GaussNewton
@@ -152,7 +152,7 @@ def layerwise_gn_direction(
     """Layerwise GN: −(G_bb + λI)⁻¹ g_b for every block b of ``partition``, the blocks solved independently.
 
     A dense curvature is sliced block by block; an operator is restricted to its diagonal blocks with
-    :class:`gnlib.blocks.BlockDiagonalOperator` and solved by conjugate gradients (``cg``: tol, max_iter).
+    :class:`gnlib.curvature.blocks.BlockDiagonalOperator` and solved by conjugate gradients (``cg``: tol, max_iter).
     With a single block this is :func:`gn_direction`.
     """
     _check_damping(damping)
@@ -671,7 +671,7 @@ def standard_directions(
         curvature: the GGN on ``batch`` (dense tensor or operator).
         damping: λ of exact GN, layerwise GN, diagonal GGN and K-FAC.
         loss: the training loss.
-        partition: blocks of layerwise GN (a :func:`gnlib.blocks.resolve_partition` spec).
+        partition: blocks of layerwise GN (a :func:`gnlib.curvature.blocks.resolve_partition` spec).
         adam_eps: ε of Adam, SOAP, and the Adam parts of Shampoo and Muon.
         shampoo_eps: Shampoo's relative ε.
         kfac_fisher: ``fisher`` of :func:`kfac_factors`.

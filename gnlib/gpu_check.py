@@ -10,7 +10,7 @@ after every part and summarized in ``OUT_DIR/gpu_check.md`` with the goals met o
    (:func:`gnlib.throughput.run_throughput`); the bench's (:func:`gnlib.bench.run_benchmark`) GN inner
    step, ``ggn_vp_cached``, line search and outer step against a gradient step, in time and peak memory;
    and the gradient step's model FLOPs utilization, MFU = F / t / P, with F the matrix-product FLOPs
-   counted in one gradient step (:func:`gnlib.costs.count_flops`), t its median time and P the chip's
+   counted in one gradient step (:func:`gnlib.curvature.costs.count_flops`), t its median time and P the chip's
    dense peak for the precision the products ran in (:data:`PEAK_TFLOPS`; float32 products count against
    the float32 peak unless ``torch.get_float32_matmul_precision()`` allows TF32).
 2. ``large``: ``paper150m``, tokens/s and peak memory of one gradient step and one inner step in both

@@ -27,7 +27,7 @@ a deliberate, cheaper difference, each choice with what it costs and changes:
 
 - line search on 2 fresh batches instead of N, rejecting a step that does not decrease the loss:
   2/N of the reference's line-search cost (on N batches, 5 forwards and one forward carrying the tangent
-  per batch, the line search costs 8/5 of the inner loop under the FLOP model of :mod:`gnlib.costs`, about
+  per batch, the line search costs 8/5 of the inner loop under the FLOP model of :mod:`gnlib.curvature.costs`, about
   1.5x with costs measured on a CPU); a rejected step keeps θ and
   restarts the inner loop cold instead of taking a worse α. Noisier α choices on 2 batches.
 - no EMA: evaluation measures the raw iterate, which reaches a target sooner (an EMA of 0.999 per outer

@@ -18,7 +18,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
-from gnlib.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pass_costs, weights
+from gnlib.curvature.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pass_costs, weights
 from gnlib.data import SOURCE_FORMS
 from gnlib.data.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.distributed import is_main
@@ -72,7 +72,7 @@ class RunSpec:
             options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and ``eval_every``/
             ``val_batches`` given (not None) override it, whatever their value, recorded in
             ``metadata["protocol"]``.
-        costs: how Gauss-Newton's passes are priced in gradient-step equivalents (:mod:`gnlib.costs`):
+        costs: how Gauss-Newton's passes are priced in gradient-step equivalents (:mod:`gnlib.curvature.costs`):
             ``"measured"`` (timed on this run's model and micro-batch before training, cached per
             configuration) or ``"flops"`` (the FLOP model); a ``pass_costs`` dict in ``hyperparameters``
             wins over both. Recorded in ``metadata["pass_costs"]``; training numbers do not depend on it.
@@ -264,13 +264,13 @@ def run(
 def _pass_costs(
     spec: RunSpec, model: torch.nn.Module, hyperparameters: Mapping[str, Any], output_dir: str | Path | None
 ) -> dict[str, Any] | None:
-    """How a Gauss-Newton run prices its passes (:mod:`gnlib.costs`): a record for ``metadata["pass_costs"]``.
+    """How a Gauss-Newton run prices its passes (:mod:`gnlib.curvature.costs`): a record for ``metadata["pass_costs"]``.
 
     None for first-order optimizers (a micro-batch costs one gradient step under any model). A
     ``pass_costs`` dict in the optimizer's options wins (``"model": "given"``); a run resumed in
-    ``output_dir`` on the same configuration (:func:`gnlib.costs.cache_key`) keeps the measured costs its
+    ``output_dir`` on the same configuration (:func:`gnlib.curvature.costs.cache_key`) keeps the measured costs its
     ``metadata.json`` holds, so all its steps are priced alike; otherwise ``spec.costs`` decides, measured
-    costs being cached under :data:`gnlib.costs.CACHE_DIR` when the run writes outputs. The record has
+    costs being cached under :data:`gnlib.curvature.costs.CACHE_DIR` when the run writes outputs. The record has
     ``model`` and the three weights; measured ones also the timings, their key and ``source``.
     """
     if spec.optimizer not in GN_VARIANTS:

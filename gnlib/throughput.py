@@ -35,7 +35,7 @@ import time
 import torch
 
 from gnlib.bench import peak_memory
-from gnlib.costs import synchronize
+from gnlib.curvature.costs import synchronize
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim import make_optimizer

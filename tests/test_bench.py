@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from gnlib import costs
 from gnlib.bench import MEASUREMENTS, OUTER, format_table, minor_page_faults, run_benchmark
 from gnlib.bench import main as bench_main
-from gnlib.costs import FLOP_PASS_COSTS, PASSES
+from gnlib.curvature import costs
+from gnlib.curvature.costs import FLOP_PASS_COSTS, PASSES
 
 
 @pytest.fixture

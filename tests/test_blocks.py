@@ -5,7 +5,8 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
-from gnlib import blocks, curvature, spectra
+from gnlib import curvature
+from gnlib.curvature import blocks, spectra
 from gnlib.models import mlp
 from gnlib.params import flatten, numel, offsets, params_of, unflatten
 

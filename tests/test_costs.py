@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from gnlib import costs, curvature
-from gnlib.blocks import per_layer, resolve_partition
-from gnlib.costs import (
+from gnlib import curvature
+from gnlib.curvature import costs
+from gnlib.curvature.blocks import per_layer, resolve_partition
+from gnlib.curvature.costs import (
     FLOP_PASS_COSTS,
     PASSES,
     cache_key,

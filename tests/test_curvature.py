@@ -15,7 +15,7 @@ import scipy.sparse.linalg
 import torch
 
 from gnlib import curvature as C
-from gnlib.blocks import per_layer, per_tensor
+from gnlib.curvature.blocks import per_layer, per_tensor
 from gnlib.losses import MSE, CrossEntropy, Loss
 from gnlib.models import build_model, linear_model
 from gnlib.params import flatten, offsets, params_of, unflatten

@@ -6,7 +6,8 @@ import oracles
 import pytest
 import torch
 
-from gnlib import blocks, curvature, directions
+from gnlib import curvature, directions
+from gnlib.curvature import blocks
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model
 from gnlib.params import flatten, numel, params_of, unflatten

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gnlib import curvature
-from gnlib.costs import layerwise_pass_counts
+from gnlib.curvature.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model, mlp

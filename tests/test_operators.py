@@ -13,8 +13,8 @@ import scipy.sparse.linalg
 import torch
 
 from gnlib import LinearOperator
-from gnlib.blocks import BlockDiagonalOperator, per_layer
 from gnlib.curvature import GGNOperator, HessianOperator
+from gnlib.curvature.blocks import BlockDiagonalOperator, per_layer
 from gnlib.losses import CrossEntropy
 from gnlib.models import mlp
 from gnlib.params import params_of, unflatten

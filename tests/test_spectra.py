@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from gnlib import spectra
-from gnlib.blocks import BlockDiagonalOperator, block_diagonal
+from gnlib.curvature import spectra
+from gnlib.curvature.blocks import BlockDiagonalOperator, block_diagonal
 
 
 def matrix_with_spectrum(eigenvalues, seed: int = 0) -> torch.Tensor:

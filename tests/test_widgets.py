@@ -6,7 +6,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from gnlib import blocks, widgets
+from gnlib import widgets
+from gnlib.curvature import blocks
 from gnlib.models import mlp
 from gnlib.params import numel, params_of
 from gnlib.plots import spectrum

@@ -79,16 +79,16 @@ whole batches. Counters and ``tokens`` are per process.
 concatenated batches counts N per pass). A forward carrying a tangent counts one forward and one tangent.
 Per batch: inner step = (1 forward, 1 tangent, 1 backward); layerwise, 1 forward per ``layerwise_slots``
 blocks and per block a tangent from its block up and a backward down to it, each counted as its share of
-a whole pass's matrix-product FLOPs (:func:`gnlib.costs.layerwise_pass_counts`; a model without its own
+a whole pass's matrix-product FLOPs (:func:`gnlib.curvature.costs.layerwise_pass_counts`; a model without its own
 forward-mode rules: 1 forward and 1 backward shared by the blocks plus 1 tangent and 1 backward per
 block, whole); line search = 1 forward + 1 tangent
 (α = 0 with the model prediction) and 1 forward per α; layerwise q_start/q_end add 1 forward each;
 CG: linearization = 2 forwards (graph + traced JVP), gradient = 1 backward, product = 1 tangent + 1
 backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes by
-``pass_costs`` (:mod:`gnlib.costs`, the one source of pass costs), so that a plain gradient step (1 forward
-+ 1 backward) costs 1: by default the FLOP model :data:`gnlib.costs.FLOP_PASS_COSTS` (forward 1/3,
+``pass_costs`` (:mod:`gnlib.curvature.costs`, the one source of pass costs), so that a plain gradient step (1 forward
++ 1 backward) costs 1: by default the FLOP model :data:`gnlib.curvature.costs.FLOP_PASS_COSTS` (forward 1/3,
 tangent 2/3, backward 2/3: an inner step costs 5/3); runs (:func:`gnlib.runs.run`) pass the costs
-measured on their own model and batch (:func:`gnlib.costs.measure_pass_costs`). With the defaults
+measured on their own model and batch (:func:`gnlib.curvature.costs.measure_pass_costs`). With the defaults
 (N = 8 inner steps, 2 line-search batches, 5 step sizes) one full-GN outer step makes 20 forwards,
 10 tangents and 8 backwards: 18.67 gradient-step equivalents under the FLOP model.
 """
@@ -106,8 +106,8 @@ from torch.func import functional_call
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from gnlib import curvature
-from gnlib.blocks import resolve_partition
-from gnlib.costs import FLOP_PASS_COSTS, check_pass_costs, layerwise_pass_counts, price
+from gnlib.curvature.blocks import resolve_partition
+from gnlib.curvature.costs import FLOP_PASS_COSTS, check_pass_costs, layerwise_pass_counts, price
 from gnlib.distributed import all_reduce_mean
 from gnlib.losses import CrossEntropy
 from gnlib.optim.factory import EMBEDDING_AND_HEAD, clip_gradients, clip_groups, make_optimizer

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gnlib.blocks import PARTITION_SPECS
-from gnlib.costs import check_pass_costs
+from gnlib.curvature.blocks import PARTITION_SPECS
+from gnlib.curvature.costs import check_pass_costs
 from gnlib.losses import Loss
 from gnlib.optim.factory import SCHEMAS as BASELINES
 from gnlib.optim.options import FLAG, Rule, Schema, choice, integer, invalid, number, optional
@@ -55,7 +55,7 @@ class GaussNewtonOptions:
     Attributes:
         objective: ``"gn"`` (quadratic model) or ``"prox_linear"`` (loss of the linearized model).
         blocks: ``None`` / ``"full"`` (full GN), ``"per_layer"`` (the study's layerwise partition),
-            ``"per_tensor"``, ``"halves"`` or a partition dict (:func:`gnlib.blocks.resolve_partition`).
+            ``"per_tensor"``, ``"halves"`` or a partition dict (:func:`gnlib.curvature.blocks.resolve_partition`).
         layerwise_slots: with several blocks and a model with its own forward-mode rules, at most this
             many blocks' tangents per forward (:func:`gnlib.curvature.layerwise_inner_steps`); None: all
             in one. Lower it when the stacked tangents do not fit in memory.
@@ -85,8 +85,9 @@ class GaussNewtonOptions:
             of the solver, e.g. ``{"momentum": 0.0}`` for sgd, ``{"adamw_lr": 3e-3}`` for muon); the
             solver's ``lr`` and ``weight_decay`` are set by ``inner_lr`` and ``weight_decay``.
         pass_costs: weights of forward / tangent / backward passes in gradient-step equivalents, a dict
-            with keys ``forward``, ``tangent``, ``backward`` (:mod:`gnlib.costs`; default, None: the FLOP
-            model :data:`gnlib.costs.FLOP_PASS_COSTS`; e.g. :func:`gnlib.costs.measure_pass_costs`'s).
+            with keys ``forward``, ``tangent``, ``backward`` (:mod:`gnlib.curvature.costs`; default, None: the
+            FLOP model :data:`~gnlib.curvature.costs.FLOP_PASS_COSTS`; e.g.
+            :func:`~gnlib.curvature.costs.measure_pass_costs`'s).
         loss: the training loss (default :class:`~gnlib.losses.CrossEntropy`).
     """
 

@@ -1,29 +1,38 @@
 """Linear operators on the flat parameter space: the one base class behind every matrix-free matrix.
 
 :class:`LinearOperator` is subclassed by :class:`gnlib.curvature.GGNOperator`,
-:class:`gnlib.curvature.HessianOperator` and :class:`gnlib.blocks.BlockDiagonalOperator`; sums and scalar
+:class:`gnlib.curvature.HessianOperator` and :class:`gnlib.curvature.blocks.BlockDiagonalOperator`; sums and scalar
 multiples of operators are operators too. Its docstring states the operator protocol that
-:mod:`gnlib.spectra` and :mod:`gnlib.directions` rely on.
+:mod:`gnlib.curvature.spectra` and :mod:`gnlib.directions` rely on.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse.linalg
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from gnlib.params import Params, check_like, flatten, unflatten
+from gnlib.curvature.linearization import Linearization
+from gnlib.curvature.passes import (
+    DEFAULT_LOSS,
+    Batch,
+    _check_params,
+    _check_wrt,
+    _GradientGraph,
+)
+from gnlib.losses import Loss
+from gnlib.params import Params, check_like, flatten, numel, unflatten
 
 
 class LinearOperator:
     """A square (n, n) matrix A known only through its products, n = size of the flat parameter space.
 
-    **Operator protocol.** Functions that take an "operator" (:mod:`gnlib.spectra`,
-    :mod:`gnlib.directions`, :class:`gnlib.blocks.BlockDiagonalOperator`) need only ``.shape == (n, n)``
+    **Operator protocol.** Functions that take an "operator" (:mod:`gnlib.curvature.spectra`,
+    :mod:`gnlib.directions`, :class:`gnlib.curvature.blocks.BlockDiagonalOperator`) need only ``.shape == (n, n)``
     and ``op @ x`` for a flat tensor x of shape (n,) or (n, k) (same shape back), and read ``.dtype``
     and ``.device`` when present (float64 on the CPU otherwise); a dense (n, n) ``torch.Tensor``
     qualifies. Every :class:`LinearOperator` follows it and adds:
@@ -206,3 +215,71 @@ class ScaledOperator(LinearOperator):
         return self.scalar * (self.operator @ x)
 
     _matmat = _matvec
+
+
+# ---------------------------------------------------------------------------------------------------
+# operators
+
+
+class CurvatureOperator(LinearOperator):
+    """A symmetric (n, n) curvature matrix on one batch, n = number of parameters in ``wrt``.
+
+    Follows the operator protocol of :class:`gnlib.curvature.operators.LinearOperator` (``@``, ``to_scipy``, sums and
+    scaling), with ``.like`` the parameters ``wrt``; adds ``.block(names)``, the diagonal block of a subset.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, Tensor],
+        batch: Batch,
+        loss: Loss = DEFAULT_LOSS,
+        wrt: Sequence[str] | None = None,
+    ) -> None:
+        """Operator of ``model`` at ``params`` on ``batch`` over the parameters ``wrt`` (default: all)."""
+        _check_params(model, params)
+        self.model, self.batch, self.loss = model, batch, loss
+        self.params = {name: t.detach() for name, t in params.items()}
+        self.wrt = _check_wrt(params, wrt)
+        like = {name: self.params[name] for name in self.wrt}
+        first = next(iter(like.values()))
+        super().__init__(numel(like), first.dtype, first.device, symmetric=True, like=like)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Build what every product reuses (a linearization, a gradient graph)."""
+        raise NotImplementedError
+
+    def _apply(self, v: Params) -> Params:
+        """A v for a params dict over ``wrt``."""
+        raise NotImplementedError
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        return flatten(self._apply(unflatten(x, self.like)))
+
+    def block(self, names: Sequence[str]) -> CurvatureOperator:
+        """The diagonal block of the parameters ``names`` (others held fixed), as an operator of the same kind."""
+        unknown = [name for name in names if name not in self.wrt]
+        if unknown:
+            raise ValueError(f"names {unknown} are not among this operator's parameters {self.wrt}")
+        return type(self)(self.model, self.params, self.batch, self.loss, names)
+
+
+class GGNOperator(CurvatureOperator):
+    """G = Jᵀ H_z J on one batch, from a :class:`Linearization` built once and reused by every product."""
+
+    def _prepare(self) -> None:
+        self.linearization = Linearization(self.model, self.params, self.batch, self.loss, self.wrt)
+
+    def _apply(self, v: Params) -> Params:
+        return self.linearization.ggn_vp(v)
+
+
+class HessianOperator(CurvatureOperator):
+    """The true Hessian ∇²_θ ℓ(f(θ)) on one batch; the gradient's graph is built once, each product is one backward."""
+
+    def _prepare(self) -> None:
+        self._graph = _GradientGraph(self.model, self.params, self.batch, self.loss, self.wrt)
+
+    def _apply(self, v: Params) -> Params:
+        return self._graph.hvp(v)

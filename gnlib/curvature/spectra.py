@@ -1,7 +1,7 @@
 """Spectral summaries of symmetric operators: top eigenpairs, trace, spectral density.
 
 Every function takes an *operator* in the sense of the protocol stated once in
-:class:`gnlib.operators.LinearOperator` (a dense ``torch.Tensor`` qualifies). Vectors are made in the
+:class:`gnlib.curvature.operators.LinearOperator` (a dense ``torch.Tensor`` qualifies). Vectors are made in the
 operator's ``.dtype`` on its ``.device``; random draws come from a local ``torch.Generator`` on the CPU
 seeded with ``seed``, so results are deterministic and the same on every device.
 

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from gnlib import curvature
+from gnlib.curvature import layerwise, products
 from gnlib.distributed import all_reduce_mean, is_distributed
 from gnlib.losses import CrossEntropy, Loss
 from gnlib.models import Slot, SlotTangents
@@ -100,7 +100,7 @@ def check_pass_costs(value: Any, parameter: str = "pass_costs") -> dict[str, flo
     if not ok:
         raise ValueError(
             f"{parameter}={value!r} is invalid; allowed values: a dict with keys {list(PASSES)} and finite "
-            "values >= 0, in gradient-step equivalents (e.g. gnlib.costs.FLOP_PASS_COSTS)"
+            "values >= 0, in gradient-step equivalents (e.g. gnlib.curvature.costs.FLOP_PASS_COSTS)"
         )
     return {k: float(value[k]) for k in PASSES}
 
@@ -149,7 +149,7 @@ def layerwise_pass_counts(
     Returns:
         Pass counts in whole passes (floats for tangents and backwards).
     """
-    forwards, tangents, backwards = curvature.layerwise_passes(model, len(blocks), slots)
+    forwards, tangents, backwards = layerwise.layerwise_passes(model, len(blocks), slots)
     if len(blocks) == 1 or not getattr(model, "computes_jvp", False):
         return forwards, tangents, backwards
     params = dict(model.named_parameters())
@@ -316,12 +316,12 @@ def measure_pass_costs(
 
     def forward() -> object:
         with torch.no_grad():
-            return loss.value(curvature.logits(model, params, batch[0]), batch[1])
+            return loss.value(products.logits(model, params, batch[0]), batch[1])
 
     fns = {
-        "grad": lambda: curvature.gradient(model, params, batch, loss),
+        "grad": lambda: products.gradient(model, params, batch, loss),
         "forward": forward,
-        "inner_step": lambda: curvature.gn_inner_step(model, params, delta, batch, loss),
+        "inner_step": lambda: products.gn_inner_step(model, params, delta, batch, loss),
     }
     times = time_rounds(fns, repeats, device, min_seconds)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}

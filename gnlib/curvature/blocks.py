@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gnlib.operators import LinearOperator
+from gnlib.curvature.operators import LinearOperator
 from gnlib.params import numel, offsets
 from gnlib.runtime import check_choice
 
@@ -385,7 +385,7 @@ class BlockDiagonalOperator(LinearOperator):
 
     P_b zeroes every coordinate outside block b; one product costs one product of ``op`` per block (a
     whole (n, k) block of columns at once). Follows the operator protocol of
-    :class:`gnlib.operators.LinearOperator`, with ``.like`` from ``params_like``; symmetric when ``op`` is
+    :class:`gnlib.curvature.operators.LinearOperator`, with ``.like`` from ``params_like``; symmetric when ``op`` is
     (a dense ``op`` when it equals its transpose up to rounding).
 
     Args:
