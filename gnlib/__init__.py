@@ -3,7 +3,7 @@
 The public API is what this module exports; each name lives in the module that owns its job: ``gnlib.models``,
 ``gnlib.losses``, ``gnlib.curvature`` (products, operators, blocks, spectra, costs), ``gnlib.optim``,
 ``gnlib.data``, ``gnlib.train``, ``gnlib.runs``, ``gnlib.study``. Notebook-only pieces (``gnlib.plots``,
-``gnlib.widgets``, ``gnlib.sweep``, ``gnlib.directions``) are imported from their modules.
+``gnlib.widgets``, ``gnlib.tools.sweep``, ``gnlib.directions``) are imported from their modules.
 """
 
 from gnlib.curvature import (

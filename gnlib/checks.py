@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gnlib.runtime import is_finite_number, is_integer, numeric_text_hint, output_path
+from gnlib.sweep_results import read_results_table
 
 #: Python types a notebook annotation allows (``float`` also takes an ``int``).
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
@@ -278,7 +279,7 @@ _OWNERS = {"warmup_batch_size": "the shared AdamW warm-up (0: batch_size)"}
 def check_notebook_values(values: Mapping[str, Any]) -> None:
     """Check the values of a notebook's parameters by the workbook's names; builds, reads and writes nothing.
 
-    Run by :func:`notebook_output_dir` before the output folder is made, and by :mod:`gnlib.sweep` on every
+    Run by :func:`notebook_output_dir` before the output folder is made, and by :mod:`gnlib.tools.sweep` on every
     run of a grid before the first kernel starts. A notebook's parameters that are not named here pass:
 
     - optimizer names, LRs and options (:func:`gnlib.optim.registry.check_notebook_optimizers`);
@@ -287,7 +288,7 @@ def check_notebook_values(values: Mapping[str, Any]) -> None:
       ``seeds`` (one integer or a non-empty list), LRs and the target (``lr``, ``warmup_lr``, ``target_loss``);
     - ``preset`` (and ``seq_len`` within its ``max_seq_len`` under ``model_overrides``), ``data``,
       ``protocol``, ``costs``, ``tokenizer``, ``corpus`` (a ``text:`` glob must match two files or more);
-    - ``sweep_results``, when given: the whole table (:func:`gnlib.sweep.read_results_table`).
+    - ``sweep_results``, when given: the whole table (:func:`gnlib.sweep_results.read_results_table`).
 
     Raises:
         ValueError: naming the first bad parameter, its value and what is allowed.
@@ -306,8 +307,6 @@ def check_notebook_values(values: Mapping[str, Any]) -> None:
             check_positive_number(name, values[name], allow_zero=allow_zero)
     _check_named_choices(values)
     if values.get("sweep_results"):
-        from gnlib.sweep import read_results_table  # the sweep sits above checks: imported on use
-
         read_results_table(values["sweep_results"], parameter="sweep_results")
 
 

@@ -3,7 +3,7 @@
 Python reads a tensor's value with ``float``, ``int``, ``bool``, ``.item()`` (each dispatches
 ``aten._local_scalar_dense``) or ``.tolist()``; on a GPU each waits for the work queued before it.
 :class:`HostReads` counts them inside a ``with`` block, on any device, so the tests and
-``python -m gnlib.gpu_check`` check one claim with one counter: a Gauss-Newton outer step reads four
+``python -m gnlib.tools.gpu_check`` check one claim with one counter: a Gauss-Newton outer step reads four
 times, whatever its inner steps, line-search points and batches
 (:mod:`gnlib.optim.gauss_newton`).
 """

@@ -45,6 +45,7 @@ from gnlib.runtime import (
     output_path,
     resolve_device,
 )
+from gnlib.sweep_results import MANIFEST_FILE, read_results_table
 from gnlib.train import CHECKPOINT, run_folder_lock
 
 
@@ -412,9 +413,9 @@ _SWEEP_COLUMNS = ("optimizer", "micro_batches", "lr", "steps_to_target")
 
 
 def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep_results") -> pd.DataFrame:
-    """The study table from a sweep of the iteration-complexity notebook (``gnlib.sweep``'s ``results.csv``).
+    """The study table from a sweep of the iteration-complexity notebook (``gnlib.tools.sweep``'s ``results.csv``).
 
-    The file is checked whole first (:func:`gnlib.sweep.read_results_table`: complete, and matching the
+    The file is checked whole first (:func:`gnlib.sweep_results.read_results_table`: complete, and matching the
     ``sweep.json`` beside it). Keeps the ``ok`` runs, takes each :data:`STUDY_COLUMNS` column from the
     run's outcomes (``result_<name>`` where the sweep renamed it), and marks the tuned LRs again across the
     whole sweep (:func:`choose_lr`). A grid key of the sweep (its ``sweep.json``) other than the optimizer,
@@ -430,8 +431,6 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
         ValueError: naming ``parameter`` and the file: a file cut short, damaged or not a sweep's table, a
             table without the study's columns, or one without an ``ok`` run.
     """
-    from gnlib.sweep import read_results_table  # here: ``python -m gnlib.sweep`` must not find itself imported
-
     raw = read_results_table(sweep_results, parameter=parameter)
     label = f"{parameter}={str(sweep_results)!r}"
     absent = [c for c in _SWEEP_COLUMNS if c not in raw.columns and f"result_{c}" not in raw.columns]
@@ -479,8 +478,6 @@ def variant_label(optimizer: str, values: Mapping[str, Any]) -> str:
 
 def _sweep_grid_keys(sweep_dir: Path) -> list[str]:
     """The grid keys of the sweep in ``sweep_dir`` (from its ``sweep.json``; [] without one)."""
-    from gnlib.sweep import MANIFEST_FILE  # here: ``python -m gnlib.sweep`` must not find itself imported
-
     try:
         grid = json.loads((sweep_dir / MANIFEST_FILE).read_text())["grid"]
     except (OSError, ValueError, KeyError):

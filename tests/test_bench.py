@@ -1,14 +1,14 @@
-"""The benchmark (gnlib.bench): its JSON keys, its table, page faults and compiled steps; never its timings."""
+"""The benchmark (gnlib.tools.bench): its JSON keys, its table, page faults and compiled steps; never its timings."""
 
 import json
 
 import pytest
 import torch
 
-from gnlib.bench import MEASUREMENTS, OUTER, format_table, minor_page_faults, run_benchmark
-from gnlib.bench import main as bench_main
 from gnlib.curvature import costs
 from gnlib.curvature.costs import FLOP_PASS_COSTS, PASSES
+from gnlib.tools.bench import MEASUREMENTS, OUTER, format_table, minor_page_faults, run_benchmark
+from gnlib.tools.bench import main as bench_main
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ def test_train_cli_under_torchrun_equals_one_process(tmp_path):
         "--master_port",
         str(_free_port()),
         "-m",
-        "gnlib.train_cli",
+        "gnlib.tools.train_cli",
         "--config",
         str(tmp_path / "run.yaml"),
         "--output_dir",
@@ -253,7 +253,7 @@ def test_train_cli_under_torchrun_equals_one_process(tmp_path):
         "--quiet",
     ]
     subprocess.run(command, check=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
-    from gnlib.train_cli import main
+    from gnlib.tools.train_cli import main
 
     one = main(
         ["--config", str(tmp_path / "run.yaml"), "--batch_size", "4", "--output_dir", str(tmp_path / "one"), "--quiet"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gnlib import gpu_check
-from gnlib.gpu_check import (
+from gnlib.tools import gpu_check
+from gnlib.tools.gpu_check import (
     BENCH_MEASUREMENTS,
     DTYPES,
     HOST_READS_PER_OUTER_STEP,
@@ -161,7 +161,7 @@ def test_cuda_without_cuda_is_refused_in_one_line_with_status_2_and_imports_with
         "            raise ImportError(f'{name} is not installed')\n"
         "sys.meta_path.insert(0, Absent())\n"
         "sys.argv = ['gpu_check', *sys.argv[1:]]\n"
-        "runpy.run_module('gnlib.gpu_check', run_name='__main__')\n"
+        "runpy.run_module('gnlib.tools.gpu_check', run_name='__main__')\n"
     )
     out = tmp_path / "out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}

@@ -1,7 +1,7 @@
 """What a reader sees: every figure of an executed notebook is an image output, never a bare ``<Figure ...>``.
 
 The papermill notebook tests (test_notebook_quickstart, test_notebooks_study, test_notebooks_workbook) run
-:func:`gnlib.nbtools.figure_problems` on each executed copy; these tests pin down what it accepts and
+:func:`gnlib.tools.nbtools.figure_problems` on each executed copy; these tests pin down what it accepts and
 refuses, and that every notebook in ``notebooks/`` is executed by one of them.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-from gnlib.nbtools import figure_problems, images, main
+from gnlib.tools.nbtools import figure_problems, images, main
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()

@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import papermill
 
-from gnlib.nbtools import figure_problems
+from gnlib.tools.nbtools import figure_problems
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "00_quickstart.ipynb"
 

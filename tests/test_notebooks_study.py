@@ -8,9 +8,9 @@ import pandas as pd
 import papermill
 import yaml
 
-from gnlib.nbtools import figure_problems
 from gnlib.study import study_table_from_sweep
-from gnlib.sweep import run_sweep
+from gnlib.tools.nbtools import figure_problems
+from gnlib.tools.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

@@ -8,7 +8,7 @@ import pandas as pd
 import papermill
 import pytest
 
-from gnlib.nbtools import figure_problems
+from gnlib.tools.nbtools import figure_problems
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SMALL_TRANSFORMER = {"n_layers": 1, "seq_len": 8, "corpus_bytes": 100_000, "train_batch": 8}

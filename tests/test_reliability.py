@@ -16,8 +16,8 @@ from gnlib.models import build_model
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.runs import RunSpec, run, summarize
 from gnlib.study import _cached_warmup_problem, warmup_checkpoint
+from gnlib.tools.train_cli import cli, parse_value, read_config
 from gnlib.train import CHECKPOINT, METADATA, RunFolderBusy, run_folder_lock, train
-from gnlib.train_cli import cli, parse_value, read_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}

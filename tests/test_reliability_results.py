@@ -17,10 +17,11 @@ import torch
 from gnlib.checks import notebook_output_dir
 from gnlib.data.pipeline import build_run_data
 from gnlib.models import build_model
-from gnlib.report import main as report_main
 from gnlib.runs import RunSpec, run
 from gnlib.study import _cached_warmup_problem, study_table_from_sweep, warmup_checkpoint
-from gnlib.sweep import read_results_table, run_sweep
+from gnlib.sweep_results import read_results_table
+from gnlib.tools.report import main as report_main
+from gnlib.tools.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "fixtures" / "sweep_probe.ipynb"
@@ -28,7 +29,7 @@ NOTEBOOK_02 = REPO / "notebooks" / "02_iteration_complexity.ipynb"
 
 
 def study_sweep(folder: Path) -> Path:
-    """A sweep folder of notebook 02 as gnlib.sweep leaves it: results.csv and the sweep.json listing its runs."""
+    """A sweep folder of notebook 02 as gnlib.tools.sweep leaves it: results.csv and the sweep.json listing its runs."""
     rows = []
     for optimizer, m, lr, steps in [
         ("adamw", 1, 0.01, 40),
@@ -76,7 +77,7 @@ def test_report_refuses_a_results_csv_cut_short_and_writes_nothing(tmp_path, mon
     cut(results, 0.8)
     assert report_main([str(results.parent), "--page", str(readme)]) == 2
     err = capsys.readouterr().err
-    assert f"results_csv={str(results)!r}" in err and "python -m gnlib.sweep GRID" in err
+    assert f"results_csv={str(results)!r}" in err and "python -m gnlib.tools.sweep GRID" in err
     assert readme.read_text() == "<!-- results: demo -->\nold\n<!-- /results -->\n"
     assert not (tmp_path / "notebooks").exists()
 
@@ -104,7 +105,7 @@ def test_a_damaged_results_csv_is_refused_naming_the_file_and_the_fix(tmp_path, 
         with pytest.raises(ValueError) as err:
             read(results)
         assert problem in str(err.value) and str(results) in str(err.value)
-        assert "python -m gnlib.sweep GRID" in str(err.value)
+        assert "python -m gnlib.tools.sweep GRID" in str(err.value)
 
 
 def test_a_sweep_records_its_table_and_an_edited_table_is_refused(tmp_path):
@@ -275,7 +276,7 @@ def test_a_stopped_sweep_lets_its_runs_checkpoint_and_the_rerun_resumes_them(tmp
     notebook = checkpointing_notebook(tmp_path / "loop.ipynb")
     grid = tmp_path / "loop.yaml"
     grid.write_text(f"notebook: {notebook}\nparameters: {{steps: 40}}\n")
-    command = [sys.executable, "-m", "gnlib.sweep", str(grid), "--output-root", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "gnlib.tools.sweep", str(grid), "--output-root", str(tmp_path / "out")]
     run_dir = tmp_path / "out" / "loop" / "default"
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60

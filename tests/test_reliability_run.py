@@ -20,8 +20,18 @@ import gnlib.runtime
 from gnlib.data import load_corpus
 from gnlib.models import build_model
 from gnlib.runs import RunSpec, run
-from gnlib.train import CHECKPOINT, HISTORY_CSV, HISTORY_JSONL, LOCK, METADATA, History, run_folder_lock, train
-from gnlib.train_cli import cli
+from gnlib.tools.train_cli import cli
+from gnlib.train import (
+    CHECKPOINT,
+    HISTORY_CSV,
+    HISTORY_JSONL,
+    LOCK,
+    METADATA,
+    History,
+    RunFolderBusy,
+    run_folder_lock,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -50,7 +60,7 @@ def same_run(folder, reference):
 
 
 def cli_command(output_dir, *flags):
-    return [sys.executable, "-m", "gnlib.train_cli", *flags, "--output_dir", str(output_dir)]
+    return [sys.executable, "-m", "gnlib.tools.train_cli", *flags, "--output_dir", str(output_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +197,18 @@ def test_ranks_stop_when_their_launcher_is_killed_and_free_the_folder(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         launcher.kill()
         launcher.wait()
+    wait_for(lambda: lock_free(folder), "the run folder's lock to be free", timeout=20)  # the ranks' exits release it
     with run_folder_lock(folder):  # a rerun is not refused as "in use"
         assert History.load(folder).rows[-1]["step"] >= 5
+
+
+def lock_free(folder):
+    """Whether a run could take ``folder``'s lock now (taken and released at once)."""
+    try:
+        with run_folder_lock(folder):
+            return True
+    except RunFolderBusy:
+        return False
 
 
 @pytest.mark.parametrize(

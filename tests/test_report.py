@@ -1,4 +1,4 @@
-"""Tests of gnlib.report: the docs' results tables come from committed sweep tables, never by hand."""
+"""Tests of gnlib.tools.report: the docs' results tables come from committed sweep tables, never by hand."""
 
 import json
 import re
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gnlib.report import default_pages, main, page_blocks, results_markdown, update_pages
 from gnlib.study import STUDY_COLUMNS
+from gnlib.tools.report import default_pages, main, page_blocks, results_markdown, update_pages
 
 REPO = Path(__file__).resolve().parents[1]
 NAN = np.nan
@@ -165,7 +165,7 @@ def test_the_docs_results_are_regenerated_from_the_committed_sweep_tables(monkey
         expected = results_markdown(REPO / "notebooks" / "results" / name / "results.csv", headline=label != name)
         assert block == expected, (
             f"{page}'s {label} tables differ from notebooks/results/{name}/results.csv: "
-            f"run python -m gnlib.report outputs/{name} --figures outputs/{name}/summary"
+            f"run python -m gnlib.tools.report outputs/{name} --figures outputs/{name}/summary"
         )
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from gnlib.nbtools import problems
+from gnlib.tools.nbtools import problems
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 

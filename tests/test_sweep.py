@@ -1,4 +1,4 @@
-"""Tests of gnlib.sweep: grid checks are pure; a few real papermill runs of tests/fixtures/sweep_probe.ipynb."""
+"""Tests of gnlib.tools.sweep: grid checks are pure; a few real papermill runs of tests/fixtures/sweep_probe.ipynb."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from gnlib.sweep import aggregate, best_points, expand_grid, load_grid, main, run_id, run_sweep, threads_per_job
+from gnlib.tools.sweep import aggregate, best_points, expand_grid, load_grid, main, run_id, run_sweep, threads_per_job
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "tests/fixtures/sweep_probe.ipynb"
@@ -244,7 +244,7 @@ def test_killed_sweep_resumes_without_losing_or_duplicating_runs(tmp_path):
     slow = sweep_dir / "sleep=3.0"
     with open(tmp_path / "cli.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gnlib.sweep", str(grid), "--output-root", str(tmp_path / "out")],
+            [sys.executable, "-m", "gnlib.tools.sweep", str(grid), "--output-root", str(tmp_path / "out")],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -295,7 +295,16 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_orphans_and_the_rerun_is_complete(
     slow = [sweep_dir / "sleep=6.0,x=1", sweep_dir / "sleep=6.0,x=2"]
     with open(tmp_path / "cli.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gnlib.sweep", str(grid), "--jobs", "2", "--output-root", str(tmp_path / "out")],
+            [
+                sys.executable,
+                "-m",
+                "gnlib.tools.sweep",
+                str(grid),
+                "--jobs",
+                "2",
+                "--output-root",
+                str(tmp_path / "out"),
+            ],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,

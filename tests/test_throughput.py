@@ -1,4 +1,4 @@
-"""The GPU check's code path (``python -m gnlib.throughput``), run on the CPU with a tiny reference model."""
+"""The GPU check's code path (``python -m gnlib.tools.throughput``), run on the CPU with a tiny reference model."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gnlib.throughput import format_table, main, run_throughput
+from gnlib.tools.throughput import format_table, main, run_throughput
 
 TINY = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 

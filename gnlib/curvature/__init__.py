@@ -30,7 +30,7 @@ Implementations (F = one forward pass; a gradient step is about 3F, matmul flops
   then each G·v costs two backward passes without any forward (about 4F).
 - :func:`hvp` (:class:`HessianOperator`): reverse-over-reverse, ∂⟨∇ℓ, v⟩/∂θ through the recorded
   graph of the gradient.
-- ``python -m gnlib.bench`` measures these against a gradient step.
+- ``python -m gnlib.tools.bench`` measures these against a gradient step.
 
 Dense matrices (:func:`dense_jacobian`, :func:`dense_ggn`, :func:`dense_hessian`) are float64, their
 parameter axis follows :func:`gnlib.params.flatten` and the Jacobian's output axis is ``z.reshape(-1)``.

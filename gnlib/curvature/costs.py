@@ -30,7 +30,7 @@ with c_F + c_B = 1. Two models give the weights c (:data:`COST_MODELS`):
   two products per matmul (2F); a tangent adds two per matmul (the tangent of W·x is dW·x + W·dx: 2F);
   a gradient step is 3F. So c_F = 1/3, c_T = 2/3, c_B = 2/3 and an inner step costs 5F = 5/3. Elementwise
   tangent arithmetic, memory traffic and kernel efficiency are not counted: on a CPU the measured inner
-  step is dearer (``python -m gnlib.bench`` prints both).
+  step is dearer (``python -m gnlib.tools.bench`` prints both).
 
 The same weights price every pass GaussNewton counts (its module docstring lists them): a line search's
 forwards without graph cost c_F, its forward with a tangent and no graph c_F + c_T (slightly

@@ -4,9 +4,9 @@ The run is a :class:`gnlib.runs.RunSpec` (the object a notebook passes to
 :func:`gnlib.runs.run`), read from a YAML or JSON file of its fields and/or given as flags (one per
 field; a flag overrides the file)::
 
-    python -m gnlib.train_cli --config run.yaml
-    torchrun --nproc_per_node 2 -m gnlib.train_cli --config run.yaml --steps 200
-    torchrun --nproc_per_node 8 -m gnlib.train_cli --optimizer gn --preset paper45m --device cuda \
+    python -m gnlib.tools.train_cli --config run.yaml
+    torchrun --nproc_per_node 2 -m gnlib.tools.train_cli --config run.yaml --steps 200
+    torchrun --nproc_per_node 8 -m gnlib.tools.train_cli --optimizer gn --preset paper45m --device cuda \
         --batch_size 32 --seq_len 512 --hyperparameters '{inner_steps: 8}' --name gn45m
 
 ``batch_size`` is per process: K processes at ``batch_size`` b train exactly like one process at
@@ -83,7 +83,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``--config``, ``--name``, ``--output_dir``, ``--checkpoint_every`` and one flag per RunSpec field."""
-    parser = argparse.ArgumentParser(prog="python -m gnlib.train_cli", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gnlib.tools.train_cli", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML or JSON file of RunSpec fields")
     parser.add_argument("--name", help="run name: outputs/<name>/ (default: the config file's stem, else 'run')")
     parser.add_argument("--output_dir", help="where History and checkpoints go (default: outputs/<name>)")

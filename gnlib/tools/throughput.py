@@ -1,4 +1,4 @@
-"""Throughput and memory of the study's model at the study's batch: ``python -m gnlib.throughput``.
+"""Throughput and memory of the study's model at the study's batch: ``python -m gnlib.tools.throughput``.
 
 Builds a preset (default ``paper45m``, the reference architecture) with a given vocabulary on random tokens
 (nothing is downloaded), then measures, after one untimed warm-up of each:
@@ -12,7 +12,7 @@ Builds a preset (default ``paper45m``, the reference architecture) with a given 
 Each row reports tokens per second (B·T per gradient step or inner step over the wall time) and the peak
 memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measurement (model, optimizer state and
 activations: whether the run fits), on the CPU the peak of allocations made during one step as seen by
-``torch.profiler`` (:func:`gnlib.bench.peak_memory`).
+``torch.profiler`` (:func:`gnlib.tools.bench.peak_memory`).
 
 With ``autocast="bfloat16"`` (``--autocast bfloat16``) both run under ``torch.autocast`` in bfloat16:
 parameters, optimizer state and the GN inner steps' Δ stay float32, the matrix products (primal and
@@ -20,8 +20,8 @@ tangent) run in bfloat16. The study trained in float32 (the default here).
 
 The GPU check of the study's setting (32 × 1024 tokens, T5's 32k vocabulary), float32 then bfloat16::
 
-    python -m gnlib.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda
-    python -m gnlib.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda \
+    python -m gnlib.tools.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda
+    python -m gnlib.tools.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda \
         --autocast bfloat16
 """
 
@@ -30,17 +30,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 
 import torch
 
-from gnlib.bench import peak_memory
 from gnlib.curvature.costs import synchronize
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.runtime import check_choice, is_integer, resolve_device
+from gnlib.tools.bench import peak_memory
 
 #: ``autocast`` values: the dtype the matrix products run in under ``torch.autocast``.
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
@@ -178,9 +179,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command line entry point; see ``python -m gnlib.throughput --help``."""
-    parser = argparse.ArgumentParser(prog="python -m gnlib.throughput", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point (exit status 0); see ``python -m gnlib.tools.throughput --help``."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.tools.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="paper45m", help=f"model preset: {', '.join(PRESETS)}")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (random tokens below it)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.preset, args.vocab, args.device, args.batch, args.seq_len, args.steps, autocast=args.autocast
     )
     print(json.dumps(result) if args.json else format_table(result))
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

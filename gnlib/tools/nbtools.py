@@ -1,10 +1,10 @@
 """Keep the notebooks in git small and checkable: only ``# NBVAL_CHECK_OUTPUT`` cells keep outputs.
 
-``python -m gnlib.nbtools refresh notebooks/00_quickstart.ipynb`` executes a notebook with its default
+``python -m gnlib.tools.nbtools refresh notebooks/00_quickstart.ipynb`` executes a notebook with its default
 parameters (papermill), then strips every output except those of cells marked ``# NBVAL_CHECK_OUTPUT``,
-which ``pytest --nbval-lax`` compares on every test run. ``python -m gnlib.nbtools check notebooks/*.ipynb``
+which ``pytest --nbval-lax`` compares on every test run. ``python -m gnlib.tools.nbtools check notebooks/*.ipynb``
 exits non-zero when a notebook carries outputs it should not (or lacks the ones nbval needs).
-``python -m gnlib.nbtools figures outputs/00_quickstart.ipynb`` checks an *executed* notebook the way a
+``python -m gnlib.tools.nbtools figures outputs/00_quickstart.ipynb`` checks an *executed* notebook the way a
 reader sees it: every figure a cell saves is also displayed as an image, and no cell shows a bare
 ``<Figure size ...>`` instead of its picture.
 """
@@ -109,7 +109,7 @@ def refresh(path: str | Path, kernel: str = "python3") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``refresh`` or ``check`` stored notebooks, or check the ``figures`` of executed ones."""
-    parser = argparse.ArgumentParser(prog="python -m gnlib.nbtools", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gnlib.tools.nbtools", description=__doc__)
     parser.add_argument("command", choices=["refresh", "check", "figures"])
     parser.add_argument("notebooks", nargs="+")
     args = parser.parse_args(argv)

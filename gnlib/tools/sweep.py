@@ -1,8 +1,8 @@
-"""Run one notebook over a parameter grid with papermill: ``python -m gnlib.sweep GRID.yaml``.
+"""Run one notebook over a parameter grid with papermill: ``python -m gnlib.tools.sweep GRID.yaml``.
 
 Usage::
 
-    python -m gnlib.sweep GRID.yaml [--jobs N] [--output-root outputs] [--dry-run] [--retry-failed]
+    python -m gnlib.tools.sweep GRID.yaml [--jobs N] [--output-root outputs] [--dry-run] [--retry-failed]
 
 Grid file (YAML mapping; no other top-level keys are accepted)::
 
@@ -73,9 +73,7 @@ import argparse
 import ast
 import collections
 import contextlib
-import csv
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -104,6 +102,7 @@ from tqdm.auto import tqdm
 
 from gnlib.checks import check_notebook_values, check_writable
 from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, die_with_parent, is_integer
+from gnlib.sweep_results import MANIFEST_FILE, TABLE_FILE, table_record
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate")
 REPLICATE_KEYS = ("key", "values", "at_best", "minimize")
@@ -111,7 +110,7 @@ KERNEL = "python3"
 OUTPUT_PARAMETER = "output_dir"
 PARAMS_FILE, STATUS_FILE, LOG_FILE, NOTEBOOK_FILE = "params.json", "status.json", "log.txt", "notebook.ipynb"
 STOPPED_FILE = "stopped.json"
-RESULTS_FILE, TABLE_FILE, MANIFEST_FILE = "results.json", "results.csv", "sweep.json"
+RESULTS_FILE = "results.json"
 LOCKS_DIR = ".locks"
 STOPPED_MESSAGE = "stopped: runs in progress keep their checkpoints and no status.json; run the same command to resume"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -260,7 +259,7 @@ def run_sweep(
     text = table.to_csv(index=False)
     atomic_write_text(sweep_dir / TABLE_FILE, text)
     manifest = _read_json(sweep_dir / MANIFEST_FILE)
-    atomic_write_json(sweep_dir / MANIFEST_FILE, {**manifest, "results": _table_record(text, len(table))})
+    atomic_write_json(sweep_dir / MANIFEST_FILE, {**manifest, "results": table_record(text, len(table))})
     if verbose:
         counts = table["status"].value_counts().to_dict()
         print(f"results: {sweep_dir / TABLE_FILE} ({', '.join(f'{n} {s}' for s, n in counts.items())})", flush=True)
@@ -384,108 +383,11 @@ def aggregate(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame([_row(p) for p in folders], columns=None if folders else empty)
 
 
-def read_results_table(path: str | Path, *, parameter: str = "results_csv") -> pd.DataFrame:
-    """A sweep's ``results.csv``, checked whole before any of it is used.
-
-    The file must be UTF-8 CSV text ending with a newline, with columns ``run_id`` and ``status``, every row
-    as long as the header, every status one of ``ok``, ``failed``, ``incomplete``; with a ``sweep.json``
-    beside it, the table must match the row count and SHA-256 the sweep recorded when it wrote the table
-    (``results``) and hold a row for every run the sweep lists (``runs``).
-
-    Args:
-        path: the ``results.csv`` to read.
-        parameter: the name the caller gave the file, for messages.
-
-    Returns:
-        The table.
-
-    Raises:
-        ValueError: naming ``parameter``, the file, what is wrong and how to get a complete table.
-    """
-    path = Path(path)
-    label = f"{parameter}={str(path)!r}"
-    if not path.is_file():
-        raise ValueError(
-            f"{label} does not exist; give the {TABLE_FILE} of a sweep of this notebook "
-            f"(`python -m gnlib.sweep GRID` writes <output-root>/<name>/{TABLE_FILE})"
-        )
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-        problem = _table_problem(text, _manifest_beside(path))
-    except UnicodeDecodeError:
-        problem = "is not UTF-8 text (a damaged or binary file)"
-    except csv.Error as err:
-        problem = f"is not CSV text ({err})"
-    except ValueError as err:
-        problem = str(err)
-    if problem:
-        raise ValueError(
-            f"{label} {problem}; nothing was read from it. Run `python -m gnlib.sweep GRID` again for that "
-            f"sweep: finished runs are skipped and {TABLE_FILE} and {MANIFEST_FILE} are written anew"
-        )
-    return pd.read_csv(io.StringIO(text))
-
-
-def _manifest_beside(path: Path) -> dict | None:
-    """The ``sweep.json`` next to a results table (None when there is none)."""
-    manifest = path.parent / MANIFEST_FILE
-    if not manifest.is_file():
-        return None
-    try:
-        found = _read_json(manifest)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"has a {MANIFEST_FILE} beside it that cannot be read ({type(err).__name__})") from None
-    if not isinstance(found, dict):
-        raise ValueError(f"has a {MANIFEST_FILE} beside it that is not a sweep's record")
-    return found
-
-
-def _table_record(text: str, rows: int) -> dict:
-    """What ``sweep.json`` records of the table it wrote: its row count and the SHA-256 of its text."""
-    return {"rows": rows, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
-
-
-def _table_problem(text: str, manifest: dict | None) -> str | None:
-    """Why ``text`` is not a complete results table of the sweep ``manifest`` describes (None: it is).
-
-    A table needs a ``status`` column, and a ``run_id`` column when ``manifest`` lists the sweep's runs.
-    """
-    if not text.strip():
-        return "is empty"
-    if not text.endswith("\n"):
-        return "ends in the middle of a line: it was cut short"
-    header, *body = list(csv.reader(io.StringIO(text)))
-    listed = (manifest or {}).get("runs") or []
-    missing = [column for column in ("run_id", "status") if column not in header and (listed or column == "status")]
-    if missing:
-        return f"lacks the column(s) {missing}: it is not a {TABLE_FILE} written by gnlib.sweep"
-    recorded = (manifest or {}).get("results")
-    if isinstance(recorded, dict) and recorded != _table_record(text, len(body)):
-        return (
-            f"has {len(body)} row(s) and differs from the table of {recorded.get('rows')} row(s) the sweep "
-            f"recorded in {MANIFEST_FILE} when it wrote it: it was cut short or edited"
-        )
-    short = next((i for i, row in enumerate(body, start=1) if len(row) != len(header)), None)
-    if short is not None:
-        return f"has a row {short} of {len(body[short - 1])} field(s) under a header of {len(header)}: it was cut short"
-    statuses = [row[header.index("status")] for row in body]
-    odd = next((s for s in statuses if s not in ("ok", "failed", "incomplete")), None)
-    if odd is not None:
-        return f"has a row of status {odd!r}; a run's status is ok, failed or incomplete"
-    present = {row[header.index("run_id")] for row in body} if listed else set()
-    absent = [rid for rid in listed if rid not in present]
-    if absent:
-        return (
-            f"lacks the rows of {len(absent)} of the {len(listed)} runs its {MANIFEST_FILE} lists (first: "
-            f"{absent[0]!r}): it was cut short, or the sweep did not finish"
-        )
-    return None if body else "has a header but no rows"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code (0 all ok, 1 some run not ok, 2 bad input, 130 Ctrl-C)."""
-    parser = argparse.ArgumentParser(prog="python -m gnlib.sweep", description="Run a notebook over a parameter grid.")
+    parser = argparse.ArgumentParser(
+        prog="python -m gnlib.tools.sweep", description="Run a notebook over a parameter grid."
+    )
     parser.add_argument("grid", help="YAML grid file")
     parser.add_argument("--jobs", type=int, default=1, help="runs executed at once (default 1)")
     parser.add_argument("--output-root", default="outputs", help="parent of the sweep folder (default outputs)")

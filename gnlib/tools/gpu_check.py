@@ -1,4 +1,4 @@
-"""The study's scale on a GPU in one command: ``python -m gnlib.gpu_check OUT_DIR --device cuda``.
+"""The study's scale on a GPU in one command: ``python -m gnlib.tools.gpu_check OUT_DIR --device cuda``.
 
 Four parts, each under its own time cap (:data:`SIZES`; ``--cap PART=SECONDS`` changes one), so that a
 slow or failing part cannot take the others' time; the results are written to ``OUT_DIR/gpu_check.json``
@@ -7,7 +7,7 @@ after every part and summarized in ``OUT_DIR/gpu_check.md`` with the goals met o
 1. ``throughput``: at the study's shape (``paper45m``, vocabulary 32,000, B × T = 32 × 1024 tokens), in
    float32 and under ``torch.autocast`` in bfloat16 (parameters, optimizer state and Δ stay float32):
    tokens/s and peak memory of AdamW gradient steps and GN inner steps
-   (:func:`gnlib.throughput.run_throughput`); the bench's (:func:`gnlib.bench.run_benchmark`) GN inner
+   (:func:`gnlib.tools.throughput.run_throughput`); the bench's (:func:`gnlib.tools.bench.run_benchmark`) GN inner
    step, ``ggn_vp_cached``, line search and outer step against a gradient step, in time and peak memory;
    and the gradient step's model FLOPs utilization, MFU = F / t / P, with F the matrix-product FLOPs
    counted in one gradient step (:func:`gnlib.curvature.costs.count_flops`), t its median time and P the chip's
@@ -34,7 +34,7 @@ default, ``--size study``, takes at most about 7 minutes on an H200 (caps: :data
 
 Example (from a checkout, with torch and the packages of ``requirements.txt``)::
 
-    PYTHONPATH=. python3 -m gnlib.gpu_check outputs/gpu_check --device cuda
+    PYTHONPATH=. python3 -m gnlib.tools.gpu_check outputs/gpu_check --device cuda
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from gnlib.bench import run_benchmark
 from gnlib.checks import check_writable
 from gnlib.host_reads import HostReads
 from gnlib.models import build_model
@@ -70,7 +69,8 @@ from gnlib.plots import loss_curves, to_png
 from gnlib.runs import RunSpec, run, summarize
 from gnlib.runtime import atomic_write_bytes, atomic_write_json, atomic_write_text, check_choice, resolve_device
 from gnlib.study import study_spec, warmup_checkpoint
-from gnlib.throughput import AUTOCAST_DTYPES, run_throughput
+from gnlib.tools.bench import run_benchmark
+from gnlib.tools.throughput import AUTOCAST_DTYPES, run_throughput
 from gnlib.train import History
 
 #: The parts, in the order they run.
@@ -685,8 +685,8 @@ def _caps(values: Sequence[str]) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point (``python -m gnlib.gpu_check --help``); exit status 2 on a refused argument."""
-    parser = argparse.ArgumentParser(prog="python -m gnlib.gpu_check", description=__doc__.split("\n\n")[0])
+    """Command line entry point (``python -m gnlib.tools.gpu_check --help``); exit status 2 on a refused argument."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder for gpu_check.json, gpu_check.md and the study's figures")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu")
     parser.add_argument("--size", default="study", help=f"shapes and caps: {', '.join(SIZES)} (default: study)")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m gnlib.report outputs/cpu_study --figures outputs/cpu_study/summary [--page docs/results.md ...]
+    python -m gnlib.tools.report outputs/cpu_study --figures outputs/cpu_study/summary [--page docs/results.md ...]
 
 copies the sweep's ``results.csv`` and ``sweep.json`` to ``notebooks/results/<sweep name>/`` (small files,
 kept in git), the summary's figures to ``notebooks/figures/<sweep name>_<figure>.png``, and rewrites, in
@@ -25,7 +25,7 @@ import pandas as pd
 
 from gnlib.runtime import atomic_write_text
 from gnlib.study import critical_batch_size, study_table_from_sweep
-from gnlib.sweep import read_results_table
+from gnlib.sweep_results import read_results_table
 from gnlib.tables import has_ema
 
 #: Display names of the optimizers, in the order tables list them.
@@ -60,7 +60,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
     variants of an ablation, named by :func:`gnlib.study.variant_label`).
 
     Args:
-        results_csv: ``results.csv`` of a :mod:`gnlib.sweep` run of notebook 02 (its ``sweep.json`` beside it).
+        results_csv: ``results.csv`` of a :mod:`gnlib.tools.sweep` run of notebook 02 (its ``sweep.json`` beside it).
         reference: the setting the ratio table divides by (absent: the first setting listed).
         headline: only the steps to target and the ratios (the tables a front page quotes).
 
@@ -74,7 +74,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
 
     Raises:
         ValueError: ``results_csv`` is cut short, damaged or not a sweep's table
-            (:func:`gnlib.sweep.read_results_table`), naming the file and the fix.
+            (:func:`gnlib.sweep_results.read_results_table`), naming the file and the fix.
     """
     raw = read_results_table(results_csv)
     table = study_table_from_sweep(results_csv, parameter="results_csv")
@@ -248,7 +248,7 @@ def publish(sweep_dir: str | Path, figures: str | Path | None = None, pages: lis
     sweep_dir = Path(sweep_dir)
     missing = [f for f in ("results.csv", "sweep.json") if not (sweep_dir / f).is_file()]
     if missing:
-        raise ValueError(f"sweep_dir={str(sweep_dir)!r} lacks {missing}: run `python -m gnlib.sweep GRID` first")
+        raise ValueError(f"sweep_dir={str(sweep_dir)!r} lacks {missing}: run `python -m gnlib.tools.sweep GRID` first")
     name = sweep_dir.name
     update_pages(default_pages() if pages is None else pages, name, sweep_dir / "results.csv")
     target = RESULTS_DIR / name
@@ -262,7 +262,7 @@ def publish(sweep_dir: str | Path, figures: str | Path | None = None, pages: lis
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code (0 done, 2 bad input)."""
-    parser = argparse.ArgumentParser(prog="python -m gnlib.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gnlib.tools.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a sweep folder of notebook 02 (results.csv, sweep.json)")
     parser.add_argument("--figures", help="folder of the summary's PNG figures (notebook 02's output_dir)")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""Cost of the curvature products relative to a plain gradient step: ``python -m gnlib.bench``.
+"""Cost of the curvature products relative to a plain gradient step: ``python -m gnlib.tools.bench``.
 
 In one process, on one model and one batch, each measurement runs once as warmup, then all of them run
 round-robin ``repeats`` times (so load on the machine hits them alike) and the median time of each is
@@ -51,7 +51,7 @@ Pass costs (:mod:`gnlib.curvature.costs`): the weights a run on this model and b
 pass counts weighed by the pass costs), next to the timed ratio: the measured model's prices of the inner
 step match the timed ``gn_inner_step`` up to timing noise, the FLOP model's do not.
 
-Example: ``python -m gnlib.bench --preset small --json``.
+Example: ``python -m gnlib.tools.bench --preset small --json``.
 """
 
 from __future__ import annotations
@@ -393,8 +393,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line entry point; see ``python -m gnlib.bench --help``."""
-    parser = argparse.ArgumentParser(prog="python -m gnlib.bench", description=__doc__.split("\n\n")[0])
+    """Command line entry point (exit status 0); see ``python -m gnlib.tools.bench --help``."""
+    parser = argparse.ArgumentParser(prog="python -m gnlib.tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
