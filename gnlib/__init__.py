@@ -1,9 +1,9 @@
 """gnlib: exact Gauss-Newton optimization of transformer language models, as a research workbook.
 
-The public API is what this module exports; each name lives in the module that owns its job: ``gnlib.models``,
-``gnlib.losses``, ``gnlib.curvature`` (products, operators, blocks, spectra, costs), ``gnlib.optim``,
-``gnlib.data``, ``gnlib.train``, ``gnlib.runs``, ``gnlib.study``. Notebook-only pieces (``gnlib.plots``,
-``gnlib.widgets``, ``gnlib.tools.sweep``, ``gnlib.directions``) are imported from their modules.
+The public API is what this module exports, each name taken from the package that owns its job, in layers
+that import downward only: ``gnlib.models``, ``gnlib.curvature``, ``gnlib.optim``, ``gnlib.data``,
+``gnlib.experiment``, then ``gnlib.notebook`` (what notebooks use beyond this API) and ``gnlib.tools``
+(the command-line tools); docs/architecture.md has the map.
 """
 
 from gnlib.curvature import (
@@ -35,12 +35,12 @@ from gnlib.data import Corpus, load_corpus
 from gnlib.data.pipeline import after_warmup, build_run_data
 from gnlib.data.stream import PackedStream
 from gnlib.data.tokenizers import make_tokenizer
+from gnlib.experiment.runs import OPTIMIZERS, RunSpec, run, steps_to_target
+from gnlib.experiment.study import lr_sweep
+from gnlib.experiment.train import History, train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
 from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
-from gnlib.runs import OPTIMIZERS, RunSpec, run, steps_to_target
-from gnlib.study import lr_sweep
-from gnlib.train import History, train
 
 __version__ = "0.1.0"
 

@@ -17,10 +17,10 @@ from gnlib.curvature.costs import (
     measure_pass_costs,
     price,
 )
+from gnlib.experiment.runs import RunSpec, run, summarize
 from gnlib.losses import CrossEntropy
 from gnlib.models import build_model, linear_jvp, mlp
 from gnlib.optim import GaussNewton
-from gnlib.runs import RunSpec, run, summarize
 
 MODEL = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 # N = 4 inner steps, the line search on B = 3 batches over the default grid of K = 5 step sizes

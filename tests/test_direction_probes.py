@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gnlib.data import load_corpus
-from gnlib.directions import adam_direction, adam_second_moment, cosine, gn_directions
 from gnlib.models import build_model
+from gnlib.optim.directions import adam_direction, adam_second_moment, cosine, gn_directions
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
 

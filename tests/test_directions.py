@@ -6,10 +6,11 @@ import oracles
 import pytest
 import torch
 
-from gnlib import curvature, directions
+from gnlib import curvature
 from gnlib.curvature import blocks
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model
+from gnlib.optim import directions
 from gnlib.params import flatten, numel, params_of, unflatten
 
 F64 = torch.float64

@@ -21,10 +21,10 @@ import torch.multiprocessing as mp
 
 from gnlib import distributed
 from gnlib.data import BatchSampler
+from gnlib.experiment.train import CHECKPOINT, History, train
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
-from gnlib.train import CHECKPOINT, History, train
 
 WORLD = 2
 B, T, VOCAB = 3, 8, 32  # per-process batch, sequence length, vocabulary

@@ -16,13 +16,13 @@ import torch
 from gnlib import curvature
 from gnlib.curvature.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
+from gnlib.experiment.train import train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model, mlp
 from gnlib.optim.gauss_newton import GaussNewton, _Cost, make_gauss_newton
 from gnlib.optim.gn_options import GN_VARIANTS, LINE_SEARCH
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, kept_iterations, lm_damping
 from gnlib.params import flatten, params_of, unflatten
-from gnlib.train import train
 
 F64 = torch.float64
 # one CG solve per outer step, run until its residual is negligible: the exact (damped) GN direction

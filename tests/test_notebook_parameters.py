@@ -7,7 +7,7 @@ import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from gnlib.checks import check_notebook_parameters, notebook_output_dir
+from gnlib.notebook.parameters import check_notebook_parameters, notebook_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DECLARED = """steps: int = 30  # outer steps

@@ -8,7 +8,7 @@ import pandas as pd
 import papermill
 import yaml
 
-from gnlib.study import study_table_from_sweep
+from gnlib.experiment.study import study_table_from_sweep
 from gnlib.tools.nbtools import figure_problems
 from gnlib.tools.sweep import run_sweep
 

@@ -13,8 +13,8 @@ import papermill
 import pytest
 import yaml
 
+from gnlib.experiment.runs import RunSpec
 from gnlib.models import REFERENCE, model_config
-from gnlib.runs import RunSpec
 from gnlib.tools.sweep import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from gnlib import plots
+from gnlib.notebook import plots
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,9 @@ import oracles
 import pytest
 import torch
 
+from gnlib.experiment.protocols import paper_eval_schedule
+from gnlib.experiment.runs import summarize
+from gnlib.experiment.train import evaluate, train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model
 from gnlib.optim import make_optimizer
@@ -20,9 +23,6 @@ from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.optim.gn_options import line_search_grid
 from gnlib.optim.muon import Muon
 from gnlib.params import flatten, params_of, unflatten
-from gnlib.protocols import paper_eval_schedule
-from gnlib.runs import summarize
-from gnlib.train import evaluate, train
 
 F64 = torch.float64
 

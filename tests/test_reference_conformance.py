@@ -2,7 +2,7 @@
 
 One table of (optimizer, setting, reference value, reference file:line, how to read the setting off what
 ``protocol="paper"`` builds), on the reference architecture (``paper_tiny``, made smaller). Every value is
-read from the objects a run uses (the optimizer ``gnlib.runs`` builds for the spec, its param groups,
+read from the objects a run uses (the optimizer ``gnlib.experiment.runs`` builds for the spec, its param groups,
 inner optimizers, clipping hooks, the evaluation schedule the run is given), never from the protocol's
 constants; where a mechanism carries the setting, the row reads what the mechanism does: the EMA's
 arithmetic over three outer steps, the warm-start iterate (1 − α)Δ̂, the α the line search takes when
@@ -29,12 +29,12 @@ import torch
 import yaml
 from torch.func import functional_call
 
-from gnlib import protocols
+from gnlib.experiment import protocols
+from gnlib.experiment.protocols import resolve
+from gnlib.experiment.runs import RunSpec, build_run, run
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS
 from gnlib.optim.factory import clip_gradients
-from gnlib.protocols import resolve
-from gnlib.runs import RunSpec, build_run, run
 
 N = 3  # inner steps of the miniature (the reference's N = 122)
 MODEL = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32}
@@ -477,7 +477,7 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
     ),
 ]
 
-#: Rows where gnlib's protocol deliberately differs from the reference (documented in gnlib.protocols).
+#: Rows where gnlib's protocol deliberately differs from the reference (documented in gnlib.experiment.protocols).
 GNLIB_DIFFERS = {
     ("gn", "inner Muon bias correction"),
     ("gn", "inner weight decay"),

@@ -6,12 +6,12 @@ import re
 import pytest
 import torch
 
-import gnlib.runs
+import gnlib.experiment.runs
+from gnlib.experiment.runs import RunSpec
 from gnlib.models import build_model
 from gnlib.optim import DEFAULTS, GaussNewton, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, REGISTRY, build_optimizer, validate_options
 from gnlib.optim.soap import SOAP
-from gnlib.runs import RunSpec
 
 TINY = dict(d_model=16, n_layers=1, n_heads=2, d_ff=16, vocab_size=32, max_seq_len=16)
 
@@ -83,7 +83,7 @@ def test_runspec_validation_builds_no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("validation built a model")
 
-    monkeypatch.setattr(gnlib.runs, "build_model", refuse)
+    monkeypatch.setattr(gnlib.experiment.runs, "build_model", refuse)
     spec = RunSpec(optimizer="gn_layerwise", steps=2, hyperparameters={"inner_steps": 2, "solver": "adamw"})
     spec.validate()
     with pytest.raises(ValueError, match=re.escape("optimizer 'gn_layerwise': inner_steps=True is invalid")):

@@ -12,12 +12,12 @@ import torch
 
 from gnlib.checks import check_writable
 from gnlib.data import load_corpus
+from gnlib.experiment.runs import RunSpec, run, summarize
+from gnlib.experiment.study import _cached_warmup_problem, warmup_checkpoint
+from gnlib.experiment.train import CHECKPOINT, METADATA, RunFolderBusy, run_folder_lock, train
 from gnlib.models import build_model
 from gnlib.optim.gauss_newton import GaussNewton
-from gnlib.runs import RunSpec, run, summarize
-from gnlib.study import _cached_warmup_problem, warmup_checkpoint
 from gnlib.tools.train_cli import cli, parse_value, read_config
-from gnlib.train import CHECKPOINT, METADATA, RunFolderBusy, run_folder_lock, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}
@@ -72,7 +72,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from gnlib.train import run_folder_lock\n"
+            "import sys, time; from gnlib.experiment.train import run_folder_lock\n"
             "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)",
             str(tmp_path),
         ],
@@ -95,7 +95,7 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypat
     blocker = tmp_path / "outputs"
     blocker.write_text("a file where the outputs folder should be")  # unwritable even for root
     started = []
-    monkeypatch.setattr("gnlib.runs.build_run", lambda spec: started.append(spec))
+    monkeypatch.setattr("gnlib.experiment.runs.build_run", lambda spec: started.append(spec))
     with pytest.raises(ValueError, match="output_dir=.*outputs/run' cannot be written.*choose another output_dir"):
         run(RunSpec(**TINY_RUN), blocker / "run", progress=False)
     assert started == []

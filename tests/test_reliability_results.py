@@ -14,12 +14,12 @@ import papermill
 import pytest
 import torch
 
-from gnlib.checks import notebook_output_dir
 from gnlib.data.pipeline import build_run_data
+from gnlib.experiment.runs import RunSpec, run
+from gnlib.experiment.study import _cached_warmup_problem, study_table_from_sweep, warmup_checkpoint
+from gnlib.experiment.sweep_results import read_results_table
 from gnlib.models import build_model
-from gnlib.runs import RunSpec, run
-from gnlib.study import _cached_warmup_problem, study_table_from_sweep, warmup_checkpoint
-from gnlib.sweep_results import read_results_table
+from gnlib.notebook.parameters import notebook_output_dir
 from gnlib.tools.report import main as report_main
 from gnlib.tools.sweep import run_sweep
 

@@ -18,10 +18,8 @@ import torch
 
 import gnlib.runtime
 from gnlib.data import load_corpus
-from gnlib.models import build_model
-from gnlib.runs import RunSpec, run
-from gnlib.tools.train_cli import cli
-from gnlib.train import (
+from gnlib.experiment.runs import RunSpec, run
+from gnlib.experiment.train import (
     CHECKPOINT,
     HISTORY_CSV,
     HISTORY_JSONL,
@@ -32,6 +30,8 @@ from gnlib.train import (
     run_folder_lock,
     train,
 )
+from gnlib.models import build_model
+from gnlib.tools.train_cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -96,7 +96,7 @@ KERNEL_RUN = """
 import time, torch
 from gnlib.data import load_corpus
 from gnlib.models import build_model
-from gnlib.train import train
+from gnlib.experiment.train import train
 
 corpus = load_corpus()
 batches = corpus.sampler("train", 2, 16, seed=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gnlib.study import STUDY_COLUMNS
+from gnlib.experiment.study import STUDY_COLUMNS
 from gnlib.tools.report import default_pages, main, page_blocks, results_markdown, update_pages
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ import torch.multiprocessing as mp
 from gnlib.data import load_corpus
 from gnlib.data.pipeline import after_warmup, build_run_data, tokens_drawn
 from gnlib.data.stream import PackedStream, StreamExhausted, shuffled_documents, tensor_documents
+from gnlib.experiment.runs import RunSpec, run
+from gnlib.experiment.study import warmup_checkpoint
+from gnlib.experiment.train import CHECKPOINT, History, train
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
-from gnlib.runs import RunSpec, run
-from gnlib.study import warmup_checkpoint
-from gnlib.train import CHECKPOINT, History, train
 
 EOS = 0
 
@@ -132,7 +132,7 @@ def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path):
     spec = dataclasses.replace(BASE, optimizer="gn", hyperparameters=dict(inner_steps=2, line_search_batches=1))
     full = run(spec, tmp_path / "full", progress=False)
 
-    import gnlib.runs as runs
+    import gnlib.experiment.runs as runs
 
     original = runs.build_run_data
 

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from gnlib.models import build_model
-from gnlib.runs import RunSpec, run
-from gnlib.study import (
+from gnlib.experiment.runs import RunSpec, run
+from gnlib.experiment.study import (
     STUDY_COLUMNS,
     batch_size_study,
     choose_lr,
@@ -25,6 +24,7 @@ from gnlib.study import (
     variant_label,
     warmup_checkpoint,
 )
+from gnlib.models import build_model
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
 BASE = RunSpec(steps=6, batch_size=8, seq_len=32, eval_every=1, val_batches=2, model_overrides=MODEL)

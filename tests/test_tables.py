@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from gnlib.study import choose_lr
-from gnlib.tables import readable_summary, study_to_target
+from gnlib.experiment.study import choose_lr
+from gnlib.notebook.tables import readable_summary, study_to_target
 
 
 def summary_rows():

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models
 from gnlib.data import ByteTokenizer, load_corpus, load_documents
 from gnlib.data import tokenizers as tok_module
 from gnlib.data.tokenizers import make_tokenizer
-from gnlib.runs import RunSpec, run
+from gnlib.experiment.runs import RunSpec, run
 
 TEXTS = [f"def function_{i}(x):\n    return x * {i} + 'héllo wörld'\n" * 3 for i in range(40)]
 

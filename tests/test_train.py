@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from gnlib.data import load_corpus
+from gnlib.experiment.train import CHECKPOINT, History, evaluate, train, train_to_checkpoints
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.params import params_of
-from gnlib.train import CHECKPOINT, History, evaluate, train, train_to_checkpoints
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
 
@@ -124,7 +124,7 @@ RUNNER = textwrap.dedent(
     import sys, time, torch
     from gnlib.data import load_corpus
     from gnlib.models import build_model
-    from gnlib.train import train
+    from gnlib.experiment.train import train
 
     run_dir, slow = sys.argv[1], float(sys.argv[2])
     corpus = load_corpus()

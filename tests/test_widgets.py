@@ -6,11 +6,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from gnlib import widgets
 from gnlib.curvature import blocks
 from gnlib.models import mlp
+from gnlib.notebook import widgets
+from gnlib.notebook.plots import spectrum
 from gnlib.params import numel, params_of
-from gnlib.plots import spectrum
 
 
 @pytest.fixture(scope="module")

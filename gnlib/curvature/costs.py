@@ -9,7 +9,7 @@ exactly its micro-batches, and a Gauss-Newton step pays
 
 with c_F + c_B = 1. Two models give the weights c (:data:`COST_MODELS`):
 
-- ``"measured"`` (the default of every run, :attr:`gnlib.runs.RunSpec.costs`): timed on the run's
+- ``"measured"`` (the default of every run, :attr:`gnlib.experiment.runs.RunSpec.costs`): timed on the run's
   own model, micro-batch shape, device, dtype and threads by :func:`measure_pass_costs`. After one
   warm-up round, at least :data:`REPEATS` rounds (more, up to :data:`MAX_ROUNDS`, until the gradient
   steps total :data:`MIN_SECONDS`) time, one after the other (so load on the machine hits them alike):

@@ -3,7 +3,7 @@
 :class:`LinearOperator` is subclassed by :class:`gnlib.curvature.GGNOperator`,
 :class:`gnlib.curvature.HessianOperator` and :class:`gnlib.curvature.blocks.BlockDiagonalOperator`; sums and scalar
 multiples of operators are operators too. Its docstring states the operator protocol that
-:mod:`gnlib.curvature.spectra` and :mod:`gnlib.directions` rely on.
+:mod:`gnlib.curvature.spectra` and :mod:`gnlib.optim.directions` rely on.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class LinearOperator:
     """A square (n, n) matrix A known only through its products, n = size of the flat parameter space.
 
     **Operator protocol.** Functions that take an "operator" (:mod:`gnlib.curvature.spectra`,
-    :mod:`gnlib.directions`, :class:`gnlib.curvature.blocks.BlockDiagonalOperator`) need only ``.shape == (n, n)``
+    :mod:`gnlib.optim.directions`, :class:`gnlib.curvature.blocks.BlockDiagonalOperator`) need only ``.shape == (n, n)``
     and ``op @ x`` for a flat tensor x of shape (n,) or (n, k) (same shape back), and read ``.dtype``
     and ``.device`` when present (float64 on the CPU otherwise); a dense (n, n) ``torch.Tensor``
     qualifies. Every :class:`LinearOperator` follows it and adds:

@@ -132,7 +132,7 @@ def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None, se
     )
 
 
-#: Fixed validation batches of a spec that leaves ``val_batches`` unset (``gnlib.runs`` passes its protocol's).
+#: Fixed validation batches of a spec that leaves ``val_batches`` unset (a run passes its protocol's).
 DEFAULT_VAL_BATCHES = 8
 
 

@@ -10,7 +10,7 @@ token is an input exactly once per pass, and a run never sees a token twice unle
 
 Data-parallel: process r of K keeps rows [rB, (r+1)B) of every call, so K processes at batch B see
 exactly the batches of one process at batch K·B. The position (tokens consumed, pass, document, offset
-inside it) is the stream's ``state_dict``: ``gnlib.train`` checkpoints it like the random-window sampler's
+inside it) is the stream's ``state_dict``: ``gnlib.experiment.train`` checkpoints it like the random-window sampler's
 generator, so a killed run resumes with the same next batch.
 
 Document sources are callables ``documents(first) -> iterator of LongTensors``: the tokens (EOS included)
@@ -87,7 +87,7 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 
 class PackedStream:
-    """Consecutive (B, T) batches of a document stream (module docstring); a batch source for ``gnlib.train``.
+    """Consecutive (B, T) batches of a document stream (module docstring); a :class:`~gnlib.data.BatchSource`.
 
     Attributes:
         position: tokens consumed since the start of the first pass (all processes' rows).

@@ -27,7 +27,7 @@ with ``torch.nn.utils.clip_grad_norm_`` to this norm, one norm over all tensors 
 Muon the embedding/head (``adamw_params``) and the hidden tensors are clipped separately, and under SOAP
 the ≥2-D and the 1-D tensors, as the reference's two ``optax.multi_transform`` chains of each do
 (:func:`clip_groups`). These are gnlib's defaults
-(``protocol="gnlib"``); :mod:`gnlib.protocols` holds the reference's (``protocol="paper"``).
+(``protocol="gnlib"``); :mod:`gnlib.experiment.protocols` holds the reference's (``protocol="paper"``).
 """
 
 from __future__ import annotations

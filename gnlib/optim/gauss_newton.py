@@ -87,7 +87,7 @@ CG: linearization = 2 forwards (graph + traced JVP), gradient = 1 backward, prod
 backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes by
 ``pass_costs`` (:mod:`gnlib.curvature.costs`, the one source of pass costs), so that a plain gradient step (1 forward
 + 1 backward) costs 1: by default the FLOP model :data:`gnlib.curvature.costs.FLOP_PASS_COSTS` (forward 1/3,
-tangent 2/3, backward 2/3: an inner step costs 5/3); runs (:func:`gnlib.runs.run`) pass the costs
+tangent 2/3, backward 2/3: an inner step costs 5/3); runs (:func:`gnlib.experiment.runs.run`) pass the costs
 measured on their own model and batch (:func:`gnlib.curvature.costs.measure_pass_costs`). With the defaults
 (N = 8 inner steps, 2 line-search batches, 5 step sizes) one full-GN outer step makes 20 forwards,
 10 tangents and 8 backwards: 18.67 gradient-step equivalents under the FLOP model.

@@ -1,7 +1,7 @@
 """The options of :class:`~gnlib.optim.gauss_newton.GaussNewton`: each with its default and its rule.
 
 :class:`GaussNewtonOptions` holds the defaults (the one place they are defined), :data:`GN_SCHEMA` the rule
-of each and the checks across options; :data:`GN_VARIANTS` names the variants ``gnlib.runs`` builds (full
+of each and the checks across options; :data:`GN_VARIANTS` names the variants ``gnlib.experiment.runs`` builds (full
 GN, prox-linear, layerwise, Hessian-free CG), each with :data:`VARIANT_SCHEMAS` fixing what defines it.
 """
 
@@ -118,7 +118,7 @@ class GaussNewtonOptions:
     loss: Loss | None = None
 
 
-#: Named variants for ``gnlib.runs``: name → the GaussNewton options that define it.
+#: Named variants for ``gnlib.experiment.runs``: name → the GaussNewton options that define it.
 GN_VARIANTS: dict[str, dict[str, Any]] = {
     "gn": {},
     "gn_prox": {"objective": "prox_linear"},

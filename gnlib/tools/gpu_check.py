@@ -18,7 +18,7 @@ after every part and summarized in ``OUT_DIR/gpu_check.md`` with the goals met o
    that does not (with the allocator's message), found by halving and then bisecting.
 3. ``study``: a short study at the study's scale on the embedded corpus (no download): tokens as bytes
    (or ``bpe:<n>``) fed to the 32,000-id model, in random windows of T tokens; a shared AdamW warm-up
-   (:func:`gnlib.study.warmup_checkpoint`), then GN and Muon (the best baseline of the CPU study) at one
+   (:func:`gnlib.experiment.study.warmup_checkpoint`), then GN and Muon (the best baseline of the CPU study) at one
    large batch, m micro-batches of B × T per outer step (GN: m inner steps; Muon: m accumulated
    micro-batches), each training for an equal share of the part's time and stopped after the step under
    way then (:func:`time_cap`), evaluated after every step. Validation loss against steps and against
@@ -62,16 +62,16 @@ import pandas as pd
 import torch
 
 from gnlib.checks import check_writable
+from gnlib.experiment.runs import RunSpec, run, summarize
+from gnlib.experiment.study import study_spec, warmup_checkpoint
+from gnlib.experiment.train import History
 from gnlib.host_reads import HostReads
 from gnlib.models import build_model
+from gnlib.notebook.plots import loss_curves, to_png
 from gnlib.optim.gauss_newton import GaussNewton
-from gnlib.plots import loss_curves, to_png
-from gnlib.runs import RunSpec, run, summarize
 from gnlib.runtime import atomic_write_bytes, atomic_write_json, atomic_write_text, check_choice, resolve_device
-from gnlib.study import study_spec, warmup_checkpoint
 from gnlib.tools.bench import run_benchmark
 from gnlib.tools.throughput import AUTOCAST_DTYPES, run_throughput
-from gnlib.train import History
 
 #: The parts, in the order they run.
 PARTS = ("throughput", "large", "study", "host_reads")
@@ -173,9 +173,9 @@ class PartTimeout(BaseException):
 def time_cap(seconds: float, grace: float | None = None) -> Iterator[None]:
     """Raise :class:`PartTimeout` in the block once ``seconds`` have passed (``SIGALRM``: main thread only).
 
-    With ``grace``, a training run under way (:func:`gnlib.train.train` handles ``SIGINT`` while it runs) is
+    With ``grace``, a training run under way (:func:`gnlib.experiment.train.train` handles ``SIGINT`` while it runs) is
     first asked to stop by ``SIGINT``: it finishes its step, writes its checkpoint and raises
-    :class:`gnlib.train.RunInterrupted`; :class:`PartTimeout` comes only if the block still runs ``grace``
+    :class:`gnlib.experiment.train.RunInterrupted`; :class:`PartTimeout` comes only if the block still runs ``grace``
     seconds later.
     """
     asked = False
@@ -350,7 +350,7 @@ def timed_run(spec: RunSpec, run_dir: Path, seconds: float, grace: float) -> tup
         with time_cap(seconds, grace=grace):
             history = run(spec, run_dir, progress=False)
         return history, history.status
-    except KeyboardInterrupt:  # gnlib.train.RunInterrupted: stopped after a step, History saved
+    except KeyboardInterrupt:  # gnlib.experiment.train.RunInterrupted: stopped after a step, History saved
         return History.load(run_dir), "time"
     except PartTimeout:
         return (History.load(run_dir) if (run_dir / "history.jsonl").is_file() else None), "cap"

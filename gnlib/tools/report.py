@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gnlib.experiment.study import critical_batch_size, study_table_from_sweep
+from gnlib.experiment.sweep_results import read_results_table
+from gnlib.notebook.tables import has_ema
 from gnlib.runtime import atomic_write_text
-from gnlib.study import critical_batch_size, study_table_from_sweep
-from gnlib.sweep_results import read_results_table
-from gnlib.tables import has_ema
 
 #: Display names of the optimizers, in the order tables list them.
 NAMES = {
@@ -54,10 +54,10 @@ _BLOCK = (
 def results_markdown(results_csv: str | Path, reference: str = "gn", headline: bool = False) -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
-    Every number is taken at each setting's tuned LR (:func:`gnlib.study.choose_lr`); medians over seeds, a
+    Every number is taken at each setting's tuned LR (:func:`gnlib.experiment.study.choose_lr`); medians over seeds, a
     seed that missed the target counting as infinitely many steps. Settings are listed optimizers first
     (AdamW, Muon, SOAP, GN, layerwise GN, GN-prox-linear), then in the order the sweep ran them (e.g. the
-    variants of an ablation, named by :func:`gnlib.study.variant_label`).
+    variants of an ablation, named by :func:`gnlib.experiment.study.variant_label`).
 
     Args:
         results_csv: ``results.csv`` of a :mod:`gnlib.tools.sweep` run of notebook 02 (its ``sweep.json`` beside it).
@@ -74,7 +74,7 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
 
     Raises:
         ValueError: ``results_csv`` is cut short, damaged or not a sweep's table
-            (:func:`gnlib.sweep_results.read_results_table`), naming the file and the fix.
+            (:func:`gnlib.experiment.sweep_results.read_results_table`), naming the file and the fix.
     """
     raw = read_results_table(results_csv)
     table = study_table_from_sweep(results_csv, parameter="results_csv")

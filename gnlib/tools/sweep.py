@@ -100,9 +100,10 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
-from gnlib.checks import check_notebook_values, check_writable
+from gnlib.checks import check_writable
+from gnlib.experiment.sweep_results import MANIFEST_FILE, TABLE_FILE, table_record
+from gnlib.notebook.parameters import check_notebook_values
 from gnlib.runtime import ConfigLoader, atomic_write_json, atomic_write_text, die_with_parent, is_integer
-from gnlib.sweep_results import MANIFEST_FILE, TABLE_FILE, table_record
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate")
 REPLICATE_KEYS = ("key", "values", "at_best", "minimize")

@@ -1,7 +1,7 @@
 r"""Command line for one training run, on one process or data-parallel under torchrun.
 
-The run is a :class:`gnlib.runs.RunSpec` (the object a notebook passes to
-:func:`gnlib.runs.run`), read from a YAML or JSON file of its fields and/or given as flags (one per
+The run is a :class:`gnlib.experiment.runs.RunSpec` (the object a notebook passes to
+:func:`gnlib.experiment.runs.run`), read from a YAML or JSON file of its fields and/or given as flags (one per
 field; a flag overrides the file)::
 
     python -m gnlib.tools.train_cli --config run.yaml
@@ -34,9 +34,9 @@ from typing import Any, Sequence
 import yaml
 
 from gnlib import distributed
-from gnlib.runs import RunSpec, run
+from gnlib.experiment.runs import RunSpec, run
+from gnlib.experiment.train import CheckpointNotWritten, History, RunFolderBusy, RunInterrupted, load_weights
 from gnlib.runtime import ConfigLoader
-from gnlib.train import CheckpointNotWritten, History, RunFolderBusy, RunInterrupted, load_weights
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 

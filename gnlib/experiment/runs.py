@@ -4,7 +4,7 @@ A :class:`RunSpec` names everything a run depends on (preset, corpus, optimizer 
 hyperparameters, token batch, seed, device); :func:`run` validates it before any work starts, builds
 the corpus, model and optimizer (:func:`build_run`), trains, and writes the History under ``outputs/``.
 :func:`summarize` turns a History into one results-table row (steps to a target, cost in gradient-step
-equivalents, wall time, status). The study built on runs lives in :mod:`gnlib.study`.
+equivalents, wall time, status). The study built on runs lives in :mod:`gnlib.experiment.study`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from gnlib.curvature.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, r
 from gnlib.data import SOURCE_FORMS
 from gnlib.data.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.distributed import is_main
+from gnlib.experiment.protocols import PROTOCOLS
+from gnlib.experiment.protocols import resolve as resolve_protocol
+from gnlib.experiment.train import METADATA, History, load_weights, train
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
 from gnlib.optim.schedules import make_schedule
-from gnlib.protocols import PROTOCOLS
-from gnlib.protocols import resolve as resolve_protocol
 from gnlib.runtime import check_choice, resolve_device
-from gnlib.train import METADATA, History, load_weights, train
 
 #: GaussNewton's default number of inner steps (its batches per outer step).
 GN_INNER_STEPS: int = GaussNewtonOptions().inner_steps
@@ -69,7 +69,7 @@ class RunSpec:
         corpus_bytes: text read from ``corpus`` (None: 4 MB for windows, all of it for a stream; for a
             streamed ``hf:`` dataset, the text a ``bpe:`` tokenizer trains on, default 4 MB).
         protocol: ``"gnlib"`` (the library's defaults) or ``"paper"`` (the reference code's optimizer
-            options and evaluation, :mod:`gnlib.protocols`); ``hyperparameters`` and ``eval_every``/
+            options and evaluation, :mod:`gnlib.experiment.protocols`); ``hyperparameters`` and ``eval_every``/
             ``val_batches`` given (not None) override it, whatever their value, recorded in
             ``metadata["protocol"]``.
         costs: how Gauss-Newton's passes are priced in gradient-step equivalents (:mod:`gnlib.curvature.costs`):
@@ -183,9 +183,9 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, device: torch.device
     """Load the model state dict in ``path`` into ``model``, every tensor checked by name and shape first.
 
     Raises:
-        ValueError: naming ``init_checkpoint``: a file that is not model weights (:func:`gnlib.train.load_weights`),
-            the first tensor whose shape differs (both shapes), or the tensors missing from the file or unknown
-            to the model.
+        ValueError: naming ``init_checkpoint``: a file that is not model weights
+            (:func:`~gnlib.experiment.train.load_weights`), the first tensor whose shape differs (both shapes),
+            or the tensors missing from the file or unknown to the model.
     """
     state = load_weights(path, device, parameter="init_checkpoint")  # a readable file of named tensors
     fix = "make it with this run's preset, model_overrides and tokenizer (or drop init_checkpoint)"
@@ -217,7 +217,7 @@ def run(
         output_dir: folder for History, metadata and checkpoint (None: in memory only). It must be
             writable with room for a few checkpoints (checked before the corpus is read); a folder
             holding a run with other settings is refused unless ``overwrite``; a folder another
-            process is running into is refused (:class:`gnlib.train.RunFolderBusy`).
+            process is running into is refused (:class:`gnlib.experiment.train.RunFolderBusy`).
         progress: print a line per evaluation.
         checkpoint_every: resumable checkpoint period in steps (0: at the end only).
         overwrite: replace a run with other settings found in ``output_dir``.

@@ -1,7 +1,8 @@
 """Results tables as a reader sees them: short headers, rounded numbers, misses spelled out.
 
-The tidy tables of :mod:`gnlib.runs` and :mod:`gnlib.study` keep every column and NaN for a target that was not
-reached (what files and code need); these functions turn them into the few columns a notebook page shows.
+The tidy tables of :mod:`gnlib.experiment.runs` and :mod:`gnlib.experiment.study` keep every column and NaN
+for a target that was not reached (what files and code need); these functions turn them into the few
+columns a notebook page shows.
 Every table reports, to the target: outer steps, training tokens, wall time and gradient-step equivalents;
 where a run is evaluated on an EMA of its iterates, the same for the raw iterate beside them.
 """
@@ -57,7 +58,7 @@ def _to_target(values: pd.Series, reached: pd.Series, fmt: str) -> list[str]:
 
 
 def readable_summary(table: pd.DataFrame, max_steps: int, *, by: str = "optimizer") -> pd.DataFrame:
-    """One row per run of :func:`gnlib.runs.summarize` rows, as a page shows them.
+    """One row per run of :func:`gnlib.experiment.runs.summarize` rows, as a page shows them.
 
     Steps to target read "not reached in ``max_steps`` steps" instead of NaN (and tokens, time and cost
     to target "-"); costs are in gradient-step equivalents, rounded like the losses and times; ``pass
@@ -105,7 +106,7 @@ def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
     was evaluated on an EMA (:func:`has_ema`), the same on the raw iterate follow (:data:`RAW_TO_TARGET_COLUMNS`).
 
     Args:
-        table: :func:`gnlib.study.batch_size_study`'s table (columns ``optimizer``, ``micro_batches``,
+        table: :func:`gnlib.experiment.study.batch_size_study`'s table (columns ``optimizer``, ``micro_batches``,
             ``tokens_per_step``, the ``*_to_target`` columns, and ``chosen``: then only the tuned-LR runs count).
 
     Returns:
@@ -149,7 +150,7 @@ def _medians_to_target(chosen: pd.DataFrame, suffix: str) -> pd.DataFrame:
 
 
 def pass_costs_line(name: str, metadata: dict) -> str:
-    """One line naming how a run priced its passes (``metadata["pass_costs"]`` of :func:`gnlib.runs.run`).
+    """One line naming how a run priced its passes (``metadata["pass_costs"]`` of :func:`gnlib.experiment.runs.run`).
 
     E.g. "gn: passes priced by measured costs (forward 0.31, tangent 1.05, backward 0.69 gradient steps;
     an inner step 2.05)"; a first-order run pays one gradient step per micro-batch.

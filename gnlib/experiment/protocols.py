@@ -1,6 +1,6 @@
 r"""Training protocols: the reference code's settings (``"paper"``) and gnlib's cheaper defaults (``"gnlib"``).
 
-A protocol is a named set of optimizer options and evaluation settings that a :class:`~gnlib.runs.RunSpec`
+A protocol is a named set of optimizer options and evaluation settings that a :class:`~gnlib.experiment.runs.RunSpec`
 starts from (``RunSpec.protocol``); any option the spec sets itself wins and is recorded as an override.
 
 ``"paper"`` is the study's public code (natalieabreu/full-gauss-newton at 0c14e7e; docs/study.md,

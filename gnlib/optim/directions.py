@@ -32,8 +32,8 @@ flat vectors give back the form they were given, the others (Shampoo, SOAP, K-FA
 
 Probes on a model. :func:`gn_directions` takes one cold-started GaussNewton outer step per partition
 (full GN, layerwise GN, custom blocks) on the same inner batches from the same anchor and returns each
-pre-line-search direction; :func:`direction_cosines` trains a full-GN run (:class:`gnlib.runs.RunSpec`)
-and compares the partitions' directions with full GN's at chosen steps; :func:`adam_second_moment` reads
+pre-line-search direction (:func:`gnlib.experiment.probes.direction_cosines` trains a full-GN run and
+compares the partitions' directions with full GN's at chosen steps); :func:`adam_second_moment` reads
 the second moment v̂ a torch Adam holds after training, for :func:`adam_direction`.
 """
 
@@ -56,9 +56,7 @@ from gnlib.optim.factory import split_params
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.optim.hessian_free import conjugate_gradient
 from gnlib.params import Params, check_like, flatten, unflatten
-from gnlib.runs import GN_INNER_STEPS, RunSpec, build_run
-from gnlib.runtime import check_choice, resolve_device
-from gnlib.train import evaluate
+from gnlib.runtime import check_choice
 
 Vector = Tensor | Mapping[str, Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -836,55 +834,3 @@ def gn_directions(
         optimizer.step()
         directions[label] = {n: p.detach() - before[n] for n, p in copy.named_parameters()}
     return directions
-
-
-def direction_cosines(
-    spec: RunSpec, partitions: Mapping[str, Any], at_steps: Sequence[int], *, probe_seed: int = 1234
-) -> pd.DataFrame:
-    """Cosine between each partition's GN direction and full GN's, at checkpoints of a full-GN run.
-
-    Trains ``spec`` (a full-GN spec: optimizer ``"gn"``, ``inner_steps`` N) for ``max(at_steps)`` outer
-    steps; at each step in ``at_steps`` (0 = the start), draws N probe batches (seeded by ``probe_seed`` and
-    the step) and computes every direction with :func:`gn_directions` from that anchor on those batches.
-
-    Returns:
-        One row per checkpoint × partition: ``step``, ``partition``, ``cosine`` (with full GN's direction),
-        ``norm_ratio`` (‖d_partition‖ / ‖d_full‖), ``val_loss`` at the anchor.
-    """
-    spec.validate()
-    check_choice("optimizer", spec.optimizer, ["gn"])
-    if not at_steps or min(at_steps) < 0:
-        raise ValueError(f"at_steps must be non-negative steps, got {list(at_steps)!r}")
-    data, model, _, val, optimizer, _ = build_run(spec)
-    if data.corpus is None:
-        raise ValueError(f"corpus={spec.corpus!r} is streamed; direction probes need an in-memory corpus")
-    corpus = data.corpus
-    inner = spec.hyperparameters.get("inner_steps", GN_INNER_STEPS)
-    fixed = ("inner_steps", "blocks", "line_search", "line_search_batches", "warm_start")
-    options = {k: v for k, v in spec.hyperparameters.items() if k not in fixed}
-    labels = {"full": None, **partitions}
-    rows, step = [], 0
-    for target_step in sorted(set(at_steps)):
-        while step < target_step:
-            optimizer.step()
-            step += 1
-        probe = corpus.sampler(
-            "train", spec.batch_size, spec.seq_len, seed=probe_seed + step, device=resolve_device(spec.device)
-        )
-        directions = gn_directions(model, [probe() for _ in range(inner)], labels, spec.lr, **options)
-        full = directions["full"]
-        full_norm = float(flatten(full).norm())
-        val_loss = evaluate(model, val, CrossEntropy().value)
-        for label in partitions:
-            d = directions[label]
-            norm = float(flatten(d).norm())
-            rows.append(
-                {
-                    "step": step,
-                    "partition": label,
-                    "cosine": cosine(d, full),
-                    "norm_ratio": norm / full_norm if full_norm else float("nan"),
-                    "val_loss": val_loss,
-                }
-            )
-    return pd.DataFrame(rows)

@@ -2,7 +2,7 @@
 
 An :class:`Explorer` is a row of controls above a figure. Every change of a control calls
 ``render(**values)``, a pure function from the controls' values to a matplotlib Figure (built from
-:mod:`gnlib.curvature.blocks`, :mod:`gnlib.curvature.spectra`, :mod:`gnlib.plots`, ...), and shows it as a
+:mod:`gnlib.curvature.blocks`, :mod:`gnlib.curvature.spectra`, :mod:`gnlib.notebook.plots`, ...), and shows it as a
 PNG image drawn at the size it is shown (times ``pixel_ratio``, for sharp high-density screens), so the
 explorer needs no plotting backend and no browser: tests set a control's ``value`` and look at
 ``explorer.figure``. A ``ValueError`` raised by ``render`` is shown as a message instead of breaking the
@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from gnlib.curvature.blocks import NORMALIZATIONS, block_norms, block_view
-from gnlib.plots import heatmap, short_name, to_png
+from gnlib.notebook.plots import heatmap, short_name, to_png
 
 
 class Explorer(widgets.VBox):
@@ -124,7 +124,7 @@ def curvature_view(
 
     Left: ‖C_bc‖_F for every block pair (:func:`gnlib.curvature.blocks.block_norms` with ``normalize``), the
     pair (``row_block``, ``col_block``) outlined. Right: |C_bc| entry by entry
-    (:func:`gnlib.curvature.blocks.block_view`). Blocks are labelled by :func:`gnlib.plots.short_name`.
+    (:func:`gnlib.curvature.blocks.block_view`). Blocks are labelled by :func:`gnlib.notebook.plots.short_name`.
 
     With ``normalize="diag"`` an entry is ‖C_bc‖ / sqrt(‖C_bb‖ ‖C_cc‖), meaningless when a diagonal
     block is zero up to rounding (H − G on blocks where the model is linear): the rows and columns of

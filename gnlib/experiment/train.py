@@ -263,7 +263,7 @@ def _read_checkpoint(path: Path, device: torch.device, *, move_aside: bool) -> d
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(state, dict) or not {"fingerprint", "model", "optimizer", "rows", "status"} <= set(state):
-            raise ValueError("not a checkpoint written by gnlib.train")
+            raise ValueError("not a checkpoint written by gnlib.experiment.train")
     except Exception as err:  # torch.load raises many types on a torn or foreign file
         if move_aside:
             aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
@@ -390,7 +390,7 @@ def train(
         accumulation: micro-batches per step for torch-like optimizers (token batch = accumulation·B·T).
         eval_every: evaluate every this many steps (and at step 0 and the last step).
         eval_schedule: ``eval_schedule(step) -> bool`` decides instead of ``eval_every`` (step 0 and the
-            last step are always evaluated), e.g. :func:`gnlib.protocols.paper_eval_schedule`.
+            last step are always evaluated), e.g. :func:`gnlib.experiment.protocols.paper_eval_schedule`.
         target_loss: stop once the validation loss is at or below this value.
         schedule: LR multiplier ``schedule(step)``; each group's ``lr`` becomes ``initial_lr * schedule``.
         loss_fn: ``loss_fn(logits, targets)``; default token-mean cross-entropy.

@@ -1,6 +1,6 @@
 """The study: shared warm-up, LR tuning, the batch-size study, critical batch size and step ratios.
 
-Built on :mod:`gnlib.runs` (one run from a :class:`~gnlib.runs.RunSpec`, and its summary row).
+Built on :mod:`gnlib.experiment.runs` (one run from a :class:`~gnlib.experiment.runs.RunSpec`, and its summary row).
 
 The study's protocol (docs/study.md, section "Method") on top of it:
 
@@ -35,8 +35,10 @@ import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
 from gnlib.distributed import barrier, is_main
+from gnlib.experiment.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
+from gnlib.experiment.sweep_results import MANIFEST_FILE, read_results_table
+from gnlib.experiment.train import CHECKPOINT, run_folder_lock
 from gnlib.optim.gn_options import GN_VARIANTS
-from gnlib.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
 from gnlib.runtime import (
     atomic_torch_save,
     atomic_write_json,
@@ -45,8 +47,6 @@ from gnlib.runtime import (
     output_path,
     resolve_device,
 )
-from gnlib.sweep_results import MANIFEST_FILE, read_results_table
-from gnlib.train import CHECKPOINT, run_folder_lock
 
 
 def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
@@ -415,8 +415,8 @@ _SWEEP_COLUMNS = ("optimizer", "micro_batches", "lr", "steps_to_target")
 def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep_results") -> pd.DataFrame:
     """The study table from a sweep of the iteration-complexity notebook (``gnlib.tools.sweep``'s ``results.csv``).
 
-    The file is checked whole first (:func:`gnlib.sweep_results.read_results_table`: complete, and matching the
-    ``sweep.json`` beside it). Keeps the ``ok`` runs, takes each :data:`STUDY_COLUMNS` column from the
+    The file is checked whole first (:func:`~gnlib.experiment.sweep_results.read_results_table`: complete,
+    and matching the ``sweep.json`` beside it). Keeps the ``ok`` runs, takes each :data:`STUDY_COLUMNS` column from the
     run's outcomes (``result_<name>`` where the sweep renamed it), and marks the tuned LRs again across the
     whole sweep (:func:`choose_lr`). A grid key of the sweep (its ``sweep.json``) other than the optimizer,
     batch, LR and seed, such as ``hyperparameters`` or ``batch_size`` in an ablation, makes each of its

@@ -486,7 +486,7 @@ def steps_vs_batch(
     with the steps times the batch; it is anchored at the highest median of the smallest batch.
 
     Args:
-        table: study table (:func:`gnlib.study.batch_size_study`): columns ``optimizer``, ``x``, ``value``.
+        table: study table (:func:`gnlib.experiment.study.batch_size_study`): columns ``optimizer``, ``x``, ``value``.
         value: ``"steps_to_target"``, ``"grad_equivalents_to_target"`` or ``"wall_time_to_target_s"``.
         x: ``"tokens_per_step"`` or ``"micro_batches"``.
         title: axes title.
@@ -537,7 +537,7 @@ def direction_cosines(frame: pd.DataFrame, *, title: str | None = None) -> Figur
     """Cosine between each partition's GN direction and full GN's along a run (one line per partition).
 
     Args:
-        frame: :func:`gnlib.directions.direction_cosines` table: columns ``step``, ``partition``, ``cosine``.
+        frame: :func:`gnlib.experiment.probes.direction_cosines` table: columns ``step``, ``partition``, ``cosine``.
         title: axes title.
     """
     _require_columns(frame, ["step", "partition", "cosine"])
