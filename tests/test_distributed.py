@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 
 from gnlib import distributed
 from gnlib.data import BatchSampler
-from gnlib.experiment.train import CHECKPOINT, History, train
+from gnlib.experiment.history import History
+from gnlib.experiment.run_folder import CHECKPOINT
+from gnlib.experiment.train import train
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton

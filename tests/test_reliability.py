@@ -12,9 +12,11 @@ import torch
 
 from gnlib.checks import check_writable
 from gnlib.data import load_corpus
+from gnlib.experiment.history import METADATA
+from gnlib.experiment.run_folder import CHECKPOINT, RunFolderBusy, run_folder_lock
 from gnlib.experiment.runs import RunSpec, run, summarize
 from gnlib.experiment.study import _cached_warmup_problem, warmup_checkpoint
-from gnlib.experiment.train import CHECKPOINT, METADATA, RunFolderBusy, run_folder_lock, train
+from gnlib.experiment.train import train
 from gnlib.models import build_model
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.tools.train_cli import cli, parse_value, read_config
@@ -72,7 +74,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from gnlib.experiment.train import run_folder_lock\n"
+            "import sys, time; from gnlib.experiment.run_folder import run_folder_lock\n"
             "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)",
             str(tmp_path),
         ],

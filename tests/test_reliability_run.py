@@ -18,18 +18,10 @@ import torch
 
 import gnlib.runtime
 from gnlib.data import load_corpus
+from gnlib.experiment.history import HISTORY_CSV, HISTORY_JSONL, METADATA, History
+from gnlib.experiment.run_folder import CHECKPOINT, LOCK, RunFolderBusy, run_folder_lock
 from gnlib.experiment.runs import RunSpec, run
-from gnlib.experiment.train import (
-    CHECKPOINT,
-    HISTORY_CSV,
-    HISTORY_JSONL,
-    LOCK,
-    METADATA,
-    History,
-    RunFolderBusy,
-    run_folder_lock,
-    train,
-)
+from gnlib.experiment.train import train
 from gnlib.models import build_model
 from gnlib.tools.train_cli import cli
 

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
+from gnlib.experiment.history import History
 from gnlib.experiment.runs import RunSpec, grad_equivalents, steps_to_target, summarize
-from gnlib.experiment.train import History
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
 BASE = RunSpec(steps=6, batch_size=8, seq_len=32, eval_every=1, val_batches=2, model_overrides=MODEL)

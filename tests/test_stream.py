@@ -15,9 +15,11 @@ import torch.multiprocessing as mp
 from gnlib.data import load_corpus
 from gnlib.data.pipeline import after_warmup, build_run_data, tokens_drawn
 from gnlib.data.stream import PackedStream, StreamExhausted, shuffled_documents, tensor_documents
+from gnlib.experiment.history import History
+from gnlib.experiment.run_folder import CHECKPOINT
 from gnlib.experiment.runs import RunSpec, run
 from gnlib.experiment.study import warmup_checkpoint
-from gnlib.experiment.train import CHECKPOINT, History, train
+from gnlib.experiment.train import train
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from gnlib.data import load_corpus
-from gnlib.experiment.train import CHECKPOINT, History, evaluate, train, train_to_checkpoints
+from gnlib.experiment.history import History
+from gnlib.experiment.run_folder import CHECKPOINT
+from gnlib.experiment.train import evaluate, train, train_to_checkpoints
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.params import params_of

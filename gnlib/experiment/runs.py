@@ -22,9 +22,11 @@ from gnlib.curvature.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, r
 from gnlib.data import SOURCE_FORMS
 from gnlib.data.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.distributed import is_main
+from gnlib.experiment.history import METADATA, History
 from gnlib.experiment.protocols import PROTOCOLS
 from gnlib.experiment.protocols import resolve as resolve_protocol
-from gnlib.experiment.train import METADATA, History, load_weights, train
+from gnlib.experiment.run_folder import load_weights
+from gnlib.experiment.train import train
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options

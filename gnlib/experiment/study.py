@@ -35,9 +35,9 @@ import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
 from gnlib.distributed import barrier, is_main
+from gnlib.experiment.run_folder import CHECKPOINT, run_folder_lock
 from gnlib.experiment.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
 from gnlib.experiment.sweep_results import MANIFEST_FILE, read_results_table
-from gnlib.experiment.train import CHECKPOINT, run_folder_lock
 from gnlib.optim.gn_options import GN_VARIANTS
 from gnlib.runtime import (
     atomic_torch_save,

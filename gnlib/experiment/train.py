@@ -27,21 +27,15 @@ how to resume; the rerun continues exactly where it stopped. A second Ctrl-C abo
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import re
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import filelock
-import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -50,29 +44,26 @@ from tqdm.auto import tqdm
 from gnlib import distributed
 from gnlib.checks import check_positive_int, check_positive_number
 from gnlib.data.source import BatchSource
+from gnlib.experiment.history import History, json_default
+from gnlib.experiment.run_folder import (
+    CHECKPOINT,
+    CheckpointNotWritten,
+    conflict_message,
+    fingerprint,
+    read_checkpoint,
+    remove_stale_temporaries,
+    run_folder_lock,
+    saved_fingerprint,
+)
 from gnlib.losses import CrossEntropy
-from gnlib.runtime import atomic_torch_save, atomic_write_json, atomic_write_text
+from gnlib.runtime import atomic_torch_save
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-CHECKPOINT = "checkpoint.pt"
-HISTORY_JSONL = "history.jsonl"
-HISTORY_CSV = "history.csv"
-METADATA = "metadata.json"
-LOCK = ".lock"
-#: Key of a ``history.jsonl`` row naming the values that were not finite (written as null): ``{"val_loss": "nan"}``.
-NONFINITE = "nonfinite"
-#: Keys ``train`` adds to the metadata it saves (not part of a run's settings).
-_RUN_KEYS = ("status", "status_reason", "fingerprint", "world_size")
-#: Metadata that describes how a run is priced, not what it computes: a run resumes whatever it says.
-_NOT_FINGERPRINTED = ("pass_costs",)
+
 #: How a stopped run is resumed, as the messages say it.
 RESUME = "(the same command line) to resume"
-
-
-class RunFolderBusy(RuntimeError):
-    """Another process is writing to the run folder (it holds the folder's lock)."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -88,133 +79,8 @@ class RunInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-class CheckpointNotWritten(OSError):
-    """History or checkpoint could not be written (e.g. a full disk); the message says what was kept."""
-
-
-@contextlib.contextmanager
-def run_folder_lock(run_dir: str | Path | None, *, wait: bool = False) -> Iterator[None]:
-    """Hold ``run_dir/.lock`` (an OS file lock: a killed holder releases it) while the block runs.
-
-    Args:
-        run_dir: the folder (created if needed); None holds nothing.
-        wait: wait for the holder to finish instead of refusing at once.
-
-    Raises:
-        RunFolderBusy: the folder is locked by another process and ``wait`` is False.
-    """
-    if run_dir is None:
-        yield
-        return
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(Path(run_dir) / LOCK, timeout=-1 if wait else 0)
-    try:
-        lock.acquire()
-    except filelock.Timeout as err:
-        raise RunFolderBusy(
-            f"{run_dir} is in use by another run (it holds {Path(run_dir) / LOCK}); wait for it to finish, "
-            "or write this run to another folder"
-        ) from err
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-@dataclass
-class History:
-    """What a run did, one row per outer step (row 0 is the evaluation before the first step).
-
-    Attributes:
-        rows: dicts with at least ``step``, ``tokens`` (training tokens seen so far), ``wall_time``
-            (seconds since the run started, summed across resumes), ``train_loss``, ``val_loss`` (None
-            where not evaluated; the optimizer's ``eval_parameters``, e.g. its EMA, where it has them),
-            ``val_loss_raw`` (the raw iterate's, only with such parameters), ``lr`` and the optimizer's
-            diagnostics.
-        status: ``"running"``, ``"completed"`` (all steps done), ``"reached_target"``, ``"diverged"``
-            (non-finite or exploding loss, or a last validation loss above the start's) or ``"stalled"``
-            (the optimizer took no step several times in a row).
-        metadata: free-form run description (corpus hash, model config, optimizer settings, seed, ...).
-        reason: why a run diverged or stalled, in words (None otherwise).
-    """
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "running"
-    metadata: dict[str, Any] = field(default_factory=dict)
-    reason: str | None = None
-
-    def to_frame(self) -> pd.DataFrame:
-        """The rows as a DataFrame (one column per key ever recorded)."""
-        return pd.DataFrame(self.rows)
-
-    def evaluations(self) -> pd.DataFrame:
-        """Rows where the validation loss was measured: ``step``, ``tokens``, ``wall_time``, ``val_loss`` (+ raw).
-
-        ``val_loss_raw`` only when the optimizer evaluates other parameters (an EMA).
-        """
-        frame = self.to_frame()
-        columns = ["step", "tokens", "wall_time", "val_loss", *(["val_loss_raw"] if "val_loss_raw" in frame else [])]
-        return frame.loc[frame["val_loss"].notna(), columns].reset_index(drop=True)
-
-    @property
-    def final_val_loss(self) -> float | None:
-        """The last measured validation loss."""
-        values = [r["val_loss"] for r in self.rows if r.get("val_loss") is not None]
-        return values[-1] if values else None
-
-    def save(self, run_dir: str | Path) -> None:
-        """Write ``history.jsonl``, ``history.csv`` and ``metadata.json`` (with the status) atomically.
-
-        ``history.jsonl`` is strict JSON: a value that is not finite is written null and named, with its
-        value, in the row's ``nonfinite`` mapping. In ``history.csv`` such a value reads ``nan``, ``inf`` or
-        ``-inf``, and an empty cell is a value not measured at that step.
-        """
-        run_dir = Path(run_dir)
-        atomic_write_text(run_dir / HISTORY_JSONL, "".join(json.dumps(_json_row(r)) + "\n" for r in self.rows))
-        atomic_write_text(run_dir / HISTORY_CSV, self._csv())
-        atomic_write_json(run_dir / METADATA, {**self.metadata, "status": self.status, "status_reason": self.reason})
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "History":
-        """Read a History written by :meth:`save`."""
-        run_dir = Path(run_dir)
-        rows = [_row_from_json(json.loads(line)) for line in (run_dir / HISTORY_JSONL).read_text().splitlines() if line]
-        metadata = json.loads((run_dir / METADATA).read_text())
-        status = metadata.pop("status", "completed")
-        reason = metadata.pop("status_reason", None)
-        return cls(rows=rows, status=status, metadata=metadata, reason=reason)
-
-    def _csv(self) -> str:
-        """``history.csv``'s text: non-finite values as ``nan``/``inf``, values not measured as empty cells."""
-        rows = [{k: str(v) if _non_finite(v) else v for k, v in row.items()} for row in self.rows]
-        return pd.DataFrame(rows).to_csv(index=False)
-
-
-def _non_finite(value: Any) -> bool:
-    return isinstance(value, float) and not math.isfinite(value)
-
-
-def _json_row(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` for ``history.jsonl``: tensors as numbers, non-finite values null and listed under ``nonfinite``."""
-    row = {k: _json_default(v) if isinstance(v, Tensor) else v for k, v in row.items()}
-    bad = {k: str(v) for k, v in row.items() if _non_finite(v)}
-    return {**{k: None if k in bad else v for k, v in row.items()}, **({NONFINITE: bad} if bad else {})}
-
-
-def _row_from_json(row: dict[str, Any]) -> dict[str, Any]:
-    """A row read from ``history.jsonl``, with its non-finite values restored."""
-    bad = row.pop(NONFINITE, {})
-    return {**row, **{k: float(v) for k, v in bad.items()}}
-
-
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return str(value)
 
 
 @torch.no_grad()
@@ -231,11 +97,6 @@ def evaluate(
     return sum(torch.stack(losses).tolist()) / len(batches)  # one host read
 
 
-def _fingerprint(metadata: dict[str, Any]) -> str:
-    kept = {k: v for k, v in metadata.items() if k not in _NOT_FINGERPRINTED}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _rejected_steps(rows: list[dict[str, Any]]) -> int:
     """Consecutive outer steps, counted back from the last row, whose optimizer reported ``alpha == 0``."""
     count = 0
@@ -244,115 +105,6 @@ def _rejected_steps(rows: list[dict[str, Any]]) -> int:
             break
         count += 1
     return count
-
-
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete what killed atomic writes left (``.<name>.<random>.tmp``); the caller holds the folder's lock."""
-    for leftover in run_dir.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
-
-
-def _read_checkpoint(path: Path, device: torch.device, *, move_aside: bool) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` loaded onto ``device``; None when absent or unreadable.
-
-    An unreadable file (truncated, corrupt, or not a gnlib checkpoint) is renamed
-    ``<name>.unreadable-<UTC time>`` when ``move_aside`` (so nothing is lost) and reported.
-    """
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(state, dict) or not {"fingerprint", "model", "optimizer", "rows", "status"} <= set(state):
-            raise ValueError("not a checkpoint written by gnlib.experiment.train")
-    except Exception as err:  # torch.load raises many types on a torn or foreign file
-        if move_aside:
-            aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
-            path.rename(aside)
-            print(
-                f"{path} cannot be read ({type(err).__name__}: {_load_failure(err)}); moved it to {aside.name} and "
-                "starting this run afresh"
-            )
-        return None
-    return state
-
-
-def _load_failure(err: Exception) -> str:
-    """Why ``torch.load`` failed, as its first whole sentence.
-
-    Torch's advice to load with ``weights_only=False`` is left out: that runs whatever code the file holds,
-    which no one should do for a file that is not what it claims to be.
-    """
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("WeightsUnpickler error:")[-1]
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "no details")
-    return re.split(r"(?<=\.)\s", first, maxsplit=1)[0]
-
-
-def load_weights(path: str | Path, device: str | torch.device, *, parameter: str) -> dict[str, Tensor]:
-    """The model weights (a state dict saved by ``torch.save``) in the file ``path``, loaded onto ``device``.
-
-    Loaded with ``weights_only=True``: nothing in the file is run.
-
-    Args:
-        path: the file.
-        device: where the tensors go.
-        parameter: the setting that named the file, for the error message (e.g. ``"init_checkpoint"``).
-
-    Raises:
-        ValueError: the file cannot be read, or holds something other than a mapping of names to tensors.
-    """
-    fix = "give a file saved by torch.save(model.state_dict(), path), e.g. a warm-up's model.pt"
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch.load raises many types on a torn or foreign file
-        failure = f"{type(err).__name__}: {_load_failure(err)}"
-        raise ValueError(f"{parameter}={str(path)!r} cannot be read as model weights ({failure}); {fix}") from None
-    stray = _not_a_tensor(state)
-    if stray is not None:
-        raise ValueError(f"{parameter}={str(path)!r} holds {stray}, where model weights hold tensors only; {fix}")
-    return state
-
-
-def _not_a_tensor(state: Any) -> str | None:
-    """What in ``state`` is not a named tensor, in words (None when it is a mapping of names to tensors)."""
-    if not isinstance(state, dict):
-        return f"a {type(state).__name__}"
-    return next(
-        (f"{key!r}: a {type(value).__name__}" for key, value in state.items() if not isinstance(value, Tensor)), None
-    )
-
-
-def _saved_fingerprint(run_dir: Path) -> str | None:
-    """The fingerprint recorded in ``run_dir/metadata.json``, if any."""
-    try:
-        return json.loads((run_dir / METADATA).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level with dotted keys."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
-
-
-def _conflict_message(run_dir: Path, metadata: dict[str, Any]) -> str:
-    """Why ``run_dir`` is refused: the settings that differ between the run there and this one, and the ways out."""
-    try:
-        saved = json.loads((run_dir / METADATA).read_text())
-    except (OSError, ValueError):
-        saved = {}
-    ours = json.loads(json.dumps(metadata, default=_json_default))
-    saved, ours = ({k: v for k, v in m.items() if k not in (*_RUN_KEYS, *_NOT_FINGERPRINTED)} for m in (saved, ours))
-    theirs, mine = _flat(saved), _flat(ours)
-    differ = [k for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
-    shown = "; ".join(f"{k.rstrip('.')}: {theirs.get(k, '-')!r} there, {mine.get(k, '-')!r} now" for k in differ[:8])
-    more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
-    return (
-        f"{run_dir} holds a run with other settings ({shown or 'unreadable metadata.json'}{more}). Nothing was "
-        "changed. To replace it pass overwrite=True (command line: --overwrite); to keep it, write this run to "
-        "another folder (output_dir / --name)"
-    )
 
 
 def train(
@@ -440,9 +192,9 @@ def train(
         if not getattr(optimizer, "draws_batches", False):
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
-        fingerprint = _fingerprint(dict(metadata or {}))
+        settings_hash = fingerprint(dict(metadata or {}))
         world = distributed.world_size()
-        history = History(metadata={**(metadata or {}), "fingerprint": fingerprint, "world_size": world})
+        history = History(metadata={**(metadata or {}), "fingerprint": settings_hash, "world_size": world})
         settings = _Settings(
             steps=steps,
             accumulation=accumulation,
@@ -461,7 +213,7 @@ def train(
             label=label,
         )
         loop = _Loop(
-            model, optimizer, train_batches, val_batches, settings, history, fingerprint, world, distributed.is_main()
+            model, optimizer, train_batches, val_batches, settings, history, settings_hash, world, distributed.is_main()
         )
         return loop.run()
 
@@ -520,13 +272,13 @@ class _Loop:
         run_dir, state = self.settings.run_dir, None
         if run_dir is not None:
             if self.main:
-                _remove_stale_temporaries(run_dir)
+                remove_stale_temporaries(run_dir)
             device = next(iter(self.model.parameters())).device
-            state = _read_checkpoint(run_dir / CHECKPOINT, device, move_aside=self.main)
-            saved = state["fingerprint"] if state is not None else _saved_fingerprint(run_dir)
+            state = read_checkpoint(run_dir / CHECKPOINT, device, move_aside=self.main)
+            saved = state["fingerprint"] if state is not None else saved_fingerprint(run_dir)
             if saved is not None and saved != self.fingerprint:
                 if not self.settings.overwrite:
-                    raise ValueError(_conflict_message(run_dir, self.history.metadata))
+                    raise ValueError(conflict_message(run_dir, self.history.metadata))
                 if self.settings.progress:
                     print(f"{run_dir}: replacing the run with other settings found there (overwrite=True)")
                 state = None
@@ -669,7 +421,7 @@ class _Loop:
                 "optimizer": self.optimizer.state_dict(),
                 "sampler": sampler,
                 "rng": torch.get_rng_state(),
-                "rows": json.dumps(self.history.rows, default=_json_default),
+                "rows": json.dumps(self.history.rows, default=json_default),
                 "status": self.history.status,
                 "reason": self.history.reason,
                 "world_size": self.world,

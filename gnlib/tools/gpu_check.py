@@ -62,9 +62,9 @@ import pandas as pd
 import torch
 
 from gnlib.checks import check_writable
+from gnlib.experiment.history import History
 from gnlib.experiment.runs import RunSpec, run, summarize
 from gnlib.experiment.study import study_spec, warmup_checkpoint
-from gnlib.experiment.train import History
 from gnlib.host_reads import HostReads
 from gnlib.models import build_model
 from gnlib.notebook.plots import loss_curves, to_png

@@ -34,8 +34,10 @@ from typing import Any, Sequence
 import yaml
 
 from gnlib import distributed
+from gnlib.experiment.history import History
+from gnlib.experiment.run_folder import CheckpointNotWritten, RunFolderBusy, load_weights
 from gnlib.experiment.runs import RunSpec, run
-from gnlib.experiment.train import CheckpointNotWritten, History, RunFolderBusy, RunInterrupted, load_weights
+from gnlib.experiment.train import RunInterrupted
 from gnlib.runtime import ConfigLoader
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
