@@ -19,9 +19,10 @@ from gnlib.data import BatchSampler
 from gnlib.experiment.train import train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model, mlp
-from gnlib.optim.gauss_newton import GaussNewton, _Cost, make_gauss_newton
+from gnlib.optim.gauss_newton import GaussNewton, make_gauss_newton
 from gnlib.optim.gn_options import GN_VARIANTS, LINE_SEARCH
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, kept_iterations, lm_damping
+from gnlib.optim.line_search import PassCount
 from gnlib.params import flatten, params_of, unflatten
 
 F64 = torch.float64
@@ -436,7 +437,7 @@ def test_line_search_predicts_each_alpha_with_the_model_of_each_batch(objective)
     direction = {n: 0.05 * torch.randn(p.shape, generator=g, dtype=F64) for n, p in anchor.items()}
     for alpha in LINE_SEARCH:
         gn = GaussNewton(model, sampler, objective=objective, line_search=[alpha], line_search_accept="argmin")
-        out = gn._line_search(anchor, direction, batches, _Cost())
+        out = gn._line_search(anchor, direction, batches, PassCount())
         expected_before, expected_model = 0.0, 0.0
         for inputs, targets in batches:
             z, jd = curvature.outputs_and_jvp(model, anchor, inputs, direction)

@@ -95,14 +95,12 @@ measured on their own model and batch (:func:`gnlib.curvature.costs.measure_pass
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from gnlib import curvature
@@ -122,6 +120,7 @@ from gnlib.optim.gn_options import (
     variant_options,
 )
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
+from gnlib.optim.line_search import PassCount, all_finite, anchor_loss, line_search
 from gnlib.optim.options import invalid
 from gnlib.optim.schedules import constant, cosine_decay
 from gnlib.params import Params, flatten, unflatten
@@ -132,21 +131,6 @@ Batch = tuple[Tensor, Tensor]
 
 def _finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _all_finite(*tensors: Tensor) -> Tensor:
-    """Whether every entry is finite, as a bool tensor on the tensors' device: no host sync (unlike :func:`_finite`)."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
-
-@dataclass
-class _Cost:
-    """Passes over source-sized batches and tokens drawn during one outer step."""
-
-    forward: int = 0
-    tangent: int = 0
-    backward: int = 0
-    tokens: int = 0
 
 
 @dataclass
@@ -240,7 +224,7 @@ class GaussNewton:
 
     def step(self) -> dict[str, Any]:
         """One outer step (module docstring); draws its batches from ``batches``; returns diagnostics."""
-        cost = _Cost()
+        cost = PassCount()
         anchor = {n: p.detach() for n, p in self.model.named_parameters()}
         damping = self.damping
         solved = self._solve_cg(anchor, cost) if self.solver == "cg" else self._solve_first_order(anchor, cost)
@@ -343,7 +327,7 @@ class GaussNewton:
 
     # ------------------------------------------------------------------------------------ inner solves
 
-    def _draw(self, cost: _Cost) -> Batch:
+    def _draw(self, cost: PassCount) -> Batch:
         batch = self.batches()
         cost.tokens += batch[1].numel()
         return batch
@@ -374,9 +358,8 @@ class GaussNewton:
         value = sum(t.detach().square().mean() for t in delta.values()) * self.prox
         return value, {n: t.detach() * (2 * self.prox / t.numel()) for n, t in delta.items()}
 
-    def _anchor_loss(self, anchor: Params, batch: Batch, cost: _Cost, weight: int = 1) -> float:
-        cost.forward += weight
-        return all_reduce_mean(float(self.loss.value(curvature.logits(self.model, anchor, batch[0]), batch[1])))
+    def _anchor_loss(self, anchor: Params, batch: Batch, cost: PassCount, weight: int = 1) -> float:
+        return anchor_loss(self.model, self.loss, anchor, batch, cost, weight)
 
     def _layerwise_pass_counts(self, inputs: Tensor) -> tuple[float, float, float]:
         """Passes of one inner step of all blocks on ``inputs``, counted once per sequence shape."""
@@ -386,7 +369,7 @@ class GaussNewton:
             self._layerwise_counts[shape] = layerwise_pass_counts(self.model, blocks, inputs, self.layerwise_slots)
         return self._layerwise_counts[shape]
 
-    def _solve_first_order(self, anchor: Params, cost: _Cost) -> _Direction:
+    def _solve_first_order(self, anchor: Params, cost: PassCount) -> _Direction:
         """N inner steps of every block's first-order solver on shared fresh batches (Jacobi)."""
         schedule = cosine_decay(self.inner_steps) if self.inner_schedule == "cosine" else constant()
         layerwise = len(self._blocks) > 1
@@ -410,7 +393,7 @@ class GaussNewton:
                     penalty, prox_grad = self._prox(block.delta)
                     value = value + penalty
                     grad = {n: g + prox_grad[n] for n, g in grad.items()}
-                finite = _all_finite(value, *grad.values()) & finite.to(value.device)
+                finite = all_finite(value, *grad.values()) & finite.to(value.device)
                 values.append(value.detach())
                 self._inner_update(block, grad, anchor, group["lr"] * multiplier)
             if k in (0, self.inner_steps - 1):  # the loop's only host reads, one each (a nonfinite Δ is discarded)
@@ -442,7 +425,7 @@ class GaussNewton:
         block.optimizer.step()
         block.optimizer.zero_grad(set_to_none=True)
 
-    def _solve_cg(self, anchor: Params, cost: _Cost) -> _Direction:
+    def _solve_cg(self, anchor: Params, cost: PassCount) -> _Direction:
         """Hessian-free: per block, CG on (G_bb + λI)x = −g_b on the N concatenated batches, backtracked."""
         parts = [self._draw(cost) for _ in range(self.inner_steps)]
         batch = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
@@ -489,64 +472,21 @@ class GaussNewton:
     # ------------------------------------------------------------------------------------ line search
 
     def _line_search(
-        self, anchor: Params, direction: Params | None, batches: list[Batch], cost: _Cost
+        self, anchor: Params, direction: Params | None, batches: list[Batch], cost: PassCount
     ) -> dict[str, Any]:
-        """True loss along θ_t + αd and the model's prediction, on ``batches``; picks α or rejects."""
-        out = {
-            "loss_before": None,
-            "alpha": 0.0,
-            "predicted_reduction": None,
-            "actual_reduction": None,
-            "rho": None,
-            "direction_norm": None,
-            "inner_lr": self.param_groups[0]["lr"],
-            "reason": "nonfinite",
-        }
-        finite = False
-        if direction is not None:  # one host read: whether d is finite, and its norm
-            norm = torch.linalg.vector_norm(flatten(direction))
-            finite, norm = torch.stack([_all_finite(*direction.values()).to(norm), norm]).tolist()
-        if not finite:
-            values = [self._anchor_loss(anchor, b, cost) for b in batches]
-            out["loss"] = out["loss_before"] = sum(values) / len(values)
-            return out
-        out["direction_norm"] = norm
-        grid = self.line_search or (1.0,)
-        rows = []  # per batch: loss at θ_t, then per α the model's prediction and the loss at θ_t + αd
-        for inputs, targets in batches:
-            z, jd = curvature.outputs_and_jvp(self.model, anchor, inputs, direction)
-            cost.forward, cost.tangent = cost.forward + 1, cost.tangent + 1
-            with torch.no_grad():
-                if self.objective == "gn":  # m(α) = ℓ + α gᵀJd + ½α² (Jd)ᵀH(Jd): three numbers serve every α
-                    value, slope, bend = self.loss.quadratic_along(z, targets, jd)
-                    predicted = [value + a * slope + 0.5 * a * a * bend for a in grid]
-                else:
-                    value = self.loss.value(z, targets)
-                    predicted = [self.loss.value(torch.add(z, jd, alpha=a), targets) for a in grid]
-                row = [value]
-                for a, m in zip(grid, predicted):
-                    point = {n: anchor[n] + a * direction[n] for n in anchor}
-                    row += [m, self.loss.value(functional_call(self.model, point, (inputs,)), targets)]
-                    cost.forward += 1
-            rows.append(torch.stack(row))
-        before, *pairs = all_reduce_mean(torch.stack(rows).double().mean(0)).tolist()  # the search's one host read
-        model_at, losses = dict(zip(grid, pairs[0::2])), dict(zip(grid, pairs[1::2]))
-        out["loss"] = out["loss_before"] = before
-        if not all(math.isfinite(v) for v in (before, *losses.values(), *model_at.values())):
-            return out
-        best = min(grid, key=lambda a: losses[a])
-        predicted, actual = before - model_at[best], before - losses[best]
-        out.update(
-            alpha=best,
-            predicted_reduction=predicted,
-            actual_reduction=actual,
-            rho=actual / predicted if predicted != 0 else None,
+        """:func:`~gnlib.optim.line_search.line_search` with this optimizer's grid, rule and objective."""
+        out = line_search(
+            self.model,
+            self.loss,
+            anchor,
+            direction,
+            batches,
+            grid=self.line_search,
+            accept=self.line_search_accept,
+            objective=self.objective,
+            cost=cost,
         )
-        if self.line_search is not None and self.line_search_accept == "decrease" and not losses[best] < before:
-            out["reason"] = "no_decrease"
-            return out
-        out["reason"], out["loss"] = None, losses[best]
-        return out
+        return {**out, "inner_lr": self.param_groups[0]["lr"]}
 
     def _after_step(self, search: dict[str, Any]) -> None:
         """Warm start, restarts, LR halving / damping update and the EMA, after the parameters moved."""

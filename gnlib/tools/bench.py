@@ -83,7 +83,9 @@ from gnlib.curvature.costs import (
 )
 from gnlib.losses import CrossEntropy
 from gnlib.models import PRESETS, build_model, count_parameters
-from gnlib.optim.gauss_newton import GaussNewton, _Cost
+from gnlib.optim.gauss_newton import GaussNewton
+from gnlib.optim.gn_options import GaussNewtonOptions
+from gnlib.optim.line_search import PassCount, line_search
 from gnlib.params import params_of
 from gnlib.runtime import check_choice, resolve_device
 
@@ -258,14 +260,15 @@ def run_benchmark(
     counts = {"gn_inner_step": (1, 1, 1)}
     if "layerwise_inner_step" in chosen:
         counts["layerwise_inner_step"] = layerwise_pass_counts(model, list(partition.values()), data[0])
-    search = GaussNewton(model, lambda: data)
-    search_costs: list[_Cost] = []
+    defaults = GaussNewtonOptions()  # the line search a default GaussNewton step runs
+    search_costs: list[PassCount] = []
 
-    def line_search() -> object:
-        search_costs.append(_Cost())
-        return search._line_search(params, v, [data] * search.line_search_batches, search_costs[-1])
+    def timed_line_search() -> object:
+        search_costs.append(PassCount())
+        batches = [data] * defaults.line_search_batches
+        return line_search(model, loss, params, v, batches, grid=defaults.line_search, cost=search_costs[-1])
 
-    fns["line_search"] = line_search
+    fns["line_search"] = timed_line_search
     outer: dict[str, dict] = {}  # name -> diagnostics of its last outer step
 
     def recorded(name: str, optimizer: GaussNewton) -> Callable[[], None]:
