@@ -1,96 +1,12 @@
-r"""Gauss-Newton optimizers that draw their own batches, with cost accounting per step.
+"""Gauss-Newton optimizers that draw their own batches, with cost accounting per step.
 
 Full or layerwise GN, quadratic or prox-linear inner objective, first-order inner solver or Hessian-free
-CG, line search, warm start and EMA.
-
-One outer step of :class:`GaussNewton` at the anchor θ_t (the study's protocol, docs/study.md, section "Method"):
-
-1. **Inner problem.** For each block b of the partition (one block ``"full"`` for full GN) a step Δ_b is
-   found for the objective, linearized at θ_t in the block's parameters only (the others frozen at θ_t):
-
-   - ``objective="gn"``: q(Δ) = ℓ(z_t) + g_zᵀJΔ + ½(JΔ)ᵀH_z(JΔ); ``"prox_linear"``: ℓ(z_t + JΔ);
-   - plus the proximal penalty P(Δ) = λ_prox · Σ_tensors mean(Δ²) (the study's λ·mean((θ−θ_t)²) per
-     tensor, summed over tensors; gradient 2λ_prox Δ / numel of the tensor).
-
-   *First-order solvers* (``"muon"``, ``"adamw"``, ``"sgd"``): N inner steps, each on a fresh batch shared
-   by all blocks (Jacobi: every block anchored at θ_t): value and gradient from
-   :func:`gnlib.curvature.layerwise_inner_steps` (+ P), gradient clipped with ``torch.nn.utils.clip_grad_norm_``
-   to ``grad_clip``, one norm per block (``grad_clip_per="block"``) or per group within the block
-   (``"group"``: the embedding/head and the hidden tensors separately, as the reference's two optax
-   chains, :func:`~gnlib.optim.factory.clip_groups`), decoupled weight decay on the inner iterate
-   θ̂ = θ_t + Δ (as the reference's inner AdamW decays its parameters: Δ ← Δ − lr·wd·(θ_t + Δ)) on every
-   tensor (``weight_decay_scope="all"``) or on all but Muon's matrices (``"except_muon"``: the reference
-   decays the AdamW part and the norm gains only), then the block's inner optimizer steps Δ. ``"muon"`` is Muon on
-   the hidden matrices and AdamW on the rest (:func:`~gnlib.optim.factory.split_params`). The inner LR
-   follows ``inner_schedule`` within the loop (``"cosine"``: (1 + cos(πk/N))/2, k = 0..N−1) from the
-   block's peak ``param_groups[b]["lr"]``, constant across outer steps.
-
-   *CG* (``solver="cg"``, Hessian-free, Martens 2010): the N batches are concatenated into one batch, the
-   model is linearized once on it (:func:`gnlib.curvature.linearize`) and CG solves (G_bb + λI)x = −g_b
-   from 0.95× the block's previous solution, keeping iterates at ⌈1.3^j⌉; the step is backtracked over
-   them on the true loss of that batch (:mod:`gnlib.optim.hessian_free`). Δ_b = lr_b · x_b, lr_b the
-   block's ``param_groups`` ``"lr"`` (a step scale, default 1). λ follows the Levenberg-Marquardt rule
-   from ρ of the step taken (below).
-
-2. **Direction** d = the merged block steps Δ̂ (one vector over all parameters).
-3. **Line search** on ``line_search_batches`` fresh batches (None: N, as the reference), the same batches
-   for every α: the true loss L(α) at θ_t + αd for every α of the grid and at α = 0; θ_{t+1} = θ_t + α*d
-   with α* = argmin. ``line_search_accept="decrease"`` *rejects* the step (parameters unchanged) unless
-   L(α*) < L(0); ``"argmin"`` always takes α* (the reference: α = 0 is never chosen), rejecting only a
-   non-finite value. ``line_search=None`` takes α = 1 without the test. :func:`line_search_grid` (n) is
-   the reference's grid 2^(−i/2), i < n (5 by default, 10 for its layerwise script). The same batches give the model's
-   prediction: one forward carrying the tangent d gives z_t and Jd, so the GN model
-   m(α) = ℓ(z_t) + α g_zᵀJd + ½α²(Jd)ᵀH_z(Jd) (prox-linear: ℓ(z_t + αJd)) costs no extra pass per α.
-4. **Warm start** (``warm_start=True``): the next inner loop starts from the pre-line-search iterate,
-   Δ ← θ̂ − θ_{t+1} = (1 − α*)Δ̂, with the inner optimizers' state kept. A rejected step, or
-   ``warm_start=False``, restarts cold (Δ = 0, fresh inner optimizer state).
-5. **Safety**: a non-finite value anywhere (inner value or gradient, CG product, direction, line-search
-   loss) rejects the step with ``reason="nonfinite"``; the model never receives it. The first-order
-   solvers then halve every block's peak LR (``param_groups[b]["lr"]``, persistently); CG raises λ (ρ is
-   undefined) and forgets its warm start. The first-order inner loop keeps its check on the device and
-   reads it, with the inner objective it records, at its first and last inner step only: no host sync
-   per inner step on a GPU. The line search reads its losses and predictions once, after all its
-   forwards, and the direction's finiteness and norm once before them.
-6. **EMA** (``ema=β``): ema ← β·ema + (1 − β)·θ_{t+1} after every outer step (initialized at θ_0, no bias
-   correction, like the reference; the update is ``torch.optim.swa_utils.get_ema_multi_avg_fn``'s);
-   :meth:`GaussNewton.eval_parameters` returns it for evaluation.
-
-Diagnostics returned by :meth:`GaussNewton.step` (flat; the same keys every step; None where a value
-does not apply): ``loss`` (true training loss on the line-search batches at the accepted point, L(0)
-when rejected), ``loss_before`` (L(0)), ``q_start``/``q_end`` (inner objective incl. P at the first /
-last inner step, each on its own batch and before that step's update; CG: ℓ(z_t) and ℓ(z_t) + φ(x) of the
-chosen damped-quadratic solution; layerwise: ℓ(z_t) plus the sum over blocks of each block's own change
-q_b − ℓ(z_t)), ``alpha`` (α applied; 0 when rejected), ``predicted_reduction``/``actual_reduction``
-(m(0) − m(α), L(0) − L(α) at the best α of the grid, from the *full* model even for layerwise), ``rho``
-(their ratio), ``damping`` (λ used by this step's CG solve), ``delta_norm`` (‖α·d‖, the parameter change
-applied), ``direction_norm`` (‖d‖), ``rejected`` (0/1), ``reason`` (None, ``"nonfinite"`` or
-``"no_decrease"``), ``inner_lr`` (peak LR of the first block this step), ``cg_iterations`` (summed over
-blocks), the pass counters ``forward_passes``, ``tangent_passes``, ``backward_passes``, ``tokens`` (every
-training token drawn: inner + line search) and ``grad_equivalents``.
-
-**Data parallelism.** Under ``torchrun`` (:mod:`gnlib.distributed`) each process draws its shard of
-every batch; the per-batch means computed here (inner value and gradient, layerwise ℓ(z_t), CG's gradient,
-G·v products and backtracking losses, line-search losses and model predictions) are averaged over the
-processes by :func:`gnlib.distributed.all_reduce_mean` (the identity on one process) right where they
-are computed, so every process takes the same decisions and the same step as one process drawing the
-whole batches. Counters and ``tokens`` are per process.
-
-**Cost accounting.** A pass over one batch drawn from ``batches`` counts 1 (the CG batch of N
-concatenated batches counts N per pass). A forward carrying a tangent counts one forward and one tangent.
-Per batch: inner step = (1 forward, 1 tangent, 1 backward); layerwise, 1 forward per ``layerwise_slots``
-blocks and per block a tangent from its block up and a backward down to it, each counted as its share of
-a whole pass's matrix-product FLOPs (:func:`gnlib.curvature.costs.layerwise_pass_counts`; a model without its own
-forward-mode rules: 1 forward and 1 backward shared by the blocks plus 1 tangent and 1 backward per
-block, whole); line search = 1 forward + 1 tangent
-(α = 0 with the model prediction) and 1 forward per α; layerwise q_start/q_end add 1 forward each;
-CG: linearization = 2 forwards (graph + traced JVP), gradient = 1 backward, product = 1 tangent + 1
-backward, backtracking = 1 forward per iterate tried. ``grad_equivalents`` weighs the passes by
-``pass_costs`` (:mod:`gnlib.curvature.costs`, the one source of pass costs), so that a plain gradient step (1 forward
-+ 1 backward) costs 1: by default the FLOP model :data:`gnlib.curvature.costs.FLOP_PASS_COSTS` (forward 1/3,
-tangent 2/3, backward 2/3: an inner step costs 5/3); runs (:func:`gnlib.experiment.runs.run`) pass the costs
-measured on their own model and batch (:func:`gnlib.curvature.costs.measure_pass_costs`). With the defaults
-(N = 8 inner steps, 2 line-search batches, 5 step sizes) one full-GN outer step makes 20 forwards,
-10 tangents and 8 backwards: 18.67 gradient-step equivalents under the FLOP model.
+CG, line search (:mod:`gnlib.optim.line_search`), warm start and EMA. One outer step at the anchor θ_t:
+the inner problem per block (N inner steps of Muon/AdamW/SGD on fresh batches, or CG on the damped GGN),
+the merged direction, the line search, the warm start (1 − α*)Δ̂, safety on non-finite values, the EMA.
+docs/architecture.md, section "One outer step of GaussNewton", states each stage, the diagnostics
+:meth:`GaussNewton.step` returns, data parallelism and the pass accounting; the options are
+:class:`~gnlib.optim.gn_options.GaussNewtonOptions`.
 """
 
 from __future__ import annotations
