@@ -6,7 +6,8 @@ import torch
 
 from gnlib.data import load_corpus
 from gnlib.models import build_model
-from gnlib.optim.directions import adam_direction, adam_second_moment, cosine, gn_directions
+from gnlib.optim.direction_comparison import cosine
+from gnlib.optim.directions import adam_direction, adam_second_moment, gn_directions
 
 MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64)
 

@@ -10,7 +10,7 @@ from gnlib import curvature
 from gnlib.curvature import blocks
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model
-from gnlib.optim import directions
+from gnlib.optim import direction_comparison, directions, kfac
 from gnlib.params import flatten, numel, params_of, unflatten
 
 F64 = torch.float64
@@ -125,7 +125,7 @@ def test_diagonal_direction_is_exact_when_the_curvature_is_diagonal():
     matrix = torch.diag(diag)
     d = directions.diagonal_direction(directions.curvature_diagonal(matrix), g, 0.2)
     torch.testing.assert_close(d, directions.gn_direction(matrix, g, 0.2), rtol=1e-12, atol=0)
-    assert directions.cosine(d, directions.gn_direction(matrix, g, 0.2)) == pytest.approx(1.0, abs=1e-12)
+    assert direction_comparison.cosine(d, directions.gn_direction(matrix, g, 0.2)) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_curvature_diagonal_of_operators_exact_and_estimated(mlp_setup):
@@ -270,10 +270,10 @@ def test_kfac_is_exact_for_a_linear_model_with_mse():
     gen = torch.Generator().manual_seed(0)
     batch = (torch.randn(10, 3, generator=gen, dtype=F64), torch.randn(10, 2, generator=gen, dtype=F64))
     dense = curvature.dense_ggn(model, params, batch, MSE())
-    factors = directions.kfac_factors(model, params, batch, MSE(), fisher="exact")
+    factors = kfac.kfac_factors(model, params, batch, MSE(), fisher="exact")
     assert list(factors) == ["weight"] and factors["weight"].bias == "bias"
     _, g = curvature.gradient(model, params, batch, MSE())
-    d = directions.kfac_direction(g, factors, 1e-3)
+    d = kfac.kfac_direction(g, factors, 1e-3)
     torch.testing.assert_close(flatten(d), flatten(directions.gn_direction(dense, g, 1e-3)), rtol=1e-10, atol=1e-12)
 
 
@@ -282,17 +282,17 @@ def test_kfac_on_one_row_equals_layerwise_gn_with_cross_entropy(mlp_setup):
     row = (batch[0][:1], batch[1][:1])
     dense = curvature.dense_ggn(model, params, row, CrossEntropy())
     _, g = curvature.gradient(model, params, row, CrossEntropy())
-    factors = directions.kfac_factors(model, params, row, fisher="exact")
+    factors = kfac.kfac_factors(model, params, row, fisher="exact")
     assert list(factors) == ["0.weight", "2.weight"]
-    d = directions.kfac_direction(g, factors, 1e-2)
+    d = kfac.kfac_direction(g, factors, 1e-2)
     layerwise = directions.layerwise_gn_direction(dense, g, blocks.per_layer(model), params, 1e-2)
     torch.testing.assert_close(flatten(d), flatten(layerwise), rtol=1e-9, atol=1e-11)
 
 
 def test_kfac_monte_carlo_factors_approach_the_exact_ones(mlp_setup):
     model, params, batch, _ = mlp_setup
-    exact = directions.kfac_factors(model, params, batch, fisher="exact")
-    sampled = directions.kfac_factors(model, params, batch, fisher="mc", mc_samples=4000, seed=3)
+    exact = kfac.kfac_factors(model, params, batch, fisher="exact")
+    sampled = kfac.kfac_factors(model, params, batch, fisher="mc", mc_samples=4000, seed=3)
     for name in exact:
         torch.testing.assert_close(sampled[name].input, exact[name].input)
         error = (sampled[name].output - exact[name].output).norm() / exact[name].output.norm()
@@ -301,7 +301,7 @@ def test_kfac_monte_carlo_factors_approach_the_exact_ones(mlp_setup):
 
 def test_kfac_on_a_transformer_covers_linear_weights_and_falls_back_to_the_diagonal(transformer_setup):
     model, params, batch, dense, g = transformer_setup
-    factors = directions.kfac_factors(model, params, batch, mc_samples=2)
+    factors = kfac.kfac_factors(model, params, batch, mc_samples=2)
     linear = [
         n
         for n in params
@@ -311,20 +311,20 @@ def test_kfac_on_a_transformer_covers_linear_weights_and_falls_back_to_the_diago
     ] + ["head.weight"]
     assert list(factors) == linear
     with pytest.raises(ValueError, match="diagonal"):
-        directions.kfac_direction(g, factors, 1e-3)
+        kfac.kfac_direction(g, factors, 1e-3)
     diag = directions.curvature_diagonal(dense)
-    d = directions.kfac_direction(g, factors, 1e-3, diagonal=diag)
+    d = kfac.kfac_direction(g, factors, 1e-3, diagonal=diag)
     fallback = directions.diagonal_direction(diag, flatten(g), 1e-3)
     torch.testing.assert_close(d["embed.weight"], unflatten(fallback, g)["embed.weight"])
-    assert directions.cosine(d, g) < 0  # a descent direction
+    assert direction_comparison.cosine(d, g) < 0  # a descent direction
 
 
 def test_kfac_rejects_bad_options(mlp_setup):
     model, params, batch, _ = mlp_setup
     with pytest.raises(ValueError, match="fisher"):
-        directions.kfac_factors(model, params, batch, fisher="empirical")
+        kfac.kfac_factors(model, params, batch, fisher="empirical")
     with pytest.raises(ValueError, match="mc_samples"):
-        directions.kfac_factors(model, params, batch, mc_samples=0)
+        kfac.kfac_factors(model, params, batch, mc_samples=0)
 
 
 # --- comparison -------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_reduction_ratio_is_one_for_exact_and_a_squared_cosine_otherwise():
     a, g = spd(30, seed=13), randn(30, seed=14)
     exact = directions.gn_direction(a, g, 0.1)
     others = {"exact": exact, "gradient": -g, "random": randn(30, seed=15), "scaled": 7.0 * exact}
-    table = directions.compare_directions(others, exact, a, g, 0.1).set_index("method")
+    table = direction_comparison.compare_directions(others, exact, a, g, 0.1).set_index("method")
     assert table.loc["exact", "reduction_ratio"] == pytest.approx(1.0, abs=1e-12)
     assert table.loc["scaled", "reduction_ratio"] == pytest.approx(1.0, abs=1e-12)
     assert (table["reduction_ratio"] <= 1 + 1e-12).all() and (table["reduction_ratio"] >= 0).all()
@@ -353,9 +353,9 @@ def test_blockwise_cosine_and_zero_vectors(mlp_setup):
     b = a.clone()
     sizes = {n: t.numel() for n, t in params.items()}
     b[: sizes["0.weight"] + sizes["0.bias"]] *= -1
-    cos = directions.blockwise_cosine(a, b, blocks.per_layer(model), params)
+    cos = direction_comparison.blockwise_cosine(a, b, blocks.per_layer(model), params)
     assert cos == pytest.approx({"0": -1.0, "2": 1.0})
-    assert math.isnan(directions.cosine(torch.zeros(3), torch.ones(3)))
+    assert math.isnan(direction_comparison.cosine(torch.zeros(3), torch.ones(3)))
 
 
 def test_follow_newton_on_a_quadratic_converges_in_one_step():
@@ -381,14 +381,16 @@ def test_bad_inputs_raise_value_errors():
 
 def test_standard_directions_on_a_transformer(transformer_setup):
     model, params, batch, dense, g = transformer_setup
-    grad, found = directions.standard_directions(model, params, batch, dense, 1e-3, kfac_samples=4)
-    assert tuple(found) == directions.METHODS
+    grad, found = direction_comparison.standard_directions(model, params, batch, dense, 1e-3, kfac_samples=4)
+    assert tuple(found) == direction_comparison.METHODS
     torch.testing.assert_close(flatten(grad), flatten(g))
     torch.testing.assert_close(flatten(found["exact GN"]), flatten(directions.gn_direction(dense, g, 1e-3)))
-    table = directions.compare_directions(found, found["exact GN"], dense, g, 1e-3).set_index("method")
+    table = direction_comparison.compare_directions(found, found["exact GN"], dense, g, 1e-3).set_index("method")
     assert table["reduction_ratio"].between(0, 1 + 1e-9).all() and table.loc[
         "exact GN", "reduction_ratio"
     ] == pytest.approx(1)
     assert table["descent"].all()  # every method's direction points downhill
-    _, one_block = directions.standard_directions(model, params, batch, dense, 1e-3, partition="full", ns_steps=None)
+    _, one_block = direction_comparison.standard_directions(
+        model, params, batch, dense, 1e-3, partition="full", ns_steps=None
+    )
     torch.testing.assert_close(flatten(one_block["layerwise GN"]), flatten(one_block["exact GN"]))

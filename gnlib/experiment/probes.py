@@ -10,7 +10,8 @@ import pandas as pd
 from gnlib.experiment.runs import GN_INNER_STEPS, RunSpec, build_run
 from gnlib.experiment.train import evaluate
 from gnlib.losses import CrossEntropy
-from gnlib.optim.directions import cosine, gn_directions
+from gnlib.optim.direction_comparison import cosine
+from gnlib.optim.directions import gn_directions
 from gnlib.params import flatten
 from gnlib.runtime import check_choice, resolve_device
 

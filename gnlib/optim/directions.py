@@ -1,40 +1,14 @@
-"""Update directions of second-order methods and their approximations, and how close they come to exact GN.
+"""Update directions of second-order methods and their approximations, as functions of a curvature and a gradient.
 
-At parameters θ on one batch, with gradient g = ∇ℓ and GGN G (:mod:`gnlib.curvature`), the exact
-(damped) Gauss-Newton direction is d* = −(G + λI)⁻¹ g, the minimizer of the damped GN quadratic
-m(d) = gᵀd + ½ dᵀ(G + λI)d. Each other direction here replaces G⁻¹ (or G^-½) by something cheaper:
+The exact damped Gauss-Newton direction −(G + λI)⁻¹ g (dense solve or conjugate gradients), layerwise GN,
+and the directions of diagonal GGN, Adam, Shampoo, SOAP and Muon with the per-sample statistics they are
+built from; K-FAC is in :mod:`gnlib.optim.kfac`, the comparison with exact GN in
+:mod:`gnlib.optim.direction_comparison`. A curvature is a dense (n, n) tensor or an operator; gradients and
+directions are params dicts or their flat view. :func:`gn_directions` takes one cold-started GaussNewton
+outer step per partition and returns each direction; :func:`adam_second_moment` reads the v̂ a trained
+torch Adam holds.
 
-================  ==========================================================================================
-layerwise GN      −(blockdiag(G) + λI)⁻¹ g, one solve per block of a partition (the study's layerwise GN)
-diagonal GGN      −g / (diag(G) + λ)
-Adam              −g / (√v + ε), v = mean_i g_i² the second moment of per-sample gradients g_i (the
-                  fixed point of Adam's squared-gradient EMA if batches were single samples), or any v
-Shampoo           −L^-¼ G_W R^-¼ per matrix W, L = mean_i G_i G_iᵀ, R = mean_i G_iᵀ G_i from per-sample
-                  gradient matrices G_i; Adam for tensors that are not matrices
-SOAP              Adam in the eigenbasis of Shampoo's L and R: −Q_L (Ĝ / (√v̂ + ε)) Q_Rᵀ with Ĝ = Q_Lᵀ G_W Q_R,
-                  v̂ = mean_i (Q_Lᵀ G_i Q_R)²; Adam for tensors that are not matrices
-K-FAC             −(B ⊗ A + λI)⁻¹ g per linear layer, A = input second moment, B = output-gradient second
-                  moment (so G_WW ≈ B ⊗ A); the diagonal-GGN direction for every other tensor
-Muon              −lr · max(1, rows/cols)^½ · UVᵀ per hidden matrix (G_W = U S Vᵀ, the polar factor that
-                  Muon's Newton-Schulz iteration approximates), −adamw_lr · Adam on the other tensors
-================  ==========================================================================================
-
-The comparison measures are the cosine with d* and the reduction of the damped quadratic along each
-direction at its best step: α* = −gᵀd / dᵀ(G + λI)d gives m(α*d) = −(gᵀd)² / (2 dᵀ(G + λI)d). Its
-ratio to the exact direction's reduction ½ gᵀ(G + λI)⁻¹g is the squared cosine between d and d* in the
-(G + λI) inner product, so it lies in [0, 1], equals 1 only along d*, and ignores the scale of d.
-
-Shapes and forms. A *curvature* is a dense symmetric (n, n) tensor or an operator (the protocol of
-:class:`gnlib.curvature.operators.LinearOperator`, e.g. :class:`gnlib.curvature.GGNOperator`); dense ones are
-solved by ``torch.linalg.solve``, operators by conjugate gradients. Gradients and
-directions are params dicts or their flat view (:func:`gnlib.params.flatten`); functions that only need
-flat vectors give back the form they were given, the others (Shampoo, SOAP, K-FAC, Muon) need dicts.
-
-Probes on a model. :func:`gn_directions` takes one cold-started GaussNewton outer step per partition
-(full GN, layerwise GN, custom blocks) on the same inner batches from the same anchor and returns each
-pre-line-search direction (:func:`gnlib.experiment.probes.direction_cosines` trains a full-GN run and
-compares the partitions' directions with full GN's at chosen steps); :func:`adam_second_moment` reads
-the second moment v̂ a torch Adam holds after training, for :func:`adam_direction`.
+docs/directions.md has the table of methods, the comparison maths and the shapes each function takes.
 """
 
 from __future__ import annotations
@@ -44,24 +18,20 @@ from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from typing import Any, NamedTuple
 
-import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gnlib.curvature import gradient
-from gnlib.curvature.blocks import BlockDiagonalOperator, block_indices, resolve_partition
-from gnlib.losses import MSE, CrossEntropy, Loss
+from gnlib.curvature.blocks import BlockDiagonalOperator, block_indices
+from gnlib.losses import CrossEntropy, Loss
 from gnlib.optim.factory import split_params
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.optim.hessian_free import conjugate_gradient
-from gnlib.params import Params, check_like, flatten, unflatten
-from gnlib.runtime import check_choice
+from gnlib.params import Params, flatten, unflatten
 
 Vector = Tensor | Mapping[str, Tensor]
 Batch = tuple[Tensor, Tensor]
 
-FISHER_TYPES = ["mc", "exact"]
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the reference Muon's quintic coefficients
 
 
@@ -449,323 +419,7 @@ def muon_direction(
 
 
 # ---------------------------------------------------------------------------------------------------
-# K-FAC
-
-
-class KroneckerFactors(NamedTuple):
-    """K-FAC's approximation G_WW ≈ B ⊗ A of one linear layer's GGN block (row-major vec of W, (out, in)).
-
-    Attributes:
-        input: A = (1/n) Σ_t a_t a_tᵀ over the n positions, a_t the layer input with a trailing 1 when
-            the layer has a bias, (in[+1], in[+1]).
-        output: B = E Σ_t b_t b_tᵀ, b_t the gradient of the output-space vector ũᵀz at the layer output
-            (ũ with E ũũᵀ = H_z per position), (out, out).
-        bias: name of the bias folded into the last input column, or None.
-    """
-
-    input: Tensor
-    output: Tensor
-    bias: str | None
-
-
-def _qualified(module: str, leaf: str) -> str:
-    """Parameter name of ``leaf`` in the module named ``module`` ("" for the root)."""
-    return f"{module}.{leaf}" if module else leaf
-
-
-def _output_factors(
-    loss: Loss, z: Tensor, targets: Tensor, fisher: str, mc_samples: int, generator: torch.Generator
-) -> list[Tensor]:
-    """Output-space vectors ũ_k (shape of z) with Σ_k ũ_k ũ_kᵀ ≈ H_z within each position.
-
-    ``"exact"``: the columns of a square root of each position's Hessian, summed over positions
-    (cross-position products are kept, so exact only when positions do not interact in the model).
-    ``"mc"``: ũ = ∇_z ℓ at targets sampled from the model's predictive distribution, times √n / √S for
-    S samples (unbiased, cross-position terms vanish in expectation).
-    """
-    n = z.numel() // z.shape[-1]
-    classes = z.shape[-1]
-    if isinstance(loss, CrossEntropy):
-        p = torch.softmax(z, dim=-1)
-        if fisher == "exact":
-            # diag(√p) − p √pᵀ is a square root of diag(p) − ppᵀ because Σ p = 1
-            root = torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)
-            return [root[..., c] / n**0.5 for c in range(classes)]
-        flat_p = p.reshape(-1, classes)
-        samples = [
-            torch.multinomial(flat_p.cpu(), 1, generator=generator).to(z.device).reshape(z.shape[:-1])
-            for _ in range(mc_samples)
-        ]
-        return [
-            (p - torch.nn.functional.one_hot(y, classes).to(p.dtype)) * (n / mc_samples) ** 0.5 / n for y in samples
-        ]
-    if isinstance(loss, MSE):
-        if fisher == "exact":
-            eye = torch.eye(classes, dtype=z.dtype, device=z.device)
-            return [eye[c].expand_as(z) / n**0.5 for c in range(classes)]
-        noise = [torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) for _ in range(mc_samples)]
-        return [e / (n * mc_samples) ** 0.5 for e in noise]
-    raise ValueError(f"loss={type(loss).__name__} is not supported by kfac_factors; allowed values: CrossEntropy, MSE")
-
-
-def kfac_factors(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: Batch,
-    loss: Loss = CrossEntropy(),
-    *,
-    fisher: str = "mc",
-    mc_samples: int = 1,
-    seed: int = 0,
-) -> dict[str, KroneckerFactors]:
-    """K-FAC factors of every ``nn.Linear`` whose weight is a parameter, from forward hooks and backward passes.
-
-    One forward at ``params`` records each linear layer's inputs a (positions × in) and outputs s; then
-    for each output-space vector ũ (see ``fisher``) one backward gives b = ∂(ũᵀz)/∂s and adds bᵀb to B.
-    A = aᵀa / n over the n positions (with a column of ones appended for a bias). For one layer with
-    inputs that do not depend on θ and an MSE loss, B ⊗ A is that layer's GGN block exactly; in a
-    transformer positions share weights and interact, and B ⊗ A is the "K-FAC expand" approximation.
-
-    Args:
-        model: the model (any module whose linear layers are ``nn.Linear``).
-        params: where the factors are taken (params dict in ``named_parameters()`` order).
-        batch: ``(inputs, targets)``.
-        loss: :class:`~gnlib.losses.CrossEntropy` or :class:`~gnlib.losses.MSE`.
-        fisher: ``"mc"``: ũ from ``mc_samples`` targets sampled from the model's predictive distribution
-            (the Fisher, equal to the GGN for these losses, in expectation); ``"exact"``: ũ the columns of
-            the per-position square root of H_z (one backward per output class; exact when positions
-            do not interact, e.g. an MLP on rows).
-        mc_samples: samples for ``"mc"``.
-        seed: seeds the sampled targets.
-
-    Returns:
-        weight name → :class:`KroneckerFactors` for each ``nn.Linear`` whose weight is named in ``params``
-        (a head tied to the embedding is not: it is named ``embed.weight``); other tensors are left out.
-
-    Raises:
-        ValueError: unknown ``fisher``, ``mc_samples`` < 1, or a loss other than CrossEntropy/MSE.
-    """
-    check_choice("fisher", fisher, FISHER_TYPES)
-    if mc_samples < 1:
-        raise ValueError(f"mc_samples={mc_samples!r} must be >= 1")
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _qualified(name, "weight") in params
-    }
-    records: dict[str, tuple[Tensor, Tensor]] = {}
-    hooks = [
-        module.register_forward_hook(lambda mod, args, out, name=name: records.__setitem__(name, (args[0], out)))
-        for name, module in linears.items()
-    ]
-    inputs, targets = batch
-    leaves = {name: t.detach().requires_grad_() for name, t in params.items()}
-    try:
-        z = functional_call(model, leaves, (inputs,))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    names = list(records)
-    outputs = [records[name][1] for name in names]
-    generator = torch.Generator().manual_seed(seed)
-    second = {name: 0.0 for name in names}
-    for u in _output_factors(loss, z.detach(), targets, fisher, mc_samples, generator):
-        grads = torch.autograd.grad(z, outputs, grad_outputs=u, retain_graph=True, allow_unused=True)
-        for name, s, b in zip(names, outputs, grads):
-            b = (torch.zeros_like(s) if b is None else b).reshape(-1, s.shape[-1])
-            second[name] = second[name] + b.T @ b
-    factors = {}
-    for name in names:
-        a = records[name][0].detach()
-        a = a.reshape(-1, a.shape[-1])
-        bias = _qualified(name, "bias") if linears[name].bias is not None else None
-        if bias is not None:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-        factors[_qualified(name, "weight")] = KroneckerFactors(a.T @ a / a.shape[0], second[name].detach(), bias)
-    return factors
-
-
-def kfac_direction(
-    g: Mapping[str, Tensor],
-    factors: Mapping[str, KroneckerFactors],
-    damping: float,
-    diagonal: Vector | None = None,
-) -> Params:
-    """K-FAC: −(B ⊗ A + λI)⁻¹ g_W per layer (weight and bias together), −g / (diag(G) + λ) elsewhere.
-
-    The damping is exact, not factored: with A = Q_A Λ_A Q_Aᵀ and B = Q_B Λ_B Q_Bᵀ the layer's step is
-    −Q_B [(Q_Bᵀ Ĝ Q_A) / (λ_B λ_Aᵀ + λ)] Q_Aᵀ, Ĝ = [G_W | g_b] the weight gradient with the bias gradient
-    as its last column.
-
-    Args:
-        g: gradient (params dict).
-        factors: from :func:`kfac_factors`.
-        damping: λ ≥ 0.
-        diagonal: diag(G) as a params dict or flat vector (:func:`curvature_diagonal`), needed when some
-            tensor is in no factor.
-
-    Raises:
-        ValueError: a tensor outside the factors and no ``diagonal``.
-    """
-    _check_dict(g, "kfac_direction")
-    _check_damping(damping)
-    covered = set(factors) | {f.bias for f in factors.values() if f.bias is not None}
-    rest = [name for name in g if name not in covered]
-    out: Params = {}
-    if rest:
-        if diagonal is None:
-            raise ValueError(f"tensors {rest} have no Kronecker factors: pass diagonal= (diag(G)) for them")
-        diagonal = unflatten(diagonal, g) if isinstance(diagonal, Tensor) else diagonal
-        check_like(diagonal, g, "diagonal")
-        out.update({name: diagonal_direction(diagonal[name], g[name], damping) for name in rest})
-    for name, (a, b, bias) in factors.items():
-        grad = g[name] if bias is None else torch.cat([g[name], g[bias].unsqueeze(1)], dim=1)
-        values_a, q_a = torch.linalg.eigh(a)
-        values_b, q_b = torch.linalg.eigh(b)
-        scaled = (q_b.T @ grad @ q_a) / (torch.outer(values_b, values_a) + damping)
-        step = -q_b @ scaled @ q_a.T
-        out[name] = step if bias is None else step[:, :-1]
-        if bias is not None:
-            out[bias] = step[:, -1]
-    return {name: out[name] for name in g}
-
-
-# ---------------------------------------------------------------------------------------------------
-# all of them at once
-
-
-METHODS = ("exact GN", "layerwise GN", "diagonal GGN", "K-FAC", "Shampoo", "SOAP", "Adam", "Muon", "gradient")
-
-
-def standard_directions(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: Batch,
-    curvature: Any,
-    damping: float,
-    *,
-    loss: Loss = CrossEntropy(),
-    partition: str | Mapping[str, list[str]] = "per_layer",
-    adam_eps: float = 1e-8,
-    shampoo_eps: float = 1e-6,
-    kfac_fisher: str = "mc",
-    kfac_samples: int = 16,
-    ns_steps: int | None = 5,
-    diagonal_probes: int | None = None,
-    seed: int = 0,
-    tol: float = 1e-10,
-    max_iter: int | None = None,
-) -> tuple[Params, dict[str, Params]]:
-    """The gradient and the direction of every method of the module's table (:data:`METHODS`) at ``params``.
-
-    All statistics come from ``batch``: g and the per-sample gradients (Adam's v, Shampoo's and SOAP's
-    L and R), diag(G) (exact, or ``diagonal_probes`` Rademacher probes for an operator), K-FAC factors
-    from ``kfac_samples`` sampled targets (``kfac_fisher``). "gradient" is −g, for reference.
-
-    Args:
-        model: the model.
-        params: where the directions are taken.
-        batch: the batch every statistic comes from.
-        curvature: the GGN on ``batch`` (dense tensor or operator).
-        damping: λ of exact GN, layerwise GN, diagonal GGN and K-FAC.
-        loss: the training loss.
-        partition: blocks of layerwise GN (a :func:`gnlib.curvature.blocks.resolve_partition` spec).
-        adam_eps: ε of Adam, SOAP, and the Adam parts of Shampoo and Muon.
-        shampoo_eps: Shampoo's relative ε.
-        kfac_fisher: ``fisher`` of :func:`kfac_factors`.
-        kfac_samples: ``mc_samples`` of :func:`kfac_factors`.
-        ns_steps: Muon's Newton-Schulz steps (None: exact polar factor).
-        diagonal_probes: see :func:`curvature_diagonal`.
-        seed: seeds K-FAC's samples and the diagonal's probes.
-        tol: relative residual of the conjugate-gradient solves (operator ``curvature`` only).
-        max_iter: iteration cap of those solves.
-
-    Returns:
-        ``(g, directions)``: the gradient and method name → direction, all params dicts.
-    """
-    _, g = gradient(model, params, batch, loss)
-    samples = per_sample_gradients(model, params, batch, loss)
-    v = second_moment(samples)
-    statistics = kronecker_statistics(samples)
-    diagonal = unflatten(curvature_diagonal(curvature, n_probes=diagonal_probes, seed=seed), g)
-    factors = kfac_factors(model, params, batch, loss, fisher=kfac_fisher, mc_samples=kfac_samples, seed=seed)
-    layers = resolve_partition(partition, params)
-    directions = {
-        "exact GN": gn_direction(curvature, g, damping, tol=tol, max_iter=max_iter),
-        "layerwise GN": layerwise_gn_direction(curvature, g, layers, params, damping, tol=tol, max_iter=max_iter),
-        "diagonal GGN": diagonal_direction(diagonal, g, damping),
-        "K-FAC": kfac_direction(g, factors, damping, diagonal),
-        "Shampoo": shampoo_direction(g, statistics, v, eps=shampoo_eps, adam_eps=adam_eps),
-        "SOAP": soap_direction(g, statistics, samples, eps=adam_eps),
-        "Adam": adam_direction(v, g, adam_eps),
-        "Muon": muon_direction(g, v, ns_steps=ns_steps, eps=adam_eps),
-        "gradient": {name: -t for name, t in g.items()},
-    }
-    return g, directions
-
-
-# ---------------------------------------------------------------------------------------------------
-# comparison
-
-
-def cosine(a: Vector, b: Vector) -> float:
-    """aᵀb / (‖a‖‖b‖) of two vectors (dicts or tensors of any one shape); nan when either is zero."""
-    flat_a, flat_b = _flat(a).reshape(-1), _flat(b).reshape(-1)
-    norms = flat_a.norm() * flat_b.norm()
-    return float("nan") if norms == 0 else (flat_a @ flat_b / norms).item()
-
-
-def blockwise_cosine(
-    a: Vector, b: Vector, partition: Mapping[str, list[str]], params_like: nn.Module | Mapping[str, Tensor]
-) -> dict[str, float]:
-    """Cosine of the two vectors restricted to each block of ``partition`` (block name → cosine)."""
-    flat_a, flat_b = _flat(a), _flat(b)
-    return {
-        block: cosine(flat_a[index.to(flat_a.device)], flat_b[index.to(flat_b.device)])
-        for block, index in block_indices(partition, params_like).items()
-    }
-
-
-def quadratic_reduction(curvature: Any, g: Vector, d: Vector, damping: float) -> float:
-    """Decrease of the damped GN quadratic m(αd) at the best step: (gᵀd)² / (2 dᵀ(C + λI)d) (0 for d = 0)."""
-    _check_damping(damping)
-    flat_g, flat_d = _flat(g), _flat(d)
-    _check_vector(flat_d, _size(curvature), "d")
-    curvature_d = (curvature @ flat_d) @ flat_d + damping * flat_d @ flat_d
-    if curvature_d == 0:
-        return 0.0
-    return ((flat_g @ flat_d) ** 2 / (2 * curvature_d)).item()
-
-
-def compare_directions(
-    directions: Mapping[str, Vector], exact: Vector, curvature: Any, g: Vector, damping: float
-) -> pd.DataFrame:
-    """A table comparing each direction with the exact one on the damped GN quadratic.
-
-    Returns:
-        One row per direction: ``method``, ``cosine`` with ``exact``, ``reduction``
-        (:func:`quadratic_reduction`), ``reduction_ratio`` (to the exact direction's reduction, in [0, 1])
-        and ``descent`` (gᵀd < 0).
-
-    Raises:
-        ValueError: the exact direction does not reduce the quadratic (zero gradient).
-    """
-    best = quadratic_reduction(curvature, g, exact, damping)
-    if best <= 0:
-        raise ValueError("the exact direction reduces the quadratic by 0: is the gradient zero?")
-    rows = []
-    for method, d in directions.items():
-        reduction = quadratic_reduction(curvature, g, d, damping)
-        rows.append(
-            {
-                "method": method,
-                "cosine": cosine(d, exact),
-                "reduction": reduction,
-                "reduction_ratio": reduction / best,
-                "descent": bool(_flat(g) @ _flat(d) < 0),
-            }
-        )
-    return pd.DataFrame(rows)
+# paths
 
 
 def follow(direction: Callable[[Tensor], Tensor], start: Tensor, steps: int, lr: float = 1.0) -> Tensor:
