@@ -210,107 +210,23 @@ def run_benchmark(
         model, to compare with ``ratio``). With ``compile``: ``compile_seconds`` (first call of each
         compiled measurement) and ``compiled_inner_over_grad``.
     """
-    check_choice("preset", preset, PRESETS)
     dev = resolve_device(device)
-    if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
-        raise ValueError(f"repeats={repeats}, batch={batch} and threads={threads} must be positive")
-    if outer_repeats < 0:
-        raise ValueError(f"outer_repeats={outer_repeats} must be >= 0")
+    chosen = _chosen(preset, batch, repeats, threads, outer_repeats, measurements)
     outer_repeats = min(outer_repeats, repeats)
-    chosen = set(MEASUREMENTS if measurements is None else measurements) | {"grad"}
-    for name in chosen:
-        check_choice("measurements", name, MEASUREMENTS)
     if threads is not None:
         torch.set_num_threads(threads)
     model = build_model(preset, seed=seed, device=dev, **model_overrides)
     seq_len = model.config.max_seq_len if seq_len is None else seq_len
     if not 1 <= seq_len <= model.config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} must be in [1, {model.config.max_seq_len}] for preset {preset!r}")
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(model.config.vocab_size, (batch, seq_len + 1), generator=generator).to(dev)
-    data = (tokens[:, :-1], tokens[:, 1:])
-    loss = CrossEntropy()
-    params = params_of(model)
-    v = {name: torch.randn(p.shape, generator=generator).to(dev, p.dtype) * 1e-3 for name, p in params.items()}
-    lin = curvature.linearize(model, params, data, loss)
-    weights = list(model.parameters())
-
-    def grad_step() -> object:
-        return torch.autograd.grad(loss.value(model(data[0]), data[1]), weights)
-
-    def ggn_vp_torch_func() -> object:
-        def f(p: dict) -> torch.Tensor:
-            return functional_call(model, p, (data[0],))
-
-        z, jv = torch.func.jvp(f, (params,), (v,))
-        _, vjp_fn = torch.func.vjp(f, params)
-        return vjp_fn(loss.hvp(z, data[1], jv))
-
-    fns: dict[str, Callable[[], object]] = {
-        "grad": grad_step,
-        "gn_inner_step": lambda: curvature.gn_inner_step(model, params, v, data, loss),
-        "ggn_vp_cached": lambda: lin.ggn_vp(v),
-        "hvp": lambda: curvature.hvp(model, params, data, v, loss),
-        "ggn_vp_torch_func": ggn_vp_torch_func,
-        "linearize": lambda: curvature.linearize(model, params, data, loss),
-    }
-    partition = per_layer(model)
-    blocks = [{name: v[name] for name in names} for names in partition.values()]
-    fns["layerwise_inner_step"] = lambda: curvature.layerwise_inner_steps(model, params, blocks, data, loss)
-    counts = {"gn_inner_step": (1, 1, 1)}
-    if "layerwise_inner_step" in chosen:
-        counts["layerwise_inner_step"] = layerwise_pass_counts(model, list(partition.values()), data[0])
-    defaults = GaussNewtonOptions()  # the line search a default GaussNewton step runs
-    search_costs: list[PassCount] = []
-
-    def timed_line_search() -> object:
-        search_costs.append(PassCount())
-        batches = [data] * defaults.line_search_batches
-        return line_search(model, loss, params, v, batches, grid=defaults.line_search, cost=search_costs[-1])
-
-    fns["line_search"] = timed_line_search
-    outer: dict[str, dict] = {}  # name -> diagnostics of its last outer step
-
-    def recorded(name: str, optimizer: GaussNewton) -> Callable[[], None]:
-        return lambda: outer.update({name: optimizer.step()})
-
-    if outer_repeats and "outer_step_full" in chosen:
-        fns["outer_step_full"] = recorded("outer_step_full", GaussNewton(copy.deepcopy(model), lambda: data))
-    if outer_repeats and "outer_step_layerwise" in chosen:
-        layerwise = GaussNewton(copy.deepcopy(model), lambda: data, blocks="per_layer")
-        fns["outer_step_layerwise"] = recorded("outer_step_layerwise", layerwise)
-    compile_seconds: dict[str, float] = {}
-    if compile:
-        compiled_model, compiled_inner = torch.compile(model), torch.compile(curvature.gn_inner_step)
-        fns["grad_compiled"] = lambda: torch.autograd.grad(loss.value(compiled_model(data[0]), data[1]), weights)
-        fns["gn_inner_step_compiled"] = lambda: compiled_inner(model, params, v, data, loss)
-    fns = {name: fns[name] for name in MEASUREMENTS + COMPILED if name in fns and name in chosen | set(COMPILED)}
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    faults: dict[str, list[int]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            if name in OUTER and round_ > outer_repeats:
-                continue
-            synchronize(dev)
-            start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_page_faults()
-            fn()
-            synchronize(dev)
-            if round_:  # round 0 is the warmup (and compiles)
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-                faults[name].append(minor_page_faults() - start_faults)
-            elif name in COMPILED:
-                compile_seconds[name] = time.perf_counter() - start
+    setup = _Setup(model, batch, seq_len, seed, dev)
+    fns = setup.measurements(chosen, outer_repeats, compile)
+    wall, cpu, faults, compile_seconds = _time(fns, dev, repeats, outer_repeats)
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
-    minor_faults = {name: round(statistics.median(n)) for name, n in faults.items()}
     peak = {name: peak_memory(fns[name], dev) for name in PEAK_MEASUREMENTS if name in fns}
     flops = {name: count_flops(fn) for name, fn in fns.items() if name not in COMPILED}
-    if search_costs:
-        counts["line_search"] = (search_costs[-1].forward, search_costs[-1].tangent, search_costs[-1].backward)
-    counts.update({name: tuple(d[f"{k}_passes"] for k in PASSES) for name, d in outer.items()})
-    counts = {name: n for name, n in counts.items() if name in fns}
+    counts = {name: n for name, n in setup.pass_counts().items() if name in fns}
     measured = measure_pass_costs(model, batch, seq_len, repeats=repeats, use_cache=False)
     pass_costs = {"measured": {k: measured[k] for k in PASSES}, "flops": dict(FLOP_PASS_COSTS)}
     priced = {
@@ -338,10 +254,10 @@ def run_benchmark(
         "ratio": {name: ms[name] / ms["grad"] for name in fns if name != "grad"},
         "cpu_ms": cpu_ms,
         "cpu_ratio": {name: cpu_ms[name] / cpu_ms["grad"] for name in fns if name != "grad"},
-        "minor_faults": minor_faults,
+        "minor_faults": {name: round(statistics.median(n)) for name, n in faults.items()},
         "flops": flops,
         "flop_ratio": {name: flops[name] / flops["grad"] for name in flops if name != "grad"},
-        "layerwise_blocks": len(partition),
+        "layerwise_blocks": len(setup.partition),
         "peak_mem_bytes": peak,
         **_inner_step_ratios(ms, flops, peak),
         "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "torch.profiler CPU allocations",
@@ -350,6 +266,124 @@ def run_benchmark(
         "priced": priced,
         **compiled,
     }
+
+
+def _chosen(
+    preset: str, batch: int, repeats: int, threads: int | None, outer_repeats: int, measurements: Collection[str] | None
+) -> set[str]:
+    """The measurements to run (``grad`` always), after checking every argument; a ValueError names the bad one."""
+    check_choice("preset", preset, PRESETS)
+    if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"repeats={repeats}, batch={batch} and threads={threads} must be positive")
+    if outer_repeats < 0:
+        raise ValueError(f"outer_repeats={outer_repeats} must be >= 0")
+    chosen = set(MEASUREMENTS if measurements is None else measurements) | {"grad"}
+    for name in chosen:
+        check_choice("measurements", name, MEASUREMENTS)
+    return chosen
+
+
+class _Setup:
+    """One model, one random (B, T) batch, a direction v (1e-3 · N(0, 1)), and the measurements over them."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, seq_len: int, seed: int, dev: torch.device) -> None:
+        """Draw the batch and v from ``seed``; record the study's per-layer partition."""
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(model.config.vocab_size, (batch, seq_len + 1), generator=generator).to(dev)
+        self.model, self.data, self.loss = model, (tokens[:, :-1], tokens[:, 1:]), CrossEntropy()
+        self.params = params_of(model)
+        self.v = {n: torch.randn(p.shape, generator=generator).to(dev, p.dtype) * 1e-3 for n, p in self.params.items()}
+        self.partition = per_layer(model)
+        self.search_costs: list[PassCount] = []
+        self.outer: dict[str, dict] = {}  # name -> diagnostics of its last outer step
+        self.counts: dict[str, tuple] = {"gn_inner_step": (1, 1, 1)}
+
+    def measurements(self, chosen: set[str], outer_repeats: int, compile: bool) -> dict[str, Callable[[], object]]:
+        """Name -> zero-argument callable for every measurement to time, in :data:`MEASUREMENTS` order."""
+        model, data, loss, params, v = self.model, self.data, self.loss, self.params, self.v
+        lin = curvature.linearize(model, params, data, loss)
+        weights = list(model.parameters())
+        blocks = [{name: v[name] for name in names} for names in self.partition.values()]
+        fns: dict[str, Callable[[], object]] = {
+            "grad": lambda: torch.autograd.grad(loss.value(model(data[0]), data[1]), weights),
+            "gn_inner_step": lambda: curvature.gn_inner_step(model, params, v, data, loss),
+            "ggn_vp_cached": lambda: lin.ggn_vp(v),
+            "hvp": lambda: curvature.hvp(model, params, data, v, loss),
+            "ggn_vp_torch_func": self._ggn_vp_torch_func,
+            "linearize": lambda: curvature.linearize(model, params, data, loss),
+            "layerwise_inner_step": lambda: curvature.layerwise_inner_steps(model, params, blocks, data, loss),
+            "line_search": self._line_search,
+        }
+        if "layerwise_inner_step" in chosen:
+            self.counts["layerwise_inner_step"] = layerwise_pass_counts(model, list(self.partition.values()), data[0])
+        if outer_repeats and "outer_step_full" in chosen:
+            fns["outer_step_full"] = self._recorded("outer_step_full", GaussNewton(copy.deepcopy(model), lambda: data))
+        if outer_repeats and "outer_step_layerwise" in chosen:
+            layerwise = GaussNewton(copy.deepcopy(model), lambda: data, blocks="per_layer")
+            fns["outer_step_layerwise"] = self._recorded("outer_step_layerwise", layerwise)
+        if compile:
+            compiled_model, compiled_inner = torch.compile(model), torch.compile(curvature.gn_inner_step)
+            fns["grad_compiled"] = lambda: torch.autograd.grad(loss.value(compiled_model(data[0]), data[1]), weights)
+            fns["gn_inner_step_compiled"] = lambda: compiled_inner(model, params, v, data, loss)
+        return {name: fns[name] for name in MEASUREMENTS + COMPILED if name in fns and name in chosen | set(COMPILED)}
+
+    def pass_counts(self) -> dict[str, tuple]:
+        """(forwards, tangents, backwards) of the inner steps, the last line search and the last outer steps."""
+        counts = dict(self.counts)
+        if self.search_costs:
+            last = self.search_costs[-1]
+            counts["line_search"] = (last.forward, last.tangent, last.backward)
+        counts.update({name: tuple(d[f"{k}_passes"] for k in PASSES) for name, d in self.outer.items()})
+        return counts
+
+    def _ggn_vp_torch_func(self) -> object:
+        def f(p: dict) -> torch.Tensor:
+            return functional_call(self.model, p, (self.data[0],))
+
+        z, jv = torch.func.jvp(f, (self.params,), (self.v,))
+        _, vjp_fn = torch.func.vjp(f, self.params)
+        return vjp_fn(self.loss.hvp(z, self.data[1], jv))
+
+    def _line_search(self) -> object:
+        """The line search a default GaussNewton step runs, along v."""
+        defaults = GaussNewtonOptions()
+        self.search_costs.append(PassCount())
+        batches = [self.data] * defaults.line_search_batches
+        return line_search(
+            self.model, self.loss, self.params, self.v, batches, grid=defaults.line_search, cost=self.search_costs[-1]
+        )
+
+    def _recorded(self, name: str, optimizer: GaussNewton) -> Callable[[], None]:
+        return lambda: self.outer.update({name: optimizer.step()})
+
+
+def _time(
+    fns: dict[str, Callable[[], object]], dev: torch.device, repeats: int, outer_repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[int]], dict[str, float]]:
+    """Wall seconds, CPU seconds and minor page faults per call of every measurement after a warmup round.
+
+    Round 0 is the warmup (and compiles: its seconds are the compile time of the compiled measurements);
+    the outer steps run in the first ``outer_repeats`` timed rounds only.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
+    compile_seconds: dict[str, float] = {}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            if name in OUTER and round_ > outer_repeats:
+                continue
+            synchronize(dev)
+            start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_page_faults()
+            fn()
+            synchronize(dev)
+            if round_:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+                faults[name].append(minor_page_faults() - start_faults)
+            elif name in COMPILED:
+                compile_seconds[name] = time.perf_counter() - start
+    return wall, cpu, faults, compile_seconds
 
 
 def format_table(result: dict) -> str:
