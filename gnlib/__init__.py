@@ -36,8 +36,8 @@ from gnlib.data.pipeline import after_warmup, build_run_data
 from gnlib.data.stream import PackedStream
 from gnlib.data.tokenizers import make_tokenizer
 from gnlib.experiment.history import History
+from gnlib.experiment.lr_choice import lr_sweep
 from gnlib.experiment.runs import OPTIMIZERS, RunSpec, run, steps_to_target
-from gnlib.experiment.study import lr_sweep
 from gnlib.experiment.train import train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config

@@ -8,17 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
+from gnlib.experiment.lr_choice import choose_lr, lr_sweep
+from gnlib.experiment.method_comparison import gain_share, gain_summary, ratio_table
 from gnlib.experiment.runs import RunSpec, run
 from gnlib.experiment.study import (
     STUDY_COLUMNS,
     batch_size_study,
-    choose_lr,
     critical_batch_size,
     fit_critical_batch,
-    gain_share,
-    gain_summary,
-    lr_sweep,
-    ratio_table,
     study_spec,
     study_table_from_sweep,
     variant_label,

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from gnlib.experiment.study import choose_lr
+from gnlib.experiment.lr_choice import choose_lr
 from gnlib.notebook.tables import readable_summary, study_to_target
 
 

@@ -1,23 +1,14 @@
-"""The study: shared warm-up, LR tuning, the batch-size study, critical batch size and step ratios.
+"""The study: a shared warm-up, equal-token runs per optimizer and batch size, and the critical batch size.
 
-Built on :mod:`gnlib.experiment.runs` (one run from a :class:`~gnlib.experiment.runs.RunSpec`, and its summary row).
-
-The study's protocol (docs/study.md, section "Method") on top of it:
-
-- every optimizer starts from one shared checkpoint, a short AdamW warm-up (:func:`warmup_checkpoint`,
-  cached under ``outputs/warmup/<hash of its settings>/model.pt``) and is evaluated on one fixed
-  validation set (the ``val_batches`` first windows of the validation split, whatever the run's seed);
-- the token batch of one outer step is ``m`` micro-batches of ``batch_size × seq_len`` tokens: Gauss-Newton
-  takes ``inner_steps = m`` inner batches, the first-order baselines ``accumulation = m``, so every method
-  is compared at **equal tokens per outer step** (GN's line-search batches come on top, and are counted
-  in its cost);
-- each optimizer's LR is tuned per batch size on its own grid (:func:`choose_lr`; a best LR at a grid
-  edge is flagged), each setting is repeated over seeds (the seed drives the training batch stream; the
-  starting point is the shared checkpoint);
-- results: steps to a target validation loss, their cost in gradient-step equivalents (a baseline pays 1
-  per micro-batch; GN its ``grad_equivalents`` diagnostic, summed up to the target), the critical batch
-  size (:func:`critical_batch_size`) and each baseline's steps over GN's (:func:`ratio_table`); at one
-  batch size, each method against full GN and a baseline (:func:`gain_summary`).
+Built on :mod:`gnlib.experiment.runs`. Every optimizer starts from one shared AdamW warm-up
+(:func:`warmup_checkpoint`, cached under ``outputs/warmup/<hash of its settings>/model.pt``) and is evaluated
+on one fixed validation set. The token batch of one outer step is ``m`` micro-batches: Gauss-Newton takes
+``inner_steps = m`` inner batches, the first-order baselines ``accumulation = m``, so every method is compared
+at equal tokens per outer step (:func:`study_spec`; GN's line-search batches come on top and are counted in its
+cost). :func:`batch_size_study` runs every optimizer × batch × LR × seed, each LR tuned per batch size
+(:mod:`gnlib.experiment.lr_choice`); :func:`study_table_from_sweep` reads the same table from a sweep of
+notebook 02; :func:`critical_batch_size` reads off where doubling the batch stops nearly halving the steps.
+Ratios between methods and gain shares are in :mod:`gnlib.experiment.method_comparison`.
 """
 
 from __future__ import annotations
@@ -35,6 +26,8 @@ import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
 from gnlib.distributed import barrier, is_main
+from gnlib.experiment.lr_choice import choose_lr
+from gnlib.experiment.method_comparison import tuned_medians
 from gnlib.experiment.run_folder import CHECKPOINT, run_folder_lock
 from gnlib.experiment.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
 from gnlib.experiment.sweep_results import MANIFEST_FILE, read_results_table
@@ -47,94 +40,6 @@ from gnlib.runtime import (
     output_path,
     resolve_device,
 )
-
-
-def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
-    """The best LR of one setting's runs (columns lr, steps_to_target, final_val_loss) and whether it is on the edge.
-
-    Best = fewest median steps to target over the runs at that LR (a run that misses the target counts
-    as infinitely many); ties, or no LR reaching it, are broken by the median final validation loss. LRs
-    are compared on the seeds that every LR of the setting ran (with a ``seed`` column), so seeds repeated
-    at the winner only (a sweep's ``replicate``) do not change the choice. The best is *on the edge* when
-    it is the smallest or largest LR of the grid, or the grid has one LR.
-    """
-    if "seed" in group.columns:
-        shared = set.intersection(*(set(seeds) for _, seeds in group.groupby("lr")["seed"]))
-        group = group.loc[group["seed"].isin(shared)] if shared else group
-    by_lr = (
-        group.assign(
-            _steps=group["steps_to_target"].astype(float).fillna(np.inf),
-            _loss=group["final_val_loss"].astype(float).fillna(np.inf),
-        )
-        .groupby("lr")[["_steps", "_loss"]]
-        .median()
-    )
-    best = float(by_lr.sort_values(["_steps", "_loss"]).index[0])
-    grid = sorted(by_lr.index)
-    return best, len(grid) < 2 or best in (grid[0], grid[-1])
-
-
-def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batches")) -> pd.DataFrame:
-    """Mark each setting's tuned LR: adds columns ``chosen`` (run at the best LR) and ``on_edge``.
-
-    Args:
-        table: one row per run with columns ``lr``, ``steps_to_target``, ``final_val_loss`` and ``by``.
-        by: columns that define one setting whose LR is tuned (default: per optimizer and batch size).
-
-    Returns:
-        A copy of ``table`` with ``chosen`` (bool) and ``on_edge`` (bool, the same for all rows of a
-        setting: its best LR is at an end of its grid, so the true optimum may lie outside).
-    """
-    missing = [c for c in ("lr", "steps_to_target", "final_val_loss", *by) if c not in table.columns]
-    if missing:
-        raise ValueError(f"table lacks column(s) {missing}; it has {list(table.columns)}")
-    out = table.copy()
-    out["chosen"], out["on_edge"] = False, False
-    for _, group in out.groupby(list(by), sort=False):
-        best, edge = _best_lr(group)
-        out.loc[group.index, "chosen"] = np.isclose(group["lr"].astype(float), best, rtol=1e-12, atol=0)
-        out.loc[group.index, "on_edge"] = edge
-    return out
-
-
-def lr_sweep(
-    spec: RunSpec,
-    lrs: Sequence[float],
-    target: float,
-    output_dir: str | Path | None = None,
-    *,
-    progress: bool = False,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Run ``spec`` at each learning rate in ``lrs`` and pick the best.
-
-    Best = fewest steps to ``target``; ties (or no run reaching it) are broken by the final
-    validation loss. A best LR at either end of the grid is flagged (``on_edge=True``) since the true
-    optimum may lie outside it.
-
-    Args:
-        spec: settings shared by every run; its ``lr`` is replaced.
-        lrs: the learning-rate grid (at least two values, e.g. ``np.geomspace(1e-4, 1e-1, 7)``).
-        target: validation-loss target.
-        output_dir: each run goes to ``output_dir/lr=<value>``; the table to ``output_dir/lr_sweep.csv``.
-        progress: print each run's evaluations.
-
-    Returns:
-        ``(table, best)``: one row per LR, and the best row as a dict with ``on_edge`` added.
-    """
-    grid = sorted(float(lr) for lr in lrs)
-    if len(grid) < 2:
-        raise ValueError(f"lrs must hold at least two learning rates, got {list(lrs)!r}")
-    rows = []
-    for lr in grid:
-        run_spec = dataclasses.replace(spec, lr=lr, target_loss=target)
-        run_dir = Path(output_dir) / f"lr={lr:.6g}" if output_dir is not None else None
-        rows.append({"lr": lr, **summarize(run(run_spec, run_dir, progress=progress), target)})
-    table = pd.DataFrame(rows)
-    best_lr, on_edge = _best_lr(table)
-    best = {**table.loc[table["lr"] == best_lr].iloc[0].to_dict(), "on_edge": on_edge}
-    if output_dir is not None:
-        atomic_write_text(Path(output_dir) / "lr_sweep.csv", table.to_csv(index=False))
-    return table, best
 
 
 def warmup_checkpoint(
@@ -486,18 +391,6 @@ def _sweep_grid_keys(sweep_dir: Path) -> list[str]:
     return list(dict.fromkeys(key for part in parts for key in part))
 
 
-def _chosen_steps(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:
-    """Median of ``value`` over seeds at each setting's tuned LR: index (optimizer, micro_batches).
-
-    A seed that missed the target counts as infinitely many steps, so a setting counts as reached only
-    when most of its seeds reached it (else its median is NaN: missed).
-    """
-    chosen = table.loc[table["chosen"]] if "chosen" in table.columns else table
-    chosen = chosen.assign(**{value: chosen[value].astype(float).fillna(np.inf)})
-    medians = chosen.groupby(["optimizer", "micro_batches"])[[value, "tokens_per_step"]].median()
-    return medians.replace(np.inf, np.nan)
-
-
 def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.DataFrame:
     """Per optimizer: the critical batch size, reported only where two batch sizes of the grid bracket it.
 
@@ -530,7 +423,7 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
     """
     if not 0.5 < max_ratio < 1:
         raise ValueError(f"max_ratio={max_ratio!r} must lie in (0.5, 1)")
-    steps = _chosen_steps(table)
+    steps = tuned_medians(table)
     rows = []
     for name, group in steps.groupby(level="optimizer", sort=False):
         group = group.droplevel("optimizer").sort_index()
@@ -618,75 +511,3 @@ def _fit_columns(tokens: list[int], steps: pd.Series, grid: list[int]) -> dict:
     else:
         text = f"about {float(f'{critical:.2g}'):,.0f} tokens"
     return {"fit": text, "fit_steps_min": steps_min, "fit_critical_tokens": critical}
-
-
-def ratio_table(table: pd.DataFrame, reference: str = "gn", value: str = "steps_to_target") -> pd.DataFrame:
-    """Each other optimizer's ``value`` over ``reference``'s at every batch size (median over seeds, tuned LR).
-
-    Returns:
-        Index ``micro_batches``, one column per non-reference optimizer: ratio > 1 means the reference
-        needs fewer (steps, or gradient-step equivalents with ``value="grad_equivalents_to_target"``).
-        NaN where either missed the target.
-    """
-    check_choice("reference", reference, list(dict.fromkeys(table["optimizer"])))
-    wide = _chosen_steps(table, value)[value].astype(float).unstack("optimizer")
-    others = [c for c in dict.fromkeys(table["optimizer"]) if c != reference]
-    return wide[others].div(wide[reference], axis=0)
-
-
-def gain_share(steps_baseline: float, steps_variant: float, steps_full: float) -> float:
-    """Share of full GN's gain over a baseline that a variant keeps: (S_base − S_variant) / (S_base − S_full).
-
-    1: the variant (e.g. layerwise GN) is as fast as full GN; 0: no faster than the baseline (e.g. AdamW);
-    NaN when full GN gains nothing.
-    """
-    gain = steps_baseline - steps_full
-    return float("nan") if gain <= 0 else (steps_baseline - steps_variant) / gain
-
-
-def gain_summary(table: pd.DataFrame, full: str = "gn", baseline: str = "adamw") -> pd.DataFrame:
-    """Each method at its tuned LR against full GN and a baseline, at one token batch.
-
-    With S the median steps to target over seeds at the method's tuned LR (:func:`choose_lr`'s ``chosen``
-    rows; a seed that missed counts as infinitely many, as in :func:`ratio_table`), ``vs_full`` is
-    S / S_full and ``gain_share`` is :func:`gain_share` (S_baseline, S, S_full) for every method other
-    than ``full`` and ``baseline`` (e.g. the layerwise partitions).
-
-    Args:
-        table: a :func:`batch_size_study` table at one ``micro_batches`` value, with ``chosen`` marked.
-        full: the full-GN method's name in ``table``.
-        baseline: the first-order baseline's name in ``table``.
-
-    Returns:
-        Index ``optimizer`` (in the table's order), columns ``lr``, ``on_edge``, ``steps_to_target``,
-        ``grad_equivalents_to_target`` (medians; NaN when missed), ``vs_full``, ``gain_share`` (NaN for
-        ``full`` and ``baseline``).
-
-    Raises:
-        ValueError: several batch sizes in ``table``, or ``full``/``baseline`` not among its optimizers.
-    """
-    needed = ("optimizer", "micro_batches", "lr", "steps_to_target", "grad_equivalents_to_target", "chosen", "on_edge")
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise ValueError(f"table lacks column(s) {missing}; pass a batch_size_study table (choose_lr marks chosen)")
-    batches = sorted(set(table["micro_batches"]))
-    if len(batches) != 1:
-        raise ValueError(f"table holds micro_batches {batches}; gain_summary compares methods at one batch size")
-    names = list(dict.fromkeys(table["optimizer"]))
-    check_choice("full", full, names)
-    check_choice("baseline", baseline, names)
-    tuned = table.loc[table["chosen"]].groupby("optimizer", sort=False)[["lr", "on_edge"]].first()
-    summary = tuned.assign(
-        steps_to_target=_chosen_steps(table)["steps_to_target"].droplevel("micro_batches"),
-        grad_equivalents_to_target=_chosen_steps(table, "grad_equivalents_to_target")[
-            "grad_equivalents_to_target"
-        ].droplevel("micro_batches"),
-    ).loc[names]
-    full_steps, base_steps = summary.loc[full, "steps_to_target"], summary.loc[baseline, "steps_to_target"]
-    summary["vs_full"] = summary["steps_to_target"] / full_steps
-    summary["gain_share"] = [
-        float("nan") if name in (full, baseline) else gain_share(base_steps, s, full_steps)
-        for name, s in summary["steps_to_target"].items()
-    ]
-    summary.index.name = "optimizer"
-    return summary

@@ -1,0 +1,106 @@
+"""LR tuning: each setting's best learning rate on its grid, flagged when it lies at an edge of the grid.
+
+Best = fewest median steps to the target over seeds, ties (or no LR reaching it) broken by the median final
+validation loss. :func:`choose_lr` marks the tuned runs of a study table; :func:`lr_sweep` runs one spec
+over an LR grid and picks its best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from gnlib.experiment.runs import RunSpec, run, summarize
+from gnlib.runtime import atomic_write_text
+
+
+def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
+    """The best LR of one setting's runs (columns lr, steps_to_target, final_val_loss) and whether it is on the edge.
+
+    Best = fewest median steps to target over the runs at that LR (a run that misses the target counts
+    as infinitely many); ties, or no LR reaching it, are broken by the median final validation loss. LRs
+    are compared on the seeds that every LR of the setting ran (with a ``seed`` column), so seeds repeated
+    at the winner only (a sweep's ``replicate``) do not change the choice. The best is *on the edge* when
+    it is the smallest or largest LR of the grid, or the grid has one LR.
+    """
+    if "seed" in group.columns:
+        shared = set.intersection(*(set(seeds) for _, seeds in group.groupby("lr")["seed"]))
+        group = group.loc[group["seed"].isin(shared)] if shared else group
+    by_lr = (
+        group.assign(
+            _steps=group["steps_to_target"].astype(float).fillna(np.inf),
+            _loss=group["final_val_loss"].astype(float).fillna(np.inf),
+        )
+        .groupby("lr")[["_steps", "_loss"]]
+        .median()
+    )
+    best = float(by_lr.sort_values(["_steps", "_loss"]).index[0])
+    grid = sorted(by_lr.index)
+    return best, len(grid) < 2 or best in (grid[0], grid[-1])
+
+
+def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batches")) -> pd.DataFrame:
+    """Mark each setting's tuned LR: adds columns ``chosen`` (run at the best LR) and ``on_edge``.
+
+    Args:
+        table: one row per run with columns ``lr``, ``steps_to_target``, ``final_val_loss`` and ``by``.
+        by: columns that define one setting whose LR is tuned (default: per optimizer and batch size).
+
+    Returns:
+        A copy of ``table`` with ``chosen`` (bool) and ``on_edge`` (bool, the same for all rows of a
+        setting: its best LR is at an end of its grid, so the true optimum may lie outside).
+    """
+    missing = [c for c in ("lr", "steps_to_target", "final_val_loss", *by) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks column(s) {missing}; it has {list(table.columns)}")
+    out = table.copy()
+    out["chosen"], out["on_edge"] = False, False
+    for _, group in out.groupby(list(by), sort=False):
+        best, edge = _best_lr(group)
+        out.loc[group.index, "chosen"] = np.isclose(group["lr"].astype(float), best, rtol=1e-12, atol=0)
+        out.loc[group.index, "on_edge"] = edge
+    return out
+
+
+def lr_sweep(
+    spec: RunSpec,
+    lrs: Sequence[float],
+    target: float,
+    output_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Run ``spec`` at each learning rate in ``lrs`` and pick the best.
+
+    Best = fewest steps to ``target``; ties (or no run reaching it) are broken by the final
+    validation loss. A best LR at either end of the grid is flagged (``on_edge=True``) since the true
+    optimum may lie outside it.
+
+    Args:
+        spec: settings shared by every run; its ``lr`` is replaced.
+        lrs: the learning-rate grid (at least two values, e.g. ``np.geomspace(1e-4, 1e-1, 7)``).
+        target: validation-loss target.
+        output_dir: each run goes to ``output_dir/lr=<value>``; the table to ``output_dir/lr_sweep.csv``.
+        progress: print each run's evaluations.
+
+    Returns:
+        ``(table, best)``: one row per LR, and the best row as a dict with ``on_edge`` added.
+    """
+    grid = sorted(float(lr) for lr in lrs)
+    if len(grid) < 2:
+        raise ValueError(f"lrs must hold at least two learning rates, got {list(lrs)!r}")
+    rows = []
+    for lr in grid:
+        run_spec = dataclasses.replace(spec, lr=lr, target_loss=target)
+        run_dir = Path(output_dir) / f"lr={lr:.6g}" if output_dir is not None else None
+        rows.append({"lr": lr, **summarize(run(run_spec, run_dir, progress=progress), target)})
+    table = pd.DataFrame(rows)
+    best_lr, on_edge = _best_lr(table)
+    best = {**table.loc[table["lr"] == best_lr].iloc[0].to_dict(), "on_edge": on_edge}
+    if output_dir is not None:
+        atomic_write_text(Path(output_dir) / "lr_sweep.csv", table.to_csv(index=False))
+    return table, best

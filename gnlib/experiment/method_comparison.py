@@ -1,0 +1,99 @@
+"""Methods of a study compared at their tuned LRs: each one's steps over a reference's, and gain shares.
+
+Every number is a median over seeds at each setting's tuned LR (:func:`tuned_medians`); a seed that missed
+the target counts as infinitely many steps. :func:`ratio_table` divides each optimizer's steps (or cost) by a
+reference's at every batch size; :func:`gain_summary` sets each method against full GN and a baseline at one
+batch size, with the share of full GN's gain it keeps (:func:`gain_share`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from gnlib.runtime import check_choice
+
+
+def tuned_medians(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:
+    """Median of ``value`` over seeds at each setting's tuned LR: index (optimizer, micro_batches).
+
+    A seed that missed the target counts as infinitely many steps, so a setting counts as reached only
+    when most of its seeds reached it (else its median is NaN: missed).
+    """
+    chosen = table.loc[table["chosen"]] if "chosen" in table.columns else table
+    chosen = chosen.assign(**{value: chosen[value].astype(float).fillna(np.inf)})
+    medians = chosen.groupby(["optimizer", "micro_batches"])[[value, "tokens_per_step"]].median()
+    return medians.replace(np.inf, np.nan)
+
+
+def ratio_table(table: pd.DataFrame, reference: str = "gn", value: str = "steps_to_target") -> pd.DataFrame:
+    """Each other optimizer's ``value`` over ``reference``'s at every batch size (median over seeds, tuned LR).
+
+    Returns:
+        Index ``micro_batches``, one column per non-reference optimizer: ratio > 1 means the reference
+        needs fewer (steps, or gradient-step equivalents with ``value="grad_equivalents_to_target"``).
+        NaN where either missed the target.
+    """
+    check_choice("reference", reference, list(dict.fromkeys(table["optimizer"])))
+    wide = tuned_medians(table, value)[value].astype(float).unstack("optimizer")
+    others = [c for c in dict.fromkeys(table["optimizer"]) if c != reference]
+    return wide[others].div(wide[reference], axis=0)
+
+
+def gain_share(steps_baseline: float, steps_variant: float, steps_full: float) -> float:
+    """Share of full GN's gain over a baseline that a variant keeps: (S_base − S_variant) / (S_base − S_full).
+
+    1: the variant (e.g. layerwise GN) is as fast as full GN; 0: no faster than the baseline (e.g. AdamW);
+    NaN when full GN gains nothing.
+    """
+    gain = steps_baseline - steps_full
+    return float("nan") if gain <= 0 else (steps_baseline - steps_variant) / gain
+
+
+def gain_summary(table: pd.DataFrame, full: str = "gn", baseline: str = "adamw") -> pd.DataFrame:
+    """Each method at its tuned LR against full GN and a baseline, at one token batch.
+
+    With S the median steps to target over seeds at the method's tuned LR (the ``chosen`` rows of
+    :func:`~gnlib.experiment.lr_choice.choose_lr`; a seed that missed counts as infinitely many, as in
+    :func:`ratio_table`), ``vs_full`` is S / S_full and ``gain_share`` is :func:`gain_share` (S_baseline, S,
+    S_full) for every method other than ``full`` and ``baseline`` (e.g. the layerwise partitions).
+
+    Args:
+        table: a :func:`~gnlib.experiment.study.batch_size_study` table at one ``micro_batches`` value, with
+            ``chosen`` marked.
+        full: the full-GN method's name in ``table``.
+        baseline: the first-order baseline's name in ``table``.
+
+    Returns:
+        Index ``optimizer`` (in the table's order), columns ``lr``, ``on_edge``, ``steps_to_target``,
+        ``grad_equivalents_to_target`` (medians; NaN when missed), ``vs_full``, ``gain_share`` (NaN for
+        ``full`` and ``baseline``).
+
+    Raises:
+        ValueError: several batch sizes in ``table``, or ``full``/``baseline`` not among its optimizers.
+    """
+    needed = ("optimizer", "micro_batches", "lr", "steps_to_target", "grad_equivalents_to_target", "chosen", "on_edge")
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks column(s) {missing}; pass a batch_size_study table (choose_lr marks chosen)")
+    batches = sorted(set(table["micro_batches"]))
+    if len(batches) != 1:
+        raise ValueError(f"table holds micro_batches {batches}; gain_summary compares methods at one batch size")
+    names = list(dict.fromkeys(table["optimizer"]))
+    check_choice("full", full, names)
+    check_choice("baseline", baseline, names)
+    tuned = table.loc[table["chosen"]].groupby("optimizer", sort=False)[["lr", "on_edge"]].first()
+    summary = tuned.assign(
+        steps_to_target=tuned_medians(table)["steps_to_target"].droplevel("micro_batches"),
+        grad_equivalents_to_target=tuned_medians(table, "grad_equivalents_to_target")[
+            "grad_equivalents_to_target"
+        ].droplevel("micro_batches"),
+    ).loc[names]
+    full_steps, base_steps = summary.loc[full, "steps_to_target"], summary.loc[baseline, "steps_to_target"]
+    summary["vs_full"] = summary["steps_to_target"] / full_steps
+    summary["gain_share"] = [
+        float("nan") if name in (full, baseline) else gain_share(base_steps, s, full_steps)
+        for name, s in summary["steps_to_target"].items()
+    ]
+    summary.index.name = "optimizer"
+    return summary
