@@ -15,7 +15,7 @@ import yaml
 
 from gnlib.experiment.runs import RunSpec
 from gnlib.models import REFERENCE, model_config
-from gnlib.tools.sweep import load_grid
+from gnlib.tools.sweep_grid import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "notebooks" / "grids"

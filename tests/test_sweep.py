@@ -15,7 +15,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from gnlib.tools.sweep import aggregate, best_points, expand_grid, load_grid, main, run_id, run_sweep, threads_per_job
+from gnlib.tools.sweep import aggregate, best_points, main, run_sweep, threads_per_job
+from gnlib.tools.sweep_grid import expand_grid, load_grid, run_id
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "tests/fixtures/sweep_probe.ipynb"
