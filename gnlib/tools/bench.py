@@ -1,55 +1,11 @@
 """Cost of the curvature products relative to a plain gradient step: ``python -m gnlib.tools.bench``.
 
-In one process, on one model and one batch, each measurement runs once as warmup, then all of them run
-round-robin ``repeats`` times (so load on the machine hits them alike) and the median time of each is
-divided by the median time of the gradient step:
-
-- ``grad``: ``loss(model(x)).backward``-style step, forward + backward (the denominator);
-- ``gn_inner_step``: :func:`gnlib.curvature.gn_inner_step`, value and gradient of the GN quadratic from
-  scratch on the batch (forward carrying the tangent Δ, then one backward);
-- ``ggn_vp_cached``: ``Linearization.ggn_vp`` on a linearization built once outside the timing;
-- ``hvp``: true Hessian-vector product, :func:`gnlib.curvature.hvp` (reverse-over-reverse: a backward of the backward);
-- ``ggn_vp_torch_func``: the naive composition ``torch.func.jvp`` + ``torch.func.vjp`` (reference);
-- ``linearize``: building the cached linearization (forward with graph + tracing the JVP), for scale;
-- ``layerwise_inner_step``: :func:`gnlib.curvature.layerwise_inner_steps` over the study's layerwise
-  partition (:func:`gnlib.curvature.blocks.per_layer`): the inner step of every block on the batch;
-- ``line_search``: the line search of :class:`~gnlib.optim.gauss_newton.GaussNewton` (its default grid and
-  ``line_search_batches``, each batch the bench's batch) along a fixed direction;
-- ``outer_step_full`` / ``outer_step_layerwise``: one whole :meth:`GaussNewton.step` (default options:
-  ``inner_steps`` inner steps and the line search, every batch drawn being the bench's batch), full and
-  layerwise GN, each on its own copy of the model. These are long: they are timed in the first
-  ``outer_repeats`` rounds only.
-
-``layerwise_over_full`` = ``layerwise_inner_step`` / ``gn_inner_step``.
-
-FLOPs: each measurement also runs once under :func:`gnlib.curvature.costs.count_flops`, which counts the matrix
-products the call executes (``mm``, ``addmm``, ``bmm``, ... and the in-place ``addmm_`` that fuses a
-linear layer's two tangent products). ``flop_ratio`` divides them by the gradient step's, so
-beside each timed ratio stands the ratio of the matmul work: a timed ratio above its FLOP ratio is time
-spent outside the matrix products (elementwise passes, Python, small kernels), one at its FLOP ratio can
-only get cheaper by doing fewer products.
-
-With ``--compile``, two more: ``grad_compiled`` (the gradient step through ``torch.compile(model)``) and
-``gn_inner_step_compiled`` (``torch.compile(gnlib.curvature.gn_inner_step)``). Their first call compiles:
-it is timed apart as ``compile_seconds``, and ``compiled_inner_over_grad`` compares the two compiled steps.
-
-Page faults: the process's minor page faults during each timed call (``getrusage``), median over the rounds.
-On the CPU, memory the C library has handed back to the kernel (glibc unmaps a freed block above its
-mmap threshold, at most 32 MiB, and trims the top of its heap) is mapped anew by the next allocation,
-and the kernel zeroes each page on first touch: time spent in neither the matrix products nor the
-elementwise passes, which the ``page faults`` column shows where a timed ratio exceeds its FLOP ratio.
-
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On
-the CPU, the allocations and frees the CPU allocator reports to ``torch.profiler`` (``profile_memory``)
-are replayed in time order and the peak of the running sum (bytes allocated during the call and not yet
-freed) is taken; the profiler's own log lines (written to the process's stderr) are silenced meanwhile.
-``peak_mem_ratio`` = peak of ``gn_inner_step`` / peak of ``grad``.
-
-Pass costs (:mod:`gnlib.curvature.costs`): the weights a run on this model and batch would use, measured by
-:func:`gnlib.curvature.costs.measure_pass_costs` (timed anew, not cached), beside the FLOP model's; and, under
-``priced``, what each model charges for the inner step, line search and outer steps timed above (their
-pass counts weighed by the pass costs), next to the timed ratio: the measured model's prices of the inner
-step match the timed ``gn_inner_step`` up to timing noise, the FLOP model's do not.
+On one model and one batch every measurement runs once as warmup, then all run round-robin ``repeats``
+times; each median time is divided by the gradient step's. Measured: the gradient step, the GN inner step,
+cached and naive GGN·v, H·v, the linearization, layerwise GN's inner step, the line search and whole
+outer steps (full, layerwise), optionally compiled steps; beside each, its ratio of counted matmul FLOPs,
+its minor page faults and the peak memory, and the pass costs a run would use. docs/costs.md, section
+"What the bench measures", says what each is and how it is counted.
 
 Example: ``python -m gnlib.tools.bench --preset small --json``.
 """
