@@ -1,43 +1,11 @@
 r"""Training protocols: the reference code's settings (``"paper"``) and gnlib's cheaper defaults (``"gnlib"``).
 
 A protocol is a named set of optimizer options and evaluation settings that a :class:`~gnlib.experiment.runs.RunSpec`
-starts from (``RunSpec.protocol``); any option the spec sets itself wins and is recorded as an override.
-
-``"paper"`` is the study's public code (natalieabreu/full-gauss-newton at 0c14e7e; docs/study.md,
-section "Reference configuration", gives each value's file and line), for every Gauss-Newton variant and baseline:
-
-- GN, GN-prox-linear, layerwise GN: inner Muon with optax's bias-corrected Nesterov momentum (β 0.95),
-  inner AdamW β (0.9, 0.999), one LR for both parts; weight decay 0.001 on the AdamW part and the norm
-  gains only; gradients clipped to 1.0 separately for {embedding, head} and the hidden tensors; line
-  search over 2^(−i/2), i < 5 (layerwise: i < 10) on N fresh batches (N = inner steps), always taking the
-  argmin; EMA 0.999 of the outer iterates, on which validation and the target are measured; layerwise
-  blocks: embedding, each block (the final norm with the last one), head. Hessian-free CG (not in the
-  reference) gets the outer settings only (line search, EMA).
-- AdamW: β (0.9, 0.95), weight decay 0, clip 1.0. Muon: β 0.95 Nesterov with bias correction, the AdamW
-  part at the same LR with β (0.9, 0.95) and weight decay 1e-4, clip 1.0 per group. SOAP: β (0.9, 0.95),
-  weight decay 1e-4, preconditioner every 10 steps, clip 1.0. (Constant LR is RunSpec's default schedule.)
-- Evaluation: GN variants after updates 1, 11, 21, ... while at most half the run is done, then after
-  every update (:func:`paper_eval_schedule`); the baselines after every update (atpl:42); a validation
-  set of :data:`PAPER_VAL_SEQUENCES` sequences per preset (100 × 128 sequences of 1024 tokens at the
-  study's scale). The reference logs a GN evaluation under the loop index, one less than the updates
-  made; gnlib records the updates made, so the reference's GN steps to target read one lower.
-
-``"gnlib"`` keeps the library defaults (:data:`gnlib.optim.factory.DEFAULTS`, :class:`~gnlib.optim.GaussNewton`),
-a deliberate, cheaper difference, each choice with what it costs and changes:
-
-- line search on 2 fresh batches instead of N, rejecting a step that does not decrease the loss:
-  2/N of the reference's line-search cost (on N batches, 5 forwards and one forward carrying the tangent
-  per batch, the line search costs 8/5 of the inner loop under the FLOP model of :mod:`gnlib.curvature.costs`, about
-  1.5x with costs measured on a CPU); a rejected step keeps θ and
-  restarts the inner loop cold instead of taking a worse α. Noisier α choices on 2 batches.
-- no EMA: evaluation measures the raw iterate, which reaches a target sooner (an EMA of 0.999 per outer
-  step keeps ~95% of its weight on the start after 54 steps: at the study's step counts the reference's
-  EMA loss trails the raw loss by far), and one evaluation instead of two.
-- no inner weight decay, one clipping norm per block, torch's Muon momentum without bias correction,
-  final norm grouped with the head: simpler, and within noise on small models.
-- baselines with their usual defaults (AdamW weight decay 0.1 without clipping, Muon's AdamW part at
-  3e-3, SOAP β (0.95, 0.95) with weight decay 0.01): the optimizers as their authors ship them.
-- evaluation every ``eval_every`` steps on ``val_batches`` batches: one flat, cheap schedule.
+starts from (``RunSpec.protocol``); any option the spec sets itself (not None) wins and is recorded as an
+override. ``"paper"`` is the study's public code (natalieabreu/full-gauss-newton at 0c14e7e; docs/study.md,
+section "Reference configuration", gives each value's file and line); ``"gnlib"`` keeps the library defaults.
+docs/reproducing-the-paper.md tabulates both and says what each of gnlib's choices costs and changes;
+tests/test_reference_conformance.py reads every setting off what ``"paper"`` builds.
 """
 
 from __future__ import annotations
