@@ -178,40 +178,30 @@ def train(
         CheckpointNotWritten: History or the checkpoint could not be written (e.g. a full disk); the
             message says which step the last checkpoint holds.
     """
-    for name, value, low in (
-        ("steps", steps, 1),
-        ("accumulation", accumulation, 1),
-        ("eval_every", eval_every, 1),
-        ("checkpoint_every", checkpoint_every, 0),
-        ("stall_steps", stall_steps, 1),
-    ):
-        check_positive_int(name, value, minimum=low)
-    check_positive_number("divergence_factor", divergence_factor, example="10")
-    run_dir = Path(run_dir) if run_dir is not None else None
-    with run_folder_lock(run_dir if distributed.is_main() else None):
+    settings = _Settings(
+        steps=steps,
+        accumulation=accumulation,
+        eval_every=eval_every,
+        target_loss=target_loss,
+        schedule=schedule,
+        loss_fn=loss_fn or CrossEntropy().value,
+        run_dir=Path(run_dir) if run_dir is not None else None,
+        checkpoint_every=checkpoint_every,
+        progress=progress and distributed.is_main(),
+        max_grad_norm=max_grad_norm,
+        overwrite=overwrite,
+        stall_steps=stall_steps,
+        divergence_factor=divergence_factor,
+        eval_schedule=eval_schedule,
+        label=label,
+    )
+    with run_folder_lock(settings.run_dir if distributed.is_main() else None):
         if not getattr(optimizer, "draws_batches", False):
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
         settings_hash = fingerprint(dict(metadata or {}))
         world = distributed.world_size()
         history = History(metadata={**(metadata or {}), "fingerprint": settings_hash, "world_size": world})
-        settings = _Settings(
-            steps=steps,
-            accumulation=accumulation,
-            eval_every=eval_every,
-            target_loss=target_loss,
-            schedule=schedule,
-            loss_fn=loss_fn or CrossEntropy().value,
-            run_dir=run_dir,
-            checkpoint_every=checkpoint_every,
-            progress=progress and distributed.is_main(),
-            max_grad_norm=max_grad_norm,
-            overwrite=overwrite,
-            stall_steps=stall_steps,
-            divergence_factor=divergence_factor,
-            eval_schedule=eval_schedule,
-            label=label,
-        )
         loop = _Loop(
             model, optimizer, train_batches, val_batches, settings, history, settings_hash, world, distributed.is_main()
         )
@@ -220,7 +210,7 @@ def train(
 
 @dataclass
 class _Settings:
-    """The loop's settings, as :func:`train` checked them."""
+    """The loop's settings (:func:`train`'s arguments), checked when made: counts and ``divergence_factor``."""
 
     steps: int
     accumulation: int
@@ -237,6 +227,12 @@ class _Settings:
     divergence_factor: float
     eval_schedule: Callable[[int], bool] | None
     label: str
+
+    def __post_init__(self) -> None:
+        minimums = {"steps": 1, "accumulation": 1, "eval_every": 1, "checkpoint_every": 0, "stall_steps": 1}
+        for name, low in minimums.items():
+            check_positive_int(name, getattr(self, name), minimum=low)
+        check_positive_number("divergence_factor", self.divergence_factor, example="10")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import seaborn as sns
 import torch
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import LogLocator
 
@@ -115,6 +116,8 @@ def loss_curves(
 
 
 Matrix = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
+#: Tick labels of a heatmap: shared by every panel, or panel title → labels; None: no tick labels.
+Labels = Sequence[str] | Mapping[str, Sequence[str] | None] | None
 MASKED_COLOUR = "0.82"  # cells a log colour scale cannot show (entries <= 0)
 
 
@@ -151,10 +154,66 @@ def _grid(count: int, ncols: int | None, size: tuple[float, float]) -> tuple[Fig
     return fig, axes
 
 
+def _heatmap_ticks(
+    arrays: Mapping[str, np.ndarray],
+    row_labels: Labels,
+    col_labels: Labels,
+) -> dict[str, tuple[Sequence[str] | None, Sequence[str] | None]]:
+    """Each panel's (row, column) tick labels, checked against its matrix (see :func:`heatmap`).
+
+    Raises:
+        ValueError: a matrix that is not 2-D, or labels whose count does not match it.
+    """
+
+    def labels_of(labels: object, name: str) -> Sequence[str] | None:
+        return labels.get(name) if isinstance(labels, Mapping) else labels
+
+    ticks = {}
+    for name, a in arrays.items():
+        rows = labels_of(row_labels, name)
+        cols = (
+            labels_of(col_labels, name)
+            if col_labels is not None
+            else (rows if a.ndim == 2 and a.shape[0] == a.shape[1] else None)
+        )
+        if (
+            a.ndim != 2
+            or (rows is not None and len(rows) != a.shape[0])
+            or (cols is not None and len(cols) != a.shape[1])
+        ):
+            expected = (len(rows) if rows is not None else "r", len(cols) if cols is not None else "c")
+            raise ValueError(
+                f"panel {name!r} has shape {a.shape}, expected a matrix of shape {expected} from the labels"
+            )
+        ticks[name] = (rows, cols)
+    return ticks
+
+
+def _heatmap_legend(arrays: Mapping[str, np.ndarray], log: bool, missing_label: str) -> list[Patch]:
+    """Legend entries for the cells a heatmap cannot colour: ≤ 0 on a log scale (grey), nan or infinite (hatched)."""
+    finite = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays.values()])
+    legend = []
+    if log and (finite <= 0).any():
+        zeros = "exactly 0" if (finite >= 0).all() else "≤ 0"
+        legend.append(Patch(facecolor=MASKED_COLOUR, edgecolor="0.6", label=f"{zeros} (not on the log scale)"))
+    if any((~np.isfinite(a)).any() for a in arrays.values()):
+        legend.append(Patch(facecolor="white", edgecolor="0.4", hatch="///", label=missing_label))
+    return legend
+
+
+def _annotate_cells(ax: plt.Axes, a: np.ndarray, image: AxesImage, norm: Normalize, log: bool) -> None:
+    """Write each colourable value of ``a`` in its cell, black or white for contrast with the cell's colour."""
+    for (i, j), value in np.ndenumerate(a):
+        if np.isfinite(value) and (value > 0 or not log):
+            red, green, blue, _ = image.cmap(norm(value))
+            shade = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6, color=shade)
+
+
 def heatmap(
     panels: Mapping[str, Matrix] | Matrix,
-    row_labels: Sequence[str] | Mapping[str, Sequence[str] | None] | None,
-    col_labels: Sequence[str] | Mapping[str, Sequence[str] | None] | None = None,
+    row_labels: Labels,
+    col_labels: Labels = None,
     *,
     log: bool = False,
     shared_scale: bool = True,
@@ -190,39 +249,12 @@ def heatmap(
     if not isinstance(panels, Mapping):
         panels = {"": panels}
     arrays = {name: _array(m) for name, m in panels.items()}
-
-    def labels_of(labels: object, name: str) -> Sequence[str] | None:
-        return labels.get(name) if isinstance(labels, Mapping) else labels
-
-    ticks = {}
-    for name, a in arrays.items():
-        rows = labels_of(row_labels, name)
-        cols = (
-            labels_of(col_labels, name)
-            if col_labels is not None
-            else (rows if a.ndim == 2 and a.shape[0] == a.shape[1] else None)
-        )
-        if (
-            a.ndim != 2
-            or (rows is not None and len(rows) != a.shape[0])
-            or (cols is not None and len(cols) != a.shape[1])
-        ):
-            expected = (len(rows) if rows is not None else "r", len(cols) if cols is not None else "c")
-            raise ValueError(
-                f"panel {name!r} has shape {a.shape}, expected a matrix of shape {expected} from the labels"
-            )
-        ticks[name] = (rows, cols)
+    ticks = _heatmap_ticks(arrays, row_labels, col_labels)
     visible = {name: a[np.isfinite(a) & ((a > 0) if log else True)] for name, a in arrays.items()}
     pooled = np.concatenate([v for v in visible.values()]) if visible else np.zeros(0)
     longest = max(max(len(t[0] or ()), len(t[1] or ())) for t in ticks.values())
     panel = (4.2, 3.6) if longest <= 12 else (2.2 + 0.22 * longest, 1.6 + 0.22 * longest)
-    finite = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays.values()])
-    legend = []
-    if log and (finite <= 0).any():
-        zeros = "exactly 0" if (finite >= 0).all() else "≤ 0"
-        legend.append(Patch(facecolor=MASKED_COLOUR, edgecolor="0.6", label=f"{zeros} (not on the log scale)"))
-    if any((~np.isfinite(a)).any() for a in arrays.values()):
-        legend.append(Patch(facecolor="white", edgecolor="0.4", hatch="///", label=missing_label))
+    legend = _heatmap_legend(arrays, log, missing_label)
     with style():
         fig, axes = _grid(len(arrays), ncols, panel)
         for ax, (name, a) in zip(axes, arrays.items()):
@@ -242,11 +274,7 @@ def heatmap(
             if rows is not None:
                 ax.set_yticks(range(len(rows)), rows, fontsize=7)
             if annotate if annotate is not None else max(a.shape) <= 12:
-                for (i, j), value in np.ndenumerate(a):
-                    if np.isfinite(value) and (value > 0 or not log):
-                        red, green, blue, _ = image.cmap(norm(value))
-                        shade = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
-                        ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6, color=shade)
+                _annotate_cells(ax, a, image, norm, log)
             cell = highlight.get(name) if isinstance(highlight, Mapping) else highlight
             if cell is not None:
                 i, j = cell
