@@ -54,8 +54,8 @@ _BLOCK = (
 def results_markdown(results_csv: str | Path, reference: str = "gn", headline: bool = False) -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
-    Every number is taken at each setting's tuned LR (:func:`gnlib.experiment.study.choose_lr`); medians over seeds, a
-    seed that missed the target counting as infinitely many steps. Settings are listed optimizers first
+    Every number is taken at each setting's tuned LR (:func:`~gnlib.experiment.lr_choice.choose_lr`); medians over
+    seeds, a seed that missed the target counting as infinitely many steps. Settings are listed optimizers first
     (AdamW, Muon, SOAP, GN, layerwise GN, GN-prox-linear), then in the order the sweep ran them (e.g. the
     variants of an ablation, named by :func:`gnlib.experiment.study.variant_label`).
 
