@@ -2,8 +2,8 @@
 
 :func:`hf_corpus_documents` reads a dataset's ``train`` split into memory (a corpus, split by document like
 local text); :func:`hf_documents` streams a split for a packed stream, tokenizing as it goes. Offline (no
-connection, or ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set) both fail at once with a message that names
-a local alternative.
+connection, or ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, :func:`hub_reachable`), the corpus loader,
+and the pipeline before it streams, fail at once with a message that names a local alternative.
 """
 
 from __future__ import annotations
