@@ -1,44 +1,12 @@
 r"""What one pass over one batch costs, in gradient-step equivalents: the one source of pass costs.
 
-Gauss-Newton's cost is counted in passes over one batch (:class:`gnlib.optim.GaussNewton` counts them):
-``forward``, ``tangent`` (what carrying a tangent Δ through a forward adds, giving J·Δ) and ``backward``.
-A *gradient step* (one forward and one backward on one batch) costs 1, so a first-order optimizer pays
-exactly its micro-batches, and a Gauss-Newton step pays
-
-    cost = c_F · n_forward + c_T · n_tangent + c_B · n_backward,
-
-with c_F + c_B = 1. Two models give the weights c (:data:`COST_MODELS`):
-
-- ``"measured"`` (the default of every run, :attr:`gnlib.experiment.runs.RunSpec.costs`): timed on the run's
-  own model, micro-batch shape, device, dtype and threads by :func:`measure_pass_costs`. After one
-  warm-up round, at least :data:`REPEATS` rounds (more, up to :data:`MAX_ROUNDS`, until the gradient
-  steps total :data:`MIN_SECONDS`) time, one after the other (so load on the machine hits them alike):
-  a gradient step t_grad (:func:`gnlib.curvature.gradient`), a forward without graph and its loss t_fwd
-  (:func:`gnlib.curvature.logits`, what the line search runs) and the Gauss-Newton inner step t_inner
-  (:func:`gnlib.curvature.gn_inner_step`: a forward carrying the tangent and recording the primal graph,
-  then one backward). With medians over the rounds,
-
-      c_F = t_fwd / t_grad,   c_B = 1 − c_F,   c_T = (t_inner − t_grad) / t_grad,
-
-  so an inner step (one forward, one tangent, one backward) is priced at exactly its measured time over a
-  gradient step's, and each weight is floored at :data:`MIN_COST` so timing noise never makes a pass
-  free. Measurements are cached per configuration (:func:`cache_key`: the model's config, batch, sequence
-  length, device, dtype, torch threads, torch version and host) in memory and, with ``cache_dir``, as one
-  small JSON file per configuration (written atomically; an unreadable file is measured again). Timing
-  reads the model's parameters and draws its tokens from its own generator: it changes no training number.
-- ``"flops"`` (:data:`FLOP_PASS_COSTS`): matmul FLOPs, with F the FLOPs of a forward. A backward computes
-  two products per matmul (2F); a tangent adds two per matmul (the tangent of W·x is dW·x + W·dx: 2F);
-  a gradient step is 3F. So c_F = 1/3, c_T = 2/3, c_B = 2/3 and an inner step costs 5F = 5/3. Elementwise
-  tangent arithmetic, memory traffic and kernel efficiency are not counted: on a CPU the measured inner
-  step is dearer (``python -m gnlib.tools.bench`` prints both).
-
-The same weights price every pass GaussNewton counts (its module docstring lists them): a line search's
-forwards without graph cost c_F, its forward with a tangent and no graph c_F + c_T (slightly
-overpriced: the measured tangent includes recording the graph). Layerwise GN's per-block tangents and
-backwards run through part of the model only: for a model with its own forward-mode rules each is
-counted as the share of a whole pass's matrix-product FLOPs it does (:func:`layerwise_pass_counts`,
-counted once by :func:`count_flops`), for any other model as a whole pass (``layerwise_inner_step`` in
-the bench shows what they cost).
+Gauss-Newton counts passes over one batch (forward; tangent, what carrying Δ through a forward adds;
+backward); a gradient step (one forward, one backward) costs 1, so a GN step pays
+c_F · n_forward + c_T · n_tangent + c_B · n_backward with c_F + c_B = 1. Two models give the weights
+(:data:`COST_MODELS`): ``"measured"`` (timed on the run's own model and micro-batch by
+:func:`measure_pass_costs`, cached per :func:`cache_key`) and ``"flops"`` (:data:`FLOP_PASS_COSTS`: 1/3,
+2/3, 2/3); :func:`layerwise_pass_counts` gives layerwise GN's per-block shares and :func:`count_flops` counts
+matrix-product FLOPs. docs/costs.md, section "Cost in gradient-step equivalents", derives and tabulates both.
 """
 
 from __future__ import annotations
