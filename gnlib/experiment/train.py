@@ -1,28 +1,13 @@
 """The training loop: any optimizer object, a batch source, evaluation, early stop, History, resume.
 
-Two kinds of optimizer are driven (``train`` imports none of them):
-
-1. a ``torch.optim``-like optimizer: each step draws ``accumulation`` micro-batches, back-propagates
-   their mean loss and calls ``optimizer.step()``;
-2. an optimizer with ``draws_batches = True`` (the Gauss-Newton optimizers): it was built with its own
-   batch source and each ``optimizer.step()`` returns a flat dict of diagnostics recorded in History.
-
-An optimizer may also offer ``eval_parameters() -> dict | None`` (e.g. an EMA of its iterates); the
-validation loss ``val_loss`` (the one the target and steps to target use) is then computed with those
-parameters, and ``val_loss_raw`` with the model's own (the raw iterate) at the same evaluations; such a
-run stops at ``target_loss`` once both have reached it.
-
-Under ``torchrun`` (:mod:`gnlib.distributed`) every process runs this loop on its shard of the data:
-torch-like optimizers get their gradients averaged over processes after back-propagation (before
-clipping), the training and validation losses are averaged (each process evaluates its own
-``val_batches``: its shard of the validation batches when they come from ``gnlib.data``, so the average
-is the loss on the whole batches), ``tokens`` counts the tokens of all processes, and rank 0 alone prints
-and writes History and checkpoints (every process keeps History in memory). Every process resumes from
-the same checkpoint, which records the number of processes; resuming with another number is refused.
-
-SIGINT (Ctrl-C, a Jupyter kernel interrupt) or SIGTERM during the steps does not cut a step short: the
-step under way is finished and checkpointed, then :class:`RunInterrupted` (a ``KeyboardInterrupt``) says
-how to resume; the rerun continues exactly where it stopped. A second Ctrl-C aborts at once.
+Two kinds of optimizer are driven (``train`` imports none of them): a ``torch.optim``-like one, whose step
+back-propagates the mean loss of ``accumulation`` micro-batches, and one with ``draws_batches = True`` (the
+Gauss-Newton optimizers), built with its own batch source, whose ``step()`` returns diagnostics recorded in
+History. An optimizer with ``eval_parameters()`` (an EMA) is evaluated on them (``val_loss``) and on the raw
+iterate (``val_loss_raw``); such a run stops at ``target_loss`` once both have reached it. SIGINT or SIGTERM
+finishes the step under way, checkpoints it and raises :class:`RunInterrupted` saying how to resume. Under
+``torchrun`` every process runs this loop on its shard (docs/several-processes.md); docs/outputs-and-reliability.md
+says what a run writes and how it resumes.
 """
 
 from __future__ import annotations
