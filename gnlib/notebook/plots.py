@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
@@ -70,6 +71,14 @@ def style() -> Iterator[None]:
         yield
 
 
+def _label(ax: Axes, xlabel: str, ylabel: str, title: str | None) -> None:
+    """Axis labels, and the title when there is one."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+
+
 def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -108,10 +117,7 @@ def loss_curves(
             ax.legend()
         if logx:
             ax.set_xscale("log")
-        ax.set_xlabel(x.replace("_", " "))
-        ax.set_ylabel(y.replace("_", " "))
-        if title:
-            ax.set_title(title)
+        _label(ax, x.replace("_", " "), y.replace("_", " "), title)
     return fig
 
 
@@ -321,11 +327,8 @@ def spectrum(
             )
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel("rank")
-        ax.set_ylabel(ylabel)
         ax.legend()
-        if title:
-            ax.set_title(title)
+        _label(ax, "rank", ylabel, title)
     return fig
 
 
@@ -362,11 +365,8 @@ def density(
             ax.plot(x, np.maximum(y, floor) if log else y, linewidth=1.2, label=name)
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("density")
         ax.legend()
-        if title:
-            ax.set_title(title)
+        _label(ax, xlabel, "density", title)
     return fig
 
 
@@ -438,12 +438,9 @@ def contour_trajectories(
             ax.plot(t[-1, 0], t[-1, 1], "x", color=line.get_color(), markersize=8, markeredgewidth=2)
         ax.set_xlim(gx.min(), gx.max())
         ax.set_ylim(gy.min(), gy.max())
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
         # below the axes, so it stays put from one render to the next (an explorer moving a slider)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=2, frameon=False)
-        if title:
-            ax.set_title(title)
+        _label(ax, xlabel, ylabel, title)
     return fig
 
 
@@ -488,10 +485,7 @@ def bars(
         if ylim is not None:
             ax.set_ylim(*ylim)
         ax.tick_params(axis="x", labelrotation=30)
-        ax.set_xlabel(x.replace("_", " "))
-        ax.set_ylabel(y.replace("_", " "))
-        if title:
-            ax.set_title(title)
+        _label(ax, x.replace("_", " "), y.replace("_", " "), title)
     return fig
 
 
@@ -554,10 +548,7 @@ def steps_vs_batch(
             ax.legend()
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(x.replace("_", " "))
-        ax.set_ylabel(value.replace("_", " "))
-        if title:
-            ax.set_title(title)
+        _label(ax, x.replace("_", " "), value.replace("_", " "), title)
     return fig
 
 
@@ -574,8 +565,5 @@ def direction_cosines(frame: pd.DataFrame, *, title: str | None = None) -> Figur
         ax = fig.subplots()
         sns.lineplot(data=frame, x="step", y="cosine", hue="partition", marker="o", ax=ax)
         ax.set_ylim(min(0.0, float(frame["cosine"].min())), 1.02)
-        ax.set_xlabel("outer step of the full-GN run")
-        ax.set_ylabel("cosine with the full-GN direction")
-        if title:
-            ax.set_title(title)
+        _label(ax, "outer step of the full-GN run", "cosine with the full-GN direction", title)
     return fig
