@@ -39,8 +39,12 @@ def test_iteration_complexity_notebook(tmp_path):
         micro_batches=[1, 2],
         lr_grids={"adamw": [1e-2], "gn": [1e-2, 3e-2]},
         seeds=[0],
+        early_target=3.45,
     )
     table = pd.read_csv(out / "results.csv")
+    reached = table.loc[table["steps_to_target"].notna()]  # the early target first, on the same runs
+    assert len(reached) and (reached["steps_to_early_target"] < reached["steps_to_target"]).all()
+    assert (out / "to_early_target.csv").exists() and (out / "steps_vs_batch_early.png").stat().st_size > 5000
     assert len(table) == 6 and set(table["optimizer"]) == {"adamw", "gn"}
     assert table.groupby(["optimizer", "micro_batches"])["chosen"].sum().eq(1).all()
     gn = table.loc[table["chosen"] & (table["optimizer"] == "gn")]
@@ -69,6 +73,7 @@ def test_iteration_complexity_reads_a_sweep(tmp_path):
     out = execute("02_iteration_complexity", tmp_path, sweep_results=str(tmp_path / "study_smoke" / "results.csv"))
     summary = pd.read_csv(out / "results.csv")
     assert summary[["optimizer", "steps_to_target"]].equals(study[["optimizer", "steps_to_target"]])
+    assert summary["steps_to_early_target"].notna().all() and (out / "steps_vs_batch_early.png").exists()
     assert (out / "steps_vs_batch.png").exists()
 
 

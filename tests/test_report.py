@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gnlib.experiment.study import STUDY_COLUMNS
+from gnlib.experiment.study import EARLY_TARGET_COLUMNS, STUDY_COLUMNS
 from gnlib.tools.report import default_pages, main, page_blocks, results_markdown, update_pages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,11 +48,13 @@ def sweep_table(path: Path, gn_ema_lead: float = 0) -> Path:
                 "steps_to_target": steps,
                 "tokens_to_target": steps * 1024 * m,
                 "wall_time_to_target_s": steps * 0.5,
+                "cpu_time_to_target_s": steps * 0.25,
                 "grad_equivalents_to_target": cost,
                 "final_val_loss": 2.1 if steps == steps else 2.4,
                 "steps_to_target_raw": steps / gn_ema_lead if gn_ema_lead and optimizer == "gn" else steps,
                 "tokens_to_target_raw": steps * 1024 * m,
                 "wall_time_to_target_raw_s": steps * 0.5,
+                "cpu_time_to_target_raw_s": steps * 0.25,
                 "grad_equivalents_to_target_raw": cost,
                 "final_val_loss_raw": (2.1 if steps == steps else 2.4)
                 - (0.1 if gn_ema_lead and optimizer == "gn" else 0),
@@ -60,6 +62,7 @@ def sweep_table(path: Path, gn_ema_lead: float = 0) -> Path:
                 "tokens": 0,
                 "grad_equivalents": 0.0,
                 "wall_time_s": 1.0,
+                "cpu_time_s": 0.5,
                 "cost_model": "measured" if optimizer == "gn" else None,
                 "result_status": "reached_target" if steps == steps else "completed",
                 "status_reason": None,
@@ -84,6 +87,22 @@ def test_results_markdown_reads_steps_off_the_raw_iterate_too_when_a_run_has_an_
     assert "| Muon | 85 (80-90) |" in raw  # no EMA: the same steps in both tables
 
 
+def test_an_early_target_comes_first_and_ratios_stand_beside_the_studys(tmp_path):
+    path = sweep_table(tmp_path)
+    frame = pd.read_csv(path)
+    frame["optimizer"] = frame["optimizer"].replace({"muon": "soap"})
+    for column in EARLY_TARGET_COLUMNS:  # the early target: half the steps (and tokens, time, cost) of the lower
+        frame[column] = frame[column.replace("_to_early_target", "_to_target")] / 2
+    frame["early_target"] = 3.5
+    frame.to_csv(path, index=False)
+    text = results_markdown(path)
+    early, lower = text.split("**At the lower target, val loss 2.2.**")
+    assert "**At the early target, val loss 3.5.**" in early and "Outer steps to val loss 3.5" in early
+    assert "| full GN | 11 (10-12) | 3 (2.5-3.5) |" in early and "| full GN | 22 (20-24) | 6 (5-7) |" in lower
+    assert "| setting | 1,024 | 4,096 | study, 45M |" in early  # SOAP's 292 / GN's 54 steps on the 45M model
+    assert "| SOAP | 3.9 (1.3) | - | 5.4 |" in early and "| AdamW | 5.0 (1.7) | 10.0 (3.3) | - |" in lower
+
+
 def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_path):
     text = results_markdown(sweep_table(tmp_path))
     assert text.startswith("24 runs (24 ok) took 9 min of wall time, 24 min of run time summed over runs.")
@@ -96,7 +115,8 @@ def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_pa
     assert "| Muon | 3.9 (1.3) | - |" in text
     assert "| AdamW | below the grid (at most 1,024 tokens) | needs three batch sizes reached |" in text
     assert "| full GN | beyond the grid (at least 4,096 tokens) | needs three batch sizes reached |" in text
-    assert "| full GN | 6 | 24,576 | 3 | 72 | 54 |" in text  # steps, tokens, seconds, cost, the study's steps
+    assert "| setting | steps | tokens | CPU time (s) |" in text  # every run recorded its CPU time
+    assert "| full GN | 6 | 24,576 | 2 | 72 | 54 |" in text  # steps, tokens, CPU seconds, cost, the study's steps
     assert "| Muon | - | - | - | - | about 864 |" in text
     edges = re.search(r"Tuned LRs on the edge of their grid: (.*)\.", text).group(1)
     assert edges.split(", ") == [

@@ -78,3 +78,22 @@ def test_a_run_evaluated_on_an_ema_reports_the_raw_iterate_beside_it():
     plain = summarize(history([5.0, 4.0, 3.0]), 3.0)  # no EMA: the raw iterate is the evaluated one
     assert plain["steps_to_target_raw"] == plain["steps_to_target"] == 2
     assert plain["final_val_loss_raw"] == plain["final_val_loss"]
+
+
+def test_an_early_target_is_read_off_the_same_run_and_cpu_time_beside_wall_time():
+    h = history([5.0, 4.5, 4.0, 3.5, 3.0], costs=[2.0] * 4)
+    for row, raw in zip(h.rows, [5.0, 3.9, 2.9, 2.5, 2.2]):
+        row["val_loss_raw"] = raw
+        row["cpu_time"] = 0.05 * row["step"]  # another job shared the cores: half the wall time
+    row = summarize(h, 3.0, early_target=4.0)
+    assert (row["steps_to_early_target"], row["steps_to_early_target_raw"]) == (2, 1)
+    assert (row["steps_to_target"], row["steps_to_target_raw"]) == (4, 2)  # the lower target is unchanged
+    assert (row["tokens_to_early_target"], row["grad_equivalents_to_early_target_raw"]) == (200, 2.0)
+    assert row["cpu_time_to_early_target_s"] == pytest.approx(0.1) and row[
+        "wall_time_to_early_target_s"
+    ] == pytest.approx(0.2)
+    assert row["cpu_time_to_early_target_raw_s"] == pytest.approx(0.05)
+    assert row["cpu_time_to_target_s"] == pytest.approx(0.2) and row["cpu_time_s"] == pytest.approx(0.2)
+    assert "steps_to_early_target" not in summarize(h, 3.0)  # no early target, no such columns
+    old = summarize(history([5.0, 4.0, 3.0]), 3.0)  # rows recorded before runs kept CPU time
+    assert old["cpu_time_to_target_s"] is None and old["cpu_time_s"] is None

@@ -163,7 +163,7 @@ def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path):
     saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
     assert saved["sampler"]["position"] == 2 * 3 * 4 * 16  # two steps of 3 batches of 4 × 16 tokens
     resumed = run(spec, tmp_path / "resumed", progress=False, checkpoint_every=1)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_time", "cpu_time")} for r in rows]  # noqa: E731
     assert strip(resumed.rows) == strip(full.rows)
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["sampler"]["position"] == 4 * 3 * 64
 
@@ -193,10 +193,13 @@ def test_validation_is_fixed_and_disjoint_from_training():
     data = build_run_data(BASE, torch.device("cpu"))
     again = build_run_data(dataclasses.replace(BASE, seed=7), torch.device("cpu"))
     corpus = data.corpus
-    val_tokens = torch.cat([x.flatten() for x, _ in data.val])
-    assert torch.equal(val_tokens, corpus.val[: len(val_tokens)])
+    windows = corpus.fixed_batches("val", BASE.batch_size, BASE.seq_len, BASE.val_batches)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(data.val, windows))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(data.val, again.val))
-    text = corpus.tokenizer.decode(val_tokens[:200])
+    rows = torch.cat([x for x, _ in data.val])
+    starts = [next(i for i in range(len(corpus.val)) if torch.equal(corpus.val[i : i + len(row)], row)) for row in rows]
+    assert max(starts) - min(starts) > len(corpus.val) // 2  # spread across the split, not its first tokens
+    text = corpus.tokenizer.decode(rows[0][:200])
     assert text not in corpus.tokenizer.decode(corpus.train)  # documents, not tokens, were split
 
 
@@ -256,7 +259,11 @@ def _stream_run(name: str, batch_size: int, run_dir: Path | None = None):
         progress=False,
     )
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return params, [{k: v for k, v in r.items() if k != "wall_time"} for r in history.rows], stream.state_dict()
+    return (
+        params,
+        [{k: v for k, v in r.items() if k not in ("wall_time", "cpu_time")} for r in history.rows],
+        stream.state_dict(),
+    )
 
 
 def _worker(rank: int, port: int, folder: str) -> None:

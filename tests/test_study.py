@@ -12,7 +12,9 @@ from gnlib.experiment.lr_choice import choose_lr, lr_sweep
 from gnlib.experiment.method_comparison import gain_share, gain_summary, ratio_table
 from gnlib.experiment.runs import RunSpec, run
 from gnlib.experiment.study import (
+    EARLY_TARGET_COLUMNS,
     STUDY_COLUMNS,
+    at_early_target,
     batch_size_study,
     critical_batch_size,
     fit_critical_batch,
@@ -100,6 +102,12 @@ def test_study_spec_gives_equal_tokens_per_outer_step():
     adamw = study_spec(BASE, "adamw", 4, 0.01, 1)
     assert gn.hyperparameters["inner_steps"] == 4 and gn.accumulation == 1 and adamw.accumulation == 4
     assert gn.tokens_per_step == adamw.tokens_per_step == 4 * 8 * 32
+    budget = 10 * 4 * 8 * 32  # ten steps of 4 micro-batches, five of 8; BASE.steps (6) caps the smaller batch
+    assert [study_spec(BASE, name, m, 0.01, 1, max_tokens=budget).steps for name, m in [("gn", 8), ("adamw", 4)]] == [
+        5,
+        6,
+    ]
+    assert study_spec(BASE, "adamw", 4, 0.01, 1, max_tokens=1).steps == 1 and adamw.steps == BASE.steps
     halves = {"gn_halves": {"optimizer": "gn", "hyperparameters": {"blocks": "halves"}}}
     variant = study_spec(BASE, "gn_halves", 2, 0.01, 0, halves)
     assert variant.optimizer == "gn" and variant.hyperparameters == {"blocks": "halves", "inner_steps": 2}
@@ -138,6 +146,19 @@ def test_batch_size_study_table(tmp_path):
     assert (gn["grad_equivalents_to_target"] > gn["micro_batches"] * gn["steps_to_target"]).all()  # inner step > 1
     assert (tmp_path / "study.csv").exists()
     assert (tmp_path / "gn" / "m=2" / "lr=0.03" / "seed=0" / "history.jsonl").exists()
+
+
+def test_an_early_target_is_a_second_reading_of_the_same_runs(tmp_path):
+    args = (["adamw"], [1], {"adamw": [1e-2]}, [0], 5.0, dataclasses.replace(BASE, steps=2), tmp_path)
+    with pytest.raises(ValueError, match="early_target=4.0 is invalid; allowed: a loss above target=5.0"):
+        batch_size_study(*args, early_target=4.0)
+    table = batch_size_study(*args, early_target=5.5)
+    assert list(table.columns) == [*STUDY_COLUMNS, *EARLY_TARGET_COLUMNS, "chosen", "on_edge"]
+    early = at_early_target(table)
+    assert early.loc[0, "steps_to_target"] == table.loc[0, "steps_to_early_target"] <= table.loc[0, "steps_to_target"]
+    assert list(early.columns) == list(table.drop(columns=list(EARLY_TARGET_COLUMNS)).columns)
+    with pytest.raises(ValueError, match="no early target"):
+        at_early_target(early)
 
 
 def study(steps: dict) -> pd.DataFrame:

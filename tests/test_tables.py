@@ -151,3 +151,16 @@ def test_study_to_target_shows_the_raw_iterate_beside_an_ema_and_only_then():
     assert shown.loc[("muon", 2), "steps to target (raw)"] == "9"
     no_ema = study_to_target(pd.DataFrame(rows[1:]))
     assert "steps to target (raw)" not in no_ema.columns
+
+
+def test_study_to_target_times_runs_by_cpu_time_when_every_run_recorded_it():
+    base = dict(optimizer="gn", micro_batches=2, tokens_per_step=100, lr=0.01, final_val_loss=2.0)
+    reached = dict(steps_to_target=4, tokens_to_target=400, wall_time_to_target_s=8.0, grad_equivalents_to_target=4)
+    rows = [
+        {**base, **reached, "seed": 0, "cpu_time_to_target_s": 3.0},
+        {**base, **reached, "seed": 1, "cpu_time_to_target_s": 5.0},
+    ]
+    shown = study_to_target(pd.DataFrame(rows))
+    assert "time to target (s)" not in shown.columns and shown.loc[("gn", 2), "CPU time to target (s)"] == "4.0"
+    rows[1]["cpu_time_to_target_s"] = None  # a run from before runs recorded CPU time: wall time for all
+    assert study_to_target(pd.DataFrame(rows)).loc[("gn", 2), "time to target (s)"] == "8.0"

@@ -10,10 +10,13 @@ Two kinds of training data (``RunSpec.data``):
   corpus's documents come in an order drawn from the run's ``seed`` (as C4's own order is a shuffle), the
   warm-up's documents first in the warm-up's order (``data_start_seed``,
   :func:`gnlib.data.stream.shuffled_documents`), so a seed varies the data and no run reads a warm-up token;
-  an ``hf:`` dataset streams in its own order. Validation is
-  the first ``val_batches`` packed batches of the validation split (disjoint documents, the same for every
-  run). The embedded and local corpora are read whole by default (``corpus_bytes=None``) and split by
-  document; ``hf:`` datasets are streamed (train split for training, ``validation`` for validation).
+  an ``hf:`` dataset streams in its own order.
+
+Validation documents are disjoint from training ones and the same for every run. An ``hf:`` stream
+validates on the first ``val_batches`` packed batches of its ``validation`` split, as the study does; every
+other source on seeded random windows across its whole validation split (a local document is a whole file,
+so a few packed batches would hold one or two of them). Local corpora are read whole by default for a
+stream (``corpus_bytes=None``) and split by document.
 
 Before any training, :func:`build_run_data` checks that the stream holds every token the run will draw
 (``data_start`` + steps × batches per step × K·B·T) and raises a ``ValueError`` naming ``steps``,
@@ -33,7 +36,7 @@ import torch
 from gnlib import distributed
 from gnlib.data.corpus import DEFAULT_MAX_BYTES, Corpus, check_corpus_source, load_corpus
 from gnlib.data.hub import hf_documents, hub_reachable
-from gnlib.data.stream import PackedStream, shuffled_documents, tensor_documents
+from gnlib.data.stream import PackedStream, shuffled_documents
 from gnlib.data.tokenizers import check_tokenizer_name, make_tokenizer
 from gnlib.runtime import check_choice, is_integer
 
@@ -208,17 +211,8 @@ def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
         start=spec.data_start,
         tokens_per_epoch=available,
     )
-    val = _fixed(
-        PackedStream(
-            tensor_documents(corpus.val, eos),
-            spec.batch_size,
-            spec.seq_len,
-            device=device,
-            tokens_per_epoch=len(corpus.val) + 1,
-            name="validation split",
-        ),
-        spec,
-    )
+    # a few packed batches of the val split would be one or two long files: windows across all of it instead
+    val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
     meta = {
         **corpus.meta,
         "data": "stream",

@@ -331,43 +331,60 @@ def grad_equivalents(history: History, upto: int | None = None) -> float:
     return float(accumulation * len(steps))
 
 
-def _to_target(history: History, target: float | None, loss: str, suffix: str) -> dict[str, Any]:
-    """Steps, tokens, seconds and cost to the first evaluation of ``loss`` at or below ``target``."""
+def _to_target(history: History, target: float | None, loss: str, name: str) -> dict[str, Any]:
+    """Steps, tokens, seconds and cost to the first evaluation of ``loss`` at or below ``target``.
+
+    Keys ``steps_to_<name>``, ``tokens_to_<name>``, ``wall_time_to_<name>_s``, ``cpu_time_to_<name>_s``
+    (None for a run recorded without CPU times) and ``grad_equivalents_to_<name>``; all None when missed.
+    """
     reached = steps_to_target(history, target, loss) if target is not None else None
     at_target = None if reached is None else next(r for r in history.rows if r["step"] == reached)
+    seconds, suffix = (name.removesuffix("_raw"), "_raw") if name.endswith("_raw") else (name, "")
     return {
-        f"steps_to_target{suffix}": reached,
-        f"tokens_to_target{suffix}": None if at_target is None else int(at_target["tokens"]),
-        f"wall_time_to_target{suffix}_s": None if at_target is None else float(at_target["wall_time"]),
-        f"grad_equivalents_to_target{suffix}": None if reached is None else grad_equivalents(history, reached),
+        f"steps_to_{name}": reached,
+        f"tokens_to_{name}": None if at_target is None else int(at_target["tokens"]),
+        f"wall_time_to_{seconds}{suffix}_s": None if at_target is None else float(at_target["wall_time"]),
+        f"cpu_time_to_{seconds}{suffix}_s": None if at_target is None else at_target.get("cpu_time"),
+        f"grad_equivalents_to_{name}": None if reached is None else grad_equivalents(history, reached),
     }
 
 
-def summarize(history: History, target: float | None = None) -> dict[str, Any]:
-    """One results-table row: outer steps, tokens, wall time and cost to target, and the same for the whole run.
+def summarize(history: History, target: float | None = None, early_target: float | None = None) -> dict[str, Any]:
+    """One results-table row: outer steps, tokens, time and cost to target, and the same for the whole run.
 
     ``*_to_target`` are taken at the first evaluation at or below ``target`` (None when not reached):
     ``steps_to_target`` outer steps, ``tokens_to_target`` training tokens drawn (GN's line-search batches
     included), ``wall_time_to_target_s`` seconds of training (evaluations included, pass-cost measurement
-    not) and ``grad_equivalents_to_target`` gradient-step equivalents (:func:`grad_equivalents`), on the
-    evaluated parameters (an EMA of the iterates where the optimizer keeps one); the same with ``_raw`` (and
-    ``final_val_loss_raw``) on the raw iterate, equal to them for a run without an EMA;
-    ``steps``, ``tokens``, ``wall_time_s`` and ``grad_equivalents`` are the whole run's. ``cost_model``
-    says how GN's passes were priced (``metadata["pass_costs"]["model"]``: ``"measured"``, ``"flops"`` or
-    ``"given"``; None for first-order runs, whose micro-batch costs one gradient step under any model).
+    not), ``cpu_time_to_target_s`` the process's CPU seconds over the same span (the time a one-thread run
+    takes alone on a core, whatever else shares the machine) and ``grad_equivalents_to_target``
+    gradient-step equivalents (:func:`grad_equivalents`), on the evaluated parameters (an EMA of the
+    iterates where the optimizer keeps one); the same with ``_raw`` (and ``final_val_loss_raw``) on the raw
+    iterate, equal to them for a run without an EMA. ``early_target`` (a higher loss, read off the same run)
+    adds the same keys named ``*_to_early_target*``. ``steps``, ``tokens``, ``wall_time_s``, ``cpu_time_s``
+    and ``grad_equivalents`` are the whole run's. ``cost_model`` says how GN's passes were priced
+    (``metadata["pass_costs"]["model"]``: ``"measured"``, ``"flops"`` or ``"given"``; None for first-order
+    runs, whose micro-batch costs one gradient step under any model).
     """
     last = history.rows[-1]
     pass_costs = history.metadata.get("pass_costs")
     raw = [r["val_loss_raw"] for r in history.rows if r.get("val_loss_raw") is not None]
+    early = {}
+    if early_target is not None:
+        early = {
+            **_to_target(history, early_target, "val_loss", "early_target"),
+            **_to_target(history, early_target, "val_loss_raw", "early_target_raw"),
+        }
     return {
-        **_to_target(history, target, "val_loss", ""),
-        **_to_target(history, target, "val_loss_raw", "_raw"),
+        **_to_target(history, target, "val_loss", "target"),
+        **_to_target(history, target, "val_loss_raw", "target_raw"),
+        **early,
         "final_val_loss": history.final_val_loss,
         "final_val_loss_raw": raw[-1] if raw else history.final_val_loss,
         "steps": int(last["step"]),
         "tokens": int(last["tokens"]),
         "grad_equivalents": grad_equivalents(history),
         "wall_time_s": float(last["wall_time"]),
+        "cpu_time_s": last.get("cpu_time"),
         "cost_model": pass_costs.get("model") if isinstance(pass_costs, dict) else None,
         "status": history.status,
         "status_reason": history.reason,

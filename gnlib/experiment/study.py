@@ -171,21 +171,46 @@ STUDY_COLUMNS = (
     "steps_to_target",
     "tokens_to_target",
     "wall_time_to_target_s",
+    "cpu_time_to_target_s",
     "grad_equivalents_to_target",
     "final_val_loss",
     "steps_to_target_raw",
     "tokens_to_target_raw",
     "wall_time_to_target_raw_s",
+    "cpu_time_to_target_raw_s",
     "grad_equivalents_to_target_raw",
     "final_val_loss_raw",
     "steps",
     "tokens",
     "grad_equivalents",
     "wall_time_s",
+    "cpu_time_s",
     "cost_model",
     "status",
     "status_reason",
 )
+
+#: The ``*_to_target*`` columns of :data:`STUDY_COLUMNS`.
+_TO_TARGET = tuple(c for c in STUDY_COLUMNS if "_to_target" in c)
+#: Columns a study with an early target adds (``summarize(..., early_target=...)``).
+EARLY_TARGET_COLUMNS = tuple(c.replace("_to_target", "_to_early_target") for c in _TO_TARGET)
+
+
+def at_early_target(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` read at its early target: the ``*_to_early_target*`` columns renamed ``*_to_target*``.
+
+    Every function that reads a study table (:func:`critical_batch_size`, ``ratio_table``,
+    ``study_to_target``, ``steps_vs_batch``) then reads the early target. ``chosen`` is kept: the LR tuned
+    for the lower target, the one a run stops at.
+
+    Raises:
+        ValueError: the table has no early-target columns (the study was run without ``early_target``).
+    """
+    missing = [c for c in EARLY_TARGET_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"the study table has no early target (no column(s) {missing}); run it with early_target set")
+    early = table.drop(columns=list(_TO_TARGET)).rename(columns=dict(zip(EARLY_TARGET_COLUMNS, _TO_TARGET)))
+    return early[[c for c in table.columns if c not in EARLY_TARGET_COLUMNS]]
 
 
 def study_spec(
@@ -196,6 +221,7 @@ def study_spec(
     seed: int,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
     hyperparameters: Mapping[str, Mapping[str, Any]] | None = None,
+    max_tokens: int | None = None,
 ) -> RunSpec:
     """The spec of one study run: ``base`` with the optimizer, equal-token batch, LR and seed filled in.
 
@@ -209,6 +235,8 @@ def study_spec(
         variants: label → RunSpec field overrides, e.g. ``{"gn_per_tensor": {"optimizer": "gn",
             "hyperparameters": {"blocks": "per_tensor"}}}``; the label names the run in tables.
         hyperparameters: label → optimizer options (merged over the variant's).
+        max_tokens: a budget in batch tokens: the run's steps are at most ``max_tokens / tokens_per_step``
+            (at least 1), so small batches get more steps than large ones; None: ``base.steps`` for all.
     """
     variants = dict(variants or {})
     check_choice("optimizer", optimizer, [*OPTIMIZERS, *variants])
@@ -225,9 +253,12 @@ def study_spec(
         hp["inner_steps"], accumulation = micro_batches, 1
     else:
         accumulation = micro_batches
-    return dataclasses.replace(
+    spec = dataclasses.replace(
         base, **fields, lr=float(lr), seed=int(seed), accumulation=accumulation, hyperparameters=hp
     )
+    if max_tokens is not None:
+        spec.steps = min(base.steps, max(1, max_tokens // spec.tokens_per_step))
+    return spec
 
 
 def batch_size_study(
@@ -244,6 +275,8 @@ def batch_size_study(
     progress: bool = False,
     checkpoint_every: int = 0,
     overwrite: bool = False,
+    early_target: float | None = None,
+    max_tokens: int | None = None,
 ) -> pd.DataFrame:
     """Steps to ``target`` for every optimizer × token batch × LR × seed, LR tuned per batch size.
 
@@ -264,17 +297,22 @@ def batch_size_study(
         progress: print each run's evaluations.
         checkpoint_every: each run's checkpoint period in steps (0: at its end only), see :func:`run`.
         overwrite: replace runs with other settings found in their folders (else they are refused).
+        early_target: a higher validation loss, read off the same runs (:data:`EARLY_TARGET_COLUMNS`).
+        max_tokens: see :func:`study_spec`.
 
     Returns:
-        One row per run, columns :data:`STUDY_COLUMNS` plus ``chosen`` and ``on_edge`` (:func:`choose_lr`).
+        One row per run, columns :data:`STUDY_COLUMNS` (then :data:`EARLY_TARGET_COLUMNS` with
+        ``early_target``) plus ``chosen`` and ``on_edge`` (:func:`choose_lr`).
     """
+    if early_target is not None and not early_target > target:
+        raise ValueError(f"early_target={early_target!r} is invalid; allowed: a loss above target={target!r}")
     missing = [name for name in optimizers if name not in lrs]
     if missing:
         raise ValueError(f"lrs has no grid for optimizer(s) {missing}; it has {sorted(lrs)}")
     if not seeds or not micro_batches:
         raise ValueError(f"seeds={list(seeds)!r} and micro_batches={list(micro_batches)!r} must be non-empty")
     plan = [
-        (name, m, float(lr), seed, study_spec(base, name, m, lr, seed, variants, hyperparameters))
+        (name, m, float(lr), seed, study_spec(base, name, m, lr, seed, variants, hyperparameters, max_tokens))
         for name in optimizers
         for m in micro_batches
         for lr in sorted(lrs[name])
@@ -294,7 +332,7 @@ def batch_size_study(
             checkpoint_every=checkpoint_every,
             overwrite=overwrite,
         )
-        summary = summarize(history, target)
+        summary = summarize(history, target, early_target)
         rows.append(
             {
                 "optimizer": name,
@@ -305,7 +343,8 @@ def batch_size_study(
                 **summary,
             }
         )
-    table = choose_lr(pd.DataFrame(rows, columns=list(STUDY_COLUMNS)))
+    columns = STUDY_COLUMNS + (EARLY_TARGET_COLUMNS if early_target is not None else ())
+    table = choose_lr(pd.DataFrame(rows, columns=list(columns)))
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / "study.csv", table.to_csv(index=False))
     return table
@@ -350,9 +389,10 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
             f"{label} has no run with status ok; read each run's error in its column 'error' and log.txt, "
             "fix it and run the sweep again with --retry-failed"
         )
+    early = any(f"result_{c}" in raw.columns or c in raw.columns for c in EARLY_TARGET_COLUMNS)
     columns = {
         c: raw[f"result_{c}"] if f"result_{c}" in raw.columns else raw[c] if c in raw.columns else None
-        for c in STUDY_COLUMNS
+        for c in STUDY_COLUMNS + (EARLY_TARGET_COLUMNS if early else ())
     }
     table = pd.DataFrame(columns).reset_index(drop=True)
     table["steps_to_target"] = table["steps_to_target"].astype(float)

@@ -240,11 +240,11 @@ class _Loop:
         """The optimizer draws its own batches and returns diagnostics (the Gauss-Newton optimizers)."""
         return getattr(self.optimizer, "draws_batches", False)
 
-    def resume(self) -> float:
+    def resume(self) -> tuple[float, float]:
         """Load the run's checkpoint into model, optimizer, batch source, RNG and History, if it is this run's.
 
         Returns:
-            The wall time the resumed run had already spent (0 for a fresh run).
+            The wall time and process CPU time the resumed run had already spent (zeros for a fresh run).
 
         Raises:
             ValueError: the folder holds a run with other settings (and not ``overwrite``), or the
@@ -264,7 +264,7 @@ class _Loop:
                     print(f"{run_dir}: replacing the run with other settings found there (overwrite=True)")
                 state = None
         if state is None:
-            return 0.0
+            return 0.0, 0.0
         saved_world = state.get("world_size", 1)
         if saved_world != self.world:
             raise ValueError(
@@ -281,7 +281,8 @@ class _Loop:
         self.history.status = state["status"]
         self.history.reason = state.get("reason")
         self.saved_step = self.history.rows[-1]["step"]
-        return self.history.rows[-1]["wall_time"]
+        last = self.history.rows[-1]
+        return last["wall_time"], last.get("cpu_time", 0.0)
 
     def step(self, step: int) -> dict[str, Any]:
         """Outer step ``step`` (1-based); its row: ``train_loss``, the tokens it read, and diagnostics or ``lr``."""
@@ -418,12 +419,14 @@ class _Loop:
         """
         s, history = self.settings, self.history
         with _StopSignals(repeat_aborts=not distributed.in_process_group()) as signals:
-            start = time.perf_counter() - self.resume()
+            wall, cpu = self.resume()
+            start = (time.perf_counter() - wall, time.process_time() - cpu)
             distributed.check_same("the step this run resumes from", history.rows[-1]["step"] if history.rows else -1)
             if history.status != "running":
                 return history
             if not history.rows:
-                history.rows.append({"step": 0, "tokens": 0, "wall_time": 0.0, "train_loss": None, **self.evaluate()})
+                row = {"step": 0, "tokens": 0, "wall_time": 0.0, "cpu_time": 0.0, "train_loss": None}
+                history.rows.append({**row, **self.evaluate()})
                 self.judge(history.rows[0], last=False)
             stopped_by = self.train_steps(start, signals)
             self.checkpoint()
@@ -438,11 +441,12 @@ class _Loop:
             )
         return history
 
-    def train_steps(self, start: float, signals: "_StopSignals") -> int:
+    def train_steps(self, start: tuple[float, float], signals: "_StopSignals") -> int:
         """Step, evaluate when due, judge and checkpoint until the run ends or a signal stops it.
 
         Args:
-            start: ``time.perf_counter()`` at the run's start (resumed runs: minus their earlier wall time).
+            start: ``time.perf_counter()`` and ``time.process_time()`` at the run's start (a resumed run: minus
+                the wall and CPU time it had spent before).
             signals: the signals noted while the run lasts.
 
         Returns:
@@ -458,7 +462,8 @@ class _Loop:
                 last = step == s.steps
                 due = s.eval_schedule(step) if s.eval_schedule is not None else step % s.eval_every == 0
                 row.update(self.evaluate() if (due or last) else {"val_loss": None})
-                row["wall_time"] = time.perf_counter() - start
+                row["wall_time"] = time.perf_counter() - start[0]
+                row["cpu_time"] = time.process_time() - start[1]
                 history.rows.append(row)
                 self.judge(row, last)
                 bar.update()

@@ -509,7 +509,8 @@ def steps_vs_batch(
 
     Args:
         table: study table (:func:`gnlib.experiment.study.batch_size_study`): columns ``optimizer``, ``x``, ``value``.
-        value: ``"steps_to_target"``, ``"grad_equivalents_to_target"`` or ``"wall_time_to_target_s"``.
+        value: ``"steps_to_target"``, ``"grad_equivalents_to_target"``, ``"wall_time_to_target_s"`` or
+            ``"cpu_time_to_target_s"`` (their ``_raw`` forms too).
         x: ``"tokens_per_step"`` or ``"micro_batches"``.
         title: axes title.
     """

@@ -3,8 +3,10 @@
 The tidy tables of :mod:`gnlib.experiment.runs` and :mod:`gnlib.experiment.study` keep every column and NaN
 for a target that was not reached (what files and code need); these functions turn them into the few
 columns a notebook page shows.
-Every table reports, to the target: outer steps, training tokens, wall time and gradient-step equivalents;
-where a run is evaluated on an EMA of its iterates, the same for the raw iterate beside them.
+Every table reports, to the target: outer steps, training tokens, time and gradient-step equivalents;
+where a run is evaluated on an EMA of its iterates, the same for the raw iterate beside them. The study
+tables' time is each run's process CPU time where every run recorded one (the time a one-thread run takes
+alone on a core, comparable across runs that shared the machine), else its wall time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ TO_TARGET_COLUMNS = {
     "steps_to_target": "steps to target",
     "tokens_to_target": "tokens to target",
     "wall_time_to_target_s": "time to target (s)",
+    "cpu_time_to_target_s": "CPU time to target (s)",
     "grad_equivalents_to_target": "cost to target",
 }
 
@@ -41,6 +44,7 @@ RAW_TO_TARGET_COLUMNS = {
     "steps_to_target_raw": "steps to target (raw)",
     "tokens_to_target_raw": "tokens to target (raw)",
     "wall_time_to_target_raw_s": "time to target (s, raw)",
+    "cpu_time_to_target_raw_s": "CPU time to target (s, raw)",
     "grad_equivalents_to_target_raw": "cost to target (raw)",
 }
 
@@ -100,9 +104,10 @@ def readable_summary(table: pd.DataFrame, max_steps: int, *, by: str = "optimize
 def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
     """The batch-size study to the target, one row per optimizer and batch size, at each setting's tuned LR.
 
-    Medians over seeds of the outer steps, training tokens, wall time (s) and gradient-step equivalents
-    to the target; a seed that missed the target counts as infinitely many, so a setting is reported only
-    when most of its seeds reached it ("-" otherwise), and ``seeds reached`` says how many did. When a run
+    Medians over seeds of the outer steps, training tokens, time (s; :func:`time_to_target_column`) and
+    gradient-step equivalents to the target; a seed that missed the target counts as infinitely many, so a
+    setting is reported only when most of its seeds reached it ("-" otherwise), and ``seeds reached`` says
+    how many did. When a run
     was evaluated on an EMA (:func:`has_ema`), the same on the raw iterate follow (:data:`RAW_TO_TARGET_COLUMNS`).
 
     Args:
@@ -128,10 +133,22 @@ def study_to_target(table: pd.DataFrame) -> pd.DataFrame:
     return shown.rename(columns={**TO_TARGET_COLUMNS, **RAW_TO_TARGET_COLUMNS})
 
 
+def time_to_target_column(table: pd.DataFrame, suffix: str = "") -> str:
+    """The time column a study table is read by: CPU time where every run that reached the target has one.
+
+    Returns ``cpu_time_to_target{suffix}_s``, else ``wall_time_to_target{suffix}_s`` (results from before
+    runs recorded their CPU time).
+    """
+    cpu, reached = f"cpu_time_to_target{suffix}_s", table[f"steps_to_target{suffix}"].notna()
+    if cpu in table.columns and table.loc[reached, cpu].notna().all() and reached.any():
+        return cpu
+    return f"wall_time_to_target{suffix}_s"
+
+
 def _medians_to_target(chosen: pd.DataFrame, suffix: str) -> pd.DataFrame:
     """Seeds reached and the medians to target of the ``*_to_target{suffix}`` columns, per (optimizer, batch)."""
-    steps, tokens = f"steps_to_target{suffix}", f"tokens_to_target{suffix}"
-    time, cost = f"wall_time_to_target{suffix}_s", f"grad_equivalents_to_target{suffix}"
+    steps, tokens, cost = f"steps_to_target{suffix}", f"tokens_to_target{suffix}", f"grad_equivalents_to_target{suffix}"
+    time = time_to_target_column(chosen, suffix)
     chosen = chosen.assign(**{v: chosen[v].astype(float).fillna(np.inf) for v in (steps, tokens, time, cost)})
     groups = chosen.groupby(["optimizer", "micro_batches"], sort=False)
     medians = groups[[steps, tokens, time, cost]].median().replace(np.inf, np.nan)

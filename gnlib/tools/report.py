@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gnlib.experiment.study import critical_batch_size, study_table_from_sweep
+from gnlib.experiment.study import at_early_target, critical_batch_size, study_table_from_sweep
 from gnlib.experiment.sweep_results import read_results_table
-from gnlib.notebook.tables import has_ema
+from gnlib.notebook.tables import has_ema, time_to_target_column
 from gnlib.runtime import atomic_write_text
 
 #: Display names of the optimizers, in the order tables list them.
@@ -40,6 +40,8 @@ NAMES = {
 #: Outer steps to val loss 3.25 on the study's 45M model, each optimizer past its critical batch
 #: (docs/study.md, "Reported results"); AdamW is reported only as "more than Muon".
 STUDY_45M_STEPS = {"gn": "54", "gn_layerwise": "78", "soap": "292", "muon": "about 864", "adamw": "more than Muon"}
+#: The study's exact step counts among :data:`STUDY_45M_STEPS`.
+_STUDY_NUMBERS = {o: s for o, s in STUDY_45M_STEPS.items() if s.isdigit()}
 RESULTS_DIR, FIGURES_DIR = Path("notebooks/results"), Path("notebooks/figures")
 #: The pages whose blocks are regenerated when none is given: README and every page under docs/.
 PAGES = (Path("README.md"), Path("docs"))
@@ -70,7 +72,8 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
         (costs in gradient steps on the table's smallest micro-batch, scaled by tokens per micro-batch);
         the critical batch size of each optimizer (with two batch sizes or more); tokens, time and cost to
         target at the largest batch (beside the study's 45M steps, for the optimizers it reports); and the
-        tuned LRs on their grid's edge. With ``headline``, the steps and ratio tables alone.
+        tuned LRs on their grid's edge. With ``headline``, the steps and ratio tables alone. A sweep run with
+        an early target gives its steps and ratio tables first, then the lower target's.
 
     Raises:
         ValueError: ``results_csv`` is cut short, damaged or not a sweep's table
@@ -83,30 +86,19 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
     # a gradient step on the smallest micro-batch of the table (FLOPs scale with the tokens of a pass).
     micro_tokens = chosen["tokens_per_step"] / chosen["micro_batches"]
     unit = int(micro_tokens.min())
-    chosen = chosen.assign(grad_equivalents_to_target=chosen["grad_equivalents_to_target"] * micro_tokens / unit)
-    targets = raw["target_loss"].dropna().unique() if "target_loss" in raw.columns else []
-    target = f"val loss {float(targets[0]):g}" if len(targets) == 1 else "the target"
+    costs = [c for c in chosen.columns if c.startswith("grad_equivalents_to_")]
+    chosen = chosen.assign(**{c: chosen[c].astype(float) * micro_tokens / unit for c in costs})
     order = list(dict.fromkeys(chosen["optimizer"]))
     settings = sorted(order, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), order.index(n)))
     batches = sorted(set(chosen["tokens_per_step"]))
-    seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
-    lines = [
-        f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seed(s) (min-max); "
-        '"missed" when most seeds did not reach it.',
-        "",
-        _steps_table(chosen, settings, batches, "steps_to_target"),
-        "",
-    ]
-    if has_ema(chosen):
-        lines += [
-            f"The same on the raw iterate: runs evaluated on an EMA of their iterates read steps to {target} off the "
-            "EMA above and off the iterate itself here (the others read the same here as above).",
-            "",
-            _steps_table(chosen, settings, batches, "steps_to_target_raw"),
-            "",
-        ]
     reference = reference if reference in settings else settings[0]
-    lines += _ratio_section(chosen, settings, batches, reference, unit)
+    lines = []
+    if "steps_to_early_target" in chosen.columns:
+        early = at_early_target(chosen)
+        lines += [f"**At the early target, {_target(raw, 'early_target')}.**", ""]
+        lines += _target_sections(early, settings, batches, reference, unit, _target(raw, "early_target"))
+        lines += [f"**At the lower target, {_target(raw, 'target_loss')}.**", ""]
+    lines += _target_sections(chosen, settings, batches, reference, unit, _target(raw, "target_loss"))
     if headline:
         return "\n".join(lines).rstrip("\n") + "\n"
     if {"started", "finished", "seconds"} <= set(raw.columns):
@@ -134,38 +126,84 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
     return "\n".join(lines) + "\n"
 
 
-def _ratio_section(
-    chosen: pd.DataFrame, settings: list[str], batches: list[int], reference: str, unit: int
+def _target(raw: pd.DataFrame, column: str) -> str:
+    """The target's name: "val loss 2.2" when the sweep's ``column`` holds one value, else "the target"."""
+    values = raw[column].dropna().unique() if column in raw.columns else []
+    return f"val loss {float(values[0]):g}" if len(values) == 1 else "the target"
+
+
+def _target_sections(
+    chosen: pd.DataFrame, settings: list[str], batches: list[int], reference: str, unit: int, target: str
 ) -> list[str]:
-    """Lines of the ratio table: each setting's median steps (and cost) over the reference's, per batch."""
-    steps = _medians(chosen, "steps_to_target")
-    cost = _medians(chosen, "grad_equivalents_to_target")
+    """Lines of the steps tables (the EMA's and the raw iterate's, where runs have an EMA) and ratios to ``target``."""
+    seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
+    lines = [
+        f"Outer steps to {target} at each setting's tuned LR: median over {_count(seeds)} seed(s) (min-max); "
+        '"missed" when most seeds did not reach it.',
+        "",
+        _steps_table(chosen, settings, batches, "steps_to_target"),
+        "",
+    ]
+    ema = has_ema(chosen)
+    if ema:
+        lines += [
+            f"The same on the raw iterate: runs evaluated on an EMA of their iterates read steps to {target} off the "
+            "EMA above and off the iterate itself here (the others read the same here as above).",
+            "",
+            _steps_table(chosen, settings, batches, "steps_to_target_raw"),
+            "",
+        ]
+    lines += _ratio_section(chosen, settings, batches, reference, unit, "")
+    if ema:
+        lines += _ratio_section(chosen, settings, batches, reference, unit, "_raw")
+    return lines
+
+
+def _ratio_section(
+    chosen: pd.DataFrame, settings: list[str], batches: list[int], reference: str, unit: int, suffix: str
+) -> list[str]:
+    """Lines of the ratio table: each setting's median steps (and cost) over the reference's, per batch.
+
+    ``suffix`` ``"_raw"`` reads the raw iterates. With full GN as the reference, a last column gives the
+    study's own ratios on its 45M model (:data:`STUDY_45M_STEPS`: SOAP 5.4, layerwise GN 1.44).
+    """
+    steps = _medians(chosen, f"steps_to_target{suffix}")
+    cost = _medians(chosen, f"grad_equivalents_to_target{suffix}")
+    study = {
+        o: float(s) / float(_STUDY_NUMBERS[reference]) for o, s in _STUDY_NUMBERS.items() if reference in _STUDY_NUMBERS
+    }
+    beside = any(o in study for o in settings if o != reference)
     rows = [
         [NAMES.get(o, o), *[_ratio_cell(steps, cost, o, reference, b) for b in batches]]
+        + ([f"{study[o]:.2g}" if o in study else "-"] if beside else [])
         for o in settings
         if o != reference
     ]
     if not rows:
         return []
+    of = " on the raw iterates" if suffix else ""
     return [
         f"Ratio to {NAMES.get(reference, reference)} of the median steps (and of the cost in gradient steps "
-        f"on {unit:,} tokens) to the target:",
+        f"on {unit:,} tokens) to the target{of}"
+        + (", beside the study's steps ratio on its 45M model:" if beside else ":"),
         "",
-        _table(["setting", *[f"{b:,}" for b in batches]], rows),
+        _table(["setting", *[f"{b:,}" for b in batches], *(["study, 45M"] if beside else [])], rows),
         "",
     ]
 
 
 def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: int, unit: int) -> list[str]:
     """Lines of the table of steps, tokens, time and cost to target at the largest batch (and the study's)."""
+    time = time_to_target_column(chosen)
     columns = [
         ("steps_to_target", "g"),
         ("tokens_to_target", ",.0f"),
-        ("wall_time_to_target_s", ".0f"),
+        (time, ".0f"),
         ("grad_equivalents_to_target", ",.0f"),
     ]
     study = any(o in STUDY_45M_STEPS for o in settings)
-    header = ["setting", "steps", "tokens", "time (s)", f"cost (gradient steps on {unit:,} tokens)"]
+    seconds = "CPU time (s)" if time.startswith("cpu") else "time (s)"
+    header = ["setting", "steps", "tokens", seconds, f"cost (gradient steps on {unit:,} tokens)"]
     rows = [
         [NAMES.get(o, o), *[_median_cell(chosen, o, largest, c, fmt) for c, fmt in columns]]
         + ([STUDY_45M_STEPS.get(o, "-")] if study else [])
