@@ -13,15 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gnlib.runtime import is_finite_number, is_integer, numeric_text_hint
-
-
-def _owner(owner: str) -> str:
-    return f" for {owner}" if owner else ""
+from gnlib.runtime import invalid, is_finite_number, is_integer
 
 
 def check_positive_int(parameter: str, value: Any, *, owner: str = "", minimum: int = 1) -> None:
-    """Raise unless ``value`` is an int (not a bool) ``>= minimum``.
+    """Raise :func:`~gnlib.runtime.invalid` unless ``value`` is an int (not a bool) ``>= minimum``.
 
     Args:
         parameter: the name the user wrote (e.g. ``"warmup_steps"``).
@@ -30,23 +26,18 @@ def check_positive_int(parameter: str, value: Any, *, owner: str = "", minimum: 
         minimum: the smallest allowed value.
     """
     if not is_integer(value) or value < minimum:
-        raise ValueError(
-            f"{parameter}{_owner(owner)} must be an integer >= {minimum}, got {value!r}"
-            f"{' (a bool)' if isinstance(value, bool) else numeric_text_hint(value)}"
-        )
+        raise invalid(owner, parameter, value, f"an integer >= {minimum}")
 
 
 def check_positive_number(
     parameter: str, value: Any, *, owner: str = "", allow_zero: bool = False, example: str = "0.003"
 ) -> None:
-    """Raise unless ``value`` is a finite int or float (not a bool) ``> 0`` (``>= 0`` with ``allow_zero``)."""
-    ok = is_finite_number(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
-            f"{parameter}{_owner(owner)} must be a finite number {bound} (e.g. {example}), got {value!r}"
-            f"{numeric_text_hint(value)}"
-        )
+    """Raise :func:`~gnlib.runtime.invalid` unless ``value`` is a finite number ``> 0`` (``>= 0`` with ``allow_zero``).
+
+    An int or a float, not a bool; ``example`` shows an allowed value in the message.
+    """
+    if not is_finite_number(value) or value < 0 or (value == 0 and not allow_zero):
+        raise invalid(owner, parameter, value, f"a finite number {'>= 0' if allow_zero else '> 0'}, e.g. {example}")
 
 
 def check_writable(path: str | Path, *, parameter: str = "output_dir", need_bytes: int = 0) -> Path:

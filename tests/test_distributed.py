@@ -105,7 +105,7 @@ def _run(
         max_grad_norm=1.0,
     )
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return params, [{k: v for k, v in r.items() if k != "wall_time"} for r in history.rows]
+    return params, [{k: v for k, v in r.items() if k not in ("wall_time", "cpu_time")} for r in history.rows]
 
 
 def _worker(rank: int, port: int, folder: str) -> None:

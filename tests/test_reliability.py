@@ -158,13 +158,21 @@ def test_diverged_warmup_is_not_cached_and_bad_cache_entries_are_rebuilt(tmp_pat
 @pytest.mark.parametrize(
     "config, flags, match",
     [
-        ("lr: '3e-3'\n", [], r"lr for optimizer 'adamw' must be a finite number > 0.*a string: in YAML write floats"),
-        ("steps: true\n", [], r"steps must be an integer >= 1, got True \(a bool\).*settings from config"),
+        (
+            "lr: '3e-3'\n",
+            [],
+            r"optimizer 'adamw': lr='3e-3' is invalid; allowed: a finite number > 0.*a string: in YAML write floats",
+        ),
+        (
+            "steps: true\n",
+            [],
+            r"steps=True is invalid; allowed: an integer >= 1 \(a bool is not a number\).*settings from config",
+        ),
         ("optimizer: [gn\n", [], r"config .*run\.yaml is not valid YAML.*run\.yaml"),
         ('{"optimizer": "gn",}', [], r"config .*run\.json is not valid JSON.*line 1"),
         (b"\x80\x81binary", [], r"config .*run\.yaml is not UTF-8 text"),
-        ("target_loss: -1\n", [], r"target_loss must be a finite number >= 0"),
-        ("optimizer: gn\n", ["--lr", "-0.01"], r"lr for optimizer 'gn' must be .* > 0 .*got -0\.01.*and flags"),
+        ("target_loss: -1\n", [], r"target_loss=-1 is invalid; allowed: a finite number >= 0"),
+        ("optimizer: gn\n", ["--lr", "-0.01"], r"optimizer 'gn': lr=-0\.01 is invalid; allowed: .* > 0.*and flags"),
     ],
 )
 def test_cli_bad_input_is_named_with_the_file_and_exits_2(tmp_path, capsys, config, flags, match):

@@ -38,7 +38,7 @@ from gnlib.checks import check_positive_int
 from gnlib.data.hub import hf_corpus_documents
 from gnlib.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
 from gnlib.data.windows import BatchSampler
-from gnlib.runtime import atomic_torch_save, check_choice, is_integer, output_path
+from gnlib.runtime import atomic_torch_save, check_choice, invalid, is_integer, output_path
 
 DOCUMENT_SEPARATOR = "\x00"
 DEFAULT_MAX_BYTES = 4_000_000
@@ -90,7 +90,7 @@ class Corpus:
         Under torchrun each process gets its shard of every batch (:class:`BatchSampler`).
         """
         if not is_integer(n_batches) or n_batches < 1:
-            raise ValueError(f"n_batches={n_batches!r} must be an integer >= 1")
+            raise invalid("", "n_batches", n_batches, "an integer >= 1")
         sampler = self.sampler(split, batch_size, seq_len, seed, device)
         return [sampler() for _ in range(n_batches)]
 
@@ -131,14 +131,14 @@ def load_documents(
         ConnectionError: an ``hf:`` source while the Hugging Face hub is unreachable.
     """
     if max_bytes is not None and (not is_integer(max_bytes) or max_bytes < 1):
-        raise ValueError(f"{max_bytes_name}={max_bytes!r} must be an integer >= 1 or None (no cap)")
+        raise invalid("", max_bytes_name, max_bytes, "an integer >= 1, or None (no cap)")
     if source == "default":
         return list(_default_documents(max_bytes))
     if source.startswith("text:"):
         return _text_documents(source[len("text:") :], max_bytes)
     if source.startswith("hf:"):
         return _take(hf_corpus_documents(source, text_field), max_bytes)
-    raise ValueError(f"source={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
+    raise invalid("", "source", source, f"one of the forms {SOURCE_FORMS}")
 
 
 def load_corpus(
@@ -225,7 +225,7 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
 def _check_val_fraction(val_fraction: float) -> None:
     """Raise ``ValueError`` unless 0 < ``val_fraction`` < 1."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must lie strictly between 0 and 1")
+        raise invalid("", "val_fraction", val_fraction, "a number strictly between 0 and 1")
 
 
 def _take(documents: Iterable[str], max_bytes: int | None) -> list[str]:
@@ -282,7 +282,7 @@ def check_corpus_source(source: str, *, parameter: str = "corpus") -> None:
     file is one document and the train/val split needs two. ``parameter`` names ``source`` in the message.
     """
     if not isinstance(source, str) or not (source == "default" or source.startswith(("text:", "hf:"))):
-        raise ValueError(f"{parameter}={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
+        raise invalid("", parameter, source, f"one of the forms {SOURCE_FORMS}")
     if source.startswith("text:") and len(files := _text_files(source[len("text:") :])) < 2:
         raise ValueError(
             f"{parameter}={source!r} matches {len(files)} file(s); a text corpus is one document per file and "
@@ -348,7 +348,7 @@ def frequency_remap(tokens: Tensor, vocab_size: int, *, base_vocab: int = 256) -
     """
     check_positive_int("vocab_size", vocab_size, minimum=2)
     if vocab_size > base_vocab:
-        raise ValueError(f"vocab_size={vocab_size} must be <= base_vocab={base_vocab} (the vocabulary it reduces)")
+        raise invalid("", "vocab_size", vocab_size, f"at most base_vocab={base_vocab} (the vocabulary it reduces)")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= base_vocab):
         raise ValueError(f"tokens must lie in [0, {base_vocab}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
     counts = torch.bincount(tokens.reshape(-1), minlength=base_vocab)

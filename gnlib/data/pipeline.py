@@ -38,7 +38,7 @@ from gnlib.data.corpus import DEFAULT_MAX_BYTES, Corpus, check_corpus_source, lo
 from gnlib.data.hub import hf_documents, hub_reachable
 from gnlib.data.stream import PackedStream, shuffled_documents
 from gnlib.data.tokenizers import check_tokenizer_name, make_tokenizer
-from gnlib.runtime import check_choice, is_integer
+from gnlib.runtime import check_choice, invalid, is_integer
 
 DATA_KINDS = ("windows", "stream")
 HF_VALIDATION_SPLIT = "validation"
@@ -73,22 +73,20 @@ def check_data_fields(spec: Any) -> None:
     check_corpus_source(spec.corpus)
     check_tokenizer_name(spec.tokenizer)
     check_choice("data", spec.data, DATA_KINDS)
-    if not isinstance(spec.data_epochs, int) or isinstance(spec.data_epochs, bool) or spec.data_epochs < 1:
-        raise ValueError(f"data_epochs={spec.data_epochs!r} must be an integer >= 1 (passes over the training data)")
-    if not isinstance(spec.data_start, int) or isinstance(spec.data_start, bool) or spec.data_start < 0:
-        raise ValueError(f"data_start={spec.data_start!r} must be an integer >= 0 (training tokens to skip)")
+    if not is_integer(spec.data_epochs) or spec.data_epochs < 1:
+        raise invalid("", "data_epochs", spec.data_epochs, "an integer >= 1 (passes over the training data)")
+    if not is_integer(spec.data_start) or spec.data_start < 0:
+        raise invalid("", "data_start", spec.data_start, "an integer >= 0 (training tokens to skip)")
     seed = spec.data_start_seed
     if seed is not None and (not is_integer(seed) or seed < 0):
-        raise ValueError(f"data_start_seed={seed!r} must be an integer >= 0 (the warm-up's seed) or None (seed)")
+        raise invalid("", "data_start_seed", seed, "an integer >= 0 (the warm-up's seed), or None (seed)")
     if spec.data == "windows" and (spec.data_start or spec.data_epochs != 1 or seed is not None):
         raise ValueError(
             f"data_start={spec.data_start!r}, data_start_seed={seed!r} and data_epochs={spec.data_epochs!r} apply "
             "to data='stream' only (random windows have no position)"
         )
     if spec.corpus_bytes is not None and (not is_integer(spec.corpus_bytes) or spec.corpus_bytes < 1):
-        raise ValueError(
-            f"corpus_bytes={spec.corpus_bytes!r} must be an integer >= 1 (bytes of text to read) or None (the default)"
-        )
+        raise invalid("", "corpus_bytes", spec.corpus_bytes, "an integer >= 1 (bytes of text to read), or None")
     vocab = spec.model_overrides.get("vocab_size")
     if vocab is not None and spec.tokenizer == "bytes" and vocab < 256:
         raise ValueError(f"model_overrides['vocab_size']={vocab} is smaller than tokenizer='bytes''s 256 ids")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from gnlib import distributed
-from gnlib.runtime import is_integer, resolve_device
+from gnlib.runtime import invalid, is_integer, resolve_device
 
 Documents = Callable[[int], Iterator[Tensor]]
 
@@ -124,12 +124,12 @@ class PackedStream:
         """
         for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("epochs", epochs)):
             if not is_integer(value) or value < 1:
-                raise ValueError(f"{label}={value!r} must be an integer >= 1")
+                raise invalid("", label, value, "an integer >= 1")
         if not is_integer(start) or start < 0:
-            raise ValueError(f"start={start!r} must be an integer >= 0 (tokens to skip)")
+            raise invalid("", "start", start, "an integer >= 0 (tokens to skip)")
         rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
         if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
-            raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
+            raise invalid("", "shard", shard, "(rank, world_size), integers with 0 <= rank < world_size")
         self.documents, self.batch_size, self.seq_len = documents, batch_size, seq_len
         self.rank, self.world_size, self.epochs = rank, world, epochs
         self.device = resolve_device(device)

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 from torch import Tensor
 
-from gnlib.runtime import atomic_write_text
+from gnlib.runtime import atomic_write_text, invalid
 
 TOKENIZER_FORMS = ["bytes", "t5", "t5:<path to tokenizer.json>", "bpe:<vocab size>"]
 T5_HUB_NAME = "google-t5/t5-base"
@@ -143,7 +143,7 @@ def check_tokenizer_name(name: str) -> None:
     loaded or trained.
     """
     if not isinstance(name, str):
-        raise ValueError(f"tokenizer={name!r} must be a string; allowed forms: {TOKENIZER_FORMS}")
+        raise invalid("", "tokenizer", name, f"a string of one of the forms {TOKENIZER_FORMS}")
     if name in ("bytes", "t5"):
         return
     if name.startswith("t5:"):
@@ -154,12 +154,14 @@ def check_tokenizer_name(name: str) -> None:
     if name.startswith("bpe:"):
         size = name[len("bpe:") :]
         if not (size.isdigit() and int(size) >= BPE_MIN_VOCAB):
-            raise ValueError(
-                f"tokenizer={name!r}: the vocabulary size after 'bpe:' must be an integer >= "
-                f"{BPE_MIN_VOCAB} (256 bytes + end of document), e.g. 'bpe:4096'"
+            raise invalid(
+                "",
+                "tokenizer",
+                name,
+                f"'bpe:<n>' with an integer n >= {BPE_MIN_VOCAB} (256 bytes + end of document), e.g. 'bpe:4096'",
             )
         return
-    raise ValueError(f"tokenizer={name!r} is not supported; allowed forms: {TOKENIZER_FORMS}")
+    raise invalid("", "tokenizer", name, f"one of the forms {TOKENIZER_FORMS}")
 
 
 def make_tokenizer(

@@ -31,7 +31,7 @@ from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
 from gnlib.optim.schedules import make_schedule
-from gnlib.runtime import check_choice, resolve_device
+from gnlib.runtime import check_choice, invalid, resolve_device
 
 #: GaussNewton's default number of inner steps (its batches per outer step).
 GN_INNER_STEPS: int = GaussNewtonOptions().inner_steps
@@ -133,7 +133,7 @@ class RunSpec:
         if not isinstance(self.corpus, str) or not (
             self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
         ):
-            raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
+            raise invalid("", "corpus", self.corpus, f"one of the forms {SOURCE_FORMS}")
         check_data_fields(self)
         if self.target_loss is not None:
             check_positive_number("target_loss", self.target_loss, allow_zero=True, example="2.75, or None: no target")

@@ -41,7 +41,7 @@ from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.muon import NS_DTYPES, Muon
 from gnlib.optim.options import BETAS, FLAG, NAMES, Rule, Schema, integer, number, optional
 from gnlib.optim.soap import SOAP, SOAP_SCHEMA
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, invalid
 
 NamedTensors = Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
 
@@ -151,7 +151,7 @@ def split_params(named_params: NamedTensors, adamw_names: Sequence[str] | None =
         keep_out = set(adamw_names)
         missing = sorted(keep_out - set(named))
         if missing:
-            raise ValueError(f"adamw_params={missing} are not tensor names; allowed values: {list(named)}")
+            raise invalid("", "adamw_params", missing, f"names of the model's tensors, {list(named)}")
     matrices = [n for n, t in named.items() if t.dim() == 2 and n not in keep_out]
     others = [n for n in named if n not in set(matrices)]
     return matrices, others

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gnlib.runtime import is_finite_number, is_integer, numeric_text_hint
+from gnlib.runtime import invalid, is_finite_number, is_integer
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,6 @@ NAMES = Rule(
     "None or a list of tensor names",
 )
 ANY = Rule(lambda v: True, "any value")
-
-
-def invalid(owner: str, key: str, value: Any, allowed: str) -> ValueError:
-    """The error for ``key=value`` of ``owner`` (e.g. ``"optimizer 'gn'"``), naming the allowed values."""
-    prefix = f"{owner}: " if owner else ""
-    return ValueError(f"{prefix}{key}={value!r} is invalid; allowed: {allowed}{numeric_text_hint(value)}")
 
 
 @dataclass(frozen=True)
