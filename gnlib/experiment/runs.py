@@ -26,7 +26,7 @@ from gnlib.experiment.history import METADATA, History
 from gnlib.experiment.protocols import PROTOCOLS
 from gnlib.experiment.protocols import resolve as resolve_protocol
 from gnlib.experiment.run_folder import load_weights
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
@@ -248,18 +248,20 @@ def run(
         optimizer,
         train_batches,
         val,
-        steps=spec.steps,
-        accumulation=spec.accumulation,
-        eval_every=protocol.eval_every,
-        eval_schedule=protocol.eval_schedule,
-        target_loss=spec.target_loss,
-        schedule=make_schedule(spec.schedule, spec.steps),
-        run_dir=output_dir,
-        checkpoint_every=checkpoint_every,
-        metadata=metadata,
-        progress=progress,
-        overwrite=overwrite,
-        label=spec.optimizer,
+        TrainSettings(
+            steps=spec.steps,
+            accumulation=spec.accumulation,
+            eval_every=protocol.eval_every,
+            eval_schedule=protocol.eval_schedule,
+            target_loss=spec.target_loss,
+            schedule=make_schedule(spec.schedule, spec.steps),
+            run_dir=output_dir,
+            checkpoint_every=checkpoint_every,
+            metadata=metadata,
+            progress=progress,
+            overwrite=overwrite,
+            label=spec.optimizer,
+        ),
     )
 
 

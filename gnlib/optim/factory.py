@@ -37,9 +37,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from gnlib.checks import FLAG, Rule, integer, number, optional
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.muon import NS_DTYPES, Muon
-from gnlib.optim.options import BETAS, FLAG, NAMES, Rule, Schema, integer, number, optional
+from gnlib.optim.options import BETAS, NAMES, Schema
 from gnlib.optim.soap import SOAP, SOAP_SCHEMA
 from gnlib.runtime import check_choice, invalid
 

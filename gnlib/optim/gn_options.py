@@ -11,11 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from gnlib.checks import FLAG, Rule, choice, integer, number, optional
 from gnlib.curvature.blocks import PARTITION_SPECS
 from gnlib.curvature.costs import check_pass_costs
 from gnlib.losses import Loss
 from gnlib.optim.factory import SCHEMAS as BASELINES
-from gnlib.optim.options import FLAG, Rule, Schema, choice, integer, number, optional
+from gnlib.optim.options import Schema
 from gnlib.runtime import invalid, is_finite_number, is_integer
 
 OBJECTIVES = ("gn", "prox_linear")

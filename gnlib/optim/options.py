@@ -22,52 +22,13 @@ a config means the same value on every path, as in :mod:`gnlib.checks`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gnlib.runtime import invalid, is_finite_number, is_integer
+from gnlib.checks import Rule
+from gnlib.runtime import invalid, is_finite_number
 
-
-@dataclass(frozen=True)
-class Rule:
-    """One option's rule: ``test(value)`` is True for allowed values, ``allowed`` says which they are."""
-
-    test: Callable[[Any], bool]
-    allowed: str
-
-
-def integer(low: int, high: int | None = None) -> Rule:
-    """An int (not a bool) in ``[low, high]`` (``high`` None: no upper bound)."""
-    if high is None:
-        return Rule(lambda v: is_integer(v) and v >= low, f"an integer >= {low}")
-    return Rule(lambda v: is_integer(v) and low <= v <= high, f"an integer in [{low}, {high}]")
-
-
-def number(low: float = 0.0, *, strict: bool = False, below: float | None = None) -> Rule:
-    """A finite int or float (not a bool) ``>= low`` (``> low`` if ``strict``) and ``< below`` if given."""
-    if below is not None:
-        left = "(" if strict else "["
-        return Rule(
-            lambda v: is_finite_number(v) and (v > low if strict else v >= low) and v < below,
-            f"a number in {left}{low:g}, {below:g})",
-        )
-    bound = f"> {low:g}" if strict else f">= {low:g}"
-    return Rule(lambda v: is_finite_number(v) and (v > low if strict else v >= low), f"a finite number {bound}")
-
-
-def optional(rule: Rule) -> Rule:
-    """``None`` or a value ``rule`` allows."""
-    return Rule(lambda v: v is None or rule.test(v), f"None or {rule.allowed}")
-
-
-def choice(values: Sequence[Any]) -> Rule:
-    """One of ``values``."""
-    values = tuple(values)
-    return Rule(lambda v: isinstance(v, type(values[0])) and v in values, f"one of {list(values)}")
-
-
-FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
 BETAS = Rule(
     lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(is_finite_number(b) and 0.0 <= b < 1.0 for b in v),
     "a pair (beta1, beta2), each in [0, 1)",

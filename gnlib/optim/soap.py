@@ -54,7 +54,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from gnlib.optim.options import BETAS, Schema, integer, number
+from gnlib.checks import integer, number
+from gnlib.optim.options import BETAS, Schema
 
 Bases = dict[int, Tensor]
 
