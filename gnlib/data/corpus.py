@@ -1,20 +1,12 @@
 """Corpora → byte tokens → deterministic train/val split → seeded (B, T) language-model batches.
 
-Sources (``load_corpus(source)``):
-
-* ``"default"``: the running Python's own documentation (``pydoc_data.topics``, one document per
-  topic, topics first) followed by its standard-library ``.py`` files (one document per file, sorted by
-  path; tests, IDLE, lib2to3 and turtledemo come last, installed packages are left out), read at run
-  time: about 31 MB on CPython 3.11, the first 4 MB by default (``max_bytes``).
-* ``"text:<path or glob>"``: local text files, one document per file, read with ``datasets``.
-* ``"hf:<name>[:<config>]"``: a Hugging Face dataset's ``train`` split, streamed (online only).
-
-Documents are taken in order until ``max_bytes`` (the last one truncated to fit). The corpus text is the
-documents joined by ``DOCUMENT_SEPARATOR`` (the NUL byte, which never occurs in ordinary text, so every
-document boundary is one unambiguous token); ``meta["sha256"]`` hashes that exact text. Documents, not
-tokens, are split into train and val by a seeded permutation, so no document lies in both. Tokens are
-bytes by default; ``tokenizer=`` picks another (:mod:`gnlib.data.tokenizers`: T5's vocabulary, or BPE trained on
-the train split), and the documents of a split are then joined by that tokenizer's end-of-document token.
+``load_corpus(source)`` reads ``"default"`` (the running Python's documentation and standard-library
+sources), ``"text:<path or glob>"`` (one document per file) or ``"hf:<name>[:<config>]"`` (a Hugging Face
+dataset's ``train`` split, streamed), takes documents in order until ``max_bytes``, splits the documents, not
+tokens, into train and val by a seeded permutation (:func:`split_indices`) and tokenizes each split
+(:mod:`gnlib.data.tokenizers`, bytes by default), its documents joined by the end-of-document token.
+``meta["sha256"]`` hashes the documents joined by ``DOCUMENT_SEPARATOR`` (NUL). :class:`Corpus` serves
+seeded windows of a split. The sources and the split in full: docs/model-and-data.md, section "Corpora".
 """
 
 from __future__ import annotations

@@ -1,27 +1,12 @@
 """A run's data: tokenizer, training batch source and fixed validation set, from a RunSpec's data fields.
 
-Two kinds of training data (``RunSpec.data``):
-
-* ``"windows"``: random windows drawn with replacement from the train split (:class:`gnlib.data.BatchSampler`),
-  the teaching notebooks' default; ``corpus_bytes`` defaults to the first 4 MB of the source.
-* ``"stream"``: the study's pipeline (:class:`gnlib.data.stream.PackedStream`): the train split's documents,
-  each followed by EOS, packed into ``seq_len``-token rows, no token reused unless ``data_epochs``
-  allows more than one pass; it starts ``data_start`` tokens in (after a warm-up's tokens). A local
-  corpus's documents come in an order drawn from the run's ``seed`` (as C4's own order is a shuffle), the
-  warm-up's documents first in the warm-up's order (``data_start_seed``,
-  :func:`gnlib.data.stream.shuffled_documents`), so a seed varies the data and no run reads a warm-up token;
-  an ``hf:`` dataset streams in its own order.
-
-Validation documents are disjoint from training ones and the same for every run. An ``hf:`` stream
-validates on the first ``val_batches`` packed batches of its ``validation`` split, as the study does; every
-other source on seeded random windows across its whole validation split (a local document is a whole file,
-so a few packed batches would hold one or two of them). Local corpora are read whole by default for a
-stream (``corpus_bytes=None``) and split by document.
-
-Before any training, :func:`build_run_data` checks that the stream holds every token the run will draw
-(``data_start`` + steps × batches per step × K·B·T) and raises a ``ValueError`` naming ``steps``,
-``data_start``, ``corpus_bytes`` and ``data_epochs`` if not. ``meta`` records the tokenizer (name, hash,
-vocabulary size), the tokens needed and available, and the passes over the data the run makes.
+:func:`build_run_data` makes them for ``RunSpec.data`` ``"windows"`` (random windows of the train split,
+:class:`gnlib.data.BatchSampler`; ``corpus_bytes`` defaults to 4 MB) or ``"stream"``
+(:class:`gnlib.data.stream.PackedStream` over the train split's documents in the run's seeded order from
+``data_start`` on; an ``hf:`` dataset in its own order), with the validation set of each, and checks before
+any training that a stream holds every token the run will draw (:func:`tokens_drawn`). :func:`after_warmup`
+moves a spec past a warm-up's tokens. What each kind reads, validates on, records and refuses:
+docs/model-and-data.md, section "Training and validation data".
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """A packed token stream: documents in order, each followed by EOS, cut into (B, T) windows, no token reused.
 
-The study's data pipeline (docs/study.md, section "Reference configuration"): documents are tokenized
-in order, each gets an end-of-document token, and the concatenation is cut into consecutive ``seq_len``-token rows. One
-call of a :class:`PackedStream` consumes the next K·B·T tokens x[p : p + K·B·T] (K processes, B rows each,
-T = ``seq_len``): row i has inputs x[p + iT : p + (i+1)T] and targets shifted by one token,
-x[p + iT + 1 : p + (i+1)T + 1] (the last target is the first token of the next call). So every training
-token is an input exactly once per pass, and a run never sees a token twice unless it allows
-``epochs > 1`` (the stream then starts over from the first document, at most ``epochs`` passes in all).
-
-Data-parallel: process r of K keeps rows [rB, (r+1)B) of every call, so K processes at batch B see
-exactly the batches of one process at batch K·B. The position (tokens consumed, pass, document, offset
-inside it) is the stream's ``state_dict``: ``gnlib.experiment.train`` checkpoints it like the random-window sampler's
-generator, so a killed run resumes with the same next batch.
+The study's data pipeline (docs/study.md, section "Reference configuration"). How a call's rows are cut
+from the token sequence, the passes (``epochs``) and each process's rows: docs/model-and-data.md, section
+"Training and validation data". A :class:`PackedStream`'s ``state_dict`` is its position (tokens consumed,
+pass, document, offset inside it), which ``gnlib.experiment.train`` checkpoints.
 
 Document sources are callables ``documents(first) -> iterator of LongTensors``: the tokens (EOS included)
-of documents ``first, first + 1, ...``. :func:`tensor_documents` serves an in-memory split (the embedded
-corpus, local files); :func:`gnlib.data.hub.hf_documents` streams a Hugging Face dataset and tokenizes as
-it goes.
+of documents ``first, first + 1, ...``. :func:`tensor_documents` serves an in-memory split and
+:func:`shuffled_documents` one in a seeded order; :func:`gnlib.data.hub.hf_documents` streams a Hugging
+Face dataset and tokenizes as it goes.
 """
 
 from __future__ import annotations

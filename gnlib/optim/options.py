@@ -3,21 +3,11 @@
 A :class:`Schema` maps every option of one optimizer to its default and a :class:`Rule` (a predicate and
 the allowed values in words), plus cross-option checks. :meth:`Schema.validate` merges the given options
 into the defaults and raises ``ValueError`` naming the optimizer, the option, the value and the allowed
-values, e.g. ``optimizer 'gn': inner_steps=0 is invalid; allowed: an integer >= 1``. The registry
-(:mod:`gnlib.optim.registry`), the optimizers' constructors, run specs, the command line and sweeps all
-validate through these schemas.
-
-Frozen dataclasses with this one helper, rather than pydantic models: the options include values that
-are not plain data (a ``Loss`` object, a partition dict) and cross-option rules (``damping`` only with
-``solver="cg"``) that pydantic would express as hand-written validators anyway; its messages would need
-rewriting to name the optimizer and the allowed values; its lax mode turns ``True`` into 1 and ``"1e-3"``
-into 0.001 (strict mode on every field is needed to refuse them); and pydantic is not a pinned dependency
-of gnlib (it comes in with JupyterLab), so it would add a pin for no gain.
-
-Conventions shared by every rule: a ``bool`` is never an integer or a number (``True`` is not a step
-count); numbers given as strings are refused, never parsed, with a hint when the string reads as a
-number (:func:`gnlib.runtime.numeric_text_hint`; YAML 1.1 reads ``3e-3`` as a string: write ``3.0e-3``), so
-a config means the same value on every path, as in :mod:`gnlib.checks`.
+values. The registry (:mod:`gnlib.optim.registry`), the optimizers' constructors, run specs, the command
+line and sweeps all validate through these schemas. No rule takes a ``bool`` for a number, nor a number
+given as text (the message adds :func:`gnlib.runtime.numeric_text_hint`), as in :mod:`gnlib.checks`. What a
+refusal looks like: docs/outputs-and-reliability.md, section "Where results go"; why frozen dataclasses
+rather than pydantic: docs/architecture.md, section "Option schemas".
 """
 
 from __future__ import annotations
