@@ -1,7 +1,7 @@
 """Declared option schemas: each option's default and rule in one place, checked without building anything.
 
-A :class:`Schema` maps every option of one optimizer to its default and a :class:`Rule` (a predicate and
-the allowed values in words), plus cross-option checks. :meth:`Schema.validate` merges the given options
+A :class:`Schema` maps every option of one optimizer to its default and a :class:`~gnlib.checks.Rule` (a
+predicate and the allowed values in words), plus cross-option checks. :meth:`Schema.validate` merges the given options
 into the defaults and raises ``ValueError`` naming the optimizer, the option, the value and the allowed
 values. The registry (:mod:`gnlib.optim.registry`), the optimizers' constructors, run specs, the command
 line and sweeps all validate through these schemas. No rule takes a ``bool`` for a number, nor a number
