@@ -59,6 +59,7 @@ def choice(values: Sequence[Any]) -> Rule:
 
 
 FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
+MAPPING = Rule(lambda v: isinstance(v, dict), "a mapping, e.g. {inner_steps: 4}")
 
 
 def check_fields(owner: str, values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:

@@ -175,7 +175,7 @@ def test_diverged_warmup_is_not_cached_and_bad_cache_entries_are_rebuilt(tmp_pat
         ("optimizer: [gn\n", [], r"config .*run\.yaml is not valid YAML.*run\.yaml"),
         ('{"optimizer": "gn",}', [], r"config .*run\.json is not valid JSON.*line 1"),
         (b"\x80\x81binary", [], r"config .*run\.yaml is not UTF-8 text"),
-        ("target_loss: -1\n", [], r"target_loss=-1 is invalid; allowed: a finite number >= 0"),
+        ("target_loss: -1\n", [], r"target_loss=-1 is invalid; allowed: None or a finite number >= 0"),
         ("optimizer: gn\n", ["--lr", "-0.01"], r"optimizer 'gn': lr=-0\.01 is invalid; allowed: .* > 0.*and flags"),
     ],
 )
