@@ -38,7 +38,7 @@ from gnlib.data.tokenizers import make_tokenizer
 from gnlib.experiment.history import History
 from gnlib.experiment.lr_choice import lr_sweep
 from gnlib.experiment.runs import OPTIMIZERS, RunSpec, run, steps_to_target
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import PRESETS, ModelConfig, Transformer, build_model, model_config
 from gnlib.optim import GaussNewton, make_gauss_newton, make_optimizer
@@ -91,5 +91,6 @@ __all__ = [
     "run",
     "spectral_density",
     "steps_to_target",
+    "TrainSettings",
     "train",
 ]

@@ -18,11 +18,22 @@ import torch
 import yaml
 
 
-def check_choice(parameter: str, value: Any, allowed: Iterable[Any]) -> None:
-    """Raise ``ValueError`` naming ``parameter`` and the allowed values unless ``value`` is one of them."""
+def invalid(owner: str, parameter: str, value: Any, allowed: str) -> ValueError:
+    """The one error for bad input: ``<owner>: <parameter>=<value> is invalid; allowed: <allowed>``.
+
+    ``owner`` (what the parameter belongs to, e.g. ``"optimizer 'gn'"``) is left out when empty. A bool
+    given for a number and a number given as text get a hint (:func:`numeric_text_hint`).
+    """
+    prefix = f"{owner}: " if owner else ""
+    hint = " (a bool is not a number)" if isinstance(value, bool) else numeric_text_hint(value)
+    return ValueError(f"{prefix}{parameter}={value!r} is invalid; allowed: {allowed}{hint}")
+
+
+def check_choice(parameter: str, value: Any, allowed: Iterable[Any], *, owner: str = "") -> None:
+    """Raise :func:`invalid` naming ``parameter`` and the allowed values unless ``value`` is one of them."""
     allowed = list(allowed)
     if value not in allowed:
-        raise ValueError(f"{parameter}={value!r} is not supported; allowed values: {allowed}")
+        raise invalid(owner, parameter, value, f"one of {allowed}")
 
 
 def is_finite_number(value: Any) -> bool:
@@ -78,7 +89,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a device; allowed values: 'cpu', 'cuda', 'cuda:N', 'mps'") from err
+        raise invalid("", "device", device, "'cpu', 'cuda', 'cuda:N' or 'mps'") from err
     check_choice("device", dev.type, ["cpu", "cuda", "mps"])
     if dev.type == "cuda":
         if not torch.cuda.is_available():

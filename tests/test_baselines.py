@@ -111,7 +111,9 @@ def test_split_of_a_plain_network_uses_adamw_params():
     )
     opt = make_optimizer("muon", model, adamw_params=["2.weight"])
     assert [g["param_names"] for g in opt.param_groups] == [["0.weight"], ["0.bias", "2.weight", "2.bias"]]
-    with pytest.raises(ValueError, match=re.escape("adamw_params=['3.weight'] are not tensor names")):
+    with pytest.raises(
+        ValueError, match=re.escape("adamw_params=['3.weight'] is invalid; allowed: names of the model's tensors")
+    ):
         split_params(model.named_parameters(), ["3.weight"])
 
 
@@ -244,7 +246,7 @@ def test_leaf_tensors_that_are_not_module_parameters():
 
 def test_unknown_optimizer_names_the_allowed_ones():
     with pytest.raises(
-        ValueError, match=re.escape("name='adam' is not supported; allowed values: ['adamw', 'muon', 'soap', 'sgd']")
+        ValueError, match=re.escape("name='adam' is invalid; allowed: one of ['adamw', 'muon', 'soap', 'sgd']")
     ):
         make_optimizer("adam", build_model("tiny"))
 
@@ -311,15 +313,17 @@ def test_make_schedule_by_name_and_its_errors():
     assert make_schedule("warmup_cosine", 100, warmup_steps=10) == warmup_cosine(100, 10)
     assert make_schedule("constant", 100) == constant()
     assert make_schedule("cosine_decay", 7) == cosine_decay(7)
-    allowed = "allowed values: ['constant', 'cosine_decay', 'warmup_cosine', 'warmup_stable_decay']"
-    with pytest.raises(ValueError, match=re.escape(f"name='linear' is not supported; {allowed}")):
+    allowed = "allowed: one of ['constant', 'cosine_decay', 'warmup_cosine', 'warmup_stable_decay']"
+    with pytest.raises(ValueError, match=re.escape(f"schedule: name='linear' is invalid; {allowed}")):
         make_schedule("linear", 10)
     allowed = "allowed: ['warmup_steps', 'final_fraction']"
     with pytest.raises(ValueError, match=re.escape(f"unknown argument(s) ['warmup']; {allowed}")):
         make_schedule("warmup_cosine", 10, warmup=2)
-    with pytest.raises(ValueError, match="warmup_steps=10 must be an integer in"):
+    with pytest.raises(
+        ValueError, match=re.escape("warmup_steps=10 is invalid; allowed: an integer in [0, total_steps=")
+    ):
         warmup_cosine(10, warmup_steps=10)
     with pytest.raises(ValueError, match="exceed total_steps=10"):
         warmup_stable_decay(10, warmup_steps=9, decay_fraction=0.5)
-    with pytest.raises(ValueError, match="step=-1 must be >= 0"):
+    with pytest.raises(ValueError, match="step=-1 is invalid; allowed: an integer >= 0"):
         constant()(-1)

@@ -231,9 +231,9 @@ def test_fixed_batches_repeat(corpus):
     "kwargs, match",
     [
         ({"split": "test"}, "split='test'.*'train', 'val'"),
-        ({"seq_len": 0}, "seq_len=0 must be an integer in"),
-        ({"seq_len": 10**9}, r"seq_len=1000000000 must be an integer in \[1, \d+\]"),
-        ({"batch_size": 0}, "batch_size=0 must be an integer >= 1"),
+        ({"seq_len": 0}, "seq_len=0 is invalid; allowed: an integer in"),
+        ({"seq_len": 10**9}, r"seq_len=1000000000 is invalid; allowed: an integer in \[1, \d+\]"),
+        ({"batch_size": 0}, "batch_size=0 is invalid; allowed: an integer >= 1"),
         ({"device": "tpu"}, "device"),
     ],
 )

@@ -23,7 +23,7 @@ from gnlib import distributed
 from gnlib.data import BatchSampler
 from gnlib.experiment.history import History
 from gnlib.experiment.run_folder import CHECKPOINT
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
@@ -95,14 +95,16 @@ def _run(
         optimizer,
         batches,
         val,
-        steps=steps,
-        accumulation=2,
-        eval_every=1,
-        run_dir=run_dir,
-        checkpoint_every=checkpoint_every,
-        metadata={"optimizer": name},
-        progress=False,
-        max_grad_norm=1.0,
+        TrainSettings(
+            steps=steps,
+            accumulation=2,
+            eval_every=1,
+            run_dir=run_dir,
+            checkpoint_every=checkpoint_every,
+            metadata={"optimizer": name},
+            progress=False,
+            max_grad_norm=1.0,
+        ),
     )
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return params, [{k: v for k, v in r.items() if k not in ("wall_time", "cpu_time")} for r in history.rows]

@@ -16,7 +16,7 @@ import torch
 from gnlib import curvature
 from gnlib.curvature.costs import layerwise_pass_counts
 from gnlib.data import BatchSampler
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model, mlp
 from gnlib.optim.gauss_newton import GaussNewton, make_gauss_newton
@@ -591,7 +591,7 @@ def test_train_drives_gauss_newton_on_a_tiny_transformer():
     sampler = _token_sampler(seed=7)
     val = [_token_sampler(seed=100 + i)() for i in range(2)]
     gn = make_gauss_newton("gn", model, sampler, lr=0.02, inner_steps=3, line_search_batches=1)
-    history = train(model, gn, sampler, val, steps=3, eval_every=1, progress=False)
+    history = train(model, gn, sampler, val, TrainSettings(steps=3, eval_every=1, progress=False))
     rows = history.rows
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert {"q_start", "q_end", "alpha", "rho", "rejected", "grad_equivalents", "forward_passes"} <= set(rows[-1])

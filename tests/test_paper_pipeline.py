@@ -91,7 +91,7 @@ def test_cpu_miniature_of_the_paper_pipeline(tmp_path, monkeypatch):
         assert corpus["data_start"] == warmup_tokens  # the studied runs continue after the warm-up's tokens
         assert corpus["tokens_needed"] == warmup_tokens + 4 * batches_per_step * 4 * 32 + 1
         assert corpus["passes"] == 1 and corpus["tokens_available"] > corpus["tokens_needed"]
-        # from 6.10 after the warm-up: GN's EMA 5.86 at step 4 (its raw iterate 5.87 at step 3), AdamW 5.86 at step 3
+        # from 6.13 after the warm-up: GN's EMA 5.85 at step 3 (its raw iterate 5.87 at step 2), AdamW 5.76 at step 2
         assert metadata["status"] == "reached_target"
         assert corpus["document_order"]["prefix_documents"] > 0  # the warm-up's documents come first, then seed 0's
     gn = pd.read_csv(tmp_path / "study" / "results.csv").set_index("optimizer").loc["gn"]

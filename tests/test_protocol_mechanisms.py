@@ -15,7 +15,7 @@ import torch
 
 from gnlib.experiment.protocols import paper_eval_schedule
 from gnlib.experiment.runs import summarize
-from gnlib.experiment.train import evaluate, train
+from gnlib.experiment.train import TrainSettings, evaluate, train
 from gnlib.losses import MSE, CrossEntropy
 from gnlib.models import linear_model
 from gnlib.optim import make_optimizer
@@ -237,7 +237,9 @@ def test_ema_evaluation_reports_ema_and_raw_val_loss():
         def eval_parameters(self):
             return gn.eval_parameters()
 
-    history = train(model, Recorder(), None, val, steps=2, eval_every=1, loss_fn=MSE().value, progress=False)
+    history = train(
+        model, Recorder(), None, val, TrainSettings(steps=2, eval_every=1, loss_fn=MSE().value, progress=False)
+    )
     ema = iterates[0]
     for step, row in enumerate(history.rows):
         if step:  # torch.optim.swa_utils EMA, started at θ_0: ema ← β·ema + (1 − β)·θ_t
@@ -278,11 +280,7 @@ def test_a_run_on_an_ema_stops_at_its_target_once_the_ema_and_the_raw_iterate_bo
         Scripted(),
         None,
         [(x, y)],
-        steps=6,
-        eval_every=1,
-        loss_fn=MSE().value,
-        target_loss=target,
-        progress=False,
+        TrainSettings(steps=6, eval_every=1, loss_fn=MSE().value, target_loss=target, progress=False),
     )
     assert history.status == "reached_target" and history.rows[-1]["step"] == 4
     row = summarize(history, target)

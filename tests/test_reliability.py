@@ -16,7 +16,7 @@ from gnlib.experiment.history import METADATA
 from gnlib.experiment.run_folder import CHECKPOINT, RunFolderBusy, run_folder_lock
 from gnlib.experiment.runs import RunSpec, run, summarize
 from gnlib.experiment.study import _cached_warmup_problem, warmup_checkpoint
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import build_model
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.tools.train_cli import cli, parse_value, read_config
@@ -39,7 +39,7 @@ def gn_run(**options):
 
 def test_gn_blow_up_without_line_search_is_diverged_with_reason():
     model, optimizer, batches, val = gn_run(line_search=None)
-    history = train(model, optimizer, batches, val, steps=6, eval_every=1, progress=False)
+    history = train(model, optimizer, batches, val, TrainSettings(steps=6, eval_every=1, progress=False))
     assert history.status == "diverged" and history.rows[-1]["step"] < 6
     assert "exceeds 10x the start" in history.reason
     row = summarize(history)
@@ -49,7 +49,11 @@ def test_gn_blow_up_without_line_search_is_diverged_with_reason():
 def test_gn_with_every_step_rejected_is_stalled(tmp_path):
     model, optimizer, batches, val = gn_run(line_search=(1.0, 0.5, 0.25))
     history = train(
-        model, optimizer, batches, val, steps=6, eval_every=1, stall_steps=3, run_dir=tmp_path, progress=False
+        model,
+        optimizer,
+        batches,
+        val,
+        TrainSettings(steps=6, eval_every=1, stall_steps=3, run_dir=tmp_path, progress=False),
     )
     assert history.status == "stalled" and [r["alpha"] for r in history.rows[1:]] == [0.0] * 3
     assert "no step taken in the last 3 outer steps" in history.reason
@@ -158,13 +162,21 @@ def test_diverged_warmup_is_not_cached_and_bad_cache_entries_are_rebuilt(tmp_pat
 @pytest.mark.parametrize(
     "config, flags, match",
     [
-        ("lr: '3e-3'\n", [], r"lr for optimizer 'adamw' must be a finite number > 0.*a string: in YAML write floats"),
-        ("steps: true\n", [], r"steps must be an integer >= 1, got True \(a bool\).*settings from config"),
+        (
+            "lr: '3e-3'\n",
+            [],
+            r"optimizer 'adamw': lr='3e-3' is invalid; allowed: a finite number > 0.*a string: in YAML write floats",
+        ),
+        (
+            "steps: true\n",
+            [],
+            r"steps=True is invalid; allowed: an integer >= 1 \(a bool is not a number\).*settings from config",
+        ),
         ("optimizer: [gn\n", [], r"config .*run\.yaml is not valid YAML.*run\.yaml"),
         ('{"optimizer": "gn",}', [], r"config .*run\.json is not valid JSON.*line 1"),
         (b"\x80\x81binary", [], r"config .*run\.yaml is not UTF-8 text"),
-        ("target_loss: -1\n", [], r"target_loss must be a finite number >= 0"),
-        ("optimizer: gn\n", ["--lr", "-0.01"], r"lr for optimizer 'gn' must be .* > 0 .*got -0\.01.*and flags"),
+        ("target_loss: -1\n", [], r"target_loss=-1 is invalid; allowed: None or a finite number >= 0"),
+        ("optimizer: gn\n", ["--lr", "-0.01"], r"optimizer 'gn': lr=-0\.01 is invalid; allowed: .* > 0.*and flags"),
     ],
 )
 def test_cli_bad_input_is_named_with_the_file_and_exits_2(tmp_path, capsys, config, flags, match):
@@ -222,7 +234,7 @@ def test_gn_trains_on_targets_with_ignore_index_like_the_baselines():
             if name == "gn"
             else torch.optim.AdamW(model.parameters(), lr=3e-3)
         )
-        history = train(model, optimizer, masked, val, steps=3, eval_every=1, progress=False)
+        history = train(model, optimizer, masked, val, TrainSettings(steps=3, eval_every=1, progress=False))
         assert history.status == "completed", (name, history.reason)
         assert history.rows[-1]["val_loss"] < history.rows[0]["val_loss"], name
 

@@ -166,17 +166,25 @@ def one_file_corpus(tmp_path: Path) -> str:
     ("notebook", "change", "message"),
     [
         ("00_quickstart", {"preset": "huge"}, "preset='huge'"),
-        ("00_quickstart", {"steps": -1}, "steps must be an integer >= 1, got -1"),
-        ("00_quickstart", {"steps": 0}, "got 0"),
-        ("00_quickstart", {"seq_len": 100_000}, "seq_len=100000 exceeds the tiny preset's max_seq_len"),
+        ("00_quickstart", {"steps": -1}, "steps=-1 is invalid; allowed: an integer >= 1"),
+        ("00_quickstart", {"steps": 0}, "steps=0 is invalid"),
+        (
+            "00_quickstart",
+            {"seq_len": 100_000},
+            "seq_len=100000 is invalid; allowed: at most the tiny preset's max_seq_len",
+        ),
         ("00_quickstart", {"corpus": "text:/nonexistent/*.txt"}, "matches 0 file(s)"),
         ("00_quickstart", {"corpus": "one-file"}, "matches 1 file(s)"),
         ("00_quickstart", {"tokenizer": "bpe:0"}, "tokenizer='bpe:0'"),
-        ("02_iteration_complexity", {"max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
-        ("02_iteration_complexity", {"lr": float("nan")}, "lr must be a finite number"),
-        ("02_iteration_complexity", {"seeds": [-1]}, "seeds must be an integer >= 0"),
-        ("02_iteration_complexity", {"warmup_lr": float("inf")}, "warmup_lr must be a finite number > 0"),
-        ("02_iteration_complexity", {"seq_len": 0}, "seq_len must be an integer >= 1, got 0"),
+        ("02_iteration_complexity", {"max_steps": 0}, "max_steps=0 is invalid; allowed: an integer >= 1"),
+        ("02_iteration_complexity", {"lr": float("nan")}, "lr=nan is invalid; allowed: a finite number"),
+        ("02_iteration_complexity", {"seeds": [-1]}, "seeds=[-1] is invalid; allowed: an integer >= 0"),
+        (
+            "02_iteration_complexity",
+            {"warmup_lr": float("inf")},
+            "warmup_lr=inf is invalid; allowed: a finite number > 0",
+        ),
+        ("02_iteration_complexity", {"seq_len": 0}, "seq_len=0 is invalid; allowed: an integer >= 1"),
         ("02_iteration_complexity", {"corpus": "text:/nonexistent/*.txt"}, "corpus='text:/nonexistent/*.txt'"),
         ("02_iteration_complexity", {"sweep_results": "nowhere.csv"}, "sweep_results='nowhere.csv' does not exist"),
     ],
@@ -206,9 +214,9 @@ def test_a_bad_corpus_leaves_no_lock_in_the_warmup_cache(tmp_path):
 @pytest.mark.parametrize(
     ("parameters", "grid", "message"),
     [
-        ({"max_steps": -6}, {"seeds": [0]}, "max_steps must be an integer >= 1, got -6"),
+        ({"max_steps": -6}, {"seeds": [0]}, "max_steps=-6 is invalid; allowed: an integer >= 1"),
         ({"preset": "huge"}, {"seeds": [0]}, "preset='huge'"),
-        ({}, {"micro_batches": [2.5]}, "micro_batches must be an integer >= 1"),
+        ({}, {"micro_batches": [2.5]}, "micro_batches=2.5 is invalid; allowed: an integer >= 1"),
     ],
 )
 def test_a_sweep_refuses_a_grid_the_notebook_would_refuse_before_any_kernel(tmp_path, parameters, grid, message):
@@ -239,7 +247,7 @@ def test_seeds_given_as_text_are_named_as_seeds(tmp_path):
 
 
 def test_corpus_bytes_is_named_as_corpus_bytes(tmp_path):
-    with pytest.raises(ValueError, match=r"^corpus_bytes=True must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^corpus_bytes=True is invalid; allowed: an integer >= 1"):
         RunSpec(corpus_bytes=True).validate()
     with pytest.raises(ValueError, match=r"raise corpus_bytes$"):
         build_run_data(RunSpec(corpus_bytes=10, batch_size=2, seq_len=4), torch.device("cpu"))

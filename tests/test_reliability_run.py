@@ -21,7 +21,7 @@ from gnlib.data import load_corpus
 from gnlib.experiment.history import HISTORY_CSV, HISTORY_JSONL, METADATA, History
 from gnlib.experiment.run_folder import CHECKPOINT, LOCK, RunFolderBusy, run_folder_lock
 from gnlib.experiment.runs import RunSpec, run
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import build_model
 from gnlib.tools.train_cli import cli
 
@@ -88,7 +88,7 @@ KERNEL_RUN = """
 import time, torch
 from gnlib.data import load_corpus
 from gnlib.models import build_model
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 
 corpus = load_corpus()
 batches = corpus.sampler("train", 2, 16, seed=0)
@@ -101,7 +101,7 @@ def slow():
 model = build_model("tiny", seed=0, d_model=16, n_layers=1, n_heads=2, d_ff=32)
 try:
     train(model, torch.optim.AdamW(model.parameters(), lr=3e-3), slow, corpus.fixed_batches("val", 2, 16, 1),
-          steps=100000, run_dir={run_dir!r}, progress=False)
+          TrainSettings(steps=100000, run_dir={run_dir!r}, progress=False))
 except KeyboardInterrupt as err:
     print("caught", type(err).__name__, err)
     raise
@@ -270,7 +270,9 @@ def test_a_training_loss_blow_up_between_evaluations_is_diverged():
             with torch.no_grad():
                 model.head.weight.mul_({1: 1e4, 2: 1e-4}.get(self.state["calls"], 1.0))
 
-    history = train(model, BlowsUp(model.parameters(), lr=0.0), batches, val, steps=4, eval_every=10, progress=False)
+    history = train(
+        model, BlowsUp(model.parameters(), lr=0.0), batches, val, TrainSettings(steps=4, eval_every=10, progress=False)
+    )
     assert history.status == "diverged" and history.rows[-1]["step"] == 2, history.rows
     assert re.match(r"train_loss [\d.e+]+ at step 2 exceeds 10x the start's", history.reason), history.reason
 
@@ -285,7 +287,13 @@ def test_a_run_that_ends_worse_than_it_started_is_not_completed(tmp_path):
             with torch.no_grad():
                 model.head.weight.zero_()
 
-    history = train(model, Collapses(model.parameters(), lr=0.0), batches, val, steps=3, eval_every=1, run_dir=tmp_path)
+    history = train(
+        model,
+        Collapses(model.parameters(), lr=0.0),
+        batches,
+        val,
+        TrainSettings(steps=3, eval_every=1, run_dir=tmp_path),
+    )
     start, end = history.rows[0]["val_loss"], history.rows[-1]["val_loss"]
     assert end == pytest.approx(math.log(256)) and end > start
     assert history.status == "diverged" and "above the start's" in history.reason, history.reason

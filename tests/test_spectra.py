@@ -98,9 +98,9 @@ def test_lanczos_on_block_diagonal_operator():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": 0}, r"k=0 must satisfy 1 <= k <= n=200"),
+        ({"k": 0}, r"k=0 is invalid; allowed: an integer with 1 <= k <= n=200"),
         ({"k": 201}, r"k=201"),
-        ({"k": 5, "n_iter": 4}, r"n_iter=4 must satisfy k=5 <= n_iter <= n=200"),
+        ({"k": 5, "n_iter": 4}, r"n_iter=4 is invalid; allowed: an integer with k=5 <= n_iter <= n=200"),
         ({"k": 5, "n_iter": 201}, r"n_iter=201"),
         ({"k": 5, "which": "top"}, r"which='top'.*'largest', 'smallest', 'magnitude'"),
     ],
@@ -142,7 +142,7 @@ def test_hutchinson_chunking_and_seed(psd_matrix):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"n_samples": 0}, r"n_samples=0 must be >= 1"),
+        ({"n_samples": 0}, r"n_samples=0 is invalid; allowed: an integer >= 1"),
         ({"n_samples": 4, "chunk": 0}, r"chunk=0"),
         ({"n_samples": 4, "distribution": "normal"}, r"distribution='normal'.*'rademacher', 'gaussian'"),
     ],
@@ -187,10 +187,10 @@ def test_slq_stops_early_on_a_closed_krylov_space_and_uses_given_grid():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"n_probes": 0, "n_iter": 5}, r"n_probes=0 must be >= 1"),
-        ({"n_probes": 2, "n_iter": 0}, r"n_iter=0 must satisfy 1 <= n_iter <= n=200"),
+        ({"n_probes": 0, "n_iter": 5}, r"n_probes=0 is invalid; allowed: an integer >= 1"),
+        ({"n_probes": 2, "n_iter": 0}, r"n_iter=0 is invalid; allowed: an integer with 1 <= n_iter <= n=200"),
         ({"n_probes": 2, "n_iter": 201}, r"n_iter=201"),
-        ({"n_probes": 2, "n_iter": 5, "sigma": 0.0}, r"sigma=0.0 must be > 0"),
+        ({"n_probes": 2, "n_iter": 5, "sigma": 0.0}, r"sigma=0.0 is invalid; allowed: a number > 0"),
     ],
 )
 def test_spectral_density_bad_arguments(psd_matrix, kwargs, message):

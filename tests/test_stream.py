@@ -19,7 +19,7 @@ from gnlib.experiment.history import History
 from gnlib.experiment.run_folder import CHECKPOINT
 from gnlib.experiment.runs import RunSpec, run
 from gnlib.experiment.study import warmup_checkpoint
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
@@ -251,12 +251,9 @@ def _stream_run(name: str, batch_size: int, run_dir: Path | None = None):
         optimizer,
         stream,
         val,
-        steps=2,
-        accumulation=2,
-        eval_every=1,
-        run_dir=run_dir,
-        metadata={"optimizer": name},
-        progress=False,
+        TrainSettings(
+            steps=2, accumulation=2, eval_every=1, run_dir=run_dir, metadata={"optimizer": name}, progress=False
+        ),
     )
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return (

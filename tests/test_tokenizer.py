@@ -92,10 +92,10 @@ def test_unparsable_tokenizer_json_names_the_parameter_and_file(tmp_path):
 
 def test_unknown_forms_are_refused_with_the_allowed_ones():
     for name, match in [
-        ("sentencepiece", "allowed forms"),
-        ("bpe:abc", "integer >= 257"),
+        ("sentencepiece", "is invalid; allowed: one of the forms"),
+        ("bpe:abc", "integer n >= 257"),
         ("bpe:10", "257"),
-        (3, "must be a string"),
+        (3, "tokenizer=3 is invalid; allowed: a string"),
     ]:
         with pytest.raises(ValueError, match=match):
             make_tokenizer(name)

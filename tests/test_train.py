@@ -15,7 +15,7 @@ import torch
 from gnlib.data import load_corpus
 from gnlib.experiment.history import History
 from gnlib.experiment.run_folder import CHECKPOINT
-from gnlib.experiment.train import evaluate, train, train_to_checkpoints
+from gnlib.experiment.train import TrainSettings, evaluate, train, train_to_checkpoints
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.params import params_of
@@ -38,7 +38,7 @@ def without_time(rows):
 def test_loss_decreases_on_embedded_corpus():
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    history = train(model, optimizer, batches, val, steps=40, eval_every=20, progress=False)
+    history = train(model, optimizer, batches, val, TrainSettings(steps=40, eval_every=20, progress=False))
     losses = history.evaluations()["val_loss"].tolist()
     assert len(losses) == 3 and losses[-1] < losses[0] - 1.0
     assert history.status == "completed"
@@ -53,7 +53,9 @@ def test_accumulation_equals_one_big_batch():
     for source, accumulation in ((iter(parts).__next__, 2), (iter([whole]).__next__, 1)):
         model = build_model("tiny", seed=0, **MODEL).double()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        history = train(model, optimizer, source, val, steps=1, accumulation=accumulation, progress=False)
+        history = train(
+            model, optimizer, source, val, TrainSettings(steps=1, accumulation=accumulation, progress=False)
+        )
         results.append((history.rows[-1]["tokens"], history.rows[-1]["train_loss"], model.embed.weight.detach()))
     assert results[0][0] == results[1][0] == 2 * 8 * 32
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-12)
@@ -64,9 +66,11 @@ def test_a_training_step_and_an_evaluation_read_the_device_once(host_reads):
     # each read is a device sync on a GPU
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train(model, optimizer, batches, val, steps=1, accumulation=3, progress=False)
+    train(model, optimizer, batches, val, TrainSettings(steps=1, accumulation=3, progress=False))
     with host_reads() as reads:
-        history = train(model, optimizer, batches, val, steps=5, eval_every=10, accumulation=3, progress=False)
+        history = train(
+            model, optimizer, batches, val, TrainSettings(steps=5, eval_every=10, accumulation=3, progress=False)
+        )
     evaluations = [row["step"] for row in history.rows if row["val_loss"] is not None]
     assert evaluations == [0, 5] and reads.count == 5 + 2
     with host_reads() as reads:
@@ -79,7 +83,9 @@ def test_a_training_step_and_an_evaluation_read_the_device_once(host_reads):
 def test_target_loss_stops_early_and_evaluate_matches_history():
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    history = train(model, optimizer, batches, val, steps=200, eval_every=5, target_loss=4.5, progress=False)
+    history = train(
+        model, optimizer, batches, val, TrainSettings(steps=200, eval_every=5, target_loss=4.5, progress=False)
+    )
     assert history.status == "reached_target"
     assert history.rows[-1]["val_loss"] <= 4.5 < history.rows[-2 if history.rows[-2]["val_loss"] else 0]["val_loss"]
     assert history.rows[-1]["step"] < 200
@@ -93,7 +99,7 @@ def test_target_loss_stops_early_and_evaluate_matches_history():
 def test_divergence_is_recorded():
     model, batches, val = setup()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e6)
-    history = train(model, optimizer, batches, val, steps=30, progress=False)
+    history = train(model, optimizer, batches, val, TrainSettings(steps=30, progress=False))
     assert history.status == "diverged" and history.rows[-1]["step"] < 30
 
 
@@ -101,14 +107,18 @@ def test_divergence_is_recorded():
 def test_bad_arguments(kwargs, match):
     model, batches, val = setup()
     with pytest.raises(ValueError, match=match):
-        train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, val, **kwargs)
+        train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, val, TrainSettings(**kwargs))
 
 
 def test_history_files_round_trip(tmp_path):
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = train(
-        model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False
+        model,
+        optimizer,
+        batches,
+        val,
+        TrainSettings(steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False),
     )
     loaded = History.load(tmp_path)
     assert loaded.rows == json.loads(json.dumps(history.rows)) and loaded.status == "completed"
@@ -116,7 +126,11 @@ def test_history_files_round_trip(tmp_path):
     assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("step,")
     # a finished run with the same settings is returned from disk, not retrained
     again = train(
-        model, optimizer, batches, val, steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False
+        model,
+        optimizer,
+        batches,
+        val,
+        TrainSettings(steps=4, eval_every=2, run_dir=tmp_path, metadata={"x": 1}, progress=False),
     )
     assert again.rows == loaded.rows
 
@@ -126,7 +140,7 @@ RUNNER = textwrap.dedent(
     import sys, time, torch
     from gnlib.data import load_corpus
     from gnlib.models import build_model
-    from gnlib.experiment.train import train
+    from gnlib.experiment.train import TrainSettings, train
 
     run_dir, slow = sys.argv[1], float(sys.argv[2])
     corpus = load_corpus()
@@ -143,8 +157,8 @@ RUNNER = textwrap.dedent(
         state_dict = batches.state_dict
         load_state_dict = batches.load_state_dict
 
-    train(model, optimizer, Slow(), val, steps=12, eval_every=3, run_dir=run_dir, checkpoint_every=2,
-          metadata={"test": "resume"}, progress=False)
+    train(model, optimizer, Slow(), val, TrainSettings(steps=12, eval_every=3, run_dir=run_dir, checkpoint_every=2,
+          metadata={"test": "resume"}, progress=False))
     """
 )
 
@@ -180,7 +194,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_target_met_before_training_stops_at_step_zero():
     model, batches, val = setup()
     history = train(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), batches, val, steps=5, target_loss=10.0, progress=False
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        batches,
+        val,
+        TrainSettings(steps=5, target_loss=10.0, progress=False),
     )
     assert history.status == "reached_target" and [r["step"] for r in history.rows] == [0]
 
@@ -194,19 +212,21 @@ def test_nonfinite_validation_loss_counts_as_diverged():
             with torch.no_grad():
                 model.head.weight.fill_(float("nan"))
 
-    history = train(model, Poisoned(model.parameters(), lr=0.0), batches, val, steps=5, eval_every=1, progress=False)
+    history = train(
+        model, Poisoned(model.parameters(), lr=0.0), batches, val, TrainSettings(steps=5, eval_every=1, progress=False)
+    )
     assert history.status == "diverged" and history.rows[-1]["step"] == 1
 
 
 def test_progress_names_the_run_in_one_final_line(capsys):
     model, batches, val = setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train(model, optimizer, batches, val, steps=4, eval_every=1, progress=True, label="adamw")
+    train(model, optimizer, batches, val, TrainSettings(steps=4, eval_every=1, progress=True, label="adamw"))
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("adamw: completed at step 4/4, val loss ")
     assert "adamw" in err and "4/4" in err  # tqdm's bar, on stderr outside Jupyter
-    train(model, optimizer, batches, val, steps=2, progress=False)
+    train(model, optimizer, batches, val, TrainSettings(steps=2, progress=False))
     assert capsys.readouterr() == ("", "")
 
 
@@ -226,7 +246,7 @@ def test_train_to_checkpoints_matches_one_run_per_checkpoint():
     assert all(torch.equal(snapshots[0][n], start[n]) for n in start)
     for steps in (2, 5):  # the oracle: a fresh run of that many steps in one call
         fresh, fresh_optimizer, fresh_batches = setup()
-        train(fresh, fresh_optimizer, fresh_batches, val, steps=steps, eval_every=steps, progress=False)
+        train(fresh, fresh_optimizer, fresh_batches, val, TrainSettings(steps=steps, eval_every=steps, progress=False))
         for name, p in fresh.named_parameters():
             torch.testing.assert_close(snapshots[steps][name], p.detach(), rtol=0, atol=0)
     for bad in ([], [-1], [1.5], 3):

@@ -5,19 +5,10 @@ are non-empty, pairwise disjoint and together cover every named parameter of the
 appear once, as in ``model.named_parameters()``). Layerwise Gauss-Newton uses a partition to keep only
 the diagonal blocks G_bb of the GGN G; the views below measure what that discards.
 
-Flat indices follow :mod:`gnlib.params`: the parameter axis of every dense matrix concatenates the
-tensors in ``named_parameters()`` order, each row-major. Within a block, indices are always taken in
-that flattening order, whatever order the block lists its names in, so a block made of consecutive
-tensors is a contiguous slice of the full matrix.
-
-Transformer layout (parameter names fixed by :mod:`gnlib.models`): ``per_layer`` gives ``"embed"``
-(``embed.weight``), ``"block0"`` .. ``"block{L-1}"`` (every ``blocks.{i}.*`` parameter) and ``"head"``
-(``norm.weight`` and ``head.weight``). With tied embeddings ``head.weight`` does not exist and
-``embed.weight`` serves as both input embedding and output head; it then forms one block named
-``"embed+head"``, and the final ``norm.weight`` joins the last transformer block, which is how the
-study groups the final norm in layerwise GN. ``per_layer_norm_with_last`` is ``per_layer`` with the final
-``norm.weight`` in the last transformer block whether tied or not: the reference's layerwise blocks
-(``wte``; each block; ``ln_f`` with the last block; ``lm_head``).
+Flat indices follow :mod:`gnlib.params` (the tensors in ``named_parameters()`` order, each row-major).
+Within a block they are always taken in that order, whatever order the block lists its names in, so a
+block of consecutive tensors is a contiguous slice of the full matrix. The transformer's blocks:
+:func:`per_layer`.
 """
 
 from __future__ import annotations
@@ -64,7 +55,7 @@ def _transformer_layout(
     """Split transformer parameter names into (embedding, per-layer lists, head), or None if not a transformer.
 
     The head holds ``norm.weight`` and ``head.weight``; when tied (no ``head.weight``) it is empty and
-    ``norm.weight`` is appended to the last layer (see the module docstring), as it always is with
+    ``norm.weight`` is appended to the last layer (see :func:`per_layer`), as it always is with
     ``norm_with_last``.
 
     Raises:
@@ -115,12 +106,17 @@ def _layer_groups(
 def per_layer(model_or_params: nn.Module | Mapping[str, Tensor], norm_with_last: bool = False) -> Partition:
     """The study's layerwise partition: embedding, each transformer block, head.
 
-    Transformer (names of :mod:`gnlib.models`): ``"embed"``, ``"block0"`` .. ``"block{L-1}"``, ``"head"``
-    (final norm + head matrix). Tied embeddings: ``"embed+head"`` (``embed.weight``), then the layers, the
-    final ``norm.weight`` joining ``"block{L-1}"``. Any other model: one block per module that owns
-    parameters, named by the module's prefix (``"0"``, ``"2"`` for an ``nn.Sequential`` MLP).
-    ``norm_with_last``: the final ``norm.weight`` joins ``"block{L-1}"`` and ``"head"`` is ``head.weight``
-    alone (the reference's grouping; ``blocks="per_layer_norm_with_last"``).
+    Transformer (parameter names fixed by :mod:`gnlib.models`): ``"embed"`` (``embed.weight``), ``"block0"``
+    .. ``"block{L-1}"`` (every ``blocks.{i}.*`` parameter), ``"head"`` (the final ``norm.weight`` and
+    ``head.weight``). With tied embeddings ``head.weight`` does not exist and ``embed.weight`` serves as both
+    input embedding and output head: it forms one block ``"embed+head"``, and the final ``norm.weight``
+    joins ``"block{L-1}"``, which is how the study groups the final norm in layerwise GN. Any other model:
+    one block per module that owns parameters, named by the module's prefix (``"0"``, ``"2"`` for an
+    ``nn.Sequential`` MLP).
+
+    ``norm_with_last`` (``blocks="per_layer_norm_with_last"``): the final ``norm.weight`` joins
+    ``"block{L-1}"`` whether tied or not, and ``"head"`` is ``head.weight`` alone: the reference's layerwise
+    blocks (``wte``; each block; ``ln_f`` with the last block; ``lm_head``).
 
     Raises:
         ValueError: a transformer-named model holds a parameter outside the fixed layout.

@@ -30,7 +30,7 @@ from gnlib.curvature import layerwise, products
 from gnlib.distributed import all_reduce_mean, is_distributed
 from gnlib.losses import CrossEntropy, Loss
 from gnlib.models import Slot, SlotTangents
-from gnlib.runtime import atomic_write_json, check_choice, is_finite_number, is_integer, output_path
+from gnlib.runtime import atomic_write_json, check_choice, invalid, is_finite_number, is_integer, output_path
 
 #: The passes a Gauss-Newton step is counted in.
 PASSES = ("forward", "tangent", "backward")
@@ -66,9 +66,12 @@ def check_pass_costs(value: Any, parameter: str = "pass_costs") -> dict[str, flo
         and all(is_finite_number(value[k]) and value[k] >= 0 for k in PASSES)
     )
     if not ok:
-        raise ValueError(
-            f"{parameter}={value!r} is invalid; allowed values: a dict with keys {list(PASSES)} and finite "
-            "values >= 0, in gradient-step equivalents (e.g. gnlib.curvature.costs.FLOP_PASS_COSTS)"
+        raise invalid(
+            "",
+            parameter,
+            value,
+            f"a dict with keys {list(PASSES)} and finite values >= 0, in gradient-step "
+            "equivalents (e.g. gnlib.curvature.costs.FLOP_PASS_COSTS)",
         )
     return {k: float(value[k]) for k in PASSES}
 
@@ -255,12 +258,10 @@ def measure_pass_costs(
     """
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not is_integer(vocab):
-        raise ValueError(
-            f"model={type(model).__name__} is invalid; allowed values: a token model with config.vocab_size"
-        )
+        raise invalid("", "model", type(model).__name__, "a token model with config.vocab_size")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("repeats", repeats)):
         if not is_integer(value) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid; allowed values: an integer >= 1")
+            raise invalid("", name, value, "an integer >= 1")
     key = cache_key(model, batch_size, seq_len)
     digest = key_hash(key)
     path = None if cache_dir is None else output_path(cache_dir) / f"{digest}.json"

@@ -22,7 +22,7 @@ from gnlib.curvature.products import gn_inner_step
 from gnlib.losses import Loss
 from gnlib.models import Slot
 from gnlib.params import Params
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, invalid, is_integer
 
 
 def layerwise_inner_steps(
@@ -152,8 +152,8 @@ def _block_results(
 
 
 def _check_slots(slots: int | None) -> None:
-    if slots is not None and not (isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1):
-        raise ValueError(f"slots={slots!r} is invalid; allowed values: an integer >= 1, or None for all blocks")
+    if slots is not None and not (is_integer(slots) and slots >= 1):
+        raise invalid("", "slots", slots, "an integer >= 1, or None for all blocks")
 
 
 def layerwise_passes(model: nn.Module, blocks: int, slots: int | None = None) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, invalid
 
 DISTRIBUTIONS = ["rademacher", "gaussian"]
 WHICH = ["largest", "smallest", "magnitude"]
@@ -116,10 +116,10 @@ def lanczos(
     n = _size(op)
     check_choice("which", which, WHICH)
     if not 1 <= k <= n:
-        raise ValueError(f"k={k} must satisfy 1 <= k <= n={n}")
+        raise invalid("", "k", k, f"an integer with 1 <= k <= n={n}")
     n_iter = min(n, 2 * k + 40) if n_iter is None else n_iter
     if not k <= n_iter <= n:
-        raise ValueError(f"n_iter={n_iter} must satisfy k={k} <= n_iter <= n={n}")
+        raise invalid("", "n_iter", n_iter, f"an integer with k={k} <= n_iter <= n={n}")
     dtype, device = _dtype_device(op)
     generator = torch.Generator().manual_seed(seed)
     start = _probes(n, 1, "gaussian", generator)[:, 0].to(dtype).to(device)
@@ -154,9 +154,9 @@ def hutchinson_trace(
     n = _size(op)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     if n_samples < 1:
-        raise ValueError(f"n_samples={n_samples} must be >= 1")
+        raise invalid("", "n_samples", n_samples, "an integer >= 1")
     if chunk < 1:
-        raise ValueError(f"chunk={chunk} must be >= 1")
+        raise invalid("", "chunk", chunk, "an integer >= 1")
     dtype, device = _dtype_device(op)
     probes = _probes(n, n_samples, distribution, torch.Generator().manual_seed(seed))
     samples = []
@@ -222,11 +222,11 @@ def spectral_density(
     n = _size(op)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     if n_probes < 1:
-        raise ValueError(f"n_probes={n_probes} must be >= 1")
+        raise invalid("", "n_probes", n_probes, "an integer >= 1")
     if not 1 <= n_iter <= n:
-        raise ValueError(f"n_iter={n_iter} must satisfy 1 <= n_iter <= n={n}")
+        raise invalid("", "n_iter", n_iter, f"an integer with 1 <= n_iter <= n={n}")
     if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma={sigma} must be > 0")
+        raise invalid("", "sigma", sigma, "a number > 0")
     dtype, device = _dtype_device(op)
     probes = _probes(n, n_probes, distribution, torch.Generator().manual_seed(seed))
     nodes, weights = [], []
@@ -266,7 +266,7 @@ def smoothed_density(nodes: Tensor, grid: Tensor, sigma: float, weights: Tensor 
         ValueError: ``sigma`` <= 0, or ``nodes``/``weights`` of different lengths.
     """
     if not sigma > 0:
-        raise ValueError(f"sigma={sigma} must be > 0")
+        raise invalid("", "sigma", sigma, "a number > 0")
     nodes = torch.as_tensor(nodes, dtype=torch.float64).cpu().reshape(-1)
     grid = torch.as_tensor(grid, dtype=torch.float64).cpu().reshape(-1)
     if weights is None:

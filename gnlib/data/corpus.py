@@ -1,20 +1,12 @@
 """Corpora → byte tokens → deterministic train/val split → seeded (B, T) language-model batches.
 
-Sources (``load_corpus(source)``):
-
-* ``"default"``: the running Python's own documentation (``pydoc_data.topics``, one document per
-  topic, topics first) followed by its standard-library ``.py`` files (one document per file, sorted by
-  path; tests, IDLE, lib2to3 and turtledemo come last, installed packages are left out), read at run
-  time: about 31 MB on CPython 3.11, the first 4 MB by default (``max_bytes``).
-* ``"text:<path or glob>"``: local text files, one document per file, read with ``datasets``.
-* ``"hf:<name>[:<config>]"``: a Hugging Face dataset's ``train`` split, streamed (online only).
-
-Documents are taken in order until ``max_bytes`` (the last one truncated to fit). The corpus text is the
-documents joined by ``DOCUMENT_SEPARATOR`` (the NUL byte, which never occurs in ordinary text, so every
-document boundary is one unambiguous token); ``meta["sha256"]`` hashes that exact text. Documents, not
-tokens, are split into train and val by a seeded permutation, so no document lies in both. Tokens are
-bytes by default; ``tokenizer=`` picks another (:mod:`gnlib.data.tokenizers`: T5's vocabulary, or BPE trained on
-the train split), and the documents of a split are then joined by that tokenizer's end-of-document token.
+``load_corpus(source)`` reads ``"default"`` (the running Python's documentation and standard-library
+sources), ``"text:<path or glob>"`` (one document per file) or ``"hf:<name>[:<config>]"`` (a Hugging Face
+dataset's ``train`` split, streamed), takes documents in order until ``max_bytes``, splits the documents, not
+tokens, into train and val by a seeded permutation (:func:`split_indices`) and tokenizes each split
+(:mod:`gnlib.data.tokenizers`, bytes by default), its documents joined by the end-of-document token.
+``meta["sha256"]`` hashes the documents joined by ``DOCUMENT_SEPARATOR`` (NUL). :class:`Corpus` serves
+seeded windows of a split. The sources and the split in full: docs/model-and-data.md, section "Corpora".
 """
 
 from __future__ import annotations
@@ -38,7 +30,7 @@ from gnlib.checks import check_positive_int
 from gnlib.data.hub import hf_corpus_documents
 from gnlib.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
 from gnlib.data.windows import BatchSampler
-from gnlib.runtime import atomic_torch_save, check_choice, is_integer, output_path
+from gnlib.runtime import atomic_torch_save, check_choice, invalid, is_integer, output_path
 
 DOCUMENT_SEPARATOR = "\x00"
 DEFAULT_MAX_BYTES = 4_000_000
@@ -90,7 +82,7 @@ class Corpus:
         Under torchrun each process gets its shard of every batch (:class:`BatchSampler`).
         """
         if not is_integer(n_batches) or n_batches < 1:
-            raise ValueError(f"n_batches={n_batches!r} must be an integer >= 1")
+            raise invalid("", "n_batches", n_batches, "an integer >= 1")
         sampler = self.sampler(split, batch_size, seq_len, seed, device)
         return [sampler() for _ in range(n_batches)]
 
@@ -131,14 +123,14 @@ def load_documents(
         ConnectionError: an ``hf:`` source while the Hugging Face hub is unreachable.
     """
     if max_bytes is not None and (not is_integer(max_bytes) or max_bytes < 1):
-        raise ValueError(f"{max_bytes_name}={max_bytes!r} must be an integer >= 1 or None (no cap)")
+        raise invalid("", max_bytes_name, max_bytes, "an integer >= 1, or None (no cap)")
     if source == "default":
         return list(_default_documents(max_bytes))
     if source.startswith("text:"):
         return _text_documents(source[len("text:") :], max_bytes)
     if source.startswith("hf:"):
         return _take(hf_corpus_documents(source, text_field), max_bytes)
-    raise ValueError(f"source={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
+    raise invalid("", "source", source, f"one of the forms {SOURCE_FORMS}")
 
 
 def load_corpus(
@@ -225,7 +217,7 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
 def _check_val_fraction(val_fraction: float) -> None:
     """Raise ``ValueError`` unless 0 < ``val_fraction`` < 1."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must lie strictly between 0 and 1")
+        raise invalid("", "val_fraction", val_fraction, "a number strictly between 0 and 1")
 
 
 def _take(documents: Iterable[str], max_bytes: int | None) -> list[str]:
@@ -282,7 +274,7 @@ def check_corpus_source(source: str, *, parameter: str = "corpus") -> None:
     file is one document and the train/val split needs two. ``parameter`` names ``source`` in the message.
     """
     if not isinstance(source, str) or not (source == "default" or source.startswith(("text:", "hf:"))):
-        raise ValueError(f"{parameter}={source!r} is not supported; allowed forms: {SOURCE_FORMS}")
+        raise invalid("", parameter, source, f"one of the forms {SOURCE_FORMS}")
     if source.startswith("text:") and len(files := _text_files(source[len("text:") :])) < 2:
         raise ValueError(
             f"{parameter}={source!r} matches {len(files)} file(s); a text corpus is one document per file and "
@@ -348,7 +340,7 @@ def frequency_remap(tokens: Tensor, vocab_size: int, *, base_vocab: int = 256) -
     """
     check_positive_int("vocab_size", vocab_size, minimum=2)
     if vocab_size > base_vocab:
-        raise ValueError(f"vocab_size={vocab_size} must be <= base_vocab={base_vocab} (the vocabulary it reduces)")
+        raise invalid("", "vocab_size", vocab_size, f"at most base_vocab={base_vocab} (the vocabulary it reduces)")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= base_vocab):
         raise ValueError(f"tokens must lie in [0, {base_vocab}), got ids in [{int(tokens.min())}, {int(tokens.max())}]")
     counts = torch.bincount(tokens.reshape(-1), minlength=base_vocab)

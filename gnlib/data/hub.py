@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from gnlib.data.stream import Documents
+from gnlib.runtime import invalid
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
@@ -57,7 +58,7 @@ def hf_corpus_documents(source: str, text_field: str) -> Iterator[str]:
             f"source={source!r}: datasets could not load it ({type(err).__name__}: {err}); {hint}"
         ) from err
     if text_field not in first:
-        raise ValueError(f"text_field={text_field!r} is not a column of {source!r}; allowed values: {list(first)}")
+        raise invalid("", "text_field", text_field, f"a column of {source!r}, one of {list(first)}")
     return (row[text_field] for row in itertools.chain([first], rows))
 
 

@@ -1,27 +1,12 @@
 """A run's data: tokenizer, training batch source and fixed validation set, from a RunSpec's data fields.
 
-Two kinds of training data (``RunSpec.data``):
-
-* ``"windows"``: random windows drawn with replacement from the train split (:class:`gnlib.data.BatchSampler`),
-  the teaching notebooks' default; ``corpus_bytes`` defaults to the first 4 MB of the source.
-* ``"stream"``: the study's pipeline (:class:`gnlib.data.stream.PackedStream`): the train split's documents,
-  each followed by EOS, packed into ``seq_len``-token rows, no token reused unless ``data_epochs``
-  allows more than one pass; it starts ``data_start`` tokens in (after a warm-up's tokens). A local
-  corpus's documents come in an order drawn from the run's ``seed`` (as C4's own order is a shuffle), the
-  warm-up's documents first in the warm-up's order (``data_start_seed``,
-  :func:`gnlib.data.stream.shuffled_documents`), so a seed varies the data and no run reads a warm-up token;
-  an ``hf:`` dataset streams in its own order.
-
-Validation documents are disjoint from training ones and the same for every run. An ``hf:`` stream
-validates on the first ``val_batches`` packed batches of its ``validation`` split, as the study does; every
-other source on seeded random windows across its whole validation split (a local document is a whole file,
-so a few packed batches would hold one or two of them). Local corpora are read whole by default for a
-stream (``corpus_bytes=None``) and split by document.
-
-Before any training, :func:`build_run_data` checks that the stream holds every token the run will draw
-(``data_start`` + steps × batches per step × K·B·T) and raises a ``ValueError`` naming ``steps``,
-``data_start``, ``corpus_bytes`` and ``data_epochs`` if not. ``meta`` records the tokenizer (name, hash,
-vocabulary size), the tokens needed and available, and the passes over the data the run makes.
+:func:`build_run_data` makes them for ``RunSpec.data`` ``"windows"`` (random windows of the train split,
+:class:`gnlib.data.BatchSampler`; ``corpus_bytes`` defaults to 4 MB) or ``"stream"``
+(:class:`gnlib.data.stream.PackedStream` over the train split's documents in the run's seeded order from
+``data_start`` on; an ``hf:`` dataset in its own order), with the validation set of each, and checks before
+any training that a stream holds every token the run will draw (:func:`tokens_drawn`). :func:`after_warmup`
+moves a spec past a warm-up's tokens. What each kind reads, validates on, records and refuses:
+docs/model-and-data.md, section "Training and validation data".
 """
 
 from __future__ import annotations
@@ -38,7 +23,7 @@ from gnlib.data.corpus import DEFAULT_MAX_BYTES, Corpus, check_corpus_source, lo
 from gnlib.data.hub import hf_documents, hub_reachable
 from gnlib.data.stream import PackedStream, shuffled_documents
 from gnlib.data.tokenizers import check_tokenizer_name, make_tokenizer
-from gnlib.runtime import check_choice, is_integer
+from gnlib.runtime import check_choice, invalid, is_integer
 
 DATA_KINDS = ("windows", "stream")
 HF_VALIDATION_SPLIT = "validation"
@@ -73,22 +58,20 @@ def check_data_fields(spec: Any) -> None:
     check_corpus_source(spec.corpus)
     check_tokenizer_name(spec.tokenizer)
     check_choice("data", spec.data, DATA_KINDS)
-    if not isinstance(spec.data_epochs, int) or isinstance(spec.data_epochs, bool) or spec.data_epochs < 1:
-        raise ValueError(f"data_epochs={spec.data_epochs!r} must be an integer >= 1 (passes over the training data)")
-    if not isinstance(spec.data_start, int) or isinstance(spec.data_start, bool) or spec.data_start < 0:
-        raise ValueError(f"data_start={spec.data_start!r} must be an integer >= 0 (training tokens to skip)")
+    if not is_integer(spec.data_epochs) or spec.data_epochs < 1:
+        raise invalid("", "data_epochs", spec.data_epochs, "an integer >= 1 (passes over the training data)")
+    if not is_integer(spec.data_start) or spec.data_start < 0:
+        raise invalid("", "data_start", spec.data_start, "an integer >= 0 (training tokens to skip)")
     seed = spec.data_start_seed
     if seed is not None and (not is_integer(seed) or seed < 0):
-        raise ValueError(f"data_start_seed={seed!r} must be an integer >= 0 (the warm-up's seed) or None (seed)")
+        raise invalid("", "data_start_seed", seed, "an integer >= 0 (the warm-up's seed), or None (seed)")
     if spec.data == "windows" and (spec.data_start or spec.data_epochs != 1 or seed is not None):
         raise ValueError(
             f"data_start={spec.data_start!r}, data_start_seed={seed!r} and data_epochs={spec.data_epochs!r} apply "
             "to data='stream' only (random windows have no position)"
         )
     if spec.corpus_bytes is not None and (not is_integer(spec.corpus_bytes) or spec.corpus_bytes < 1):
-        raise ValueError(
-            f"corpus_bytes={spec.corpus_bytes!r} must be an integer >= 1 (bytes of text to read) or None (the default)"
-        )
+        raise invalid("", "corpus_bytes", spec.corpus_bytes, "an integer >= 1 (bytes of text to read), or None")
     vocab = spec.model_overrides.get("vocab_size")
     if vocab is not None and spec.tokenizer == "bytes" and vocab < 256:
         raise ValueError(f"model_overrides['vocab_size']={vocab} is smaller than tokenizer='bytes''s 256 ids")

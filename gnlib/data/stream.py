@@ -1,22 +1,14 @@
 """A packed token stream: documents in order, each followed by EOS, cut into (B, T) windows, no token reused.
 
-The study's data pipeline (docs/study.md, section "Reference configuration"): documents are tokenized
-in order, each gets an end-of-document token, and the concatenation is cut into consecutive ``seq_len``-token rows. One
-call of a :class:`PackedStream` consumes the next K·B·T tokens x[p : p + K·B·T] (K processes, B rows each,
-T = ``seq_len``): row i has inputs x[p + iT : p + (i+1)T] and targets shifted by one token,
-x[p + iT + 1 : p + (i+1)T + 1] (the last target is the first token of the next call). So every training
-token is an input exactly once per pass, and a run never sees a token twice unless it allows
-``epochs > 1`` (the stream then starts over from the first document, at most ``epochs`` passes in all).
-
-Data-parallel: process r of K keeps rows [rB, (r+1)B) of every call, so K processes at batch B see
-exactly the batches of one process at batch K·B. The position (tokens consumed, pass, document, offset
-inside it) is the stream's ``state_dict``: ``gnlib.experiment.train`` checkpoints it like the random-window sampler's
-generator, so a killed run resumes with the same next batch.
+The study's data pipeline (docs/study.md, section "Reference configuration"). How a call's rows are cut
+from the token sequence, the passes (``epochs``) and each process's rows: docs/model-and-data.md, section
+"Training and validation data". A :class:`PackedStream`'s ``state_dict`` is its position (tokens consumed,
+pass, document, offset inside it), which ``gnlib.experiment.train`` checkpoints.
 
 Document sources are callables ``documents(first) -> iterator of LongTensors``: the tokens (EOS included)
-of documents ``first, first + 1, ...``. :func:`tensor_documents` serves an in-memory split (the embedded
-corpus, local files); :func:`gnlib.data.hub.hf_documents` streams a Hugging Face dataset and tokenizes as
-it goes.
+of documents ``first, first + 1, ...``. :func:`tensor_documents` serves an in-memory split and
+:func:`shuffled_documents` one in a seeded order; :func:`gnlib.data.hub.hf_documents` streams a Hugging
+Face dataset and tokenizes as it goes.
 """
 
 from __future__ import annotations
@@ -27,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gnlib import distributed
-from gnlib.runtime import is_integer, resolve_device
+from gnlib.runtime import invalid, is_integer, resolve_device
 
 Documents = Callable[[int], Iterator[Tensor]]
 
@@ -124,12 +116,12 @@ class PackedStream:
         """
         for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("epochs", epochs)):
             if not is_integer(value) or value < 1:
-                raise ValueError(f"{label}={value!r} must be an integer >= 1")
+                raise invalid("", label, value, "an integer >= 1")
         if not is_integer(start) or start < 0:
-            raise ValueError(f"start={start!r} must be an integer >= 0 (tokens to skip)")
+            raise invalid("", "start", start, "an integer >= 0 (tokens to skip)")
         rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
         if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
-            raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
+            raise invalid("", "shard", shard, "(rank, world_size), integers with 0 <= rank < world_size")
         self.documents, self.batch_size, self.seq_len = documents, batch_size, seq_len
         self.rank, self.world_size, self.epochs = rank, world, epochs
         self.device = resolve_device(device)

@@ -1,20 +1,11 @@
 """Tokenizers by name: UTF-8 bytes, T5's 32k vocabulary, or a BPE vocabulary trained on the run's own text.
 
-``make_tokenizer(name, ...)`` accepts:
-
-* ``"bytes"``: UTF-8 bytes, 256 ids, no training, offline (:class:`gnlib.data.ByteTokenizer`); the
-  end-of-document token is the NUL byte 0.
-* ``"t5"``: T5's SentencePiece vocabulary (the study's) through the ``tokenizers`` library, fetched from the
-  Hugging Face hub as ``google-t5/t5-base`` (online only); ``"t5:<path/to/tokenizer.json>"`` reads a
-  local copy (offline). End of document: ``</s>``. The model gets 32,000 ids, as the study's: T5's 100
-  sentinel ids after them never occur in text (a text holding one is refused).
-* ``"bpe:<vocab size>"``: byte-level BPE trained with ``tokenizers`` on the training documents handed in
-  (the run's own training split), cached as ``<cache>/bpe-<hash>.json`` (hash of the vocabulary size and
-  the training text), so a CPU user gets subword tokens offline. End of document: ``<eos>``, id 0.
-
-Every tokenizer has ``spec`` (its name as given), ``vocab_size``, ``eos_id``, ``sha256`` (of its
-serialized vocabulary and rules: what metadata records), ``encode``, ``encode_tensor``, ``encode_batch``
-and ``decode``.
+``make_tokenizer(name, ...)`` accepts ``"bytes"`` (:class:`ByteTokenizer`), ``"t5"`` (fetched from the hub),
+``"t5:<path/to/tokenizer.json>"`` (a local copy) and ``"bpe:<vocab size>"`` (trained on the training documents
+handed in, cached as ``<cache>/bpe-<hash>.json``); the last three are :class:`HFTokenizer` objects of the
+``tokenizers`` library. Each has what :class:`Tokenizer` lists; ``sha256`` hashes its serialized vocabulary
+and rules, which metadata records. Each form's vocabulary, end-of-document token and cache:
+docs/model-and-data.md, section "Tokenizers".
 """
 
 from __future__ import annotations
@@ -28,7 +19,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 from torch import Tensor
 
-from gnlib.runtime import atomic_write_text
+from gnlib.runtime import atomic_write_text, invalid
 
 TOKENIZER_FORMS = ["bytes", "t5", "t5:<path to tokenizer.json>", "bpe:<vocab size>"]
 T5_HUB_NAME = "google-t5/t5-base"
@@ -143,7 +134,7 @@ def check_tokenizer_name(name: str) -> None:
     loaded or trained.
     """
     if not isinstance(name, str):
-        raise ValueError(f"tokenizer={name!r} must be a string; allowed forms: {TOKENIZER_FORMS}")
+        raise invalid("", "tokenizer", name, f"a string of one of the forms {TOKENIZER_FORMS}")
     if name in ("bytes", "t5"):
         return
     if name.startswith("t5:"):
@@ -154,12 +145,14 @@ def check_tokenizer_name(name: str) -> None:
     if name.startswith("bpe:"):
         size = name[len("bpe:") :]
         if not (size.isdigit() and int(size) >= BPE_MIN_VOCAB):
-            raise ValueError(
-                f"tokenizer={name!r}: the vocabulary size after 'bpe:' must be an integer >= "
-                f"{BPE_MIN_VOCAB} (256 bytes + end of document), e.g. 'bpe:4096'"
+            raise invalid(
+                "",
+                "tokenizer",
+                name,
+                f"'bpe:<n>' with an integer n >= {BPE_MIN_VOCAB} (256 bytes + end of document), e.g. 'bpe:4096'",
             )
         return
-    raise ValueError(f"tokenizer={name!r} is not supported; allowed forms: {TOKENIZER_FORMS}")
+    raise invalid("", "tokenizer", name, f"one of the forms {TOKENIZER_FORMS}")
 
 
 def make_tokenizer(

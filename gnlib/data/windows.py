@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from gnlib import distributed
-from gnlib.runtime import is_integer, resolve_device
+from gnlib.runtime import invalid, is_integer, resolve_device
 
 
 class BatchSampler:
@@ -37,15 +37,18 @@ class BatchSampler:
         process group's).
         """
         if not is_integer(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+            raise invalid("", "batch_size", batch_size, "an integer >= 1")
         rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
         if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
-            raise ValueError(f"shard={shard!r} must be (rank, world_size) with integers 0 <= rank < world_size")
+            raise invalid("", "shard", shard, "(rank, world_size), integers with 0 <= rank < world_size")
         self.rank, self.world_size = rank, world
         if not is_integer(seq_len) or not 1 <= seq_len <= len(tokens) - 1:
-            raise ValueError(
-                f"seq_len={seq_len!r} must be an integer in [1, {len(tokens) - 1}] for a split of "
-                f"{len(tokens)} tokens (a window holds seq_len + 1 tokens)"
+            raise invalid(
+                "",
+                "seq_len",
+                seq_len,
+                f"an integer in [1, {len(tokens) - 1}] for a split of {len(tokens)} tokens "
+                "(a window holds seq_len + 1 tokens)",
             )
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.device = resolve_device(device)

@@ -17,21 +17,31 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from gnlib.checks import check_positive_int, check_positive_number, check_writable
+from gnlib.checks import (
+    MAPPING,
+    Rule,
+    check_fields,
+    check_positive_int,
+    check_positive_number,
+    check_writable,
+    choice,
+    integer,
+    number,
+    optional,
+)
 from gnlib.curvature.costs import CACHE_DIR, COST_MODELS, cache_key, key_hash, resolve_pass_costs, weights
-from gnlib.data import SOURCE_FORMS
 from gnlib.data.pipeline import RunData, build_run_data, check_data_fields
 from gnlib.distributed import is_main
 from gnlib.experiment.history import METADATA, History
 from gnlib.experiment.protocols import PROTOCOLS
 from gnlib.experiment.protocols import resolve as resolve_protocol
 from gnlib.experiment.run_folder import load_weights
-from gnlib.experiment.train import train
+from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
 from gnlib.optim.schedules import make_schedule
-from gnlib.runtime import check_choice, resolve_device
+from gnlib.runtime import invalid, resolve_device
 
 #: GaussNewton's default number of inner steps (its batches per outer step).
 GN_INNER_STEPS: int = GaussNewtonOptions().inner_steps
@@ -108,35 +118,18 @@ class RunSpec:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("preset", self.preset, PRESETS)
-        check_choice("protocol", self.protocol, PROTOCOLS)
-        check_choice("costs", self.costs, COST_MODELS)
+        check_fields("", vars(self), RUN_RULES)
         resolve_device(self.device)
-        for name in ("steps", "batch_size", "seq_len", "accumulation", "eval_every", "val_batches", "seed"):
-            if getattr(self, name) is not None or name not in ("eval_every", "val_batches"):
-                check_positive_int(name, getattr(self, name), minimum=0 if name == "seed" else 1)
         check_positive_number("lr", self.lr, owner=f"optimizer {self.optimizer!r}")
-        if not isinstance(self.hyperparameters, dict) or not isinstance(self.model_overrides, dict):
-            raise ValueError(
-                f"hyperparameters and model_overrides must be mappings (e.g. {{inner_steps: 4}}), got "
-                f"{self.hyperparameters!r} and {self.model_overrides!r}"
-            )
         config = model_config(self.preset, **self.model_overrides)
         if self.seq_len > config.max_seq_len:
-            raise ValueError(
-                f"seq_len={self.seq_len} exceeds the {self.preset} preset's max_seq_len={config.max_seq_len}"
+            raise invalid(
+                "", "seq_len", self.seq_len, f"at most the {self.preset} preset's max_seq_len={config.max_seq_len}"
             )
         make_schedule(self.schedule, self.steps)
         if self.init_checkpoint is not None and not Path(self.init_checkpoint).is_file():
             raise ValueError(f"init_checkpoint={self.init_checkpoint!r} does not exist")
-        if not isinstance(self.corpus, str) or not (
-            self.corpus == "default" or self.corpus.startswith(("text:", "hf:"))
-        ):
-            raise ValueError(f"corpus={self.corpus!r} is not supported; allowed forms: {SOURCE_FORMS}")
         check_data_fields(self)
-        if self.target_loss is not None:
-            check_positive_number("target_loss", self.target_loss, allow_zero=True, example="2.75, or None: no target")
         # the optimizer's options against its declared schema: a bad option fails now, not mid-study
         validate_options(self.optimizer, self.lr, resolve_protocol(self).hyperparameters)
 
@@ -204,6 +197,25 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, device: torch.device
     model.load_state_dict(state)
 
 
+#: The rules of :class:`RunSpec`'s fields that need no other field (``validate`` checks the rest).
+RUN_RULES: dict[str, Rule] = {
+    "optimizer": choice(OPTIMIZERS),
+    "preset": choice(list(PRESETS)),
+    "protocol": choice(PROTOCOLS),
+    "costs": choice(COST_MODELS),
+    "steps": integer(1),
+    "batch_size": integer(1),
+    "seq_len": integer(1),
+    "accumulation": integer(1),
+    "eval_every": optional(integer(1)),
+    "val_batches": optional(integer(1)),
+    "seed": integer(0),
+    "target_loss": optional(number(0.0)),
+    "hyperparameters": MAPPING,
+    "model_overrides": MAPPING,
+}
+
+
 def run(
     spec: RunSpec,
     output_dir: str | Path | None = None,
@@ -248,18 +260,20 @@ def run(
         optimizer,
         train_batches,
         val,
-        steps=spec.steps,
-        accumulation=spec.accumulation,
-        eval_every=protocol.eval_every,
-        eval_schedule=protocol.eval_schedule,
-        target_loss=spec.target_loss,
-        schedule=make_schedule(spec.schedule, spec.steps),
-        run_dir=output_dir,
-        checkpoint_every=checkpoint_every,
-        metadata=metadata,
-        progress=progress,
-        overwrite=overwrite,
-        label=spec.optimizer,
+        TrainSettings(
+            steps=spec.steps,
+            accumulation=spec.accumulation,
+            eval_every=protocol.eval_every,
+            eval_schedule=protocol.eval_schedule,
+            target_loss=spec.target_loss,
+            schedule=make_schedule(spec.schedule, spec.steps),
+            run_dir=output_dir,
+            checkpoint_every=checkpoint_every,
+            metadata=metadata,
+            progress=progress,
+            overwrite=overwrite,
+            label=spec.optimizer,
+        ),
     )
 
 

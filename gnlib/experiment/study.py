@@ -37,6 +37,8 @@ from gnlib.runtime import (
     atomic_write_json,
     atomic_write_text,
     check_choice,
+    invalid,
+    is_integer,
     output_path,
     resolve_device,
 )
@@ -240,8 +242,8 @@ def study_spec(
     """
     variants = dict(variants or {})
     check_choice("optimizer", optimizer, [*OPTIMIZERS, *variants])
-    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
-        raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+    if not is_integer(micro_batches) or micro_batches < 1:
+        raise invalid("", "micro_batches", micro_batches, "an integer >= 1")
     fields = dict(variants.get(optimizer, {"optimizer": optimizer}))
     hp = {**fields.pop("hyperparameters", {}), **(hyperparameters or {}).get(optimizer, {})}
     if fields.get("optimizer", optimizer) in GN_VARIANTS:
@@ -305,7 +307,7 @@ def batch_size_study(
         ``early_target``) plus ``chosen`` and ``on_edge`` (:func:`choose_lr`).
     """
     if early_target is not None and not early_target > target:
-        raise ValueError(f"early_target={early_target!r} is invalid; allowed: a loss above target={target!r}")
+        raise invalid("", "early_target", early_target, f"a loss above target={target!r}")
     missing = [name for name in optimizers if name not in lrs]
     if missing:
         raise ValueError(f"lrs has no grid for optimizer(s) {missing}; it has {sorted(lrs)}")
@@ -462,7 +464,7 @@ def critical_batch_size(table: pd.DataFrame, max_ratio: float = 0.65) -> pd.Data
         ``fit_steps_min`` and ``fit_critical_tokens``.
     """
     if not 0.5 < max_ratio < 1:
-        raise ValueError(f"max_ratio={max_ratio!r} must lie in (0.5, 1)")
+        raise invalid("", "max_ratio", max_ratio, "a number in (0.5, 1)")
     steps = tuned_medians(table)
     rows = []
     for name, group in steps.groupby(level="optimizer", sort=False):

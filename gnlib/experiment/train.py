@@ -12,6 +12,7 @@ says what a run writes and how it resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -27,7 +28,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from gnlib import distributed
-from gnlib.checks import check_positive_int, check_positive_number
+from gnlib.checks import FLAG, Rule, check_fields, integer, number, optional
 from gnlib.data.source import BatchSource
 from gnlib.experiment.history import History, json_default
 from gnlib.experiment.run_folder import (
@@ -41,7 +42,7 @@ from gnlib.experiment.run_folder import (
     saved_fingerprint,
 )
 from gnlib.losses import CrossEntropy
-from gnlib.runtime import atomic_torch_save
+from gnlib.runtime import atomic_torch_save, invalid
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -92,37 +93,11 @@ def _rejected_steps(rows: list[dict[str, Any]]) -> int:
     return count
 
 
-def train(
-    model: nn.Module,
-    optimizer: Any,
-    train_batches: Callable[[], Batch],
-    val_batches: Sequence[Batch],
-    *,
-    steps: int,
-    accumulation: int = 1,
-    eval_every: int = 10,
-    target_loss: float | None = None,
-    schedule: Callable[[int], float] | None = None,
-    loss_fn: LossFn | None = None,
-    run_dir: str | Path | None = None,
-    checkpoint_every: int = 0,
-    metadata: dict[str, Any] | None = None,
-    progress: bool = True,
-    max_grad_norm: float | None = None,
-    overwrite: bool = False,
-    stall_steps: int = 10,
-    divergence_factor: float = 10.0,
-    eval_schedule: Callable[[int], bool] | None = None,
-    label: str = "train",
-) -> History:
-    """Train ``model`` with ``optimizer`` for up to ``steps`` outer steps.
+@dataclass(frozen=True)
+class TrainSettings:
+    """How :func:`train` runs: length, evaluation, stopping rules, checkpoints and output.
 
-    Args:
-        model: the model; it is updated in place.
-        optimizer: a torch-like optimizer over ``model``'s parameters, or one with ``draws_batches = True``.
-        train_batches: zero-argument callable returning the next ``(inputs, targets)`` batch; if it has
-            ``state_dict``/``load_state_dict`` (``gnlib.data.BatchSampler``), its state is checkpointed.
-        val_batches: the fixed validation set.
+    Attributes:
         steps: number of outer steps (``>= 1``).
         accumulation: micro-batches per step for torch-like optimizers (token batch = accumulation·B·T).
         eval_every: evaluate every this many steps (and at step 0 and the last step).
@@ -130,7 +105,7 @@ def train(
             last step are always evaluated), e.g. :func:`gnlib.experiment.protocols.paper_eval_schedule`.
         target_loss: stop once the validation loss is at or below this value.
         schedule: LR multiplier ``schedule(step)``; each group's ``lr`` becomes ``initial_lr * schedule``.
-        loss_fn: ``loss_fn(logits, targets)``; default token-mean cross-entropy.
+        loss_fn: ``loss_fn(logits, targets)``; None: token-mean cross-entropy.
         run_dir: where History, metadata and checkpoints go; ``None`` keeps everything in memory.
         checkpoint_every: write a resumable checkpoint every this many steps (0: only at the end).
             A run started on a ``run_dir`` that holds a checkpoint with the same ``metadata`` resumes
@@ -142,7 +117,7 @@ def train(
             must be shared).
         metadata: description of the run, saved with it and used to recognise a resumable checkpoint.
         progress: show a progress bar (``tqdm.auto``: a widget in Jupyter, so papermill's log is not flooded)
-            with the last losses, and print one line naming ``label`` when the run ends.
+            with the last losses, and print one line naming ``label`` when the run ends (rank 0 only).
         max_grad_norm: clip the accumulated gradient to this norm (torch-like optimizers only).
         overwrite: replace a run with other settings found in ``run_dir`` instead of refusing.
         stall_steps: status ``"stalled"`` after this many consecutive outer steps in which the optimizer
@@ -151,73 +126,91 @@ def train(
             exceeds this multiple of the validation loss at step 0 (a run whose last validation loss is
             above the start's is ``"diverged"`` too: it made the model worse).
         label: name of the run in its progress bar and final line (e.g. the optimizer).
+    """
+
+    steps: int
+    accumulation: int = 1
+    eval_every: int = 10
+    target_loss: float | None = None
+    schedule: Callable[[int], float] | None = None
+    loss_fn: LossFn | None = None
+    run_dir: str | Path | None = None
+    checkpoint_every: int = 0
+    metadata: dict[str, Any] | None = None
+    progress: bool = True
+    max_grad_norm: float | None = None
+    overwrite: bool = False
+    stall_steps: int = 10
+    divergence_factor: float = 10.0
+    eval_schedule: Callable[[int], bool] | None = None
+    label: str = "train"
+
+    def __post_init__(self) -> None:
+        """Check every setting that has a rule (:data:`TRAIN_RULES`) before any work."""
+        check_fields("train", vars(self), TRAIN_RULES)
+
+
+#: The rules :class:`TrainSettings` are checked against.
+TRAIN_RULES: dict[str, Rule] = {
+    "steps": integer(1),
+    "accumulation": integer(1),
+    "eval_every": integer(1),
+    "target_loss": optional(number(float("-inf"))),
+    "checkpoint_every": integer(0),
+    "progress": FLAG,
+    "max_grad_norm": optional(number(0.0, strict=True)),
+    "overwrite": FLAG,
+    "stall_steps": integer(1),
+    "divergence_factor": number(0.0, strict=True),
+}
+
+
+def train(
+    model: nn.Module,
+    optimizer: Any,
+    train_batches: Callable[[], Batch],
+    val_batches: Sequence[Batch],
+    settings: TrainSettings,
+) -> History:
+    """Train ``model`` with ``optimizer`` for up to ``settings.steps`` outer steps.
+
+    Args:
+        model: the model; it is updated in place.
+        optimizer: a torch-like optimizer over ``model``'s parameters, or one with ``draws_batches = True``.
+        train_batches: zero-argument callable returning the next ``(inputs, targets)`` batch; a
+            :class:`~gnlib.data.BatchSource` (``state_dict``/``load_state_dict``) is checkpointed too.
+        val_batches: the fixed validation set.
+        settings: how the run goes (:class:`TrainSettings`).
 
     Returns:
         The run's :class:`History`; ``metadata["world_size"]`` is the number of processes.
 
     Raises:
-        ValueError: bad arguments, ``run_dir`` holds a run with other settings (and not ``overwrite``), or
-            this run's checkpoint written by another number of processes.
+        ValueError: ``run_dir`` holds a run with other settings (and not ``overwrite``), or this run's
+            checkpoint was written by another number of processes.
         RunFolderBusy: another process is running into ``run_dir``.
         RunInterrupted: SIGINT or SIGTERM stopped the run after a step, checkpointed in ``run_dir``.
         CheckpointNotWritten: History or the checkpoint could not be written (e.g. a full disk); the
             message says which step the last checkpoint holds.
     """
-    settings = _Settings(
-        steps=steps,
-        accumulation=accumulation,
-        eval_every=eval_every,
-        target_loss=target_loss,
-        schedule=schedule,
-        loss_fn=loss_fn or CrossEntropy().value,
-        run_dir=Path(run_dir) if run_dir is not None else None,
-        checkpoint_every=checkpoint_every,
-        progress=progress and distributed.is_main(),
-        max_grad_norm=max_grad_norm,
-        overwrite=overwrite,
-        stall_steps=stall_steps,
-        divergence_factor=divergence_factor,
-        eval_schedule=eval_schedule,
-        label=label,
+    metadata = dict(settings.metadata or {})
+    settings = dataclasses.replace(
+        settings,
+        loss_fn=settings.loss_fn or CrossEntropy().value,
+        run_dir=Path(settings.run_dir) if settings.run_dir is not None else None,
+        progress=settings.progress and distributed.is_main(),
     )
     with run_folder_lock(settings.run_dir if distributed.is_main() else None):
         if not getattr(optimizer, "draws_batches", False):
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
-        settings_hash = fingerprint(dict(metadata or {}))
+        settings_hash = fingerprint(metadata)
         world = distributed.world_size()
-        history = History(metadata={**(metadata or {}), "fingerprint": settings_hash, "world_size": world})
+        history = History(metadata={**metadata, "fingerprint": settings_hash, "world_size": world})
         loop = _Loop(
             model, optimizer, train_batches, val_batches, settings, history, settings_hash, world, distributed.is_main()
         )
         return loop.run()
-
-
-@dataclass
-class _Settings:
-    """The loop's settings (:func:`train`'s arguments), checked when made: counts and ``divergence_factor``."""
-
-    steps: int
-    accumulation: int
-    eval_every: int
-    target_loss: float | None
-    schedule: Callable[[int], float] | None
-    loss_fn: LossFn
-    run_dir: Path | None
-    checkpoint_every: int
-    progress: bool  # and this process is rank 0
-    max_grad_norm: float | None
-    overwrite: bool
-    stall_steps: int
-    divergence_factor: float
-    eval_schedule: Callable[[int], bool] | None
-    label: str
-
-    def __post_init__(self) -> None:
-        minimums = {"steps": 1, "accumulation": 1, "eval_every": 1, "checkpoint_every": 0, "stall_steps": 1}
-        for name, low in minimums.items():
-            check_positive_int(name, getattr(self, name), minimum=low)
-        check_positive_number("divergence_factor", self.divergence_factor, example="10")
 
 
 @dataclass
@@ -228,7 +221,7 @@ class _Loop:
     optimizer: Any
     train_batches: Callable[[], Batch]
     val_batches: Sequence[Batch]
-    settings: _Settings
+    settings: TrainSettings
     history: History
     fingerprint: str
     world: int
@@ -555,7 +548,7 @@ def train_to_checkpoints(
         train_batches: zero-argument callable returning the next training batch.
         val_batches: the fixed validation set.
         at_steps: non-negative step counts, in any order, duplicates ignored.
-        **options: further :func:`train` options (``accumulation``, ``max_grad_norm``, ``loss_fn``, ...).
+        **options: further :class:`TrainSettings` (``accumulation``, ``max_grad_norm``, ``loss_fn``, ...).
 
     Returns:
         An iterator over the sorted checkpoint steps; training happens as it is advanced.
@@ -565,24 +558,17 @@ def train_to_checkpoints(
     """
     steps = sorted(set(at_steps)) if isinstance(at_steps, (list, tuple, range)) else []
     if not steps:
-        raise ValueError(f"at_steps must be a non-empty list of step counts (e.g. [0, 100, 400]), got {at_steps!r}")
+        raise invalid("", "at_steps", at_steps, "a non-empty list of step counts, e.g. [0, 100, 400]")
     for step in steps:
-        check_positive_int("at_steps", step, minimum=0)
+        check_fields("", {"at_steps": step}, {"at_steps": integer(0)})
 
     def checkpoints() -> Iterator[int]:
         done = 0
         for step in steps:
             if step > done:
                 segment = step - done
-                train(
-                    model,
-                    optimizer,
-                    train_batches,
-                    val_batches,
-                    steps=segment,
-                    eval_every=segment,
-                    **{"progress": False, **options},
-                )
+                settings = TrainSettings(steps=segment, eval_every=segment, **{"progress": False, **options})
+                train(model, optimizer, train_batches, val_batches, settings)
                 done = step
             yield step
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from gnlib.runtime import check_choice, is_integer
+from gnlib.runtime import check_choice, invalid, is_integer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,16 +51,16 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+                raise invalid("model", name, value, "an integer >= 1")
         for name in ("norm_eps", "rope_base", "init_std"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+                raise invalid("model", name, getattr(self, name), "a number > 0")
         check_choice("mlp", self.mlp, MLP_KINDS)
         check_choice("init", self.init, INIT_SCHEMES)
         if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"qk_norm={self.qk_norm!r} must be True or False")
+            raise invalid("model", "qk_norm", self.qk_norm, "True or False")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+            raise invalid("model", "d_model", self.d_model, f"a multiple of n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(
                 f"head dimension d_model / n_heads = {self.head_dim} must be even for rotary embeddings; "

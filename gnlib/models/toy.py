@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, invalid
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 
@@ -30,7 +30,7 @@ def mlp(sizes: list[int], activation: str = "tanh", *, seed: int = 0) -> nn.Sequ
     """
     check_choice("activation", activation, _ACTIVATIONS)
     if len(sizes) < 2:
-        raise ValueError(f"sizes={sizes!r} must list at least an input and an output width")
+        raise invalid("", "sizes", sizes, "a list of at least an input and an output width")
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

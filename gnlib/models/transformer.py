@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from gnlib.models.config import ModelConfig, _replace, model_config
 from gnlib.models.layers import Block, RMSNorm, rope_tables
 from gnlib.models.tangents import NO_DOTS, Dots, Slot, SlotTangents, _plus, _sub, _term, linear_jvp
-from gnlib.runtime import resolve_device
+from gnlib.runtime import invalid, resolve_device
 
 
 class Transformer(nn.Module):
@@ -137,7 +137,7 @@ def build_model(
     config = _replace(config, overrides)
     device = resolve_device(device)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype={dtype!r} must be a floating-point torch.dtype, e.g. torch.float32 or torch.float64")
+        raise invalid("", "dtype", dtype, "a floating-point torch.dtype, e.g. torch.float32 or torch.float64")
     return Transformer(config, seed=seed, dtype=dtype).to(device)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
 from gnlib.experiment.sweep_results import read_results_table
-from gnlib.runtime import is_integer, numeric_text_hint, output_path
+from gnlib.runtime import invalid, is_integer, output_path
 
 #: Python types a notebook annotation allows (``float`` also takes an ``int``).
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
@@ -159,9 +159,12 @@ def check_notebook_parameters(
         is_bool_for_number = isinstance(value, bool) and annotation != "bool"
         if not isinstance(value, allowed + extra) or (is_bool_for_number and bool not in extra):
             kinds = " or ".join(t.__name__ for t in allowed[-1:] + extra)
-            raise ValueError(
-                f"notebook parameter {name} must be of type {kinds} (declared `{name}: {annotation} = {default!r}`), "
-                f"got {value!r} ({type(value).__name__}){numeric_text_hint(value)}; e.g. -p {name} {_example(default)}"
+            raise invalid(
+                "notebook parameter",
+                name,
+                value,
+                f"a value of type {kinds} (declared `{name}: {annotation} = "
+                f"{default!r}`; got a {type(value).__name__}), e.g. -p {name} {_example(default)}",
             )
     return NotebookParameters(
         declared=declared,
@@ -235,10 +238,7 @@ def _check_int_or_list(name: str, value: Any, minimum: int) -> None:
     """``value`` must be an integer ``>= minimum`` or a non-empty list of them."""
     items = value if isinstance(value, list) else [value]
     if not items or not all(is_integer(item) and item >= minimum for item in items):
-        raise ValueError(
-            f"{name} must be an integer >= {minimum} or a non-empty list of them, got {value!r}"
-            f"{numeric_text_hint(value)}"
-        )
+        raise invalid("notebook parameter", name, value, f"an integer >= {minimum}, or a non-empty list of them")
 
 
 def _check_named_choices(values: Mapping[str, Any]) -> None:
@@ -258,9 +258,12 @@ def _check_named_choices(values: Mapping[str, Any]) -> None:
         overrides = values.get("model_overrides")
         context = model_config(values["preset"], **(overrides if isinstance(overrides, dict) else {})).max_seq_len
         if values["seq_len"] > context:
-            raise ValueError(
-                f"seq_len={values['seq_len']} exceeds the {values['preset']} preset's max_seq_len={context}; "
-                "lower seq_len or raise max_seq_len in model_overrides"
+            raise invalid(
+                "notebook parameter",
+                "seq_len",
+                values["seq_len"],
+                f"at most the {values['preset']} preset's "
+                f"max_seq_len={context} (or raise max_seq_len in model_overrides)",
             )
     if "tokenizer" in values:
         check_tokenizer_name(values["tokenizer"])

@@ -28,6 +28,7 @@ from gnlib.optim.factory import split_params
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.optim.hessian_free import conjugate_gradient
 from gnlib.params import Params, flatten, unflatten
+from gnlib.runtime import invalid
 
 Vector = Tensor | Mapping[str, Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -50,7 +51,7 @@ def _like_input(flat: Tensor, like: Vector) -> Vector:
 
 def _check_damping(damping: float) -> None:
     if not damping >= 0:
-        raise ValueError(f"damping={damping!r} must be >= 0")
+        raise invalid("", "damping", damping, "a number >= 0")
 
 
 def _size(curvature: Any) -> int:
@@ -93,7 +94,7 @@ def solve(curvature: Any, g: Vector, damping: float, *, tol: float = 1e-10, max_
         eye = torch.eye(n, dtype=curvature.dtype, device=curvature.device)
         return _like_input(torch.linalg.solve(curvature + damping * eye, flat), g)
     if not tol > 0:
-        raise ValueError(f"tol={tol!r} must be > 0")
+        raise invalid("", "tol", tol, "a number > 0")
     result = conjugate_gradient(lambda x: curvature @ x + damping * x, flat, max_iters=max_iter or 2 * n, tol=tol)
     if not (result.finite and result.residual <= tol * flat.norm().item()):
         raise ValueError(
@@ -156,7 +157,7 @@ def curvature_diagonal(curvature: Any, *, n_probes: int | None = None, seed: int
     if isinstance(curvature, Tensor):
         return curvature.diagonal().clone()
     if chunk < 1:
-        raise ValueError(f"chunk={chunk!r} must be >= 1")
+        raise invalid("", "chunk", chunk, "an integer >= 1")
     dtype = getattr(curvature, "dtype", torch.float64)
     device = getattr(curvature, "device", torch.device("cpu"))
     if n_probes is None:
@@ -168,7 +169,7 @@ def curvature_diagonal(curvature: Any, *, n_probes: int | None = None, seed: int
             diagonal[start:stop] = (curvature @ basis)[start:stop].diagonal()
         return diagonal
     if n_probes < 1:
-        raise ValueError(f"n_probes={n_probes!r} must be >= 1 (or None for the exact diagonal)")
+        raise invalid("", "n_probes", n_probes, "an integer >= 1, or None for the exact diagonal")
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(n, dtype=dtype, device=device)
     for start in range(0, n_probes, chunk):
@@ -190,7 +191,7 @@ def diagonal_direction(diagonal: Vector, g: Vector, damping: float) -> Vector:
 def adam_direction(second_moment: Vector, g: Vector, eps: float = 1e-8) -> Vector:
     """Adam's direction without momentum: −g / (√v + ε) entrywise, in the form of ``g``."""
     if not eps >= 0:
-        raise ValueError(f"eps={eps!r} must be >= 0")
+        raise invalid("", "eps", eps, "a number >= 0")
     flat_v, flat_g = _flat(second_moment), _flat(g)
     if flat_v.shape != flat_g.shape:
         raise ValueError(f"second_moment has shape {tuple(flat_v.shape)}, g has {tuple(flat_g.shape)}")
@@ -369,7 +370,7 @@ def orthogonalize(matrix: Tensor, ns_steps: int | None = None) -> Tensor:
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u @ vh
     if ns_steps < 1:
-        raise ValueError(f"ns_steps={ns_steps!r} must be >= 1 (or None for the exact polar factor)")
+        raise invalid("", "ns_steps", ns_steps, "an integer >= 1, or None for the exact polar factor")
     a, b, c = NEWTON_SCHULZ
     tall = matrix.shape[0] > matrix.shape[1]
     x = matrix.T if tall else matrix
@@ -405,9 +406,7 @@ def muon_direction(
     hidden = split_params(g)[0] if hidden is None else list(hidden)
     wrong = [name for name in hidden if name not in g or g[name].dim() != 2]
     if wrong:
-        raise ValueError(
-            f"hidden={wrong} must name matrices of g; allowed values: {[n for n, t in g.items() if t.dim() == 2]}"
-        )
+        raise invalid("", "hidden", wrong, f"names of matrices of g, {[n for n, t in g.items() if t.dim() == 2]}")
     out = {}
     for name, t in g.items():
         if name in hidden:
@@ -428,7 +427,7 @@ def follow(direction: Callable[[Tensor], Tensor], start: Tensor, steps: int, lr:
     The path stops early (fewer rows) once an iterate is not finite.
     """
     if steps < 0:
-        raise ValueError(f"steps={steps!r} must be >= 0")
+        raise invalid("", "steps", steps, "an integer >= 0")
     path = [start.detach().clone()]
     for _ in range(steps):
         nxt = path[-1] + lr * direction(path[-1])

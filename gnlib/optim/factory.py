@@ -1,33 +1,13 @@
 """Baseline optimizers by name, with validated hyperparameters and the Muon/AdamW parameter split.
 
-``make_optimizer(name, model, **hyperparameters)`` returns an object the train loop drives like any
-torch optimizer: every param group has ``"lr"`` and ``"initial_lr"`` (the train loop sets
-``group["lr"] = group["initial_lr"] * schedule(step)``), plus ``step``, ``zero_grad``, ``state_dict``
-and ``load_state_dict``. Defaults (``DEFAULTS``) and their sources:
-
-* ``"adamw"``: ``torch.optim.AdamW``; lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight_decay 0.1 (the
-  usual LLM setting), applied to every tensor.
-* ``"muon"``: ``torch.optim.Muon`` on the hidden matrices, ``torch.optim.AdamW`` on the rest (see
-  :func:`split_params`), as one :class:`~gnlib.optim.composite.CompositeOptimizer` whose groups are
-  tagged ``"muon"`` / ``"adamw"``. Muon follows the reference (Keller Jordan's Muon) rather than
-  torch's defaults: lr 0.02, momentum 0.95 with Nesterov, 5 Newton-Schulz steps with coefficients
-  (3.4445, -4.7750, 2.0315), shape scaling ``adjust_lr_fn="original"`` (lr * max(1, rows/cols)^0.5),
-  weight_decay 0 (torch's default is 0.1); ``bias_correction`` False (True: optax's bias-corrected
-  Nesterov momentum, :class:`gnlib.optim.muon.Muon`). The AdamW part: ``adamw_lr`` 3e-3 (None: the
-  same LR as Muon), ``adamw_betas`` (0.9, 0.95), ``adamw_eps`` 1e-8, ``adamw_weight_decay`` 0.
-  ``adamw_params`` names the 2-D tensors that go to AdamW (default: ``embed.weight`` and
-  ``head.weight`` where present).
-* ``"soap"``: :class:`~gnlib.optim.soap.SOAP` with the reference defaults (lr 3e-3, betas
-  (0.95, 0.95), shampoo_beta 0.95, eps 1e-8, weight_decay 0.01, precondition_frequency 10,
-  max_precond_dim 10000); 1-D tensors get AdamW inside SOAP.
-* ``"sgd"``: ``torch.optim.SGD``; lr 0.1, momentum 0.9, nesterov False, weight_decay 0 (for teaching).
-
-Every optimizer also takes ``grad_clip`` (default None): before each step the gradients are clipped
-with ``torch.nn.utils.clip_grad_norm_`` to this norm, one norm over all tensors for AdamW and SGD. Under
-Muon the embedding/head (``adamw_params``) and the hidden tensors are clipped separately, and under SOAP
-the ≥2-D and the 1-D tensors, as the reference's two ``optax.multi_transform`` chains of each do
-(:func:`clip_groups`). These are gnlib's defaults
-(``protocol="gnlib"``); :mod:`gnlib.experiment.protocols` holds the reference's (``protocol="paper"``).
+``make_optimizer(name, model, **hyperparameters)`` builds ``"adamw"``, ``"muon"`` (Muon on the hidden
+matrices, AdamW on the rest: :func:`split_params`), ``"soap"`` or ``"sgd"``, an object the train loop drives
+like any torch optimizer: every param group has ``"lr"`` and ``"initial_lr"`` (the train loop sets
+``group["lr"] = group["initial_lr"] * schedule(step)``), plus ``step``, ``zero_grad``, ``state_dict`` and
+``load_state_dict``. :data:`SCHEMAS` declares each option's default (gnlib's, ``protocol="gnlib"``;
+:mod:`gnlib.experiment.protocols` holds the reference's) and rule; ``grad_clip`` clips before each step in
+the groups of :func:`clip_groups`. Defaults and their sources: docs/optimizers.md, section "AdamW, Muon, SGD"
+and docs/optimizers.md, section "SOAP"; clipping: docs/optimizers.md, section "Gradient clipping".
 """
 
 from __future__ import annotations
@@ -37,11 +17,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from gnlib.checks import FLAG, Rule, integer, number, optional
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.muon import NS_DTYPES, Muon
-from gnlib.optim.options import BETAS, FLAG, NAMES, Rule, Schema, integer, number, optional
+from gnlib.optim.options import BETAS, NAMES, Schema
 from gnlib.optim.soap import SOAP, SOAP_SCHEMA
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, invalid
 
 NamedTensors = Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
 
@@ -151,7 +132,7 @@ def split_params(named_params: NamedTensors, adamw_names: Sequence[str] | None =
         keep_out = set(adamw_names)
         missing = sorted(keep_out - set(named))
         if missing:
-            raise ValueError(f"adamw_params={missing} are not tensor names; allowed values: {list(named)}")
+            raise invalid("", "adamw_params", missing, f"names of the model's tensors, {list(named)}")
     matrices = [n for n, t in named.items() if t.dim() == 2 and n not in keep_out]
     others = [n for n in named if n not in set(matrices)]
     return matrices, others
@@ -163,7 +144,7 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
     Args:
         name: ``"adamw"``, ``"muon"``, ``"soap"`` or ``"sgd"``.
         model: an ``nn.Module`` (its ``named_parameters()``), or named tensors (dict or pairs).
-        **hyperparameters: overrides of ``DEFAULTS[name]`` (see the module docstring), checked by ``SCHEMAS[name]``.
+        **hyperparameters: overrides of ``DEFAULTS[name]`` (docs/optimizers.md), checked by ``SCHEMAS[name]``.
 
     Returns:
         A torch optimizer (adamw, soap, sgd) or a :class:`CompositeOptimizer` (muon), with

@@ -37,10 +37,9 @@ from gnlib.optim.gn_options import (
 )
 from gnlib.optim.hessian_free import backtrack, conjugate_gradient, lm_damping
 from gnlib.optim.line_search import PassCount, all_finite, anchor_loss, line_search
-from gnlib.optim.options import invalid
 from gnlib.optim.schedules import constant, cosine_decay
 from gnlib.params import Params, flatten, unflatten
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, invalid
 
 Batch = tuple[Tensor, Tensor]
 

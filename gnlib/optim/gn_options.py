@@ -11,12 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from gnlib.checks import FLAG, Rule, choice, integer, number, optional
 from gnlib.curvature.blocks import PARTITION_SPECS
 from gnlib.curvature.costs import check_pass_costs
 from gnlib.losses import Loss
 from gnlib.optim.factory import SCHEMAS as BASELINES
-from gnlib.optim.options import FLAG, Rule, Schema, choice, integer, invalid, number, optional
-from gnlib.runtime import is_finite_number, is_integer
+from gnlib.optim.options import Schema
+from gnlib.runtime import invalid, is_finite_number, is_integer
 
 OBJECTIVES = ("gn", "prox_linear")
 SOLVERS = ("muon", "adamw", "sgd", "cg")
@@ -154,14 +155,14 @@ def _check_solver_combinations(options: dict[str, Any], owner: str) -> None:
             "None, or a finite number >= 0 with solver='cg' (first-order solvers use prox instead)",
         )
     if solver == "cg" and (options["prox"] or options["weight_decay"]):
-        raise ValueError(
-            f"prox={options['prox']!r} and weight_decay={options['weight_decay']!r} apply to the first-order solvers; "
-            "allowed values with solver='cg': 0 (CG is regularized by damping)"
-        )
+        given = "prox" if options["prox"] else "weight_decay"
+        raise invalid(owner, given, options[given], "0 with solver='cg' (CG is regularized by damping)")
     if solver == "cg" and options["objective"] != "gn":
-        raise ValueError(
-            f"objective={options['objective']!r} is invalid with solver='cg' (CG solves the quadratic); "
-            "allowed values: 'gn', or a first-order solver for 'prox_linear'"
+        raise invalid(
+            owner,
+            "objective",
+            options["objective"],
+            "'gn' with solver='cg' (CG solves the quadratic), or a first-order solver for 'prox_linear'",
         )
     solver_options = dict(options["solver_options"] or {})
     fixed = sorted({"lr", "weight_decay", "adamw_weight_decay", "grad_clip"} & set(solver_options))

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from gnlib.losses import MSE, CrossEntropy, Loss
 from gnlib.optim.directions import Batch, Vector, _check_damping, _check_dict, diagonal_direction
 from gnlib.params import Params, check_like, unflatten
-from gnlib.runtime import check_choice
+from gnlib.runtime import check_choice, invalid
 
 FISHER_TYPES = ["mc", "exact"]
 
@@ -76,7 +76,7 @@ def _output_factors(
             return [eye[c].expand_as(z) / n**0.5 for c in range(classes)]
         noise = [torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) for _ in range(mc_samples)]
         return [e / (n * mc_samples) ** 0.5 for e in noise]
-    raise ValueError(f"loss={type(loss).__name__} is not supported by kfac_factors; allowed values: CrossEntropy, MSE")
+    raise invalid("kfac_factors", "loss", type(loss).__name__, "CrossEntropy or MSE")
 
 
 def kfac_factors(
@@ -118,7 +118,7 @@ def kfac_factors(
     """
     check_choice("fisher", fisher, FISHER_TYPES)
     if mc_samples < 1:
-        raise ValueError(f"mc_samples={mc_samples!r} must be >= 1")
+        raise invalid("", "mc_samples", mc_samples, "an integer >= 1")
     linears = {
         name: module
         for name, module in model.named_modules()

@@ -1,73 +1,24 @@
 """Declared option schemas: each option's default and rule in one place, checked without building anything.
 
-A :class:`Schema` maps every option of one optimizer to its default and a :class:`Rule` (a predicate and
-the allowed values in words), plus cross-option checks. :meth:`Schema.validate` merges the given options
+A :class:`Schema` maps every option of one optimizer to its default and a :class:`~gnlib.checks.Rule` (a
+predicate and the allowed values in words), plus cross-option checks. :meth:`Schema.validate` merges the given options
 into the defaults and raises ``ValueError`` naming the optimizer, the option, the value and the allowed
-values, e.g. ``optimizer 'gn': inner_steps=0 is invalid; allowed: an integer >= 1``. The registry
-(:mod:`gnlib.optim.registry`), the optimizers' constructors, run specs, the command line and sweeps all
-validate through these schemas.
-
-Frozen dataclasses with this one helper, rather than pydantic models: the options include values that
-are not plain data (a ``Loss`` object, a partition dict) and cross-option rules (``damping`` only with
-``solver="cg"``) that pydantic would express as hand-written validators anyway; its messages would need
-rewriting to name the optimizer and the allowed values; its lax mode turns ``True`` into 1 and ``"1e-3"``
-into 0.001 (strict mode on every field is needed to refuse them); and pydantic is not a pinned dependency
-of gnlib (it comes in with JupyterLab), so it would add a pin for no gain.
-
-Conventions shared by every rule: a ``bool`` is never an integer or a number (``True`` is not a step
-count); numbers given as strings are refused, never parsed, with a hint when the string reads as a
-number (:func:`gnlib.runtime.numeric_text_hint`; YAML 1.1 reads ``3e-3`` as a string: write ``3.0e-3``), so
-a config means the same value on every path, as in :mod:`gnlib.checks`.
+values. The registry (:mod:`gnlib.optim.registry`), the optimizers' constructors, run specs, the command
+line and sweeps all validate through these schemas. No rule takes a ``bool`` for a number, nor a number
+given as text (the message adds :func:`gnlib.runtime.numeric_text_hint`), as in :mod:`gnlib.checks`. What a
+refusal looks like: docs/outputs-and-reliability.md, section "Where results go"; why frozen dataclasses
+rather than pydantic: docs/architecture.md, section "Option schemas".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gnlib.runtime import is_finite_number, is_integer, numeric_text_hint
+from gnlib.checks import Rule
+from gnlib.runtime import invalid, is_finite_number
 
-
-@dataclass(frozen=True)
-class Rule:
-    """One option's rule: ``test(value)`` is True for allowed values, ``allowed`` says which they are."""
-
-    test: Callable[[Any], bool]
-    allowed: str
-
-
-def integer(low: int, high: int | None = None) -> Rule:
-    """An int (not a bool) in ``[low, high]`` (``high`` None: no upper bound)."""
-    if high is None:
-        return Rule(lambda v: is_integer(v) and v >= low, f"an integer >= {low}")
-    return Rule(lambda v: is_integer(v) and low <= v <= high, f"an integer in [{low}, {high}]")
-
-
-def number(low: float = 0.0, *, strict: bool = False, below: float | None = None) -> Rule:
-    """A finite int or float (not a bool) ``>= low`` (``> low`` if ``strict``) and ``< below`` if given."""
-    if below is not None:
-        left = "(" if strict else "["
-        return Rule(
-            lambda v: is_finite_number(v) and (v > low if strict else v >= low) and v < below,
-            f"a number in {left}{low:g}, {below:g})",
-        )
-    bound = f"> {low:g}" if strict else f">= {low:g}"
-    return Rule(lambda v: is_finite_number(v) and (v > low if strict else v >= low), f"a finite number {bound}")
-
-
-def optional(rule: Rule) -> Rule:
-    """``None`` or a value ``rule`` allows."""
-    return Rule(lambda v: v is None or rule.test(v), f"None or {rule.allowed}")
-
-
-def choice(values: Sequence[Any]) -> Rule:
-    """One of ``values``."""
-    values = tuple(values)
-    return Rule(lambda v: isinstance(v, type(values[0])) and v in values, f"one of {list(values)}")
-
-
-FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
 BETAS = Rule(
     lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(is_finite_number(b) and 0.0 <= b < 1.0 for b in v),
     "a pair (beta1, beta2), each in [0, 1)",
@@ -77,12 +28,6 @@ NAMES = Rule(
     "None or a list of tensor names",
 )
 ANY = Rule(lambda v: True, "any value")
-
-
-def invalid(owner: str, key: str, value: Any, allowed: str) -> ValueError:
-    """The error for ``key=value`` of ``owner`` (e.g. ``"optimizer 'gn'"``), naming the allowed values."""
-    prefix = f"{owner}: " if owner else ""
-    return ValueError(f"{prefix}{key}={value!r} is invalid; allowed: {allowed}{numeric_text_hint(value)}")
 
 
 @dataclass(frozen=True)

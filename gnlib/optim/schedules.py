@@ -18,21 +18,21 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from gnlib.runtime import is_integer
+from gnlib.runtime import invalid, is_integer
 
 Schedule = Callable[[int], float]
 
 
 def _check_step(step: int) -> None:
     if step < 0:
-        raise ValueError(f"step={step} must be >= 0")
+        raise invalid("", "step", step, "an integer >= 0")
 
 
 def _check_steps(total_steps: int, warmup_steps: int) -> None:
     if not is_integer(total_steps) or total_steps < 1:
-        raise ValueError(f"total_steps={total_steps!r} must be an integer >= 1")
+        raise invalid("", "total_steps", total_steps, "an integer >= 1")
     if not is_integer(warmup_steps) or not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"warmup_steps={warmup_steps!r} must be an integer in [0, total_steps={total_steps})")
+        raise invalid("", "warmup_steps", warmup_steps, f"an integer in [0, total_steps={total_steps})")
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -65,7 +65,7 @@ class WarmupCosine:
         """Validate the settings."""
         _check_steps(self.total_steps, self.warmup_steps)
         if not 0.0 <= self.final_fraction <= 1.0:
-            raise ValueError(f"final_fraction={self.final_fraction!r} must lie in [0, 1]")
+            raise invalid("", "final_fraction", self.final_fraction, "a number in [0, 1]")
 
     def __call__(self, step: int) -> float:
         """Multiplier before update ``step``."""
@@ -94,7 +94,7 @@ class WarmupStableDecay:
         """Validate the settings."""
         _check_steps(self.total_steps, self.warmup_steps)
         if not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction={self.decay_fraction!r} must lie in (0, 1]")
+            raise invalid("", "decay_fraction", self.decay_fraction, "a number in (0, 1]")
         if self.warmup_steps + self.decay_steps > self.total_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} plus decay steps {self.decay_steps} "
@@ -158,7 +158,7 @@ def make_schedule(name: str, total_steps: int, **kwargs) -> Schedule:
         ValueError: unknown name, unknown keyword or invalid value.
     """
     if name not in _FACTORIES:
-        raise ValueError(f"schedule name={name!r} is not supported; allowed values: {sorted(_FACTORIES)}")
+        raise invalid("schedule", "name", name, f"one of {sorted(_FACTORIES)}")
     factory, allowed = _FACTORIES[name]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:

@@ -1,49 +1,10 @@
-r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (Vyas et al. 2024, arXiv 2409.11321).
+"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (Vyas et al. 2024, arXiv 2409.11321).
 
-For a matrix parameter :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G_t`:
-
-.. math::
-
-    L_t = \beta_s L_{t-1} + (1-\beta_s)\,G_t G_t^\top, \qquad
-    R_t = \beta_s R_{t-1} + (1-\beta_s)\,G_t^\top G_t,
-
-with eigenbases :math:`Q_L, Q_R` (columns ordered by decreasing eigenvalue). Each update runs Adam on
-the rotated gradient :math:`\tilde G = Q_L^\top G Q_R` and rotates the step back:
-
-.. math::
-
-    \tilde M &\leftarrow \beta_1 \tilde M + (1-\beta_1)\tilde G, \qquad
-    \tilde V \leftarrow \beta_2 \tilde V + (1-\beta_2)\tilde G^{\odot 2},\
-    W &\leftarrow (1-\eta\lambda)\,W - \eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\;
-        Q_L \frac{\tilde M}{\sqrt{\tilde V}+\epsilon} Q_R^\top .
-
-Conventions, following the reference implementation (github.com/nikhilvyas/SOAP, version after
-December 2024) unless noted:
-
-* The **first moment lives in the eigenbasis** (:math:`\tilde M`) and is rotated into the new basis
-  whenever the basis is refreshed (:math:`\tilde M \leftarrow Q_{new}^\top Q_{old} \tilde M \cdots`), so
-  :math:`Q_L \tilde M Q_R^\top` always equals the ordinary EMA of gradients. (Before December 2024 the
-  reference kept it in the original basis and projected it at every step.) The second moment
-  :math:`\tilde V` is not rotated; at a refresh its rows/columns are only permuted to follow the
-  reordered eigenvectors.
-* The first call only accumulates the factors and computes the first bases by ``eigh``; it makes no
-  update (so the current gradient is never used in its own projection). Updates are counted from 1
-  after that: bias correction uses this count ``t``, with the reference's placement of
-  :math:`\epsilon` (added to :math:`\sqrt{\tilde V}` before the :math:`\sqrt{1-\beta_2^t}` factor).
-* The factors are updated with :math:`G_t` after the step; every ``precondition_frequency`` updates
-  the bases are refreshed by one power-iteration step and a QR decomposition:
-  :math:`Q \leftarrow \mathrm{qr}(F\,Q_{\pi})`, where :math:`\pi` sorts the columns by their Rayleigh
-  quotients :math:`\mathrm{diag}(Q^\top F Q)`, descending.
-* A side longer than ``max_precond_dim`` keeps the identity as its basis (no factor is stored);
-  1-D and 0-D parameters (norm gains) have no preconditioned side, so they get plain AdamW with the
-  same hyperparameters (the reference's ``precondition_1d=False``). ``max_precond_dim=0`` turns SOAP
-  into AdamW with a skipped first step.
-* Difference from the reference: decoupled weight decay is applied before the step, as in
-  ``torch.optim.AdamW`` (the reference multiplies after it; the two differ by
-  :math:`O(\eta^2\lambda)`), and ``shampoo_beta`` is its own hyperparameter (the reference falls back
-  to :math:`\beta_2`, 0.95 by default, when it is unset).
-* An ``eigh`` that fails on a badly conditioned factor is retried in float64 with a small diagonal
-  jitter; if that fails too, or a factor is not finite, the previous basis (identity at first) is kept.
+Per matrix parameter the state holds EMAs of the gradient's factors G Gᵀ and Gᵀ G (``factor_0``,
+``factor_1``), their eigenbases (``basis_0``, ``basis_1``) and Adam's moments in that eigenbasis
+(``exp_avg``, ``exp_avg_sq``); 0-D and 1-D parameters get plain AdamW. :func:`eigenbasis` computes a
+basis, :func:`power_qr` refreshes it, :func:`project` rotates into and out of it. The update equations,
+the conventions and the differences from the reference implementation: docs/optimizers.md, section "SOAP".
 """
 
 from __future__ import annotations
@@ -54,7 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from gnlib.optim.options import BETAS, Schema, integer, number
+from gnlib.checks import integer, number
+from gnlib.optim.options import BETAS, Schema
 
 Bases = dict[int, Tensor]
 
@@ -166,7 +128,7 @@ SOAP_SCHEMA = Schema(
 
 
 class SOAP(torch.optim.Optimizer):
-    r"""SOAP optimizer for 0-D, 1-D and 2-D parameters; see the module docstring for the math.
+    r"""SOAP optimizer for 0-D, 1-D and 2-D parameters; the math: docs/optimizers.md, section "SOAP".
 
     Args:
         params: tensors, ``(name, tensor)`` pairs or param-group dicts.

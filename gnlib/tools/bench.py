@@ -43,7 +43,7 @@ from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.optim.gn_options import GaussNewtonOptions
 from gnlib.optim.line_search import PassCount, line_search
 from gnlib.params import params_of
-from gnlib.runtime import check_choice, resolve_device
+from gnlib.runtime import check_choice, invalid, resolve_device
 
 MEASUREMENTS = (
     "grad",
@@ -174,7 +174,7 @@ def run_benchmark(
     model = build_model(preset, seed=seed, device=dev, **model_overrides)
     seq_len = model.config.max_seq_len if seq_len is None else seq_len
     if not 1 <= seq_len <= model.config.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} must be in [1, {model.config.max_seq_len}] for preset {preset!r}")
+        raise invalid("", "seq_len", seq_len, f"an integer in [1, {model.config.max_seq_len}] for preset {preset!r}")
     setup = _Setup(model, batch, seq_len, seed, dev)
     fns = setup.measurements(chosen, outer_repeats, compile)
     wall, cpu, faults, compile_seconds = _time(fns, dev, repeats, outer_repeats)
@@ -232,7 +232,7 @@ def _chosen(
     if repeats < 1 or batch < 1 or (threads is not None and threads < 1):
         raise ValueError(f"repeats={repeats}, batch={batch} and threads={threads} must be positive")
     if outer_repeats < 0:
-        raise ValueError(f"outer_repeats={outer_repeats} must be >= 0")
+        raise invalid("", "outer_repeats", outer_repeats, "an integer >= 0")
     chosen = set(MEASUREMENTS if measurements is None else measurements) | {"grad"}
     for name in chosen:
         check_choice("measurements", name, MEASUREMENTS)

@@ -1,28 +1,10 @@
 """Throughput and memory of the study's model at the study's batch: ``python -m gnlib.tools.throughput``.
 
-Builds a preset (default ``paper45m``, the reference architecture) with a given vocabulary on random tokens
-(nothing is downloaded), then measures, after one untimed warm-up of each:
-
-- ``gradient_step``: ``steps`` AdamW steps (forward, backward, update) on fresh B × T batches;
-- ``gn_inner_steps``: one Gauss-Newton outer step of the study's inner loop (Muon on hidden matrices,
-  AdamW on embedding and head) with ``steps`` inner steps on fresh batches (each a forward carrying the
-  tangent and one backward) and no line search: α = 1 is evaluated on one batch (a forward carrying the
-  direction, then a plain forward), which the time includes, so the inner-step rate is slightly understated.
-
-Each row reports tokens per second (B·T per gradient step or inner step over the wall time) and the peak
-memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measurement (model, optimizer state and
-activations: whether the run fits), on the CPU the peak of allocations made during one step as seen by
-``torch.profiler`` (:func:`gnlib.tools.bench.peak_memory`).
-
-With ``autocast="bfloat16"`` (``--autocast bfloat16``) both run under ``torch.autocast`` in bfloat16:
-parameters, optimizer state and the GN inner steps' Δ stay float32, the matrix products (primal and
-tangent) run in bfloat16. The study trained in float32 (the default here).
-
-The GPU check of the study's setting (32 × 1024 tokens, T5's 32k vocabulary), float32 then bfloat16::
-
-    python -m gnlib.tools.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda
-    python -m gnlib.tools.throughput --preset paper45m --vocab 32000 --batch 32 --seq-len 1024 --device cuda \
-        --autocast bfloat16
+On random tokens of a given vocabulary (nothing is downloaded), :func:`run_throughput` times ``steps`` AdamW
+steps and one GN outer step of ``steps`` inner steps without line search, each after an untimed warm-up,
+and reports each one's tokens per second and peak memory; ``--autocast bfloat16`` runs both under
+``torch.autocast``. What each row measures, and the commands of the study's GPU setting: docs/costs.md,
+section "What the throughput tool measures".
 """
 
 from __future__ import annotations
@@ -84,7 +66,7 @@ def run_throughput(
     autocast: str | None = None,
     **model_overrides,
 ) -> dict:
-    """Measure gradient steps and GN inner steps of ``preset`` at ``batch`` × ``seq_len`` (module docstring).
+    """Measure gradient steps and GN inner steps of ``preset`` at ``batch`` × ``seq_len`` (docs/costs.md).
 
     Args:
         preset: a model preset (:data:`gnlib.models.PRESETS`).

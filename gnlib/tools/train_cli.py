@@ -1,23 +1,10 @@
-r"""Command line for one training run, on one process or data-parallel under torchrun.
+"""Command line for one training run, on one process or data-parallel under torchrun.
 
 The run is a :class:`gnlib.experiment.runs.RunSpec` (the object a notebook passes to
-:func:`gnlib.experiment.runs.run`), read from a YAML or JSON file of its fields and/or given as flags (one per
-field; a flag overrides the file)::
-
-    python -m gnlib.tools.train_cli --config run.yaml
-    torchrun --nproc_per_node 2 -m gnlib.tools.train_cli --config run.yaml --steps 200
-    torchrun --nproc_per_node 8 -m gnlib.tools.train_cli --optimizer gn --preset paper45m --device cuda \
-        --batch_size 32 --seq_len 512 --hyperparameters '{inner_steps: 8}' --name gn45m
-
-``batch_size`` is per process: K processes at ``batch_size`` b train exactly like one process at
-``batch_size`` K·b (:mod:`gnlib.distributed`). History, metadata and checkpoints go to
-``outputs/<name>/`` (``--output_dir`` to choose), written by rank 0; rerunning the same command resumes
-from the last checkpoint (``--checkpoint_every``) with the same number of processes.
-
-Ctrl-C (SIGINT) or SIGTERM ends the step under way, writes a checkpoint, prints one line saying how to
-resume, and exits with status 130 or 143. Unusable input (a bad setting, a corpus or tokenizer that
-cannot be had, an unreadable ``--init_checkpoint``, an output folder in use or that cannot be written)
-is one ``error:`` line and exit status 2.
+:func:`gnlib.experiment.runs.run`), read from a YAML or JSON file of its fields (``--config``) and/or given
+as flags, one per field; a flag overrides the file. Exit status (:func:`cli`): 0 when the run ends, 2 with one
+``error:`` line on unusable input (:data:`INPUT_ERRORS`), 128 + the signal after SIGINT or SIGTERM. Commands,
+the output folder, resuming and the exit statuses: docs/several-processes.md, section "The command line".
 """
 
 from __future__ import annotations
