@@ -87,36 +87,28 @@ class CheckSize:
     caps: Mapping[str, float]
 
 
-#: ``study``: the study's shapes on a GPU (at most 410 s of caps on an H200); ``tiny``: the code path on a CPU.
+#: Each size's fields side by side, (study, tiny): ``study`` is the study's shapes on a GPU (at most 410 s
+#: of caps on an H200), ``tiny`` the code path on a CPU.
+_SIZE_FIELDS: dict[str, tuple[Any, Any]] = {
+    "preset": ("paper45m", "tiny"),
+    "large_preset": ("paper150m", "small"),
+    "vocab_size": (32000, 256),
+    "batch": (32, 2),
+    "seq_len": (1024, 32),
+    "repeats": (2, 1),
+    "throughput_steps": (3, 1),
+    "micro_batches": (8, 2),
+    "warmup_steps": (50, 2),
+    "val_batches": (2, 1),
+    "corpus_bytes": (2**26, 2**20),
+    "caps": (
+        {"throughput": 110, "large": 60, "study": 200, "host_reads": 40},
+        {"throughput": 60, "large": 30, "study": 12, "host_reads": 30},
+    ),
+}
 SIZES: dict[str, CheckSize] = {
-    "study": CheckSize(
-        preset="paper45m",
-        large_preset="paper150m",
-        vocab_size=32000,
-        batch=32,
-        seq_len=1024,
-        repeats=2,
-        throughput_steps=3,
-        micro_batches=8,
-        warmup_steps=50,
-        val_batches=2,
-        corpus_bytes=2**26,
-        caps={"throughput": 110, "large": 60, "study": 200, "host_reads": 40},
-    ),
-    "tiny": CheckSize(
-        preset="tiny",
-        large_preset="small",
-        vocab_size=256,
-        batch=2,
-        seq_len=32,
-        repeats=1,
-        throughput_steps=1,
-        micro_batches=2,
-        warmup_steps=2,
-        val_batches=1,
-        corpus_bytes=2**20,
-        caps={"throughput": 60, "large": 30, "study": 12, "host_reads": 30},
-    ),
+    name: CheckSize(**{field: values[i] for field, values in _SIZE_FIELDS.items()})
+    for i, name in enumerate(("study", "tiny"))
 }
 
 
