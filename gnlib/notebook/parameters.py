@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from gnlib.checks import check_positive_int, check_positive_number, check_writable
+from gnlib.checks import Rule, check_fields, check_writable, integer, number
 from gnlib.experiment.sweep_results import read_results_table
 from gnlib.runtime import invalid, is_integer, output_path
 
@@ -189,13 +189,27 @@ def notebook_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
     return dict(check_notebook_parameters(namespace).values)
 
 
-#: Workbook parameters that are integers ``>= 1`` and ``>= 0`` wherever a notebook declares them.
-_POSITIVE_INTS = ("steps", "max_steps", "batch_size", "seq_len", "warmup_steps", "data_epochs")
-_NON_NEGATIVE_INTS = ("seed", "checkpoint_every", "eval_every", "val_batches", "warmup_batch_size", "corpus_bytes")
-#: Workbook parameters that take one integer or a non-empty list of them: name → smallest value.
-_INT_OR_LISTS = {"micro_batches": 1, "seeds": 0}
-#: Workbook parameters that are finite numbers: name → whether 0 is allowed.
-_NUMBERS = {"lr": True, "warmup_lr": False, "target_loss": False}
+def _integer_or_list(low: int) -> Rule:
+    """One integer ``>= low`` (not a bool) or a non-empty list of them."""
+    return Rule(
+        lambda v: bool(items := v if isinstance(v, list) else [v]) and all(is_integer(i) and i >= low for i in items),
+        f"an integer >= {low}, or a non-empty list of them",
+    )
+
+
+#: Workbook parameters checked by name wherever a notebook declares them: name → rule.
+NOTEBOOK_RULES: dict[str, Rule] = {
+    **{name: integer(1) for name in ("steps", "max_steps", "batch_size", "seq_len", "warmup_steps", "data_epochs")},
+    **{name: integer(0) for name in ("seed", "checkpoint_every", "eval_every", "val_batches", "warmup_batch_size")},
+    "corpus_bytes": integer(0),
+    "max_tokens": integer(0),
+    "micro_batches": _integer_or_list(1),
+    "seeds": _integer_or_list(0),
+    "lr": number(0.0),
+    "warmup_lr": number(0.0, strict=True),
+    "target_loss": number(0.0, strict=True),
+    "early_target": number(0.0),
+}
 #: What a workbook parameter belongs to, for messages (as the notebooks' own checks name it).
 _OWNERS = {"warmup_batch_size": "the shared AdamW warm-up (0: batch_size)"}
 
@@ -220,25 +234,12 @@ def check_notebook_values(values: Mapping[str, Any]) -> None:
     from gnlib.optim.registry import check_notebook_optimizers  # optim sits above checks: imported on use
 
     check_notebook_optimizers(values)
-    for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+    for name, rule in NOTEBOOK_RULES.items():
         if name in values:
-            check_positive_int(name, values[name], owner=_OWNERS.get(name, ""), minimum=int(name in _POSITIVE_INTS))
-    for name, minimum in _INT_OR_LISTS.items():
-        if name in values:
-            _check_int_or_list(name, values[name], minimum)
-    for name, allow_zero in _NUMBERS.items():
-        if name in values:
-            check_positive_number(name, values[name], allow_zero=allow_zero)
+            check_fields(_OWNERS.get(name, ""), {name: values[name]}, {name: rule})
     _check_named_choices(values)
     if values.get("sweep_results"):
         read_results_table(values["sweep_results"], parameter="sweep_results")
-
-
-def _check_int_or_list(name: str, value: Any, minimum: int) -> None:
-    """``value`` must be an integer ``>= minimum`` or a non-empty list of them."""
-    items = value if isinstance(value, list) else [value]
-    if not items or not all(is_integer(item) and item >= minimum for item in items):
-        raise invalid("notebook parameter", name, value, f"an integer >= {minimum}, or a non-empty list of them")
 
 
 def _check_named_choices(values: Mapping[str, Any]) -> None:
