@@ -27,6 +27,7 @@ from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import build_model
 from gnlib.optim import make_optimizer
 from gnlib.optim.gauss_newton import make_gauss_newton
+from gnlib.optim.kfac_optimizer import KFAC
 
 WORLD = 2
 B, T, VOCAB = 3, 8, 32  # per-process batch, sequence length, vocabulary
@@ -42,6 +43,8 @@ GN = {"gn": 0.05, "gn_layerwise": 0.05, "gn_cg": 1.0}
 BASELINES = {"adamw": 1e-2, "muon": 2e-2, "soap": 1e-2}
 STEPS = 2
 GN_OPTIONS = dict(inner_steps=2, line_search_batches=1)
+#: K-FAC with the exact Fisher: sampled targets would differ between a shard and the whole batch.
+KFAC_OPTIONS = dict(lr=0.05, micro_batches=2, inverse_every=1, fisher="exact")
 
 
 def _tokens(n: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
@@ -88,6 +91,8 @@ def _run(
     if name in GN:
         options = dict(GN_OPTIONS, cg_iters=4) if name == "gn_cg" else GN_OPTIONS
         optimizer = make_gauss_newton(name, model, batches, GN[name], **options)
+    elif name == "kfac":
+        optimizer = KFAC(model, batches, **KFAC_OPTIONS)
     else:
         optimizer = make_optimizer(name, model, lr=BASELINES[name])
     history = train(
@@ -115,7 +120,8 @@ def _worker(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     folder = Path(folder)
     try:
-        results = {name: _run(name, B, run_dir=folder / "runs" / name / f"rank{rank}") for name in {**GN, **BASELINES}}
+        names = {**GN, **BASELINES, "kfac": None}
+        results = {name: _run(name, B, run_dir=folder / "runs" / name / f"rank{rank}") for name in names}
         with pytest.raises(Interrupted):  # GN draws 3 batches a step: stop in step 2, after the checkpoint of step 1
             _run("gn", B, steps=3, run_dir=folder / "resume", checkpoint_every=1, draws=4)
         dist.barrier()  # rank 0 has written the checkpoint
@@ -160,7 +166,7 @@ def _assert_rows_close(rows, reference, rtol):
                 assert row[key] == value, (row["step"], key)
 
 
-@pytest.mark.parametrize("name", [*GN, *BASELINES])
+@pytest.mark.parametrize("name", [*GN, *BASELINES, "kfac"])
 def test_two_processes_equal_one_at_double_batch(two_process, name):
     results, _ = two_process
     params, rows = results[name]

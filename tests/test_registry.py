@@ -10,6 +10,7 @@ import gnlib.experiment.runs
 from gnlib.experiment.runs import RunSpec
 from gnlib.models import build_model
 from gnlib.optim import DEFAULTS, GaussNewton, GaussNewtonOptions
+from gnlib.optim.kfac_optimizer import KFAC
 from gnlib.optim.registry import OPTIMIZERS, REGISTRY, build_optimizer, validate_options
 from gnlib.optim.soap import SOAP
 
@@ -22,14 +23,17 @@ def _batches():
 
 
 def test_every_name_has_one_schema_and_builds_with_its_defaults():
-    assert OPTIMIZERS == ("adamw", "muon", "soap", "sgd", "gn", "gn_prox", "gn_layerwise", "gn_cg")
+    assert OPTIMIZERS == ("adamw", "muon", "soap", "sgd", "kfac", "gn", "gn_prox", "gn_layerwise", "gn_cg")
     for name in OPTIMIZERS:
         model = build_model("tiny", seed=0, **TINY)
         options = validate_options(name, 0.01, {})
         assert set(options) == set(REGISTRY[name].schema.defaults)
-        optimizer = build_optimizer(name, model, _batches(), 0.01, {})
-        assert optimizer.param_groups[0]["initial_lr"] == 0.01
-        assert isinstance(optimizer, GaussNewton) == REGISTRY[name].draws_batches
+        optimizer = build_optimizer(name, model, _batches(), 0.01, {}, accumulation=3)
+        if name == "kfac":
+            assert optimizer.options["lr"] == 0.01 and optimizer.options["micro_batches"] == 3
+        else:
+            assert optimizer.param_groups[0]["initial_lr"] == 0.01
+        assert isinstance(optimizer, (GaussNewton, KFAC)) == REGISTRY[name].draws_batches
 
 
 def test_defaults_are_those_the_constructors_use():

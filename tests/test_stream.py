@@ -129,9 +129,20 @@ class Interrupted(Exception):
     """Stands for the process being killed."""
 
 
-def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path):
-    """A GN run killed inside step 3 resumes from its step-2 checkpoint and ends exactly as an unbroken run."""
-    spec = dataclasses.replace(BASE, optimizer="gn", hyperparameters=dict(inner_steps=2, line_search_batches=1))
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(optimizer="gn", hyperparameters=dict(inner_steps=2, line_search_batches=1)),
+        dict(optimizer="kfac", accumulation=3, lr=0.05, hyperparameters=dict(inverse_every=2)),
+    ],
+    ids=["gn", "kfac"],
+)
+def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path, change):
+    """A run killed inside step 3 resumes from its step-2 checkpoint and ends exactly as an unbroken run.
+
+    Each draws 3 batches a step: GN 2 inner steps and 1 line-search batch, K-FAC 3 micro-batches.
+    """
+    spec = dataclasses.replace(BASE, **change)
     full = run(spec, tmp_path / "full", progress=False)
 
     import gnlib.experiment.runs as runs

@@ -39,7 +39,7 @@ from gnlib.experiment.run_folder import load_weights
 from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import PRESETS, build_model, model_config
 from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
-from gnlib.optim.registry import OPTIMIZERS, build_optimizer, validate_options
+from gnlib.optim.registry import OPTIMIZERS, REGISTRY, build_optimizer, validate_options
 from gnlib.optim.schedules import make_schedule
 from gnlib.runtime import invalid, resolve_device
 
@@ -119,6 +119,14 @@ class RunSpec:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, before any data or model is built."""
         check_fields("", vars(self), RUN_RULES)
+        own = REGISTRY[self.optimizer].accumulation_option
+        if own is not None and own in self.hyperparameters:
+            raise invalid(
+                f"optimizer {self.optimizer!r}",
+                own,
+                self.hyperparameters[own],
+                "left unset: the run's accumulation sets it",
+            )
         resolve_device(self.device)
         check_positive_number("lr", self.lr, owner=f"optimizer {self.optimizer!r}")
         config = model_config(self.preset, **self.model_overrides)
@@ -170,7 +178,7 @@ def build_run(spec: RunSpec, output_dir: str | Path | None = None) -> BuiltRun:
     record = _pass_costs(spec, model, options, output_dir)
     if record is not None:
         options["pass_costs"] = weights(record)
-    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, options)
+    optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, options, accumulation=spec.accumulation)
     return BuiltRun(data, model, data.train, data.val, optimizer, record)
 
 

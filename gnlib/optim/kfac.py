@@ -189,13 +189,36 @@ def kfac_direction(
         diagonal = unflatten(diagonal, g) if isinstance(diagonal, Tensor) else diagonal
         check_like(diagonal, g, "diagonal")
         out.update({name: diagonal_direction(diagonal[name], g[name], damping) for name in rest})
-    for name, (a, b, bias) in factors.items():
-        grad = g[name] if bias is None else torch.cat([g[name], g[bias].unsqueeze(1)], dim=1)
-        values_a, q_a = torch.linalg.eigh(a)
-        values_b, q_b = torch.linalg.eigh(b)
-        scaled = (q_b.T @ grad @ q_a) / (torch.outer(values_b, values_a) + damping)
-        step = -q_b @ scaled @ q_a.T
-        out[name] = step if bias is None else step[:, :-1]
-        if bias is not None:
-            out[bias] = step[:, -1]
+    for name, layer in factors.items():
+        out.update({k: -v for k, v in kronecker_solve(g, name, layer, kronecker_eigen(layer), damping).items()})
     return {name: out[name] for name in g}
+
+
+class KroneckerEigen(NamedTuple):
+    """Eigendecompositions A = Q_A diag(λ_A) Q_Aᵀ and B = Q_B diag(λ_B) Q_Bᵀ of one layer's factors."""
+
+    values_a: Tensor
+    q_a: Tensor
+    values_b: Tensor
+    q_b: Tensor
+
+
+def kronecker_eigen(factors: KroneckerFactors) -> KroneckerEigen:
+    """The eigendecompositions of one layer's factors (``torch.linalg.eigh``)."""
+    values_a, q_a = torch.linalg.eigh(factors.input)
+    values_b, q_b = torch.linalg.eigh(factors.output)
+    return KroneckerEigen(values_a, q_a, values_b, q_b)
+
+
+def kronecker_solve(
+    g: Mapping[str, Tensor], name: str, factors: KroneckerFactors, eigen: KroneckerEigen, damping: float
+) -> Params:
+    """(B ⊗ A + λI)⁻¹ g for the layer whose weight is ``name`` (its bias too): weight (and bias) name → tensor.
+
+    Exact damping through both eigenbases: Q_B [(Q_Bᵀ Ĝ Q_A) / (λ_B λ_Aᵀ + λ)] Q_Aᵀ, Ĝ = [G_W | g_b].
+    """
+    bias = factors.bias
+    grad = g[name] if bias is None else torch.cat([g[name], g[bias].unsqueeze(1)], dim=1)
+    scaled = (eigen.q_b.T @ grad @ eigen.q_a) / (torch.outer(eigen.values_b, eigen.values_a) + damping)
+    step = eigen.q_b @ scaled @ eigen.q_a.T
+    return {name: step} if bias is None else {name: step[:, :-1], bias: step[:, -1]}

@@ -1,9 +1,10 @@
 """Every optimizer a run can name, each with one option schema and one constructor.
 
 :data:`REGISTRY` maps a name to an :class:`OptimizerEntry`: the baselines (``adamw``, ``muon``, ``soap``,
-``sgd``: :data:`gnlib.optim.factory.SCHEMAS`, built by :func:`~gnlib.optim.factory.make_optimizer`) and
-the Gauss-Newton variants (``gn``, ``gn_prox``, ``gn_layerwise``, ``gn_cg``:
-:data:`gnlib.optim.gauss_newton.VARIANT_SCHEMAS`, built by :func:`~gnlib.optim.gauss_newton.make_gauss_newton`).
+``sgd``: :data:`gnlib.optim.factory.SCHEMAS`, built by :func:`~gnlib.optim.factory.make_optimizer`),
+K-FAC (``kfac``: :class:`gnlib.optim.kfac_optimizer.KFAC`) and the Gauss-Newton variants (``gn``,
+``gn_prox``, ``gn_layerwise``, ``gn_cg``: :data:`gnlib.optim.gauss_newton.VARIANT_SCHEMAS`, built by
+:func:`~gnlib.optim.gauss_newton.make_gauss_newton`).
 :func:`validate_options` checks a name, its LR and its options against the schema without building a
 model (run specs, the command line and sweeps call it before any work starts); :func:`build_optimizer`
 builds the optimizer, whose constructor checks the same schema. Option rules: :mod:`gnlib.optim.options`.
@@ -19,6 +20,8 @@ from torch import nn
 
 from gnlib.optim.factory import SCHEMAS, make_optimizer
 from gnlib.optim.gauss_newton import VARIANT_SCHEMAS, make_gauss_newton, variant_options
+from gnlib.optim.kfac_optimizer import KFAC
+from gnlib.optim.kfac_optimizer import SCHEMA as KFAC_SCHEMA
 from gnlib.optim.options import Schema
 from gnlib.runtime import check_choice
 
@@ -30,13 +33,16 @@ class OptimizerEntry:
     Attributes:
         schema: the options, their defaults and rules (the LR is one of them: ``lr`` or ``inner_lr``).
         build: ``build(model, batches, lr, options)`` returns the optimizer.
-        draws_batches: True for Gauss-Newton (it draws ``batches`` itself; ``lr`` is its inner LR); the
-            train loop steps the others on its own batches.
+        draws_batches: True for Gauss-Newton and K-FAC (they draw ``batches`` themselves; Gauss-Newton's
+            ``lr`` is its inner LR); the train loop steps the others on its own batches.
+        accumulation_option: the option a run's ``accumulation`` (micro-batches per step) sets, for an
+            optimizer that draws its micro-batches itself (K-FAC's ``micro_batches``); None otherwise.
     """
 
     schema: Schema
     build: Callable[[nn.Module, Callable[[], Any], float, Mapping[str, Any]], Any]
     draws_batches: bool
+    accumulation_option: str | None = None
 
 
 def _baseline(name: str) -> OptimizerEntry:
@@ -53,9 +59,12 @@ def _gauss_newton(name: str) -> OptimizerEntry:
     )
 
 
-#: Every optimizer by name: the baselines, then the Gauss-Newton variants.
+#: Every optimizer by name: the baselines, K-FAC, then the Gauss-Newton variants.
 REGISTRY: dict[str, OptimizerEntry] = {
     **{name: _baseline(name) for name in SCHEMAS},
+    "kfac": OptimizerEntry(
+        KFAC_SCHEMA, lambda model, batches, lr, options: KFAC(model, batches, lr=lr, **options), True, "micro_batches"
+    ),
     **{name: _gauss_newton(name) for name in VARIANT_SCHEMAS},
 }
 
@@ -75,7 +84,7 @@ def validate_options(name: str, lr: float | None, options: Mapping[str, Any]) ->
     entry = REGISTRY[name]
     if not isinstance(options, Mapping):
         raise ValueError(f"optimizer {name!r}: options must be a mapping (e.g. {{inner_steps: 4}}), got {options!r}")
-    if entry.draws_batches:
+    if name in VARIANT_SCHEMAS:
         return entry.schema.validate(variant_options(lr, options, name))
     if "lr" in options:
         raise ValueError(f"optimizer {name!r}: lr is set by the run's lr, not among its options")
@@ -113,12 +122,21 @@ def check_notebook_optimizers(parameters: Mapping[str, Any]) -> None:
 
 
 def build_optimizer(
-    name: str, model: nn.Module, batches: Callable[[], Any], lr: float, hyperparameters: Mapping[str, Any]
+    name: str,
+    model: nn.Module,
+    batches: Callable[[], Any],
+    lr: float,
+    hyperparameters: Mapping[str, Any],
+    accumulation: int = 1,
 ) -> Any:
     """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``model``, peak LR ``lr``.
 
-    Baselines are stepped by the train loop on its batches; Gauss-Newton variants draw ``batches``
-    themselves (``lr`` is their inner LR).
+    Baselines are stepped by the train loop on its batches, ``accumulation`` micro-batches a step;
+    Gauss-Newton variants and K-FAC draw ``batches`` themselves (Gauss-Newton's ``lr`` is its inner LR;
+    K-FAC takes ``accumulation`` as its ``micro_batches``).
     """
     check_choice("optimizer", name, OPTIMIZERS)
-    return REGISTRY[name].build(model, batches, lr, hyperparameters)
+    entry = REGISTRY[name]
+    if entry.accumulation_option is not None:
+        hyperparameters = {**hyperparameters, entry.accumulation_option: accumulation}
+    return entry.build(model, batches, lr, hyperparameters)
