@@ -246,7 +246,7 @@ def test_leaf_tensors_that_are_not_module_parameters():
 
 def test_unknown_optimizer_names_the_allowed_ones():
     with pytest.raises(
-        ValueError, match=re.escape("name='adam' is invalid; allowed: one of ['adamw', 'muon', 'soap', 'sgd']")
+        ValueError, match=re.escape("name='adam' is invalid; allowed: one of ['adamw', 'muon', 'soap', 'sgd', 'shampoo', 'psgd']")
     ):
         make_optimizer("adam", build_model("tiny"))
 

@@ -40,7 +40,7 @@ MODEL = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=T, vocab_si
 SQUARE = dict(MODEL, vocab_size=16, d_ff=16)
 RTOL = {"soap": 1e-6}
 GN = {"gn": 0.05, "gn_layerwise": 0.05, "gn_cg": 1.0}
-BASELINES = {"adamw": 1e-2, "muon": 2e-2, "soap": 1e-2}
+BASELINES = {"adamw": 1e-2, "muon": 2e-2, "soap": 1e-2, "shampoo": 1e-2, "psgd": 1e-2}
 STEPS = 2
 GN_OPTIONS = dict(inner_steps=2, line_search_batches=1)
 #: K-FAC with the exact Fisher: sampled targets would differ between a shard and the whole batch.

@@ -23,7 +23,19 @@ def _batches():
 
 
 def test_every_name_has_one_schema_and_builds_with_its_defaults():
-    assert OPTIMIZERS == ("adamw", "muon", "soap", "sgd", "kfac", "gn", "gn_prox", "gn_layerwise", "gn_cg")
+    assert OPTIMIZERS == (
+        "adamw",
+        "muon",
+        "soap",
+        "sgd",
+        "shampoo",
+        "psgd",
+        "kfac",
+        "gn",
+        "gn_prox",
+        "gn_layerwise",
+        "gn_cg",
+    )
     for name in OPTIMIZERS:
         model = build_model("tiny", seed=0, **TINY)
         options = validate_options(name, 0.01, {})

@@ -1,7 +1,8 @@
 """Baseline optimizers by name, with validated hyperparameters and the Muon/AdamW parameter split.
 
 ``make_optimizer(name, model, **hyperparameters)`` builds ``"adamw"``, ``"muon"`` (Muon on the hidden
-matrices, AdamW on the rest: :func:`split_params`), ``"soap"`` or ``"sgd"``, an object the train loop drives
+matrices, AdamW on the rest: :func:`split_params`), ``"soap"``, ``"sgd"``, or heavyball's ``"shampoo"`` and
+``"psgd"`` on the same matrices (:mod:`gnlib.optim.heavyball_baselines`), an object the train loop drives
 like any torch optimizer: every param group has ``"lr"`` and ``"initial_lr"`` (the train loop sets
 ``group["lr"] = group["initial_lr"] * schedule(step)``), plus ``step``, ``zero_grad``, ``state_dict`` and
 ``load_state_dict``. :data:`SCHEMAS` declares each option's default (gnlib's, ``protocol="gnlib"``;
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 
 from gnlib.checks import FLAG, Rule, integer, number, optional
 from gnlib.optim.composite import CompositeOptimizer
+from gnlib.optim.heavyball_baselines import SCHEMAS as HEAVYBALL_SCHEMAS
+from gnlib.optim.heavyball_baselines import make_heavyball
 from gnlib.optim.muon import NS_DTYPES, Muon
 from gnlib.optim.options import BETAS, NAMES, Schema
 from gnlib.optim.soap import SOAP, SOAP_SCHEMA
@@ -94,6 +97,8 @@ SCHEMAS: dict[str, Schema] = {
     ),
 }
 
+SCHEMAS.update(HEAVYBALL_SCHEMAS)  # shampoo and psgd (gnlib.optim.heavyball_baselines)
+
 #: Each baseline's default hyperparameters (read from :data:`SCHEMAS`).
 DEFAULTS: dict[str, dict[str, Any]] = {name: dict(schema.defaults) for name, schema in SCHEMAS.items()}
 
@@ -142,12 +147,12 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
     """Build baseline optimizer ``name`` over the parameters of ``model``.
 
     Args:
-        name: ``"adamw"``, ``"muon"``, ``"soap"`` or ``"sgd"``.
+        name: ``"adamw"``, ``"muon"``, ``"soap"``, ``"sgd"``, ``"shampoo"`` or ``"psgd"``.
         model: an ``nn.Module`` (its ``named_parameters()``), or named tensors (dict or pairs).
         **hyperparameters: overrides of ``DEFAULTS[name]`` (docs/optimizers.md), checked by ``SCHEMAS[name]``.
 
     Returns:
-        A torch optimizer (adamw, soap, sgd) or a :class:`CompositeOptimizer` (muon), with
+        A torch optimizer (adamw, soap, sgd) or a :class:`CompositeOptimizer` (muon, shampoo, psgd), with
         ``group["initial_lr"] = group["lr"]`` set on every param group.
 
     Raises:
@@ -164,6 +169,8 @@ def make_optimizer(name: str, model: nn.Module | NamedTensors, **hyperparameters
         opt = torch.optim.SGD(list(named.items()), **hp)
     elif name == "soap":
         opt = SOAP(list(named.items()), **hp)
+    elif name in HEAVYBALL_SCHEMAS:
+        opt = make_heavyball(name, named, hp, split_params(named, hp["adamw_params"])[0])
     else:
         opt = _muon_with_adamw(named, hp)
     for group in opt.param_groups:
@@ -190,7 +197,7 @@ def clip_groups(names: Sequence[str], apart: Sequence[str]) -> list[list[str]]:
 
 def _clipped_apart(name: str, named: dict[str, Tensor], hp: dict[str, Any]) -> list[str]:
     """The tensors baseline ``name`` clips apart from the rest (:func:`clip_groups`); none: one global norm."""
-    if name == "muon":
+    if name == "muon" or name in HEAVYBALL_SCHEMAS:
         return [n for n in split_params(named, hp["adamw_params"])[1] if named[n].dim() == 2]
     if name == "soap":
         return [n for n, tensor in named.items() if tensor.dim() >= 2]
