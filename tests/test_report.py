@@ -100,7 +100,7 @@ def test_an_early_target_comes_first_and_ratios_stand_beside_the_studys(tmp_path
     assert "**At the early target, val loss 3.5.**" in early and "Outer steps to val loss 3.5" in early
     assert "| full GN | 11 (10-12) | 3 (2.5-3.5) |" in early and "| full GN | 22 (20-24) | 6 (5-7) |" in lower
     assert "| setting | 1,024 | 4,096 | study, 45M |" in early  # SOAP's 292 / GN's 54 steps on the 45M model
-    assert "| SOAP | 3.9 (1.3) | - | 5.4 |" in early and "| AdamW | 5.0 (1.7) | 10.0 (3.3) | - |" in lower
+    assert "| SOAP | 3.9 (1.3) | - | 5.41 |" in early and "| AdamW | 5.0 (1.7) | 10.0 (3.3) | - |" in lower
 
 
 def test_results_markdown_reports_medians_spreads_misses_ratios_and_costs(tmp_path):

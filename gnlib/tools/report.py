@@ -175,7 +175,7 @@ def _ratio_section(
     beside = any(o in study for o in settings if o != reference)
     rows = [
         [NAMES.get(o, o), *[_ratio_cell(steps, cost, o, reference, b) for b in batches]]
-        + ([f"{study[o]:.2g}" if o in study else "-"] if beside else [])
+        + ([f"{study[o]:.3g}" if o in study else "-"] if beside else [])
         for o in settings
         if o != reference
     ]
