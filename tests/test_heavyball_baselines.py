@@ -80,6 +80,7 @@ def test_a_restored_optimizer_continues_bit_for_bit(name):
     [
         ("shampoo", {"shampoo_beta": 1.0}, "optimizer 'shampoo': shampoo_beta=1.0 is invalid; allowed: a number in"),
         ("psgd", {"precond_lr": 0.0}, "optimizer 'psgd': precond_lr=0.0 is invalid; allowed: a finite number > 0"),
+        ("psgd", {"preconditioner_update_probability": 1.5}, r"=1.5 is invalid; allowed: a number in \(0, 1\]"),
         ("psgd", {"momentum": 0.9}, r"optimizer 'psgd' got unknown option\(s\) \['momentum'\]"),
     ],
 )

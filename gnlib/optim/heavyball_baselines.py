@@ -18,9 +18,10 @@ import heavyball.utils
 import torch
 from torch import Tensor
 
-from gnlib.checks import integer, number, optional
+from gnlib.checks import Rule, integer, number, optional
 from gnlib.optim.composite import CompositeOptimizer
 from gnlib.optim.options import BETAS, NAMES, Schema
+from gnlib.runtime import is_finite_number
 
 heavyball.utils.compile_mode = None
 
@@ -78,7 +79,7 @@ SCHEMAS: dict[str, Schema] = {
             beta=number(0.0, below=1.0),
             weight_decay=number(0),
             precond_lr=number(0, strict=True),
-            preconditioner_update_probability=number(0.0, strict=True, below=1.000001),
+            preconditioner_update_probability=Rule(lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]"),
             max_size_triangular=integer(1),
             grad_clip=_GRAD_CLIP,
             **_ADAMW_RULES,
