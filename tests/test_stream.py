@@ -134,13 +134,15 @@ class Interrupted(Exception):
     [
         dict(optimizer="gn", hyperparameters=dict(inner_steps=2, line_search_batches=1)),
         dict(optimizer="kfac", accumulation=3, lr=0.05, hyperparameters=dict(inverse_every=2)),
+        dict(optimizer="shampoo", accumulation=3, lr=3e-3, hyperparameters=dict(precondition_frequency=2)),
+        dict(optimizer="psgd", accumulation=3, lr=1e-3, hyperparameters=dict(preconditioner_update_probability=0.5)),
     ],
-    ids=["gn", "kfac"],
+    ids=["gn", "kfac", "shampoo", "psgd"],
 )
 def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path, change):
     """A run killed inside step 3 resumes from its step-2 checkpoint and ends exactly as an unbroken run.
 
-    Each draws 3 batches a step: GN 2 inner steps and 1 line-search batch, K-FAC 3 micro-batches.
+    Each draws 3 batches a step: GN 2 inner steps and 1 line-search batch, the others 3 micro-batches.
     """
     spec = dataclasses.replace(BASE, **change)
     full = run(spec, tmp_path / "full", progress=False)

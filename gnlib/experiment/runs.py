@@ -178,6 +178,7 @@ def build_run(spec: RunSpec, output_dir: str | Path | None = None) -> BuiltRun:
     record = _pass_costs(spec, model, options, output_dir)
     if record is not None:
         options["pass_costs"] = weights(record)
+    torch.manual_seed(spec.seed)  # optimizers that draw random numbers (PSGD's probes) start from the run's seed
     optimizer = build_optimizer(spec.optimizer, model, data.train, spec.lr, options, accumulation=spec.accumulation)
     return BuiltRun(data, model, data.train, data.val, optimizer, record)
 
