@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
+
+from gnlib import distributed
+from gnlib.checks import Rule, check_fields
+from gnlib.runtime import is_integer
+
+#: A process's share of every batch: ``(rank, world_size)``.
+SHARD = Rule(
+    lambda s: isinstance(s, (tuple, list)) and len(s) == 2 and all(map(is_integer, s)) and 0 <= s[0] < s[1],
+    "(rank, world_size), integers with 0 <= rank < world_size",
+)
+
+
+def resolve_shard(shard: Any) -> tuple[int, int]:
+    """``shard`` checked by :data:`SHARD`, or the process group's ``(rank, world_size)`` when None."""
+    shard = (distributed.rank(), distributed.world_size()) if shard is None else shard
+    check_fields("", {"shard": shard}, {"shard": SHARD})
+    return int(shard[0]), int(shard[1])
 
 
 @runtime_checkable

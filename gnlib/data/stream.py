@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from gnlib import distributed
-from gnlib.runtime import invalid, is_integer, resolve_device
+from gnlib.checks import check_fields, integer
+from gnlib.data.source import resolve_shard
+from gnlib.runtime import resolve_device
 
 Documents = Callable[[int], Iterator[Tensor]]
 
@@ -114,14 +115,11 @@ class PackedStream:
         Raises:
             ValueError: bad sizes or shard; :class:`StreamExhausted` when ``start`` lies past the end.
         """
-        for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("epochs", epochs)):
-            if not is_integer(value) or value < 1:
-                raise invalid("", label, value, "an integer >= 1")
-        if not is_integer(start) or start < 0:
-            raise invalid("", "start", start, "an integer >= 0 (tokens to skip)")
-        rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
-        if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
-            raise invalid("", "shard", shard, "(rank, world_size), integers with 0 <= rank < world_size")
+        sizes = {"batch_size": batch_size, "seq_len": seq_len, "epochs": epochs, "start": start}
+        check_fields(
+            "", sizes, {"batch_size": integer(1), "seq_len": integer(1), "epochs": integer(1), "start": integer(0)}
+        )
+        rank, world = resolve_shard(shard)
         self.documents, self.batch_size, self.seq_len = documents, batch_size, seq_len
         self.rank, self.world_size, self.epochs = rank, world, epochs
         self.device = resolve_device(device)

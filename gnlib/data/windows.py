@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gnlib import distributed
+from gnlib.checks import check_fields, integer
+from gnlib.data.source import resolve_shard
 from gnlib.runtime import invalid, is_integer, resolve_device
 
 
@@ -36,12 +37,8 @@ class BatchSampler:
         ``batch_size`` is the per-shard batch B; ``shard`` is ``(rank, world_size)`` (default: the
         process group's).
         """
-        if not is_integer(batch_size) or batch_size < 1:
-            raise invalid("", "batch_size", batch_size, "an integer >= 1")
-        rank, world = (distributed.rank(), distributed.world_size()) if shard is None else shard
-        if not (is_integer(world) and is_integer(rank) and 0 <= rank < world):
-            raise invalid("", "shard", shard, "(rank, world_size), integers with 0 <= rank < world_size")
-        self.rank, self.world_size = rank, world
+        check_fields("", {"batch_size": batch_size}, {"batch_size": integer(1)})
+        self.rank, self.world_size = resolve_shard(shard)
         if not is_integer(seq_len) or not 1 <= seq_len <= len(tokens) - 1:
             raise invalid(
                 "",
