@@ -25,67 +25,45 @@ from gnlib.runtime import is_finite_number
 
 heavyball.utils.compile_mode = None
 
-_GRAD_CLIP = optional(number(0, strict=True))
-_ADAMW = dict(adamw_lr=3e-3, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.0, adamw_params=None)
-_ADAMW_RULES = dict(
-    adamw_lr=optional(number(0)),
-    adamw_betas=BETAS,
-    adamw_eps=number(0),
-    adamw_weight_decay=number(0),
-    adamw_params=NAMES,
-)
-
-#: The options of the heavyball baselines: default and rule.
-SCHEMAS: dict[str, Schema] = {
-    "shampoo": Schema(
-        "shampoo",
-        defaults=dict(
-            lr=3e-3,
-            betas=(0.9, 0.95),
-            shampoo_beta=0.95,
-            eps=1e-8,
-            weight_decay=0.0,
-            precondition_frequency=10,
-            max_precond_dim=4096,
-            grad_clip=None,
-            **_ADAMW,
-        ),
-        rules=dict(
-            lr=number(0),
-            betas=BETAS,
-            shampoo_beta=number(0.0, below=1.0),
-            eps=number(0, strict=True),
-            weight_decay=number(0),
-            precondition_frequency=integer(1),
-            max_precond_dim=integer(1),
-            grad_clip=_GRAD_CLIP,
-            **_ADAMW_RULES,
-        ),
+#: Each option of a heavyball baseline: (default, rule); the options both share are added by :func:`_schema`.
+_OWN: dict[str, dict[str, tuple[Any, Rule]]] = {
+    "shampoo": dict(
+        lr=(3e-3, number(0)),
+        betas=((0.9, 0.95), BETAS),
+        shampoo_beta=(0.95, number(0.0, below=1.0)),
+        eps=(1e-8, number(0, strict=True)),
+        precondition_frequency=(10, integer(1)),
+        max_precond_dim=(4096, integer(1)),
     ),
-    "psgd": Schema(
-        "psgd",
-        defaults=dict(
-            lr=1e-3,
-            beta=0.9,
-            weight_decay=0.0,
-            precond_lr=0.1,
-            preconditioner_update_probability=0.1,
-            max_size_triangular=4096,
-            grad_clip=None,
-            **_ADAMW,
+    "psgd": dict(
+        lr=(1e-3, number(0)),
+        beta=(0.9, number(0.0, below=1.0)),
+        precond_lr=(0.1, number(0, strict=True)),
+        preconditioner_update_probability=(
+            0.1,
+            Rule(lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]"),
         ),
-        rules=dict(
-            lr=number(0),
-            beta=number(0.0, below=1.0),
-            weight_decay=number(0),
-            precond_lr=number(0, strict=True),
-            preconditioner_update_probability=Rule(lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-            max_size_triangular=integer(1),
-            grad_clip=_GRAD_CLIP,
-            **_ADAMW_RULES,
-        ),
+        max_size_triangular=(4096, integer(1)),
     ),
 }
+_SHARED: dict[str, tuple[Any, Rule]] = dict(
+    weight_decay=(0.0, number(0)),
+    grad_clip=(None, optional(number(0, strict=True))),
+    adamw_lr=(3e-3, optional(number(0))),
+    adamw_betas=((0.9, 0.95), BETAS),
+    adamw_eps=(1e-8, number(0)),
+    adamw_weight_decay=(0.0, number(0)),
+    adamw_params=(None, NAMES),
+)
+
+
+def _schema(name: str) -> Schema:
+    options = {**_OWN[name], **_SHARED}
+    return Schema(name, {k: d for k, (d, _) in options.items()}, {k: r for k, (_, r) in options.items()})
+
+
+#: The options of the heavyball baselines: default and rule.
+SCHEMAS: dict[str, Schema] = {name: _schema(name) for name in _OWN}
 
 
 def make_heavyball(name: str, named: dict[str, Tensor], hp: dict[str, Any], matrices: list[str]) -> CompositeOptimizer:
