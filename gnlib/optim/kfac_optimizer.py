@@ -59,7 +59,7 @@ SCHEMA = Schema(
         fisher=choice(FISHER_TYPES),
         mc_samples=integer(1),
         max_factor_dim=integer(1),
-        adamw_lr=number(0.0),
+        adamw_lr=optional(number(0.0)),
         adamw_betas=BETAS,
         adamw_eps=number(0.0, strict=True),
         weight_decay=number(0.0),
@@ -104,7 +104,7 @@ class KFAC:
         self.adamw = (
             torch.optim.AdamW(
                 [named[n] for n in self.adamw_names],
-                lr=o["adamw_lr"] or o["lr"],
+                lr=o["lr"] if o["adamw_lr"] is None else o["adamw_lr"],
                 betas=tuple(o["adamw_betas"]),
                 eps=o["adamw_eps"],
                 weight_decay=o["weight_decay"],
