@@ -5,7 +5,7 @@ starts from (``RunSpec.protocol``); any option the spec sets itself (not None) w
 override. ``"paper"`` is the study's public code (natalieabreu/full-gauss-newton at 0c14e7e; docs/study.md,
 section "Reference configuration", gives each value's file and line); ``"gnlib"`` keeps the library defaults.
 docs/reproducing-the-paper.md tabulates both and says what each of gnlib's choices costs and changes;
-tests/test_reference_conformance.py reads every setting off what ``"paper"`` builds.
+tests/experiment/test_reference_conformance.py reads every setting off what ``"paper"`` builds.
 """
 
 from __future__ import annotations

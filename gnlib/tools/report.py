@@ -8,7 +8,7 @@ copies the sweep's ``results.csv`` and ``sweep.json`` to ``notebooks/results/<sw
 kept in git), the summary's figures to ``notebooks/figures/<sweep name>_<figure>.png``, and rewrites, in
 every page given (default: README.md and docs/*.md), each block between ``<!-- results: <sweep name> -->``
 and ``<!-- /results -->`` with :func:`results_markdown` of the copied table, and each block opened by
-``<!-- results: <sweep name> headline -->`` with its steps and ratio tables only. ``tests/test_report.py``
+``<!-- results: <sweep name> headline -->`` with its steps and ratio tables only. ``tests/tools/test_report.py``
 regenerates every such block from the committed tables and fails when a page differs.
 """
 

@@ -616,7 +616,7 @@ def test_paper_protocol_miniature_runs_end_to_end():
 
 
 def test_paper_grids_run_the_paper_protocol_with_known_parameters():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     grids = sorted((root / "notebooks" / "grids").glob("paper*_study.yaml"))
     assert grids
     for path in grids:
@@ -684,7 +684,7 @@ PAPER_GRID_VALUES = {
 
 @pytest.mark.parametrize("preset", ["paper45m", "paper150m"])
 def test_paper_grids_hold_the_reference_values(preset):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     grid = yaml.safe_load((root / "notebooks" / "grids" / f"{preset}_study.yaml").read_text())
     parameters = grid["parameters"]
     assert {key: parameters.get(key) for key in PAPER_GRID_VALUES} == PAPER_GRID_VALUES

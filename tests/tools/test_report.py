@@ -11,7 +11,7 @@ import pytest
 from gnlib.experiment.study import EARLY_TARGET_COLUMNS, STUDY_COLUMNS
 from gnlib.tools.report import default_pages, main, page_blocks, results_markdown, update_pages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAN = np.nan
 
 

@@ -18,7 +18,7 @@ import pytest
 from gnlib.tools.sweep import aggregate, best_points, main, run_sweep, threads_per_job
 from gnlib.tools.sweep_grid import expand_grid, load_grid, run_id
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROBE = "tests/fixtures/sweep_probe.ipynb"
 
 

@@ -21,7 +21,7 @@ from gnlib.models import build_model
 from gnlib.optim.gauss_newton import GaussNewton
 from gnlib.tools.train_cli import cli, parse_value, read_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}
 TINY_RUN = dict(preset="tiny", steps=2, batch_size=2, seq_len=16, eval_every=1, val_batches=1, model_overrides=SMALL)
 

@@ -166,7 +166,7 @@ RUNNER = textwrap.dedent(
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([sys.executable, str(script), str(straight), "0"], check=True, env=env)
 

@@ -10,7 +10,7 @@ import pytest
 
 from gnlib.tools.nbtools import figure_problems
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 SMALL_TRANSFORMER = {"n_layers": 1, "seq_len": 8, "corpus_bytes": 100_000, "train_batch": 8}
 
 

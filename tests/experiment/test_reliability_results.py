@@ -23,7 +23,7 @@ from gnlib.notebook.parameters import notebook_output_dir
 from gnlib.tools.report import main as report_main
 from gnlib.tools.sweep import run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROBE = REPO / "tests" / "fixtures" / "sweep_probe.ipynb"
 NOTEBOOK_02 = REPO / "notebooks" / "02_iteration_complexity.ipynb"
 

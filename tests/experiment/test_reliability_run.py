@@ -25,7 +25,7 @@ from gnlib.experiment.train import TrainSettings, train
 from gnlib.models import build_model
 from gnlib.tools.train_cli import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 SMALL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}
 #: A CLI run of about 10 s (50 ms a step on one thread): long enough to be signalled mid-run.

@@ -8,7 +8,7 @@ import papermill
 
 from gnlib.tools.nbtools import figure_problems
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "00_quickstart.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "00_quickstart.ipynb"
 
 
 def test_quickstart_writes_results_and_figure(tmp_path):

@@ -12,7 +12,7 @@ from gnlib.experiment.study import study_table_from_sweep
 from gnlib.tools.nbtools import figure_problems
 from gnlib.tools.sweep import run_sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 SMALL = {"max_steps": 6, "warmup_steps": 10, "target_loss": 3.3, "val_batches": 2}
 

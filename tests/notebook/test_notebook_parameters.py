@@ -9,7 +9,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from gnlib.notebook.parameters import check_notebook_parameters, notebook_output_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DECLARED = """steps: int = 30  # outer steps
 seed: int = 0  # seed
 optimizers: list = ["adamw", "gn"]  # optimizers

@@ -18,7 +18,7 @@ from gnlib.tools.gpu_check import JSON_NAME, PARTS, REPORT_NAME, main, run_check
 from gnlib.tools.gpu_check_parts import BENCH_MEASUREMENTS, DTYPES, PartTimeout, largest_fitting, peak_tflops, time_cap
 from gnlib.tools.gpu_check_report import HOST_READS_PER_OUTER_STEP
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Installed here, absent on the GPU machine: the check must import and refuse without them.
 ABSENT_ON_GPU_MACHINE = (

@@ -17,7 +17,7 @@ from gnlib.experiment.runs import RunSpec
 from gnlib.models import REFERENCE, model_config
 from gnlib.tools.sweep_grid import load_grid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRIDS = ROOT / "notebooks" / "grids"
 NOTEBOOK = ROOT / "notebooks" / "02_iteration_complexity.ipynb"
 MINIATURE = {  # what the CPU miniature changes in the paper grid

@@ -14,7 +14,7 @@ from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from gnlib.tools.nbtools import figure_problems, images, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
 
 
@@ -58,11 +58,11 @@ def test_command_line_counts_images_and_fails_on_problems(tmp_path, capsys):
 
 
 def test_every_notebook_is_executed_and_checked_by_a_papermill_test():
-    sources = "".join(path.read_text() for path in (ROOT / "tests").glob("test_notebook*.py"))
+    sources = "".join(path.read_text() for path in (ROOT / "tests").rglob("test_notebook*.py"))
     executed = set(re.findall(r'"(\d\d_\w+?)(?:\.ipynb)?"', sources))
     notebooks = {path.stem for path in (ROOT / "notebooks").glob("*.ipynb")}
     assert notebooks <= executed, f"notebooks no papermill test executes: {sorted(notebooks - executed)}"
-    for path in (ROOT / "tests").glob("test_notebook*.py"):
+    for path in (ROOT / "tests").rglob("test_notebook*.py"):
         text = path.read_text()
         expects_failure = "pytest.raises(PapermillExecutionError)" in text  # refused runs stop before any figure
         if "papermill.execute_notebook" in text and not expects_failure:
