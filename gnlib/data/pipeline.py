@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import torch
 
@@ -27,6 +27,31 @@ from gnlib.runtime import check_choice, invalid, is_integer
 
 DATA_KINDS = ("windows", "stream")
 HF_VALIDATION_SPLIT = "validation"
+
+
+class DataSpec(Protocol):
+    """The settings of a run this module reads: :class:`gnlib.experiment.runs.RunSpec` has every one."""
+
+    corpus: str
+    corpus_bytes: int | None
+    tokenizer: str
+    data: str
+    data_epochs: int
+    data_start: int
+    data_start_seed: int | None
+    model_overrides: Mapping[str, Any]
+    optimizer: str
+    hyperparameters: Mapping[str, Any]
+    accumulation: int
+    batch_size: int
+    seq_len: int
+    steps: int
+    seed: int
+    val_batches: int | None
+
+
+#: A :class:`DataSpec` type that :func:`after_warmup` returns unchanged in kind (a RunSpec stays a RunSpec).
+Spec = TypeVar("Spec", bound=DataSpec)
 
 
 @dataclass
@@ -50,7 +75,7 @@ class RunData:
     meta: dict[str, Any]
 
 
-def check_data_fields(spec: Any) -> None:
+def check_data_fields(spec: DataSpec) -> None:
     """Raise ``ValueError`` naming the first bad data field of a RunSpec (corpus, tokenizer, data, data_epochs, ...).
 
     Cheap: nothing is loaded, trained or downloaded (a ``text:`` corpus's file names are listed).
@@ -77,7 +102,7 @@ def check_data_fields(spec: Any) -> None:
         raise ValueError(f"model_overrides['vocab_size']={vocab} is smaller than tokenizer='bytes''s 256 ids")
 
 
-def batches_per_step(spec: Any) -> int:
+def batches_per_step(spec: DataSpec) -> int:
     """Training batches one outer step draws: GN's inner steps plus its line-search batches, else ``accumulation``."""
     from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 
@@ -90,13 +115,13 @@ def batches_per_step(spec: Any) -> int:
     return options["inner_steps"] + options["line_search_batches"]
 
 
-def tokens_drawn(spec: Any, steps: int | None = None) -> int:
+def tokens_drawn(spec: DataSpec, steps: int | None = None) -> int:
     """Training tokens all processes draw in ``steps`` outer steps (default ``spec.steps``)."""
     steps = spec.steps if steps is None else steps
     return steps * batches_per_step(spec) * spec.batch_size * spec.seq_len * distributed.world_size()
 
 
-def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None, seed: int = 0) -> Any:
+def after_warmup(base: Spec, warmup_steps: int, batch_size: int | None = None, seed: int = 0) -> Spec:
     """``base`` moved past the tokens a warm-up of ``warmup_steps`` AdamW steps (one micro-batch each) consumed.
 
     With ``data="stream"`` the studied runs continue where the warm-up of seed ``seed`` stopped
@@ -122,7 +147,7 @@ def after_warmup(base: Any, warmup_steps: int, batch_size: int | None = None, se
 DEFAULT_VAL_BATCHES = 8
 
 
-def build_run_data(spec: Any, device: torch.device, *, tokenizer_cache: str = "outputs/tokenizers") -> RunData:
+def build_run_data(spec: DataSpec, device: torch.device, *, tokenizer_cache: str = "outputs/tokenizers") -> RunData:
     """Tokenizer, training batches and validation set of ``spec`` (module docstring).
 
     ``spec.val_batches`` None means :data:`DEFAULT_VAL_BATCHES`.
@@ -161,14 +186,14 @@ def build_run_data(spec: Any, device: torch.device, *, tokenizer_cache: str = "o
     return data
 
 
-def _windows(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
+def _windows(spec: DataSpec, corpus: Corpus, device: torch.device) -> RunData:
     train = corpus.sampler("train", spec.batch_size, spec.seq_len, seed=spec.seed, device=device)
     val = corpus.fixed_batches("val", spec.batch_size, spec.seq_len, spec.val_batches, seed=0, device=device)
     meta = {**corpus.meta, "data": "windows"}
     return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
 
 
-def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
+def _in_memory(spec: DataSpec, corpus: Corpus, device: torch.device) -> RunData:
     eos = corpus.tokenizer.eos_id
     available = len(corpus.train) + 1  # + the EOS after the last document
     needed = spec.data_start + tokens_drawn(spec) + 1  # + the last batch's last target
@@ -209,7 +234,7 @@ def _in_memory(spec: Any, corpus: Corpus, device: torch.device) -> RunData:
     return RunData(train, val, corpus.vocab_size, corpus.tokenizer, corpus, meta)
 
 
-def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData:
+def _hf_stream(spec: DataSpec, device: torch.device, tokenizer_cache: str) -> RunData:
     name, _, config = spec.corpus[len("hf:") :].partition(":")
     if not hub_reachable():
         raise ConnectionError(
@@ -262,7 +287,7 @@ def _hf_stream(spec: Any, device: torch.device, tokenizer_cache: str) -> RunData
     return RunData(train, _fixed(val_stream, spec), tok.vocab_size, tok, None, meta)
 
 
-def _fixed(stream: PackedStream, spec: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _fixed(stream: PackedStream, spec: DataSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``spec.val_batches`` batches of ``stream``; a clear error when the split is too short."""
     try:
         return [stream() for _ in range(spec.val_batches)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from gnlib.data.pipeline import DEFAULT_VAL_BATCHES
 from gnlib.distributed import world_size
@@ -132,7 +132,20 @@ def _merge(protocol: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[
     return merged, kept, overridden
 
 
-def resolve(spec: Any) -> Resolved:
+class ProtocolSpec(Protocol):
+    """The settings of a run :func:`resolve` reads: :class:`gnlib.experiment.runs.RunSpec` has every one."""
+
+    protocol: str
+    optimizer: str
+    preset: str
+    hyperparameters: Mapping[str, Any]
+    batch_size: int
+    steps: int
+    eval_every: int | None
+    val_batches: int | None
+
+
+def resolve(spec: ProtocolSpec) -> Resolved:
     """The options and evaluation settings of ``spec`` (a RunSpec) under ``spec.protocol``.
 
     ``eval_every`` and ``val_batches`` left unset (None) take the protocol's value; set to any value, even
