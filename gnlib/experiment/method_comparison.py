@@ -3,7 +3,8 @@
 Every number is a median over seeds at each setting's tuned LR (:func:`tuned_medians`); a seed that missed
 the target counts as infinitely many steps. :func:`ratio_table` divides each optimizer's steps (or cost) by a
 reference's at every batch size; :func:`gain_summary` sets each method against full GN and a baseline at one
-batch size, with the share of full GN's gain it keeps (:func:`gain_share`).
+batch size, with the share of full GN's gain it keeps (:func:`gain_share`); :func:`gain_shares` gives every
+method's share over the best first-order method at every batch size.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import numpy as np
 import pandas as pd
 
 from gnlib.runtime import check_choice
+
+#: The study's first-order baselines: :func:`gain_shares` measures gains over the best of them at each batch.
+FIRST_ORDER = ("adamw", "muon", "soap")
 
 
 def tuned_medians(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:
@@ -97,3 +101,67 @@ def gain_summary(table: pd.DataFrame, full: str = "gn", baseline: str = "adamw")
     ]
     summary.index.name = "optimizer"
     return summary
+
+
+def gain_shares(table: pd.DataFrame, full: str = "gn", first_order: tuple[str, ...] = FIRST_ORDER) -> pd.DataFrame:
+    """Each method's share of full GN's step reduction over the best first-order method, at every batch size.
+
+    With S the median steps to target over seeds at the tuned LR (:func:`tuned_medians`), S_fo the fewest
+    among ``first_order`` at that batch and S_GN full GN's, a method's share is (S_fo − S) / (S_fo − S_GN)
+    (:func:`gain_share`): 1 as fast as full GN, 0 no faster than the best first-order method. The variants
+    of one optimizer (e.g. K-FAC's dampings, ``kfac (damping=0.1)``) count as one method at the best of them.
+
+    Args:
+        table: a study table with ``chosen`` marked (:func:`~gnlib.experiment.study.study_table_from_sweep`).
+        full: the full-GN setting.
+        first_order: the first-order settings (those present are used).
+
+    Returns:
+        One row per method other than ``full`` and ``first_order`` and per batch it ran at: ``method``, ``setting``
+        (the variant chosen), ``micro_batches``, ``tokens_per_step``, ``steps_to_target``, ``first_order``
+        (the best one's name), ``first_order_steps``, ``full_steps``, ``gain_share``. Steps are NaN where
+        the target was missed; the share is NaN where the method, full GN or every first-order method
+        missed it, or full GN gains nothing. Empty without another method.
+
+    Raises:
+        ValueError: ``full`` or every ``first_order`` setting absent from ``table``.
+    """
+    names = list(dict.fromkeys(table["optimizer"]))
+    check_choice("full", full, names)
+    baselines = [name for name in first_order if name in names]
+    if not baselines:
+        raise ValueError(f"first_order={list(first_order)}: none is in the table; its settings are {names}")
+    steps = tuned_medians(table)["steps_to_target"].astype(float).unstack("optimizer")
+    tokens = tuned_medians(table)["tokens_per_step"].groupby("micro_batches").first()
+    ran = table.groupby("micro_batches")["optimizer"].agg(set)
+    rows = []
+    for m, row in steps.iterrows():
+        reached = row[baselines].dropna()
+        best = reached.idxmin() if len(reached) else None
+        s_fo = float("nan") if best is None else float(reached[best])
+        s_full = float(row[full])
+        methods: dict[str, tuple[str, float]] = {}
+        for setting in names:
+            method = setting.split(" (")[0]
+            if setting not in ran[m] or method in (full, *first_order):
+                continue
+            s = float(row[setting])
+            if method not in methods or (s < methods[method][1] or np.isnan(methods[method][1])):
+                methods[method] = (setting, s)
+        for method, (setting, s) in methods.items():
+            share = gain_share(s_fo, s, s_full) if not np.isnan([s, s_fo, s_full]).any() else float("nan")
+            rows.append(
+                dict(
+                    method=method,
+                    setting=setting,
+                    micro_batches=m,
+                    tokens_per_step=int(tokens[m]),
+                    steps_to_target=s,
+                    first_order=best,
+                    first_order_steps=s_fo,
+                    full_steps=s_full,
+                    gain_share=share,
+                )
+            )
+    columns = ["method", "setting", "micro_batches", "tokens_per_step", "steps_to_target", "first_order"]
+    return pd.DataFrame(rows, columns=[*columns, "first_order_steps", "full_steps", "gain_share"])

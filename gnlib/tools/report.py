@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gnlib.experiment.method_comparison import FIRST_ORDER, gain_shares
 from gnlib.experiment.study import at_early_target, critical_batch_size, study_table_from_sweep
 from gnlib.experiment.sweep_results import read_results_table
 from gnlib.notebook.tables import has_ema, time_to_target_column
@@ -36,6 +37,9 @@ NAMES = {
     "gn": "full GN",
     "gn_layerwise": "layerwise GN",
     "gn_prox": "GN-prox-linear",
+    "shampoo": "Shampoo",
+    "psgd": "PSGD",
+    "kfac": "K-FAC",
 }
 #: Outer steps to val loss 3.25 on the study's 45M model, each optimizer past its critical batch
 #: (docs/study.md, "Reported results"); AdamW is reported only as "more than Muon".
@@ -156,7 +160,55 @@ def _target_sections(
     lines += _ratio_section(chosen, settings, batches, reference, unit, "")
     if ema:
         lines += _ratio_section(chosen, settings, batches, reference, unit, "_raw")
+    return lines + _shares_section(chosen, batches, reference)
+
+
+def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) -> list[str]:
+    """Lines of the table of each method's share of ``reference``'s gain over the best first-order method.
+
+    Empty unless the study holds ``reference``, a first-order method and another method
+    (:func:`gnlib.experiment.method_comparison.gain_shares`).
+    """
+    names = set(chosen["optimizer"])
+    others = {name.split(" (")[0] for name in names} - {reference, *FIRST_ORDER}
+    if reference not in names or not names & set(FIRST_ORDER) or not others:
+        return []
+    shares = gain_shares(chosen, full=reference).set_index(["method", "tokens_per_step"])
+    methods = sorted(others, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), n))
+    best = shares.reset_index().groupby("tokens_per_step")[["first_order", "first_order_steps"]].first()
+    rows = [[NAMES.get(m, m), *[_share_cell(shares, m, b) for b in batches]] for m in methods]
+    rows.append(["best first-order (steps)", *[_best_cell(best, b) for b in batches]])
+    picked = shares.loc[shares["setting"] != shares.index.get_level_values("method"), "setting"]
+    lines = [
+        f"Share of {NAMES.get(reference, reference)}'s step reduction over the best first-order method at each "
+        "batch, (S_first-order − S) / (S_first-order − S_GN) on median steps: 1 as few steps as full GN, 0 no fewer "
+        'than the best of AdamW, Muon and SOAP; "-" where a method did not run or full GN gained nothing:',
+        "",
+        _table(["method", *[f"{b:,}" for b in batches]], rows),
+        "",
+    ]
+    if len(picked):
+        chosen_variants = ", ".join(f"{s} at {b:,}" for (_, b), s in picked.items())
+        lines += [f"Variants at the fewest steps (their options tuned per batch): {chosen_variants}.", ""]
     return lines
+
+
+def _share_cell(shares: pd.DataFrame, method: str, tokens: int) -> str:
+    """A method's share of full GN's gain at one batch: "0.42", "missed", or "-" (not run, or no gain to share)."""
+    if (method, tokens) not in shares.index:
+        return "-"
+    row = shares.loc[(method, tokens)]
+    if np.isnan(row["steps_to_target"]):
+        return "missed"
+    return "-" if np.isnan(row["gain_share"]) else f"{row['gain_share']:.2f}"
+
+
+def _best_cell(best: pd.DataFrame, tokens: int) -> str:
+    """The best first-order method at one batch and its median steps, e.g. "Muon (30)"."""
+    if tokens not in best.index or best.loc[tokens, "first_order"] is None:
+        return "-"
+    name = best.loc[tokens, "first_order"]
+    return f"{NAMES.get(name, name)} ({best.loc[tokens, 'first_order_steps']:g})"
 
 
 def _ratio_section(

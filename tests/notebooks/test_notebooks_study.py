@@ -35,9 +35,9 @@ def test_iteration_complexity_notebook(tmp_path):
     out = execute(
         "02_iteration_complexity",
         tmp_path,
-        optimizers=["adamw", "gn"],
+        optimizers=["adamw", "gn", "gn_layerwise"],
         micro_batches=[1, 2],
-        lr_grids={"adamw": [1e-2], "gn": [1e-2, 3e-2]},
+        lr_grids={"adamw": [1e-2], "gn": [1e-2, 3e-2], "gn_layerwise": [3e-2]},
         seeds=[0],
         early_target=3.45,
     )
@@ -45,16 +45,19 @@ def test_iteration_complexity_notebook(tmp_path):
     reached = table.loc[table["steps_to_target"].notna()]  # the early target first, on the same runs
     assert len(reached) and (reached["steps_to_early_target"] < reached["steps_to_target"]).all()
     assert (out / "to_early_target.csv").exists() and (out / "steps_vs_batch_early.png").stat().st_size > 5000
-    assert len(table) == 6 and set(table["optimizer"]) == {"adamw", "gn"}
+    assert len(table) == 8 and set(table["optimizer"]) == {"adamw", "gn", "gn_layerwise"}
     assert table.groupby(["optimizer", "micro_batches"])["chosen"].sum().eq(1).all()
     gn = table.loc[table["chosen"] & (table["optimizer"] == "gn")]
     assert gn.loc[gn["micro_batches"] == 2, "steps_to_target"].notna().all()
     for figure in ("steps_vs_batch.png", "cost_vs_batch.png"):
         assert (out / figure).stat().st_size > 5000
     critical = pd.read_csv(out / "critical_batch.csv")
-    assert set(critical["optimizer"]) == {"adamw", "gn"}
+    assert set(critical["optimizer"]) == {"adamw", "gn", "gn_layerwise"}
     ratios = pd.read_csv(out / "ratios.csv", index_col=0)
-    assert list(ratios.columns) == ["adamw"] and list(ratios.index) == [1, 2]
+    assert list(ratios.columns) == ["adamw", "gn_layerwise"] and list(ratios.index) == [1, 2]
+    shares = pd.read_csv(out / "gain_shares.csv")  # layerwise GN's share of GN's gain over AdamW, per batch
+    assert shares[["method", "micro_batches"]].values.tolist() == [["gn_layerwise", 1], ["gn_layerwise", 2]]
+    assert (out / "gain_shares.png").stat().st_size > 5000
     assert not (out / "results.json").exists()  # only a single sweep point writes it
     assert len(list((tmp_path / "warmup").glob("*/model.pt"))) == 1
 
@@ -63,7 +66,7 @@ def test_iteration_complexity_reads_a_sweep(tmp_path):
     spec = yaml.safe_load((NOTEBOOKS / "grids" / "smoke.yaml").read_text())
     spec["parameters"]["warmup_dir"] = str(tmp_path / "warmup")
     table = run_sweep(spec, output_root=tmp_path, cwd=ROOT, verbose=False)
-    assert table["status"].tolist() == ["ok", "ok"] and table["optimizers"].tolist() == ["adamw", "gn"]
+    assert table["status"].tolist() == ["ok"] * 3 and table["optimizers"].tolist() == ["adamw", "gn", "gn_layerwise"]
     assert table["steps_to_target"].notna().all() and (table["tokens_per_step"] == 2 * 8 * 32).all()
     point = json.loads((tmp_path / "study_smoke" / "optimizers=gn" / "results.json").read_text())
     assert point["optimizer"] == "gn" and point["micro_batches"] == 2 and point["grad_equivalents_to_target"] > 0
@@ -74,7 +77,7 @@ def test_iteration_complexity_reads_a_sweep(tmp_path):
     summary = pd.read_csv(out / "results.csv")
     assert summary[["optimizer", "steps_to_target"]].equals(study[["optimizer", "steps_to_target"]])
     assert summary["steps_to_early_target"].notna().all() and (out / "steps_vs_batch_early.png").exists()
-    assert (out / "steps_vs_batch.png").exists()
+    assert (out / "steps_vs_batch.png").exists() and (out / "gain_shares.csv").exists()
 
 
 def test_layerwise_vs_full_notebook(tmp_path):
