@@ -31,6 +31,9 @@ from gnlib.runtime import ConfigLoader
 
 GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate", "extends")
 REPLICATE_KEYS = ("key", "values", "at_best", "minimize")
+#: Parameters a sweep that ``extends`` another may set otherwise: a run's budget, which changes nothing a run
+#: measures before it ends (a setting that needs more reads "missed" instead of its steps).
+BUDGET_PARAMETERS = ("max_steps", "max_tokens")
 OUTPUT_PARAMETER = "output_dir"
 RESULTS_FILE = "results.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -156,10 +159,14 @@ def _check_extends(spec: dict, search: list[Path]) -> None:
     if Path(extended.get("notebook", "")).name != Path(spec["notebook"]).name:
         raise ValueError(f"{label} ran notebook {extended.get('notebook')!r}, not {spec['notebook']!r}")
     theirs = extended.get("parameters") or {}
-    differ = sorted(k for k in set(theirs) | set(spec["parameters"]) if theirs.get(k) != spec["parameters"].get(k))
+    keys = (set(theirs) | set(spec["parameters"])) - set(BUDGET_PARAMETERS)
+    differ = sorted(k for k in keys if theirs.get(k) != spec["parameters"].get(k))
     if differ:
         values = ", ".join(f"{k}={spec['parameters'].get(k)!r} here, {theirs.get(k)!r} there" for k in differ)
-        raise ValueError(f"{label}: its runs had other parameters ({values}); a sweep extends one of the same setup")
+        raise ValueError(
+            f"{label}: its runs had other parameters ({values}); a sweep extends one of the same setup (only "
+            f"{list(BUDGET_PARAMETERS)} may differ)"
+        )
 
 
 def _check_structure(spec: Any) -> dict:

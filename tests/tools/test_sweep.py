@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from gnlib.tools.sweep import aggregate, best_points, main, run_sweep, threads_per_job
-from gnlib.tools.sweep_grid import expand_grid, load_grid, run_id
+from gnlib.tools.sweep_grid import check_spec, expand_grid, load_grid, run_id
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = "tests/fixtures/sweep_probe.ipynb"
@@ -439,6 +439,8 @@ def test_a_sweep_extends_only_a_published_sweep_of_the_same_notebook_and_paramet
     with pytest.raises(ValueError, match=r"extends=.*sleep=0\.5 here, 0\.0 there"):
         run_sweep(other, output_root=tmp_path, cwd=REPO, verbose=False)
     assert not (tmp_path / "more").exists()  # refused before any run folder
+    budget = {**grid, "parameters": {"sleep": 0.0, "max_steps": 5}}  # a run budget may differ
+    assert check_spec(budget, search=[REPO])["extends"] == grid["extends"]
     table = run_sweep(grid, output_root=tmp_path, cwd=REPO, verbose=False)
     assert table["x"].tolist() == [2]  # only its own runs
     assert json.loads((tmp_path / "more" / "sweep.json").read_text())["extends"] == grid["extends"]
