@@ -16,6 +16,16 @@ from gnlib.runtime import check_choice
 
 #: The study's first-order baselines: :func:`gain_shares` measures gains over the best of them at each batch.
 FIRST_ORDER = ("adamw", "muon", "soap")
+#: Notebook 05's direction names (:func:`gnlib.optim.direction_comparison.standard_directions`) -> the
+#: optimizer that steps along each; PSGD fits its preconditioner over steps and has no one-batch direction.
+DIRECTION_OPTIMIZERS = {
+    "layerwise GN": "gn_layerwise",
+    "K-FAC": "kfac",
+    "Shampoo": "shampoo",
+    "SOAP": "soap",
+    "Adam": "adamw",
+    "Muon": "muon",
+}
 
 
 def tuned_medians(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:
@@ -103,7 +113,13 @@ def gain_summary(table: pd.DataFrame, full: str = "gn", baseline: str = "adamw")
     return summary
 
 
-def gain_shares(table: pd.DataFrame, full: str = "gn", first_order: tuple[str, ...] = FIRST_ORDER) -> pd.DataFrame:
+def gain_shares(
+    table: pd.DataFrame,
+    full: str = "gn",
+    first_order: tuple[str, ...] = FIRST_ORDER,
+    *,
+    include_first_order: bool = False,
+) -> pd.DataFrame:
     """Each method's share of full GN's step reduction over the best first-order method, at every batch size.
 
     With S the median steps to target over seeds at the tuned LR (:func:`tuned_medians`), S_fo the fewest
@@ -115,6 +131,7 @@ def gain_shares(table: pd.DataFrame, full: str = "gn", first_order: tuple[str, .
         table: a study table with ``chosen`` marked (:func:`~gnlib.experiment.study.study_table_from_sweep`).
         full: the full-GN setting.
         first_order: the first-order settings (those present are used).
+        include_first_order: also give the first-order methods' shares (0 for the best, negative for the others).
 
     Returns:
         One row per method other than ``full`` and ``first_order`` and per batch it ran at: ``method``, ``setting``
@@ -143,7 +160,7 @@ def gain_shares(table: pd.DataFrame, full: str = "gn", first_order: tuple[str, .
         methods: dict[str, tuple[str, float]] = {}
         for setting in names:
             method = setting.split(" (")[0]
-            if setting not in ran[m] or method in (full, *first_order):
+            if setting not in ran[m] or method == full or (method in first_order and not include_first_order):
                 continue
             s = float(row[setting])
             if method not in methods or (s < methods[method][1] or np.isnan(methods[method][1])):
@@ -165,3 +182,40 @@ def gain_shares(table: pd.DataFrame, full: str = "gn", first_order: tuple[str, .
             )
     columns = ["method", "setting", "micro_batches", "tokens_per_step", "steps_to_target", "first_order"]
     return pd.DataFrame(rows, columns=[*columns, "first_order_steps", "full_steps", "gain_share"])
+
+
+def directions_against_steps(
+    shares: pd.DataFrame, directions: pd.DataFrame, tokens_per_step: int | None = None, step: int | None = None
+) -> pd.DataFrame:
+    """Each method's direction-level agreement with exact GN beside its share of full GN's step gain.
+
+    Args:
+        shares: :func:`gain_shares` (with ``include_first_order``, so AdamW, Muon and SOAP get points too).
+        directions: notebook 05's ``results.csv`` (``method``, ``step``, ``cosine``, ``reduction_ratio``).
+        tokens_per_step: the batch whose shares are read (default: the largest in ``shares``).
+        step: the checkpoint of ``directions`` (default: its last).
+
+    Returns:
+        One row per optimizer found in both (:data:`DIRECTION_OPTIMIZERS`): ``method`` (the optimizer),
+        ``direction`` (notebook 05's name), ``cosine``, ``reduction_ratio``, ``gain_share``,
+        ``tokens_per_step`` and ``step``.
+    """
+    tokens = int(shares["tokens_per_step"].max()) if tokens_per_step is None else tokens_per_step
+    step = int(directions["step"].max()) if step is None else step
+    at = directions.loc[directions["step"] == step].set_index("method")
+    share = shares.loc[shares["tokens_per_step"] == tokens].set_index("method")["gain_share"]
+    rows = [
+        dict(
+            method=optimizer,
+            direction=name,
+            cosine=float(at.loc[name, "cosine"]),
+            reduction_ratio=float(at.loc[name, "reduction_ratio"]),
+            gain_share=float(share[optimizer]),
+            tokens_per_step=tokens,
+            step=step,
+        )
+        for name, optimizer in DIRECTION_OPTIMIZERS.items()
+        if name in at.index and optimizer in share.index
+    ]
+    columns = ["method", "direction", "cosine", "reduction_ratio", "gain_share", "tokens_per_step", "step"]
+    return pd.DataFrame(rows, columns=columns)

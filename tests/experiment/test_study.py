@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from gnlib.experiment.lr_choice import choose_lr, lr_sweep
-from gnlib.experiment.method_comparison import gain_share, gain_shares, gain_summary, ratio_table
+from gnlib.experiment.method_comparison import (
+    directions_against_steps,
+    gain_share,
+    gain_shares,
+    gain_summary,
+    ratio_table,
+)
 from gnlib.experiment.runs import RunSpec, run
 from gnlib.experiment.study import (
     EARLY_TARGET_COLUMNS,
@@ -439,3 +445,21 @@ def test_gain_shares_by_hand():
     assert gain_shares(study({"gn": {1: 5}, "adamw": {1: 9}})).empty
     with pytest.raises(ValueError, match="first_order"):
         gain_shares(study({"gn": {1: 5}, "kfac": {1: 9}}))
+
+
+def test_directions_against_steps_pairs_each_methods_direction_with_its_share():
+    """Notebook 05's direction at its last checkpoint beside the share at the largest batch, first-order methods too."""
+    table = study({"gn": {1: 20, 4: 10}, "adamw": {1: 40, 4: 50}, "muon": {1: 30, 4: 30}, "kfac": {1: 35, 4: 20}})
+    shares = gain_shares(table, include_first_order=True)
+    assert set(shares["method"]) == {"adamw", "muon", "kfac"}
+    directions = pd.DataFrame(
+        [(step, m, 0.1 * step, 0.2 * step) for step in (0, 1) for m in ("exact GN", "K-FAC", "Adam", "gradient")],
+        columns=["step", "method", "cosine", "reduction_ratio"],
+    )
+    points = directions_against_steps(shares, directions).set_index("method")
+    assert list(points.index) == ["kfac", "adamw"] and (points["step"] == 1).all()
+    assert points.loc["kfac", "gain_share"] == pytest.approx((30 - 20) / (30 - 10))  # at 400 tokens, over Muon
+    assert points.loc["adamw", "gain_share"] == pytest.approx((30 - 50) / (30 - 10))
+    assert points.loc["kfac", "reduction_ratio"] == pytest.approx(0.2)
+    first = directions_against_steps(shares, directions, tokens_per_step=100, step=0).set_index("method")
+    assert first.loc["kfac", "gain_share"] == pytest.approx((30 - 35) / (30 - 20)) and first["cosine"].eq(0).all()

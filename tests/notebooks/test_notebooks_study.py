@@ -17,6 +17,18 @@ NOTEBOOKS = ROOT / "notebooks"
 SMALL = {"max_steps": 6, "warmup_steps": 10, "target_loss": 3.3, "val_batches": 2}
 
 
+def directions_table(tmp_path):
+    """A results.csv as notebook 05 writes it (two checkpoints, a few methods), for notebook 02's directions_results."""
+    rows = [
+        (step, method, cosine, ratio)
+        for step in (0, 400)
+        for method, cosine, ratio in [("exact GN", 1.0, 1.0), ("layerwise GN", 0.5, 0.6), ("Adam", 0.1, 0.05)]
+    ]
+    path = tmp_path / "directions.csv"
+    pd.DataFrame(rows, columns=["step", "method", "cosine", "reduction_ratio"]).to_csv(path, index=False)
+    return str(path)
+
+
 def execute(name, tmp_path, **parameters):
     out = tmp_path / name
     papermill.execute_notebook(
@@ -40,6 +52,7 @@ def test_iteration_complexity_notebook(tmp_path):
         lr_grids={"adamw": [1e-2], "gn": [1e-2, 3e-2], "gn_layerwise": [3e-2]},
         seeds=[0],
         early_target=3.45,
+        directions_results=directions_table(tmp_path),
     )
     table = pd.read_csv(out / "results.csv")
     reached = table.loc[table["steps_to_target"].notna()]  # the early target first, on the same runs
@@ -58,6 +71,12 @@ def test_iteration_complexity_notebook(tmp_path):
     shares = pd.read_csv(out / "gain_shares.csv")  # layerwise GN's share of GN's gain over AdamW, per batch
     assert shares[["method", "micro_batches"]].values.tolist() == [["gn_layerwise", 1], ["gn_layerwise", 2]]
     assert (out / "gain_shares.png").stat().st_size > 5000
+    points = pd.read_csv(out / "directions_vs_steps.csv")  # the last checkpoint's directions, the largest batch
+    assert points[["method", "step", "tokens_per_step"]].values.tolist() == [
+        ["gn_layerwise", 400, 512],
+        ["adamw", 400, 512],
+    ]
+    assert points["reduction_ratio"].tolist() == [0.6, 0.05] and (out / "directions_vs_steps.png").exists()
     assert not (out / "results.json").exists()  # only a single sweep point writes it
     assert len(list((tmp_path / "warmup").glob("*/model.pt"))) == 1
 
@@ -73,7 +92,12 @@ def test_iteration_complexity_reads_a_sweep(tmp_path):
     assert point["status_reason"] is None and {"result_status", "status_reason"} <= set(table.columns)
     study = study_table_from_sweep(tmp_path / "study_smoke" / "results.csv")
     assert study["chosen"].all() and study["on_edge"].all()  # one LR per setting: flagged
-    out = execute("02_iteration_complexity", tmp_path, sweep_results=str(tmp_path / "study_smoke" / "results.csv"))
+    out = execute(
+        "02_iteration_complexity",
+        tmp_path,
+        sweep_results=str(tmp_path / "study_smoke" / "results.csv"),
+        directions_results=directions_table(tmp_path),
+    )
     summary = pd.read_csv(out / "results.csv")
     assert summary[["optimizer", "steps_to_target"]].equals(study[["optimizer", "steps_to_target"]])
     assert summary["steps_to_early_target"].notna().all() and (out / "steps_vs_batch_early.png").exists()
