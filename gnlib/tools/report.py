@@ -49,15 +49,17 @@ _STUDY_NUMBERS = {o: s for o, s in STUDY_45M_STEPS.items() if s.isdigit()}
 RESULTS_DIR, FIGURES_DIR = Path("notebooks/results"), Path("notebooks/figures")
 #: The pages whose blocks are regenerated when none is given: README and every page under docs/.
 PAGES = (Path("README.md"), Path("docs"))
-#: A generated block: ``<!-- results: NAME -->`` (every table) or ``<!-- results: NAME headline -->`` (steps and
-#: ratios), its body, ``<!-- /results -->``.
+#: A generated block: ``<!-- results: NAME -->`` (every table), ``<!-- results: NAME headline -->`` (steps and
+#: ratios) or ``<!-- results: NAME largest -->`` (one table at the largest batch), its body, ``<!-- /results -->``.
 _BLOCK = (
-    r"(?P<open><!-- results: (?P<label>(?P<name>{name})(?: (?P<part>headline))?) -->\n)"
+    r"(?P<open><!-- results: (?P<label>(?P<name>{name})(?: (?P<part>headline|largest))?) -->\n)"
     r"(?P<body>.*?)(?P<close><!-- /results -->)"
 )
 
 
-def results_markdown(results_csv: str | Path, reference: str = "gn", headline: bool = False) -> str:
+def results_markdown(
+    results_csv: str | Path, reference: str = "gn", headline: bool = False, largest: bool = False
+) -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
     Every number is taken at each setting's tuned LR (:func:`~gnlib.experiment.lr_choice.choose_lr`); medians over
@@ -69,6 +71,8 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
         results_csv: ``results.csv`` of a :mod:`gnlib.tools.sweep` run of notebook 02 (its ``sweep.json`` beside it).
         reference: the setting the ratio table divides by (absent: the first setting listed).
         headline: only the steps to target and the ratios (the tables a front page quotes).
+        largest: only the run time and one table at the largest batch: each target's steps (on the EMA and
+            the raw iterate where runs have an EMA) and ratio to ``reference`` (a front page's summary).
 
     Returns:
         The markdown text: the runs and their wall time; steps to target per setting and tokens per step
@@ -96,6 +100,8 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
     settings = sorted(order, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), order.index(n)))
     batches = sorted(set(chosen["tokens_per_step"]))
     reference = reference if reference in settings else settings[0]
+    if largest:
+        return _largest_summary(raw, chosen, settings, batches[-1], reference)
     lines = []
     if "steps_to_early_target" in chosen.columns:
         early = at_early_target(chosen)
@@ -127,6 +133,42 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
     edge = chosen.loc[chosen["on_edge"], ["optimizer", "tokens_per_step", "lr"]].drop_duplicates()
     edges = ", ".join(f"{NAMES.get(o, o)} at {int(b):,} ({lr:g})" for o, b, lr in edge.itertuples(index=False))
     lines.append(f"Tuned LRs on the edge of their grid: {edges or 'none'}.")
+    return "\n".join(lines) + "\n"
+
+
+def _largest_summary(raw: pd.DataFrame, chosen: pd.DataFrame, settings: list[str], largest: int, reference: str) -> str:
+    """The run time; one table at the largest batch: each target's steps (EMA, raw) and ratio to ``reference``."""
+    targets = [(at_early_target(chosen), _target(raw, "early_target"))] if "steps_to_early_target" in chosen else []
+    targets.append((chosen, _target(raw, "target_loss")))
+    ema = has_ema(chosen)
+    header, columns = ["setting"], []
+    for table, target in targets:
+        name = target.removeprefix("val loss ")
+        header += [f"steps to {name} (EMA)", "raw iterate"] if ema else [f"steps to {name}"]
+        columns.append((table, "steps_to_target_raw" if ema else "steps_to_target"))
+        header.append(f"ratio at {name}" + (" (raw)" if ema else ""))
+    study = reference in _STUDY_NUMBERS
+    rows = []
+    for o in settings:
+        row = [NAMES.get(o, o)]
+        for table, value in columns:
+            row += [_steps_cell(table, o, largest)] + ([_steps_cell(table, o, largest, value)] if ema else [])
+            steps = _medians(table, value)
+            ratio = steps.get((o, largest), np.nan) / steps.get((reference, largest), np.nan)
+            row.append("-" if o == reference or not np.isfinite(ratio) else f"{ratio:.1f}")
+        if study:
+            known = o in _STUDY_NUMBERS and o != reference
+            row.append(f"{float(_STUDY_NUMBERS[o]) / float(_STUDY_NUMBERS[reference]):.3g}" if known else "-")
+        rows.append(row)
+    seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
+    lines = [_timing(raw), ""] if {"started", "finished", "seconds"} <= set(raw.columns) else []
+    lines += [
+        f"At {largest:,} tokens per step, each setting at its tuned LR: median outer steps over {_count(seeds)} "
+        f"seed(s) (min-max), and the ratio to {NAMES.get(reference, reference)}'s median"
+        + (", beside the study's steps ratio on its 45M model:" if study else ":"),
+        "",
+        _table(header + (["study, 45M"] if study else []), rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -287,8 +329,8 @@ def page_blocks(page: str | Path) -> dict[str, str]:
 
 
 def block_markdown(results_csv: str | Path, label: str) -> str:
-    """The text a block labelled ``label`` (``"NAME"`` or ``"NAME headline"``) holds for ``results_csv``."""
-    return results_markdown(results_csv, headline=label.endswith(" headline"))
+    """The text of a block labelled ``label`` (``"NAME"``, ``"NAME headline"`` or ``"NAME largest"``)."""
+    return results_markdown(results_csv, headline=label.endswith(" headline"), largest=label.endswith(" largest"))
 
 
 def update_pages(pages: list[str | Path], name: str, results_csv: str | Path) -> list[Path]:

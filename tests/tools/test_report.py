@@ -251,3 +251,17 @@ def test_a_sweep_extending_a_study_gets_each_methods_share_of_full_gns_gain(tmp_
     assert "| K-FAC | 0.49 | 0.50 |" in text and "| best first-order (steps) | Muon (85) | AdamW (60) |" in text
     assert "kfac (damping=0.1) at 1,024, kfac (damping=0.1) at 4,096" in text
     assert "| kfac (damping=0.1) | 54 (54-54) | 33 (33-33) |" in text  # its runs stand beside the study's
+
+
+def test_a_largest_block_is_one_table_at_the_largest_batch_with_both_readings(tmp_path):
+    """``<!-- results: NAME largest -->``: steps on the EMA and the raw iterate, and the raw ratio to GN, by hand."""
+    text = results_markdown(sweep_table(tmp_path, gn_ema_lead=2), largest=True)
+    assert text.startswith("24 runs (24 ok) took")
+    assert "| setting | steps to 2.2 (EMA) | raw iterate | ratio at 2.2 (raw) | study, 45M |" in text
+    # GN's raw iterate reaches the target at half its EMA's steps: median(5, 6, 7) / 2 = 3; AdamW's seeds
+    # took 50, missed and 60, so its median is 60 and the ratio 60 / 3 = 20
+    assert (
+        "| full GN | 6 (5-7) | 3 (2.5-3.5) | - | - |" in text
+        and "| AdamW | 60 (50-missed) | 60 (50-missed) | 20.0 | - |" in text
+    )
+    assert "At 4,096 tokens per step" in text and "Critical batch" not in text and "1,024 tokens" not in text
