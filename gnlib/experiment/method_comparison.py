@@ -3,7 +3,8 @@
 Every number is a median over seeds at each setting's tuned LR (:func:`tuned_medians`); a seed that missed
 the target counts as infinitely many steps. :func:`ratio_table` divides each optimizer's steps (or cost) by a
 reference's at every batch size; :func:`gain_summary` sets each method against full GN and a baseline at one
-batch size, with the share of full GN's gain it keeps (:func:`gain_share`).
+batch size, with the share of full GN's gain it keeps (:func:`gain_share`); :func:`gain_shares` gives every
+method's share over the best first-order method at every batch size.
 """
 
 from __future__ import annotations
@@ -12,6 +13,19 @@ import numpy as np
 import pandas as pd
 
 from gnlib.runtime import check_choice
+
+#: The study's first-order baselines: :func:`gain_shares` measures gains over the best of them at each batch.
+FIRST_ORDER = ("adamw", "muon", "soap")
+#: Notebook 05's direction names (:func:`gnlib.optim.direction_comparison.standard_directions`) -> the
+#: optimizer that steps along each; PSGD fits its preconditioner over steps and has no one-batch direction.
+DIRECTION_OPTIMIZERS = {
+    "layerwise GN": "gn_layerwise",
+    "K-FAC": "kfac",
+    "Shampoo": "shampoo",
+    "SOAP": "soap",
+    "Adam": "adamw",
+    "Muon": "muon",
+}
 
 
 def tuned_medians(table: pd.DataFrame, value: str = "steps_to_target") -> pd.DataFrame:
@@ -97,3 +111,111 @@ def gain_summary(table: pd.DataFrame, full: str = "gn", baseline: str = "adamw")
     ]
     summary.index.name = "optimizer"
     return summary
+
+
+def gain_shares(
+    table: pd.DataFrame,
+    full: str = "gn",
+    first_order: tuple[str, ...] = FIRST_ORDER,
+    *,
+    include_first_order: bool = False,
+) -> pd.DataFrame:
+    """Each method's share of full GN's step reduction over the best first-order method, at every batch size.
+
+    With S the median steps to target over seeds at the tuned LR (:func:`tuned_medians`), S_fo the fewest
+    among ``first_order`` at that batch and S_GN full GN's, a method's share is (S_fo − S) / (S_fo − S_GN)
+    (:func:`gain_share`): 1 as fast as full GN, 0 no faster than the best first-order method. The variants
+    of one optimizer (e.g. K-FAC's dampings, ``kfac (damping=0.1)``) count as one method at the best of them.
+
+    Args:
+        table: a study table with ``chosen`` marked (:func:`~gnlib.experiment.study.study_table_from_sweep`).
+        full: the full-GN setting.
+        first_order: the first-order settings (those present are used).
+        include_first_order: also give the first-order methods' shares (0 for the best, negative for the others).
+
+    Returns:
+        One row per method other than ``full`` and ``first_order`` and per batch it ran at: ``method``, ``setting``
+        (the variant chosen), ``micro_batches``, ``tokens_per_step``, ``steps_to_target``, ``first_order``
+        (the best one's name), ``first_order_steps``, ``full_steps``, ``gain_share``. Steps are NaN where
+        the target was missed; the share is NaN where the method, full GN or every first-order method
+        missed it, or full GN gains nothing. Empty without another method.
+
+    Raises:
+        ValueError: ``full`` or every ``first_order`` setting absent from ``table``.
+    """
+    names = list(dict.fromkeys(table["optimizer"]))
+    check_choice("full", full, names)
+    baselines = [name for name in first_order if name in names]
+    if not baselines:
+        raise ValueError(f"first_order={list(first_order)}: none is in the table; its settings are {names}")
+    steps = tuned_medians(table)["steps_to_target"].astype(float).unstack("optimizer")
+    tokens = tuned_medians(table)["tokens_per_step"].groupby("micro_batches").first()
+    ran = table.groupby("micro_batches")["optimizer"].agg(set)
+    rows = []
+    for m, row in steps.iterrows():
+        reached = row[baselines].dropna()
+        best = reached.idxmin() if len(reached) else None
+        s_fo = float("nan") if best is None else float(reached[best])
+        s_full = float(row[full])
+        methods: dict[str, tuple[str, float]] = {}
+        for setting in names:
+            method = setting.split(" (")[0]
+            if setting not in ran[m] or method == full or (method in first_order and not include_first_order):
+                continue
+            s = float(row[setting])
+            if method not in methods or (s < methods[method][1] or np.isnan(methods[method][1])):
+                methods[method] = (setting, s)
+        for method, (setting, s) in methods.items():
+            share = gain_share(s_fo, s, s_full) if not np.isnan([s, s_fo, s_full]).any() else float("nan")
+            rows.append(
+                dict(
+                    method=method,
+                    setting=setting,
+                    micro_batches=m,
+                    tokens_per_step=int(tokens[m]),
+                    steps_to_target=s,
+                    first_order=best,
+                    first_order_steps=s_fo,
+                    full_steps=s_full,
+                    gain_share=share,
+                )
+            )
+    columns = ["method", "setting", "micro_batches", "tokens_per_step", "steps_to_target", "first_order"]
+    return pd.DataFrame(rows, columns=[*columns, "first_order_steps", "full_steps", "gain_share"])
+
+
+def directions_against_steps(
+    shares: pd.DataFrame, directions: pd.DataFrame, tokens_per_step: int | None = None, step: int | None = None
+) -> pd.DataFrame:
+    """Each method's direction-level agreement with exact GN beside its share of full GN's step gain.
+
+    Args:
+        shares: :func:`gain_shares` (with ``include_first_order``, so AdamW, Muon and SOAP get points too).
+        directions: notebook 05's ``results.csv`` (``method``, ``step``, ``cosine``, ``reduction_ratio``).
+        tokens_per_step: the batch whose shares are read (default: the largest in ``shares``).
+        step: the checkpoint of ``directions`` (default: its last).
+
+    Returns:
+        One row per optimizer found in both (:data:`DIRECTION_OPTIMIZERS`): ``method`` (the optimizer),
+        ``direction`` (notebook 05's name), ``cosine``, ``reduction_ratio``, ``gain_share``,
+        ``tokens_per_step`` and ``step``.
+    """
+    tokens = int(shares["tokens_per_step"].max()) if tokens_per_step is None else tokens_per_step
+    step = int(directions["step"].max()) if step is None else step
+    at = directions.loc[directions["step"] == step].set_index("method")
+    share = shares.loc[shares["tokens_per_step"] == tokens].set_index("method")["gain_share"]
+    rows = [
+        dict(
+            method=optimizer,
+            direction=name,
+            cosine=float(at.loc[name, "cosine"]),
+            reduction_ratio=float(at.loc[name, "reduction_ratio"]),
+            gain_share=float(share[optimizer]),
+            tokens_per_step=tokens,
+            step=step,
+        )
+        for name, optimizer in DIRECTION_OPTIMIZERS.items()
+        if name in at.index and optimizer in share.index
+    ]
+    columns = ["method", "direction", "cosine", "reduction_ratio", "gain_share", "tokens_per_step", "step"]
+    return pd.DataFrame(rows, columns=columns)

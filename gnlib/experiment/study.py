@@ -30,7 +30,7 @@ from gnlib.experiment.lr_choice import choose_lr
 from gnlib.experiment.method_comparison import tuned_medians
 from gnlib.experiment.run_folder import CHECKPOINT, run_folder_lock
 from gnlib.experiment.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
-from gnlib.experiment.sweep_results import MANIFEST_FILE, read_results_table
+from gnlib.experiment.sweep_results import MANIFEST_FILE, TABLE_FILE, extended_folder, read_results_table
 from gnlib.optim.gn_options import GN_VARIANTS
 from gnlib.runtime import (
     atomic_torch_save,
@@ -367,7 +367,8 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
     whole sweep (:func:`choose_lr`). A grid key of the sweep (its ``sweep.json``) other than the optimizer,
     batch, LR and seed, such as ``hyperparameters`` or ``batch_size`` in an ablation, makes each of its
     values a setting of its own: the ``optimizer`` column reads e.g. ``gn (warm_start=False)``
-    (:func:`variant_label`).
+    (:func:`variant_label`). A sweep whose grid ``extends`` a published one (docs/sweeps.md) is read with
+    that sweep's runs first, as one study.
 
     Args:
         sweep_results: the sweep's ``results.csv``.
@@ -377,34 +378,50 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
         ValueError: naming ``parameter`` and the file: a file cut short, damaged or not a sweep's table, a
             table without the study's columns, or one without an ``ok`` run.
     """
-    raw = read_results_table(sweep_results, parameter=parameter)
+    sweep_results = Path(sweep_results)
     label = f"{parameter}={str(sweep_results)!r}"
-    absent = [c for c in _SWEEP_COLUMNS if c not in raw.columns and f"result_{c}" not in raw.columns]
-    if absent:
-        raise ValueError(
-            f"{label} lacks the column(s) {absent}: it is not the table of a sweep of notebook 02 "
-            "(02_iteration_complexity.ipynb); give the results.csv of such a sweep"
-        )
-    raw = raw.loc[raw["status"] == "ok"]
-    if raw.empty:
+    sweeps = [(sweep_results, read_results_table(sweep_results, parameter=parameter))]
+    extended = extended_folder(sweep_results, parameter=parameter)
+    if extended is not None:
+        table_file = extended / TABLE_FILE
+        sweeps.insert(0, (table_file, read_results_table(table_file, parameter=f"{parameter} (extends)")))
+    for path, raw in sweeps:
+        absent = [c for c in _SWEEP_COLUMNS if c not in raw.columns and f"result_{c}" not in raw.columns]
+        if absent:
+            raise ValueError(
+                f"{parameter}={str(path)!r} lacks the column(s) {absent}: it is not the table of a sweep of notebook "
+                "02 (02_iteration_complexity.ipynb); give the results.csv of such a sweep"
+            )
+    if not (sweeps[-1][1]["status"] == "ok").any():
         raise ValueError(
             f"{label} has no run with status ok; read each run's error in its column 'error' and log.txt, "
             "fix it and run the sweep again with --retry-failed"
         )
-    early = any(f"result_{c}" in raw.columns or c in raw.columns for c in EARLY_TARGET_COLUMNS)
-    columns = {
-        c: raw[f"result_{c}"] if f"result_{c}" in raw.columns else raw[c] if c in raw.columns else None
-        for c in STUDY_COLUMNS + (EARLY_TARGET_COLUMNS if early else ())
-    }
-    table = pd.DataFrame(columns).reset_index(drop=True)
+    early = any(f"result_{c}" in raw.columns or c in raw.columns for _, raw in sweeps for c in EARLY_TARGET_COLUMNS)
+    wanted = STUDY_COLUMNS + (EARLY_TARGET_COLUMNS if early else ())
+    axes = list(dict.fromkeys(k for path, _ in sweeps for k in _sweep_grid_keys(path.parent) if k not in _STUDY_AXES))
+    rows = [_study_rows(raw.loc[raw["status"] == "ok"], wanted, axes) for _, raw in sweeps]
+    table = pd.concat(rows, ignore_index=True)
     table["steps_to_target"] = table["steps_to_target"].astype(float)
-    axes = [key for key in _sweep_grid_keys(Path(sweep_results).parent) if key not in _STUDY_AXES]
     if axes:
-        values = raw[axes].reset_index(drop=True)
         table["optimizer"] = [
-            variant_label(name, values.iloc[i].to_dict()) for i, name in enumerate(table["optimizer"])
+            variant_label(name, {k: v for k, v in values.items() if not _missing(v)})
+            for name, values in zip(table["optimizer"], table[axes].to_dict(orient="records"))
         ]
+        table = table.drop(columns=[k for k in axes if k not in wanted])
     return choose_lr(table)
+
+
+def _study_rows(raw: pd.DataFrame, columns: tuple[str, ...], axes: list[str]) -> pd.DataFrame:
+    """The ``columns`` of a sweep's ok runs (``result_<name>`` where the sweep renamed an outcome), and ``axes``."""
+    found = {c: raw.get(f"result_{c}", raw.get(c)) for c in columns}
+    found.update({k: raw.get(k) for k in axes if k not in columns})
+    return pd.DataFrame(found).reset_index(drop=True)
+
+
+def _missing(value: Any) -> bool:
+    """A grid value a run did not have (its sweep had no such key): None or NaN."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def variant_label(optimizer: str, values: Mapping[str, Any]) -> str:

@@ -3,6 +3,7 @@
 :func:`gnlib.tools.sweep.run_sweep` writes the table and records its row count and SHA-256 in ``sweep.json``
 (:func:`table_record`); :func:`read_results_table` refuses a table that is cut short, damaged or edited,
 naming the file and the fix, for ``gnlib.tools.report``, notebook 02's ``sweep_results`` and the study tables.
+A sweep whose grid ``extends`` a published one is read with that one's runs first (:func:`extended_folder`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,37 @@ def read_results_table(path: str | Path, *, parameter: str = "results_csv") -> p
             f"sweep: finished runs are skipped and {TABLE_FILE} and {MANIFEST_FILE} are written anew"
         )
     return pd.read_csv(io.StringIO(text))
+
+
+def find_extended(extends: str, search: list[Path]) -> Path | None:
+    """The first folder ``base / extends`` over ``search`` holding a sweep's table and record (None: none)."""
+    for base in search:
+        folder = base / extends
+        if (folder / TABLE_FILE).is_file() and (folder / MANIFEST_FILE).is_file():
+            return folder
+    return None
+
+
+def extended_folder(path: str | Path, *, parameter: str = "results_csv") -> Path | None:
+    """The folder of the sweep that the sweep of ``path`` extends (None when its grid extends none).
+
+    ``extends`` in ``sweep.json`` is a folder relative to the repository the sweep ran in: it is looked for
+    under the current directory, then under each folder above ``path``.
+
+    Raises:
+        ValueError: naming ``parameter``: the extended sweep's folder is missing.
+    """
+    path = Path(path)
+    extends = (_manifest_beside(path) or {}).get("extends")
+    if not extends:
+        return None
+    folder = find_extended(extends, [Path.cwd(), *path.resolve().parents])
+    if folder is None:
+        raise ValueError(
+            f"{parameter}={str(path)!r} extends the sweep {extends!r} (its {MANIFEST_FILE}), which is in neither "
+            f"the current directory nor a folder above it; run from the repository that holds {extends}"
+        )
+    return folder
 
 
 def _manifest_beside(path: Path) -> dict | None:

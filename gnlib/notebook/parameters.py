@@ -226,7 +226,8 @@ def check_notebook_values(values: Mapping[str, Any]) -> None:
       ``seeds`` (one integer or a non-empty list), LRs and the target (``lr``, ``warmup_lr``, ``target_loss``);
     - ``preset`` (and ``seq_len`` within its ``max_seq_len`` under ``model_overrides``), ``data``,
       ``protocol``, ``costs``, ``tokenizer``, ``corpus`` (a ``text:`` glob must match two files or more);
-    - ``sweep_results``, when given: the whole table (:func:`gnlib.experiment.sweep_results.read_results_table`).
+    - ``sweep_results``, when given: the whole table (:func:`gnlib.experiment.sweep_results.read_results_table`);
+      ``directions_results``, when given: an existing file.
 
     Raises:
         ValueError: naming the first bad parameter, its value and what is allowed.
@@ -240,6 +241,9 @@ def check_notebook_values(values: Mapping[str, Any]) -> None:
     _check_named_choices(values)
     if values.get("sweep_results"):
         read_results_table(values["sweep_results"], parameter="sweep_results")
+    if values.get("directions_results") and not Path(values["directions_results"]).is_file():
+        written = "an existing results.csv written by notebook 05"
+        raise invalid("notebook parameter", "directions_results", values["directions_results"], written)
 
 
 def _check_named_choices(values: Mapping[str, Any]) -> None:

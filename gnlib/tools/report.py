@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gnlib.experiment.method_comparison import FIRST_ORDER, gain_shares
 from gnlib.experiment.study import at_early_target, critical_batch_size, study_table_from_sweep
 from gnlib.experiment.sweep_results import read_results_table
 from gnlib.notebook.tables import has_ema, time_to_target_column
@@ -36,6 +37,9 @@ NAMES = {
     "gn": "full GN",
     "gn_layerwise": "layerwise GN",
     "gn_prox": "GN-prox-linear",
+    "shampoo": "Shampoo",
+    "psgd": "PSGD",
+    "kfac": "K-FAC",
 }
 #: Outer steps to val loss 3.25 on the study's 45M model, each optimizer past its critical batch
 #: (docs/study.md, "Reported results"); AdamW is reported only as "more than Muon".
@@ -45,15 +49,17 @@ _STUDY_NUMBERS = {o: s for o, s in STUDY_45M_STEPS.items() if s.isdigit()}
 RESULTS_DIR, FIGURES_DIR = Path("notebooks/results"), Path("notebooks/figures")
 #: The pages whose blocks are regenerated when none is given: README and every page under docs/.
 PAGES = (Path("README.md"), Path("docs"))
-#: A generated block: ``<!-- results: NAME -->`` (every table) or ``<!-- results: NAME headline -->`` (steps and
-#: ratios), its body, ``<!-- /results -->``.
+#: A generated block: ``<!-- results: NAME -->`` (every table), ``<!-- results: NAME headline -->`` (steps and
+#: ratios) or ``<!-- results: NAME largest -->`` (one table at the largest batch), its body, ``<!-- /results -->``.
 _BLOCK = (
-    r"(?P<open><!-- results: (?P<label>(?P<name>{name})(?: (?P<part>headline))?) -->\n)"
+    r"(?P<open><!-- results: (?P<label>(?P<name>{name})(?: (?P<part>headline|largest))?) -->\n)"
     r"(?P<body>.*?)(?P<close><!-- /results -->)"
 )
 
 
-def results_markdown(results_csv: str | Path, reference: str = "gn", headline: bool = False) -> str:
+def results_markdown(
+    results_csv: str | Path, reference: str = "gn", headline: bool = False, largest: bool = False
+) -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
     Every number is taken at each setting's tuned LR (:func:`~gnlib.experiment.lr_choice.choose_lr`); medians over
@@ -65,6 +71,8 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
         results_csv: ``results.csv`` of a :mod:`gnlib.tools.sweep` run of notebook 02 (its ``sweep.json`` beside it).
         reference: the setting the ratio table divides by (absent: the first setting listed).
         headline: only the steps to target and the ratios (the tables a front page quotes).
+        largest: only the run time and one table at the largest batch: each target's steps (on the EMA and
+            the raw iterate where runs have an EMA) and ratio to ``reference`` (a front page's summary).
 
     Returns:
         The markdown text: the runs and their wall time; steps to target per setting and tokens per step
@@ -92,6 +100,8 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
     settings = sorted(order, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), order.index(n)))
     batches = sorted(set(chosen["tokens_per_step"]))
     reference = reference if reference in settings else settings[0]
+    if largest:
+        return _largest_summary(raw, chosen, settings, batches[-1], reference)
     lines = []
     if "steps_to_early_target" in chosen.columns:
         early = at_early_target(chosen)
@@ -126,6 +136,42 @@ def results_markdown(results_csv: str | Path, reference: str = "gn", headline: b
     return "\n".join(lines) + "\n"
 
 
+def _largest_summary(raw: pd.DataFrame, chosen: pd.DataFrame, settings: list[str], largest: int, reference: str) -> str:
+    """The run time; one table at the largest batch: each target's steps (EMA, raw) and ratio to ``reference``."""
+    targets = [(at_early_target(chosen), _target(raw, "early_target"))] if "steps_to_early_target" in chosen else []
+    targets.append((chosen, _target(raw, "target_loss")))
+    ema = has_ema(chosen)
+    header, columns = ["setting"], []
+    for table, target in targets:
+        name = target.removeprefix("val loss ")
+        header += [f"steps to {name} (EMA)", "raw iterate"] if ema else [f"steps to {name}"]
+        columns.append((table, "steps_to_target_raw" if ema else "steps_to_target"))
+        header.append(f"ratio at {name}" + (" (raw)" if ema else ""))
+    study = reference in _STUDY_NUMBERS
+    rows = []
+    for o in settings:
+        row = [NAMES.get(o, o)]
+        for table, value in columns:
+            row += [_steps_cell(table, o, largest)] + ([_steps_cell(table, o, largest, value)] if ema else [])
+            steps = _medians(table, value)
+            ratio = steps.get((o, largest), np.nan) / steps.get((reference, largest), np.nan)
+            row.append("-" if o == reference or not np.isfinite(ratio) else f"{ratio:.1f}")
+        if study:
+            known = o in _STUDY_NUMBERS and o != reference
+            row.append(f"{float(_STUDY_NUMBERS[o]) / float(_STUDY_NUMBERS[reference]):.3g}" if known else "-")
+        rows.append(row)
+    seeds = chosen.groupby(["optimizer", "tokens_per_step"])["seed"].nunique()
+    lines = [_timing(raw), ""] if {"started", "finished", "seconds"} <= set(raw.columns) else []
+    lines += [
+        f"At {largest:,} tokens per step, each setting at its tuned LR: median outer steps over {_count(seeds)} "
+        f"seed(s) (min-max), and the ratio to {NAMES.get(reference, reference)}'s median"
+        + (", beside the study's steps ratio on its 45M model:" if study else ":"),
+        "",
+        _table(header + (["study, 45M"] if study else []), rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _target(raw: pd.DataFrame, column: str) -> str:
     """The target's name: "val loss 2.2" when the sweep's ``column`` holds one value, else "the target"."""
     values = raw[column].dropna().unique() if column in raw.columns else []
@@ -156,7 +202,55 @@ def _target_sections(
     lines += _ratio_section(chosen, settings, batches, reference, unit, "")
     if ema:
         lines += _ratio_section(chosen, settings, batches, reference, unit, "_raw")
+    return lines + _shares_section(chosen, batches, reference)
+
+
+def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) -> list[str]:
+    """Lines of the table of each method's share of ``reference``'s gain over the best first-order method.
+
+    Empty unless the study holds ``reference``, a first-order method and another method
+    (:func:`gnlib.experiment.method_comparison.gain_shares`).
+    """
+    names = set(chosen["optimizer"])
+    others = {name.split(" (")[0] for name in names} - {reference, *FIRST_ORDER}
+    if reference not in names or not names & set(FIRST_ORDER) or not others:
+        return []
+    shares = gain_shares(chosen, full=reference).set_index(["method", "tokens_per_step"])
+    methods = sorted(others, key=lambda n: (list(NAMES).index(n) if n in NAMES else len(NAMES), n))
+    best = shares.reset_index().groupby("tokens_per_step")[["first_order", "first_order_steps"]].first()
+    rows = [[NAMES.get(m, m), *[_share_cell(shares, m, b) for b in batches]] for m in methods]
+    rows.append(["best first-order (steps)", *[_best_cell(best, b) for b in batches]])
+    picked = shares.loc[shares["setting"] != shares.index.get_level_values("method"), "setting"]
+    lines = [
+        f"Share of {NAMES.get(reference, reference)}'s step reduction over the best first-order method at each "
+        "batch, (S_first-order − S) / (S_first-order − S_GN) on median steps: 1 as few steps as full GN, 0 no fewer "
+        'than the best of AdamW, Muon and SOAP; "-" where a method did not run or full GN gained nothing:',
+        "",
+        _table(["method", *[f"{b:,}" for b in batches]], rows),
+        "",
+    ]
+    if len(picked):
+        chosen_variants = ", ".join(f"{s} at {b:,}" for (_, b), s in picked.items())
+        lines += [f"Variants at the fewest steps (their options tuned per batch): {chosen_variants}.", ""]
     return lines
+
+
+def _share_cell(shares: pd.DataFrame, method: str, tokens: int) -> str:
+    """A method's share of full GN's gain at one batch: "0.42", "missed", or "-" (not run, or no gain to share)."""
+    if (method, tokens) not in shares.index:
+        return "-"
+    row = shares.loc[(method, tokens)]
+    if np.isnan(row["steps_to_target"]):
+        return "missed"
+    return "-" if np.isnan(row["gain_share"]) else f"{row['gain_share']:.2f}"
+
+
+def _best_cell(best: pd.DataFrame, tokens: int) -> str:
+    """The best first-order method at one batch and its median steps, e.g. "Muon (30)"."""
+    if tokens not in best.index or best.loc[tokens, "first_order"] is None:
+        return "-"
+    name = best.loc[tokens, "first_order"]
+    return f"{NAMES.get(name, name)} ({best.loc[tokens, 'first_order_steps']:g})"
 
 
 def _ratio_section(
@@ -235,8 +329,8 @@ def page_blocks(page: str | Path) -> dict[str, str]:
 
 
 def block_markdown(results_csv: str | Path, label: str) -> str:
-    """The text a block labelled ``label`` (``"NAME"`` or ``"NAME headline"``) holds for ``results_csv``."""
-    return results_markdown(results_csv, headline=label.endswith(" headline"))
+    """The text of a block labelled ``label`` (``"NAME"``, ``"NAME headline"`` or ``"NAME largest"``)."""
+    return results_markdown(results_csv, headline=label.endswith(" headline"), largest=label.endswith(" largest"))
 
 
 def update_pages(pages: list[str | Path], name: str, results_csv: str | Path) -> list[Path]:

@@ -34,6 +34,7 @@ from gnlib.experiment.sweep_results import MANIFEST_FILE, TABLE_FILE, table_reco
 from gnlib.runtime import atomic_write_json, atomic_write_text, is_integer
 from gnlib.tools.sweep_grid import (
     RESULTS_FILE,
+    at_best_keys,
     check_notebook_parameters,
     check_spec,
     format_value,
@@ -159,7 +160,7 @@ def _execute_runs(
 
 
 def best_points(
-    runs: list[tuple[dict, Mapping | None]], setting_keys: list[str], at_best: str, minimize: list[str]
+    runs: list[tuple[dict, Mapping | None]], setting_keys: list[str], at_best: str | list[str], minimize: list[str]
 ) -> list[dict]:
     """Per setting, the parameters of a run at the best value of ``at_best`` (pure).
 
@@ -169,13 +170,15 @@ def best_points(
         runs: (parameters, outcomes) of the grid's runs, outcomes None for a run that is not ``ok`` (it does not
             compete); a ``"pending"`` outcome marks a run not finished yet, and its setting is left out.
         setting_keys: the grid keys whose values define a setting.
-        at_best: the grid key whose best value is chosen per setting.
+        at_best: the grid key whose best value is chosen per setting, or a list of keys whose best
+            combination of values is.
         minimize: outcome names compared in order (median over the runs at one value; missing, None or
             non-finite counts as +inf).
 
     Returns:
         One parameters dict per setting with at least one ``ok`` run, in the order settings first appear.
     """
+    keys = at_best if isinstance(at_best, list) else [at_best]
     settings: dict[str, list[tuple[dict, Mapping | None]]] = {}
     for params, outcomes in runs:
         settings.setdefault(run_id({key: params[key] for key in setting_keys}), []).append((params, outcomes))
@@ -187,7 +190,7 @@ def best_points(
         first: dict[str, dict] = {}
         for params, outcomes in members:
             if outcomes is not None:
-                label = format_value(params[at_best])
+                label = format_value([params[key] for key in keys])
                 by_value.setdefault(label, []).append(outcomes)
                 first.setdefault(label, params)
         if by_value:
@@ -212,7 +215,7 @@ def _replicates(spec: dict, sweep_dir: Path, runs: list[tuple[str, dict]], state
     if not replicate:
         return []
     keys = grid_keys(spec)
-    setting_keys = [key for key in keys if key not in (replicate["key"], replicate["at_best"])]
+    setting_keys = [key for key in keys if key not in (replicate["key"], *at_best_keys(replicate))]
     outcomes = []
     for rid, params in runs:
         state = states.get(rid)

@@ -1,7 +1,8 @@
 """A sweep's grid file: its format, loading, expansion into runs, run ids, and every check before any run.
 
 A grid names a notebook, fixed ``parameters`` and a ``grid`` of values (or a list of grids) whose cartesian
-products are the runs, with optional ``seeds``, ``timeout`` and ``replicate``. Every swept key must be
+products are the runs, with optional ``seeds``, ``timeout``, ``replicate`` and ``extends`` (a published sweep
+of the same notebook and parameters whose runs this one adds settings to). Every swept key must be
 declared in the notebook's parameters cell, and every run's values pass the checks the notebook makes
 first. A bad grid raises ``ValueError`` naming the key before any run folder is created.
 
@@ -24,11 +25,15 @@ from typing import Any
 import papermill
 import yaml
 
+from gnlib.experiment.sweep_results import MANIFEST_FILE, TABLE_FILE, find_extended, read_results_table
 from gnlib.notebook.parameters import check_notebook_values
 from gnlib.runtime import ConfigLoader
 
-GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate")
+GRID_KEYS = ("name", "notebook", "parameters", "grid", "seeds", "timeout", "replicate", "extends")
 REPLICATE_KEYS = ("key", "values", "at_best", "minimize")
+#: Parameters a sweep that ``extends`` another may set otherwise: a run's budget, which changes nothing a run
+#: measures before it ends (a setting that needs more reads "missed" instead of its steps).
+BUDGET_PARAMETERS = ("max_steps", "max_tokens")
 OUTPUT_PARAMETER = "output_dir"
 RESULTS_FILE = "results.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -134,7 +139,34 @@ def check_spec(spec: Any, search: list[Path]) -> dict:
     found = [path for path in candidates if path.is_file()]
     if not found:
         raise ValueError(f"notebook={spec['notebook']!r}: no such file; looked for {[str(p) for p in candidates]}")
-    return {**spec, "notebook": str(found[0].resolve())}
+    spec = {**spec, "notebook": str(found[0].resolve())}
+    if spec["extends"] is not None:
+        _check_extends(spec, search)
+    return spec
+
+
+def _check_extends(spec: dict, search: list[Path]) -> None:
+    """``extends`` names a sweep folder (``results.csv``, ``sweep.json``) of the same notebook and parameters."""
+    label = f"extends={spec['extends']!r}"
+    folder = find_extended(spec["extends"], search)
+    if folder is None:
+        raise ValueError(
+            f"{label}: no sweep folder holding {TABLE_FILE} and {MANIFEST_FILE} there; looked in "
+            f"{[str(base / spec['extends']) for base in search]}"
+        )
+    read_results_table(folder / TABLE_FILE, parameter="extends")
+    extended = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if Path(extended.get("notebook", "")).name != Path(spec["notebook"]).name:
+        raise ValueError(f"{label} ran notebook {extended.get('notebook')!r}, not {spec['notebook']!r}")
+    theirs = extended.get("parameters") or {}
+    keys = (set(theirs) | set(spec["parameters"])) - set(BUDGET_PARAMETERS)
+    differ = sorted(k for k in keys if theirs.get(k) != spec["parameters"].get(k))
+    if differ:
+        values = ", ".join(f"{k}={spec['parameters'].get(k)!r} here, {theirs.get(k)!r} there" for k in differ)
+        raise ValueError(
+            f"{label}: its runs had other parameters ({values}); a sweep extends one of the same setup (only "
+            f"{list(BUDGET_PARAMETERS)} may differ)"
+        )
 
 
 def _check_structure(spec: Any) -> dict:
@@ -175,6 +207,12 @@ def _check_structure(spec: Any) -> dict:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds per cell, or omitted")
     replicate = _check_replicate(spec.get("replicate"), list(parts[0]))
+    extends = spec.get("extends")
+    if extends is not None and (not isinstance(extends, str) or not extends or Path(extends).is_absolute()):
+        raise ValueError(
+            f"extends={extends!r}: give the folder of a published sweep (results.csv and sweep.json) relative "
+            "to the working directory or the grid file's folder, e.g. notebooks/results/cpu_study"
+        )
     return {
         "name": name,
         "notebook": notebook,
@@ -182,7 +220,14 @@ def _check_structure(spec: Any) -> dict:
         "grid": grid,
         "timeout": timeout,
         "replicate": replicate,
+        "extends": extends,
     }
+
+
+def at_best_keys(replicate: Mapping) -> list[str]:
+    """The grid keys whose best values ``replicate`` picks per setting (``at_best``: one key, or a list)."""
+    at_best = replicate["at_best"]
+    return list(at_best) if isinstance(at_best, list) else [at_best]
 
 
 def _check_replicate(value: Any, grid_keys: list[str]) -> dict | None:
@@ -192,10 +237,15 @@ def _check_replicate(value: Any, grid_keys: list[str]) -> dict | None:
     value = _check_mapping("replicate", value)
     if set(value) != set(REPLICATE_KEYS):
         raise ValueError(f"replicate: give exactly the keys {list(REPLICATE_KEYS)}, got {sorted(value)}")
-    for name in ("key", "at_best"):
-        if value[name] not in grid_keys:
-            raise ValueError(f"replicate {name}={value[name]!r}: must be one of the grid's keys {grid_keys}")
-    if value["key"] == value["at_best"]:
+    if value["key"] not in grid_keys:
+        raise ValueError(f"replicate key={value['key']!r}: must be one of the grid's keys {grid_keys}")
+    at_best = value["at_best"]
+    names = at_best if isinstance(at_best, list) else [at_best]
+    if not names or not all(isinstance(name, str) and name in grid_keys for name in names):
+        raise ValueError(
+            f"replicate at_best={at_best!r}: must be one of the grid's keys {grid_keys}, or a non-empty list of them"
+        )
+    if value["key"] in names:
         raise ValueError(f"replicate: key and at_best are both {value['key']!r}; repeat one key at the best of another")
     values = value["values"]
     if not isinstance(values, list) or not values:

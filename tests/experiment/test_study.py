@@ -3,13 +3,20 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from gnlib.experiment.lr_choice import choose_lr, lr_sweep
-from gnlib.experiment.method_comparison import gain_share, gain_summary, ratio_table
+from gnlib.experiment.method_comparison import (
+    directions_against_steps,
+    gain_share,
+    gain_shares,
+    gain_summary,
+    ratio_table,
+)
 from gnlib.experiment.runs import RunSpec, run
 from gnlib.experiment.study import (
     EARLY_TARGET_COLUMNS,
@@ -372,3 +379,87 @@ def test_fit_critical_batch_recovers_the_model_and_flags_no_floor_or_no_gain():
     ]
     found = critical_batch_size(pd.DataFrame(rows)).iloc[0]
     assert found["fit"] == "about 2,000 tokens" and found["fit_critical_tokens"] == pytest.approx(2000)
+
+
+def _sweep(folder: Path, grid: list[dict], parameters: dict, rows: list[dict], extends: str | None = None) -> Path:
+    """A published sweep folder: results.csv of ok runs and its sweep.json (as gnlib.tools.sweep writes them)."""
+    folder.mkdir(parents=True)
+    base = {"status": "ok", "micro_batches": 4, "tokens_per_step": 4096, "seed": 0}
+    pd.DataFrame([{"run_id": f"r{i}", **base, **row} for i, row in enumerate(rows)]).to_csv(
+        folder / "results.csv", index=False
+    )
+    manifest = {"name": folder.name, "notebook": "/any/02_iteration_complexity.ipynb", "parameters": parameters}
+    (folder / "sweep.json").write_text(json.dumps({**manifest, "grid": grid, "extends": extends}))
+    return folder / "results.csv"
+
+
+def test_a_sweep_that_extends_a_published_one_is_read_as_one_study(tmp_path, monkeypatch):
+    """The extended sweep's runs come first; its rows have no value for the new grid key and keep their names."""
+    monkeypatch.chdir(tmp_path)
+    setup = {"preset": "tiny", "target_loss": 2.2}
+    _sweep(
+        tmp_path / "published" / "base",
+        [{"optimizers": ["gn", "muon"], "lr": [0.1]}],
+        setup,
+        [dict(optimizer="gn", lr=0.1, steps_to_target=5), dict(optimizer="muon", lr=0.1, steps_to_target=30)],
+    )
+    options = ['{"kfac": {"damping": 0.1}}', '{"kfac": {"damping": 1.0}}']
+    new = _sweep(
+        tmp_path / "outputs" / "more",
+        [{"optimizers": ["kfac"], "lr": [0.3], "hyperparameters": [json.loads(o) for o in options]}],
+        setup,
+        [dict(optimizer="kfac", lr=0.3, hyperparameters=o, steps_to_target=s) for o, s in zip(options, (20, 25))],
+        extends="published/base",
+    )
+    table = study_table_from_sweep(new)
+    assert table["optimizer"].tolist() == ["gn", "muon", "kfac (damping=0.1)", "kfac (damping=1.0)"]
+    assert table["steps_to_target"].tolist() == [5, 30, 20, 25] and "hyperparameters" not in table.columns
+    shares = gain_shares(table)
+    assert shares[["method", "setting", "first_order"]].values.tolist() == [["kfac", "kfac (damping=0.1)", "muon"]]
+    assert shares["gain_share"].tolist() == [pytest.approx((30 - 20) / (30 - 5))]
+    (tmp_path / "published" / "base" / "results.csv").unlink()
+    with pytest.raises(ValueError, match="extends the sweep 'published/base'"):
+        study_table_from_sweep(new)
+
+
+def test_gain_shares_by_hand():
+    """Share = (S_fo − S) / (S_fo − S_GN) over the best first-order method at each batch; NaN where undefined."""
+    table = study(
+        {
+            "gn": {1: 20, 4: 10},
+            "adamw": {1: 40, 4: 50},
+            "muon": {1: None, 4: 30},
+            "kfac (damping=0.1)": {1: 30, 4: None},
+            "kfac (damping=1.0)": {1: 35, 4: 24},
+            "shampoo": {1: 45, 4: 26},
+        }
+    )
+    shares = gain_shares(table).set_index(["method", "micro_batches"])
+    assert shares.loc[("kfac", 1), ["setting", "first_order"]].tolist() == ["kfac (damping=0.1)", "adamw"]
+    assert shares.loc[("kfac", 1), "gain_share"] == pytest.approx((40 - 30) / (40 - 20))
+    assert shares.loc[("kfac", 4), "setting"] == "kfac (damping=1.0)"  # the damping that reached it
+    assert shares.loc[("kfac", 4), "gain_share"] == pytest.approx((30 - 24) / (30 - 10))  # over Muon, not AdamW
+    assert shares.loc[("shampoo", 1), "gain_share"] == pytest.approx((40 - 45) / (40 - 20))  # slower: negative
+    missed = study({"gn": {1: 50}, "adamw": {1: 40}, "psgd": {1: None}})
+    assert math.isnan(gain_shares(missed)["gain_share"].item())  # GN gains nothing here, and PSGD missed
+    assert gain_shares(study({"gn": {1: 5}, "adamw": {1: 9}})).empty
+    with pytest.raises(ValueError, match="first_order"):
+        gain_shares(study({"gn": {1: 5}, "kfac": {1: 9}}))
+
+
+def test_directions_against_steps_pairs_each_methods_direction_with_its_share():
+    """Notebook 05's direction at its last checkpoint beside the share at the largest batch, first-order methods too."""
+    table = study({"gn": {1: 20, 4: 10}, "adamw": {1: 40, 4: 50}, "muon": {1: 30, 4: 30}, "kfac": {1: 35, 4: 20}})
+    shares = gain_shares(table, include_first_order=True)
+    assert set(shares["method"]) == {"adamw", "muon", "kfac"}
+    directions = pd.DataFrame(
+        [(step, m, 0.1 * step, 0.2 * step) for step in (0, 1) for m in ("exact GN", "K-FAC", "Adam", "gradient")],
+        columns=["step", "method", "cosine", "reduction_ratio"],
+    )
+    points = directions_against_steps(shares, directions).set_index("method")
+    assert list(points.index) == ["kfac", "adamw"] and (points["step"] == 1).all()
+    assert points.loc["kfac", "gain_share"] == pytest.approx((30 - 20) / (30 - 10))  # at 400 tokens, over Muon
+    assert points.loc["adamw", "gain_share"] == pytest.approx((30 - 50) / (30 - 10))
+    assert points.loc["kfac", "reduction_ratio"] == pytest.approx(0.2)
+    first = directions_against_steps(shares, directions, tokens_per_step=100, step=0).set_index("method")
+    assert first.loc["kfac", "gain_share"] == pytest.approx((30 - 35) / (30 - 20)) and first["cosine"].eq(0).all()

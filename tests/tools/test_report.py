@@ -229,3 +229,39 @@ def test_costs_of_different_micro_batches_are_put_in_one_unit(tmp_path):
     assert "cost in gradient steps on 2,048 tokens" in text and "cost (gradient steps on 2,048 tokens)" in text
     assert "| gn (batch_size=64) | 1.0 (1.6) |" in text  # 400 steps on 8,192 tokens = 1,600 on 2,048
     assert "| gn (batch_size=64) | 5 | 0 | 0 | 1,600 |" in text
+
+
+def test_a_sweep_extending_a_study_gets_each_methods_share_of_full_gns_gain(tmp_path, monkeypatch):
+    """K-FAC added to a published study: its share over the best first-order method at each batch, by hand."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    base = pd.read_csv(sweep_table(tmp_path / "base"))
+    (tmp_path / "base" / "sweep.json").write_text(json.dumps({"grid": [{"optimizers": ["gn"]}], "parameters": {}}))
+    kfac = base.loc[base["optimizer"] == "muon"].assign(
+        optimizer="kfac", hyperparameters='{"kfac": {"damping": 0.1}}', lr=0.3, steps_to_target=33.0
+    )
+    kfac.loc[kfac["micro_batches"] == 1, "steps_to_target"] = 54.0
+    (tmp_path / "more").mkdir()
+    kfac.to_csv(tmp_path / "more" / "results.csv", index=False)
+    grid = [{"optimizers": ["kfac"], "hyperparameters": [{"kfac": {"damping": 0.1}}]}]
+    (tmp_path / "more" / "sweep.json").write_text(json.dumps({"grid": grid, "parameters": {}, "extends": "base"}))
+    text = results_markdown(tmp_path / "more" / "results.csv")
+    # 1,024 tokens: Muon's median 85 is the best first-order, GN's 22: (85 - 54) / (85 - 22) = 0.49;
+    # 4,096: Muon missed on most seeds, AdamW's median is 60, GN's 6: (60 - 33) / (60 - 6) = 0.50
+    assert "| K-FAC | 0.49 | 0.50 |" in text and "| best first-order (steps) | Muon (85) | AdamW (60) |" in text
+    assert "kfac (damping=0.1) at 1,024, kfac (damping=0.1) at 4,096" in text
+    assert "| kfac (damping=0.1) | 54 (54-54) | 33 (33-33) |" in text  # its runs stand beside the study's
+
+
+def test_a_largest_block_is_one_table_at_the_largest_batch_with_both_readings(tmp_path):
+    """``<!-- results: NAME largest -->``: steps on the EMA and the raw iterate, and the raw ratio to GN, by hand."""
+    text = results_markdown(sweep_table(tmp_path, gn_ema_lead=2), largest=True)
+    assert text.startswith("24 runs (24 ok) took")
+    assert "| setting | steps to 2.2 (EMA) | raw iterate | ratio at 2.2 (raw) | study, 45M |" in text
+    # GN's raw iterate reaches the target at half its EMA's steps: median(5, 6, 7) / 2 = 3; AdamW's seeds
+    # took 50, missed and 60, so its median is 60 and the ratio 60 / 3 = 20
+    assert (
+        "| full GN | 6 (5-7) | 3 (2.5-3.5) | - | - |" in text
+        and "| AdamW | 60 (50-missed) | 60 (50-missed) | 20.0 | - |" in text
+    )
+    assert "At 4,096 tokens per step" in text and "Critical batch" not in text and "1,024 tokens" not in text

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from gnlib.tools.sweep import aggregate, best_points, main, run_sweep, threads_per_job
-from gnlib.tools.sweep_grid import expand_grid, load_grid, run_id
+from gnlib.tools.sweep_grid import check_spec, expand_grid, load_grid, run_id
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = "tests/fixtures/sweep_probe.ipynb"
@@ -99,6 +99,11 @@ def test_run_ids_are_readable_filesystem_safe_and_distinct():
         (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "key": "x"}), "key and at_best"),
         (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "values": []}), "values"),
         (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "minimize": "y"}), "minimize"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "at_best": ["x", "y"]}), "at_best=['x', 'y']"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "at_best": []}), "at_best=[]"),
+        (spec(grid={"x": [1]}, seeds=[0], replicate={**REPLICATE, "at_best": ["x", "seed"]}), "key and at_best"),
+        (spec(grid={"x": [1]}, extends="/abs/published"), "extends"),
+        (spec(grid={"x": [1]}, extends=3), "extends"),
     ],
 )
 def test_malformed_specs_are_refused_naming_the_key(bad, key):
@@ -120,6 +125,7 @@ def test_load_grid_reads_exponents_as_floats_and_resolves_the_notebook(tmp_path)
         "grid": {"sleep": [0.001, 25.0], "x": [1, 2], "seed": [3]},
         "timeout": 60,
         "replicate": None,
+        "extends": None,
     }
     (tmp_path / PROBE).parent.mkdir(parents=True)
     shutil.copy(REPO / PROBE, tmp_path / PROBE)
@@ -386,6 +392,16 @@ def test_best_points_pick_per_setting_the_value_with_the_best_median_outcomes():
     assert best == [{"opt": "a", "lr": 2, "seed": 0}, {"opt": "b", "lr": 2, "seed": 0}]
 
 
+def test_best_points_over_several_keys_pick_the_best_combination_per_setting():
+    """``at_best`` as a list: one winner per setting over every (lr, damping) pair, not one per damping."""
+    runs = [
+        ({"opt": "kfac", "lr": lr, "damping": d, "seed": 0}, {"steps": steps})
+        for lr, d, steps in [(0.1, 0.1, 30), (0.3, 0.1, 20), (0.3, 1.0, 25), (1.0, 1.0, None)]
+    ]
+    assert best_points(runs, ["opt"], ["lr", "damping"], ["steps"]) == [runs[1][0]]
+    assert len(best_points(runs, ["opt", "damping"], "lr", ["steps"])) == 2  # one per damping
+
+
 def test_replicate_repeats_each_settings_best_run_with_new_seeds(tmp_path):
     """Tune on seed 0, repeat the winner (y = x² + seed, best x = 0) with seeds 1 and 2, named like grid runs."""
     grid = spec(grid={"x": [-1, 0, 2]}, seeds=[0], replicate=REPLICATE)
@@ -404,3 +420,27 @@ def test_replicate_repeats_each_settings_best_run_with_new_seeds(tmp_path):
     widened = spec(grid={"x": [-1, 0, 2, -3]}, seeds=[0], replicate={**REPLICATE, "minimize": ["missing", "y"]})
     plan = run_sweep(widened, output_root=tmp_path, cwd=REPO, dry_run=True, verbose=False)
     assert list(plan.loc[plan["will_run"], "run_id"]) == ["x=-3,seed=0"]  # the grid first; repeats after it
+
+
+def test_a_sweep_extends_only_a_published_sweep_of_the_same_notebook_and_parameters(tmp_path):
+    """``extends`` must name a sweep folder of the same notebook and parameters; it is checked before any run."""
+    published = tmp_path / "published"
+    run_sweep(
+        spec(name="published", parameters={"sleep": 0.0}, grid={"x": [1]}),
+        output_root=tmp_path,
+        cwd=REPO,
+        verbose=False,
+    )
+    grid = spec(name="more", parameters={"sleep": 0.0}, grid={"x": [2]}, extends="nowhere/published")
+    with pytest.raises(ValueError, match="extends=.*no sweep folder"):
+        run_sweep(grid, output_root=tmp_path, cwd=REPO, verbose=False)
+    grid["extends"] = os.path.relpath(published, REPO)
+    other = {**grid, "parameters": {"sleep": 0.5}}
+    with pytest.raises(ValueError, match=r"extends=.*sleep=0\.5 here, 0\.0 there"):
+        run_sweep(other, output_root=tmp_path, cwd=REPO, verbose=False)
+    assert not (tmp_path / "more").exists()  # refused before any run folder
+    budget = {**grid, "parameters": {"sleep": 0.0, "max_steps": 5}}  # a run budget may differ
+    assert check_spec(budget, search=[REPO])["extends"] == grid["extends"]
+    table = run_sweep(grid, output_root=tmp_path, cwd=REPO, verbose=False)
+    assert table["x"].tolist() == [2]  # only its own runs
+    assert json.loads((tmp_path / "more" / "sweep.json").read_text())["extends"] == grid["extends"]

@@ -1,0 +1,62 @@
+"""Figures that set methods against full GN: their share of its gain by batch size, and direction against step gains.
+
+The share is :func:`gnlib.experiment.method_comparison.gain_shares`' (S_first-order − S) / (S_first-order − S_GN);
+the directions' agreement with exact GN comes from :mod:`gnlib.optim.direction_comparison` (notebook 05).
+Each function returns a :class:`~gnlib.notebook.plots.NotebookFigure`.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from gnlib.notebook.plots import _label, _require_columns, new_figure, style
+
+
+def gain_shares(shares: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Each method's share of full GN's gain against the token batch, one line per method.
+
+    Args:
+        shares: :func:`~gnlib.experiment.method_comparison.gain_shares`' table (``method``, ``tokens_per_step``,
+            ``gain_share``); a missed target or a batch where GN gains nothing has no point.
+        title: axes title.
+    """
+    _require_columns(shares, ["method", "tokens_per_step", "gain_share"])
+    data = shares.dropna(subset=["gain_share"]).astype({"tokens_per_step": float})
+    with style():
+        fig = new_figure(figsize=(6, 4))
+        ax = fig.subplots()
+        order = list(dict.fromkeys(shares["method"]))
+        sns.lineplot(data=data, x="tokens_per_step", y="gain_share", hue="method", hue_order=order, marker="o", ax=ax)
+        ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1, label="full GN")
+        ax.axhline(0.0, color="0.6", linestyle=":", linewidth=1, label="best first-order method")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize="small")
+        _label(ax, "tokens per step", "share of full GN's step reduction", title)
+    return fig
+
+
+def directions_vs_steps(
+    points: pd.DataFrame, *, x: str = "reduction_ratio", y: str = "gain_share", title: str | None = None
+) -> Figure:
+    """One point per method: its direction's agreement with exact GN against its share of GN's step gain.
+
+    Args:
+        points: one row per ``method`` with columns ``x`` (e.g. ``reduction_ratio`` or ``cosine``) and ``y``.
+        x: the direction-level measure.
+        y: the step-level measure.
+        title: axes title.
+    """
+    _require_columns(points, ["method", x, y])
+    data = points.dropna(subset=[x, y])
+    with style():
+        fig = new_figure(figsize=(6, 4))
+        ax = fig.subplots()
+        sns.scatterplot(data=data, x=x, y=y, hue="method", s=60, legend=False, ax=ax)
+        for row in data.itertuples(index=False):
+            ax.annotate(row.method, (getattr(row, x), getattr(row, y)), textcoords="offset points", xytext=(5, 4))
+        ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
+        ax.axhline(0.0, color="0.6", linestyle=":", linewidth=1)
+        _label(ax, x.replace("_", " ") + " (directions, vs exact GN)", y.replace("_", " ") + " (steps)", title)
+    return fig
