@@ -42,6 +42,8 @@ def directions_vs_steps(
 ) -> Figure:
     """One point per method: its direction's agreement with exact GN against its share of GN's step gain.
 
+    The horizontal axis is logarithmic when the agreements span more than a decade.
+
     Args:
         points: one row per ``method`` with columns ``x`` (e.g. ``reduction_ratio`` or ``cosine``) and ``y``.
         x: the direction-level measure.
@@ -58,5 +60,8 @@ def directions_vs_steps(
             ax.annotate(row.method, (getattr(row, x), getattr(row, y)), textcoords="offset points", xytext=(5, 4))
         ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
         ax.axhline(0.0, color="0.6", linestyle=":", linewidth=1)
+        low, high = data[x].min(), data[x].max()
+        if len(data) and low > 0 and high > 10 * low:  # ratios spread over decades: a log axis separates them
+            ax.set_xscale("log")
         _label(ax, x.replace("_", " ") + " (directions, vs exact GN)", y.replace("_", " ") + " (steps)", title)
     return fig
