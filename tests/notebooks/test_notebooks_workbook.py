@@ -122,6 +122,26 @@ def test_approximation_gap_by_conjugate_gradients(tmp_path):
     assert sorted(sweep["relative_damping"].unique()) == [0.1, 1.0]
 
 
+def test_approximation_gap_from_a_checkpoint_reads_raw_bytes_and_refuses_another_vocabulary(tmp_path):
+    """``init_checkpoint``: the directions are taken at the file's weights, on raw byte ids (vocab_size 256)."""
+    import torch
+
+    from gnlib.models import build_model
+
+    shape = dict(vocab_size=256, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_seq_len=8)
+    weights = tmp_path / "model.pt"
+    torch.save(build_model("tiny", seed=3, **shape).state_dict(), weights)
+    small = {**SMALL_TRANSFORMER, "curvature_batch": 2, "solve": "cg", "damping": 0.1, "kfac_samples": 2}
+    run = dict(small, checkpoints=[0], damping_sweep=[0.1], init_checkpoint=str(weights))
+    with pytest.raises(papermill.PapermillExecutionError, match="vocab_size=32 is invalid; allowed: 256"):
+        execute("05_approximation_gap", tmp_path, **run)
+    out = execute("05_approximation_gap", tmp_path, **run, vocab_size=256)
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_params"] == sum(t.numel() for t in torch.load(weights, weights_only=True).values())
+    exact = pd.read_csv(out / "results.csv").set_index("method").loc["exact GN"]
+    assert exact["step"] == 0 and exact["reduction_ratio"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("name", ["01_gauss_newton_from_scratch", "04_curvature_explorer", "05_approximation_gap"])
 def test_help_lists_typed_described_parameters(name):
     params = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
