@@ -148,8 +148,9 @@ def gain_shares(
     baselines = [name for name in first_order if name in names]
     if not baselines:
         raise ValueError(f"first_order={list(first_order)}: none is in the table; its settings are {names}")
-    steps = tuned_medians(table)["steps_to_target"].astype(float).unstack("optimizer")
-    tokens = tuned_medians(table)["tokens_per_step"].groupby("micro_batches").first()
+    medians = tuned_medians(table)
+    steps = medians["steps_to_target"].astype(float).unstack("optimizer")
+    tokens = medians["tokens_per_step"].groupby("micro_batches").first()
     ran = table.groupby("micro_batches")["optimizer"].agg(set)
     rows = []
     for m, row in steps.iterrows():
