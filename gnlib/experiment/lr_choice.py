@@ -2,12 +2,14 @@
 
 Best = fewest median steps to the target over seeds, ties (or no LR reaching it) broken by the median final
 validation loss. :func:`choose_lr` marks the tuned runs of a study table; :func:`lr_sweep` runs one spec
-over an LR grid and picks its best.
+over an LR grid and picks its best. An optimizer's variants tuned together with its LR (e.g. K-FAC's
+dampings, settings labelled ``kfac (damping=0.1)``) are weighed against one another by the same rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,20 +29,53 @@ def _best_lr(group: pd.DataFrame) -> tuple[float, bool]:
     at the winner only (a sweep's ``replicate``) do not change the choice. The best is *on the edge* when
     it is the smallest or largest LR of the grid, or the grid has one LR.
     """
+    by_lr = _ranked(group, "lr")
+    best = float(by_lr.index[0])
+    grid = sorted(by_lr.index)
+    return best, len(grid) < 2 or best in (grid[0], grid[-1])
+
+
+def _ranked(group: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The values of ``key`` in ``group``, best first: median steps to target (missed = inf), then final loss.
+
+    Medians are taken over the seeds that every value of ``key`` ran (with a ``seed`` column).
+    """
     if "seed" in group.columns:
-        shared = set.intersection(*(set(seeds) for _, seeds in group.groupby("lr")["seed"]))
+        shared = set.intersection(*(set(seeds) for _, seeds in group.groupby(key)["seed"]))
         group = group.loc[group["seed"].isin(shared)] if shared else group
-    by_lr = (
+    by_key = (
         group.assign(
             _steps=group["steps_to_target"].astype(float).fillna(np.inf),
             _loss=group["final_val_loss"].astype(float).fillna(np.inf),
         )
-        .groupby("lr")[["_steps", "_loss"]]
+        .groupby(key)[["_steps", "_loss"]]
         .median()
     )
-    best = float(by_lr.sort_values(["_steps", "_loss"]).index[0])
-    grid = sorted(by_lr.index)
-    return best, len(grid) < 2 or best in (grid[0], grid[-1])
+    return by_key.sort_values(["_steps", "_loss"])
+
+
+#: A variant's label (:func:`~gnlib.experiment.study.variant_label`) with one numeric value: family, value.
+_NUMERIC_VARIANT = re.compile(r"^(?P<family>[^ ]+) \((?P<key>\w+)=(?P<value>[-+0-9.eE]+)\)$")
+
+
+def _mark_variant_edges(out: pd.DataFrame) -> None:
+    """Within each optimizer's numeric variants at one batch (e.g. ``kfac (damping=0.1)``), flag the best only.
+
+    The best variant (:func:`_ranked` over the variants' tuned runs) keeps its LR's edge flag and is also
+    on the edge when its value is the smallest or largest of the family's values at that batch; the other
+    variants are not tuned points, so their flags are cleared. Edits ``out`` in place.
+    """
+    parsed = out["optimizer"].str.extract(_NUMERIC_VARIANT)
+    variants = out.loc[parsed["family"].notna()].assign(_family=parsed["family"], _value=parsed["value"].astype(float))
+    for _, group in variants.groupby(["_family", "micro_batches"], sort=False):
+        if group["optimizer"].nunique() < 2:
+            continue
+        best = _ranked(group.loc[group["chosen"]], "optimizer").index[0]
+        values = sorted(set(group["_value"]))
+        value = float(group.loc[group["optimizer"] == best, "_value"].iloc[0])
+        own = out.loc[group.index[group["optimizer"] == best], "on_edge"].any()
+        out.loc[group.index, "on_edge"] = False
+        out.loc[group.index[group["optimizer"] == best], "on_edge"] = bool(own or value in (values[0], values[-1]))
 
 
 def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batches")) -> pd.DataFrame:
@@ -52,7 +87,9 @@ def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batc
 
     Returns:
         A copy of ``table`` with ``chosen`` (bool) and ``on_edge`` (bool, the same for all rows of a
-        setting: its best LR is at an end of its grid, so the true optimum may lie outside).
+        setting: its best LR is at an end of its grid, so the true optimum may lie outside). Among an
+        optimizer's numeric variants at one batch (``kfac (damping=0.1)``, ``kfac (damping=1.0)``), only
+        the best variant can be on the edge: of its LR grid, or of the variants' values.
     """
     missing = [c for c in ("lr", "steps_to_target", "final_val_loss", *by) if c not in table.columns]
     if missing:
@@ -63,6 +100,8 @@ def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batc
         best, edge = _best_lr(group)
         out.loc[group.index, "chosen"] = np.isclose(group["lr"].astype(float), best, rtol=1e-12, atol=0)
         out.loc[group.index, "on_edge"] = edge
+    if "optimizer" in by and "micro_batches" in by:
+        _mark_variant_edges(out)
     return out
 
 

@@ -136,9 +136,12 @@ def gain_shares(
     Returns:
         One row per method other than ``full`` and ``first_order`` and per batch it ran at: ``method``, ``setting``
         (the variant chosen), ``micro_batches``, ``tokens_per_step``, ``steps_to_target``, ``first_order``
-        (the best one's name), ``first_order_steps``, ``full_steps``, ``gain_share``. Steps are NaN where
-        the target was missed; the share is NaN where the method, full GN or every first-order method
-        missed it, or full GN gains nothing. Empty without another method.
+        (the best one's name), ``first_order_steps``, ``full_steps``, ``gain_share``, ``gain_share_at_most``.
+        Steps are NaN where the target was missed; the share is NaN where the method, full GN or every
+        first-order method missed it, or full GN gains nothing. ``gain_share_at_most`` bounds a share that a
+        missed target leaves unknown: a method that missed within N steps (the most any run of its setting
+        took there, with a ``steps`` column) needs S > N, so its share is below that of S = N; where the
+        method reached the target it equals ``gain_share``. Empty without another method.
 
     Raises:
         ValueError: ``full`` or every ``first_order`` setting absent from ``table``.
@@ -152,6 +155,11 @@ def gain_shares(
     steps = medians["steps_to_target"].astype(float).unstack("optimizer")
     tokens = medians["tokens_per_step"].groupby("micro_batches").first()
     ran = table.groupby("micro_batches")["optimizer"].agg(set)
+    budget = (
+        table.groupby(["optimizer", "micro_batches"])["steps"].max().astype(float)
+        if "steps" in table.columns
+        else pd.Series(dtype=float)
+    )
     rows = []
     for m, row in steps.iterrows():
         reached = row[baselines].dropna()
@@ -168,6 +176,8 @@ def gain_shares(
                 methods[method] = (setting, s)
         for method, (setting, s) in methods.items():
             share = gain_share(s_fo, s, s_full) if not np.isnan([s, s_fo, s_full]).any() else float("nan")
+            ran_steps = float(budget.get((setting, m), np.nan)) if np.isnan(s) else s
+            at_most = gain_share(s_fo, ran_steps, s_full) if not np.isnan([ran_steps, s_fo, s_full]).any() else share
             rows.append(
                 dict(
                     method=method,
@@ -179,10 +189,11 @@ def gain_shares(
                     first_order_steps=s_fo,
                     full_steps=s_full,
                     gain_share=share,
+                    gain_share_at_most=at_most,
                 )
             )
     columns = ["method", "setting", "micro_batches", "tokens_per_step", "steps_to_target", "first_order"]
-    return pd.DataFrame(rows, columns=[*columns, "first_order_steps", "full_steps", "gain_share"])
+    return pd.DataFrame(rows, columns=[*columns, "first_order_steps", "full_steps", "gain_share", "gain_share_at_most"])
 
 
 def directions_against_steps(
@@ -199,24 +210,27 @@ def directions_against_steps(
     Returns:
         One row per optimizer found in both (:data:`DIRECTION_OPTIMIZERS`): ``method`` (the optimizer),
         ``direction`` (notebook 05's name), ``cosine``, ``reduction_ratio``, ``gain_share``,
+        ``gain_share_at_most`` (the bound where the method missed the target; see :func:`gain_shares`),
         ``tokens_per_step`` and ``step``.
     """
     tokens = int(shares["tokens_per_step"].max()) if tokens_per_step is None else tokens_per_step
     step = int(directions["step"].max()) if step is None else step
     at = directions.loc[directions["step"] == step].set_index("method")
-    share = shares.loc[shares["tokens_per_step"] == tokens].set_index("method")["gain_share"]
+    share = shares.loc[shares["tokens_per_step"] == tokens].set_index("method")
     rows = [
         dict(
             method=optimizer,
             direction=name,
             cosine=float(at.loc[name, "cosine"]),
             reduction_ratio=float(at.loc[name, "reduction_ratio"]),
-            gain_share=float(share[optimizer]),
+            gain_share=float(share.loc[optimizer, "gain_share"]),
+            gain_share_at_most=float(share.loc[optimizer, "gain_share_at_most"]),
             tokens_per_step=tokens,
             step=step,
         )
         for name, optimizer in DIRECTION_OPTIMIZERS.items()
         if name in at.index and optimizer in share.index
     ]
-    columns = ["method", "direction", "cosine", "reduction_ratio", "gain_share", "tokens_per_step", "step"]
+    columns = ["method", "direction", "cosine", "reduction_ratio", "gain_share", "gain_share_at_most"]
+    columns += ["tokens_per_step", "step"]
     return pd.DataFrame(rows, columns=columns)

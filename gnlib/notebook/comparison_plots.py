@@ -42,7 +42,11 @@ def directions_vs_steps(
 ) -> Figure:
     """One point per method: its direction's agreement with exact GN against its share of GN's step gain.
 
-    The horizontal axis is logarithmic when the agreements span more than a decade.
+    A method that missed the target has no share; with a ``<y>_at_most`` column (from
+    :func:`~gnlib.experiment.method_comparison.gain_shares`) it is drawn at that bound as an open downward
+    triangle, its true share lying below. Points are labelled with the ``direction`` column where there is
+    one (notebook 05's names), else ``method``. The horizontal axis is logarithmic when the agreements span
+    more than a decade.
 
     Args:
         points: one row per ``method`` with columns ``x`` (e.g. ``reduction_ratio`` or ``cosine``) and ``y``.
@@ -51,13 +55,24 @@ def directions_vs_steps(
         title: axes title.
     """
     _require_columns(points, ["method", x, y])
-    data = points.dropna(subset=[x, y])
+    bound = f"{y}_at_most"
+    data = points.assign(plot_y=points[y].fillna(points[bound]) if bound in points.columns else points[y])
+    data = data.assign(missed=data[y].isna()).dropna(subset=[x, "plot_y"])
+    names = data["direction"] if "direction" in data.columns else data["method"]
     with style():
         fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()
-        sns.scatterplot(data=data, x=x, y=y, hue="method", s=60, legend=False, ax=ax)
-        for row in data.itertuples(index=False):
-            ax.annotate(row.method, (getattr(row, x), getattr(row, y)), textcoords="offset points", xytext=(5, 4))
+        colours = dict(zip(data["method"], sns.color_palette(n_colors=max(len(data), 1))))
+        for row, name in zip(data.itertuples(index=False), names):
+            colour = colours[row.method]
+            at = (getattr(row, x), row.plot_y)
+            if row.missed:
+                ax.scatter(*at, s=70, marker="v", facecolors="none", edgecolors=colour, linewidths=1.5)
+                label = f"{name} (missed: share < {row.plot_y:.2f})"
+            else:
+                ax.scatter(*at, s=60, color=colour)
+                label = name
+            ax.annotate(label, at, textcoords="offset points", xytext=(5, 4))
         ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
         ax.axhline(0.0, color="0.6", linestyle=":", linewidth=1)
         low, high = data[x].min(), data[x].max()

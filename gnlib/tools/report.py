@@ -224,7 +224,8 @@ def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) ->
     lines = [
         f"Share of {NAMES.get(reference, reference)}'s step reduction over the best first-order method at each "
         "batch, (S_first-order − S) / (S_first-order − S_GN) on median steps: 1 as few steps as full GN, 0 no fewer "
-        'than the best of AdamW, Muon and SOAP; "-" where a method did not run or full GN gained nothing:',
+        'than the best of AdamW, Muon and SOAP; "missed (< x)" where a method missed the target, x '
+        'being the share at the steps its runs took; "-" where it did not run or full GN gained nothing:',
         "",
         _table(["method", *[f"{b:,}" for b in batches]], rows),
         "",
@@ -236,12 +237,13 @@ def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) ->
 
 
 def _share_cell(shares: pd.DataFrame, method: str, tokens: int) -> str:
-    """A method's share of full GN's gain at one batch: "0.42", "missed", or "-" (not run, or no gain to share)."""
+    """A method's share of full GN's gain at one batch: "0.42", "missed (< -1.20)" (the share its run's steps
+    would have had), "missed", or "-" (not run, or no gain to share)."""
     if (method, tokens) not in shares.index:
         return "-"
     row = shares.loc[(method, tokens)]
     if np.isnan(row["steps_to_target"]):
-        return "missed"
+        return "missed" if np.isnan(row["gain_share_at_most"]) else f"missed (< {row['gain_share_at_most']:.2f})"
     return "-" if np.isnan(row["gain_share"]) else f"{row['gain_share']:.2f}"
 
 
@@ -385,8 +387,9 @@ def publish(sweep_dir: str | Path, figures: str | Path | None = None, pages: lis
     update_pages(default_pages() if pages is None else pages, name, sweep_dir / "results.csv")
     target = RESULTS_DIR / name
     target.mkdir(parents=True, exist_ok=True)
-    for file in ("results.csv", "sweep.json"):
-        shutil.copyfile(sweep_dir / file, target / file)
+    if target.resolve() != sweep_dir.resolve():  # republishing the committed tables copies nothing
+        for file in ("results.csv", "sweep.json"):
+            shutil.copyfile(sweep_dir / file, target / file)
     for png in sorted(Path(figures).glob("*.png")) if figures else []:
         shutil.copyfile(png, FIGURES_DIR / f"{name}_{png.name}")
     return target

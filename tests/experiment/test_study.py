@@ -75,6 +75,29 @@ def test_choose_lr_compares_lrs_on_the_seeds_they_share():
     assert choose_lr(table.drop(columns="seed")).loc[lambda t: t["chosen"], "lr"].tolist() == [1e-1]
 
 
+def test_choose_lr_weighs_numeric_variants_against_each_other():
+    """K-FAC-like dampings tuned with the LR: only the best damping is a tuned point, flagged at its ends."""
+
+    def variants(steps: dict[str, list]) -> pd.DataFrame:
+        rows = []
+        for damping, lr_steps in steps.items():
+            for lr, s in zip((0.3, 1.0, 3.0), lr_steps):
+                rows.append(dict(optimizer=f"kfac (damping={damping})", micro_batches=4, lr=lr * float(damping),
+                                 seed=0, steps_to_target=s, final_val_loss=2.0 if s else 2.5))
+        return pd.DataFrame(rows)
+
+    # damping 0.1 wins inside both its LR grid and the dampings: no edge anywhere, though 1.0's best LR is its 0.3
+    inner = choose_lr(variants({"0.01": [50, 40, None], "0.1": [30, 20, 25], "1.0": [35, 45, 60]}))
+    assert not inner["on_edge"].any()
+    assert inner.loc[inner["chosen"], ["optimizer", "lr"]].values.tolist()[1] == ["kfac (damping=0.1)", 0.1]
+    # the smallest damping wins: on the edge of the dampings although its LR is inside its grid
+    low = choose_lr(variants({"0.01": [30, 10, 25], "0.1": [30, 20, 25], "1.0": [35, 45, 60]}))
+    assert low.loc[low["on_edge"], "optimizer"].unique().tolist() == ["kfac (damping=0.01)"]
+    # a lone variant at a batch is judged by its LR alone
+    lone = choose_lr(variants({"0.1": [30, 20, 25]}).assign(optimizer="kfac (damping=0.1)"))
+    assert not lone["on_edge"].any()
+
+
 def test_lr_sweep_flags_an_optimum_at_the_grid_edge():
     spec = dataclasses.replace(BASE, steps=4, eval_every=4)
     table, best = lr_sweep(spec, [1e-4, 3e-4, 1e-3], target=0.0)  # unreachable: ranked by final loss
@@ -443,6 +466,12 @@ def test_gain_shares_by_hand():
     missed = study({"gn": {1: 50}, "adamw": {1: 40}, "psgd": {1: None}})
     assert math.isnan(gain_shares(missed)["gain_share"].item())  # GN gains nothing here, and PSGD missed
     assert gain_shares(study({"gn": {1: 5}, "adamw": {1: 9}})).empty
+    budgeted = study({"gn": {1: 10}, "muon": {1: 30}, "kfac": {1: None}, "shampoo": {1: 35}})
+    budgeted["steps"] = budgeted["steps_to_target"].fillna(60)  # the missed runs stopped at the 60-step budget
+    bounds = gain_shares(budgeted).set_index("method")
+    assert math.isnan(bounds.loc["kfac", "gain_share"])
+    assert bounds.loc["kfac", "gain_share_at_most"] == pytest.approx((30 - 60) / (30 - 10))  # needs S > 60
+    assert bounds.loc["shampoo", "gain_share_at_most"] == bounds.loc["shampoo", "gain_share"] == -0.25
     with pytest.raises(ValueError, match="first_order"):
         gain_shares(study({"gn": {1: 5}, "kfac": {1: 9}}))
 

@@ -169,6 +169,9 @@ def test_cli_publishes_tables_and_refuses_a_folder_without_a_sweep(tmp_path, cap
     (tmp_path / "docs" / "results.md").write_text("<!-- results: demo -->\n<!-- /results -->\n")
     assert main([str(sweep), "--page", "docs/results.md"]) == 0  # only the pages given
     assert page_blocks("docs/results.md")["demo"] == results_markdown(sweep / "results.csv")
+    published = tmp_path / "notebooks" / "results" / "demo"
+    assert main([str(published), "--page", "docs/results.md"]) == 0  # the committed tables, republished in place
+    assert (published / "results.csv").read_bytes() == (sweep / "results.csv").read_bytes()
     assert main([str(tmp_path / "outputs")]) == 2
     assert "lacks ['results.csv', 'sweep.json']" in capsys.readouterr().err
     assert main([str(sweep), "--page", "none.md"]) == 2
