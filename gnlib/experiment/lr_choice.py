@@ -58,6 +58,21 @@ def _ranked(group: pd.DataFrame, key: str) -> pd.DataFrame:
 _NUMERIC_VARIANT = re.compile(r"^(?P<family>[^ ]+) \((?P<key>\w+)=(?P<value>[-+0-9.eE]+)\)$")
 
 
+def best_variants(table: pd.DataFrame) -> dict[tuple[str, int], str]:
+    """The best of each optimizer's numeric variants at each batch: (family, micro_batches) → setting.
+
+    ``table`` has ``chosen`` marked (:func:`choose_lr`); variants such as ``kfac (damping=0.1)`` are ranked on
+    their tuned runs by fewest median steps to target, then final validation loss (as LRs are). A family
+    with one variant at a batch maps to it.
+    """
+    parsed = table["optimizer"].str.extract(_NUMERIC_VARIANT)
+    variants = table.loc[parsed["family"].notna() & table["chosen"]].assign(_family=parsed["family"])
+    return {
+        (family, int(m)): str(_ranked(group, "optimizer").index[0])
+        for (family, m), group in variants.groupby(["_family", "micro_batches"], sort=False)
+    }
+
+
 def _mark_variant_edges(out: pd.DataFrame) -> None:
     """Within each optimizer's numeric variants at one batch (e.g. ``kfac (damping=0.1)``), flag the best only.
 
@@ -67,10 +82,11 @@ def _mark_variant_edges(out: pd.DataFrame) -> None:
     """
     parsed = out["optimizer"].str.extract(_NUMERIC_VARIANT)
     variants = out.loc[parsed["family"].notna()].assign(_family=parsed["family"], _value=parsed["value"].astype(float))
-    for _, group in variants.groupby(["_family", "micro_batches"], sort=False):
+    winners = best_variants(out)
+    for (family, m), group in variants.groupby(["_family", "micro_batches"], sort=False):
         if group["optimizer"].nunique() < 2:
             continue
-        best = _ranked(group.loc[group["chosen"]], "optimizer").index[0]
+        best = winners[(family, int(m))]
         values = sorted(set(group["_value"]))
         value = float(group.loc[group["optimizer"] == best, "_value"].iloc[0])
         own = out.loc[group.index[group["optimizer"] == best], "on_edge"].any()

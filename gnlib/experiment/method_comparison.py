@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from gnlib.experiment.lr_choice import best_variants
 from gnlib.runtime import check_choice
 
 #: The study's first-order baselines: :func:`gain_shares` measures gains over the best of them at each batch.
@@ -125,7 +126,8 @@ def gain_shares(
     With S the median steps to target over seeds at the tuned LR (:func:`tuned_medians`), S_fo the fewest
     among ``first_order`` at that batch and S_GN full GN's, a method's share is (S_fo − S) / (S_fo − S_GN)
     (:func:`gain_share`): 1 as fast as full GN, 0 no faster than the best first-order method. The variants
-    of one optimizer (e.g. K-FAC's dampings, ``kfac (damping=0.1)``) count as one method at the best of them.
+    of one optimizer (e.g. K-FAC's dampings, ``kfac (damping=0.1)``) count as one method at the best of them
+    (:func:`~gnlib.experiment.lr_choice.best_variants`: fewest steps, then lowest final loss).
 
     Args:
         table: a study table with ``chosen`` marked (:func:`~gnlib.experiment.study.study_table_from_sweep`).
@@ -152,6 +154,7 @@ def gain_shares(
     if not baselines:
         raise ValueError(f"first_order={list(first_order)}: none is in the table; its settings are {names}")
     medians = tuned_medians(table)
+    winners = best_variants(table)
     steps = medians["steps_to_target"].astype(float).unstack("optimizer")
     tokens = medians["tokens_per_step"].groupby("micro_batches").first()
     ran = table.groupby("micro_batches")["optimizer"].agg(set)
@@ -172,7 +175,10 @@ def gain_shares(
             if setting not in ran[m] or method == full or (method in first_order and not include_first_order):
                 continue
             s = float(row[setting])
-            if method not in methods or (s < methods[method][1] or np.isnan(methods[method][1])):
+            if (method, int(m)) in winners:  # numeric variants: the best by steps, then final loss
+                if winners[(method, int(m))] == setting:
+                    methods[method] = (setting, s)
+            elif method not in methods or s < methods[method][1] or np.isnan(methods[method][1]):
                 methods[method] = (setting, s)
         for method, (setting, s) in methods.items():
             share = gain_share(s_fo, s, s_full) if not np.isnan([s, s_fo, s_full]).any() else float("nan")

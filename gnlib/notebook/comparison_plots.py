@@ -63,20 +63,25 @@ def directions_vs_steps(
         fig = new_figure(figsize=(6, 4))
         ax = fig.subplots()
         colours = dict(zip(data["method"], sns.color_palette(n_colors=max(len(data), 1))))
+        labels = []
         for row, name in zip(data.itertuples(index=False), names):
             colour = colours[row.method]
             at = (getattr(row, x), row.plot_y)
             if row.missed:
                 ax.scatter(*at, s=70, marker="v", facecolors="none", edgecolors=colour, linewidths=1.5)
-                label = f"{name} (missed: share < {row.plot_y:.2f})"
+                labels.append((f"{name} (missed: share < {row.plot_y:.2f})", at))
             else:
                 ax.scatter(*at, s=60, color=colour)
-                label = name
-            ax.annotate(label, at, textcoords="offset points", xytext=(5, 4))
+                labels.append((name, at))
         ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
         ax.axhline(0.0, color="0.6", linestyle=":", linewidth=1)
         low, high = data[x].min(), data[x].max()
         if len(data) and low > 0 and high > 10 * low:  # ratios spread over decades: a log axis separates them
             ax.set_xscale("log")
+        to_axes = ax.transData + ax.transAxes.inverted()
+        for label, at in labels:  # labels of points in the right third run leftwards, inside the axes
+            right = to_axes.transform(at)[0] > 2 / 3
+            offset, align = ((-6, -12), "right") if right else ((5, 4), "left")
+            ax.annotate(label, at, textcoords="offset points", xytext=offset, ha=align)
         _label(ax, x.replace("_", " ") + " (directions, vs exact GN)", y.replace("_", " ") + " (steps)", title)
     return fig

@@ -52,13 +52,17 @@ PAGES = (Path("README.md"), Path("docs"))
 #: A generated block: ``<!-- results: NAME -->`` (every table), ``<!-- results: NAME headline -->`` (steps and
 #: ratios) or ``<!-- results: NAME largest -->`` (one table at the largest batch), its body, ``<!-- /results -->``.
 _BLOCK = (
-    r"(?P<open><!-- results: (?P<label>(?P<name>{name})(?: (?P<part>headline|largest))?) -->\n)"
+    r"(?P<open><!-- results: (?P<label>(?P<name>{name})(?: (?P<part>headline|largest|shares))?) -->\n)"
     r"(?P<body>.*?)(?P<close><!-- /results -->)"
 )
 
 
 def results_markdown(
-    results_csv: str | Path, reference: str = "gn", headline: bool = False, largest: bool = False
+    results_csv: str | Path,
+    reference: str = "gn",
+    headline: bool = False,
+    largest: bool = False,
+    shares: bool = False,
 ) -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
@@ -73,6 +77,8 @@ def results_markdown(
         headline: only the steps to target and the ratios (the tables a front page quotes).
         largest: only the run time and one table at the largest batch: each target's steps (on the EMA and
             the raw iterate where runs have an EMA) and ratio to ``reference`` (a front page's summary).
+        shares: only the table of each method's share of ``reference``'s step gain over the best first-order
+            method at every batch (empty without such methods).
 
     Returns:
         The markdown text: the runs and their wall time; steps to target per setting and tokens per step
@@ -102,6 +108,8 @@ def results_markdown(
     reference = reference if reference in settings else settings[0]
     if largest:
         return _largest_summary(raw, chosen, settings, batches[-1], reference)
+    if shares:
+        return "\n".join(_shares_section(chosen, batches, reference)).rstrip("\n") + "\n"
     lines = []
     if "steps_to_early_target" in chosen.columns:
         early = at_early_target(chosen)
@@ -232,13 +240,16 @@ def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) ->
     ]
     if len(picked):
         chosen_variants = ", ".join(f"{s} at {b:,}" for (_, b), s in picked.items())
-        lines += [f"Variants at the fewest steps (their options tuned per batch): {chosen_variants}.", ""]
+        rule = "fewest steps, then lowest final loss; options tuned with the LR"
+        lines += [f"Variants chosen at each batch ({rule}): {chosen_variants}.", ""]
     return lines
 
 
 def _share_cell(shares: pd.DataFrame, method: str, tokens: int) -> str:
-    """A method's share of full GN's gain at one batch: "0.42", "missed (< -1.20)" (the share its run's steps
-    would have had), "missed", or "-" (not run, or no gain to share)."""
+    """A method's share of full GN's gain at one batch: "0.42", "missed (< -1.20)", "missed" or "-".
+
+    "missed (< x)": x is the share at the steps its runs took; "-": not run, or no gain to share.
+    """
     if (method, tokens) not in shares.index:
         return "-"
     row = shares.loc[(method, tokens)]
@@ -331,8 +342,11 @@ def page_blocks(page: str | Path) -> dict[str, str]:
 
 
 def block_markdown(results_csv: str | Path, label: str) -> str:
-    """The text of a block labelled ``label`` (``"NAME"``, ``"NAME headline"`` or ``"NAME largest"``)."""
-    return results_markdown(results_csv, headline=label.endswith(" headline"), largest=label.endswith(" largest"))
+    """The text of a block labelled ``label``: ``NAME``, or ``NAME`` and a part: headline, largest or shares."""
+    part = label.split(" ")[-1]
+    return results_markdown(
+        results_csv, headline=part == "headline", largest=part == "largest", shares=part == "shares"
+    )
 
 
 def update_pages(pages: list[str | Path], name: str, results_csv: str | Path) -> list[Path]:

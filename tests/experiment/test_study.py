@@ -82,8 +82,16 @@ def test_choose_lr_weighs_numeric_variants_against_each_other():
         rows = []
         for damping, lr_steps in steps.items():
             for lr, s in zip((0.3, 1.0, 3.0), lr_steps):
-                rows.append(dict(optimizer=f"kfac (damping={damping})", micro_batches=4, lr=lr * float(damping),
-                                 seed=0, steps_to_target=s, final_val_loss=2.0 if s else 2.5))
+                rows.append(
+                    dict(
+                        optimizer=f"kfac (damping={damping})",
+                        micro_batches=4,
+                        lr=lr * float(damping),
+                        seed=0,
+                        steps_to_target=s,
+                        final_val_loss=2.0 if s else 2.5,
+                    )
+                )
         return pd.DataFrame(rows)
 
     # damping 0.1 wins inside both its LR grid and the dampings: no edge anywhere, though 1.0's best LR is its 0.3
@@ -463,6 +471,11 @@ def test_gain_shares_by_hand():
     assert shares.loc[("kfac", 4), "setting"] == "kfac (damping=1.0)"  # the damping that reached it
     assert shares.loc[("kfac", 4), "gain_share"] == pytest.approx((30 - 24) / (30 - 10))  # over Muon, not AdamW
     assert shares.loc[("shampoo", 1), "gain_share"] == pytest.approx((40 - 45) / (40 - 20))  # slower: negative
+    all_missed = study(
+        {"gn": {1: 10}, "muon": {1: 30}, "kfac (damping=0.1)": {1: None}, "kfac (damping=1.0)": {1: None}}
+    )
+    all_missed.loc[all_missed["optimizer"] == "kfac (damping=1.0)", "final_val_loss"] = 0.5
+    assert gain_shares(all_missed)["setting"].tolist() == ["kfac (damping=1.0)"]  # none reached: the lower loss
     missed = study({"gn": {1: 50}, "adamw": {1: 40}, "psgd": {1: None}})
     assert math.isnan(gain_shares(missed)["gain_share"].item())  # GN gains nothing here, and PSGD missed
     assert gain_shares(study({"gn": {1: 5}, "adamw": {1: 9}})).empty
