@@ -47,6 +47,9 @@ STUDY_45M_STEPS = {"gn": "54", "gn_layerwise": "78", "soap": "292", "muon": "abo
 #: The study's exact step counts among :data:`STUDY_45M_STEPS`.
 _STUDY_NUMBERS = {o: s for o, s in STUDY_45M_STEPS.items() if s.isdigit()}
 RESULTS_DIR, FIGURES_DIR = Path("notebooks/results"), Path("notebooks/figures")
+#: Notebook 02's table of directions against steps (written with ``directions_results``), published beside
+#: a sweep's results.csv.
+DIRECTIONS_FILE = "directions_vs_steps.csv"
 #: The pages whose blocks are regenerated when none is given: README and every page under docs/.
 PAGES = (Path("README.md"), Path("docs"))
 #: A generated block: ``<!-- results: NAME -->`` (every table), ``<!-- results: NAME headline -->`` (steps and
@@ -63,6 +66,7 @@ def results_markdown(
     headline: bool = False,
     largest: bool = False,
     shares: bool = False,
+    directions: str | Path | None = None,
 ) -> str:
     """Markdown tables of a batch-size sweep: steps to target with the seed spread, ratios, critical batch, costs.
 
@@ -79,6 +83,9 @@ def results_markdown(
             the raw iterate where runs have an EMA) and ratio to ``reference`` (a front page's summary).
         shares: only the table of each method's share of ``reference``'s step gain over the best first-order
             method at every batch (empty without such methods).
+        directions: notebook 02's ``directions_vs_steps.csv`` (default: that file beside ``results_csv``,
+            if there is one): the full text then ends with each direction's agreement with exact GN beside
+            its method's share of the step gain.
 
     Returns:
         The markdown text: the runs and their wall time; steps to target per setting and tokens per step
@@ -138,6 +145,9 @@ def results_markdown(
             "",
         ]
     lines += _largest_batch_section(chosen, settings, batches[-1], unit)
+    directions = Path(results_csv).parent / DIRECTIONS_FILE if directions is None else Path(directions)
+    if directions.is_file():
+        lines += _directions_section(pd.read_csv(directions))
     edge = chosen.loc[chosen["on_edge"], ["optimizer", "tokens_per_step", "lr"]].drop_duplicates()
     edges = ", ".join(f"{NAMES.get(o, o)} at {int(b):,} ({lr:g})" for o, b, lr in edge.itertuples(index=False))
     lines.append(f"Tuned LRs on the edge of their grid: {edges or 'none'}.")
@@ -245,6 +255,30 @@ def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) ->
     return lines
 
 
+def _directions_section(points: pd.DataFrame) -> list[str]:
+    """Lines of the table of each direction's agreement with exact GN beside its method's step-gain share."""
+    step, tokens = int(points["step"].iloc[0]), int(points["tokens_per_step"].iloc[0])
+    rows = [
+        [
+            row["direction"],
+            f"{row['cosine']:.3f}",
+            f"{row['reduction_ratio']:.3f}",
+            f"{row['gain_share']:.2f}"
+            if not np.isnan(row["gain_share"])
+            else f"missed (< {row['gain_share_at_most']:.2f})",
+        ]
+        for _, row in points.iterrows()
+    ]
+    return [
+        f"Directions against steps: each method's direction at step {step} of notebook 05 (cosine with exact GN's, "
+        f"share of the decrease of GN's quadratic model) beside its share of full GN's step gain at {tokens:,} "
+        "tokens per step:",
+        "",
+        _table(["direction", "cosine", "share of GN's decrease", "share of GN's step gain"], rows),
+        "",
+    ]
+
+
 def _share_cell(shares: pd.DataFrame, method: str, tokens: int) -> str:
     """A method's share of full GN's gain at one batch: "0.42", "missed (< -1.20)", "missed" or "-".
 
@@ -341,15 +375,21 @@ def page_blocks(page: str | Path) -> dict[str, str]:
     return {m["label"]: m["body"] for m in re.finditer(_BLOCK.format(name=r"[\w.-]+"), text, re.DOTALL)}
 
 
-def block_markdown(results_csv: str | Path, label: str) -> str:
+def block_markdown(results_csv: str | Path, label: str, directions: str | Path | None = None) -> str:
     """The text of a block labelled ``label``: ``NAME``, or ``NAME`` and a part: headline, largest or shares."""
     part = label.split(" ")[-1]
     return results_markdown(
-        results_csv, headline=part == "headline", largest=part == "largest", shares=part == "shares"
+        results_csv,
+        headline=part == "headline",
+        largest=part == "largest",
+        shares=part == "shares",
+        directions=directions,
     )
 
 
-def update_pages(pages: list[str | Path], name: str, results_csv: str | Path) -> list[Path]:
+def update_pages(
+    pages: list[str | Path], name: str, results_csv: str | Path, directions: str | Path | None = None
+) -> list[Path]:
     """Regenerate every block of sweep ``name`` in ``pages`` from ``results_csv``; each page written atomically.
 
     Returns:
@@ -372,7 +412,9 @@ def update_pages(pages: list[str | Path], name: str, results_csv: str | Path) ->
             "where its tables go"
         )
     labels = {m["label"] for text in holding.values() for m in pattern.finditer(text)}
-    markdown = {label: block_markdown(results_csv, label) for label in sorted(labels)}  # before any page is written
+    markdown = {
+        label: block_markdown(results_csv, label, directions) for label in sorted(labels)
+    }  # before any page is written
     for page, text in holding.items():
         atomic_write_text(page, pattern.sub(lambda m: m["open"] + markdown[m["label"]] + m["close"], text))
     return list(holding)
@@ -383,7 +425,8 @@ def publish(sweep_dir: str | Path, figures: str | Path | None = None, pages: lis
 
     Args:
         sweep_dir: a sweep folder of notebook 02 (``results.csv``, ``sweep.json``).
-        figures: folder of the summary's PNG figures, copied to ``notebooks/figures/``.
+        figures: folder of the summary's PNG figures, copied to ``notebooks/figures/`` (and its
+            ``directions_vs_steps.csv``, if any, to the tables).
         pages: the pages whose blocks of this sweep to regenerate (default :func:`default_pages`).
 
     Returns:
@@ -398,12 +441,15 @@ def publish(sweep_dir: str | Path, figures: str | Path | None = None, pages: lis
     if missing:
         raise ValueError(f"sweep_dir={str(sweep_dir)!r} lacks {missing}: run `python -m gnlib.tools.sweep GRID` first")
     name = sweep_dir.name
-    update_pages(default_pages() if pages is None else pages, name, sweep_dir / "results.csv")
+    directions = Path(figures) / DIRECTIONS_FILE if figures and (Path(figures) / DIRECTIONS_FILE).is_file() else None
+    update_pages(default_pages() if pages is None else pages, name, sweep_dir / "results.csv", directions)
     target = RESULTS_DIR / name
     target.mkdir(parents=True, exist_ok=True)
     if target.resolve() != sweep_dir.resolve():  # republishing the committed tables copies nothing
         for file in ("results.csv", "sweep.json"):
             shutil.copyfile(sweep_dir / file, target / file)
+    if directions is not None:
+        shutil.copyfile(directions, target / DIRECTIONS_FILE)
     for png in sorted(Path(figures).glob("*.png")) if figures else []:
         shutil.copyfile(png, FIGURES_DIR / f"{name}_{png.name}")
     return target

@@ -178,12 +178,36 @@ def test_cli_publishes_tables_and_refuses_a_folder_without_a_sweep(tmp_path, cap
     assert "none.md does not exist" in capsys.readouterr().err
 
 
+def test_a_directions_table_beside_the_results_ends_the_full_block(tmp_path):
+    """Notebook 02's directions_vs_steps.csv beside results.csv: one row per direction, a missed share as its bound."""
+    sweep_table(tmp_path)
+    (tmp_path / "sweep.json").write_text('{"grid": [{"optimizers": ["adamw", "muon", "gn"]}]}')
+    assert "Directions against steps" not in results_markdown(tmp_path / "results.csv")
+    pd.DataFrame(
+        {
+            "method": ["kfac", "muon"],
+            "direction": ["K-FAC", "Muon"],
+            "cosine": [0.3584, 0.0893],
+            "reduction_ratio": [0.0388, 0.0139],
+            "gain_share": [NAN, 0.0],
+            "gain_share_at_most": [-1.2, 0.0],
+            "tokens_per_step": [4096, 4096],
+            "step": [0, 0],
+        }
+    ).to_csv(tmp_path / "directions_vs_steps.csv", index=False)
+    text = results_markdown(tmp_path / "results.csv")
+    assert "beside its share of full GN's step gain at 4,096 tokens per step" in text
+    assert "| K-FAC | 0.358 | 0.039 | missed (< -1.20) |" in text and "| Muon | 0.089 | 0.014 | 0.00 |" in text
+    assert "Directions against steps" not in results_markdown(tmp_path / "results.csv", headline=True)
+
+
 def test_the_docs_results_are_regenerated_from_the_committed_sweep_tables(monkeypatch):
     """Every results block of README and docs/ equals the markdown made from its committed table: none is typed."""
     monkeypatch.chdir(REPO)
     blocks = {(page, label): body for page in default_pages() for label, body in page_blocks(page).items()}
     published = {("README.md", "cpu_study headline"), ("docs/results.md", "cpu_study")}
     published |= {("README.md", "cpu_paper_study largest"), ("docs/results.md", "cpu_paper_study")}
+    published |= {("README.md", "cpu_practical shares"), ("docs/results.md", "cpu_practical")}
     assert {(Path(page), label) for page, label in published} <= set(blocks)
     for (page, label), block in blocks.items():
         name = label.split()[0]
