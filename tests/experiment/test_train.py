@@ -140,14 +140,15 @@ RUNNER = textwrap.dedent(
     import sys, time, torch
     from gnlib.data import load_corpus
     from gnlib.models import build_model
+    from gnlib.optim.registry import build_optimizer
     from gnlib.experiment.train import TrainSettings, train
 
-    run_dir, slow = sys.argv[1], float(sys.argv[2])
+    run_dir, slow, name, lr = sys.argv[1], float(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    torch.manual_seed(0)  # K-FAC samples its Fisher targets
     corpus = load_corpus()
     model = build_model("tiny", seed=0, d_model=32, n_layers=1, n_heads=2, d_ff=64)
     batches = corpus.sampler("train", 8, 32, seed=0)
     val = corpus.fixed_batches("val", 8, 32, 4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     inner = batches.__call__
 
     class Slow:
@@ -157,20 +158,24 @@ RUNNER = textwrap.dedent(
         state_dict = batches.state_dict
         load_state_dict = batches.load_state_dict
 
-    train(model, optimizer, Slow(), val, TrainSettings(steps=12, eval_every=3, run_dir=run_dir, checkpoint_every=2,
+    slowed = Slow()
+    optimizer = build_optimizer(name, model, slowed, lr, {})
+    train(model, optimizer, slowed, val, TrainSettings(steps=12, eval_every=3, run_dir=run_dir, checkpoint_every=2,
           metadata={"test": "resume"}, progress=False))
     """
 )
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("name, lr", [("adamw", 3e-3), ("kfac", 0.1), ("shampoo", 0.01), ("psgd", 0.01)])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, name, lr):
+    """kill -9 mid-run, then the same command: the resumed run's history and weights equal an uninterrupted run's."""
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run([sys.executable, str(script), str(straight), "0"], check=True, env=env)
+    subprocess.run([sys.executable, str(script), str(straight), "0", name, str(lr)], check=True, env=env)
 
-    process = subprocess.Popen([sys.executable, str(script), str(killed), "0.25"], env=env)
+    process = subprocess.Popen([sys.executable, str(script), str(killed), "0.25", name, str(lr)], env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if (killed / CHECKPOINT).exists() and len(History.load(killed).rows) >= 5:
@@ -181,7 +186,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     partial = History.load(killed)
     assert partial.status == "running" and 5 <= len(partial.rows) < 13
 
-    subprocess.run([sys.executable, str(script), str(killed), "0"], check=True, env=env)
+    subprocess.run([sys.executable, str(script), str(killed), "0", name, str(lr)], check=True, env=env)
     resumed, reference = History.load(killed), History.load(straight)
     assert resumed.status == reference.status == "completed"
     assert without_time(resumed.rows) == without_time(reference.rows)
