@@ -168,7 +168,7 @@ RUNNER = textwrap.dedent(
 
 @pytest.mark.parametrize("name, lr", [("adamw", 3e-3), ("kfac", 0.1), ("shampoo", 0.01), ("psgd", 0.01)])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, name, lr):
-    """kill -9 mid-run, then the same command: the resumed run's history and weights equal an uninterrupted run's."""
+    """Kill -9 mid-run, then the same command: the resumed run's history and weights equal an uninterrupted run's."""
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
