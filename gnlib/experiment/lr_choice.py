@@ -3,7 +3,8 @@
 Best = fewest median steps to the target over seeds, ties (or no LR reaching it) broken by the median final
 validation loss. :func:`choose_lr` marks the tuned runs of a study table; :func:`lr_sweep` runs one spec
 over an LR grid and picks its best. An optimizer's variants tuned together with its LR (e.g. K-FAC's
-dampings, settings labelled ``kfac (damping=0.1)``) are weighed against one another by the same rule.
+dampings, settings labelled ``kfac (damping=0.1)``, marked by :data:`VARIANT_OF`) are weighed against one
+another by the same rule.
 """
 
 from __future__ import annotations
@@ -54,44 +55,62 @@ def _ranked(group: pd.DataFrame, key: str) -> pd.DataFrame:
     return by_key.sort_values(["_steps", "_loss"])
 
 
-#: A variant's label (:func:`~gnlib.experiment.study.variant_label`) with one numeric value: family, value.
-_NUMERIC_VARIANT = re.compile(r"^(?P<family>[^ ]+) \((?P<key>\w+)=(?P<value>[-+0-9.eE]+)\)$")
+#: Column of a study table naming, for a run whose optimizer options were tuned together with its LR (a sweep's
+#: ``replicate.at_best`` holds ``hyperparameters``), the optimizer its variant belongs to: ``kfac`` for
+#: ``kfac (damping=0.1)``. Absent, or empty for a row, where the options define settings of their own.
+VARIANT_OF = "variant_of"
+#: A ``key=number`` option of a variant's label (:func:`~gnlib.experiment.study.variant_label`).
+_NUMERIC_OPTION = re.compile(r"(\w+)=([-+0-9.eE]+)")
 
 
 def best_variants(table: pd.DataFrame) -> dict[tuple[str, int], str]:
-    """The best of each optimizer's numeric variants at each batch: (family, micro_batches) → setting.
+    """The best variant of each optimizer tuned over options and LR, at each batch size.
 
-    ``table`` has ``chosen`` marked (:func:`choose_lr`); variants such as ``kfac (damping=0.1)`` are ranked on
-    their tuned runs by fewest median steps to target, then final validation loss (as LRs are). A family
-    with one variant at a batch maps to it.
+    Args:
+        table: a study table with ``chosen`` marked (:func:`choose_lr`) and a :data:`VARIANT_OF` column.
+
+    Returns:
+        (optimizer, micro_batches) → the setting (e.g. ``kfac (damping=0.01)``) whose tuned runs have the
+        fewest median steps to target, then the lowest median final validation loss, as LRs are ranked.
+        Empty without a :data:`VARIANT_OF` column.
     """
-    parsed = table["optimizer"].str.extract(_NUMERIC_VARIANT)
-    variants = table.loc[parsed["family"].notna() & table["chosen"]].assign(_family=parsed["family"])
+    if VARIANT_OF not in table.columns:
+        return {}
+    variants = table.loc[table[VARIANT_OF].notna() & table["chosen"]]
     return {
         (family, int(m)): str(_ranked(group, "optimizer").index[0])
-        for (family, m), group in variants.groupby(["_family", "micro_batches"], sort=False)
+        for (family, m), group in variants.groupby([VARIANT_OF, "micro_batches"], sort=False)
     }
 
 
-def _mark_variant_edges(out: pd.DataFrame) -> None:
-    """Within each optimizer's numeric variants at one batch (e.g. ``kfac (damping=0.1)``), flag the best only.
+def _option_value(setting: str) -> tuple[str, float] | None:
+    """The option of a variant's label with one numeric option, e.g. ``("damping", 0.1)``; else None."""
+    options = setting.partition(" (")[2].removesuffix(")").split(", ")
+    found = _NUMERIC_OPTION.fullmatch(options[0]) if len(options) == 1 else None
+    return (found[1], float(found[2])) if found else None
 
-    The best variant (:func:`_ranked` over the variants' tuned runs) keeps its LR's edge flag and is also
-    on the edge when its value is the smallest or largest of the family's values at that batch; the other
-    variants are not tuned points, so their flags are cleared. Edits ``out`` in place.
+
+def _mark_variant_edges(out: pd.DataFrame) -> None:
+    """Among an optimizer's variants tuned with the LR, at one batch, flag the best variant only.
+
+    The best (:func:`best_variants`) keeps its own LR's edge flag, and is also on the edge when its option's
+    value is the smallest or largest tried at that batch (variants differing in one numeric option). The
+    other variants' runs are not tuned points, so their flags are cleared; a lone variant keeps its LR's flag.
+    Edits ``out`` in place.
     """
-    parsed = out["optimizer"].str.extract(_NUMERIC_VARIANT)
-    variants = out.loc[parsed["family"].notna()].assign(_family=parsed["family"], _value=parsed["value"].astype(float))
     winners = best_variants(out)
-    for (family, m), group in variants.groupby(["_family", "micro_batches"], sort=False):
+    for (family, m), group in out.loc[out[VARIANT_OF].notna()].groupby([VARIANT_OF, "micro_batches"], sort=False):
         if group["optimizer"].nunique() < 2:
             continue
-        best = winners[(family, int(m))]
-        values = sorted(set(group["_value"]))
-        value = float(group.loc[group["optimizer"] == best, "_value"].iloc[0])
-        own = out.loc[group.index[group["optimizer"] == best], "on_edge"].any()
+        best = group.index[group["optimizer"] == winners[(family, int(m))]]
+        own = bool(out.loc[best, "on_edge"].any())
+        options = {setting: _option_value(setting) for setting in group["optimizer"].unique()}
+        keys = {option[0] if option else None for option in options.values()}
+        values = sorted(option[1] for option in options.values() if option)
+        value = options[winners[(family, int(m))]]
+        at_end = len(keys) == 1 and None not in keys and value is not None and value[1] in (values[0], values[-1])
         out.loc[group.index, "on_edge"] = False
-        out.loc[group.index[group["optimizer"] == best], "on_edge"] = bool(own or value in (values[0], values[-1]))
+        out.loc[best, "on_edge"] = own or at_end
 
 
 def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batches")) -> pd.DataFrame:
@@ -103,9 +122,10 @@ def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batc
 
     Returns:
         A copy of ``table`` with ``chosen`` (bool) and ``on_edge`` (bool, the same for all rows of a
-        setting: its best LR is at an end of its grid, so the true optimum may lie outside). Among an
-        optimizer's numeric variants at one batch (``kfac (damping=0.1)``, ``kfac (damping=1.0)``), only
-        the best variant can be on the edge: of its LR grid, or of the variants' values.
+        setting: its best LR is at an end of its grid, so the true optimum may lie outside). With a
+        :data:`VARIANT_OF` column, an optimizer's variants tuned with the LR (``kfac (damping=0.1)``,
+        ``kfac (damping=1.0)``) are weighed against each other at each batch: only the best can be on the
+        edge, of its LR grid or of the option's values.
     """
     missing = [c for c in ("lr", "steps_to_target", "final_val_loss", *by) if c not in table.columns]
     if missing:
@@ -116,7 +136,7 @@ def choose_lr(table: pd.DataFrame, by: Sequence[str] = ("optimizer", "micro_batc
         best, edge = _best_lr(group)
         out.loc[group.index, "chosen"] = np.isclose(group["lr"].astype(float), best, rtol=1e-12, atol=0)
         out.loc[group.index, "on_edge"] = edge
-    if "optimizer" in by and "micro_batches" in by:
+    if VARIANT_OF in out.columns and {"optimizer", "micro_batches"} <= set(by):
         _mark_variant_edges(out)
     return out
 

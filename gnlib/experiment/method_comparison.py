@@ -126,8 +126,9 @@ def gain_shares(
     With S the median steps to target over seeds at the tuned LR (:func:`tuned_medians`), S_fo the fewest
     among ``first_order`` at that batch and S_GN full GN's, a method's share is (S_fo − S) / (S_fo − S_GN)
     (:func:`gain_share`): 1 as fast as full GN, 0 no faster than the best first-order method. The variants
-    of one optimizer (e.g. K-FAC's dampings, ``kfac (damping=0.1)``) count as one method at the best of them
-    (:func:`~gnlib.experiment.lr_choice.best_variants`: fewest steps, then lowest final loss).
+    of one optimizer (e.g. K-FAC's dampings, ``kfac (damping=0.1)``) count as one method at the best of them:
+    :func:`~gnlib.experiment.lr_choice.best_variants` where they were tuned with the LR (fewest steps, then
+    lowest final loss), else the fewest steps.
 
     Args:
         table: a study table with ``chosen`` marked (:func:`~gnlib.experiment.study.study_table_from_sweep`).
@@ -141,9 +142,10 @@ def gain_shares(
         (the best one's name), ``first_order_steps``, ``full_steps``, ``gain_share``, ``gain_share_at_most``.
         Steps are NaN where the target was missed; the share is NaN where the method, full GN or every
         first-order method missed it, or full GN gains nothing. ``gain_share_at_most`` bounds a share that a
-        missed target leaves unknown: a method that missed within N steps (the most any run of its setting
-        took there, with a ``steps`` column) needs S > N, so its share is below that of S = N; where the
-        method reached the target it equals ``gain_share``. Empty without another method.
+        missed target leaves unknown (with a ``steps`` column): each seed at the tuned LR needs at least its
+        steps to target, or more than the steps it ran where it missed, so the median S is at least the
+        median N of these and the share at most that of S = N; where the method reached the target it equals
+        ``gain_share``. Empty without another method.
 
     Raises:
         ValueError: ``full`` or every ``first_order`` setting absent from ``table``.
@@ -158,11 +160,7 @@ def gain_shares(
     steps = medians["steps_to_target"].astype(float).unstack("optimizer")
     tokens = medians["tokens_per_step"].groupby("micro_batches").first()
     ran = table.groupby("micro_batches")["optimizer"].agg(set)
-    budget = (
-        table.groupby(["optimizer", "micro_batches"])["steps"].max().astype(float)
-        if "steps" in table.columns
-        else pd.Series(dtype=float)
-    )
+    at_least = _steps_at_least(table)
     rows = []
     for m, row in steps.iterrows():
         reached = row[baselines].dropna()
@@ -181,9 +179,8 @@ def gain_shares(
             elif method not in methods or s < methods[method][1] or np.isnan(methods[method][1]):
                 methods[method] = (setting, s)
         for method, (setting, s) in methods.items():
-            share = gain_share(s_fo, s, s_full) if not np.isnan([s, s_fo, s_full]).any() else float("nan")
-            ran_steps = float(budget.get((setting, m), np.nan)) if np.isnan(s) else s
-            at_most = gain_share(s_fo, ran_steps, s_full) if not np.isnan([ran_steps, s_fo, s_full]).any() else share
+            share = _share_if_known(s_fo, s, s_full)
+            at_most = share if not np.isnan(s) else _share_if_known(s_fo, at_least.get((setting, m), np.nan), s_full)
             rows.append(
                 dict(
                     method=method,
@@ -200,6 +197,25 @@ def gain_shares(
             )
     columns = ["method", "setting", "micro_batches", "tokens_per_step", "steps_to_target", "first_order"]
     return pd.DataFrame(rows, columns=[*columns, "first_order_steps", "full_steps", "gain_share", "gain_share_at_most"])
+
+
+def _share_if_known(steps_baseline: float, steps_variant: float, steps_full: float) -> float:
+    """:func:`gain_share`, NaN where any of the three step counts is NaN (a missed target)."""
+    known = not np.isnan([steps_baseline, steps_variant, steps_full]).any()
+    return gain_share(steps_baseline, steps_variant, steps_full) if known else float("nan")
+
+
+def _steps_at_least(table: pd.DataFrame) -> pd.Series:
+    """Median over seeds at the tuned LR of a lower bound on each seed's steps to target: index (optimizer, m).
+
+    A seed that reached the target needed its ``steps_to_target``; one that missed it needs more than the
+    ``steps`` it ran. Empty without a ``steps`` column.
+    """
+    if "steps" not in table.columns:
+        return pd.Series(dtype=float)
+    chosen = table.loc[table["chosen"]] if "chosen" in table.columns else table
+    bound = chosen["steps_to_target"].astype(float).fillna(chosen["steps"].astype(float))
+    return bound.groupby([chosen["optimizer"], chosen["micro_batches"]]).median()
 
 
 def directions_against_steps(

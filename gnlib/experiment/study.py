@@ -26,7 +26,7 @@ import torch
 
 from gnlib.checks import check_positive_int, check_positive_number, check_writable
 from gnlib.distributed import barrier, is_main
-from gnlib.experiment.lr_choice import choose_lr
+from gnlib.experiment.lr_choice import VARIANT_OF, choose_lr
 from gnlib.experiment.method_comparison import tuned_medians
 from gnlib.experiment.run_folder import CHECKPOINT, run_folder_lock
 from gnlib.experiment.runs import OPTIMIZERS, RunSpec, checkpoint_bytes, run, summarize
@@ -367,8 +367,10 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
     whole sweep (:func:`choose_lr`). A grid key of the sweep (its ``sweep.json``) other than the optimizer,
     batch, LR and seed, such as ``hyperparameters`` or ``batch_size`` in an ablation, makes each of its
     values a setting of its own: the ``optimizer`` column reads e.g. ``gn (warm_start=False)``
-    (:func:`variant_label`). A sweep whose grid ``extends`` a published one (docs/sweeps.md) is read with
-    that sweep's runs first, as one study.
+    (:func:`variant_label`). Where the sweep tuned such a key together with the LR (its ``replicate.at_best``
+    names it, as K-FAC's damping), column :data:`~gnlib.experiment.lr_choice.VARIANT_OF` names each variant's
+    optimizer, and :func:`choose_lr` weighs the variants against each other. A sweep whose grid ``extends``
+    a published one (docs/sweeps.md) is read with that sweep's runs first, as one study.
 
     Args:
         sweep_results: the sweep's ``results.csv``.
@@ -401,13 +403,19 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
     wanted = STUDY_COLUMNS + (EARLY_TARGET_COLUMNS if early else ())
     axes = list(dict.fromkeys(k for path, _ in sweeps for k in _sweep_grid_keys(path.parent) if k not in _STUDY_AXES))
     rows = [_study_rows(raw.loc[raw["status"] == "ok"], wanted, axes) for _, raw in sweeps]
+    co_tuned = [set(axes) & _tuned_with_lr(path.parent) for path, _ in sweeps]
     table = pd.concat(rows, ignore_index=True)
     table["steps_to_target"] = table["steps_to_target"].astype(float)
     if axes:
+        names = table["optimizer"]
         table["optimizer"] = [
             variant_label(name, {k: v for k, v in values.items() if not _missing(v)})
-            for name, values in zip(table["optimizer"], table[axes].to_dict(orient="records"))
+            for name, values in zip(names, table[axes].to_dict(orient="records"))
         ]
+        if any(co_tuned):  # options tuned with the LR: each optimizer's variants are one method's candidates
+            sweep_of_row = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+            tuned = np.array([bool(co_tuned[i]) for i in sweep_of_row]) & (table["optimizer"] != names).to_numpy()
+            table[VARIANT_OF] = names.where(tuned)
         table = table.drop(columns=[k for k in axes if k not in wanted])
     return choose_lr(table)
 
@@ -438,6 +446,15 @@ def variant_label(optimizer: str, values: Mapping[str, Any]) -> str:
         else:
             parts.append(f"{key}={value}")
     return f"{optimizer} ({', '.join(parts)})" if parts else optimizer
+
+
+def _tuned_with_lr(sweep_dir: Path) -> set[str]:
+    """Grid keys the sweep in ``sweep_dir`` tuned together with the LR: its ``replicate.at_best`` other than lr."""
+    try:
+        at_best = json.loads((sweep_dir / MANIFEST_FILE).read_text())["replicate"]["at_best"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return set([at_best] if isinstance(at_best, str) else at_best) - {"lr"}
 
 
 def _sweep_grid_keys(sweep_dir: Path) -> list[str]:

@@ -69,7 +69,7 @@ def directions_vs_steps(
             at = (getattr(row, x), row.plot_y)
             if row.missed:
                 ax.scatter(*at, s=70, marker="v", facecolors="none", edgecolors=colour, linewidths=1.5)
-                labels.append((f"{name} (missed: share < {row.plot_y:.2f})", at))
+                labels.append((f"{name} (missed: share ≤ {row.plot_y:.2f})", at))
             else:
                 ax.scatter(*at, s=60, color=colour)
                 labels.append((name, at))

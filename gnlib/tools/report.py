@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gnlib.experiment.lr_choice import VARIANT_OF
 from gnlib.experiment.method_comparison import FIRST_ORDER, gain_shares
 from gnlib.experiment.study import at_early_target, critical_batch_size, study_table_from_sweep
 from gnlib.experiment.sweep_results import read_results_table
@@ -150,7 +151,9 @@ def results_markdown(
         lines += _directions_section(pd.read_csv(directions))
     edge = chosen.loc[chosen["on_edge"], ["optimizer", "tokens_per_step", "lr"]].drop_duplicates()
     edges = ", ".join(f"{NAMES.get(o, o)} at {int(b):,} ({lr:g})" for o, b, lr in edge.itertuples(index=False))
-    lines.append(f"Tuned LRs on the edge of their grid: {edges or 'none'}.")
+    variants = VARIANT_OF in chosen.columns and chosen[VARIANT_OF].notna().any()
+    scope = " (an optimizer tuned over an option too: its best variant at each batch, of its LRs or the option)"
+    lines.append(f"Tuned LRs on the edge of their grid{scope if variants else ''}: {edges or 'none'}.")
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +245,7 @@ def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) ->
     lines = [
         f"Share of {NAMES.get(reference, reference)}'s step reduction over the best first-order method at each "
         "batch, (S_first-order − S) / (S_first-order − S_GN) on median steps: 1 as few steps as full GN, 0 no fewer "
-        'than the best of AdamW, Muon and SOAP; "missed (< x)" where a method missed the target, x '
+        'than the best of AdamW, Muon and SOAP; "missed (≤ x)" where a method missed the target, x '
         'being the share at the steps its runs took; "-" where it did not run or full GN gained nothing:',
         "",
         _table(["method", *[f"{b:,}" for b in batches]], rows),
@@ -256,16 +259,20 @@ def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) ->
 
 
 def _directions_section(points: pd.DataFrame) -> list[str]:
-    """Lines of the table of each direction's agreement with exact GN beside its method's step-gain share."""
+    """Lines of the table of each direction's agreement with exact GN beside its method's step-gain share.
+
+    ``points``: notebook 02's ``directions_vs_steps.csv`` (:func:`~gnlib.experiment.method_comparison.
+    directions_against_steps`); no lines when it is empty.
+    """
+    if points.empty:
+        return []
     step, tokens = int(points["step"].iloc[0]), int(points["tokens_per_step"].iloc[0])
     rows = [
         [
             row["direction"],
             f"{row['cosine']:.3f}",
             f"{row['reduction_ratio']:.3f}",
-            f"{row['gain_share']:.2f}"
-            if not np.isnan(row["gain_share"])
-            else f"missed (< {row['gain_share_at_most']:.2f})",
+            _share_text(row["gain_share"], row["gain_share_at_most"]),
         ]
         for _, row in points.iterrows()
     ]
@@ -280,16 +287,24 @@ def _directions_section(points: pd.DataFrame) -> list[str]:
 
 
 def _share_cell(shares: pd.DataFrame, method: str, tokens: int) -> str:
-    """A method's share of full GN's gain at one batch: "0.42", "missed (< -1.20)", "missed" or "-".
+    """A method's share of full GN's gain at one batch: "0.42", "missed (≤ -1.20)", "missed" or "-".
 
-    "missed (< x)": x is the share at the steps its runs took; "-": not run, or no gain to share.
+    "missed (≤ x)": x bounds the share by the steps its runs took; "-": not run, or no gain to share.
     """
     if (method, tokens) not in shares.index:
         return "-"
     row = shares.loc[(method, tokens)]
-    if np.isnan(row["steps_to_target"]):
-        return "missed" if np.isnan(row["gain_share_at_most"]) else f"missed (< {row['gain_share_at_most']:.2f})"
-    return "-" if np.isnan(row["gain_share"]) else f"{row['gain_share']:.2f}"
+    gain = row["first_order_steps"] - row["full_steps"]
+    if np.isnan(gain) or gain <= 0:
+        return "-"
+    return _share_text(row["gain_share"], row["gain_share_at_most"])
+
+
+def _share_text(share: float, at_most: float) -> str:
+    """A share as "0.42"; a missed target's as "missed (≤ x)" with its bound x, or "missed" without one."""
+    if not np.isnan(share):
+        return f"{share:.2f}"
+    return "missed" if np.isnan(at_most) else f"missed (≤ {at_most:.2f})"
 
 
 def _best_cell(best: pd.DataFrame, tokens: int) -> str:
@@ -377,7 +392,7 @@ def page_blocks(page: str | Path) -> dict[str, str]:
 
 def block_markdown(results_csv: str | Path, label: str, directions: str | Path | None = None) -> str:
     """The text of a block labelled ``label``: ``NAME``, or ``NAME`` and a part: headline, largest or shares."""
-    part = label.split(" ")[-1]
+    part = label.partition(" ")[2]
     return results_markdown(
         results_csv,
         headline=part == "headline",

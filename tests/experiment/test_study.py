@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gnlib.experiment.lr_choice import choose_lr, lr_sweep
+from gnlib.experiment.lr_choice import best_variants, choose_lr, lr_sweep
 from gnlib.experiment.method_comparison import (
     directions_against_steps,
     gain_share,
@@ -75,35 +75,47 @@ def test_choose_lr_compares_lrs_on_the_seeds_they_share():
     assert choose_lr(table.drop(columns="seed")).loc[lambda t: t["chosen"], "lr"].tolist() == [1e-1]
 
 
-def test_choose_lr_weighs_numeric_variants_against_each_other():
+def test_choose_lr_weighs_variants_tuned_with_the_lr_against_each_other():
     """K-FAC-like dampings tuned with the LR: only the best damping is a tuned point, flagged at its ends."""
 
-    def variants(steps: dict[str, list]) -> pd.DataFrame:
-        rows = []
-        for damping, lr_steps in steps.items():
-            for lr, s in zip((0.3, 1.0, 3.0), lr_steps):
-                rows.append(
-                    dict(
-                        optimizer=f"kfac (damping={damping})",
-                        micro_batches=4,
-                        lr=lr * float(damping),
-                        seed=0,
-                        steps_to_target=s,
-                        final_val_loss=2.0 if s else 2.5,
-                    )
-                )
+    def variants(steps: dict[str, list], key: str = "damping") -> pd.DataFrame:
+        rows = [
+            dict(
+                optimizer=f"kfac ({key}={value})",
+                variant_of="kfac",
+                micro_batches=4,
+                lr=lr * float(value),
+                seed=0,
+                steps_to_target=s,
+                final_val_loss=2.0 if s else 2.5,
+            )
+            for value, lr_steps in steps.items()
+            for lr, s in zip((0.3, 1.0, 3.0), lr_steps)
+        ]
         return pd.DataFrame(rows)
 
     # damping 0.1 wins inside both its LR grid and the dampings: no edge anywhere, though 1.0's best LR is its 0.3
-    inner = choose_lr(variants({"0.01": [50, 40, None], "0.1": [30, 20, 25], "1.0": [35, 45, 60]}))
-    assert not inner["on_edge"].any()
-    assert inner.loc[inner["chosen"], ["optimizer", "lr"]].values.tolist()[1] == ["kfac (damping=0.1)", 0.1]
+    inner = variants({"0.01": [50, 40, None], "0.1": [30, 20, 25], "1.0": [35, 45, 60]})
+    marked = choose_lr(inner)
+    assert not marked["on_edge"].any()
+    assert marked.loc[marked["chosen"], ["optimizer", "lr"]].values.tolist()[1] == ["kfac (damping=0.1)", 0.1]
+    assert best_variants(marked) == {("kfac", 4): "kfac (damping=0.1)"}
+    # without the column each damping is a setting of its own: 1.0's best LR is on its edge
+    separate = choose_lr(inner.drop(columns="variant_of"))
+    assert separate.loc[separate["on_edge"], "optimizer"].unique().tolist() == ["kfac (damping=1.0)"]
     # the smallest damping wins: on the edge of the dampings although its LR is inside its grid
     low = choose_lr(variants({"0.01": [30, 10, 25], "0.1": [30, 20, 25], "1.0": [35, 45, 60]}))
     assert low.loc[low["on_edge"], "optimizer"].unique().tolist() == ["kfac (damping=0.01)"]
+    # the middle damping wins at the edge of its own LRs: still on the edge
+    own = choose_lr(variants({"0.01": [50, 40, 45], "0.1": [30, 20, 10], "1.0": [35, 45, 60]}))
+    assert own.loc[own["on_edge"], "optimizer"].unique().tolist() == ["kfac (damping=0.1)"]
+    # variants of different options have no common scale: only the LR edge counts
+    mixed = pd.concat(
+        [variants({"0.01": [30, 10, 25]}), variants({"10": [30, 20, 25]}, key="inverse_every")], ignore_index=True
+    )
+    assert not choose_lr(mixed)["on_edge"].any()
     # a lone variant at a batch is judged by its LR alone
-    lone = choose_lr(variants({"0.1": [30, 20, 25]}).assign(optimizer="kfac (damping=0.1)"))
-    assert not lone["on_edge"].any()
+    assert not choose_lr(variants({"0.1": [30, 20, 25]}))["on_edge"].any()
 
 
 def test_lr_sweep_flags_an_optimum_at_the_grid_edge():
@@ -474,8 +486,10 @@ def test_gain_shares_by_hand():
     all_missed = study(
         {"gn": {1: 10}, "muon": {1: 30}, "kfac (damping=0.1)": {1: None}, "kfac (damping=1.0)": {1: None}}
     )
-    all_missed.loc[all_missed["optimizer"] == "kfac (damping=1.0)", "final_val_loss"] = 0.5
-    assert gain_shares(all_missed)["setting"].tolist() == ["kfac (damping=1.0)"]  # none reached: the lower loss
+    all_missed["variant_of"] = all_missed["optimizer"].where(all_missed["optimizer"].str.startswith("kfac ("))
+    all_missed["variant_of"] = all_missed["variant_of"].str.partition(" (")[0]
+    all_missed.loc[all_missed["optimizer"] == "kfac (damping=0.1)", "final_val_loss"] = 0.5
+    assert gain_shares(all_missed)["setting"].tolist() == ["kfac (damping=0.1)"]  # none reached: the lower loss
     missed = study({"gn": {1: 50}, "adamw": {1: 40}, "psgd": {1: None}})
     assert math.isnan(gain_shares(missed)["gain_share"].item())  # GN gains nothing here, and PSGD missed
     assert gain_shares(study({"gn": {1: 5}, "adamw": {1: 9}})).empty
@@ -485,6 +499,12 @@ def test_gain_shares_by_hand():
     assert math.isnan(bounds.loc["kfac", "gain_share"])
     assert bounds.loc["kfac", "gain_share_at_most"] == pytest.approx((30 - 60) / (30 - 10))  # needs S > 60
     assert bounds.loc["shampoo", "gain_share_at_most"] == bounds.loc["shampoo", "gain_share"] == -0.25
+    split = study({"gn": {1: 10}, "muon": {1: 30}, "psgd": {1: 40}})  # seeds 0 and 1 reach it at 40 ...
+    split.loc[(split["optimizer"] == "psgd") & (split["seed"] == 1), "steps_to_target"] = None  # ... 1 misses
+    split["steps"] = split["steps_to_target"].fillna(60)
+    psgd = gain_shares(split).set_index("method").loc["psgd"]
+    assert math.isnan(psgd["gain_share"])  # the median of [40, inf] is inf: missed
+    assert psgd["gain_share_at_most"] == pytest.approx((30 - 50) / (30 - 10))  # S ≥ median(40, 60) = 50
     with pytest.raises(ValueError, match="first_order"):
         gain_shares(study({"gn": {1: 5}, "kfac": {1: 9}}))
 

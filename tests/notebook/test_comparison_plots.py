@@ -21,7 +21,7 @@ def test_directions_vs_steps_draws_a_missed_method_at_its_bound():
     assert set(drawn) == {(0.7, 0.92), (0.04, -1.2), (0.007, -0.96)}
     assert drawn[(0.04, -1.2)].get_facecolor().size == 0  # open marker: the share lies below
     assert drawn[(0.7, 0.92)].get_facecolor().size > 0
-    assert sorted(t.get_text() for t in ax.texts) == ["Adam", "K-FAC (missed: share < -1.20)", "layerwise GN"]
+    assert sorted(t.get_text() for t in ax.texts) == ["Adam", "K-FAC (missed: share ≤ -1.20)", "layerwise GN"]
     assert ax.get_xscale() == "log"  # 0.007 to 0.7 spans two decades
 
 

@@ -157,19 +157,23 @@ def test_cli_publishes_tables_and_refuses_a_folder_without_a_sweep(tmp_path, cap
     (tmp_path / "notebooks" / "figures").mkdir(parents=True)
     (sweep / "summary").mkdir()
     (sweep / "summary" / "steps_vs_batch.png").write_bytes(b"png")
+    points = "method,direction,cosine,reduction_ratio,gain_share,gain_share_at_most,tokens_per_step,step\n"
+    (sweep / "summary" / "directions_vs_steps.csv").write_text(points + "muon,Muon,0.1,0.02,0.0,0.0,4096,0\n")
     (tmp_path / "docs").mkdir()
     (tmp_path / "README.md").write_text("<!-- results: demo headline -->\n<!-- /results -->\n")
     (tmp_path / "docs" / "results.md").write_text("<!-- results: demo -->\n<!-- /results -->\n")
     assert main([str(sweep), "--figures", str(sweep / "summary")]) == 0
     assert "regenerated in README.md, docs/results.md" in capsys.readouterr().out
     assert page_blocks("README.md")["demo headline"] == results_markdown(sweep / "results.csv", headline=True)
-    assert page_blocks("docs/results.md")["demo"] == results_markdown(sweep / "results.csv")
-    assert (tmp_path / "notebooks" / "results" / "demo" / "results.csv").is_file()
+    published = tmp_path / "notebooks" / "results" / "demo"
+    assert page_blocks("docs/results.md")["demo"] == results_markdown(published / "results.csv")  # directions too
     assert (tmp_path / "notebooks" / "figures" / "demo_steps_vs_batch.png").read_bytes() == b"png"
+    assert (published / "directions_vs_steps.csv").read_text().endswith("muon,Muon,0.1,0.02,0.0,0.0,4096,0\n")
+    assert "| Muon | 0.100 | 0.020 | 0.00 |" in page_blocks("docs/results.md")["demo"]
+    assert "Directions against" not in page_blocks("README.md")["demo headline"]
     (tmp_path / "docs" / "results.md").write_text("<!-- results: demo -->\n<!-- /results -->\n")
     assert main([str(sweep), "--page", "docs/results.md"]) == 0  # only the pages given
     assert page_blocks("docs/results.md")["demo"] == results_markdown(sweep / "results.csv")
-    published = tmp_path / "notebooks" / "results" / "demo"
     assert main([str(published), "--page", "docs/results.md"]) == 0  # the committed tables, republished in place
     assert (published / "results.csv").read_bytes() == (sweep / "results.csv").read_bytes()
     assert main([str(tmp_path / "outputs")]) == 2
@@ -197,7 +201,7 @@ def test_a_directions_table_beside_the_results_ends_the_full_block(tmp_path):
     ).to_csv(tmp_path / "directions_vs_steps.csv", index=False)
     text = results_markdown(tmp_path / "results.csv")
     assert "beside its share of full GN's step gain at 4,096 tokens per step" in text
-    assert "| K-FAC | 0.358 | 0.039 | missed (< -1.20) |" in text and "| Muon | 0.089 | 0.014 | 0.00 |" in text
+    assert "| K-FAC | 0.358 | 0.039 | missed (≤ -1.20) |" in text and "| Muon | 0.089 | 0.014 | 0.00 |" in text
     assert "Directions against steps" not in results_markdown(tmp_path / "results.csv", headline=True)
 
 
