@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-failed", action="store_true", help="execute failed runs again")
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: stop workers
+    # Ctrl-C stops gently even where the sweep was started with SIGINT ignored (a script's background job)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         table = run_sweep(args.grid, args.jobs, args.output_root, retry_failed=args.retry_failed, dry_run=args.dry_run)
     except ValueError as err:
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return 0 if args.dry_run or (table["status"] == "ok").all() else 1
 
 

@@ -1,5 +1,6 @@
 """A results table cut short or damaged is refused by name; refused runs and sweeps leave nothing behind."""
 
+import functools
 import json
 import re
 import signal
@@ -286,7 +287,11 @@ def test_a_stopped_sweep_lets_its_runs_checkpoint_and_the_rerun_resumes_them(tmp
     grid.write_text(f"notebook: {notebook}\nparameters: {{steps: 40}}\n")
     command = [sys.executable, "-m", "gnlib.tools.sweep", str(grid), "--output-root", str(tmp_path / "out")]
     run_dir = tmp_path / "out" / "loop" / "default"
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # started with SIGINT ignored, as a shell script's background job is: the sweep still stops on it
+    ignore_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore_sigint
+    )
     deadline = time.monotonic() + 60
     while not (run_dir / "started").is_file():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
