@@ -83,6 +83,31 @@ def best_variants(table: pd.DataFrame) -> dict[tuple[str, int], str]:
     }
 
 
+def collapse_variants(table: pd.DataFrame) -> pd.DataFrame:
+    """One setting per optimizer tuned over an option with its LR: at each batch, its best variant's runs.
+
+    Args:
+        table: a study table with ``chosen`` marked (:func:`choose_lr`), maybe with a :data:`VARIANT_OF` column.
+
+    Returns:
+        ``table`` without the other variants' runs, the best's renamed to their optimizer (``kfac``), and a
+        column ``variant`` holding the variant's label (``kfac (damping=0.1)``; empty for other settings).
+        ``table`` itself where no setting is such a variant.
+    """
+    if VARIANT_OF not in table.columns or table[VARIANT_OF].isna().all():
+        return table
+    winners = best_variants(table)
+    keep = [
+        pd.isna(family) or winners.get((family, int(m))) == setting
+        for family, m, setting in zip(table[VARIANT_OF], table["micro_batches"], table["optimizer"])
+    ]
+    out = table.loc[keep].copy()
+    tuned = out[VARIANT_OF].notna()
+    out["variant"] = out["optimizer"].where(tuned)
+    out.loc[tuned, "optimizer"] = out.loc[tuned, VARIANT_OF]
+    return out
+
+
 def _option_value(setting: str) -> tuple[str, float] | None:
     """The option of a variant's label with one numeric option, e.g. ``("damping", 0.1)``; else None."""
     options = setting.partition(" (")[2].removesuffix(")").split(", ")

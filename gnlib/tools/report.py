@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gnlib.experiment.lr_choice import VARIANT_OF
+from gnlib.experiment.lr_choice import VARIANT_OF, collapse_variants
 from gnlib.experiment.method_comparison import FIRST_ORDER, gain_shares
 from gnlib.experiment.study import at_early_target, critical_batch_size, study_table_from_sweep
 from gnlib.experiment.sweep_results import read_results_table
@@ -102,7 +102,7 @@ def results_markdown(
             (:func:`gnlib.experiment.sweep_results.read_results_table`), naming the file and the fix.
     """
     raw = read_results_table(results_csv)
-    table = study_table_from_sweep(results_csv, parameter="results_csv")
+    table = collapse_variants(study_table_from_sweep(results_csv, parameter="results_csv"))
     chosen = table.loc[table["chosen"]].astype({"tokens_per_step": int})
     # Gradient-step equivalents count gradient steps on the run's own micro-batch: put them in one unit,
     # a gradient step on the smallest micro-batch of the table (FLOPs scale with the tokens of a pass).
@@ -117,7 +117,7 @@ def results_markdown(
     if largest:
         return _largest_summary(raw, chosen, settings, batches[-1], reference)
     if shares:
-        return "\n".join(_shares_section(chosen, batches, reference)).rstrip("\n") + "\n"
+        return "\n".join(_shares_section(chosen, batches, reference) + _variant_lines(chosen)).rstrip("\n") + "\n"
     lines = []
     if "steps_to_early_target" in chosen.columns:
         early = at_early_target(chosen)
@@ -125,6 +125,7 @@ def results_markdown(
         lines += _target_sections(early, settings, batches, reference, unit, _target(raw, "early_target"))
         lines += [f"**At the lower target, {_target(raw, 'target_loss')}.**", ""]
     lines += _target_sections(chosen, settings, batches, reference, unit, _target(raw, "target_loss"))
+    lines += _variant_lines(chosen)
     if headline:
         return "\n".join(lines).rstrip("\n") + "\n"
     if {"started", "finished", "seconds"} <= set(raw.columns):
@@ -256,6 +257,22 @@ def _shares_section(chosen: pd.DataFrame, batches: list[int], reference: str) ->
         rule = "fewest steps, then lowest final loss; options tuned with the LR"
         lines += [f"Variants chosen at each batch ({rule}): {chosen_variants}.", ""]
     return lines
+
+
+def _variant_lines(chosen: pd.DataFrame) -> list[str]:
+    """A line naming, for each optimizer tuned over an option with its LR, the variant chosen at each batch."""
+    if "variant" not in chosen.columns:
+        return []
+    picked = chosen.dropna(subset=["variant"]).drop_duplicates(["optimizer", "tokens_per_step"])
+    per_method = [
+        f"{NAMES.get(name, name)} "
+        + ", ".join(
+            f"{variant.partition(' (')[2].removesuffix(')')} at {tokens:,}"
+            for variant, tokens in zip(group["variant"], group["tokens_per_step"])
+        )
+        for name, group in picked.sort_values("tokens_per_step").groupby("optimizer", sort=False)
+    ]
+    return [f"Options tuned with the LR, the best at each batch: {'; '.join(per_method)}.", ""]
 
 
 def _directions_section(points: pd.DataFrame) -> list[str]:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gnlib.experiment.lr_choice import best_variants, choose_lr, lr_sweep
+from gnlib.experiment.lr_choice import best_variants, choose_lr, collapse_variants, lr_sweep
 from gnlib.experiment.method_comparison import (
     directions_against_steps,
     gain_share,
@@ -116,6 +116,22 @@ def test_choose_lr_weighs_variants_tuned_with_the_lr_against_each_other():
     assert not choose_lr(mixed)["on_edge"].any()
     # a lone variant at a batch is judged by its LR alone
     assert not choose_lr(variants({"0.1": [30, 20, 25]}))["on_edge"].any()
+
+
+def test_collapse_variants_keeps_each_batchs_best_variant_under_its_optimizers_name():
+    rows = [
+        dict(optimizer=f"kfac (damping={d})", variant_of="kfac", micro_batches=m, lr=lr, seed=0, steps_to_target=s)
+        for d, m, lr, s in [(0.1, 1, 0.1, 30), (1.0, 1, 1.0, 40), (0.1, 4, 0.1, None), (1.0, 4, 1.0, 12)]
+    ]
+    rows.append(dict(optimizer="muon", variant_of=None, micro_batches=1, lr=0.01, seed=0, steps_to_target=20))
+    table = choose_lr(pd.DataFrame(rows).assign(final_val_loss=2.0))
+    collapsed = collapse_variants(table)
+    assert collapsed[["optimizer", "micro_batches", "variant"]].fillna("-").values.tolist() == [
+        ["kfac", 1, "kfac (damping=0.1)"],  # 30 steps against 40
+        ["kfac", 4, "kfac (damping=1.0)"],  # the one that reached the target
+        ["muon", 1, "-"],
+    ]
+    assert collapse_variants(table.drop(columns="variant_of")).equals(table.drop(columns="variant_of"))
 
 
 def test_lr_sweep_flags_an_optimum_at_the_grid_edge():
