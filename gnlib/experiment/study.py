@@ -414,8 +414,9 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
         ]
         if any(co_tuned):  # options tuned with the LR: each optimizer's variants are one method's candidates
             sweep_of_row = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-            tuned = np.array([bool(co_tuned[i]) for i in sweep_of_row]) & (table["optimizer"] != names).to_numpy()
-            table[VARIANT_OF] = names.where(tuned)
+            in_tuned_sweep = np.array([bool(co_tuned[i]) for i in sweep_of_row])
+            with_options = set(names[in_tuned_sweep & (table["optimizer"] != names).to_numpy()])
+            table[VARIANT_OF] = names.where(in_tuned_sweep & names.isin(with_options).to_numpy())
         table = table.drop(columns=[k for k in axes if k not in wanted])
     return choose_lr(table)
 

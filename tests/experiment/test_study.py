@@ -440,7 +440,14 @@ def test_fit_critical_batch_recovers_the_model_and_flags_no_floor_or_no_gain():
     assert found["fit"] == "about 2,000 tokens" and found["fit_critical_tokens"] == pytest.approx(2000)
 
 
-def _sweep(folder: Path, grid: list[dict], parameters: dict, rows: list[dict], extends: str | None = None) -> Path:
+def _sweep(
+    folder: Path,
+    grid: list[dict],
+    parameters: dict,
+    rows: list[dict],
+    extends: str | None = None,
+    replicate: dict | None = None,
+) -> Path:
     """A published sweep folder: results.csv of ok runs and its sweep.json (as gnlib.tools.sweep writes them)."""
     folder.mkdir(parents=True)
     base = {"status": "ok", "micro_batches": 4, "tokens_per_step": 4096, "seed": 0}
@@ -448,7 +455,9 @@ def _sweep(folder: Path, grid: list[dict], parameters: dict, rows: list[dict], e
         folder / "results.csv", index=False
     )
     manifest = {"name": folder.name, "notebook": "/any/02_iteration_complexity.ipynb", "parameters": parameters}
-    (folder / "sweep.json").write_text(json.dumps({**manifest, "grid": grid, "extends": extends}))
+    (folder / "sweep.json").write_text(
+        json.dumps({**manifest, "grid": grid, "extends": extends, "replicate": replicate})
+    )
     return folder / "results.csv"
 
 
@@ -479,6 +488,23 @@ def test_a_sweep_that_extends_a_published_one_is_read_as_one_study(tmp_path, mon
     (tmp_path / "published" / "base" / "results.csv").unlink()
     with pytest.raises(ValueError, match="extends the sweep 'published/base'"):
         study_table_from_sweep(new)
+
+
+def test_options_tuned_with_the_lr_make_variants_of_one_optimizer(tmp_path):
+    """replicate.at_best naming hyperparameters: every run of an optimizer with options, defaults too, is a variant."""
+    options = ["{}", '{"kfac": {"damping": 0.1}}', '{"kfac": {"damping": 1.0}}']
+    rows = [dict(optimizer="kfac", lr=0.3, hyperparameters=o, steps_to_target=s) for o, s in zip(options, (30, 20, 25))]
+    rows.append(dict(optimizer="muon", lr=0.1, hyperparameters="{}", steps_to_target=40))
+    grid = [{"optimizers": ["kfac", "muon"], "lr": [0.3], "hyperparameters": [json.loads(o) for o in options]}]
+    tuned = _sweep(tmp_path / "tuned", grid, {}, rows, replicate={"key": "seeds", "at_best": ["lr", "hyperparameters"]})
+    table = study_table_from_sweep(tuned)
+    assert table["variant_of"].fillna("-").tolist() == ["kfac", "kfac", "kfac", "-"]
+    assert collapse_variants(table)[["optimizer", "variant"]].fillna("-").values.tolist() == [
+        ["kfac", "kfac (damping=0.1)"],
+        ["muon", "-"],
+    ]
+    plain = _sweep(tmp_path / "plain", grid, {}, rows, replicate={"key": "seeds", "at_best": "lr"})
+    assert "variant_of" not in study_table_from_sweep(plain).columns  # options define settings of their own
 
 
 def test_gain_shares_by_hand():
