@@ -119,7 +119,8 @@ def _mark_variant_edges(out: pd.DataFrame) -> None:
     """Among an optimizer's variants tuned with the LR, at one batch, flag the best variant only.
 
     The best (:func:`best_variants`) keeps its own LR's edge flag, and is also on the edge when its option's
-    value is the smallest or largest tried at that batch (variants differing in one numeric option). The
+    value is the smallest or largest tried at that batch (variants differing in one numeric option; a run at
+    the default options takes part but has no value to place). The
     other variants' runs are not tuned points, so their flags are cleared; a lone variant keeps its LR's flag.
     Edits ``out`` in place.
     """
@@ -130,10 +131,10 @@ def _mark_variant_edges(out: pd.DataFrame) -> None:
         best = group.index[group["optimizer"] == winners[(family, int(m))]]
         own = bool(out.loc[best, "on_edge"].any())
         options = {setting: _option_value(setting) for setting in group["optimizer"].unique()}
-        keys = {option[0] if option else None for option in options.values()}
+        keys = {option[0] for option in options.values() if option}
         values = sorted(option[1] for option in options.values() if option)
-        value = options[winners[(family, int(m))]]
-        at_end = len(keys) == 1 and None not in keys and value is not None and value[1] in (values[0], values[-1])
+        value = options[winners[(family, int(m))]]  # None: the default options, off the values' scale
+        at_end = len(keys) == 1 and value is not None and value[1] in (values[0], values[-1])
         out.loc[group.index, "on_edge"] = False
         out.loc[best, "on_edge"] = own or at_end
 

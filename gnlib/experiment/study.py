@@ -367,9 +367,10 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
     whole sweep (:func:`choose_lr`). A grid key of the sweep (its ``sweep.json``) other than the optimizer,
     batch, LR and seed, such as ``hyperparameters`` or ``batch_size`` in an ablation, makes each of its
     values a setting of its own: the ``optimizer`` column reads e.g. ``gn (warm_start=False)``
-    (:func:`variant_label`). Where the sweep tuned such a key together with the LR (its ``replicate.at_best``
-    names it, as K-FAC's damping), column :data:`~gnlib.experiment.lr_choice.VARIANT_OF` names each variant's
-    optimizer, and :func:`choose_lr` weighs the variants against each other. A sweep whose grid ``extends``
+    (:func:`variant_label`). Where a sweep tuned such a key together with the LR (its ``replicate.at_best``
+    names it, as K-FAC's damping), column :data:`~gnlib.experiment.lr_choice.VARIANT_OF` names each run's
+    setting without that key (``kfac``, its default-options runs included, from every sweep read), and
+    :func:`choose_lr` weighs those variants against each other. A sweep whose grid ``extends``
     a published one (docs/sweeps.md) is read with that sweep's runs first, as one study.
 
     Args:
@@ -403,20 +404,25 @@ def study_table_from_sweep(sweep_results: str | Path, *, parameter: str = "sweep
     wanted = STUDY_COLUMNS + (EARLY_TARGET_COLUMNS if early else ())
     axes = list(dict.fromkeys(k for path, _ in sweeps for k in _sweep_grid_keys(path.parent) if k not in _STUDY_AXES))
     rows = [_study_rows(raw.loc[raw["status"] == "ok"], wanted, axes) for _, raw in sweeps]
-    co_tuned = [set(axes) & _tuned_with_lr(path.parent) for path, _ in sweeps]
+    tuned_keys = set(axes) & set().union(*(_tuned_with_lr(path.parent) for path, _ in sweeps))
     table = pd.concat(rows, ignore_index=True)
     table["steps_to_target"] = table["steps_to_target"].astype(float)
     if axes:
-        names = table["optimizer"]
+        names, records = table["optimizer"], table[axes].to_dict(orient="records")
         table["optimizer"] = [
             variant_label(name, {k: v for k, v in values.items() if not _missing(v)})
-            for name, values in zip(names, table[axes].to_dict(orient="records"))
+            for name, values in zip(names, records)
         ]
-        if any(co_tuned):  # options tuned with the LR: each optimizer's variants are one method's candidates
-            sweep_of_row = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-            in_tuned_sweep = np.array([bool(co_tuned[i]) for i in sweep_of_row])
-            with_options = set(names[in_tuned_sweep & (table["optimizer"] != names).to_numpy()])
-            table[VARIANT_OF] = names.where(in_tuned_sweep & names.isin(with_options).to_numpy())
+        if tuned_keys:  # options tuned with the LR: an optimizer's variants are one method's candidates
+            families = pd.Series(
+                [
+                    variant_label(name, {k: v for k, v in values.items() if k not in tuned_keys and not _missing(v)})
+                    for name, values in zip(names, records)
+                ],
+                index=table.index,
+            )
+            tuned = set(families[table["optimizer"] != families])  # settings whose labels carry a tuned key
+            table[VARIANT_OF] = families.where(families.isin(tuned))
         table = table.drop(columns=[k for k in axes if k not in wanted])
     return choose_lr(table)
 

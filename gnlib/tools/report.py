@@ -117,7 +117,8 @@ def results_markdown(
     if largest:
         return _largest_summary(raw, chosen, settings, batches[-1], reference)
     if shares:
-        return "\n".join(_shares_section(chosen, batches, reference) + _variant_lines(chosen)).rstrip("\n") + "\n"
+        section = _shares_section(chosen, batches, reference)
+        return "\n".join(section + (_variant_lines(chosen) if section else [])).rstrip("\n") + "\n"
     lines = []
     if "steps_to_early_target" in chosen.columns:
         early = at_early_target(chosen)
@@ -267,7 +268,7 @@ def _variant_lines(chosen: pd.DataFrame) -> list[str]:
     per_method = [
         f"{NAMES.get(name, name)} "
         + ", ".join(
-            f"{variant.partition(' (')[2].removesuffix(')')} at {tokens:,}"
+            f"{variant.partition(' (')[2].removesuffix(')') or 'default options'} at {tokens:,}"
             for variant, tokens in zip(group["variant"], group["tokens_per_step"])
         )
         for name, group in picked.sort_values("tokens_per_step").groupby("optimizer", sort=False)

@@ -116,6 +116,11 @@ def test_choose_lr_weighs_variants_tuned_with_the_lr_against_each_other():
     assert not choose_lr(mixed)["on_edge"].any()
     # a lone variant at a batch is judged by its LR alone
     assert not choose_lr(variants({"0.1": [30, 20, 25]}))["on_edge"].any()
+    # a run at the default options takes part without a value: the largest damping still wins on the edge
+    default = variants({"0.01": [50, 40, 45], "0.1": [30, 20, 25], "1.0": [35, 15, 60]})
+    default = pd.concat([default, default.iloc[3:6].assign(optimizer="kfac", steps_to_target=[40, 30, 35])])
+    flagged = choose_lr(default.reset_index(drop=True))
+    assert flagged.loc[flagged["on_edge"], "optimizer"].unique().tolist() == ["kfac (damping=1.0)"]
 
 
 def test_collapse_variants_keeps_each_batchs_best_variant_under_its_optimizers_name():
@@ -505,6 +510,21 @@ def test_options_tuned_with_the_lr_make_variants_of_one_optimizer(tmp_path):
     ]
     plain = _sweep(tmp_path / "plain", grid, {}, rows, replicate={"key": "seeds", "at_best": "lr"})
     assert "variant_of" not in study_table_from_sweep(plain).columns  # options define settings of their own
+    # a grid key not tuned with the LR keeps its values apart: one family per batch_size
+    by_size = [{**row, "batch_size": size} for row in rows for size in (8, 16)]
+    sized = _sweep(
+        tmp_path / "sized",
+        [{**grid[0], "batch_size": [8, 16]}],
+        {},
+        by_size,
+        replicate={"key": "seeds", "at_best": ["lr", "hyperparameters"]},
+    )
+    families = study_table_from_sweep(sized)["variant_of"].dropna().unique().tolist()
+    assert families == ["kfac (batch_size=8)", "kfac (batch_size=16)"]
+    # the default options winning: the report names them
+    rows[0]["steps_to_target"] = 10
+    won = _sweep(tmp_path / "won", grid, {}, rows, replicate={"key": "seeds", "at_best": ["lr", "hyperparameters"]})
+    assert collapse_variants(study_table_from_sweep(won))["variant"].dropna().tolist() == ["kfac"]
 
 
 def test_gain_shares_by_hand():

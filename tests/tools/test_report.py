@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 
 from gnlib.experiment.study import EARLY_TARGET_COLUMNS, STUDY_COLUMNS
-from gnlib.tools.report import block_markdown, default_pages, main, page_blocks, results_markdown, update_pages
+from gnlib.tools.report import (
+    _variant_lines,
+    block_markdown,
+    default_pages,
+    main,
+    page_blocks,
+    results_markdown,
+    update_pages,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NAN = np.nan
@@ -298,3 +306,18 @@ def test_a_largest_block_is_one_table_at_the_largest_batch_with_both_readings(tm
         and "| AdamW | 60 (50-missed) | 60 (50-missed) | 20.0 | - |" in text
     )
     assert "At 4,096 tokens per step" in text and "Critical batch" not in text and "1,024 tokens" not in text
+
+
+def test_the_variant_line_names_each_batchs_option_and_the_default_ones():
+    chosen = pd.DataFrame(
+        {
+            "optimizer": ["kfac", "kfac", "kfac", "muon"],
+            "tokens_per_step": [4096, 1024, 4096, 1024],
+            "variant": ["kfac (damping=0.1)", "kfac", "kfac (damping=0.1)", None],
+        }
+    )
+    assert _variant_lines(chosen) == [
+        "Options tuned with the LR, the best at each batch: K-FAC default options at 1,024, damping=0.1 at 4,096.",
+        "",
+    ]
+    assert _variant_lines(chosen.drop(columns="variant")) == []
