@@ -103,16 +103,20 @@ def check_data_fields(spec: DataSpec) -> None:
 
 
 def batches_per_step(spec: DataSpec) -> int:
-    """Training batches one outer step draws: GN's inner steps plus its line-search batches, else ``accumulation``."""
+    """Training batches one outer step draws: GN's inner steps plus its line-search batches, else ``accumulation``.
+
+    ``spec.hyperparameters`` are the options the optimizer is built with (a protocol's included):
+    ``line_search_batches=None`` draws N = ``inner_steps`` line-search batches.
+    """
     from gnlib.optim.gn_options import GN_VARIANTS, GaussNewtonOptions
 
     if spec.optimizer not in GN_VARIANTS:
         return spec.accumulation
     defaults = GaussNewtonOptions()
-    options = {
-        name: spec.hyperparameters.get(name, getattr(defaults, name)) for name in ("inner_steps", "line_search_batches")
-    }
-    return options["inner_steps"] + options["line_search_batches"]
+    inner_steps, line_search_batches = (
+        spec.hyperparameters.get(name, getattr(defaults, name)) for name in ("inner_steps", "line_search_batches")
+    )
+    return inner_steps + (inner_steps if line_search_batches is None else line_search_batches)
 
 
 def tokens_drawn(spec: DataSpec, steps: int | None = None) -> int:

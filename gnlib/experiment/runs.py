@@ -168,7 +168,9 @@ def build_run(spec: RunSpec, output_dir: str | Path | None = None) -> BuiltRun:
     """
     device = resolve_device(spec.device)
     protocol = resolve_protocol(spec)
-    data = build_run_data(dataclasses.replace(spec, val_batches=protocol.val_batches), device)
+    data = build_run_data(
+        dataclasses.replace(spec, val_batches=protocol.val_batches, hyperparameters=protocol.hyperparameters), device
+    )
     model = build_model(
         spec.preset, seed=spec.seed, device=device, **{"vocab_size": data.vocab_size, **spec.model_overrides}
     )

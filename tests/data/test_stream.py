@@ -181,6 +181,19 @@ def test_killed_run_resumes_mid_stream_with_the_same_next_batch(tmp_path, change
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["sampler"]["position"] == 4 * 3 * 64
 
 
+@pytest.mark.parametrize("protocol, line_search_batches", [("gnlib", 2), ("paper", 3)])
+def test_a_gn_run_checks_the_stream_for_the_tokens_it_draws(tmp_path, protocol, line_search_batches):
+    """The stream-length check counts GN's line-search batches as the run draws them.
+
+    gnlib's protocol draws the default 2 a step; the paper's draws N = inner_steps (``line_search_batches=None``).
+    """
+    spec = dataclasses.replace(BASE, optimizer="gn", protocol=protocol, hyperparameters=dict(inner_steps=3))
+    history = run(spec, tmp_path, progress=False, checkpoint_every=1)
+    drawn = torch.load(tmp_path / CHECKPOINT, weights_only=True)["sampler"]["position"]
+    assert drawn == spec.steps * (3 + line_search_batches) * 4 * 16
+    assert history.metadata["corpus"]["tokens_needed"] == drawn + 1  # + the last batch's last target
+
+
 def test_warmup_reads_the_first_tokens_and_studied_runs_continue_after_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = warmup_checkpoint(BASE, 3, root=tmp_path / "warmup")
