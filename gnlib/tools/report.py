@@ -367,7 +367,10 @@ def _ratio_section(
 
 
 def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: int, unit: int) -> list[str]:
-    """Lines of the table of steps, tokens, time and cost to target at the largest batch (and the study's)."""
+    """Lines of the table of steps, tokens, time and cost to target at the largest batch (and the study's).
+
+    Where runs have an EMA, a setting whose raw iterate reads otherwise shows "EMA / raw" in each cell.
+    """
     time = time_to_target_column(chosen)
     columns = [
         ("steps_to_target", "g"),
@@ -375,11 +378,12 @@ def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: i
         (time, ".0f"),
         ("grad_equivalents_to_target", ",.0f"),
     ]
+    ema = has_ema(chosen)
     study = any(o in STUDY_45M_STEPS for o in settings)
     seconds = "CPU time (s)" if time.startswith("cpu") else "time (s)"
     header = ["setting", "steps", "tokens", seconds, f"cost (gradient steps on {unit:,} tokens)"]
     rows = [
-        [NAMES.get(o, o), *[_median_cell(chosen, o, largest, c, fmt) for c, fmt in columns]]
+        [NAMES.get(o, o), *[_ema_and_raw_cell(chosen, o, largest, c, fmt, ema) for c, fmt in columns]]
         + ([STUDY_45M_STEPS.get(o, "-")] if study else [])
         for o in settings
     ]
@@ -388,12 +392,28 @@ def _largest_batch_section(chosen: pd.DataFrame, settings: list[str], largest: i
         if study
         else ""
     )
+    readings = (
+        '; "EMA / raw" where a setting is evaluated on an EMA of its iterates: the EMA\'s reading, then the raw '
+        "iterate's"
+        if ema
+        else ""
+    )
     return [
-        f"To the target at the largest batch ({largest:,} tokens per step), medians over seeds{beside}:",
+        f"To the target at the largest batch ({largest:,} tokens per step), medians over seeds{beside}{readings}:",
         "",
         _table(header + (["study, 45M: steps to 3.25"] if study else []), rows),
         "",
     ]
+
+
+def _ema_and_raw_cell(chosen: pd.DataFrame, optimizer: str, tokens: int, value: str, fmt: str, ema: bool) -> str:
+    """:func:`_median_cell` of ``value``, followed by " / " and the raw iterate's where ``ema`` and they differ."""
+    cell = _median_cell(chosen, optimizer, tokens, value, fmt)
+    if not ema:
+        return cell
+    raw_value = f"{value[:-2]}_raw_s" if value.endswith("_s") else f"{value}_raw"
+    raw = _median_cell(chosen, optimizer, tokens, raw_value, fmt)
+    return cell if raw == cell else f"{cell} / {raw}"
 
 
 def default_pages() -> list[Path]:

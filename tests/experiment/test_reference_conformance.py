@@ -633,28 +633,34 @@ def _row(optimizer: str, setting: str) -> tuple[Any, Callable[[Built], Any]]:
 
 # (row, what drifts in the paper protocol: an option of PAPER_OPTIONS[optimizer], or a protocol constant)
 DRIFTS = [
-    (("gn", "inner weight decay"), ("weight_decay", 1e-2)),
-    (("gn", "decayed tensors: embedding, head, gains"), ("weight_decay_scope", "all")),
-    (("gn", "inner clipping groups"), ("grad_clip_per", "block")),
-    (("gn", "warm start from (1 − α)Δ̂"), ("warm_start", False)),
-    (("gn", "line-search grid"), ("line_search", _grid(4))),
-    (("gn", "line search takes the argmin, even uphill"), ("line_search_accept", "decrease")),
-    (("gn", "EMA of outer iterates, evaluated"), ("ema", 0.99)),
-    (("gn", "EMA of outer iterates, evaluated"), ("ema", None)),
-    (("soap", "clipping per chain: ≥2-D | 1-D"), ("grad_clip", 2.0)),
-    (("muon", "AdamW part weight decay"), ("adamw_weight_decay", 0.0)),
-    (("gn", "evaluations after updates (20-step run; logged one lower)"), ("PAPER_EVAL_EVERY", 5)),
+    (("gn", "inner weight decay"), {"weight_decay": 1e-2}),
+    (("gn", "decayed tensors: embedding, head, gains"), {"weight_decay_scope": "all"}),
+    (("gn", "inner clipping groups"), {"grad_clip_per": "block"}),
+    (("gn", "warm start from (1 − α)Δ̂"), {"warm_start": False}),
+    (("gn", "line-search grid"), {"line_search": _grid(4)}),
+    (("gn", "line search takes the argmin, even uphill"), {"line_search_accept": "decrease"}),
+    (("gn", "EMA of outer iterates, evaluated"), {"ema": 0.99}),
+    (("gn", "EMA of outer iterates, evaluated"), {"ema": None}),
+    (("soap", "clipping per chain: ≥2-D | 1-D"), {"grad_clip": 2.0}),
+    (("muon", "AdamW part weight decay"), {"adamw_weight_decay": 0.0}),
+    (("gn", "evaluations after updates (20-step run; logged one lower)"), {"PAPER_EVAL_EVERY": 5}),
+    (("gn_layerwise", "final norm joins the last block"), {"blocks": "per_layer"}),
+    (("gn_layerwise", "line-search grid"), {"line_search": _grid(5)}),
 ]
 
 
-@pytest.mark.parametrize(("row", "drift"), DRIFTS, ids=[f"{r[0]}: {r[1]} <- {d[0]}={d[1]!r}" for r, d in DRIFTS])
+@pytest.mark.parametrize(
+    ("row", "drift"),
+    DRIFTS,
+    ids=[f"{r[0]}: {r[1]} <- " + ", ".join(f"{k}={v!r}" for k, v in d.items()) for r, d in DRIFTS],
+)
 def test_a_drifted_setting_fails_its_row(monkeypatch, row, drift):
     """Each kind of row reads the setting through what the run does, so a drift of it changes the reading."""
-    name, value = drift
-    if name.isupper():
-        monkeypatch.setattr(protocols, name, value)
-    else:
-        monkeypatch.setitem(protocols.PAPER_OPTIONS[row[0]], name, value)
+    for name, value in drift.items():
+        if name.isupper():
+            monkeypatch.setattr(protocols, name, value)
+        else:
+            monkeypatch.setitem(protocols.PAPER_OPTIONS[row[0]], name, value)
     reference, reader = _row(*row)
     assert reader(_build_run(row[0], "paper")) != reference
 

@@ -46,6 +46,7 @@ def sweep_table(path: Path, gn_ema_lead: float = 0) -> Path:
     start = pd.Timestamp("2026-01-01T00:00:00+00:00")
     for i, (optimizer, m, lr, seed, steps) in enumerate(runs):  # runs of 60 s started every 20 s
         cost = steps * m * (3.0 if optimizer == "gn" else 1.0)
+        lead = gn_ema_lead if gn_ema_lead and optimizer == "gn" else 1  # the raw iterate's steps: steps / lead
         rows.append(
             {
                 "optimizer": optimizer,
@@ -59,11 +60,11 @@ def sweep_table(path: Path, gn_ema_lead: float = 0) -> Path:
                 "cpu_time_to_target_s": steps * 0.25,
                 "grad_equivalents_to_target": cost,
                 "final_val_loss": 2.1 if steps == steps else 2.4,
-                "steps_to_target_raw": steps / gn_ema_lead if gn_ema_lead and optimizer == "gn" else steps,
-                "tokens_to_target_raw": steps * 1024 * m,
-                "wall_time_to_target_raw_s": steps * 0.5,
-                "cpu_time_to_target_raw_s": steps * 0.25,
-                "grad_equivalents_to_target_raw": cost,
+                "steps_to_target_raw": steps / lead,
+                "tokens_to_target_raw": steps / lead * 1024 * m,
+                "wall_time_to_target_raw_s": steps / lead * 0.5,
+                "cpu_time_to_target_raw_s": steps / lead * 0.25,
+                "grad_equivalents_to_target_raw": cost / lead,
                 "final_val_loss_raw": (2.1 if steps == steps else 2.4)
                 - (0.1 if gn_ema_lead and optimizer == "gn" else 0),
                 "steps": steps if steps == steps else 300,
@@ -93,6 +94,10 @@ def test_results_markdown_reads_steps_off_the_raw_iterate_too_when_a_run_has_an_
     evaluated, raw = text.split("The same on the raw iterate")[0], text.split("The same on the raw iterate")[1]
     assert "| full GN | 22 (20-24) | 6 (5-7) |" in evaluated and "| full GN | 11 (10-12) | 3 (2.5-3.5) |" in raw
     assert "| Muon | 85 (80-90) |" in raw  # no EMA: the same steps in both tables
+    # at the largest batch: steps, tokens, CPU time and cost of GN's EMA, then of its raw iterate (half the steps)
+    assert '"EMA / raw" where a setting is evaluated on an EMA' in text
+    assert "| full GN | 6 / 3 | 24,576 / 12,288 | 2 / 1 | 72 / 36 |" in text  # median(5, 6, 7) = 6 steps of 4,096
+    assert "| AdamW | 60 | 245,760 | 15 | 240 |" in text  # no EMA: one reading
 
 
 def test_an_early_target_comes_first_and_ratios_stand_beside_the_studys(tmp_path):
