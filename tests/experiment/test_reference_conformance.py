@@ -81,6 +81,14 @@ def _inner(built: Built, part: str) -> dict:
     return next(optimizers[part] for optimizers in inner if part in optimizers).param_groups[0]
 
 
+def _inner_split(built: Built) -> tuple[set[str], list[str]]:
+    """Full GN's inner optimizers ("muon", "adamw"; a lone solver by its class) and the matrices AdamW takes."""
+    inner = built.optimizer._blocks["full"].optimizer
+    parts = getattr(inner, "optimizers", {type(inner).__name__.lower(): inner})
+    adamw = {n for g in parts["adamw"].param_groups for n in g["param_names"]} if "adamw" in parts else set()
+    return set(parts), sorted(n for n in adamw if built.model.get_parameter(n).dim() == 2)
+
+
 def _decayed(built: Built) -> set[str]:
     """Tensors the inner loop decays: one inner update with a zero gradient moves exactly those (by -lr·wd·θ).
 
@@ -260,14 +268,7 @@ TABLE: list[tuple[str, str, Any, str, Callable[[Built], Any]]] = [
         "inner solver: Muon on hidden, AdamW on embedding+head",
         ({"muon", "adamw"}, sorted(HEAD)),
         "gn.py:315-374",
-        lambda b: (
-            {g["optimizer"] for g in b.optimizer._blocks["full"].optimizer.param_groups},
-            sorted(
-                n
-                for n in b.optimizer._blocks["full"].names
-                if b.model.get_parameter(n).dim() == 2 and n in _inner(b, "adamw")["param_names"]
-            ),
-        ),
+        _inner_split,
     ),
     (
         "gn",
@@ -644,6 +645,7 @@ DRIFTS = [
     (("soap", "clipping per chain: ≥2-D | 1-D"), {"grad_clip": 2.0}),
     (("muon", "AdamW part weight decay"), {"adamw_weight_decay": 0.0}),
     (("gn", "evaluations after updates (20-step run; logged one lower)"), {"PAPER_EVAL_EVERY": 5}),
+    (("gn", "inner solver: Muon on hidden, AdamW on embedding+head"), {"solver": "adamw", "solver_options": None}),
     (("gn_layerwise", "final norm joins the last block"), {"blocks": "per_layer"}),
     (("gn_layerwise", "line-search grid"), {"line_search": _grid(5)}),
 ]
