@@ -9,15 +9,8 @@ import pandas as pd
 import pytest
 
 from gnlib.experiment.study import EARLY_TARGET_COLUMNS, STUDY_COLUMNS
-from gnlib.tools.report import (
-    _variant_lines,
-    block_markdown,
-    default_pages,
-    main,
-    page_blocks,
-    results_markdown,
-    update_pages,
-)
+from gnlib.tools.report import block_markdown, default_pages, main, page_blocks, update_pages
+from gnlib.tools.results_tables import _variant_lines, results_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 NAN = np.nan
